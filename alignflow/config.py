@@ -1,0 +1,188 @@
+"""Typed configuration: one pydantic model per stage, set from YAML and `--set`.
+
+A config file is YAML whose top-level keys are the sections below
+(``ingest:``, ...). On the command line, ``--set ingest.max_pairs_per_question=5``
+overrides one dotted key; the value is read as YAML, so ``5`` is an int,
+``true`` a bool and ``[a, b]`` a list. Unknown keys are errors, not ignored:
+a typo in a config must not silently train the wrong thing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_PROMPT_TEMPLATE = "Question: {title}\n\n{body}\n\nAnswer: "
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SplitConfig(_Section):
+    """Fractions of questions (never of pairs) per split."""
+
+    train: float = Field(0.90, ge=0, le=1, description="Fraction of questions in the train split.")
+    validation: float = Field(0.05, ge=0, le=1, description="Fraction of questions in the validation split.")
+    test: float = Field(0.05, ge=0, le=1, description="Fraction of questions in the test split.")
+    salt: str = Field(
+        "alignflow-split-v1",
+        description="Mixed into the hash of `site:question_id`; change it to draw a different, still stable, split.",
+    )
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> "SplitConfig":
+        total = self.train + self.validation + self.test
+        if abs(total - 1.0) > 1e-9:
+            raise ValueError(f"split fractions must add up to 1, got {total}")
+        return self
+
+
+class RedditConfig(_Section):
+    """Stanford SHP rules for turning Reddit comment scores into preferences."""
+
+    min_comment_score: int = Field(2, description="Both comments of a pair need at least this score.")
+    min_post_score: int = Field(10, description="Only posts (submissions) with at least this score give pairs.")
+    min_score_ratio: float = Field(
+        2.0, ge=1.0, description="Preferred comment's score divided by the other's must reach this ratio."
+    )
+    max_pairs_per_post: int = Field(5, ge=1, description="Cap on pairs drawn from one post (deterministic choice).")
+    drop_op_comments: bool = Field(True, description="Drop comments written by the post's own author.")
+    drop_distinguished: bool = Field(True, description="Drop moderator/admin (distinguished) comments.")
+
+
+class IngestConfig(_Section):
+    """Turn upvote dumps into posts, pairs, demos and prompts datasets."""
+
+    format: Literal["auto", "stackexchange", "reddit", "pairs"] = Field(
+        "auto", description="Input format; `auto` decides per source from its name and contents."
+    )
+    prompt_template: str = Field(
+        DEFAULT_PROMPT_TEMPLATE,
+        description="Template that turns a question into a prompt; fields `{title}`, `{body}`, `{site}`, `{tags}`. "
+        "Every stage uses this one template.",
+    )
+    score_source: Literal["auto", "votes", "score"] = Field(
+        "auto",
+        description="Where up-votes come from: `votes` (Votes.xml, VoteTypeId 2), `score` (the post's Score), "
+        "or `auto` (Votes.xml when the source has one).",
+    )
+    min_answers: int = Field(2, ge=2, description="Questions with fewer answers give no pairs.")
+    max_pairs_per_question: int = Field(10, ge=1, description="Cap on pairs per question (deterministic choice).")
+    pair_seed: int = Field(0, description="Seed of the deterministic choice of pairs when a question has too many.")
+    min_demo_pm_score: int = Field(
+        1, description="An answer becomes an SFT demonstration only if it is its question's best and scores this much."
+    )
+    min_text_chars: int = Field(1, ge=1, description="Texts shorter than this (after cleaning) are quarantined.")
+    max_text_chars: int = Field(
+        20_000, ge=16, description="Texts longer than this (after cleaning) are quarantined as `too_long`."
+    )
+    on_bad_row: Literal["error", "quarantine"] = Field(
+        "error",
+        description="A row with a missing or malformed required field: stop with an error naming file, line and "
+        "field (`error`), or quarantine it and go on (`quarantine`).",
+    )
+    default_license: str = Field(
+        "unknown", description="Licence recorded for rows whose source does not state one (Reddit, pairs files)."
+    )
+    batch_rows: int = Field(20_000, ge=100, description="Rows per Parquet row group and per contract validation batch.")
+    split: SplitConfig = Field(default_factory=SplitConfig, description="How questions are assigned to splits.")
+    reddit: RedditConfig = Field(default_factory=RedditConfig, description="Rules for Reddit dumps.")
+
+
+class GenerateConfig(_Section):
+    """Synthetic Stack Exchange dump with a planted preference rule."""
+
+    questions: int = Field(200, ge=1, description="Number of questions in the generated dump.")
+    seed: int = Field(0, description="Seed; the same seed gives byte-identical files.")
+    site: str = Field("synthetic.stackexchange.com", description="Site name written into the dump folder name.")
+
+
+class AlignflowConfig(_Section):
+    """The whole configuration; each stage reads its own section."""
+
+    experiment: str = Field("alignflow/demo", description="MLflow experiment that the runs go to.")
+    ingest: IngestConfig = Field(default_factory=IngestConfig, description="The ingest stage.")
+    generate: GenerateConfig = Field(default_factory=GenerateConfig, description="The synthetic dump of the demo.")
+
+    def digest(self, section: str | None = None) -> str:
+        """A stable content digest of the config (or one section of it)."""
+        data = self.model_dump(mode="json") if section is None else getattr(self, section).model_dump(mode="json")
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not validate."""
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: `{key}` is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``key.sub=value`` and read the value as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. ingest.max_pairs_per_question=5")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> AlignflowConfig:
+    """Read a YAML config (optional), apply dotted overrides, validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        tree = loaded
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    try:
+        return AlignflowConfig.model_validate(tree)
+    except ValidationError as exc:
+        where = f" in {path}" if path else ""
+        lines = [f"invalid config{where}:"]
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            lines.append(f"  {loc}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from exc
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
