@@ -29,6 +29,7 @@ class PostRecord:
     tags: str = ""
     score: int = 0
     accepted: bool = False
+    accepted_answer_id: str = ""  # questions: the answer the asker accepted, when the dump says
     author: str = ""
     license: str = ""
     created_at: str = ""

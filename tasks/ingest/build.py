@@ -1,0 +1,327 @@
+"""Build the datasets from the staging store: score, pair, split, validate, write.
+
+The walk goes one question at a time in a fixed order, so every output is
+deterministic and memory is bounded by one question plus one batch per
+dataset. Each batch is checked against its data contract before it is
+written; rows a contract rejects are quarantined with the expectation's name,
+and a table-level failure stops the build. Everything is written under a
+temporary folder that the caller renames into place only when all succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from alignflow.config import IngestConfig
+
+from . import schema
+from .scoring import Candidate, assign_split, best_answer, pm_score, rank_pairs, render_prompt, short_id
+from .store import StagingStore, StoredPost
+
+DATASETS = ("posts", "pairs", "demos", "prompts")
+
+
+@dataclass
+class BuildSummary:
+    rows: dict[str, int] = field(default_factory=dict)  # rows written per dataset
+    kept_by_file: Counter = field(default_factory=Counter)  # (source_file, key) -> n
+    pair_stats: Counter = field(default_factory=Counter)
+    contract_stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+    docs: dict[str, str] = field(default_factory=dict)  # kind -> Data Docs index
+
+
+class DatasetWriter:
+    """Buffers rows of one dataset, validates each batch, writes Parquet row groups."""
+
+    def __init__(
+        self,
+        kind: str,
+        path: Path,
+        store: StagingStore,
+        summary: BuildSummary,
+        *,
+        batch_rows: int,
+        max_chars: int,
+        docs_dir: Path,
+        validate: Callable[..., Any],
+    ) -> None:
+        self.kind = kind
+        self.path = path
+        self.store = store
+        self.summary = summary
+        self.batch_rows = batch_rows
+        self.max_chars = max_chars
+        self.docs_dir = docs_dir
+        self.validate = validate
+        self.schema = schema.SCHEMAS[kind]
+        self.rows: list[dict] = []
+        self.batches = 0
+        self.written = 0
+        self.writer = pq.ParquetWriter(path, self.schema, compression="zstd")
+        self.stats = Counter()
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+
+    def maybe_flush(self) -> None:
+        if len(self.rows) >= self.batch_rows:
+            self.flush()
+
+    def flush(self, final: bool = False) -> None:
+        if not self.rows and not (final and self.batches == 0):
+            return
+        frame = pd.DataFrame(self.rows, columns=[*self.schema.names, "_source_file", "_line"])
+        self.rows = []
+        docs = self.docs_dir / self.kind if self.batches == 0 else None
+        result = self.validate(
+            frame.drop(columns=["_source_file", "_line"]),
+            self.kind,
+            docs_dir=docs,
+            batch_name=f"{self.kind}-{self.batches:05d}",
+            max_chars=self.max_chars,
+        )
+        result.raise_for_table_failures()
+        if result.docs_index is not None:
+            self.summary.docs[self.kind] = str(result.docs_index)
+        for key, value in result.statistics.items():
+            if isinstance(value, (int, float)):
+                self.stats[key] += value
+        if len(result.rejected):
+            for idx, expectation in result.rejected["expectation"].items():
+                src = frame.at[idx, "_source_file"]
+                rid = _row_id(self.kind, frame.loc[idx])
+                self.store.quarantine(
+                    source_file=src, reason=f"contract:{self.kind}", line=_int_or_none(frame.at[idx, "_line"]),
+                    row_id=rid, site=str(frame.at[idx, "site"]), detail=str(expectation), dataset=self.kind,
+                )
+                if self.kind == "posts":
+                    self.summary.kept_by_file[(src, f"kept:{frame.at[idx, 'kind']}")] -= 1
+        valid = frame.loc[result.valid.index]
+        table = pa.Table.from_pandas(valid[self.schema.names], schema=self.schema, preserve_index=False)
+        self.writer.write_table(table)
+        self.written += len(valid)
+        self.batches += 1
+
+    def close(self) -> None:
+        self.flush(final=True)
+        self.writer.close()
+        self.summary.rows[self.kind] = self.written
+        self.summary.contract_stats[self.kind] = {"batches": self.batches, **dict(self.stats)}
+
+
+def _row_id(kind: str, row: pd.Series) -> str:
+    return str(row.get({"posts": "post_id", "pairs": "pair_id", "demos": "demo_id", "prompts": "prompt_id"}[kind]))
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return None if value is None or pd.isna(value) else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def score_answer(answer: StoredPost, accepted: bool, score_source: str) -> tuple[int, int | None]:
+    """(pm_score, upvotes) of an answer, from Votes.xml counts or from Score."""
+    if score_source == "votes" and answer.upvotes is not None:
+        return pm_score(answer.upvotes, answer.upvotes - (answer.downvotes or 0), accepted), answer.upvotes
+    return pm_score(max(answer.score, 0), answer.score, accepted), answer.upvotes
+
+
+class Builder:
+    def __init__(self, store: StagingStore, out_dir: Path, cfg: IngestConfig, *, validate: Callable[..., Any],
+                 shp_pairs: Callable[..., Any] | None = None) -> None:
+        self.store = store
+        self.cfg = cfg
+        self.summary = BuildSummary()
+        self.shp_pairs = shp_pairs
+        prompt_budget = 2 * cfg.max_text_chars + len(cfg.prompt_template) + 1000
+        self.writers = {
+            kind: DatasetWriter(
+                kind, out_dir / f"{kind}.parquet", store, self.summary, batch_rows=cfg.batch_rows,
+                max_chars=prompt_budget, docs_dir=out_dir / "contracts", validate=validate,
+            )
+            for kind in DATASETS
+        }
+        self.sites_with_votes = store.sites_with_votes()
+
+    def score_source_for(self, site: str) -> str:
+        if self.cfg.score_source == "score":
+            return "score"
+        if self.cfg.score_source == "votes" and site not in self.sites_with_votes:
+            raise ValueError(f"ingest.score_source=votes but site {site} has no Votes.xml")
+        return "votes" if site in self.sites_with_votes else "score"
+
+    def split_of(self, site: str, question_id: str) -> str:
+        s = self.cfg.split
+        return assign_split(site, question_id, train=s.train, validation=s.validation, salt=s.salt)
+
+    # -- one question -------------------------------------------------------------
+    def add_question(self, rows: list[StoredPost]) -> None:
+        stats = self.summary.pair_stats
+        question = rows[0] if rows[0].kind == "question" else None
+        answers = rows[1:] if question is not None else rows
+        if question is None:
+            for a in answers:
+                self.store.quarantine(
+                    source_file=a.source_file, reason="orphan_answer", line=a.line, row_id=a.post_id, site=a.site,
+                    detail=f"question {a.question_id} is not in the input (deleted, or in another file)",
+                )
+            return
+        site, qid = question.site, question.post_id
+        split = self.split_of(site, qid)
+        prompt = render_prompt(self.cfg.prompt_template, title=question.title, body=question.body, site=site,
+                               tags=question.tags)
+        kept = self.summary.kept_by_file
+        kept[(question.source_file, "kept:question")] += 1
+        self.writers["posts"].add(self._post_row(question, split, None, None, False))
+        self.writers["prompts"].add(
+            dict(prompt_id=short_id(site, qid), prompt=prompt, question_id=qid, site=site, source=question.source,
+                 split=split, _source_file=question.source_file, _line=question.line)
+        )
+        accepted = [
+            (a.post_id == question.accepted_answer_id) or a.accept_votes > 0 for a in answers
+        ]
+        source = self.score_source_for(site) if question.source == "stackexchange" else "score"
+        scored = [score_answer(a, acc, source) for a, acc in zip(answers, accepted)]
+        for a, acc, (pm, up) in zip(answers, accepted, scored):
+            kept[(a.source_file, "kept:answer")] += 1
+            self.writers["posts"].add(self._post_row(a, split, pm, up, acc, title=question.title))
+
+        # Pairs: Stack Exchange by pm_score; Reddit by the SHP rules.
+        pair_idx: list[tuple[int, int]]
+        if question.source == "reddit":
+            if self.shp_pairs is None:
+                raise RuntimeError("Reddit input needs the SHP pairing rules")
+            chosen_rejected, drops = self.shp_pairs(question, answers, self.cfg.reddit, seed=self.cfg.pair_seed)
+            index = {id(a): i for i, a in enumerate(answers)}
+            pair_idx = [(index[id(c)], index[id(r)]) for c, r in chosen_rejected]
+            stats.update({f"dropped:{k}": v for k, v in drops.items()})
+            stats["candidates"] += len(answers) * (len(answers) - 1) // 2
+            pair_scores = [float(a.score) for a in answers]
+        elif len(answers) >= self.cfg.min_answers:
+            candidates = [Candidate(a.post_id, pm) for a, (pm, _) in zip(answers, scored)]
+            pair_idx, ps = rank_pairs(candidates, max_pairs=self.cfg.max_pairs_per_question,
+                                      seed=self.cfg.pair_seed, key=f"{site}:{qid}")
+            stats["candidates"] += ps.candidates
+            stats["dropped:tie"] += ps.ties
+            stats["dropped:capped"] += ps.capped
+            pair_scores = [float(pm) for pm, _ in scored]
+        else:
+            pair_idx, pair_scores = [], []
+        for ci, ri in pair_idx:
+            c, r = answers[ci], answers[ri]
+            self.writers["pairs"].add(
+                dict(
+                    pair_id=short_id(site, qid, c.post_id, r.post_id), prompt=prompt, chosen=c.body,
+                    rejected=r.body, chosen_score=pair_scores[ci], rejected_score=pair_scores[ri],
+                    margin=pair_scores[ci] - pair_scores[ri], question_id=qid, site=site, source=question.source,
+                    split=split, chosen_id=c.post_id, rejected_id=r.post_id, chosen_author=c.author,
+                    rejected_author=r.author, license=_combined_license(c.license, r.license),
+                    _source_file=question.source_file, _line=question.line,
+                )
+            )
+        stats["kept"] += len(pair_idx)
+
+        if question.source == "stackexchange" and answers:
+            best = best_answer([Candidate(a.post_id, pm) for a, (pm, _) in zip(answers, scored)], accepted,
+                               self.cfg.min_demo_pm_score)
+            if best is not None:
+                a = answers[best]
+                self.writers["demos"].add(
+                    dict(demo_id=short_id(site, qid, a.post_id), prompt=prompt, response=a.body, question_id=qid,
+                         answer_id=a.post_id, site=site, source=question.source, split=split,
+                         pm_score=scored[best][0], author=a.author, license=a.license,
+                         _source_file=a.source_file, _line=a.line)
+                )
+        for w in self.writers.values():
+            w.maybe_flush()
+
+    def _post_row(self, p: StoredPost, split: str, pm: int | None, up: int | None, accepted: bool,
+                  title: str | None = None) -> dict:
+        return dict(
+            site=p.site, source=p.source, post_id=p.post_id, kind=p.kind, question_id=p.question_id,
+            title=p.title if title is None else title, body=p.body, tags=p.tags, score=p.score, upvotes=up,
+            accepted=accepted, pm_score=pm, author=p.author, license=p.license, created_at=p.created_at,
+            split=split, _source_file=p.source_file, _line=p.line,
+        )
+
+    # -- already-paired input -------------------------------------------------------
+    def add_input_pairs(self) -> None:
+        seen: set[str] = set()
+        current = None
+        for (site, source, qid, _qkey, prompt, chosen, rejected, cs, rs, lic, src, line) in self.store.input_pairs():
+            if (site, qid) != current:
+                current, seen = (site, qid), set()
+                split = self.split_of(site, qid)
+                self.summary.pair_stats["questions_from_pairs_files"] += 1
+                self.writers["prompts"].add(
+                    dict(prompt_id=short_id(site, qid), prompt=prompt, question_id=qid, site=site, source=source,
+                         split=split, _source_file=src, _line=line)
+                )
+            pid = short_id(site, qid, prompt, chosen, rejected)
+            if pid in seen:
+                self.store.quarantine(source_file=src, reason="duplicate_pair", line=line, site=site,
+                                      detail="same prompt, chosen and rejected as an earlier row")
+                continue
+            seen.add(pid)
+            self.summary.kept_by_file[(src, "kept:pair")] += 1
+            margin = None if cs is None or rs is None else cs - rs
+            self.writers["pairs"].add(
+                dict(pair_id=pid, prompt=prompt, chosen=chosen, rejected=rejected, chosen_score=cs,
+                     rejected_score=rs, margin=margin, question_id=qid, site=site, source=source, split=split,
+                     chosen_id="", rejected_id="", chosen_author="", rejected_author="", license=lic,
+                     _source_file=src, _line=line)
+            )
+            for w in self.writers.values():
+                w.maybe_flush()
+
+    def run(self) -> BuildSummary:
+        for _key, rows in self.store.grouped_posts():
+            self.add_question(rows)
+        self.add_input_pairs()
+        for w in self.writers.values():
+            w.close()
+        return self.summary
+
+
+def _combined_license(a: str, b: str) -> str:
+    return a if a == b else " + ".join(sorted({x for x in (a, b) if x}))
+
+
+def write_quarantine(store: StagingStore, path: Path, batch_rows: int) -> int:
+    """Write every quarantined row (readers' and builder's) as one sorted Parquet file."""
+    writer = pq.ParquetWriter(path, schema.QUARANTINE, compression="zstd")
+    n = 0
+    buf: list[tuple] = []
+
+    def flush() -> None:
+        nonlocal buf
+        if buf:
+            cols = list(zip(*buf))
+            writer.write_table(pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(cols, schema.QUARANTINE)],
+                                                    schema=schema.QUARANTINE))
+            buf = []
+
+    for row in store.quarantined():
+        buf.append(row)
+        n += 1
+        if len(buf) >= batch_rows:
+            flush()
+    flush()
+    if n == 0:
+        writer.write_table(schema.QUARANTINE.empty_table())
+    writer.close()
+    return n
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")

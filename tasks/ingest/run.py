@@ -1,0 +1,323 @@
+"""Ingest as plain functions: plan (formats, fingerprints, cache key), then build.
+
+``plan_ingest`` looks at the SOURCEs, decides their formats and hashes their
+contents; with the config and the ingest code it makes the cache key. The
+datasets of a key live in ``<workdir>/data/ingest/<key>/``; if that folder
+exists the work is already done (a cache hit with identical files).
+``execute_ingest`` builds into a temporary folder beside it and renames it into
+place only when every dataset passed its contract: a failed run leaves nothing
+behind but its error.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from alignflow.config import IngestConfig
+
+from . import schema
+from .errors import IngestError
+from .scoring import check_template
+from .stackexchange import Site, resolve_sites
+
+CODE_DIRS = [Path(__file__).resolve().parent, Path(__file__).resolve().parents[2] / "data_contracts"]
+FORMATS = ("stackexchange", "reddit", "pairs")
+
+
+@dataclass
+class Source:
+    path: str
+    format: str
+    files: list[str]
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class IngestPlan:
+    sources: list[Source]
+    key: str
+    out_dir: str
+    config: dict[str, Any]
+
+
+@dataclass
+class IngestResult:
+    out_dir: str
+    cache_hit: bool
+    datasets: dict[str, dict[str, Any]]  # kind -> {path, rows, digest}
+    report: dict[str, Any]
+    seconds: float
+    input_bytes: int
+    docs: dict[str, str] = field(default_factory=dict)
+
+
+# -- formats -----------------------------------------------------------------------
+def _first_json_object(path: Path) -> dict:
+    opener = _text_opener(path)
+    with opener() as fh:
+        for lineno, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise IngestError(f"not JSON: {exc.msg}", path=str(path), line=lineno) from None
+                if not isinstance(obj, dict):
+                    raise IngestError("a JSON line must be an object", path=str(path), line=lineno)
+                return obj
+            if lineno > 1000:
+                break
+    raise IngestError("empty file", path=str(path))
+
+
+def _text_opener(path: Path):
+    name = path.name.lower()
+    if name.endswith(".zst"):
+        import zstandard
+
+        def open_zst():
+            raw = open(path, "rb")
+            reader = zstandard.ZstdDecompressor(max_window_size=2**31).stream_reader(raw, closefd=True)
+            return io.TextIOWrapper(reader, encoding="utf-8", errors="strict")
+
+        return open_zst
+    if name.endswith(".gz"):
+        return lambda: gzip.open(path, "rt", encoding="utf-8")
+    return lambda: open(path, encoding="utf-8")
+
+
+def detect_format(path: Path) -> str:
+    """Format of one SOURCE: Stack Exchange, Reddit Pushshift or already-paired data."""
+    name = path.name.lower()
+    if path.is_dir() or name.endswith(".7z") or name in ("posts.xml", "votes.xml"):
+        return "stackexchange"
+    if name.startswith(("rc_", "rs_")):
+        return "reddit"
+    if name.endswith(".parquet"):
+        return "pairs"
+    if name.endswith(".xml"):
+        return "stackexchange"
+    if any(name.endswith(ext + comp) for ext in (".jsonl", ".json", ".ndjson") for comp in ("", ".zst", ".gz")) \
+            or name.endswith(".zst"):
+        if path.stat().st_size == 0:
+            raise IngestError("empty file", path=str(path))
+        keys = set(_first_json_object(path))
+        if {"chosen", "rejected"} <= keys:
+            return "pairs"
+        if keys & {"parent_id", "link_id", "subreddit", "selftext"}:
+            return "reddit"
+        raise IngestError(
+            f"cannot tell the format from the keys {sorted(keys)[:12]}: pairs files need prompt/chosen/rejected, "
+            "Reddit dumps parent_id/link_id/subreddit; pass --format",
+            path=str(path),
+        )
+    raise IngestError("unknown input format; pass --format stackexchange|reddit|pairs", path=str(path))
+
+
+def _files_of(path: Path, fmt: str) -> list[Path]:
+    if path.is_dir():
+        if fmt != "stackexchange":
+            raise IngestError(f"a folder is only a valid {fmt} source if it is a Stack Exchange site", path=str(path))
+        return sorted(p for p in path.iterdir() if p.name.lower() in ("posts.xml", "votes.xml"))
+    if fmt == "stackexchange" and path.name.lower() == "posts.xml":
+        return sorted(p for p in path.parent.iterdir() if p.name.lower() in ("posts.xml", "votes.xml"))
+    return [path]
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def code_digest() -> str:
+    h = hashlib.sha256()
+    for folder in CODE_DIRS:
+        for f in sorted(folder.glob("*.py")):
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def plan_ingest(sources: list[str | Path], workdir: Path, cfg: IngestConfig, fmt: str | None = None) -> IngestPlan:
+    if not sources:
+        raise IngestError("no SOURCE given")
+    check_template(cfg.prompt_template)
+    fmt = fmt or cfg.format
+    planned: list[Source] = []
+    for raw in sources:
+        path = Path(raw)
+        if not path.exists():
+            raise IngestError("no such file or folder", path=str(path))
+        f = detect_format(path) if fmt == "auto" else fmt
+        files = _files_of(path, f)
+        for file in files:
+            if file.is_file() and file.stat().st_size == 0:
+                raise IngestError("empty file", path=str(file))
+        digest = hashlib.sha256()
+        for file in files:
+            digest.update(file.name.encode() + b"\0" + sha256_file(file).encode())
+        planned.append(Source(str(path), f, [str(p) for p in files], sum(p.stat().st_size for p in files),
+                              digest.hexdigest()))
+    se = [Path(s.path) for s in planned if s.format == "stackexchange"]
+    if se:
+        resolve_sites(se)  # fail early on a bad site folder or archive
+    key_material = json.dumps(
+        {"config": cfg.model_dump(mode="json"), "inputs": [(s.format, s.sha256) for s in planned],
+         "code": code_digest()},
+        sort_keys=True,
+    )
+    key = hashlib.sha256(key_material.encode()).hexdigest()[:16]
+    out_dir = Path(workdir).resolve() / "data" / "ingest" / key
+    return IngestPlan(planned, key, str(out_dir), cfg.model_dump(mode="json"))
+
+
+# -- building ------------------------------------------------------------------------
+def read_sources(plan: IngestPlan, store, cfg: IngestConfig) -> dict[str, str]:
+    """Stream every SOURCE into the staging store; return the score source per Stack Exchange site."""
+    score_sources: dict[str, str] = {}
+    se_paths = [Path(s.path) for s in plan.sources if s.format == "stackexchange"]
+    sites: list[Site] = resolve_sites(se_paths) if se_paths else []
+    if sites:
+        from .stackexchange import read_site
+
+        for site in sites:
+            if len(site.votes) > 1:
+                raise IngestError(f"site {site.name} has more than one Votes table", path=site.name)
+            use_votes = bool(site.votes) and cfg.score_source != "score"
+            if cfg.score_source == "votes" and not site.votes:
+                raise IngestError(f"ingest.score_source=votes but site {site.name} has no Votes.xml",
+                                  path=site.posts[0].label)
+            if not use_votes:
+                site.votes = []
+            else:
+                store.register_vote_file(site.name, site.votes[0].label)
+            score_sources[site.name] = "votes" if use_votes else "score"
+            read_site(site, store, on_bad_row=cfg.on_bad_row, max_chars=cfg.max_text_chars)
+    for src in plan.sources:
+        if src.format == "reddit":
+            from .reddit import read_reddit
+
+            for f in src.files:
+                read_reddit(Path(f), store, default_license=cfg.default_license, on_bad_row=cfg.on_bad_row)
+        elif src.format == "pairs":
+            from .paired import read_pairs_file
+
+            for f in src.files:
+                read_pairs_file(Path(f), store, default_license=cfg.default_license, on_bad_row=cfg.on_bad_row)
+    return score_sources
+
+
+def build_report(store, summary, score_sources: dict[str, str]) -> dict[str, Any]:
+    """Account for every input row: kept, skipped or quarantined, per file; the counts must add up."""
+    per_file: dict[str, Counter] = {}
+    for (src, key), n in list(store.counts.items()) + list(summary.kept_by_file.items()):
+        per_file.setdefault(src, Counter())[key] += n
+    for src, counts in store.vote_accounting().items():
+        per_file.setdefault(src, Counter()).update(counts)
+    files: dict[str, Any] = {}
+    balanced = True
+    for src in sorted(per_file):
+        counts = per_file[src]
+        rows = counts.pop("rows", 0)
+        accounted = sum(n for k, n in counts.items())
+        ok = rows == accounted
+        balanced &= ok
+        files[src] = {"rows": rows, "accounted": accounted, "adds_up": ok,
+                      **{k: counts[k] for k in sorted(counts) if counts[k]}}
+    pairs = dict(sorted(summary.pair_stats.items()))
+    return {
+        "files": files,
+        "adds_up": balanced,
+        "pairs": pairs,
+        "datasets": dict(summary.rows),
+        "score_source": score_sources,
+        "contracts": summary.contract_stats,
+    }
+
+
+def execute_ingest(plan: IngestPlan, cfg: IngestConfig) -> IngestResult:
+    """Build the datasets of a plan (or find them already built: a cache hit)."""
+    started = time.perf_counter()
+    out_dir = Path(plan.out_dir)
+    input_bytes = sum(s.bytes for s in plan.sources)
+    manifest_path = out_dir / "manifest.json"
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        mark_latest(out_dir)
+        return IngestResult(str(out_dir), True, manifest["datasets"], manifest["report"],
+                            time.perf_counter() - started, input_bytes, manifest.get("docs", {}))
+
+    from alignflow.data_contracts import validate
+
+    from .build import Builder, write_json, write_quarantine
+    from .reddit import shp_pairs
+    from .store import StagingStore
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    store = StagingStore(tmp / "staging.sqlite", batch=min(cfg.batch_rows, 5000))
+    try:
+        score_sources = read_sources(plan, store, cfg)
+        store.finish_loading()
+        summary = Builder(store, tmp, cfg, validate=validate, shp_pairs=shp_pairs).run()
+        summary.rows["quarantine"] = write_quarantine(store, tmp / "quarantine.parquet", cfg.batch_rows)
+        report = build_report(store, summary, score_sources)
+        store.close()
+        (tmp / "staging.sqlite").unlink()
+        if not report["adds_up"]:
+            bad = {f: v for f, v in report["files"].items() if not v["adds_up"]}
+            raise RuntimeError(f"ingest accounting does not add up (a bug, please report it): {bad}")
+        datasets = {}
+        for kind in (*schema.SCHEMAS,):
+            path = tmp / f"{kind}.parquet"
+            datasets[kind] = {"path": str(out_dir / path.name), "rows": summary.rows.get(kind, 0),
+                              "digest": sha256_file(path)}
+        docs = {k: v.replace(str(tmp), str(out_dir)) for k, v in summary.docs.items()}
+        write_json(tmp / "ingest_report.json", report)
+        write_json(tmp / "manifest.json",
+                   {"key": plan.key, "sources": [asdict(s) for s in plan.sources], "config": plan.config,
+                    "datasets": datasets, "report": report, "docs": docs})
+        if out_dir.exists():  # an identical run finished first: its files are the same
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        try:
+            store.close()
+        except Exception:
+            pass
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    mark_latest(out_dir)
+    return IngestResult(str(out_dir), False, datasets, report, time.perf_counter() - started, input_bytes, docs)
+
+
+def mark_latest(out_dir: Path) -> None:
+    """Point ``data/ingest/LATEST`` at these datasets (what later stages read by default)."""
+    latest_tmp = out_dir.parent / f".LATEST.tmp-{os.getpid()}"
+    latest_tmp.write_text(out_dir.name + "\n")
+    os.replace(latest_tmp, out_dir.parent / "LATEST")
+
+
+def latest_datasets(workdir: Path) -> Path:
+    """The folder of the most recent successful ingest in a work directory."""
+    base = Path(workdir).resolve() / "data" / "ingest"
+    marker = base / "LATEST"
+    if not marker.is_file():
+        raise FileNotFoundError(f"no ingested datasets in {base}; run `alignflow ingest` first")
+    return base / marker.read_text().strip()

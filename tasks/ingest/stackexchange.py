@@ -1,0 +1,344 @@
+"""Stack Exchange dump reader: Posts.xml / Votes.xml from a file, a site folder or a .7z.
+
+A SOURCE is one of:
+  - a ``Posts.xml`` file (its folder's ``Votes.xml`` is read too when present),
+  - a site folder holding ``Posts.xml`` and optionally ``Votes.xml``,
+  - a ``<site>.7z`` archive holding them, decompressed as a stream (nothing
+    is extracted to disk, the archive is never read whole into memory),
+  - Stack Overflow's per-table archives ``<site>-Posts.7z`` / ``<site>-Votes.7z``.
+
+Each row becomes a :class:`PostRecord` or a vote handed to the sink; pairing
+happens later, per question, in the on-disk store.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .clean import html_to_text
+from .errors import IngestError
+from .records import PostRecord, RecordSink
+from .xmlstream import RowParser, parse_file
+
+POST_TYPE_NAMES = {
+    "3": "orphaned_tag_wiki",
+    "4": "tag_wiki_excerpt",
+    "5": "tag_wiki",
+    "6": "moderator_nomination",
+    "7": "wiki_placeholder",
+    "8": "privilege_wiki",
+}
+_TABLE_ARCHIVE = re.compile(r"^(?P<site>.+)-(?P<table>Posts|Votes)$", re.IGNORECASE)
+
+
+@dataclass
+class Member:
+    """One dump table: a plain file, or a member of a .7z archive."""
+
+    table: str  # "Posts" | "Votes"
+    path: Path  # the file, or the archive
+    member: str | None = None  # name inside the archive
+
+    @property
+    def label(self) -> str:
+        return f"{self.path}!{self.member}" if self.member else str(self.path)
+
+
+@dataclass
+class Site:
+    name: str
+    posts: list[Member] = field(default_factory=list)
+    votes: list[Member] = field(default_factory=list)
+
+
+def _site_name_for_archive(path: Path) -> tuple[str, str | None]:
+    stem = path.name[: -len(".7z")]
+    m = _TABLE_ARCHIVE.match(stem)
+    if m:
+        return m.group("site"), m.group("table").capitalize()
+    return stem, None
+
+
+def _archive_members(path: Path) -> list[str]:
+    import py7zr
+
+    try:
+        with py7zr.SevenZipFile(path, mode="r") as archive:
+            if archive.needs_password():
+                raise IngestError("encrypted archive: alignflow cannot read password-protected dumps", path=str(path))
+            names = archive.getnames()
+    except IngestError:
+        raise
+    except Exception as exc:  # py7zr raises several unrelated types for a bad archive
+        raise IngestError(f"not a readable 7z archive ({type(exc).__name__}: {exc})", path=str(path)) from None
+    for name in names:
+        normal = posixpath.normpath(name.replace("\\", "/"))
+        if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or normal == ".." or normal.startswith("../"):
+            raise IngestError(
+                f"archive member path {name!r} escapes the archive's folder; refusing the archive",
+                path=str(path),
+            )
+    return names
+
+
+def _member_named(names: list[str], table: str) -> str | None:
+    wanted = f"{table.lower()}.xml"
+    for name in names:
+        if posixpath.basename(name.replace("\\", "/")).lower() == wanted:
+            return name
+    return None
+
+
+def resolve_sites(sources: list[Path]) -> list[Site]:
+    """Group SOURCE paths into sites, checking each one is a readable dump."""
+    sites: dict[str, Site] = {}
+
+    def site(name: str) -> Site:
+        return sites.setdefault(name, Site(name))
+
+    for src in sources:
+        src = Path(src)
+        if not src.exists():
+            raise IngestError("no such file or folder", path=str(src))
+        if src.is_dir():
+            posts = next((p for p in sorted(src.iterdir()) if p.name.lower() == "posts.xml"), None)
+            if posts is None:
+                raise IngestError("folder has no Posts.xml (a Stack Exchange site folder needs one)", path=str(src))
+            votes = next((p for p in sorted(src.iterdir()) if p.name.lower() == "votes.xml"), None)
+            s = site(src.resolve().name)
+            s.posts.append(Member("Posts", posts))
+            if votes is not None:
+                s.votes.append(Member("Votes", votes))
+        elif src.name.lower().endswith(".7z"):
+            names = _archive_members(src)
+            name, table = _site_name_for_archive(src)
+            s = site(name)
+            found = False
+            for tbl in ("Posts", "Votes") if table is None else (table,):
+                member = _member_named(names, tbl)
+                if member is not None:
+                    (s.posts if tbl == "Posts" else s.votes).append(Member(tbl, src, member))
+                    found = True
+            if not found or (table is None and not s.posts):
+                raise IngestError(f"archive has no {table or 'Posts'}.xml (members: {names[:10]})", path=str(src))
+        elif src.name.lower() == "posts.xml":
+            s = site(src.resolve().parent.name)
+            s.posts.append(Member("Posts", src))
+            votes = next((p for p in sorted(src.parent.iterdir()) if p.name.lower() == "votes.xml"), None)
+            if votes is not None:
+                s.votes.append(Member("Votes", votes))
+        elif src.name.lower() == "votes.xml":
+            raise IngestError("a Votes.xml alone has nothing to score; pass its site folder or Posts.xml", path=str(src))
+        else:
+            raise IngestError("not a Stack Exchange source (expected Posts.xml, a site folder or a .7z)", path=str(src))
+    for s in sites.values():
+        if not s.posts:
+            raise IngestError(f"site {s.name}: votes given without posts (add its Posts archive)", path=s.name)
+        if len(s.posts) > 1:
+            raise IngestError(
+                f"site {s.name} given twice ({', '.join(m.label for m in s.posts)}); pass each site once",
+                path=s.name,
+            )
+    return list(sites.values())
+
+
+def stream_member(member: Member, on_row: Callable[[Any, int | None], None], root: str) -> int:
+    """Parse one dump table, from disk or straight out of its archive."""
+    if member.member is None:
+        return parse_file(member.path, on_row, root=root, label=member.label)
+
+    import py7zr
+    from py7zr.io import Py7zIO, WriterFactory
+
+    parser = RowParser(member.label, on_row, root=root)
+    failure: list[BaseException] = []
+
+    class _Feed(Py7zIO):
+        def __init__(self) -> None:
+            self._size = 0
+
+        def write(self, s):  # called with each decompressed chunk
+            if not failure:
+                try:
+                    parser.feed(bytes(s))
+                except BaseException as exc:  # re-raised below; py7zr may run us in a worker thread
+                    failure.append(exc)
+            self._size += len(s)
+            return len(s)
+
+        def read(self, size=None):
+            return b""
+
+        def seek(self, offset, whence=0):
+            return self._size
+
+        def flush(self):
+            return None
+
+        def size(self):
+            return self._size
+
+    class _Factory(WriterFactory):
+        def create(self, filename: str) -> Py7zIO:
+            return _Feed()
+
+    try:
+        with py7zr.SevenZipFile(member.path, mode="r") as archive:
+            archive.extract(targets=[member.member], factory=_Factory())
+    except IngestError:
+        raise
+    except Exception as exc:
+        if failure:
+            raise failure[0] from None
+        raise IngestError(
+            f"archive could not be decompressed ({type(exc).__name__}: {exc}); it may be truncated or corrupt",
+            path=member.label,
+        ) from None
+    if failure:
+        raise failure[0]
+    parser.close()
+    return parser.rows
+
+
+class PostRowReader:
+    """Turns Posts.xml row attributes into PostRecords (or quarantines/skips them)."""
+
+    def __init__(self, site: str, source_file: str, sink: RecordSink, *, on_bad_row: str, max_chars: int) -> None:
+        self.site = site
+        self.source_file = source_file
+        self.sink = sink
+        self.on_bad_row = on_bad_row
+        self.max_chars = max_chars
+
+    def _bad(self, reason: str, line: int | None, row_id: str | None, fieldname: str, attrib: Any) -> None:
+        if self.on_bad_row == "error":
+            raise IngestError(reason, path=self.source_file, line=line, row_id=row_id, field=fieldname)
+        self.sink.quarantine(
+            source_file=self.source_file,
+            reason="malformed_row",
+            line=line,
+            row_id=row_id,
+            site=self.site,
+            detail=f"{fieldname}: {reason}",
+            raw=_raw(attrib),
+        )
+
+    def __call__(self, attrib: Any, line: int | None) -> None:
+        sink, get = self.sink, attrib.get
+        sink.count(self.source_file, "rows")
+        post_id = get("Id")
+        if not post_id or not post_id.strip().isdigit():
+            return self._bad("missing or non-integer Id", line, post_id, "Id", attrib)
+        post_type = get("PostTypeId")
+        if post_type not in ("1", "2"):
+            if post_type is None or not post_type.isdigit():
+                return self._bad("missing or non-integer PostTypeId", line, post_id, "PostTypeId", attrib)
+            sink.count(self.source_file, f"skipped:{POST_TYPE_NAMES.get(post_type, 'post_type_' + post_type)}")
+            return
+        score_text = get("Score")
+        try:
+            score = int(score_text)
+        except (TypeError, ValueError):
+            return self._bad(f"Score {score_text!r} is not an integer", line, post_id, "Score", attrib)
+
+        is_question = post_type == "1"
+        if is_question:
+            question_id = post_id
+            title = " ".join((get("Title") or "").split())
+            if not title:
+                return self._quarantine("empty_title", line, post_id, attrib)
+        else:
+            question_id = get("ParentId")
+            if not question_id or not question_id.isdigit():
+                return self._bad("answer without an integer ParentId", line, post_id, "ParentId", attrib)
+            title = ""
+        body = html_to_text(get("Body") or "")
+        if not is_question and not body:
+            return self._quarantine("empty_body", line, post_id, attrib)
+        if len(body) > self.max_chars:
+            return self._quarantine("too_long", line, post_id, attrib, detail=f"{len(body)} chars > {self.max_chars}")
+
+        owner = get("OwnerUserId")
+        author = f"user:{owner}" if owner else (f"name:{get('OwnerDisplayName')}" if get("OwnerDisplayName") else "")
+        tags = get("Tags") or ""
+        if tags:
+            tags = "|".join(t for t in re.split(r"[<>|]+", tags) if t)
+        sink.add_post(
+            PostRecord(
+                site=self.site,
+                source="stackexchange",
+                post_id=post_id,
+                kind="question" if is_question else "answer",
+                question_id=question_id,
+                title=title,
+                body=body,
+                tags=tags,
+                score=score,
+                accepted_answer_id=(get("AcceptedAnswerId") or "") if is_question else "",
+                author=author,
+                license=get("ContentLicense") or "",
+                created_at=get("CreationDate") or "",
+                source_file=self.source_file,
+                line=line,
+            )
+        )
+
+    def _quarantine(self, reason: str, line: int | None, row_id: str, attrib: Any, detail: str = "") -> None:
+        self.sink.quarantine(
+            source_file=self.source_file,
+            reason=reason,
+            line=line,
+            row_id=row_id,
+            site=self.site,
+            detail=detail,
+            raw=_raw(attrib),
+        )
+
+
+class VoteRowReader:
+    def __init__(self, site: str, source_file: str, sink: RecordSink, *, on_bad_row: str) -> None:
+        self.site = site
+        self.source_file = source_file
+        self.sink = sink
+        self.on_bad_row = on_bad_row
+
+    def __call__(self, attrib: Any, line: int | None) -> None:
+        self.sink.count(self.source_file, "rows")
+        post_id, vote_type = attrib.get("PostId"), attrib.get("VoteTypeId")
+        if not post_id or not post_id.isdigit() or not vote_type or not vote_type.isdigit():
+            fieldname = "PostId" if not post_id or not post_id.isdigit() else "VoteTypeId"
+            if self.on_bad_row == "error":
+                raise IngestError(
+                    "missing or non-integer value", path=self.source_file, line=line, row_id=attrib.get("Id"),
+                    field=fieldname,
+                )
+            self.sink.quarantine(
+                source_file=self.source_file, reason="malformed_row", line=line, row_id=attrib.get("Id"),
+                site=self.site, detail=fieldname, raw=_raw(attrib),
+            )
+            return
+        if vote_type not in ("1", "2", "3"):
+            self.sink.count(self.source_file, "skipped:other_vote_type")
+            return
+        self.sink.add_vote(self.site, post_id, int(vote_type))
+
+
+def _raw(attrib: Any, limit: int = 2000) -> str:
+    text = " ".join(f'{k}="{v}"' for k, v in attrib.items())
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def read_site(site: Site, sink: RecordSink, *, on_bad_row: str = "error", max_chars: int = 20_000) -> dict:
+    """Stream one site's tables into the sink; returns what was read (for run params)."""
+    info = {"site": site.name, "posts": [m.label for m in site.posts], "votes": [m.label for m in site.votes]}
+    for member in site.votes:
+        stream_member(member, VoteRowReader(site.name, member.label, sink, on_bad_row=on_bad_row), root="votes")
+    for member in site.posts:
+        reader = PostRowReader(site.name, member.label, sink, on_bad_row=on_bad_row, max_chars=max_chars)
+        stream_member(member, reader, root="posts")
+    return info

@@ -1,0 +1,247 @@
+"""On-disk staging store: readers write rows here, the builder reads them back grouped by question.
+
+Grouping answers under their question cannot happen in a dict: Stack
+Overflow's Posts.xml is ~100 GB and answers may come long after their question.
+Rows go to a scratch SQLite database in batches; after loading, an index on
+(site, question, kind, post) lets the builder walk one question at a time in a
+deterministic order. SQLite sorts and indexes on disk, so memory stays bounded
+by its page cache (``cache_mb``), not by the input size.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .records import PairRecord, PostRecord
+from .scoring import numeric_key
+
+_POST_COLUMNS = (
+    "site, source, post_id, pkey, kind, kind_order, question_id, qkey, title, body, tags, score, "
+    "accepted_answer_id, author, license, created_at, created_ts, distinguished, source_file, line"
+)
+_PAIR_COLUMNS = (
+    "site, source, question_id, qkey, prompt, chosen, rejected, chosen_score, rejected_score, license, "
+    "source_file, line"
+)
+
+
+@dataclass(slots=True)
+class StoredPost:
+    site: str
+    source: str
+    post_id: str
+    kind: str
+    question_id: str
+    title: str
+    body: str
+    tags: str
+    score: int
+    accepted_answer_id: str
+    author: str
+    license: str
+    created_at: str
+    created_ts: float | None
+    distinguished: bool
+    source_file: str
+    line: int | None
+    upvotes: int | None  # from Votes.xml; None when the site has no votes table
+    downvotes: int | None
+    accept_votes: int
+
+
+class StagingStore:
+    """A scratch SQLite database that is also a :class:`RecordSink`."""
+
+    def __init__(self, path: Path, *, batch: int = 5000, cache_mb: int = 64) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            self.path.unlink()
+        self.db = sqlite3.connect(self.path)
+        self.db.executescript(
+            f"""
+            PRAGMA journal_mode=OFF;
+            PRAGMA synchronous=OFF;
+            PRAGMA temp_store=FILE;
+            PRAGMA cache_size=-{cache_mb * 1024};
+            CREATE TABLE posts (rid INTEGER PRIMARY KEY, site TEXT, source TEXT, post_id TEXT, pkey TEXT,
+                kind TEXT, kind_order INT, question_id TEXT, qkey TEXT, title TEXT, body TEXT, tags TEXT,
+                score INT, accepted_answer_id TEXT, author TEXT, license TEXT, created_at TEXT, created_ts REAL,
+                distinguished INT, source_file TEXT, line INT);
+            CREATE TABLE votes (site TEXT, post_id TEXT, up INT, down INT, acc INT, PRIMARY KEY (site, post_id))
+                WITHOUT ROWID;
+            CREATE TABLE vote_sites (site TEXT PRIMARY KEY, source_file TEXT);
+            CREATE TABLE pairs_in (rid INTEGER PRIMARY KEY, {_PAIR_COLUMNS.replace(',', ' ,')});
+            CREATE TABLE quarantine (source_file TEXT, line INT, row_id TEXT, site TEXT, dataset TEXT,
+                reason TEXT, detail TEXT, raw TEXT);
+            """
+        )
+        self.batch = batch
+        self._posts: list[tuple] = []
+        self._pairs: list[tuple] = []
+        self._quarantine: list[tuple] = []
+        self._votes: dict[tuple[str, str], list[int]] = {}
+        self.counts: Counter[tuple[str, str]] = Counter()
+        self.vote_files: dict[str, str] = {}
+
+    # -- RecordSink -----------------------------------------------------------
+    def add_post(self, post: PostRecord) -> None:
+        self._posts.append(
+            (
+                post.site, post.source, post.post_id, numeric_key(post.post_id), post.kind,
+                0 if post.kind == "question" else 1, post.question_id, numeric_key(post.question_id), post.title,
+                post.body, post.tags, post.score, post.accepted_answer_id, post.author, post.license,
+                post.created_at, post.created_ts, int(post.distinguished), post.source_file, post.line,
+            )
+        )
+        if len(self._posts) >= self.batch:
+            self._flush_posts()
+
+    def add_vote(self, site: str, post_id: str, vote_type: int) -> None:
+        entry = self._votes.get((site, post_id))
+        if entry is None:
+            entry = self._votes[(site, post_id)] = [0, 0, 0]
+        entry[{2: 0, 3: 1, 1: 2}[vote_type]] += 1
+        if len(self._votes) >= 50 * self.batch:
+            self._flush_votes()
+
+    def register_vote_file(self, site: str, source_file: str) -> None:
+        self.vote_files[site] = source_file
+        self.db.execute("INSERT OR REPLACE INTO vote_sites VALUES (?, ?)", (site, source_file))
+
+    def add_pair(self, pair: PairRecord) -> None:
+        self._pairs.append(
+            (
+                pair.site, pair.source, pair.question_id, numeric_key(pair.question_id), pair.prompt, pair.chosen,
+                pair.rejected, pair.chosen_score, pair.rejected_score, pair.license, pair.source_file, pair.line,
+            )
+        )
+        if len(self._pairs) >= self.batch:
+            self._flush_pairs()
+
+    def quarantine(self, *, source_file, reason, line=None, row_id=None, site="", detail="", raw="",
+                   dataset="input") -> None:
+        self._quarantine.append((source_file, line, row_id, site, dataset, reason, detail, raw))
+        self.counts[(source_file, f"quarantined:{reason}")] += 1
+        if len(self._quarantine) >= self.batch:
+            self._flush_quarantine()
+
+    def count(self, source_file: str, key: str, n: int = 1) -> None:
+        self.counts[(source_file, key)] += n
+
+    # -- flushing ---------------------------------------------------------------
+    def _flush_posts(self) -> None:
+        if self._posts:
+            self.db.executemany(f"INSERT INTO posts ({_POST_COLUMNS}) VALUES ({','.join('?' * 20)})", self._posts)
+            self._posts.clear()
+
+    def _flush_pairs(self) -> None:
+        if self._pairs:
+            self.db.executemany(f"INSERT INTO pairs_in ({_PAIR_COLUMNS}) VALUES ({','.join('?' * 12)})", self._pairs)
+            self._pairs.clear()
+
+    def _flush_quarantine(self) -> None:
+        if self._quarantine:
+            self.db.executemany("INSERT INTO quarantine VALUES (?,?,?,?,?,?,?,?)", self._quarantine)
+            self._quarantine.clear()
+
+    def _flush_votes(self) -> None:
+        if self._votes:
+            self.db.executemany(
+                "INSERT INTO votes VALUES (?,?,?,?,?) ON CONFLICT(site, post_id) DO UPDATE SET "
+                "up = up + excluded.up, down = down + excluded.down, acc = acc + excluded.acc",
+                [(s, p, u, d, a) for (s, p), (u, d, a) in self._votes.items()],
+            )
+            self._votes.clear()
+
+    def flush(self) -> None:
+        self._flush_posts()
+        self._flush_pairs()
+        self._flush_quarantine()
+        self._flush_votes()
+        self.db.commit()
+
+    # -- after loading ---------------------------------------------------------------
+    def finish_loading(self) -> None:
+        """Flush, drop duplicate post ids (quarantined) and index for the grouped walk."""
+        self.flush()
+        self.db.execute("CREATE INDEX posts_by_id ON posts (site, post_id)")
+        dupes = self.db.execute(
+            "SELECT p.rid, p.source_file, p.line, p.post_id, p.site FROM posts p "
+            "WHERE EXISTS (SELECT 1 FROM posts o WHERE o.site = p.site AND o.post_id = p.post_id AND o.rid < p.rid)"
+        ).fetchall()
+        for rid, source_file, line, post_id, site in dupes:
+            self.quarantine(
+                source_file=source_file, reason="duplicate_id", line=line, row_id=post_id, site=site,
+                detail="a row with the same Id came earlier in the input",
+            )
+            self.db.execute("DELETE FROM posts WHERE rid = ?", (rid,))
+        self.flush()
+        self.db.execute("CREATE INDEX posts_by_question ON posts (site, qkey, kind_order, pkey)")
+        self.db.commit()
+
+    def sites_with_votes(self) -> set[str]:
+        return {row[0] for row in self.db.execute("SELECT site FROM vote_sites")}
+
+    def vote_accounting(self) -> dict[str, dict[str, int]]:
+        """Per votes file: votes on posts that were read vs votes on posts absent from Posts.xml (deleted) or not kept (tag wikis, quarantined rows)."""
+        out: dict[str, dict[str, int]] = {}
+        for site, source_file in self.db.execute("SELECT site, source_file FROM vote_sites").fetchall():
+            on_read, on_absent = self.db.execute(
+                "SELECT COALESCE(SUM(CASE WHEN e THEN n ELSE 0 END), 0), COALESCE(SUM(CASE WHEN e THEN 0 ELSE n END), 0) "
+                "FROM (SELECT up + down + acc AS n, EXISTS (SELECT 1 FROM posts p WHERE p.site = v.site "
+                "AND p.post_id = v.post_id) AS e FROM votes v WHERE v.site = ?)",
+                (site,),
+            ).fetchone()
+            out[source_file] = {"kept:votes_on_posts_read": int(on_read), "dropped:votes_on_posts_not_kept": int(on_absent)}
+        return out
+
+    def grouped_posts(self) -> Iterator[tuple[tuple[str, str], list[StoredPost]]]:
+        """Yield ((site, question_id), rows) per question, question row first, answers by id."""
+        cursor = self.db.execute(
+            "SELECT p.site, p.source, p.post_id, p.kind, p.question_id, p.title, p.body, p.tags, p.score, "
+            "p.accepted_answer_id, p.author, p.license, p.created_at, p.created_ts, p.distinguished, "
+            "p.source_file, p.line, v.up, v.down, v.acc, p.qkey, "
+            "EXISTS (SELECT 1 FROM vote_sites s WHERE s.site = p.site) "
+            "FROM posts p INDEXED BY posts_by_question "
+            "LEFT JOIN votes v ON v.site = p.site AND v.post_id = p.post_id "
+            "ORDER BY p.site, p.qkey, p.kind_order, p.pkey"
+        )
+        current: tuple[str, str] | None = None
+        group: list[StoredPost] = []
+        for row in cursor:
+            key = (row[0], row[20])
+            if key != current:
+                if group:
+                    yield (group[0].site, group[0].question_id), group
+                current, group = key, []
+            has_votes = bool(row[21])
+            group.append(
+                StoredPost(
+                    site=row[0], source=row[1], post_id=row[2], kind=row[3], question_id=row[4], title=row[5],
+                    body=row[6], tags=row[7], score=row[8], accepted_answer_id=row[9] or "", author=row[10],
+                    license=row[11], created_at=row[12], created_ts=row[13], distinguished=bool(row[14]),
+                    source_file=row[15], line=row[16],
+                    upvotes=(row[17] or 0) if has_votes else None,
+                    downvotes=(row[18] or 0) if has_votes else None,
+                    accept_votes=row[19] or 0,
+                )
+            )
+        if group:
+            yield (group[0].site, group[0].question_id), group
+
+    def input_pairs(self) -> Iterator[tuple]:
+        yield from self.db.execute(
+            f"SELECT {_PAIR_COLUMNS} FROM pairs_in ORDER BY site, qkey, rid"
+        )
+
+    def quarantined(self) -> Iterator[tuple]:
+        self._flush_quarantine()
+        yield from self.db.execute("SELECT * FROM quarantine ORDER BY source_file, line, row_id, reason")
+
+    def close(self) -> None:
+        self.db.close()
