@@ -1,0 +1,41 @@
+"""Shared test setup: offline Prefect and MLflow inside temporary folders, the real fixture dumps."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Before anything imports prefect: offline, and nothing written to ~/.prefect.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="alignflow-test-prefect-")
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("PREFECT_API_URL", None)
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO.parent / "shared" / "fixtures" / "stackexchange"
+CONLANG = FIXTURES / "conlang.meta-2020"
+DATASCIENCE = FIXTURES / "datascience.meta-2024"
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    if not (CONLANG / "Posts.xml").is_file() or not (DATASCIENCE / "Posts.xml").is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"the real dumps are missing from {FIXTURES}; CI must have ../shared beside the project")
+        pytest.skip(f"real Stack Exchange fixtures not found at {FIXTURES} (they live in ../shared)")
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One Prefect test server for the whole session (starting one costs ~10 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
