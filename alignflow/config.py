@@ -143,6 +143,9 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    # "Q: {title}" reads as a YAML mapping; only an explicit {...} or [...] is a collection.
+    if isinstance(value, (dict, list)) and not raw.strip().startswith(("{", "[")):
+        value = raw
     return key, value
 
 

@@ -1,0 +1,582 @@
+"""Reddit Pushshift dumps (``RS_*`` submissions, ``RC_*`` comments) -> posts; SHP pairing rules.
+
+Reading
+-------
+:func:`read_reddit` streams one Pushshift file (``.zst`` or plain JSON lines)
+and hands every row to a :class:`~.records.RecordSink`. Submissions become
+``kind="question"`` posts, top-level comments become ``kind="answer"`` posts
+whose ``question_id`` is the submission id. Every non-empty line is counted
+once as ``rows`` and ends in exactly one of:
+
+``add_post``
+    a submission, or a top-level comment.
+``quarantine``
+    reasons ``deleted_body`` (comment body ``[deleted]`` / ``[removed]``),
+    ``empty_body`` (comment body empty, before or after cleaning),
+    ``deleted_title`` (submission title ``[deleted]``, ``[removed]`` or
+    ``[deleted by user]``: no prompt left), ``empty_title`` (title empty after
+    cleaning) and, only with ``on_bad_row="quarantine"``, ``not_json``,
+    ``not_object``, ``missing_field``, ``bad_value``.
+``count(file, "skipped:reply")``
+    a comment that answers another comment (``parent_id`` ``t1_...``).
+
+so ``rows == posts + quarantined + skipped:*`` for every file.
+
+Problems that make the rest of a file untrustworthy always raise
+:class:`~.errors.IngestError` naming the file and line: a truncated or corrupt
+``.zst``, bytes that are not UTF-8, an empty file, an unsupported suffix, a
+file whose kind (submissions or comments) cannot be told. Row problems (not
+JSON, not an object, missing ``id`` or another required field, a value that
+is not a number) raise too with ``on_bad_row="error"`` (the default).
+
+Truncated ``.zst``: ``zstandard``'s ``stream_reader`` (and ``read_to_iter``)
+return a silent early EOF when the input ends inside a frame (checked with
+zstandard 0.25), so a half-downloaded dump would read as a shorter, valid
+one. This module decompresses with ``decompressobj`` frame by frame instead
+(:class:`ZstdFramesReader`) and raises when the input ends before a frame's
+end. Pushshift dumps use a 2 GiB window (``--long=31``), hence
+``max_window_size=2**31``; the decoder keeps up to one window of history, so
+decompressing one such file can take up to ~2 GiB of memory whatever reads it
+(``zstd -d --long=31`` too). Lines are decoded one at a time.
+
+Pairing
+-------
+:func:`shp_pairs` applies the Stanford Human Preferences (SHP) rules to one
+submission and its top-level comments; it is pure and deterministic.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import math
+from collections.abc import Iterator
+from itertools import combinations
+from pathlib import Path
+
+import zstandard
+
+from alignflow.config import RedditConfig
+
+from . import clean as _clean
+from .errors import IngestError
+from .records import PostRecord, RecordSink
+
+__all__ = [
+    "JSON_SUFFIXES",
+    "SHP_COUNT_KEYS",
+    "ZstdFramesReader",
+    "iter_text_lines",
+    "open_binary",
+    "read_reddit",
+    "shp_pairs",
+]
+
+JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+DELETED_MARKERS = frozenset({"[deleted]", "[removed]"})
+DELETED_TITLES = frozenset({"[deleted]", "[removed]", "[deleted by user]"})
+RAW_KEEP_CHARS = 2000  # how much of a bad line the quarantine keeps
+_ZSTD_READ = 1 << 16  # compressed bytes fed to the decompressor at a time
+_MAX_WINDOW = 2**31  # Pushshift: zstd --long=31
+
+
+# --------------------------------------------------------------------------- streams
+
+
+class _TruncatedStream(Exception):
+    """Raised inside the raw reader; turned into an IngestError with a line number."""
+
+
+class ZstdFramesReader(io.RawIOBase):
+    """A raw binary stream over a (multi-frame) zstd file that notices truncation.
+
+    ``zstandard``'s ``stream_reader`` reports a file cut inside a frame as a
+    normal EOF. Here each frame is decompressed by its own ``decompressobj``;
+    when the input ends while a frame is unfinished, ``readinto`` raises.
+    Memory is bounded by the output of one compressed chunk (64 KiB in).
+    """
+
+    def __init__(self, fh: io.BufferedIOBase, max_window_size: int = _MAX_WINDOW) -> None:
+        super().__init__()
+        self._fh = fh
+        self._dctx = zstandard.ZstdDecompressor(max_window_size=max_window_size)
+        self._obj = None  # decompressobj of the frame being read
+        self._fed = False  # the current frame has been fed at least one byte
+        self._pending = b""  # compressed bytes after a finished frame
+        self._out = memoryview(b"")
+        self._done = False
+        self.decompressed = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        while not self._out:
+            if self._done:
+                return 0
+            self._out = memoryview(self._decompress_more())
+        n = min(len(b), len(self._out))
+        b[:n] = self._out[:n]
+        self._out = self._out[n:]
+        self.decompressed += n
+        return n
+
+    def _decompress_more(self) -> bytes:
+        data = self._pending or self._fh.read(_ZSTD_READ)
+        self._pending = b""
+        if not data:
+            if self._obj is not None and self._fed and not self._obj.eof:
+                raise _TruncatedStream(
+                    "truncated zstd stream: the file ends inside a frame "
+                    f"(after {self.decompressed + len(self._out)} decompressed bytes); "
+                    "the download is probably incomplete"
+                )
+            self._done = True
+            return b""
+        if self._obj is None or self._obj.eof:
+            self._obj = self._dctx.decompressobj()
+            self._fed = False
+        self._fed = True
+        out = self._obj.decompress(data)
+        if self._obj.eof:
+            self._pending = self._obj.unused_data  # the next frame begins here
+        return out
+
+    def close(self) -> None:
+        try:
+            self._fh.close()
+        finally:
+            super().close()
+
+
+def open_binary(path: Path) -> io.BufferedIOBase:
+    """Open ``path`` for binary reading, decompressing ``.zst`` / ``.gz`` by suffix."""
+    suffix = path.suffix.lower()
+    if suffix == ".gz":
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    fh = open(path, "rb")
+    if suffix == ".zst":
+        return io.BufferedReader(ZstdFramesReader(fh), buffer_size=1 << 20)
+    return fh
+
+
+def iter_text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """Yield ``(line_number, text)`` for each non-blank line of a (compressed) text file.
+
+    Lines are split on ``\\n`` only (a lone ``\\r`` inside a line is kept), decoded
+    as strict UTF-8 one at a time so that a bad byte is reported at its line,
+    a UTF-8 BOM on line 1 is dropped, and the line ending is stripped. Raises
+    :class:`IngestError` for a truncated or corrupt stream, non-UTF-8 bytes and
+    a file without any non-blank line (``empty file``).
+    """
+    file = str(path)
+    lineno = 0
+    yielded = False
+    try:
+        stream = open_binary(path)
+    except OSError as exc:
+        raise IngestError(f"cannot open: {exc}", path=file) from exc
+    with stream:
+        while True:
+            try:
+                raw = stream.readline()
+            except _TruncatedStream as exc:
+                raise IngestError(str(exc), path=file, line=lineno + 1) from None
+            except zstandard.ZstdError as exc:
+                raise IngestError(f"corrupt zstd stream: {exc}", path=file, line=lineno + 1) from exc
+            except EOFError as exc:  # gzip: "Compressed file ended before the end-of-stream marker"
+                raise IngestError(f"truncated compressed stream: {exc}", path=file, line=lineno + 1) from exc
+            except (gzip.BadGzipFile, OSError) as exc:
+                raise IngestError(f"cannot read: {exc}", path=file, line=lineno + 1) from exc
+            if not raw:
+                break
+            lineno += 1
+            try:
+                text = raw.decode("utf-8", errors="strict")
+            except UnicodeDecodeError as exc:
+                bad = raw[exc.start : exc.end]
+                raise IngestError(
+                    f"not valid UTF-8: byte(s) {bad.hex(' ')} at byte {exc.start} of the line",
+                    path=file,
+                    line=lineno,
+                ) from None
+            if lineno == 1 and text.startswith("\ufeff"):
+                text = text[1:]
+            text = text.rstrip("\r\n")
+            if not text.strip():
+                continue
+            yielded = True
+            yield lineno, text
+    if not yielded:
+        raise IngestError("empty file (no non-blank line)", path=file)
+
+
+# --------------------------------------------------------------------------- values
+
+
+def _to_int(value) -> int:
+    """Scores: int, integral float, or a numeric string (``"12"``, ``"12.0"``)."""
+    if isinstance(value, bool) or value is None:
+        raise ValueError(f"not a number: {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if value.is_integer():
+            return int(value)
+        raise ValueError(f"not an integer: {value!r}")
+    if isinstance(value, str):
+        s = value.strip()
+        try:
+            return int(s)
+        except ValueError:
+            f = float(s)  # raises ValueError for non-numbers
+            if math.isfinite(f) and f.is_integer():
+                return int(f)
+            raise ValueError(f"not an integer: {value!r}") from None
+    raise ValueError(f"not a number: {value!r}")
+
+
+def _to_ts(value) -> float:
+    """``created_utc``: int, float or a numeric string -> float seconds."""
+    if isinstance(value, bool) or value is None:
+        raise ValueError(f"not a timestamp: {value!r}")
+    if isinstance(value, (int, float)):
+        f = float(value)
+    elif isinstance(value, str):
+        f = float(value.strip())
+    else:
+        raise ValueError(f"not a timestamp: {value!r}")
+    if not math.isfinite(f):
+        raise ValueError(f"not a timestamp: {value!r}")
+    return f
+
+
+class _BadRow(Exception):
+    def __init__(self, reason: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.field = field
+
+
+def _required(obj: dict, key: str):
+    value = obj.get(key)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise _BadRow("missing_field", f"missing required field `{key}`", key)
+    return value
+
+
+def _score(obj: dict) -> int:
+    key = "score" if obj.get("score") is not None else "ups"
+    value = obj.get(key)
+    if value is None:
+        raise _BadRow("missing_field", "missing required field `score` (and no `ups`)", "score")
+    try:
+        return _to_int(value)
+    except ValueError as exc:
+        raise _BadRow("bad_value", f"`{key}`: {exc}", key) from None
+
+
+def _created(obj: dict) -> float:
+    value = _required(obj, "created_utc")
+    try:
+        return _to_ts(value)
+    except ValueError as exc:
+        raise _BadRow("bad_value", f"`created_utc`: {exc}", "created_utc") from None
+
+
+def _author(obj: dict) -> str:
+    author = obj.get("author")
+    return f"name:{author}" if isinstance(author, str) and author else ""
+
+
+def _subreddit(obj: dict) -> str:
+    value = _required(obj, "subreddit")
+    if not isinstance(value, str):
+        raise _BadRow("bad_value", f"`subreddit` is not a string: {value!r}", "subreddit")
+    return value.strip()
+
+
+def _kind_from_name(path: Path) -> str | None:
+    name = path.name.upper()
+    if name.startswith("RS_"):
+        return "submission"
+    if name.startswith("RC_"):
+        return "comment"
+    return None
+
+
+def _kind_from_keys(obj: dict) -> str | None:
+    if "title" in obj:
+        return "submission"
+    if "parent_id" in obj or "link_id" in obj:
+        return "comment"
+    return None
+
+
+# --------------------------------------------------------------------------- reader
+
+
+def read_reddit(
+    path: Path,
+    sink: RecordSink,
+    *,
+    default_license: str = "unknown",
+    on_bad_row: str = "error",
+) -> None:
+    """Stream one Pushshift file (``RS_*`` submissions or ``RC_*`` comments) into ``sink``.
+
+    ``.zst`` (any window up to 2 GiB, multi-frame) or plain ``.jsonl`` /
+    ``.json`` / ``.ndjson`` (one JSON object per line). Submissions vs comments
+    is decided by the name prefix (``RS_`` / ``RC_``), else by the keys of the
+    first object (``title`` -> submissions; ``parent_id`` / ``link_id`` ->
+    comments). See the module docstring for where each row ends.
+    """
+    if on_bad_row not in ("error", "quarantine"):
+        raise ValueError(f"on_bad_row must be 'error' or 'quarantine', got {on_bad_row!r}")
+    path = Path(path)
+    file = str(path)
+    suffix = path.suffix.lower()
+    if suffix != ".zst" and suffix not in JSON_SUFFIXES:
+        raise IngestError(
+            f"unsupported file type {path.suffix!r}: expected .zst, .jsonl, .json or .ndjson", path=file
+        )
+    kind = _kind_from_name(path)
+
+    for lineno, text in iter_text_lines(path):
+        sink.count(file, "rows")
+        row_id: str | None = None
+        site = ""
+        try:
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise _BadRow("not_json", f"not JSON: {exc.msg} at column {exc.colno}") from None
+            if not isinstance(obj, dict):
+                raise _BadRow("not_object", f"JSON value is a {type(obj).__name__}, not an object")
+            rid = obj.get("id")
+            if rid is None or (isinstance(rid, str) and not rid.strip()) or isinstance(rid, (dict, list, bool)):
+                raise _BadRow("missing_field", "missing required field `id`", "id")
+            row_id = str(rid).strip()
+            if kind is None:
+                kind = _kind_from_keys(obj)
+                if kind is None:
+                    raise IngestError(
+                        "cannot tell submissions from comments: the file name does not start with RS_/RC_ "
+                        "and the first object has neither `title` nor `parent_id`/`link_id`",
+                        path=file,
+                        line=lineno,
+                        row_id=row_id,
+                    )
+            if isinstance(obj.get("subreddit"), str):
+                site = f"reddit/{obj['subreddit'].strip()}"
+            if kind == "submission":
+                _submission(obj, row_id, sink, file, lineno, default_license)
+            else:
+                _comment(obj, row_id, sink, file, lineno, default_license, text)
+        except _BadRow as bad:
+            if on_bad_row == "error":
+                raise IngestError(bad.message, path=file, line=lineno, row_id=row_id, field=bad.field) from None
+            sink.quarantine(
+                source_file=file,
+                reason=bad.reason,
+                line=lineno,
+                row_id=row_id,
+                site=site,
+                detail=bad.message,
+                raw=text[:RAW_KEEP_CHARS],
+            )
+
+
+def _submission(obj: dict, post_id: str, sink: RecordSink, file: str, lineno: int, license: str) -> None:
+    subreddit = _subreddit(obj)
+    score = _score(obj)
+    created = _created(obj)
+    title_raw = obj.get("title")
+    if not isinstance(title_raw, str):
+        raise _BadRow("missing_field" if title_raw is None else "bad_value", "`title` is not a string", "title")
+    selftext = obj.get("selftext")
+    if selftext is not None and not isinstance(selftext, str):
+        raise _BadRow("bad_value", "`selftext` is not a string", "selftext")
+    site = f"reddit/{subreddit}"
+    if title_raw.strip() in DELETED_TITLES:
+        sink.quarantine(source_file=file, reason="deleted_title", line=lineno, row_id=post_id, site=site,
+                        detail=title_raw.strip())
+        return
+    title = _clean.clean_plain_text(title_raw)
+    if not title.strip():
+        sink.quarantine(source_file=file, reason="empty_title", line=lineno, row_id=post_id, site=site)
+        return
+    if selftext is None or selftext.strip() in DELETED_MARKERS:
+        body = ""  # link posts have no selftext; removed selftext leaves the title as the prompt
+    else:
+        body = _clean.clean_plain_text(selftext)
+    sink.add_post(
+        PostRecord(
+            site=site,
+            source="reddit",
+            post_id=post_id,
+            kind="question",
+            question_id=post_id,
+            title=title,
+            body=body,
+            score=score,
+            author=_author(obj),
+            license=license,
+            created_ts=created,
+            source_file=file,
+            line=lineno,
+        )
+    )
+
+
+def _comment(obj: dict, post_id: str, sink: RecordSink, file: str, lineno: int, license: str, text: str) -> None:
+    parent = _required(obj, "parent_id")
+    if not isinstance(parent, str):
+        raise _BadRow("bad_value", f"`parent_id` is not a string: {parent!r}", "parent_id")
+    parent = parent.strip()
+    if parent.startswith("t1_"):
+        sink.count(file, "skipped:reply")
+        return
+    if not parent.startswith("t3_") or len(parent) <= 3:
+        raise _BadRow("bad_value", f"`parent_id` {parent!r} is neither t3_<post> nor t1_<comment>", "parent_id")
+    link = obj.get("link_id")
+    if isinstance(link, str) and link.strip().startswith("t3_") and len(link.strip()) > 3:
+        question_id = link.strip()[3:]
+    else:
+        question_id = parent[3:]
+    subreddit = _subreddit(obj)
+    site = f"reddit/{subreddit}"
+    score = _score(obj)
+    created = _created(obj)
+    body_raw = obj.get("body")
+    if body_raw is not None and not isinstance(body_raw, str):
+        raise _BadRow("bad_value", "`body` is not a string", "body")
+    stripped = (body_raw or "").strip()
+    if stripped in DELETED_MARKERS:
+        sink.quarantine(source_file=file, reason="deleted_body", line=lineno, row_id=post_id, site=site,
+                        detail=stripped)
+        return
+    if not stripped:
+        sink.quarantine(source_file=file, reason="empty_body", line=lineno, row_id=post_id, site=site)
+        return
+    body = _clean.clean_plain_text(body_raw)
+    if not body.strip():
+        sink.quarantine(source_file=file, reason="empty_body", line=lineno, row_id=post_id, site=site,
+                        detail="empty after cleaning", raw=text[:RAW_KEEP_CHARS])
+        return
+    sink.add_post(
+        PostRecord(
+            site=site,
+            source="reddit",
+            post_id=post_id,
+            kind="answer",
+            question_id=question_id,
+            body=body,
+            score=score,
+            author=_author(obj),
+            license=license,
+            created_ts=created,
+            distinguished=bool(obj.get("distinguished")),
+            source_file=file,
+            line=lineno,
+        )
+    )
+
+
+# --------------------------------------------------------------------------- SHP pairs
+
+SHP_COUNT_KEYS = (
+    "post_score_too_low",  # posts (0 or 1): the submission scored below min_post_score -> no pairs
+    "op_comment",  # answers written by the submission's author
+    "distinguished",  # answers by moderators/admins
+    "comment_score_too_low",  # answers scoring below min_comment_score
+    "duplicate_answer",  # answers whose post_id was already seen (dumps can repeat a row)
+    "tie",  # candidate pairs (unordered) with equal scores
+    "not_written_later",  # pairs where the higher-scored comment is not strictly newer
+    "score_ratio_too_low",  # pairs whose score ratio is below min_score_ratio
+    "capped",  # valid pairs left out by the max_pairs_per_post cap
+)
+
+_ANON_AUTHORS = frozenset({"", "name:", "name:[deleted]", "name:[removed]"})
+
+
+def _pair_key(seed: int, chosen: PostRecord, rejected: PostRecord) -> tuple[str, str, str]:
+    digest = hashlib.sha256(f"{seed}:{chosen.post_id}:{rejected.post_id}".encode()).hexdigest()
+    return digest, chosen.post_id, rejected.post_id
+
+
+def shp_pairs(
+    question: PostRecord,
+    answers: list[PostRecord],
+    cfg: RedditConfig,
+    seed: int = 0,
+) -> tuple[list[tuple[PostRecord, PostRecord]], dict[str, int]]:
+    """Stanford SHP preference pairs ``(chosen, rejected)`` among a post's top-level comments.
+
+    Rules, in order:
+
+    1. the post must score ``>= cfg.min_post_score``, else no pairs
+       (``post_score_too_low`` = 1);
+    2. answers are dropped when written by the post's author
+       (``cfg.drop_op_comments``; ``name:[deleted]`` and empty authors never
+       match), distinguished (``cfg.drop_distinguished``), or scoring
+       ``< cfg.min_comment_score``; a repeated ``post_id`` keeps its first
+       occurrence;
+    3. of each two remaining answers, the higher-scored ``A`` is preferred to
+       ``B`` only if ``A`` was written strictly later
+       (``created_ts(A) > created_ts(B)``; a missing timestamp fails) and
+       ``score(A) >= cfg.min_score_ratio * score(B)`` (if ``score(B) <= 0``
+       this holds exactly when ``score(A) > 0``); equal scores are ties;
+    4. at most ``cfg.max_pairs_per_post`` pairs are kept: those with the
+       smallest ``sha256(f"{seed}:{A.post_id}:{B.post_id}")``.
+
+    Independent of the order of ``answers``. The returned dict has every key
+    of :data:`SHP_COUNT_KEYS`; answer-level keys count answers, pair-level
+    keys (``tie`` .. ``capped``) count unordered pairs of remaining answers.
+    """
+    counts = dict.fromkeys(SHP_COUNT_KEYS, 0)
+    for a in answers:
+        if a.question_id != question.post_id:
+            raise ValueError(
+                f"answer {a.post_id} belongs to question {a.question_id!r}, not {question.post_id!r}"
+            )
+    if question.score < cfg.min_post_score:
+        counts["post_score_too_low"] = 1
+        return [], counts
+
+    op = question.author
+    kept: dict[str, PostRecord] = {}
+    for a in answers:
+        if a.post_id in kept:
+            counts["duplicate_answer"] += 1
+        elif cfg.drop_op_comments and op not in _ANON_AUTHORS and a.author == op:
+            counts["op_comment"] += 1
+        elif cfg.drop_distinguished and a.distinguished:
+            counts["distinguished"] += 1
+        elif a.score < cfg.min_comment_score:
+            counts["comment_score_too_low"] += 1
+        else:
+            kept[a.post_id] = a
+
+    candidates: list[tuple[PostRecord, PostRecord]] = []
+    for x, y in combinations(sorted(kept.values(), key=lambda p: p.post_id), 2):
+        if x.score == y.score:
+            counts["tie"] += 1
+            continue
+        a, b = (x, y) if x.score > y.score else (y, x)
+        if a.created_ts is None or b.created_ts is None or not a.created_ts > b.created_ts:
+            counts["not_written_later"] += 1
+            continue
+        ratio_ok = a.score >= cfg.min_score_ratio * b.score if b.score > 0 else a.score > 0
+        if not ratio_ok:
+            counts["score_ratio_too_low"] += 1
+            continue
+        candidates.append((a, b))
+
+    candidates.sort(key=lambda ab: _pair_key(seed, ab[0], ab[1]))
+    cap = cfg.max_pairs_per_post
+    counts["capped"] = max(0, len(candidates) - cap)
+    return candidates[:cap], counts
