@@ -11,9 +11,7 @@ behind but its error.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -64,36 +62,18 @@ class IngestResult:
 
 # -- formats -----------------------------------------------------------------------
 def _first_json_object(path: Path) -> dict:
-    opener = _text_opener(path)
-    with opener() as fh:
-        for lineno, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise IngestError(f"not JSON: {exc.msg}", path=str(path), line=lineno) from None
-                if not isinstance(obj, dict):
-                    raise IngestError("a JSON line must be an object", path=str(path), line=lineno)
-                return obj
-            if lineno > 1000:
-                break
+    from .reddit import iter_text_lines
+
+    for lineno, line in iter_text_lines(path):
+        if line.strip():
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise IngestError(f"not JSON: {exc.msg}", path=str(path), line=lineno) from None
+            if not isinstance(obj, dict):
+                raise IngestError("a JSON line must be an object", path=str(path), line=lineno)
+            return obj
     raise IngestError("empty file", path=str(path))
-
-
-def _text_opener(path: Path):
-    name = path.name.lower()
-    if name.endswith(".zst"):
-        import zstandard
-
-        def open_zst():
-            raw = open(path, "rb")
-            reader = zstandard.ZstdDecompressor(max_window_size=2**31).stream_reader(raw, closefd=True)
-            return io.TextIOWrapper(reader, encoding="utf-8", errors="strict")
-
-        return open_zst
-    if name.endswith(".gz"):
-        return lambda: gzip.open(path, "rt", encoding="utf-8")
-    return lambda: open(path, encoding="utf-8")
 
 
 def detect_format(path: Path) -> str:
