@@ -27,20 +27,38 @@ from alignflow.config import flatten
 MAX_PARAM_CHARS = 6000
 
 
+_EMBEDDED_MARK = "ALIGNFLOW_EMBEDDED_TRACKING_URI"
+
+
+def user_tracking_uri() -> str | None:
+    """The tracking server the user configured, if any.
+
+    ``mlflow.set_tracking_uri`` also writes ``MLFLOW_TRACKING_URI`` into the
+    environment, so a URI alignflow set for one work directory must not be
+    mistaken for the user's choice when another work directory comes next.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri and uri == os.environ.get(_EMBEDDED_MARK):
+        return None
+    return uri or None
+
+
 def tracking_uri_for(workdir: Path) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
+    return user_tracking_uri() or f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
 
 
 def configure(workdir: Path, experiment: str) -> str:
     """Point MLflow at the work directory (unless a server is configured); return the experiment id."""
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(tracking_uri_for(workdir))
+    embedded = user_tracking_uri() is None
+    uri = tracking_uri_for(workdir)
+    mlflow.set_tracking_uri(uri)
+    if embedded:
+        os.environ[_EMBEDDED_MARK] = uri
     existing = mlflow.get_experiment_by_name(experiment)
     if existing is None:
-        artifact_location = None
-        if not os.environ.get("MLFLOW_TRACKING_URI"):
-            artifact_location = (workdir / "mlartifacts").as_uri()
+        artifact_location = (workdir / "mlartifacts").as_uri() if embedded else None
         try:
             experiment_id = mlflow.create_experiment(experiment, artifact_location=artifact_location)
         except mlflow.exceptions.MlflowException:
