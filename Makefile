@@ -1,0 +1,35 @@
+# alignflow: the two commands of the README, and the benchmarks.
+#   make demo    set up .venv and run the embedded default end to end
+#   make test    set up .venv and run the test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test test-fast bench bench-quick clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+demo: install
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/alignflow demo
+
+test: install
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow"
+
+bench: install
+	$(BIN)/python bench/ingest/run.py
+
+bench-quick: install
+	$(BIN)/python bench/ingest/run.py --quick
+
+clean:
+	rm -rf alignflow-work .pytest_cache
