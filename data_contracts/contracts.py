@@ -1,0 +1,606 @@
+"""Great Expectations 1.x data contracts for the ingest datasets.
+
+One suite per dataset kind (``posts``, ``pairs``, ``demos``, ``prompts``),
+built from the plain-Python specs in :func:`expectations_for`. Every
+expectation is either
+
+* **row-level** - its failing rows are quarantined (``ContractResult.rejected``)
+  and the rest is kept (``ContractResult.valid``); not fatal, or
+* **table-level** - a failure fails the whole validation
+  (``ContractResult.passed is False``, ``ContractResult.table_failures``).
+
+great_expectations is imported inside the functions only (its import takes
+~2-3 s). Without ``docs_dir`` every call validates in a fresh ephemeral GX
+context; with ``docs_dir`` it uses a file context under ``docs_dir`` and
+writes HTML Data Docs there (``add_or_update`` everywhere, so re-runs never
+hit "already exists").
+
+This module must not import anything else from alignflow: the column lists
+below mirror ``tasks/ingest/schema.py`` on purpose.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import math
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+
+KINDS: tuple[str, ...] = ("posts", "pairs", "demos", "prompts")
+SPLITS: tuple[str, ...] = ("train", "validation", "test")
+POST_KINDS: tuple[str, ...] = ("question", "answer")
+SOURCES: tuple[str, ...] = ("stackexchange", "reddit", "pairs")
+DEFAULT_MAX_CHARS = 20_000
+MAX_EXAMPLES = 5
+
+#: Required columns per dataset kind (mirrors tasks/ingest/schema.py).
+COLUMNS: dict[str, tuple[str, ...]] = {
+    "posts": (
+        "site", "source", "post_id", "kind", "question_id", "title", "body", "tags",
+        "score", "upvotes", "accepted", "pm_score", "author", "license",
+        "created_at", "split",
+    ),
+    "pairs": (
+        "pair_id", "prompt", "chosen", "rejected", "chosen_score", "rejected_score",
+        "margin", "question_id", "site", "source", "split", "chosen_id",
+        "rejected_id", "chosen_author", "rejected_author", "license",
+    ),
+    "demos": (
+        "demo_id", "prompt", "response", "question_id", "answer_id", "site",
+        "source", "split", "pm_score", "author", "license",
+    ),
+    "prompts": ("prompt_id", "prompt", "question_id", "site", "source", "split"),
+}
+
+#: Columns whose values must be unique (one column) or unique together.
+ID_COLUMNS: dict[str, tuple[str, ...]] = {
+    "posts": ("site", "post_id"),
+    "pairs": ("pair_id",),
+    "demos": ("demo_id",),
+    "prompts": ("prompt_id",),
+}
+
+#: Free-text columns: cast to ``str`` dtype before validation, length-bounded.
+TEXT_COLUMNS: dict[str, tuple[str, ...]] = {
+    "posts": ("title", "body"),
+    "pairs": ("prompt", "chosen", "rejected"),
+    "demos": ("prompt", "response"),
+    "prompts": ("prompt",),
+}
+
+#: Key that assigns a question to a split.
+QUESTION_KEY: tuple[str, ...] = ("site", "question_id")
+SPLIT_RULE = "expect_question_ids_in_one_split"
+NON_EMPTY_REGEX = r"\S"  # at least one non-whitespace character == non-empty after strip
+
+
+# --------------------------------------------------------------------------- specs
+
+
+def _snake(class_name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", class_name).lower()
+
+
+@dataclass(frozen=True)
+class ExpectationSpec:
+    """One expectation of a suite, GX-free (built into a GX object lazily).
+
+    ``condition`` = ``(column, value)`` restricts the expectation to rows where
+    ``column == value`` (a GX ``row_condition``).
+    """
+
+    level: str  # "row" | "table"
+    gx_class: str  # e.g. "ExpectColumnValuesToNotBeNull"
+    kwargs: dict[str, Any]
+    condition: tuple[str, str] | None = None
+
+    @property
+    def expectation_type(self) -> str:
+        return _snake(self.gx_class)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Columns this expectation reads (incl. its condition)."""
+        kw = self.kwargs
+        cols: list[str] = []
+        if "column" in kw:
+            cols.append(kw["column"])
+        if "column_A" in kw:
+            cols += [kw["column_A"], kw["column_B"]]
+        cols += list(kw.get("column_list", ()))
+        cols += list(kw.get("question_columns", ()))
+        if "split_column" in kw:
+            cols.append(kw["split_column"])
+        if self.condition:
+            cols.append(self.condition[0])
+        return tuple(dict.fromkeys(cols))
+
+    @property
+    def name(self) -> str:
+        """``expect_...(col, ...)``; bare type for table-wide expectations."""
+        kw = self.kwargs
+        if "column" in kw:
+            args = [kw["column"]]
+        elif "column_A" in kw:
+            args = [kw["column_A"], kw["column_B"]]
+        elif "column_list" in kw:
+            args = list(kw["column_list"])
+        else:
+            return self.expectation_type
+        return f"{self.expectation_type}({', '.join(args)})"
+
+    @property
+    def description(self) -> str:
+        if self.condition:
+            return f"{self.name} where {self.condition[0]} == {self.condition[1]!r}"
+        return self.name
+
+
+def _row(gx_class: str, condition: tuple[str, str] | None = None, **kwargs: Any) -> ExpectationSpec:
+    return ExpectationSpec("row", gx_class, kwargs, condition)
+
+
+def _table(gx_class: str, **kwargs: Any) -> ExpectationSpec:
+    return ExpectationSpec("table", gx_class, kwargs)
+
+
+def _non_empty_text(col: str, max_chars: int, condition: tuple[str, str] | None = None) -> list[ExpectationSpec]:
+    return [
+        _row("ExpectColumnValuesToNotBeNull", condition, column=col),
+        _row("ExpectColumnValuesToMatchRegex", condition, column=col, regex=NON_EMPTY_REGEX),
+        _row("ExpectColumnValueLengthsToBeBetween", column=col, max_value=max_chars),
+    ]
+
+
+def expectations_for(kind: str, max_chars: int = DEFAULT_MAX_CHARS) -> list[ExpectationSpec]:
+    """The suite of dataset ``kind``, table-level expectations first."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown dataset kind {kind!r}; expected one of {KINDS}")
+    if not isinstance(max_chars, int) or max_chars < 1:
+        raise ValueError(f"max_chars must be a positive int, got {max_chars!r}")
+    ids = ID_COLUMNS[kind]
+    specs: list[ExpectationSpec] = [
+        _table("ExpectTableColumnsToMatchSet", column_set=list(COLUMNS[kind]), exact_match=False),
+        (
+            _table("ExpectColumnValuesToBeUnique", column=ids[0])
+            if len(ids) == 1
+            else _table("ExpectCompoundColumnsToBeUnique", column_list=list(ids))
+        ),
+        _table(
+            "ExpectQuestionIdsInOneSplit",
+            question_columns=list(QUESTION_KEY),
+            split_column="split",
+        ),
+    ]
+    # Keys and categorical columns.
+    for col in dict.fromkeys((*ids, "site", "question_id", "source", "split")):
+        specs.append(_row("ExpectColumnValuesToNotBeNull", column=col))
+    specs.append(_row("ExpectColumnValuesToBeInSet", column="split", value_set=list(SPLITS)))
+    specs.append(_row("ExpectColumnValuesToBeInSet", column="source", value_set=list(SOURCES)))
+    # Texts.
+    if kind == "posts":
+        specs.append(_row("ExpectColumnValuesToNotBeNull", column="kind"))
+        specs.append(_row("ExpectColumnValuesToBeInSet", column="kind", value_set=list(POST_KINDS)))
+        # A question's body may legitimately be empty on some sites: require
+        # the title for questions and the body for answers.
+        specs += _non_empty_text("title", max_chars, ("kind", "question"))
+        specs += _non_empty_text("body", max_chars, ("kind", "answer"))
+    else:
+        for col in TEXT_COLUMNS[kind]:
+            specs += _non_empty_text(col, max_chars)
+    if kind == "pairs":
+        specs += [
+            _row("ExpectColumnPairValuesToNotBeEqual", column_A="chosen", column_B="rejected"),
+            _row(
+                "ExpectColumnPairValuesAToBeGreaterThanB",
+                column_A="chosen_score",
+                column_B="rejected_score",
+                or_equal=False,
+                ignore_row_if="either_value_is_missing",
+            ),
+            _row("ExpectColumnValuesToBeBetween", column="margin", min_value=0),
+        ]
+    return specs
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class TableFailure:
+    """A failed table-level expectation."""
+
+    expectation: str  # e.g. "expect_column_values_to_be_unique(pair_id)"
+    examples: list[dict[str, Any]]  # up to 5 offending rows / values
+    message: str
+    unexpected_count: int | None = None
+
+    def __str__(self) -> str:
+        lines = [f"{self.expectation}: {self.message}"]
+        lines += [f"      {ex}" for ex in self.examples]
+        return "\n".join(lines)
+
+
+class ContractViolation(Exception):
+    """A dataset failed a table-level expectation of its contract."""
+
+    def __init__(self, message: str, result: "ContractResult | None" = None):
+        super().__init__(message)
+        self.result = result
+
+
+@dataclass
+class ContractResult:
+    kind: str
+    passed: bool
+    valid: pd.DataFrame
+    rejected: pd.DataFrame
+    table_failures: list[TableFailure] = field(default_factory=list)
+    statistics: dict[str, Any] = field(default_factory=dict)
+    result_json: dict[str, Any] = field(default_factory=dict)
+    docs_index: Path | None = None
+    batch_name: str = "batch"
+
+    def failure_message(self) -> str:
+        head = (
+            f"{self.kind} data contract failed for batch {self.batch_name!r}: "
+            f"{len(self.table_failures)} table-level expectation(s) failed"
+        )
+        return "\n".join([head] + [f"  - {f}" for f in self.table_failures])
+
+    def raise_for_table_failures(self) -> None:
+        """Raise :class:`ContractViolation` if any table-level expectation failed."""
+        if self.table_failures:
+            raise ContractViolation(self.failure_message(), self)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+_DOCS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _docs_lock(docs_dir: Path) -> Iterator[None]:
+    """Serialise file-context use of one docs_dir (threads and processes)."""
+    with _DOCS_LOCK:
+        docs_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - non-POSIX
+            yield
+            return
+        with open(docs_dir / ".alignflow-contracts.lock", "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _prepare(df: pd.DataFrame, kind: str) -> pd.DataFrame:
+    """Frame handed to GX: text columns as ``str`` dtype, a GX-friendly index.
+
+    A unique int or str index is kept (GX then reports the caller's labels);
+    anything else (duplicates, MultiIndex, timestamps) is replaced by
+    positions. Never modifies ``df``.
+    """
+    work = df
+    idx = df.index
+    simple_index = isinstance(idx, pd.RangeIndex) or (
+        not isinstance(idx, pd.MultiIndex)
+        and (pd.api.types.is_integer_dtype(idx.dtype) or pd.api.types.is_string_dtype(idx))
+        and idx.is_unique
+    )
+    if not simple_index:
+        work = work.reset_index(drop=True)
+    text_cols = set(TEXT_COLUMNS[kind]) | {
+        c for c in ("site", "source", "split", "kind", "question_id", *ID_COLUMNS[kind])
+        if c in COLUMNS[kind]
+    }
+    casts = {c: "str" for c in text_cols if c in work.columns and work[c].dtype != "str"}
+    if casts:
+        work = work.astype(casts)
+    return work
+
+
+def _jsonable(v: Any) -> Any:
+    if v is None:
+        return None
+    if hasattr(v, "item") and not isinstance(v, (list, dict, str)):
+        try:
+            v = v.item()
+        except (ValueError, AttributeError):
+            pass
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    if isinstance(v, (str, int, float, bool)):
+        return v
+    try:
+        json.dumps(v)
+        return v
+    except TypeError:
+        return str(v)
+
+
+def _example_rows(df: pd.DataFrame, positions: list[int], columns: tuple[str, ...]) -> list[dict[str, Any]]:
+    out = []
+    for pos in positions[:MAX_EXAMPLES]:
+        row = {"index": _jsonable(df.index[pos])}
+        row.update({c: _jsonable(df[c].iloc[pos]) for c in columns if c in df.columns})
+        out.append(row)
+    return out
+
+
+def _positions(work: pd.DataFrame, labels: list[Any]) -> list[int]:
+    if not labels:
+        return []
+    pos = work.index.get_indexer(labels)
+    return [int(p) for p in pos if p >= 0]
+
+
+def _exception_message(info: Any) -> str | None:
+    """The error of a GX result's ``exception_info``, else None.
+
+    GX 1.x gives either ``{"raised_exception": bool, "exception_message": ...}``
+    or, when metrics failed, ``{"<MetricConfigurationID>": {...same keys...}}``.
+    """
+    if not isinstance(info, dict) or not info:
+        return None
+    if "raised_exception" in info:
+        if info.get("raised_exception"):
+            return str(info.get("exception_message") or "exception")
+        return None
+    for sub in info.values():
+        if isinstance(sub, dict) and (sub.get("raised_exception") or sub.get("exception_message")):
+            msg = str(sub.get("exception_message") or "exception")
+            return msg.strip().splitlines()[-1] if msg.strip() else msg
+    return None
+
+
+def _table_failure(
+    spec: ExpectationSpec, res: dict[str, Any], work: pd.DataFrame, df: pd.DataFrame
+) -> TableFailure:
+    name = spec.name
+    error = _exception_message(res.get("exception_info"))
+    if error is not None:
+        return TableFailure(name, [], f"could not be evaluated: {error}")
+    r = res.get("result") or {}
+    if spec.expectation_type == "expect_table_columns_to_match_set":
+        missing = sorted((r.get("details") or {}).get("mismatched", {}).get("missing") or [])
+        return TableFailure(
+            name,
+            [{"missing_column": c} for c in missing[:MAX_EXAMPLES]],
+            f"missing required column(s) {missing}; present: {list(df.columns)}",
+            len(missing),
+        )
+    if spec.gx_class == "ExpectQuestionIdsInOneSplit":
+        n_q, n_rows = r.get("observed_value"), r.get("unexpected_count")
+        examples = [dict(e) for e in (r.get("partial_unexpected_list") or [])[:MAX_EXAMPLES]]
+        return TableFailure(
+            SPLIT_RULE,
+            examples,
+            f"{n_q} question id(s) ({', '.join(QUESTION_KEY)}) appear in more than one split "
+            f"({n_rows} rows)",
+            n_rows,
+        )
+    count = r.get("unexpected_count")
+    positions = _positions(work, list(r.get("unexpected_index_list") or []))
+    if positions:
+        examples = _example_rows(df, positions, spec.columns)
+    else:
+        examples = [
+            v if isinstance(v, dict) else {"value": _jsonable(v)}
+            for v in (r.get("partial_unexpected_list") or [])[:MAX_EXAMPLES]
+        ]
+    if spec.gx_class in ("ExpectColumnValuesToBeUnique", "ExpectCompoundColumnsToBeUnique"):
+        msg = f"{count} row(s) share a duplicated {' + '.join(spec.columns)} value"
+    else:
+        msg = f"{count} unexpected row(s)"
+    return TableFailure(name, examples, msg, count)
+
+
+def _result_json(vr: Any, work_index_is_original: bool) -> dict[str, Any]:
+    """``vr.to_json_dict()`` without the per-row lists (they can hold every failing row).
+
+    ``partial_unexpected_list`` / ``partial_unexpected_index_list`` (<= 20
+    each) stay; the latter is renamed ``partial_unexpected_index_positions``
+    when the caller's index was replaced by positions. Mutates ``vr``'s
+    result dicts: call after everything else has read them.
+    """
+    for res in vr.results:
+        r = res.result or {}
+        for key in ("unexpected_list", "unexpected_index_list", "unexpected_index_query"):
+            r.pop(key, None)
+        if not work_index_is_original and "partial_unexpected_index_list" in r:
+            r["partial_unexpected_index_positions"] = r.pop("partial_unexpected_index_list")
+    return vr.to_json_dict()
+
+
+def _build_gx(spec: ExpectationSpec, order: int):
+    import great_expectations.expectations as gxe
+
+    from . import _gx_custom
+
+    cls = getattr(_gx_custom, spec.gx_class, None) or getattr(gxe, spec.gx_class)
+    kwargs = dict(spec.kwargs)
+    if spec.condition is not None:
+        from great_expectations.expectations.row_conditions import Column
+
+        kwargs["row_condition"] = Column(spec.condition[0]) == spec.condition[1]
+    meta = {"alignflow_level": spec.level, "alignflow_name": spec.name, "alignflow_order": order}
+    if spec.condition is not None:
+        meta["alignflow_condition"] = f"{spec.condition[0]} == {spec.condition[1]!r}"
+    return cls(meta=meta, **kwargs)
+
+
+def _run_gx(
+    work: pd.DataFrame,
+    kind: str,
+    specs: list[ExpectationSpec],
+    docs_dir: Path | None,
+    batch_name: str,
+):
+    """Validate ``work`` with GX; returns (ExpectationSuiteValidationResult, docs index)."""
+    import great_expectations as gx
+    from great_expectations.core.run_identifier import RunIdentifier
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    from . import _gx_custom  # noqa: F401  registers the custom metric + expectation
+
+    result_format = {"result_format": "COMPLETE", "return_unexpected_index_query": False}
+    expectations = [_build_gx(s, i) for i, s in enumerate(specs)]
+    suite_name = f"alignflow_{kind}"
+
+    if docs_dir is None:
+        ctx = gx.get_context(mode="ephemeral")
+        ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+        ds = ctx.data_sources.add_pandas("alignflow")
+        bd = ds.add_dataframe_asset(kind).add_batch_definition_whole_dataframe(kind)
+        suite = ctx.suites.add(gx.ExpectationSuite(name=suite_name, expectations=expectations))
+        vd = ctx.validation_definitions.add(
+            gx.ValidationDefinition(name=suite_name, data=bd, suite=suite)
+        )
+        # ValidationDefinition.run loads the batch once; Batch.validate would
+        # load (and fingerprint-hash) the dataframe a second time.
+        run_id = RunIdentifier(run_name=batch_name, run_time=_dt.datetime.now(_dt.timezone.utc))
+        return (
+            vd.run(batch_parameters={"dataframe": work}, result_format=result_format, run_id=run_id),
+            None,
+        )
+
+    ctx = gx.get_context(mode="file", project_root_dir=str(docs_dir))
+    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+    ds = ctx.data_sources.add_or_update_pandas("alignflow")
+    try:
+        asset = ds.get_asset(kind)
+    except LookupError:
+        asset = ds.add_dataframe_asset(kind)
+    try:
+        bd = asset.get_batch_definition(kind)
+    except KeyError:
+        bd = asset.add_batch_definition_whole_dataframe(kind)
+    suite = ctx.suites.add_or_update(gx.ExpectationSuite(name=suite_name, expectations=expectations))
+    vd = ctx.validation_definitions.add_or_update(
+        gx.ValidationDefinition(name=suite_name, data=bd, suite=suite)
+    )
+    checkpoint = ctx.checkpoints.add_or_update(
+        gx.Checkpoint(
+            name=suite_name,
+            validation_definitions=[vd],
+            actions=[gx.checkpoint.UpdateDataDocsAction(name="update_data_docs")],
+            result_format=result_format,
+        )
+    )
+    run_id = RunIdentifier(run_name=batch_name, run_time=_dt.datetime.now(_dt.timezone.utc))
+    cp_result = checkpoint.run(batch_parameters={"dataframe": work}, run_id=run_id)
+    (vr,) = cp_result.run_results.values()
+    index = Path(ctx.root_directory) / "uncommitted" / "data_docs" / "local_site" / "index.html"
+    return vr, index
+
+
+def validate(
+    df: pd.DataFrame,
+    kind: str,
+    *,
+    docs_dir: Path | None = None,
+    batch_name: str = "batch",
+    max_chars: int = DEFAULT_MAX_CHARS,
+) -> ContractResult:
+    """Validate ``df`` against the contract of dataset ``kind``.
+
+    Rows failing a row-level expectation go to ``rejected`` (with the failing
+    expectation names in column ``expectation``, joined by ``"; "``), the
+    others to ``valid``; both keep ``df``'s index and order. Table-level
+    failures set ``passed=False`` and are listed in ``table_failures``
+    (``raise_for_table_failures()`` turns them into a ``ContractViolation``).
+    With ``docs_dir``, HTML Data Docs are written under it
+    (``docs_index`` = ``<docs_dir>/gx/uncommitted/data_docs/local_site/index.html``).
+    """
+    t0 = time.perf_counter()
+    if not isinstance(df, pd.DataFrame):
+        raise TypeError(f"validate() needs a pandas DataFrame, got {type(df).__name__}")
+    all_specs = expectations_for(kind, max_chars)
+    cols = set(df.columns)
+    # Expectations on absent columns would only raise; the column-set
+    # expectation already reports the missing columns.
+    specs = [
+        s for s in all_specs
+        if s.gx_class == "ExpectTableColumnsToMatchSet" or set(s.columns) <= cols
+    ]
+    skipped = [s.name for s in all_specs if s not in specs]
+    work = _prepare(df, kind)
+    index_is_original = work.index is df.index
+
+    if docs_dir is not None:
+        docs_dir = Path(docs_dir)
+        with _docs_lock(docs_dir):
+            vr, docs_index = _run_gx(work, kind, specs, docs_dir, batch_name)
+    else:
+        vr, docs_index = _run_gx(work, kind, specs, None, batch_name)
+    t_gx = time.perf_counter()
+
+    n = len(df)
+    table_failures: list[tuple[int, TableFailure]] = []
+    row_failures: dict[int, list[tuple[int, str]]] = {}
+    failed_row_expectations: list[tuple[int, str]] = []
+    for res in vr.results:
+        meta = res.expectation_config.meta or {}
+        order = int(meta.get("alignflow_order", -1))
+        spec = specs[order] if 0 <= order < len(specs) else None
+        if spec is None or res.success:
+            continue
+        raised = _exception_message(res.exception_info) is not None
+        # An expectation that raised (e.g. a numeric rule on a text column)
+        # cannot say which rows are bad: that fails the table.
+        if spec.level == "table" or raised:
+            d = {"result": res.result, "exception_info": res.exception_info}
+            table_failures.append((order, _table_failure(spec, d, work, df)))
+            continue
+        failed_row_expectations.append((order, spec.name))
+        for pos in _positions(work, list(res.result.get("unexpected_index_list") or [])):
+            row_failures.setdefault(pos, []).append((order, spec.name))
+
+    mask = np.zeros(n, dtype=bool)
+    if row_failures:
+        mask[list(row_failures)] = True
+    valid = df[~mask]
+    rejected = df[mask].copy()
+    labels = ["; ".join(nm for _, nm in sorted(row_failures[p])) for p in sorted(row_failures)]
+    rejected["expectation"] = pd.Series(labels, index=rejected.index, dtype="str")
+
+    failures = [f for _, f in sorted(table_failures, key=lambda t: t[0])]
+    stats = dict(vr.statistics)
+    stats.update(
+        {
+            "rows_in": n,
+            "rows_valid": int(len(valid)),
+            "rows_rejected": int(len(rejected)),
+            "row_level_failed_expectations": [nm for _, nm in sorted(failed_row_expectations)],
+            "table_level_failed_expectations": [f.expectation for f in failures],
+            "skipped_expectations": skipped,
+            "seconds_gx": round(t_gx - t0, 4),
+        }
+    )
+    result_json = _result_json(vr, index_is_original)
+    stats["seconds"] = round(time.perf_counter() - t0, 4)
+    return ContractResult(
+        kind=kind,
+        passed=not failures,
+        valid=valid,
+        rejected=rejected,
+        table_failures=failures,
+        statistics=stats,
+        result_json=result_json,
+        docs_index=docs_index if docs_index is not None and docs_index.exists() else None,
+        batch_name=batch_name,
+    )

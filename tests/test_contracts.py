@@ -1,0 +1,483 @@
+"""Data contracts (Great Expectations 1.x) on small hand-made frames."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from alignflow.data_contracts import (
+    COLUMNS,
+    KINDS,
+    ContractResult,
+    ContractViolation,
+    expectations_for,
+    validate,
+)
+
+# --------------------------------------------------------------------------- frames
+
+
+def posts_frame() -> pd.DataFrame:
+    rows = []
+    for q in range(3):
+        qid = str(100 + q)
+        rows.append(
+            dict(site="s.stackexchange.com", source="stackexchange", post_id=qid, kind="question",
+                 question_id=qid, title=f"How do I {q}?", body=f"Question body {q}", tags="a|b",
+                 score=5, upvotes=6, accepted=False, pm_score=None, author="user:1",
+                 license="CC BY-SA 4.0", created_at="2020-01-01T00:00:00.000", split="train")
+        )
+        for a in range(2):
+            aid = str(1000 + 10 * q + a)
+            rows.append(
+                dict(site="s.stackexchange.com", source="stackexchange", post_id=aid, kind="answer",
+                     question_id=qid, title=f"How do I {q}?", body=f"Answer {a} to {q}", tags="",
+                     score=3 - a, upvotes=4, accepted=a == 0, pm_score=3 - a, author=f"user:{a + 2}",
+                     license="CC BY-SA 4.0", created_at="2020-01-02T00:00:00.000", split="train")
+            )
+    df = pd.DataFrame(rows, columns=list(COLUMNS["posts"]))
+    return df.astype({"upvotes": "int64", "pm_score": "Int64"})
+
+
+def pairs_frame(n: int = 4) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "pair_id": [f"p{i}" for i in range(n)],
+            "prompt": [f"Question {i}?" for i in range(n)],
+            "chosen": [f"good answer {i}" for i in range(n)],
+            "rejected": [f"bad answer {i}" for i in range(n)],
+            "chosen_score": [3.0] * n,
+            "rejected_score": [1.0] * n,
+            "margin": [2.0] * n,
+            "question_id": [str(i) for i in range(n)],
+            "site": ["s.stackexchange.com"] * n,
+            "source": ["stackexchange"] * n,
+            "split": ["train", "validation", "test", "train"][:n] + ["train"] * max(0, n - 4),
+            "chosen_id": [f"a{i}" for i in range(n)],
+            "rejected_id": [f"b{i}" for i in range(n)],
+            "chosen_author": ["user:1"] * n,
+            "rejected_author": ["user:2"] * n,
+            "license": ["CC BY-SA 4.0"] * n,
+        }
+    )
+
+
+def demos_frame(n: int = 3) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "demo_id": [f"d{i}" for i in range(n)],
+            "prompt": [f"Question {i}?" for i in range(n)],
+            "response": [f"Best answer {i}" for i in range(n)],
+            "question_id": [str(i) for i in range(n)],
+            "answer_id": [str(100 + i) for i in range(n)],
+            "site": ["reddit/askscience"] * n,
+            "source": ["reddit"] * n,
+            "split": ["train"] * n,
+            "pm_score": [2] * n,
+            "author": ["name:bob"] * n,
+            "license": ["reddit"] * n,
+        }
+    )
+
+
+def prompts_frame(n: int = 3) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "prompt_id": [f"q{i}" for i in range(n)],
+            "prompt": [f"Question {i}?" for i in range(n)],
+            "question_id": [str(i) for i in range(n)],
+            "site": ["s.stackexchange.com"] * n,
+            "source": ["pairs"] * n,
+            "split": ["test"] * n,
+        }
+    )
+
+
+FRAMES = {"posts": posts_frame, "pairs": pairs_frame, "demos": demos_frame, "prompts": prompts_frame}
+
+
+def _assert_json(result: ContractResult) -> None:
+    json.dumps(result.result_json)
+    json.dumps(result.statistics)
+
+
+# --------------------------------------------------------------------------- clean / empty / dtypes
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_clean_frame_passes(kind):
+    df = FRAMES[kind]()
+    res = validate(df, kind)
+    assert res.kind == kind
+    assert res.passed, res.failure_message()
+    assert res.table_failures == []
+    assert res.rejected.empty
+    assert "expectation" in res.rejected.columns
+    pd.testing.assert_frame_equal(res.valid, df)
+    assert res.statistics["rows_in"] == res.statistics["rows_valid"] == len(df)
+    assert res.statistics["rows_rejected"] == 0
+    assert res.statistics["evaluated_expectations"] == len(expectations_for(kind))
+    assert res.statistics["successful_expectations"] == res.statistics["evaluated_expectations"]
+    assert res.docs_index is None
+    res.raise_for_table_failures()  # no-op
+    _assert_json(res)
+    assert res.result_json["success"] is True
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_empty_frame_passes(kind):
+    df = FRAMES[kind]().iloc[0:0]
+    res = validate(df, kind)
+    assert res.passed, res.failure_message()
+    assert res.valid.empty and res.rejected.empty
+    assert res.statistics["rows_in"] == 0
+
+
+def test_empty_frame_without_dtypes_passes():
+    # e.g. pd.DataFrame(columns=...) -> object columns, zero rows
+    res = validate(pd.DataFrame(columns=list(COLUMNS["pairs"])), "pairs")
+    assert res.passed and res.rejected.empty
+
+
+def test_frames_with_str_dtype_and_object_dtype_work():
+    df = pairs_frame()
+    assert df["prompt"].dtype == "str"  # pandas 3 default
+    bad = df.copy()
+    bad.loc[2, "chosen"] = " \n"
+    res_str = validate(bad, "pairs")
+    res_obj = validate(bad.astype({c: object for c in bad.columns if bad[c].dtype == "str"}), "pairs")
+    for res in (res_str, res_obj):
+        assert res.passed
+        assert res.rejected.index.tolist() == [2]
+        assert res.rejected["expectation"].tolist() == ["expect_column_values_to_match_regex(chosen)"]
+    # string[python] dtype (pd.NA for missing) too
+    res_na = validate(bad.astype({"prompt": "string", "chosen": "string"}), "pairs")
+    assert res_na.rejected.index.tolist() == [2]
+
+
+def test_index_and_order_are_kept():
+    df = pairs_frame(5)
+    df.index = ["e", "d", "c", "b", "a"]
+    df.loc["c", "margin"] = -1.0
+    res = validate(df, "pairs")
+    assert res.valid.index.tolist() == ["e", "d", "b", "a"]
+    assert res.rejected.index.tolist() == ["c"]
+    # duplicate index labels: positions are used internally
+    dup = pairs_frame(3)
+    dup.index = [7, 7, 7]
+    dup.iloc[1, dup.columns.get_loc("split")] = "dev"
+    res = validate(dup, "pairs")
+    assert res.rejected["pair_id"].tolist() == ["p1"]
+    assert res.valid["pair_id"].tolist() == ["p0", "p2"]
+
+
+def test_input_frame_not_modified():
+    df = pairs_frame().astype(object)
+    before = df.copy()
+    validate(df, "pairs")
+    pd.testing.assert_frame_equal(df, before)
+
+
+# --------------------------------------------------------------------------- row-level rules
+
+
+def _set(col, value):
+    def mutate(df, row):
+        df.loc[row, col] = value
+
+    return mutate
+
+
+def _copy(col, src):
+    def mutate(df, row):
+        df.loc[row, col] = df.loc[row, src]
+
+    return mutate
+
+
+# kind -> [(row, mutation, expected expectation name)], one bad row per rule.
+# One validation per kind (GX costs ~0.1 s per validation even on tiny frames).
+ROW_CASES = {
+    "pairs": [
+        _set("prompt", None), "expect_column_values_to_not_be_null(prompt)",
+        _set("prompt", "   "), "expect_column_values_to_match_regex(prompt)",
+        _set("chosen", ""), "expect_column_values_to_match_regex(chosen)",
+        _set("rejected", None), "expect_column_values_to_not_be_null(rejected)",
+        _set("rejected", "x" * 20_001), "expect_column_value_lengths_to_be_between(rejected)",
+        _set("split", "dev"), "expect_column_values_to_be_in_set(split)",
+        _set("split", None), "expect_column_values_to_not_be_null(split)",
+        _set("source", "twitter"), "expect_column_values_to_be_in_set(source)",
+        _copy("chosen", "rejected"), "expect_column_pair_values_to_not_be_equal(chosen, rejected)",
+        _set("rejected_score", 9.0),
+        "expect_column_pair_values_a_to_be_greater_than_b(chosen_score, rejected_score)",
+        _set("rejected_score", 3.0),  # a tie is not a preference
+        "expect_column_pair_values_a_to_be_greater_than_b(chosen_score, rejected_score)",
+        _set("margin", -0.5), "expect_column_values_to_be_between(margin)",
+        _set("pair_id", None), "expect_column_values_to_not_be_null(pair_id)",
+        _set("site", None), "expect_column_values_to_not_be_null(site)",
+    ],
+    "demos": [
+        _set("response", "\t"), "expect_column_values_to_match_regex(response)",
+        _set("response", "r" * 20_001), "expect_column_value_lengths_to_be_between(response)",
+        _set("prompt", None), "expect_column_values_to_not_be_null(prompt)",
+        _set("source", "pairs!"), "expect_column_values_to_be_in_set(source)",
+        _set("demo_id", None), "expect_column_values_to_not_be_null(demo_id)",
+    ],
+    "prompts": [
+        _set("prompt", ""), "expect_column_values_to_match_regex(prompt)",
+        _set("prompt", "p" * 20_001), "expect_column_value_lengths_to_be_between(prompt)",
+        _set("split", "Train"), "expect_column_values_to_be_in_set(split)",
+        _set("question_id", None), "expect_column_values_to_not_be_null(question_id)",
+        _set("source", None), "expect_column_values_to_not_be_null(source)",
+    ],
+}
+# posts: rows 0, 3, 6 are questions, the others answers (see posts_frame)
+POSTS_CASES = {
+    1: (_set("body", "  "), "expect_column_values_to_match_regex(body)"),  # answer
+    2: (_set("body", None), "expect_column_values_to_not_be_null(body)"),  # answer
+    3: (_set("title", ""), "expect_column_values_to_match_regex(title)"),  # question
+    6: (_set("title", None), "expect_column_values_to_not_be_null(title)"),  # question
+    4: (_set("kind", "comment"), "expect_column_values_to_be_in_set(kind)"),
+    5: (_set("body", "y" * 20_001), "expect_column_value_lengths_to_be_between(body)"),
+    7: (_set("post_id", None), "expect_column_values_to_not_be_null(post_id)"),
+    8: (_set("title", "t" * 20_001), "expect_column_value_lengths_to_be_between(title)"),
+}
+
+
+def _cases(kind):
+    if kind == "posts":
+        return dict(POSTS_CASES)
+    flat = ROW_CASES[kind]
+    return {2 * i + 1: (flat[2 * i], flat[2 * i + 1]) for i in range(len(flat) // 2)}  # even rows stay clean
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_row_rule_rejects_exactly_its_bad_row(kind):
+    cases = _cases(kind)
+    df = posts_frame() if kind == "posts" else FRAMES[kind](2 * len(cases) + 1)
+    for row, (mutate, _) in cases.items():
+        mutate(df, row)
+    res = validate(df, kind)
+    assert res.passed, res.failure_message()
+    expected = {row: name for row, (_, name) in sorted(cases.items())}
+    assert res.rejected["expectation"].to_dict() == expected
+    assert res.rejected.index.tolist() == sorted(cases)  # original order kept
+    assert res.valid.index.tolist() == [i for i in df.index if i not in cases]
+    pd.testing.assert_frame_equal(res.rejected.drop(columns="expectation"), df.loc[sorted(cases)])
+    assert res.statistics["rows_rejected"] == len(cases)
+    assert res.statistics["rows_valid"] == len(df) - len(cases)
+    assert set(res.statistics["row_level_failed_expectations"]) == set(expected.values())
+    # the names are those of the suite's row-level expectations
+    row_names = {s.name for s in expectations_for(kind) if s.level == "row"}
+    assert set(expected.values()) <= row_names
+    _assert_json(res)
+
+
+def test_posts_empty_question_body_and_empty_answer_title_are_allowed():
+    df = posts_frame()
+    df.loc[0, "body"] = ""  # a question
+    df.loc[1, "title"] = ""  # an answer
+    res = validate(df, "posts")
+    assert res.passed and res.rejected.empty
+
+
+def test_null_scores_and_margin_are_not_rejected():
+    df = pairs_frame()
+    df.loc[0, "chosen_score"] = np.nan
+    df.loc[1, "rejected_score"] = np.nan
+    df.loc[2, "margin"] = np.nan
+    res = validate(df, "pairs")
+    assert res.passed and res.rejected.empty
+
+
+def test_row_failing_several_rules_gets_names_joined():
+    df = pairs_frame()
+    df.loc[2, "chosen"] = ""
+    df.loc[2, "margin"] = -1.0
+    df.loc[0, "split"] = "nope"
+    res = validate(df, "pairs")
+    assert res.rejected.index.tolist() == [0, 2]
+    assert res.rejected.loc[2, "expectation"] == (
+        "expect_column_values_to_match_regex(chosen); expect_column_values_to_be_between(margin)"
+    )
+    assert res.rejected.loc[0, "expectation"] == "expect_column_values_to_be_in_set(split)"
+
+
+def test_max_chars_is_passed_through():
+    df = pairs_frame()
+    df.loc[3, "chosen"] = "x" * 50
+    assert validate(df, "pairs").rejected.empty
+    res = validate(df, "pairs", max_chars=40)
+    assert res.rejected.index.tolist() == [3]
+    assert res.rejected["expectation"].tolist() == ["expect_column_value_lengths_to_be_between(chosen)"]
+    with pytest.raises(ValueError):
+        validate(df, "pairs", max_chars=0)
+
+
+def test_unknown_kind_raises():
+    with pytest.raises(ValueError, match="unknown dataset kind"):
+        validate(pairs_frame(), "quarantine")
+
+
+# --------------------------------------------------------------------------- table-level rules
+
+
+def _raise_message(res: ContractResult) -> str:
+    with pytest.raises(ContractViolation) as exc:
+        res.raise_for_table_failures()
+    assert exc.value.result is res
+    return str(exc.value)
+
+
+@pytest.mark.parametrize(
+    ("kind", "id_col", "name"),
+    [
+        ("pairs", "pair_id", "expect_column_values_to_be_unique(pair_id)"),
+        ("demos", "demo_id", "expect_column_values_to_be_unique(demo_id)"),
+        ("prompts", "prompt_id", "expect_column_values_to_be_unique(prompt_id)"),
+    ],
+)
+def test_duplicate_ids_fail_the_table(kind, id_col, name):
+    df = FRAMES[kind]()
+    df.loc[2, id_col] = "dup-id"
+    df.loc[0, id_col] = "dup-id"
+    res = validate(df, kind)
+    assert not res.passed
+    assert [f.expectation for f in res.table_failures] == [name]
+    failure = res.table_failures[0]
+    assert failure.unexpected_count == 2
+    assert [ex[id_col] for ex in failure.examples] == ["dup-id", "dup-id"]
+    assert [ex["index"] for ex in failure.examples] == [0, 2]
+    assert res.rejected.empty  # table-level failures do not quarantine rows
+    msg = _raise_message(res)
+    assert kind in msg and name in msg and "dup-id" in msg
+
+
+def test_posts_site_post_id_compound_unique():
+    df = posts_frame()
+    other_site = df.iloc[[0]].assign(site="other.stackexchange.com")
+    ok = pd.concat([df, other_site], ignore_index=True)  # same post_id, other site: fine
+    assert validate(ok, "posts").passed
+    dup = pd.concat([df, df.iloc[[4]]], ignore_index=True)
+    res = validate(dup, "posts")
+    assert not res.passed
+    (failure,) = res.table_failures
+    assert failure.expectation == "expect_compound_columns_to_be_unique(site, post_id)"
+    assert {ex["post_id"] for ex in failure.examples} == {df.loc[4, "post_id"]}
+    msg = _raise_message(res)
+    assert "posts" in msg and "expect_compound_columns_to_be_unique" in msg and df.loc[4, "post_id"] in msg
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_question_in_two_splits_fails(kind):
+    df = FRAMES[kind]()
+    if kind == "posts":
+        df.loc[2, "split"] = "test"  # an answer of question 100, whose other rows are train
+        qid = "100"
+    else:
+        df.loc[1, "question_id"] = df.loc[0, "question_id"]
+        df.loc[1, "split"] = "validation" if df.loc[0, "split"] != "validation" else "test"
+        qid = df.loc[0, "question_id"]
+    res = validate(df, kind)
+    assert not res.passed
+    (failure,) = res.table_failures
+    assert failure.expectation == "expect_question_ids_in_one_split"
+    assert failure.examples[0]["question_id"] == qid
+    assert len(failure.examples[0]["split"]) == 2
+    msg = _raise_message(res)
+    assert kind in msg and "expect_question_ids_in_one_split" in msg and qid in msg
+
+
+def test_same_question_id_on_two_sites_may_use_two_splits():
+    df = prompts_frame()
+    df.loc[1, "question_id"] = df.loc[0, "question_id"]
+    df.loc[1, "site"] = "other.stackexchange.com"
+    df.loc[1, "split"] = "train"
+    assert validate(df, "prompts").passed
+
+
+def test_missing_required_column_fails():
+    df = pairs_frame().drop(columns=["margin", "license"])
+    res = validate(df, "pairs")
+    assert not res.passed
+    (failure,) = res.table_failures
+    assert failure.expectation == "expect_table_columns_to_match_set"
+    assert failure.examples == [{"missing_column": "license"}, {"missing_column": "margin"}]
+    # expectations on the absent column are skipped rather than erroring
+    assert "expect_column_values_to_be_between(margin)" in res.statistics["skipped_expectations"]
+    msg = _raise_message(res)
+    assert "pairs" in msg and "expect_table_columns_to_match_set" in msg and "margin" in msg
+
+
+def test_expectation_that_cannot_run_fails_the_table():
+    df = pairs_frame()
+    df["margin"] = ["a", "b", "c", "d"]  # a numeric rule on text cannot say which rows are bad
+    res = validate(df, "pairs")
+    assert not res.passed and res.rejected.empty
+    (failure,) = res.table_failures
+    assert failure.expectation == "expect_column_values_to_be_between(margin)"
+    assert "could not be evaluated" in failure.message
+    assert "expect_column_values_to_be_between(margin)" in _raise_message(res)
+
+
+def test_extra_columns_are_allowed():
+    assert validate(prompts_frame().assign(extra=1), "prompts").passed
+
+
+def test_row_and_table_failures_together():
+    df = pairs_frame()
+    df.loc[3, "pair_id"] = "p0"
+    df.loc[1, "chosen"] = None
+    res = validate(df, "pairs")
+    assert not res.passed
+    assert res.rejected.index.tolist() == [1]
+    assert [f.expectation for f in res.table_failures] == ["expect_column_values_to_be_unique(pair_id)"]
+
+
+# --------------------------------------------------------------------------- Data Docs
+
+
+def test_data_docs_written_and_rerun_is_fine(tmp_path):
+    docs = tmp_path / "docs"
+    res1 = validate(pairs_frame(), "pairs", docs_dir=docs, batch_name="run-1")
+    assert res1.docs_index is not None and res1.docs_index.name == "index.html"
+    assert res1.docs_index.is_file()
+    assert docs in res1.docs_index.parents
+    bad = pairs_frame()
+    bad.loc[0, "pair_id"] = "p1"
+    bad.loc[2, "chosen"] = ""
+    res2 = validate(bad, "pairs", docs_dir=docs, batch_name="run-2")  # same suite again: no "already exists"
+    res3 = validate(prompts_frame(), "prompts", docs_dir=docs, batch_name="run-1")
+    assert not res2.passed and res2.rejected.index.tolist() == [2]
+    assert res3.passed and res3.docs_index == res1.docs_index
+    pages = list((res1.docs_index.parent / "validations").rglob("*.html"))
+    assert len(pages) == 3  # one page per run, all linked from the index
+    index_html = res1.docs_index.read_text()
+    assert "run-1" in index_html and "run-2" in index_html
+    # the custom expectations render with their own sentences
+    suite_page = (res1.docs_index.parent / "expectations" / "alignflow_pairs.html").read_text()
+    assert "must have a single" in suite_page and "must never equal" in suite_page
+
+
+def test_concurrent_validations_share_a_docs_dir(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    frames = [("pairs", pairs_frame()), ("demos", demos_frame()), ("prompts", prompts_frame())]
+    with ThreadPoolExecutor(3) as pool:
+        results = list(
+            pool.map(lambda kf: validate(kf[1], kf[0], docs_dir=tmp_path, batch_name="concurrent"), frames)
+        )
+    assert all(r.passed for r in results)
+    index = results[0].docs_index
+    assert index is not None and all(r.docs_index == index for r in results)
+    assert len(list((index.parent / "validations").rglob("*.html"))) == 3
+
+
+def test_import_does_not_import_great_expectations():
+    code = "import sys, alignflow.data_contracts; assert 'great_expectations' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
