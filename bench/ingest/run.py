@@ -1,0 +1,301 @@
+"""Ingest throughput benchmark: ``alignflow ingest`` against a bare lxml iterparse floor.
+
+Generates (or reuses) a synthetic Stack Exchange dump whose Posts.xml has the
+requested size, then measures in one run
+
+  floor   a subprocess that does nothing but ``lxml.etree.iterparse(Posts.xml,
+          events=("end",), tag="row")`` with ``elem.clear()`` and deletion of
+          preceding siblings;
+  ingest  ``alignflow ingest <site folder> --workdir <scratch>/work`` (the
+          console script next to this interpreter) as a subprocess.
+
+Both figures are MiB of Posts.xml per second of the subprocess's wall time, and
+the peak RSS of the subprocess tree (psutil, polled every 0.2 s, RSS of the
+process and all its children summed). Results go to a table on stdout and to
+``bench/ingest/results/ingest.json``.
+
+Usage::
+
+    .venv/bin/python bench/ingest/run.py            # 1024 MiB Posts.xml
+    .venv/bin/python bench/ingest/run.py --quick    # 50 MiB
+    .venv/bin/python bench/ingest/run.py --mb 200 --floor-only
+    .venv/bin/python bench/ingest/run.py --quick --ingest-arg=--some-flag   # note the "="
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import psutil
+import resource
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+RESULTS = HERE / "results"
+MIB = 1 << 20
+TARGET_RATIO = 0.5
+TARGET_RSS_MIB = 1024
+SITE = "synthetic.stackexchange.com"
+
+FLOOR_CODE = r"""
+import json, resource, sys, time
+from lxml import etree
+t = time.perf_counter()
+n = 0
+for _, elem in etree.iterparse(sys.argv[1], events=("end",), tag="row"):
+    n += 1
+    elem.clear()
+    while elem.getprevious() is not None:
+        del elem.getparent()[0]
+dt = time.perf_counter() - t
+print(json.dumps({"rows": n, "parse_seconds": dt,
+                  "ru_maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def _tree_rss(proc: psutil.Process) -> tuple[int, list]:
+    """Summed RSS of ``proc`` and its descendants, and the per-process parts."""
+    total, parts = 0, []
+    try:
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return 0, []
+    for p in procs:
+        try:
+            rss = p.memory_info().rss
+            name = " ".join(p.cmdline()[:4])[:120]
+        except psutil.Error:
+            continue
+        total += rss
+        parts.append((name, rss))
+    return total, parts
+
+
+def run_measured(cmd: list[str], log_dir: Path, name: str, env: dict | None = None) -> dict:
+    """Run ``cmd``; wall seconds, peak RSS of its process tree, return code, stdout/stderr paths."""
+    out_path, err_path = log_dir / f"{name}.stdout", log_dir / f"{name}.stderr"
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        t0 = time.perf_counter()
+        popen = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=ROOT)
+        proc = psutil.Process(popen.pid)
+        peak, peak_parts = 0, []
+        while popen.poll() is None:
+            rss, parts = _tree_rss(proc)
+            if rss > peak:
+                peak, peak_parts = rss, parts
+            time.sleep(0.2)
+        wall = time.perf_counter() - t0
+    return {
+        "returncode": popen.returncode,
+        "wall_seconds": wall,
+        "peak_rss_bytes": peak,
+        "peak_rss_processes": [{"cmd": c, "rss_mib": round(r / MIB, 1)} for c, r in peak_parts],
+        "stdout": out_path,
+        "stderr": err_path,
+    }
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    text = path.read_text(encoding="utf-8", errors="replace")
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def warm_cache(path: Path) -> None:
+    """Read the file once so that neither measured pass pays for cold disk reads."""
+    with open(path, "rb") as f:
+        while f.read(16 * MIB):
+            pass
+
+
+def prepare_dump(scratch: Path, mb: int, seed: int) -> dict:
+    from alignflow.tasks.ingest.synthetic import generate_dump, target_questions_for_bytes
+
+    questions = target_questions_for_bytes(mb * MIB)
+    site = scratch / SITE
+    marker = scratch / "generated.json"
+    posts, votes = site / "Posts.xml", site / "Votes.xml"
+    if marker.exists() and posts.exists() and votes.exists():
+        info = json.loads(marker.read_text())
+        if (info.get("mb"), info.get("seed"), info.get("questions")) == (mb, seed, questions) and info.get(
+            "posts_bytes"
+        ) == posts.stat().st_size:
+            info["reused"] = True
+            return info
+    need = int(mb * MIB * 1.9)
+    free = shutil.disk_usage(scratch).free
+    if free < need:
+        sys.exit(f"not enough disk space in {scratch}: need about {need / MIB:.0f} MiB, {free / MIB:.0f} MiB free")
+    print(f"generating {questions:,} questions (~{mb} MiB Posts.xml, seed {seed}) into {scratch} ...", flush=True)
+    t0 = time.perf_counter()
+    generate_dump(scratch, questions=questions, seed=seed, site=SITE)
+    seconds = time.perf_counter() - t0
+    info = {
+        "mb": mb,
+        "seed": seed,
+        "questions": questions,
+        "posts_bytes": posts.stat().st_size,
+        "votes_bytes": votes.stat().st_size,
+        "generate_seconds": seconds,
+        "generate_posts_mib_per_s": posts.stat().st_size / MIB / seconds,
+    }
+    marker.write_text(json.dumps(info, indent=2))
+    info["reused"] = False
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mb", type=int, default=1024, help="size of Posts.xml in MiB (default 1024)")
+    ap.add_argument("--quick", action="store_true", help="50 MiB instead of --mb")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scratch", type=Path, default=None, help="where the dump and ingest workdir go")
+    ap.add_argument("--out", type=Path, default=RESULTS / "ingest.json")
+    ap.add_argument("--floor-only", action="store_true", help="measure the lxml floor only (harness check)")
+    ap.add_argument("--ingest-arg", action="append", default=[], help="extra argument for alignflow ingest")
+    args = ap.parse_args(argv)
+    mb = 50 if args.quick else args.mb
+    scratch = (args.scratch or RESULTS / f"scratch-{mb}mb-seed{args.seed}").resolve()
+    scratch.mkdir(parents=True, exist_ok=True)
+    logs = scratch / "logs"
+    logs.mkdir(exist_ok=True)
+
+    info = prepare_dump(scratch, mb, args.seed)
+    site = scratch / SITE
+    posts = site / "Posts.xml"
+    size = posts.stat().st_size
+    size_mib = size / MIB
+    warm_cache(posts)
+
+    # (a) floor
+    floor_run = run_measured([sys.executable, "-c", FLOOR_CODE, str(posts)], logs, "floor")
+    if floor_run["returncode"] != 0:
+        print(f"floor pass failed (exit {floor_run['returncode']}):\n{tail(floor_run['stderr'])}", file=sys.stderr)
+        return 1
+    floor_out = json.loads(floor_run["stdout"].read_text().strip().splitlines()[-1])
+    floor = {
+        "wall_seconds": floor_run["wall_seconds"],
+        "parse_seconds": floor_out["parse_seconds"],
+        "mib_per_s": size_mib / floor_run["wall_seconds"],
+        "parse_mib_per_s": size_mib / floor_out["parse_seconds"],
+        "peak_rss_mib": floor_run["peak_rss_bytes"] / MIB,
+        "ru_maxrss_mib": floor_out["ru_maxrss_kib"] / 1024,
+        "rows": floor_out["rows"],
+    }
+
+    # (b) alignflow ingest
+    ingest: dict = {"skipped": True}
+    error = None
+    if not args.floor_only:
+        exe = Path(sys.executable).parent / "alignflow"
+        workdir = scratch / "work"
+        cmd = [str(exe), "ingest", str(site), "--workdir", str(workdir), *args.ingest_arg]
+        if not exe.exists():
+            error = f"console script not found: {exe} (is the project installed in this venv?)"
+        else:
+            if workdir.exists():
+                shutil.rmtree(workdir)
+            run = run_measured(cmd, logs, "ingest")
+            ingest = {
+                "command": " ".join(cmd),
+                "returncode": run["returncode"],
+                "wall_seconds": run["wall_seconds"],
+                "mib_per_s": size_mib / run["wall_seconds"],
+                "peak_rss_mib": run["peak_rss_bytes"] / MIB,
+                "peak_rss_processes": run["peak_rss_processes"],
+                # largest single descendant process (floor included), from the kernel: a cross-check of the polling
+                "children_ru_maxrss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+            }
+            if run["returncode"] != 0:
+                error = (
+                    f"`{' '.join(cmd)}` failed with exit code {run['returncode']}; "
+                    f"stderr tail ({run['stderr']}):\n{tail(run['stderr'])}"
+                )
+                ingest["error"] = tail(run["stderr"], 20)
+
+    ok_ingest = error is None and not ingest.get("skipped")
+    ratio = ingest["mib_per_s"] / floor["mib_per_s"] if ok_ingest else None
+    result = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "input": {
+            "posts_bytes": size,
+            "posts_mib": size_mib,
+            "votes_bytes": (site / "Votes.xml").stat().st_size,
+            "questions": info["questions"],
+            "seed": args.seed,
+            "site_folder": str(site),
+            "generated": {k: info[k] for k in ("generate_seconds", "generate_posts_mib_per_s") if k in info},
+            "reused": info["reused"],
+        },
+        "floor": floor,
+        "ingest": ingest,
+        "ratio_ours_over_floor": ratio,
+        "targets": {"ratio_min": TARGET_RATIO, "peak_rss_max_mib": TARGET_RSS_MIB},
+        "meets_targets": None
+        if ratio is None
+        else {"ratio": ratio >= TARGET_RATIO, "peak_rss": ingest["peak_rss_mib"] < TARGET_RSS_MIB},
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "memory_total_mib": psutil.virtual_memory().total / MIB,
+        },
+        "versions": _versions(),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    _print_table(result, error)
+    print(f"\nwritten: {args.out}")
+    if error:
+        print(f"\nERROR: alignflow ingest did not complete: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _versions() -> dict:
+    from lxml import etree
+
+    return {
+        "python": platform.python_version(),
+        "lxml": etree.__version__,
+        "libxml2": ".".join(map(str, etree.LIBXML_VERSION)),
+        "psutil": psutil.__version__,
+    }
+
+
+def _print_table(r: dict, error: str | None) -> None:
+    inp, fl, ing = r["input"], r["floor"], r["ingest"]
+    gen = inp["generated"]
+    how = "reused" if inp["reused"] else f"generated at {gen['generate_posts_mib_per_s']:.1f} MiB/s"
+    print(f"\nPosts.xml: {inp['posts_mib']:.1f} MiB, {inp['questions']:,} questions ({how})")
+    print(f"{'pass':<10} {'MiB/s':>9} {'wall s':>9} {'peak RSS MiB':>13}   target")
+    print(
+        f"{'floor':<10} {fl['mib_per_s']:>9.1f} {fl['wall_seconds']:>9.2f} {fl['peak_rss_mib']:>13.1f}"
+        f"   (ru_maxrss {fl['ru_maxrss_mib']:.1f} MiB; parse loop alone {fl['parse_mib_per_s']:.1f} MiB/s)"
+    )
+    if ing.get("skipped"):
+        print(f"{'ingest':<10} {'(skipped: --floor-only)':>33}")
+    elif "mib_per_s" not in ing or ing.get("returncode"):
+        print(f"{'ingest':<10} {'FAILED':>9}")
+    else:
+        rss_ok = "ok" if ing["peak_rss_mib"] < TARGET_RSS_MIB else "MISSED"
+        print(
+            f"{'ingest':<10} {ing['mib_per_s']:>9.1f} {ing['wall_seconds']:>9.2f} {ing['peak_rss_mib']:>13.1f}"
+            f"   peak RSS < {TARGET_RSS_MIB} MiB: {rss_ok}"
+        )
+        ratio = r["ratio_ours_over_floor"]
+        print(f"ratio ours/floor: {ratio:.2f}   target >= {TARGET_RATIO}: {'ok' if ratio >= TARGET_RATIO else 'MISSED'}")
+    m, v = r["machine"], r["versions"]
+    print(f"machine: {m['cpu_count']} CPUs, {m['platform']}; python {v['python']}, lxml {v['lxml']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
