@@ -50,6 +50,7 @@ class DatasetWriter:
         summary: BuildSummary,
         *,
         batch_rows: int,
+        batch_bytes: int,
         max_chars: int,
         docs_dir: Path,
         validate: Callable[..., Any],
@@ -59,6 +60,8 @@ class DatasetWriter:
         self.store = store
         self.summary = summary
         self.batch_rows = batch_rows
+        self.batch_bytes = batch_bytes
+        self.pending_bytes = 0
         self.max_chars = max_chars
         self.docs_dir = docs_dir
         self.validate = validate
@@ -71,9 +74,11 @@ class DatasetWriter:
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
+        self.pending_bytes += sum(len(v) for v in row.values() if isinstance(v, str))
 
     def maybe_flush(self) -> None:
-        if len(self.rows) >= self.batch_rows:
+        # Bounded by rows and by text size: a batch of long answers must not grow memory.
+        if len(self.rows) >= self.batch_rows or self.pending_bytes >= self.batch_bytes:
             self.flush()
 
     def flush(self, final: bool = False) -> None:
@@ -81,6 +86,7 @@ class DatasetWriter:
             return
         frame = pd.DataFrame(self.rows, columns=[*self.schema.names, "_source_file", "_line"])
         self.rows = []
+        self.pending_bytes = 0
         docs = self.docs_dir / self.kind if self.batches == 0 else None
         result = self.validate(
             frame.drop(columns=["_source_file", "_line"]),
@@ -93,7 +99,7 @@ class DatasetWriter:
         if result.docs_index is not None:
             self.summary.docs[self.kind] = str(result.docs_index)
         for key, value in result.statistics.items():
-            if isinstance(value, (int, float)):
+            if isinstance(value, (int, float)) and not key.endswith("percent"):
                 self.stats[key] += value
         if len(result.rejected):
             for idx, expectation in result.rejected["expectation"].items():
@@ -147,7 +153,7 @@ class Builder:
         self.writers = {
             kind: DatasetWriter(
                 kind, out_dir / f"{kind}.parquet", store, self.summary, batch_rows=cfg.batch_rows,
-                max_chars=prompt_budget, docs_dir=out_dir / "contracts", validate=validate,
+                batch_bytes=cfg.batch_mb << 20, max_chars=prompt_budget, docs_dir=out_dir / "contracts", validate=validate,
             )
             for kind in DATASETS
         }
