@@ -106,12 +106,81 @@ class GenerateConfig(_Section):
     site: str = Field("synthetic.stackexchange.com", description="Site name written into the dump folder name.")
 
 
+class ModelConfig(_Section):
+    """Which network a stage starts from."""
+
+    name_or_path: str | None = Field(
+        None,
+        description="Hugging Face model id or local folder for from_pretrained; empty = build the small default "
+        "architecture from `arch` (the offline default), or take the previous stage's registered model.",
+    )
+    arch: Literal["tiny-gpt2", "small-gpt2", "tiny-llama", "gpt2-125m", "llama-350m"] = Field(
+        "tiny-gpt2", description="Architecture built from a config when no pretrained model is named."
+    )
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub/folder to run (off: safer).")
+    vocab_size: int = Field(4096, ge=260, description="BPE vocabulary size when alignflow trains the tokenizer.")
+    max_length: int = Field(256, ge=16, description="Longest sequence in tokens (prompt + response); longer is cut.")
+
+
+class TrainConfig(_Section):
+    """The training loop every stage shares."""
+
+    max_steps: int = Field(200, ge=1, description="Optimizer steps to run.")
+    batch_size: int = Field(8, ge=1, description="Examples per micro-batch per process.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not applied to biases and norms).")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps from 0 to `lr`.")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warm-up.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final lr as a fraction of `lr` (cosine/linear).")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 = off).")
+    seed: int = Field(0, description="Seed of weights init, data order and dropout.")
+    eval_every: int = Field(50, ge=1, description="Evaluate every N optimizer steps (and at the end).")
+    eval_batches: int = Field(20, ge=1, description="At most this many micro-batches per evaluation.")
+    checkpoint_every: int = Field(50, ge=1, description="Write a full, resumable checkpoint every N steps.")
+    keep_checkpoints: int = Field(2, ge=1, description="How many most recent checkpoints to keep.")
+    log_every: int = Field(10, ge=1, description="Log training metrics every N steps.")
+    mixed_precision: Literal["auto", "no", "bf16"] = Field(
+        "auto", description="`auto`: bf16 autocast on a GPU that supports it, full precision on CPU."
+    )
+    group_by_length: bool = Field(True, description="Batch examples of similar length (less padding).")
+    compile: bool = Field(False, description="torch.compile the model (GPU).")
+
+
+class BaseStageConfig(_Section):
+    """Stage `base`: the language model every later stage starts from."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Pretrained model to register, or the "
+                               "small architecture to pretrain.")
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(max_steps=300, lr=2e-3),
+                               description="Pretraining loop (used only when no pretrained model is named).")
+    text_sources: list[Literal["questions", "answers"]] = Field(
+        default_factory=lambda: ["questions", "answers"], description="Which post texts to pretrain on."
+    )
+    max_documents: int | None = Field(None, ge=1, description="Cap on documents read from posts (None = all).")
+
+
+class SftStageConfig(_Section):
+    """Stage `sft`: the base LM fine-tuned on demonstrations, loss on response tokens only."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Start model; empty = `alignflow-base`.")
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(max_steps=200, lr=1e-3),
+                               description="Fine-tuning loop.")
+    generation_prompts: int = Field(4, ge=0, description="Validation prompts whose greedy answers are logged.")
+    max_new_tokens: int = Field(64, ge=1, description="Length of the logged generations.")
+
+
 class AlignflowConfig(_Section):
     """The whole configuration; each stage reads its own section."""
 
     experiment: str = Field("alignflow/demo", description="MLflow experiment that the runs go to.")
     ingest: IngestConfig = Field(default_factory=IngestConfig, description="The ingest stage.")
     generate: GenerateConfig = Field(default_factory=GenerateConfig, description="The synthetic dump of the demo.")
+    base: BaseStageConfig = Field(default_factory=BaseStageConfig, description="The base LM stage.")
+    sft: SftStageConfig = Field(default_factory=SftStageConfig, description="The SFT stage.")
 
     def digest(self, section: str | None = None) -> str:
         """A stable content digest of the config (or one section of it)."""
