@@ -56,7 +56,7 @@ class StoredPost:
 class StagingStore:
     """A scratch SQLite database that is also a :class:`RecordSink`."""
 
-    def __init__(self, path: Path, *, batch: int = 5000, cache_mb: int = 64) -> None:
+    def __init__(self, path: Path, *, batch: int = 5000, cache_mb: int = 32, vote_buffer: int = 100_000) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
@@ -81,6 +81,7 @@ class StagingStore:
             """
         )
         self.batch = batch
+        self.vote_buffer = vote_buffer
         self._posts: list[tuple] = []
         self._pairs: list[tuple] = []
         self._quarantine: list[tuple] = []
@@ -106,7 +107,7 @@ class StagingStore:
         if entry is None:
             entry = self._votes[(site, post_id)] = [0, 0, 0]
         entry[{2: 0, 3: 1, 1: 2}[vote_type]] += 1
-        if len(self._votes) >= 50 * self.batch:
+        if len(self._votes) >= self.vote_buffer:
             self._flush_votes()
 
     def register_vote_file(self, site: str, source_file: str) -> None:
