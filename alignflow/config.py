@@ -90,9 +90,9 @@ class IngestConfig(_Section):
     default_license: str = Field(
         "unknown", description="Licence recorded for rows whose source does not state one (Reddit, pairs files)."
     )
-    batch_rows: int = Field(10_000, ge=100, description="Most rows per Parquet row group and per contract validation batch.")
+    batch_rows: int = Field(5_000, ge=100, description="Most rows per Parquet row group and per contract validation batch.")
     batch_mb: int = Field(
-        8, ge=1, description="Most text (MiB) per batch: bounds memory whatever the length of the texts."
+        4, ge=1, description="Most text (MiB) per batch: bounds memory whatever the length of the texts."
     )
     split: SplitConfig = Field(default_factory=SplitConfig, description="How questions are assigned to splits.")
     reddit: RedditConfig = Field(default_factory=RedditConfig, description="Rules for Reddit dumps.")

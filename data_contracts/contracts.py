@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
+import logging
 import math
 import re
 import threading
@@ -456,6 +457,9 @@ def _run_gx(
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     from . import _gx_custom  # noqa: F401  registers the custom metric + expectation
+
+    # GX announces every ephemeral context at INFO; one line per batch is noise in a flow's log.
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
 
     result_format = {"result_format": "COMPLETE", "return_unexpected_index_query": False}
     expectations = [_build_gx(s, i) for i, s in enumerate(specs)]

@@ -104,7 +104,7 @@ def demo(
     / "configs" / "demo.yaml",
     set_: SetOpt = None,
 ) -> None:
-    """The embedded default end to end: generate a dump, ingest it, say where everything is."""
+    """The embedded default end to end: generate a dump, ingest it, pretrain base, SFT; say where everything is."""
     wd = prepare(workdir)
     cfg = _load(config if config.is_file() else None, set_)
     from alignflow.tasks.ingest.synthetic import PLANTED_RULE, generate_dump as generate
@@ -118,6 +118,58 @@ def demo(
     except _user_errors() as exc:
         _fail(exc)
     _print_ingest(out)
+    from .base import base as base_flow
+    from .sft import sft as sft_flow
+
+    summaries = [base_flow(workdir=str(wd), config=cfg), sft_flow(workdir=str(wd), config=cfg)]
+    typer.echo("")
+    typer.echo(f"{'stage':<8}{'mlflow run':<34}{'model':<24}{'version':<9}key metrics")
+    for s in summaries:
+        keys = [k for k in ("final_loss", "eval/loss", "eval/perplexity", "planted_rate_start", "planted_rate")
+                if s.get(k) is not None]
+        metrics = ", ".join(f"{k}={s[k]:.3g}" for k in keys)
+        typer.echo(f"{s['stage']:<8}{s['run_id']:<34}{s['model']:<24}{s['version']:<9}{metrics}")
+    typer.echo(f"\nload the policy: mlflow.transformers.load_model('models:/alignflow-policy-sft@challenger') "
+               f"with MLFLOW_TRACKING_URI={out['tracking_uri']}")
+
+
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the stage's latest checkpoint.")]
+
+
+def _run_stage(stage: str, workdir: Path, config: Path | None, set_: list[str] | None, resume: bool) -> dict:
+    wd = prepare(workdir)
+    cfg = _load(config, set_)
+    import importlib
+
+    flow_fn = getattr(importlib.import_module(f"alignflow.flows.{stage}"), stage)
+    from alignflow.tasks.train.loop import NonFiniteLossError
+
+    try:
+        return flow_fn(workdir=str(wd), config=cfg, resume=resume)
+    except (*_user_errors(), NonFiniteLossError, LookupError) as exc:
+        _fail(exc)
+
+
+def _print_stage(out: dict) -> None:
+    typer.echo("")
+    for key, value in out.items():
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        typer.echo(f"{key:<22}{value}")
+
+
+@app.command()
+def base(workdir: WorkdirOpt = DEFAULT_WORKDIR, config: ConfigOpt = None, set_: SetOpt = None,
+         resume: ResumeOpt = False) -> None:
+    """Pretrain the small LM on the ingested text (or adopt a named model); register alignflow-base."""
+    _print_stage(_run_stage("base", workdir, config, set_, resume))
+
+
+@app.command()
+def sft(workdir: WorkdirOpt = DEFAULT_WORKDIR, config: ConfigOpt = None, set_: SetOpt = None,
+        resume: ResumeOpt = False) -> None:
+    """Fine-tune the base LM on demos (loss on responses); register alignflow-policy-sft."""
+    _print_stage(_run_stage("sft", workdir, config, set_, resume))
 
 
 @app.command("show-config")

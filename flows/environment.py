@@ -15,6 +15,8 @@ def prepare(workdir: str | Path) -> Path:
     workdir = Path(workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The temporary server can take longer than the default 20 s to start on a busy 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_HOME", str(workdir / "prefect"))
     os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(workdir / "prefect" / "storage"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
