@@ -137,3 +137,89 @@ def run_url(run: Any) -> str:
         uri = mlflow.get_tracking_uri()
         base = uri if uri.startswith("http") else "http://127.0.0.1:5000"
     return f"{base.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+
+
+# -- training runs: metrics from the loop, checkpoints linked across attempts -------------------
+class MetricLogger:
+    """Loop callbacks that send metrics to the active MLflow run (and a progress bar to the console)."""
+
+    def __init__(self, total_steps: int, description: str, progress: bool = True) -> None:
+        self.total = total_steps
+        self.bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            # disable=None: a bar on a terminal, nothing in logs and CI output
+            self.bar = tqdm(total=total_steps, desc=description, unit="step", dynamic_ncols=True, disable=None)
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if v is not None}
+        if clean:
+            mlflow.log_metrics(clean, step=step)
+        if self.bar is not None and "train/loss" in clean:
+            self.bar.set_postfix(loss=f"{clean['train/loss']:.4f}")
+
+    def step(self, step: int, max_steps: int) -> None:
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def checkpoint_root(workdir: Path, stage: str) -> Path:
+    return Path(workdir).resolve() / "checkpoints" / stage
+
+
+def previous_attempt(workdir: Path, stage: str) -> tuple[Path, str | None] | None:
+    """The checkpoint folder of the stage's latest attempt and the MLflow run that wrote it."""
+    root = checkpoint_root(workdir, stage)
+    marker = root / "LATEST_RUN"
+    if not marker.is_file():
+        return None
+    folder = root / marker.read_text().strip()
+    run_file = folder / "run.json"
+    run_id = None
+    if run_file.is_file():
+        import json
+
+        run_id = json.loads(run_file.read_text()).get("mlflow_run_id")
+    return folder, run_id
+
+
+def attach_checkpoints(workdir: Path, stage: str, run: Any, *, resume: bool) -> tuple[Path, str | None]:
+    """Checkpoint folder for this attempt; with ``resume``, the previous attempt's, whose run is marked KILLED."""
+    import json
+
+    root = checkpoint_root(workdir, stage)
+    root.mkdir(parents=True, exist_ok=True)
+    previous = previous_attempt(workdir, stage) if resume else None
+    resumed_from = None
+    if previous is not None:
+        folder, resumed_from = previous
+        if resumed_from and resumed_from != run.info.run_id:
+            client = mlflow.MlflowClient()
+            try:
+                old = client.get_run(resumed_from)
+                if old.info.status == "RUNNING":  # the attempt was killed without a chance to end its run
+                    client.set_terminated(resumed_from, status="KILLED")
+                client.set_tag(resumed_from, "alignflow.resumed_by", run.info.run_id)
+            except mlflow.exceptions.MlflowException:
+                pass
+            mlflow.set_tag("alignflow.resumed_from", resumed_from)
+    else:
+        folder = root / run.info.run_id
+        folder.mkdir(parents=True, exist_ok=True)
+    history = []
+    run_file = folder / "run.json"
+    if run_file.is_file():
+        history = json.loads(run_file.read_text()).get("attempts", [])
+    tmp = folder / f".run.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps({"mlflow_run_id": run.info.run_id, "attempts": [*history, run.info.run_id]}))
+    os.replace(tmp, run_file)
+    marker_tmp = root / f".LATEST_RUN.tmp-{os.getpid()}"
+    marker_tmp.write_text(folder.name + "\n")
+    os.replace(marker_tmp, root / "LATEST_RUN")
+    return folder, resumed_from

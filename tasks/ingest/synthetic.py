@@ -26,7 +26,8 @@ regenerated per question from the seed instead of being kept.
 The planted rule
 ----------------
 Every question has a **key term**: a made-up lowercase word of two or three
-generated syllables (e.g. ``vralquinor``). It is the only word of the question
+generated syllables (e.g. ``vralquinor``), drawn from the dump's pool of
+``TERM_POOL_SIZE`` (64) such words, so each term recurs across questions. It is the only word of the question
 title that is not in ``TITLE_WORDS`` (the fixed vocabulary of the title
 templates), and the question body mentions it too (30% of questions also carry
 it as a tag).
@@ -277,6 +278,26 @@ def _made_up_word(rng: random.Random) -> str:
             return w
 
 
+TERM_POOL_SIZE = 64  # distinct key terms per dump
+
+
+@functools.lru_cache(maxsize=8)
+def _term_pool(seed: int) -> tuple[str, ...]:
+    """The dump's key terms: made-up words drawn once per seed, each shared by many questions.
+
+    A term recurs across questions, so a tokenizer trained on the dump learns it
+    as a unit and a small model can learn to *copy the one in the title*; with
+    a fresh word per question the rule would mostly test multi-token copying.
+    """
+    rng = random.Random(_key(seed, 0, 7))
+    terms: list[str] = []
+    while len(terms) < TERM_POOL_SIZE:
+        w = _made_up_word(rng)
+        if w not in terms:
+            terms.append(w)
+    return tuple(terms)
+
+
 # ----------------------------------------------------------------------------- the rule
 
 
@@ -421,14 +442,14 @@ def _key(seed: int, i: int, stream: int) -> int:
     return 2 * k if k >= 0 else -2 * k + 1
 
 
-def _plan(rng: random.Random, i: int, n_questions: int) -> tuple:
+def _plan(rng: random.Random, i: int, n_questions: int, terms: tuple[str, ...]) -> tuple:
     """Structure of question i: everything two passes both need. ``rng`` must be freshly seeded."""
     r = rng.random()
     n_ans = 0 if r < 0.12 else 1 if r < 0.32 else 2 if r < 0.67 else 3 if r < 0.88 else 4
-    term = _made_up_word(rng)
-    distractor = _made_up_word(rng)
+    term = rng.choice(terms)
+    distractor = rng.choice(terms)
     while distractor == term:
-        distractor = _made_up_word(rng)
+        distractor = rng.choice(terms)
     slot = _SPAN_Q // max(n_questions, 1)
     q_ts = (i * _SPAN_Q) // max(n_questions, 1) + rng.randrange(max(slot, 1))
     q_ups = rng.randint(0, 12)
@@ -593,7 +614,7 @@ def _write_posts(path: Path, questions: int, seed: int, tag_format: str) -> None
         # pass 1: questions
         for i in range(questions):
             prng.seed(_key(seed, i, _STREAM_PLAN))
-            plan = _plan(prng, i, questions)
+            plan = _plan(prng, i, questions, _term_pool(seed))
             trng.seed(_key(seed, i, _STREAM_QTEXT))
             buf.append(_question_row(trng, pools, dates, ID_STRIDE * i + 1, plan, tag_format))
             if len(buf) >= _FLUSH_ROWS:
@@ -602,7 +623,7 @@ def _write_posts(path: Path, questions: int, seed: int, tag_format: str) -> None
         # pass 2: answers, regenerated from the seed
         for i in range(questions):
             prng.seed(_key(seed, i, _STREAM_PLAN))
-            plan = _plan(prng, i, questions)
+            plan = _plan(prng, i, questions, _term_pool(seed))
             if plan[0]:
                 trng.seed(_key(seed, i, _STREAM_ATEXT))
                 buf.extend(_answer_rows(trng, pools, dates, ID_STRIDE * i + 1, plan))
@@ -638,7 +659,7 @@ def _write_votes(path: Path, questions: int, seed: int) -> None:
         window: list[tuple] = []
         for i in range(questions):
             prng.seed(_key(seed, i, _STREAM_PLAN))
-            n_ans, _, _, q_ts, q_ups, q_downs, _, votes, a_ts, accepted, n_deleted = _plan(prng, i, questions)
+            n_ans, _, _, q_ts, q_ups, q_downs, _, votes, a_ts, accepted, n_deleted = _plan(prng, i, questions, _term_pool(seed))
             vrng.seed(_key(seed, i, _STREAM_VOTES))
             rnd = vrng.random
             qid = ID_STRIDE * i + 1

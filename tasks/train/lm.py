@@ -125,13 +125,18 @@ def generate_greedy(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_n
     if not prompts:
         return []
     device = next(model.parameters()).device
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
+    positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if positions:  # prompt + answer must fit the position table
+        max_prompt_tokens = min(max_prompt_tokens, positions - max_new_tokens)
+    if max_prompt_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in {positions} positions")
+    side, trunc = tokenizer.padding_side, tokenizer.truncation_side
+    tokenizer.padding_side, tokenizer.truncation_side = "left", "left"  # keep the prompt's end ("Answer: ")
     try:
         enc = tokenizer(list(prompts), return_tensors="pt", padding=True, truncation=True,
                         max_length=max_prompt_tokens, add_special_tokens=False)
     finally:
-        tokenizer.padding_side = side
+        tokenizer.padding_side, tokenizer.truncation_side = side, trunc
     enc = {k: v.to(device) for k, v in enc.items()}
     was_training = model.training
     model.eval()

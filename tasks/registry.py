@@ -1,0 +1,90 @@
+"""MLflow model registry conventions: log, register, alias.
+
+Registered names: ``alignflow-base``, ``alignflow-pmp``, ``alignflow-reward``,
+``alignflow-policy-sft``, ``alignflow-policy``. A new version gets the alias
+``challenger``; only a promotion gate moves ``champion``. Everywhere a model is
+loaded by reference it is ``models:/<name>@<alias>``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+
+CHALLENGER = "challenger"
+CHAMPION = "champion"
+
+# What a served copy of a model needs; pinned to the versions it was trained with.
+# (MLflow's inferred requirements add torchvision for torch models, which does not
+# import beside the CPU torch wheel; see known pitfalls.)
+_RUNTIME_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "accelerate")
+
+
+def pip_requirements() -> list[str]:
+    reqs = []
+    for pkg in _RUNTIME_PACKAGES:
+        try:
+            version = importlib.metadata.version(pkg).split("+")[0]
+            reqs.append(f"{pkg}=={version}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return reqs
+
+
+def register_transformers(
+    model: Any,
+    tokenizer: Any,
+    *,
+    name: str,
+    task: str = "text-generation",
+    alias: str = CHALLENGER,
+    tags: dict[str, str] | None = None,
+) -> str:
+    """Log a Hugging Face model + tokenizer in the active run, register it, set ``alias``; return the version."""
+    info = mlflow.transformers.log_model(
+        transformers_model={"model": model, "tokenizer": tokenizer},
+        name="model",
+        task=task,
+        registered_model_name=name,
+        pip_requirements=pip_requirements(),
+        await_registration_for=60,
+    )
+    client = MlflowClient()
+    version = str(info.registered_model_version)
+    client.set_registered_model_alias(name, alias, version)
+    for key, value in (tags or {}).items():
+        client.set_model_version_tag(name, version, key, str(value))
+    return version
+
+
+def model_uri(name: str, alias: str = CHALLENGER) -> str:
+    return f"models:/{name}@{alias}"
+
+
+def resolve_version(name: str, alias: str = CHALLENGER) -> str | None:
+    """The version behind an alias, or None when the model or alias does not exist."""
+    try:
+        return str(MlflowClient().get_model_version_by_alias(name, alias).version)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def load_transformers_components(name: str, alias: str = CHALLENGER) -> tuple[Any, Any, str]:
+    """(model, tokenizer, version) of a registered transformers model."""
+    version = resolve_version(name, alias)
+    if version is None:
+        raise LookupError(
+            f"no registered model {name}@{alias} in {mlflow.get_tracking_uri()}; run the stage that produces it first"
+        )
+    parts = mlflow.transformers.load_model(f"models:/{name}/{version}", return_type="components")
+    return parts["model"], parts["tokenizer"], version
+
+
+def download_model_dir(name: str, alias: str = CHALLENGER, dst: Path | None = None) -> Path:
+    """Local folder of a registered model's files (MLflow layout)."""
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri(name, alias),
+                                                     dst_path=str(dst) if dst else None))
