@@ -1,0 +1,174 @@
+"""Stages `base` and `sft` as flows: tracking, registry, generations, resume after SIGKILL, NaN guard."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from alignflow.flows.cli import app
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "generate.questions=120",
+    "base.model.arch=tiny-gpt2", "base.model.vocab_size=600", "base.model.max_length=128",
+    "base.train.max_steps=30", "base.train.batch_size=8", "base.train.eval_every=15",
+    "base.train.checkpoint_every=10", "base.train.log_every=5", "base.train.warmup_steps=3",
+    "sft.model.max_length=128", "sft.train.max_steps=20", "sft.train.batch_size=4", "sft.train.eval_every=10",
+    "sft.train.checkpoint_every=10", "sft.train.log_every=5", "sft.train.warmup_steps=2",
+    "sft.generation_prompts=2", "sft.max_new_tokens=16",
+]
+
+
+def _sets(extra=()):
+    out = []
+    for s in [*TINY, *extra]:
+        out += ["--set", s]
+    return out
+
+
+@pytest.fixture(scope="module")
+def demo_workdir(tmp_path_factory, prefect_harness):
+    work = tmp_path_factory.mktemp("train") / "work"
+    result = CliRunner().invoke(app, ["demo", "--workdir", str(work), *_sets()], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return work, result.output
+
+
+def _client(work: Path) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+
+
+def _runs(work: Path, stage: str):
+    client = _client(work)
+    exp = client.get_experiment_by_name("alignflow/demo")
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.`alignflow.stage` = '{stage}'",
+                              order_by=["attribute.start_time DESC"])
+
+
+def test_demo_registers_base_and_sft_with_challenger_alias(demo_workdir):
+    work, output = demo_workdir
+    client = _client(work)
+    for name in ("alignflow-base", "alignflow-policy-sft"):
+        version = client.get_model_version_by_alias(name, "challenger")
+        assert str(version.version) == "1", name
+    assert "alignflow-policy-sft" in output and "final_loss" in output
+
+
+def test_stage_runs_have_namespaced_metrics_inputs_and_generations(demo_workdir):
+    work, _ = demo_workdir
+    client = _client(work)
+    for stage, dataset in (("base", "posts"), ("sft", "demos")):
+        run = _runs(work, stage)[0]
+        assert run.info.status == "FINISHED"
+        for metric in ("train/loss", "train/lr", "eval/loss", "eval/perplexity", "perf/tokens_per_s"):
+            assert metric in run.data.metrics, (stage, metric)
+        history = client.get_metric_history(run.info.run_id, "train/loss")
+        assert [m.step for m in history] == sorted(m.step for m in history) and len(history) >= 4
+        assert {d.dataset.name for d in run.inputs.dataset_inputs} == {dataset}
+        assert run.data.params[f"{stage}.train.max_steps"] in ("30", "20")
+        assert run.data.tags["prefect.flow_run_id"]
+    sft_run = _runs(work, "sft")[0]
+    tables = [a.path for a in client.list_artifacts(sft_run.info.run_id, "eval")]
+    assert "eval/generations_step_000010.json" in tables and "eval/generations_step_000020.json" in tables
+    local = client.download_artifacts(sft_run.info.run_id, "eval/generations_step_000020.json")
+    table = json.loads(Path(local).read_text())
+    assert table["columns"] == ["step", "prompt", "response"] and len(table["data"]) == 2
+    assert "eval/planted_rate" in sft_run.data.metrics and "eval/planted_rate_start" in sft_run.data.metrics
+
+
+def test_registered_policy_loads_in_a_fresh_process_and_generates(demo_workdir):
+    work, _ = demo_workdir
+    code = (
+        "import mlflow\n"
+        "pipe = mlflow.transformers.load_model('models:/alignflow-policy-sft@challenger')\n"
+        "out = pipe('Question: How do I read a file?\\n\\nAnswer: ', max_new_tokens=8, do_sample=False)\n"
+        "print('GENERATED', type(pipe).__name__, repr(out[0]['generated_text'][-40:]))\n"
+    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "GENERATED TextGenerationPipeline" in proc.stdout
+
+
+def _cli(work: Path, *args: str) -> list[str]:
+    return [str(Path(sys.executable).parent / "alignflow"), *args, "--workdir", str(work)]
+
+
+def test_sigkill_then_resume_continues_and_links_runs(demo_workdir, tmp_path):
+    work, _ = demo_workdir
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_API"))}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect")
+    sets = _sets(["base.train.max_steps=400", "base.train.checkpoint_every=20", "base.train.eval_every=1000"])
+    proc = subprocess.Popen(_cli(work, "base", *sets), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckroot = work / "checkpoints" / "base"
+    deadline = time.time() + 240
+    killed_at = None
+    while time.time() < deadline and proc.poll() is None:
+        marker = ckroot / "LATEST_RUN"
+        if marker.is_file():
+            latest = ckroot / marker.read_text().strip() / "latest"
+            if latest.is_file() and latest.read_text().strip() >= "step-000040":
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                killed_at = latest.read_text().strip()
+                break
+        time.sleep(0.05)
+    assert killed_at is not None, f"the run ended or stalled before a checkpoint: {proc.stderr.read()[-2000:]}"
+    killed_run = _runs(work, "base")[0]
+    assert killed_run.info.status == "RUNNING"  # SIGKILL gave it no chance to end
+
+    resumed = subprocess.run(_cli(work, "base", *sets, "--resume"), env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    runs = _runs(work, "base")
+    new, old = runs[0], _client(work).get_run(killed_run.info.run_id)
+    assert old.info.status == "KILLED"
+    assert new.data.tags["alignflow.resumed_from"] == old.info.run_id
+    assert old.data.tags["alignflow.resumed_by"] == new.info.run_id
+    steps = [m.step for m in _client(work).get_metric_history(new.info.run_id, "train/loss")]
+    assert min(steps) > int(killed_at.split("-")[1]) - 1 and max(steps) == 400
+
+    # The uninterrupted run with the same seed ends with the same loss.
+    straight = subprocess.run(_cli(work, "base", *sets), env=env, capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    final = lambda r: _client(work).get_metric_history(r.info.run_id, "train/loss")[-1].value  # noqa: E731
+    assert abs(final(_runs(work, "base")[0]) - final(new)) < 1e-4
+
+
+def test_nan_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(demo_workdir, monkeypatch):
+    work, _ = demo_workdir
+    import alignflow.tasks.train.lm as lm
+
+    real = lm.causal_lm_loss
+    calls = {"n": 0}
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        loss, extra = real(model, batch)
+        return (loss * float("nan") if calls["n"] == 7 else loss), extra
+
+    monkeypatch.setattr(lm, "causal_lm_loss", poisoned)
+    result = CliRunner().invoke(app, ["base", "--workdir", str(work),
+                                      *_sets(["base.train.checkpoint_every=5", "base.train.max_steps=20"])])
+    assert result.exit_code == 2
+    assert "step 7" in result.output
+    run = _runs(work, "base")[0]
+    assert run.info.status == "FAILED"
+    ckroot = work / "checkpoints" / "base"
+    folder = ckroot / (ckroot / "LATEST_RUN").read_text().strip()
+    assert (folder / "latest").read_text().strip() == "step-000005"
+    from safetensors.torch import load_file
+
+    weights = load_file(folder / "step-000005" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
