@@ -96,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--crash-at", type=int, default=None)
     parser.add_argument("--record", type=Path, default=None)
     parser.add_argument("--distributed", action="store_true")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--equal-length", action="store_true", help="64 sequences of one length (exact DDP parity)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = TrainConfig(
         max_steps=args.steps,
-        batch_size=4,
+        batch_size=args.batch_size,
         grad_accum=2,
         lr=3e-3,
         warmup_steps=5,
@@ -123,9 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         accelerator = Accelerator(cpu=True, gradient_accumulation_steps=cfg.grad_accum)
     rank = accelerator.process_index if accelerator is not None else 0
     suffix = f".rank{rank}" if rank else ""
-    model = make_model(args.seed, dropout=0.1)
+    model = make_model(args.seed, dropout=args.dropout)
     # `idx` rides along (pad_collate stacks scalar fields) so that --record can see which examples were used.
-    dataset = [{**ex, "idx": i} for i, ex in enumerate(make_dataset(62, seed=args.seed))]
+    raw = make_dataset(64, seed=args.seed, min_len=24, max_len=24) if args.equal_length else make_dataset(62, seed=args.seed)
+    dataset = [{**ex, "idx": i} for i, ex in enumerate(raw)]
     losses = open(str(args.losses) + suffix, "a")
     seen: list[list[int]] = []
 

@@ -548,3 +548,22 @@ def test_two_processes_shard_every_global_batch_and_resume_exactly(tmp_path):
     for rank in (0, 1):
         assert seen[rank] == [b[rank::2] for b in global_batches]
     assert results[0]["tokens_seen"] == sum(lengths[i] for b in global_batches for i in b)
+
+
+def test_two_processes_match_one_process_at_the_same_global_batch(tmp_path):
+    """Two CPU processes (torchrun, gloo) with batch 4 each follow the loss curve of one process with
+    batch 8: the same global batches, gradients averaged over equal-size shards."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    common = ["--steps", "6", "--checkpoint-every", "100", "--dropout", "0", "--equal-length"]
+    single_cmd, single_losses, _ = _worker(tmp_path / "one", "one", tmp_path, *common, "--batch-size", "8")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    ddp_cmd, ddp_losses, _ = _worker(tmp_path / "two", "two", tmp_path, *common, "--batch-size", "4",
+                                     "--distributed")
+    one = subprocess.run(single_cmd, capture_output=True, text=True, env=env, timeout=180)
+    assert one.returncode == 0, (one.stdout + one.stderr)[-3000:]
+    two = subprocess.run(launch + ddp_cmd[1:], capture_output=True, text=True, env=env, timeout=240)
+    assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
+    a, b = _read_losses(single_losses), _read_losses(ddp_losses)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-4, (step, a[step], b[step])
