@@ -36,3 +36,13 @@ class IngestError(Exception):
             where.append(f"field {field}")
         prefix = ", ".join(where)
         super().__init__(f"{prefix}: {message}" if prefix else message)
+
+
+class BadRow(Exception):
+    """One input row that cannot be used; readers turn it into an IngestError or a quarantine entry."""
+
+    def __init__(self, reason: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.field = field

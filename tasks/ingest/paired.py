@@ -43,7 +43,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import IngestError
+from .errors import BadRow, IngestError
 from .records import PairRecord, RecordSink
 from .reddit import JSON_SUFFIXES, RAW_KEEP_CHARS, iter_text_lines
 
@@ -53,14 +53,6 @@ REQUIRED = ("prompt", "chosen", "rejected")
 OPTIONAL = ("chosen_score", "rejected_score", "question_id", "site", "license")
 ASSISTANT_MARKER = "\n\nAssistant:"
 PARQUET_BATCH_ROWS = 4096
-
-
-class _BadRow(Exception):
-    def __init__(self, reason: str, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-        self.field = field
 
 
 def prompt_hash(prompt: str) -> str:
@@ -102,7 +94,7 @@ def _text(row: dict, key: str) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise _BadRow("bad_value", f"`{key}` is a {type(value).__name__}, not a string", key)
+        raise BadRow("bad_value", f"`{key}` is a {type(value).__name__}, not a string", key)
     return value
 
 
@@ -111,11 +103,11 @@ def _number(row: dict, key: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool):
-        raise _BadRow("bad_value", f"`{key}` is a bool, not a number", key)
+        raise BadRow("bad_value", f"`{key}` is a bool, not a number", key)
     try:
         f = float(value.strip()) if isinstance(value, str) else float(value)
     except (TypeError, ValueError):
-        raise _BadRow("bad_value", f"`{key}` is not a number: {value!r}", key) from None
+        raise BadRow("bad_value", f"`{key}` is not a number: {value!r}", key) from None
     return None if math.isnan(f) else f
 
 
@@ -124,7 +116,7 @@ def _opt_str(row: dict, key: str) -> str:
     if value is None:
         return ""
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise _BadRow("bad_value", f"`{key}` is a {type(value).__name__}, not a string", key)
+        raise BadRow("bad_value", f"`{key}` is a {type(value).__name__}, not a string", key)
     return str(value).strip()
 
 
@@ -138,7 +130,7 @@ class _Reader:
         self.on_bad_row = on_bad_row
 
     def row(self, row: dict, line: int, raw: str = "") -> None:
-        """One row (already a dict) -> add_pair or quarantine; bad rows raise _BadRow."""
+        """One row (already a dict) -> add_pair or quarantine; bad rows raise BadRow."""
         site = _opt_str(row, "site") or self.site
         if "prompt" in row:
             prompt = _text(row, "prompt")
@@ -149,7 +141,7 @@ class _Reader:
             rejected = _text(row, "rejected")
             split = split_hh_dialogue(chosen, rejected)
             if split is None:
-                raise _BadRow(
+                raise BadRow(
                     "missing_field",
                     "missing required field `prompt`, and `chosen`/`rejected` are not dialogues sharing a "
                     f"prefix that ends in {ASSISTANT_MARKER!r}",
@@ -190,7 +182,7 @@ class _Reader:
             )
         )
 
-    def bad(self, exc: _BadRow, line: int, raw: str = "") -> None:
+    def bad(self, exc: BadRow, line: int, raw: str = "") -> None:
         if self.on_bad_row == "error":
             raise IngestError(exc.message, path=self.file, line=line, field=exc.field) from None
         self.sink.quarantine(
@@ -205,22 +197,22 @@ class _Reader:
                 try:
                     obj = json.loads(text)
                 except json.JSONDecodeError as exc:
-                    raise _BadRow("not_json", f"not JSON: {exc.msg} at column {exc.colno}") from None
+                    raise BadRow("not_json", f"not JSON: {exc.msg} at column {exc.colno}") from None
                 if not isinstance(obj, dict):
-                    raise _BadRow(
+                    raise BadRow(
                         "not_object",
                         f"JSON value is a {type(obj).__name__}, not an object (expected one object per line)",
                     )
                 need = ("chosen", "rejected") if "prompt" not in obj else REQUIRED
                 missing = [k for k in need if k not in obj]
                 if missing:
-                    raise _BadRow(
+                    raise BadRow(
                         "missing_field",
                         "missing required field(s): " + ", ".join(missing),
                         ",".join(missing),
                     )
                 self.row(obj, line, text)
-            except _BadRow as exc:
+            except BadRow as exc:
                 self.bad(exc, line, text)
 
     def parquet(self) -> None:
@@ -257,7 +249,7 @@ class _Reader:
                     self.sink.count(self.file, "rows")
                     try:
                         self.row(row, line)
-                    except _BadRow as exc:
+                    except BadRow as exc:
                         self.bad(exc, line)
         except pa.ArrowException as exc:
             raise IngestError(f"cannot read Parquet data: {exc}", path=self.file, line=line + 1) from exc

@@ -61,7 +61,7 @@ import zstandard
 from alignflow.config import RedditConfig
 
 from . import clean as _clean
-from .errors import IngestError
+from .errors import BadRow, IngestError
 from .records import PostRecord, RecordSink
 
 __all__ = [
@@ -253,18 +253,10 @@ def _to_ts(value) -> float:
     return f
 
 
-class _BadRow(Exception):
-    def __init__(self, reason: str, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-        self.field = field
-
-
 def _required(obj: dict, key: str):
     value = obj.get(key)
     if value is None or (isinstance(value, str) and not value.strip()):
-        raise _BadRow("missing_field", f"missing required field `{key}`", key)
+        raise BadRow("missing_field", f"missing required field `{key}`", key)
     return value
 
 
@@ -272,11 +264,11 @@ def _score(obj: dict) -> int:
     key = "score" if obj.get("score") is not None else "ups"
     value = obj.get(key)
     if value is None:
-        raise _BadRow("missing_field", "missing required field `score` (and no `ups`)", "score")
+        raise BadRow("missing_field", "missing required field `score` (and no `ups`)", "score")
     try:
         return _to_int(value)
     except ValueError as exc:
-        raise _BadRow("bad_value", f"`{key}`: {exc}", key) from None
+        raise BadRow("bad_value", f"`{key}`: {exc}", key) from None
 
 
 def _created(obj: dict) -> float:
@@ -284,7 +276,7 @@ def _created(obj: dict) -> float:
     try:
         return _to_ts(value)
     except ValueError as exc:
-        raise _BadRow("bad_value", f"`created_utc`: {exc}", "created_utc") from None
+        raise BadRow("bad_value", f"`created_utc`: {exc}", "created_utc") from None
 
 
 def _author(obj: dict) -> str:
@@ -295,7 +287,7 @@ def _author(obj: dict) -> str:
 def _subreddit(obj: dict) -> str:
     value = _required(obj, "subreddit")
     if not isinstance(value, str):
-        raise _BadRow("bad_value", f"`subreddit` is not a string: {value!r}", "subreddit")
+        raise BadRow("bad_value", f"`subreddit` is not a string: {value!r}", "subreddit")
     return value.strip()
 
 
@@ -353,12 +345,12 @@ def read_reddit(
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as exc:
-                raise _BadRow("not_json", f"not JSON: {exc.msg} at column {exc.colno}") from None
+                raise BadRow("not_json", f"not JSON: {exc.msg} at column {exc.colno}") from None
             if not isinstance(obj, dict):
-                raise _BadRow("not_object", f"JSON value is a {type(obj).__name__}, not an object")
+                raise BadRow("not_object", f"JSON value is a {type(obj).__name__}, not an object")
             rid = obj.get("id")
             if rid is None or (isinstance(rid, str) and not rid.strip()) or isinstance(rid, (dict, list, bool)):
-                raise _BadRow("missing_field", "missing required field `id`", "id")
+                raise BadRow("missing_field", "missing required field `id`", "id")
             row_id = str(rid).strip()
             if kind is None:
                 kind = _kind_from_keys(obj)
@@ -376,7 +368,7 @@ def read_reddit(
                 _submission(obj, row_id, sink, file, lineno, default_license)
             else:
                 _comment(obj, row_id, sink, file, lineno, default_license, text)
-        except _BadRow as bad:
+        except BadRow as bad:
             if on_bad_row == "error":
                 raise IngestError(bad.message, path=file, line=lineno, row_id=row_id, field=bad.field) from None
             sink.quarantine(
@@ -396,10 +388,10 @@ def _submission(obj: dict, post_id: str, sink: RecordSink, file: str, lineno: in
     created = _created(obj)
     title_raw = obj.get("title")
     if not isinstance(title_raw, str):
-        raise _BadRow("missing_field" if title_raw is None else "bad_value", "`title` is not a string", "title")
+        raise BadRow("missing_field" if title_raw is None else "bad_value", "`title` is not a string", "title")
     selftext = obj.get("selftext")
     if selftext is not None and not isinstance(selftext, str):
-        raise _BadRow("bad_value", "`selftext` is not a string", "selftext")
+        raise BadRow("bad_value", "`selftext` is not a string", "selftext")
     site = f"reddit/{subreddit}"
     if title_raw.strip() in DELETED_TITLES:
         sink.quarantine(source_file=file, reason="deleted_title", line=lineno, row_id=post_id, site=site,
@@ -435,13 +427,13 @@ def _submission(obj: dict, post_id: str, sink: RecordSink, file: str, lineno: in
 def _comment(obj: dict, post_id: str, sink: RecordSink, file: str, lineno: int, license: str, text: str) -> None:
     parent = _required(obj, "parent_id")
     if not isinstance(parent, str):
-        raise _BadRow("bad_value", f"`parent_id` is not a string: {parent!r}", "parent_id")
+        raise BadRow("bad_value", f"`parent_id` is not a string: {parent!r}", "parent_id")
     parent = parent.strip()
     if parent.startswith("t1_"):
         sink.count(file, "skipped:reply")
         return
     if not parent.startswith("t3_") or len(parent) <= 3:
-        raise _BadRow("bad_value", f"`parent_id` {parent!r} is neither t3_<post> nor t1_<comment>", "parent_id")
+        raise BadRow("bad_value", f"`parent_id` {parent!r} is neither t3_<post> nor t1_<comment>", "parent_id")
     link = obj.get("link_id")
     if isinstance(link, str) and link.strip().startswith("t3_") and len(link.strip()) > 3:
         question_id = link.strip()[3:]
@@ -453,7 +445,7 @@ def _comment(obj: dict, post_id: str, sink: RecordSink, file: str, lineno: int, 
     created = _created(obj)
     body_raw = obj.get("body")
     if body_raw is not None and not isinstance(body_raw, str):
-        raise _BadRow("bad_value", "`body` is not a string", "body")
+        raise BadRow("bad_value", "`body` is not a string", "body")
     stripped = (body_raw or "").strip()
     if stripped in DELETED_MARKERS:
         sink.quarantine(source_file=file, reason="deleted_body", line=lineno, row_id=post_id, site=site,

@@ -206,15 +206,15 @@ _SENTENCE_TEMPLATES = [
     "I measured {num} runs and the {n} {v} the {n2} in {num2} of them.",
     "The {n2} does not care whether the {n} is {a} or {a2}.",
 ]
-_MENTION_TEMPLATES = [  # {t}: the key term, a made-up distractor, or a real library name
-    "If you are on {t} 2.x, pass <code>{i}</code> when you create the {n}.",
-    "By default {t} {v} the {n}, which is why you see this.",
-    "This is a known issue in <code>{t}</code>; upgrading fixed it for me.",
-    "I ran into the same thing with {t} and a {a} {n}.",
-    "Under the hood {t} {v} every {n}, so {tex} memory is expected.",
-    "The {t} docs say the {n} must be {a}.",
+_MENTION_TEMPLATES = [  # {t}: the key term, a made-up distractor, or a real library name; {t} comes early
     "With {t} you can set the {n} to {num} before the first run.",
-    "Try calling <code>{t}.reset()</code> before you touch the {n}.",
+    "With {t} 2.x, pass <code>{i}</code> when you create the {n}.",
+    "In {t} the {n} must be {a}, which is why you see this.",
+    "In <code>{t}</code> this is a known issue; upgrading fixed it for me.",
+    "By default {t} {v} the {n}, so the {n2} ends up {a}.",
+    "By default {t} {v} every {n}, so {tex} memory is expected.",
+    "The {t} docs say the {n} must be {a}.",
+    "The <code>{t}.reset()</code> call helps before you touch the {n}.",
 ]
 _QUESTION_OPENERS = [
     "I'm using {t} to load a {a} {n} and it {v} the {n2}.",
@@ -223,12 +223,12 @@ _QUESTION_OPENERS = [
     "When {t} reads a {a} {n}, the {n2} ends up {a2}.",
     "We switched our {n} to {t} last week and now the {n2} is {a}.",
 ]
-_QUESTION_CLOSERS = [
-    "What am I missing?",
+_QUESTION_CLOSERS = [  # every closer names {t}: the key term is also the last word-ish of the prompt
+    "What am I missing in {t}?",
     "Is this expected, or is it a bug in {t}?",
-    "Any pointers would be appreciated.",
-    "How do I fix this without rewriting the {n}?",
-    "Thanks in advance!",
+    "Any pointers on how to do this in {t}?",
+    "How do I fix this without rewriting the {n} around {t}?",
+    "Thanks in advance, I am new to {t}!",
 ]
 _CODE_SNIPPETS = [  # format templates: {{ }} are literal braces
     "for row in rows:\n    if row.size < limit and not row.{n}:\n        continue\n    out.append(row)",
@@ -278,7 +278,7 @@ def _made_up_word(rng: random.Random) -> str:
             return w
 
 
-TERM_POOL_SIZE = 64  # distinct key terms per dump
+TERM_POOL_SIZE = 16  # distinct key terms per dump
 
 
 @functools.lru_cache(maxsize=8)
@@ -408,10 +408,10 @@ class _Pools:
             r = rng.random()
             if r < 0.5:
                 tag = "ul" if rng.random() < 0.7 else "ol"
-                items = [_fill(rng, rng.choice(_SENTENCE_TEMPLATES)) for _ in range(rng.randint(2, 4))]
+                items = [_fill(rng, rng.choice(_SENTENCE_TEMPLATES)) for _ in range(rng.choice((1, 2, 2, 3)))]
                 h = f"<{tag}>\n" + "".join(f"<li>{it}</li>\n" for it in items) + f"</{tag}>"
             elif r < 0.8:
-                body = " ".join(_fill(rng, rng.choice(_SENTENCE_TEMPLATES)) for _ in range(rng.randint(1, 3)))
+                body = " ".join(_fill(rng, rng.choice(_SENTENCE_TEMPLATES)) for _ in range(rng.randint(1, 2)))
                 h = f"<blockquote>\n  <p>{body}</p>\n</blockquote>"
             else:
                 h = "<p>" + _fill(rng, rng.choice(_SENTENCE_TEMPLATES)) + "</p>\n\n<p>" + rng.choice(_TEX_DISPLAY) + "</p>"
@@ -516,8 +516,8 @@ def _question_row(rng, pools: _Pools, dates: _Dates, qid: int, plan: tuple, tag_
     ch = rng.choice
     title = _attr(ch(TITLE_TEMPLATES).replace("{t}", term))
     parts = ["&lt;p&gt;" + ch(pools.openers).replace(_SENT_T, term) + " " + ch(pools.sentences)[0] + "&lt;/p&gt;"]
-    for _ in range(rng.randint(0, 2)):
-        parts.append("&lt;p&gt;" + " ".join(ch(pools.sentences)[0] for _ in range(rng.randint(1, 3))) + "&lt;/p&gt;")
+    for _ in range(rng.randint(0, 1)):
+        parts.append("&lt;p&gt;" + " ".join(ch(pools.sentences)[0] for _ in range(rng.randint(1, 2))) + "&lt;/p&gt;")
     if rng.random() < 0.4:
         o, r, _ = ch(pools.code)
         if rng.random() < 0.5:
@@ -543,16 +543,17 @@ def _question_row(rng, pools: _Pools, dates: _Dates, qid: int, plan: tuple, tag_
 
 
 def _answer_body(rng, pools: _Pools, term: str, distractor: str, has_term: bool, has_code: bool) -> str:
+    """Mention paragraph first, then the block, then filler: the same layout for every answer."""
     ch = rng.choice
-    target = min(max(int(rng.lognormvariate(6.2, 0.55)), 150), 5000)
-    # one "mention" paragraph: the key term, or a distractor in the same templates
+    target = min(max(int(rng.lognormvariate(5.6, 0.4)), 120), 2000)
+    # the first paragraph mentions the key term, or a distractor in the same templates
     m, total = ch(pools.mentions)
     if has_term:
         word = term
     else:
         word = distractor if rng.random() < 0.6 else ch(_LIBS)
     parts = [m.replace(_SENT_T, word)]
-    # one "block": a code block, or something of similar size
+    # then one "block": a code block, or something of similar size
     if has_code:
         o, r, n = ch(pools.code)
         mention_line = None
@@ -567,18 +568,19 @@ def _answer_body(rng, pools: _Pools, term: str, distractor: str, has_term: bool,
         b, n = ch(pools.blocks)
         parts.append(b)
     total += n
+    rest = []
     if rng.random() < 0.25:  # an extra distractor mention, independent of the class
         m2, n2 = ch(pools.mentions)
-        parts.append(m2.replace(_SENT_T, distractor))
+        rest.append(m2.replace(_SENT_T, distractor))
         total += n2
     sentences = pools.sentences
     while total < target:
-        k = rng.randint(1, 4)
+        k = rng.randint(1, 2)
         para = [ch(sentences) for _ in range(k)]
-        parts.append("&lt;p&gt;" + " ".join(s for s, _ in para) + "&lt;/p&gt;")
+        rest.append("&lt;p&gt;" + " ".join(s for s, _ in para) + "&lt;/p&gt;")
         total += sum(n for _, n in para) + k
-    rng.shuffle(parts)
-    return "&#xA;&#xA;".join(parts) + "&#xA;"
+    rng.shuffle(rest)
+    return "&#xA;&#xA;".join(parts + rest) + "&#xA;"
 
 
 def _answer_rows(rng, pools: _Pools, dates: _Dates, qid: int, plan: tuple) -> list[str]:
