@@ -11,6 +11,16 @@ from .loading import (
     load_tokenizer,
     save_pretrained,
 )
+from .reward import (
+    head_init_std,
+    last_token_index,
+    reward_bias,
+    reward_input_ids,
+    reward_model_from_causal_lm,
+    score_sequences,
+    score_texts,
+    set_reward_bias,
+)
 from .tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, save_tokenizer, train_bpe_tokenizer
 
 __all__ = [
@@ -23,10 +33,18 @@ __all__ = [
     "build_causal_lm",
     "build_config",
     "count_parameters",
+    "head_init_std",
+    "last_token_index",
     "load_causal_lm",
     "load_sequence_classifier",
     "load_tokenizer",
+    "reward_bias",
+    "reward_input_ids",
+    "reward_model_from_causal_lm",
     "save_pretrained",
     "save_tokenizer",
+    "score_sequences",
+    "score_texts",
+    "set_reward_bias",
     "train_bpe_tokenizer",
 ]
