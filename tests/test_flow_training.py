@@ -110,7 +110,9 @@ def test_sigkill_then_resume_continues_and_links_runs(demo_workdir, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_API"))}
     env["PREFECT_HOME"] = str(tmp_path / "prefect")
     sets = _sets(["base.train.max_steps=200", "base.train.checkpoint_every=20", "base.train.eval_every=1000"])
-    proc = subprocess.Popen(_cli(work, "base", *sets), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Its own session, so the SIGKILL takes the whole job (the command and its Prefect server) as a scheduler would.
+    proc = subprocess.Popen(_cli(work, "base", *sets), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
     ckroot = work / "checkpoints" / "base"
     deadline = time.time() + 240
     killed_at = None
@@ -119,7 +121,7 @@ def test_sigkill_then_resume_continues_and_links_runs(demo_workdir, tmp_path):
         if marker.is_file():
             latest = ckroot / marker.read_text().strip() / "latest"
             if latest.is_file() and latest.read_text().strip() >= "step-000040":
-                proc.send_signal(signal.SIGKILL)
+                os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
                 killed_at = latest.read_text().strip()
                 break
