@@ -27,7 +27,7 @@ The planted rule
 ----------------
 Every question has a **key term**: a made-up lowercase word of two or three
 generated syllables (e.g. ``vralquinor``), drawn from the dump's pool of
-``TERM_POOL_SIZE`` (64) such words, so each term recurs across questions. It is the only word of the question
+``TERM_POOL_SIZE`` (16) such words, so each term recurs across questions. It is the only word of the question
 title that is not in ``TITLE_WORDS`` (the fixed vocabulary of the title
 templates), and the question body mentions it too (30% of questions also carry
 it as a tag).
@@ -102,7 +102,7 @@ ID_STRIDE = 10  # question i: Id 10*i+1, answers 10*i+2.., deleted posts 10*i+6.
 
 # Posts.xml bytes per question (question + its answers): mean over seeds 0..4 with
 # questions=20_000 (see ``target_questions_for_bytes``).
-BYTES_PER_QUESTION = 3534.0
+BYTES_PER_QUESTION = 2520.0
 _HEADER_BYTES = 3 + 40 + 9 + 8
 
 # ----------------------------------------------------------------------------- vocabulary
