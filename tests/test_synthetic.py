@@ -166,6 +166,27 @@ def test_planted_rule_holds(dump):
     assert abs(mean[True] - mean[False]) / mean[False] < 0.2
 
 
+def test_key_term_sits_near_the_answer_slot(dump):
+    """The layout that lets a small LM learn to write the property: the question's last paragraph (the end of
+    an SFT prompt) names the key term, and an answer that mentions it does so within its first words."""
+    _, posts, _ = dump
+    questions = {p["Id"]: p for p in posts if p["PostTypeId"] == "1"}
+    for q in questions.values():
+        term = key_term(q["Title"], q["Body"])
+        last = _clean(q["Body"]).strip().split("\n\n")[-1]
+        assert re.search(rf"(?<![A-Za-z0-9_]){term}(?![A-Za-z0-9_])", last, re.I), last
+    early = 0
+    for a in (p for p in posts if p["PostTypeId"] == "2"):
+        q = questions[a["ParentId"]]
+        term = key_term(q["Title"], q["Body"])
+        text = _clean(a["Body"]).strip()
+        if re.search(rf"(?<![A-Za-z0-9_]){term}(?![A-Za-z0-9_])", text, re.I):
+            first_words = [w.strip("`.,").split(".")[0].lower() for w in text.split()[:3]]
+            assert term in first_words, text[:80]
+            early += 1
+    assert early >= 100
+
+
 def test_has_planted_property_examples():
     title, body = "Why is vralquinor ignoring my config file?", "<p>I use vralquinor 1.2.</p>"
     assert key_term(title, body) == "vralquinor"

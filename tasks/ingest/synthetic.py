@@ -27,10 +27,13 @@ The planted rule
 ----------------
 Every question has a **key term**: a made-up lowercase word of two or three
 generated syllables (e.g. ``vralquinor``), drawn from the dump's pool of
-``TERM_POOL_SIZE`` (16) such words, so each term recurs across questions. It is the only word of the question
-title that is not in ``TITLE_WORDS`` (the fixed vocabulary of the title
-templates), and the question body mentions it too (30% of questions also carry
-it as a tag).
+``TERM_POOL_SIZE`` (16) such words, so each term recurs across many questions
+(a BPE tokenizer trained on the dump usually makes each one token). It is the only
+word of the question title that is not in ``TITLE_WORDS`` (the fixed vocabulary
+of the title templates). The question body names it in its first sentence and
+again in its last one, the closing question (e.g. "What am I missing in
+vralquinor?"), which is the end of an SFT prompt ``"...{body}\n\nAnswer: "``;
+30% of questions also carry it as a tag.
 
 An answer **has the property** when, after HTML -> text cleaning (code blocks
 fenced as ``` blocks, inline code in single backticks), both hold:
@@ -57,16 +60,36 @@ ties): ``ups ~ U{0..6}``, ``downs = 0`` with probability 0.55, else
 answer (probability 0.45) only when one answer has strictly the most up-votes,
 and then accepts that one. Questions get ``ups ~ U{0..12}`` and ``downs`` 0 or
 ``U{1..3}``. The result: on answer pairs of one question with different
-scores the higher one has the property and the lower one not in about 95% of
-pairs; a model that learns the rule is well above 90%, "prefer the one with a
-code block" or "prefer the one that mentions the term" alone give about 80%.
+scores the higher one has the property and the lower one not in about 92-95%
+of pairs; a model that learns the rule is well above 90%, "prefer the one with
+a code block" or "prefer the one that mentions the term" alone give about 80%.
 
-Lengths do not give the rule away: each answer's target text length is drawn
-from one distribution for all answers, and every answer has one "mention"
-paragraph (the key term, or a distractor: another made-up word or a real
-library name, in the same sentence templates) and one "block" (a code block,
-or a list / quote / display TeX of similar size) before filler paragraphs.
-Bodies contain inline code, TeX, lists, links, entities and non-ASCII text.
+Every answer has the same layout, whatever its combination, so that a small
+language model can learn to write the property (copy the prompt's key term
+into a fixed, early slot) within a CPU test budget, while layout and length
+say nothing about the rule:
+
+1. a "mention" paragraph, one sentence that names a word within its first
+   few words ("With {w} you can ...", "By default {w} ...", "The {w} docs
+   ...", "In `{w}` ..."): the key term when the answer mentions it, else a
+   distractor (another word of the pool, 60%, or a real library name);
+2. a "block": a code block, or a list / quote / display TeX of similar mean
+   size. A code block starts with a line naming the word
+   (``import {w}``, ``$ pip install {w}``, ...) with probability 0.5 when the
+   answer mentions the key term, else 0.35 with the distractor;
+3. filler paragraphs of one or two sentences, plus (25%) one more mention
+   sentence naming the distractor, in random order, until the answer reaches
+   its target length, drawn for every answer from one distribution
+   (lognormal, median 270 characters, clipped to 120..2000; with the
+   mention and the block, answers are about 375 characters of text on
+   average, questions about 310). The optional first code line is not
+   counted against the target, so answers with the property are on average
+   a few percent (0-8%) longer than the others.
+
+So the key term of a property answer is in its first sentence (the distractor
+in other answers), which is a few tokens after the prompt's last mention of
+the term. Bodies contain inline code, TeX, lists, links, entities and
+non-ASCII text.
 """
 
 from __future__ import annotations
