@@ -299,8 +299,8 @@ def report_table(summary: dict, timed_tokens: int, steps: int) -> None:
                      f"{s['step_seconds_median'] * 1000:.0f}",
                      f"{s['timed_seconds']:.1f}", f"{s['peak_rss_mib']:,.0f}", f"{s['final_loss']:.4f}",
                      f"{s['first_loss']:.4f}" if s["first_loss"] is not None else "-"])
-    print_table(rows, ["side", "tokens/s", "best-step tokens/s", "tokens/CPU-s", "ms/step (median)", f"s ({steps} steps)", "peak RSS MiB", "final loss",
-                       "first loss"])
+    print_table(rows, ["side", "tokens/s", "best-step tokens/s", "tokens/CPU-s", "ms/step (median)",
+                       f"s ({steps} steps)", "peak RSS MiB", "final loss", "first loss"])
     print(f"\nratio ours/TRL tokens/s: {summary['ratio_tokens_per_s']:.2f}x (target >= {summary['target_ratio']}x: "
           f"{'met' if summary['target_met'] else 'NOT met'}); best-step ratio "
           f"{summary['ratio_tokens_per_s_best_steps']:.2f}x; per CPU-second "
@@ -347,8 +347,8 @@ def parse_args(task: str, doc: str):
         args.steps, args.skip, args.repeat = 10, 2, 1
     here = BENCH / task
     args.scratch = args.scratch or here / "results" / "scratch"
-    suffix = ("-bf16" if args.bf16 else "") + (f"-threads{args.threads}" if args.threads else "")
-    args.out = args.out or here / "results" / f"{task}{suffix}.json"
+    args.suffix = ("-bf16" if args.bf16 else "") + (f"-threads{args.threads}" if args.threads else "")
+    args.out = args.out or here / "results" / f"{task}{args.suffix}.json"
     return args
 
 
@@ -363,7 +363,7 @@ def run_comparison(task: str, args, assets: dict, examples: list[dict], ours_dat
     t0 = time.perf_counter()
     trl_python = ensure_trl_venv(trl_version=args.trl_version)
     venv_seconds = time.perf_counter() - t0
-    work = args.scratch / (task + args.out.stem[len(task):])  # e.g. scratch/sft-bf16-threads1
+    work = args.scratch / (task + args.suffix)  # e.g. scratch/sft-bf16-threads1
     batches = batch_order([len(e["input_ids"]) for e in examples], B, args.seed, total)
     ordered = [examples[i] for batch in batches for i in batch]
     write_jsonl(work / "trl_examples.jsonl", ordered)
@@ -607,7 +607,8 @@ def worker_trl(spec: dict) -> None:
     args = SFTConfig(
         output_dir=spec["output_dir"],
         per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1,
-        max_length=spec["max_length"], max_steps=spec["max_steps"],
+        # padding-free without packing refuses max_length; the examples are already <= max_length
+        max_length=None if spec.get("padding_free") else spec["max_length"], max_steps=spec["max_steps"],
         learning_rate=h["lr"], weight_decay=h["weight_decay"], adam_beta1=h["adam_beta1"],
         adam_beta2=h["adam_beta2"], adam_epsilon=h["adam_eps"], max_grad_norm=h["max_grad_norm"],
         # the values are replaced by alignflow's schedule (Trainer.create_scheduler below)
