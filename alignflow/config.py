@@ -173,6 +173,71 @@ class SftStageConfig(_Section):
     max_new_tokens: int = Field(64, ge=1, description="Length of the logged generations.")
 
 
+class PairSourceConfig(_Section):
+    """One source of the PMP mixture: the pairs of one site (or all sites) of an ingested dataset, with a weight."""
+
+    site: str = Field("*", description="Site name as in the pairs' `site` column (e.g. `conlang.meta.stackexchange."
+                      "com`, `reddit/askscience`); `*` = every site not named by another source.")
+    weight: float = Field(1.0, gt=0, description="Mixture weight: this source's share of the PMP training pairs is "
+                          "weight / sum of weights.")
+    data: str | None = Field(None, description="Ingest output folder (holding pairs.parquet) or a pairs file; empty "
+                             "= the work directory's latest ingest.")
+
+
+class PmpStageConfig(_Section):
+    """Stage `pmp`: preference-model pretraining on a large, generic mixture of pairs (Askell et al. 2021)."""
+
+    enabled: bool = Field(True, description="Off: `pm` starts from the base LM (no PMP).")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Start model; empty = `alignflow-base`.")
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(max_steps=200, lr=1e-3, batch_size=16),
+                               description="Training loop; `batch_size` counts pairs per micro-batch.")
+    sources: list[PairSourceConfig] = Field(
+        default_factory=lambda: [PairSourceConfig()],
+        description="The mixture: pair sources with weights (several sites / Reddit subreddits).",
+    )
+    max_pairs: int | None = Field(None, ge=1, description="Size of the drawn training mixture (None = every pair "
+                                  "of the sources, each source drawn to its weight's share of that total).")
+    binarize: bool = Field(False, description="Train on the PMP paper's binarised comparisons (GOOD:/BAD: prefixes) "
+                           "instead of the ranked pairs.")
+    group_by_question: bool = Field(True, description="Keep all pairs of one question in one batch (InstructGPT).")
+    use_margin: bool = Field(False, description="Subtract the pairs' score-gap margin inside the sigmoid.")
+    centering: float = Field(0.0, ge=0, description="Weight of the centring term mean((r_c + r_r)^2).")
+    eval_pairs: int = Field(512, ge=0, description="Held-out pairs scored by the final evaluation.")
+
+
+class PmStageConfig(_Section):
+    """Stage `pm`: the reward model fine-tuned on a small, task-specific pair set."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Start model; empty = `alignflow-pmp` when "
+                               "`pmp.enabled`, else `alignflow-base`.")
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(max_steps=200, lr=5e-4, batch_size=16),
+                               description="Training loop; `batch_size` counts pairs per micro-batch.")
+    site: str | None = Field(None, description="Task site: only its pairs are used (empty = every site).")
+    pairs_file: str | None = Field(None, description="A user's prompt/chosen/rejected file (JSONL or Parquet) "
+                                   "instead of the ingested pairs; split by question like the ingest does.")
+    max_train_pairs: int | None = Field(None, ge=1, description="Use at most this many training pairs (a seeded "
+                                        "draw of whole questions).")
+    use_margin: bool = Field(False, description="Subtract a margin from the score gap inside the sigmoid "
+                             "(the pairs' `margin` column).")
+    centering: float = Field(0.0, ge=0, description="Weight of the centring term mean((r_c + r_r)^2).")
+    normalize_on_demos: bool = Field(True, description="After training, set the bias so that the validation demos "
+                                     "score 0 on average.")
+    eval_pairs: int = Field(1024, ge=0, description="Held-out pairs scored by the final evaluation.")
+    worst_pairs: int = Field(20, ge=0, description="Rows of the worst-ranked-pairs table.")
+
+
+class PmpTransferConfig(_Section):
+    """Flow `pmp-transfer`: reward-model accuracy vs number of task pairs, from PMP and from the base LM."""
+
+    sizes: list[int] = Field(default_factory=lambda: [64, 256, 1024, 0], description="Task-pair counts N "
+                             "(0 = all training pairs).")
+    seeds: list[int] = Field(default_factory=lambda: [0], description="One fine-tune per (start, N, seed).")
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(max_steps=100, lr=5e-4, batch_size=16,
+                                                                   eval_every=10**6, checkpoint_every=10**6),
+                               description="The same loop for every fine-tune (same steps whatever N).")
+    eval_pairs: int = Field(512, ge=1, description="Held-out task pairs each fine-tune is scored on.")
+
+
 class AlignflowConfig(_Section):
     """The whole configuration; each stage reads its own section."""
 
@@ -181,6 +246,10 @@ class AlignflowConfig(_Section):
     generate: GenerateConfig = Field(default_factory=GenerateConfig, description="The synthetic dump of the demo.")
     base: BaseStageConfig = Field(default_factory=BaseStageConfig, description="The base LM stage.")
     sft: SftStageConfig = Field(default_factory=SftStageConfig, description="The SFT stage.")
+    pmp: PmpStageConfig = Field(default_factory=PmpStageConfig, description="Preference-model pretraining.")
+    pm: PmStageConfig = Field(default_factory=PmStageConfig, description="The reward-model (fine-tuning) stage.")
+    pmp_transfer: PmpTransferConfig = Field(default_factory=PmpTransferConfig,
+                                            description="The PMP sample-efficiency experiment.")
 
     def digest(self, section: str | None = None) -> str:
         """A stable content digest of the config (or one section of it)."""

@@ -141,7 +141,8 @@ def _run_stage(stage: str, workdir: Path, config: Path | None, set_: list[str] |
     cfg = _load(config, set_)
     import importlib
 
-    flow_fn = getattr(importlib.import_module(f"alignflow.flows.{stage}"), stage)
+    name = stage.replace("-", "_")
+    flow_fn = getattr(importlib.import_module(f"alignflow.flows.{name}"), name)
     from alignflow.tasks.train.loop import NonFiniteLossError
 
     try:
@@ -170,6 +171,34 @@ def sft(workdir: WorkdirOpt = DEFAULT_WORKDIR, config: ConfigOpt = None, set_: S
         resume: ResumeOpt = False) -> None:
     """Fine-tune the base LM on demos (loss on responses); register alignflow-policy-sft."""
     _print_stage(_run_stage("sft", workdir, config, set_, resume))
+
+
+@app.command()
+def pmp(workdir: WorkdirOpt = DEFAULT_WORKDIR, config: ConfigOpt = None, set_: SetOpt = None,
+        resume: ResumeOpt = False) -> None:
+    """Preference-model pretraining on a weighted mixture of generic pairs; register alignflow-pmp."""
+    _print_stage(_run_stage("pmp", workdir, config, set_, resume))
+
+
+@app.command()
+def pm(workdir: WorkdirOpt = DEFAULT_WORKDIR, config: ConfigOpt = None, set_: SetOpt = None,
+       resume: ResumeOpt = False) -> None:
+    """Fine-tune the reward model on task pairs, evaluate, centre on demos; register alignflow-reward."""
+    _print_stage(_run_stage("pm", workdir, config, set_, resume))
+
+
+@app.command("pmp-transfer")
+def pmp_transfer(workdir: WorkdirOpt = DEFAULT_WORKDIR, config: ConfigOpt = None, set_: SetOpt = None,
+                 resume: ResumeOpt = False) -> None:
+    """Accuracy vs number of task pairs, fine-tuned from the PMP model and from the base LM."""
+    _print_stage(_run_stage("pmp-transfer", workdir, config, set_, resume))
+
+
+@app.command()
+def ppo(workdir: WorkdirOpt = DEFAULT_WORKDIR, config: ConfigOpt = None, set_: SetOpt = None,
+        resume: ResumeOpt = False) -> None:
+    """Optimise the SFT policy against the reward model with PPO; register alignflow-policy."""
+    _print_stage(_run_stage("ppo", workdir, config, set_, resume))
 
 
 @app.command("show-config")
