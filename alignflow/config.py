@@ -238,6 +238,122 @@ class PmpTransferConfig(_Section):
     eval_pairs: int = Field(512, ge=1, description="Held-out task pairs each fine-tune is scored on.")
 
 
+class PpoStageConfig(_Section):
+    """Stage `ppo`: the SFT policy optimised against the reward model (the N+ / OAI19 recipe)."""
+
+    policy_model: str | None = Field(None, description="Start policy (HF id or folder); empty = "
+                                     "`alignflow-policy-sft@challenger`. The frozen reference is the same weights.")
+    reward_model: str | None = Field(None, description="Reward model folder (a *ForSequenceClassification, "
+                                     "num_labels=1); empty = `alignflow-reward@challenger`. The critic starts "
+                                     "from a copy of it.")
+    max_prompt_tokens: int = Field(192, ge=1, description="Prompts longer than this keep their last tokens.")
+    max_new_tokens: int = Field(64, ge=1, description="Longest response in tokens (truncated after the first EOS).")
+    temperature: float = Field(0.7, gt=0, description="Sampling temperature; logits are divided by it for the "
+                               "log-probs of policy, reference and update alike. top_k=0, top_p=1 always.")
+    total_steps: int = Field(100, ge=1, description="PPO steps; each samples `batch_size` rollouts and updates on "
+                             "them.")
+    batch_size: int = Field(64, ge=1, description="Rollouts (prompts) per PPO step.")
+    minibatch_size: int = Field(16, ge=1, description="Rollouts per optimizer step; must divide `batch_size`.")
+    micro_batch_size: int = Field(8, ge=1, description="Rollouts per forward/backward (gradient accumulation); "
+                                  "must divide `minibatch_size`.")
+    forward_batch_size: int = Field(32, ge=1, description="Rollouts per no-grad forward (reference, critic, reward) "
+                                    "while collecting a batch.")
+    ppo_epochs: int = Field(4, ge=1, description="Passes over each batch, reshuffled into minibatches every pass.")
+    lr: float = Field(1e-5, gt=0, description="Policy learning rate (Adam), annealed linearly to 0 over the run.")
+    critic_lr: float | None = Field(None, gt=0, description="Critic learning rate; empty = `lr`.")
+    adam_eps: float = Field(1e-5, gt=0, description="Adam epsilon (1e-5 as in N+/OAI19, not torch's 1e-8).")
+    anneal_lr: bool = Field(True, description="Decay both learning rates linearly to 0 at the last step.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm per network (0 = off).")
+    gamma: float = Field(1.0, ge=0, le=1, description="GAE discount over response tokens.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    cliprange: float = Field(0.2, gt=0, description="Clip range of the policy ratio (PPO's epsilon).")
+    cliprange_value: float = Field(0.2, gt=0, description="Clip range of the new values around the old ones.")
+    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss in the total loss.")
+    kl_coef: float = Field(0.05, ge=0, description="beta of the per-token KL penalty (the start value when "
+                           "`adaptive_kl`).")
+    kl_estimator: Literal["k1", "k3"] = Field("k1", description="Per-token KL estimator inside the reward: k1 = "
+                                              "log pi - log pi_ref; k3 = (r - 1) - log r with r = pi_ref / pi.")
+    adaptive_kl: bool = Field(False, description="Adapt beta towards `target_kl` with the OAI19 controller.")
+    target_kl: float = Field(6.0, gt=0, description="Target KL (sum over a response, nats) of the adaptive "
+                             "controller.")
+    kl_horizon: int = Field(10_000, ge=1, description="Horizon (in rollouts) of the adaptive controller.")
+    missing_eos: Literal["replace", "subtract", "none"] = Field(
+        "replace", description="Responses without EOS: `replace` the score by -`missing_eos_penalty` (N+), "
+        "`subtract` the penalty from it (TRL), or `none`.")
+    missing_eos_penalty: float = Field(1.0, ge=0, description="Size of the no-EOS penalty.")
+    whiten_rewards: bool = Field(False, description="Whiten the per-token rewards (masked) before GAE.")
+    ratio_threshold: float = Field(10.0, gt=1, description="Skip (and count) a minibatch whose mean importance "
+                                   "ratio exceeds this.")
+    negative_kl_tolerance: float = Field(0.05, ge=0, description="Warn when the batch's mean KL falls below "
+                                         "minus this (negative KL means the sampler and the log-probs disagree).")
+    lora_r: int = Field(0, ge=0, description="LoRA rank of the policy (0 = full fine-tuning). With LoRA the "
+                        "reference is the adapter-free base: no second copy of the weights.")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha.")
+    lora_target_modules: list[str] | None = Field(None, description="Modules that get LoRA adapters; empty = "
+                                                  "peft's default for the architecture.")
+    seed: int = Field(0, description="Seed of sampling, prompt order and minibatch shuffles.")
+    log_every: int = Field(1, ge=1, description="Log `ppo/*` metrics every N steps.")
+    generations_every: int = Field(10, ge=1, description="Log a table of sample generations every N steps.")
+    generations_rows: int = Field(4, ge=0, description="Rows of each generations table.")
+    eval_prompts: int = Field(64, ge=0, description="Validation prompts of the final evaluation against the SFT "
+                              "policy (0 = no evaluation).")
+    eval_every: int | None = Field(None, ge=1, description="Also evaluate every N steps (empty = only at the end).")
+    checkpoint_every: int = Field(10, ge=1, description="Write a full, resumable checkpoint every N steps.")
+    keep_checkpoints: int = Field(2, ge=1, description="How many most recent checkpoints to keep.")
+    reward_max_length: int = Field(512, ge=16, description="Longest prompt + response (reward-model tokens) "
+                                   "scored; longer prompts are cut from the left.")
+
+    @model_validator(mode="after")
+    def _batches_divide(self) -> "PpoStageConfig":
+        if self.batch_size % self.minibatch_size:
+            raise ValueError(f"minibatch_size {self.minibatch_size} must divide batch_size {self.batch_size}")
+        if self.minibatch_size % self.micro_batch_size:
+            raise ValueError(f"micro_batch_size {self.micro_batch_size} must divide minibatch_size "
+                             f"{self.minibatch_size}")
+        return self
+
+
+class PromoteConfig(_Section):
+    """Flow `promote`: the gates that move a registered model's `champion` alias (challenger vs champion,
+    same held-out evaluation)."""
+
+    eval_split: Literal["test", "validation"] = Field("test", description="Held-out split the gates evaluate on.")
+    eval_pairs: int = Field(256, ge=1, description="Held-out pairs scored for preference models (pmp, reward).")
+    eval_prompts: int = Field(32, ge=1, description="Held-out prompts answered by policies (greedy) and scored.")
+    eval_texts: int = Field(64, ge=1, description="Held-out texts / demos whose loss gates base and policy-sft.")
+    max_new_tokens: int = Field(48, ge=1, description="Length of the policies' answers in the policy gate.")
+    max_length: int = Field(256, ge=16, description="Longest sequence (tokens) scored in any gate.")
+    batch_size: int = Field(8, ge=1, description="Batch size of the gate evaluations.")
+    min_pairwise_accuracy: float = Field(0.5, ge=0, le=1, description="Preference gate: the challenger's held-out "
+                                         "pairwise accuracy must reach this.")
+    min_accuracy_gain: float = Field(0.0, ge=-1, le=1, description="Preference gate: challenger accuracy - "
+                                     "champion accuracy must reach this (negative = a tolerated loss).")
+    min_reward_gain: float = Field(0.0, description="Policy gate: challenger mean reward - champion mean reward "
+                                   "must reach this.")
+    max_kl: float = Field(10.0, ge=0, description="Policy gate: KL(challenger || reference), summed over the "
+                          "answer tokens and averaged over prompts, must stay below this.")
+    min_win_rate: float = Field(0.5, ge=0, le=1, description="Policy gate: share of prompts where the challenger's "
+                                "answer out-scores the champion's (ties 1/2) must reach this.")
+    max_loss_increase: float = Field(0.0, ge=0, description="LM gate (base, policy-sft): challenger held-out loss "
+                                     "may exceed the champion's by at most this.")
+    models: list[str] = Field(
+        default_factory=lambda: ["alignflow-base", "alignflow-pmp", "alignflow-reward", "alignflow-policy-sft",
+                                 "alignflow-policy"],
+        description="Registered models the pipeline's promote stage gates, in this order.")
+
+
+class PipelineConfig(_Section):
+    """Flow `pipeline`: every stage in order as one parent MLflow run."""
+
+    sources: list[str] = Field(default_factory=list, description="Dumps to ingest; empty = generate the synthetic "
+                               "dump of `generate` into the work directory.")
+    cache: bool = Field(True, description="Skip a stage whose inputs (content digests) and config section match a "
+                        "finished earlier run of it.")
+    stages: list[Literal["ingest", "base", "pmp", "pm", "sft", "ppo", "promote"]] = Field(
+        default_factory=lambda: ["ingest", "base", "pmp", "pm", "sft", "ppo", "promote"],
+        description="Stages to run (in pipeline order; `pmp` also follows `pmp.enabled`).")
+
+
 class AlignflowConfig(_Section):
     """The whole configuration; each stage reads its own section."""
 
@@ -250,6 +366,9 @@ class AlignflowConfig(_Section):
     pm: PmStageConfig = Field(default_factory=PmStageConfig, description="The reward-model (fine-tuning) stage.")
     pmp_transfer: PmpTransferConfig = Field(default_factory=PmpTransferConfig,
                                             description="The PMP sample-efficiency experiment.")
+    ppo: PpoStageConfig = Field(default_factory=PpoStageConfig, description="The PPO stage.")
+    promote: PromoteConfig = Field(default_factory=PromoteConfig, description="Promotion gates.")
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="The whole pipeline.")
 
     def digest(self, section: str | None = None) -> str:
         """A stable content digest of the config (or one section of it)."""
