@@ -104,38 +104,28 @@ def demo(
     / "configs" / "demo.yaml",
     set_: SetOpt = None,
 ) -> None:
-    """The embedded default end to end: generate dumps, ingest, base LM, PMP, reward model, SFT; say where it all is."""
+    """The embedded default end to end: generate a dump, ingest it, pretrain base, SFT; say where everything is."""
     wd = prepare(workdir)
     cfg = _load(config if config.is_file() else None, set_)
     from alignflow.tasks.ingest.synthetic import PLANTED_RULE, generate_dump as generate
 
-    g = cfg.generate
-    dumps = [generate(wd / "dumps", questions=g.questions, seed=g.seed, site=g.site)]
-    if g.generic_questions:
-        dumps.append(generate(wd / "dumps", questions=g.generic_questions, seed=g.seed + 1, site=g.generic_site))
-    typer.echo("synthetic dumps: " + ", ".join(map(str, dumps)) + f"\nplanted rule: {PLANTED_RULE}")
+    dump = generate(wd / "dumps", questions=cfg.generate.questions, seed=cfg.generate.seed, site=cfg.generate.site)
+    typer.echo(f"synthetic dump: {dump}\nplanted rule: {PLANTED_RULE}")
     from .ingest import ingest as ingest_flow
 
     try:
-        out = ingest_flow([str(d) for d in dumps], workdir=str(wd), config=cfg)
+        out = ingest_flow([str(dump)], workdir=str(wd), config=cfg)
     except _user_errors() as exc:
         _fail(exc)
     _print_ingest(out)
     from .base import base as base_flow
-    from .pm import pm as pm_flow
-    from .pmp import pmp as pmp_flow
     from .sft import sft as sft_flow
 
-    summaries = []
-    for stage_flow in (base_flow, pmp_flow, pm_flow, sft_flow):
-        s = stage_flow(workdir=str(wd), config=cfg)
-        if s.get("run_id"):
-            summaries.append(s)
+    summaries = [base_flow(workdir=str(wd), config=cfg), sft_flow(workdir=str(wd), config=cfg)]
     typer.echo("")
     typer.echo(f"{'stage':<8}{'mlflow run':<34}{'model':<24}{'version':<9}key metrics")
     for s in summaries:
-        keys = [k for k in ("final_loss", "eval/loss", "eval/perplexity", "eval/pairwise_accuracy",
-                            "eval/accuracy_ci_low", "eval/accuracy_ci_high", "planted_rate_start", "planted_rate")
+        keys = [k for k in ("final_loss", "eval/loss", "eval/perplexity", "planted_rate_start", "planted_rate")
                 if s.get(k) is not None]
         metrics = ", ".join(f"{k}={s[k]:.3g}" for k in keys)
         typer.echo(f"{s['stage']:<8}{s['run_id']:<34}{s['model']:<24}{s['version']:<9}{metrics}")
@@ -164,12 +154,6 @@ def _run_stage(stage: str, workdir: Path, config: Path | None, set_: list[str] |
 def _print_stage(out: dict) -> None:
     typer.echo("")
     for key, value in out.items():
-        if isinstance(value, list):  # a table (pmp-transfer's results): one line per row
-            typer.echo(f"{key}:")
-            for row in value:
-                typer.echo("  " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                            for k, v in row.items()))
-            continue
         if isinstance(value, float):
             value = f"{value:.4g}"
         typer.echo(f"{key:<22}{value}")
