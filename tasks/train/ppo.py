@@ -1,0 +1,1015 @@
+"""PPO for RLHF, in one file that reads top to bottom: rollout -> score -> KL-shaped rewards -> advantages -> update -> log.
+
+The recipe is the one of OpenAI's lm-human-preferences ("OAI19") as dissected by
+Huang et al. 2024 ("N+"), each detail a small pure function pinned by a unit
+test (tests/test_ppo.py). No mlflow, no prefect: metrics, tables and
+checkpoints leave through :class:`PpoCallbacks`.
+
+Conventions (the off-by-ones live here)
+    *Tensors.* A batch of rollouts is ``query_ids [B, Q]`` (left-padded with the
+    dedicated pad id; never EOS) followed by ``response_ids [B, T]``
+    (right-padded). ``response_mask[b, t] = 1`` for the response's tokens up to
+    and including its first EOS. Attention masks cover query and response;
+    position ids are ``cumsum(mask) - 1``, so padding shifts nothing.
+    *Log-probs and values.* Token ``t`` of the response is predicted at
+    sequence position ``Q + t - 1``: its log-prob (under policy or reference)
+    and the value of the state before it are read there. Logits are divided by
+    the sampling temperature before every log-softmax (sampling, reference,
+    update, evaluation).
+    *Score position.* The reward model's score of ``prompt + response`` sits at
+    the **last response token** -- index ``response_mask.sum(-1) - 1`` (the
+    EOS when there is one) -- not one past it. There the per-token reward is
+    ``score - beta * kl_t``; everywhere else it is ``-beta * kl_t``; after it,
+    0. GAE bootstraps with value 0 past the last token.
+    *Truncation.* Sampling runs ``max_new_tokens`` steps at most; everything
+    after a row's first EOS is padding. A response that never produced EOS is
+    kept and scored, then penalised (``missing_eos``).
+
+Design choices against the known failure modes of PPO implementations
+    * Log-probs of the sampled tokens come from the sampling pass itself (no
+      second policy forward per rollout); sampling is our own loop with a KV
+      cache, full distribution (top_k = 0, top_p = 1), no forced min length.
+    * The reward model reads decoded *text* through its own tokenizer
+      (:func:`text_reward_fn`), so policy and reward model may tokenize
+      differently.
+    * Frozen networks never get gradients or optimizer state: the reference
+      and reward forwards run under ``torch.inference_mode``. With LoRA
+      (``lora_r > 0``) the reference *is* the policy with its adapters switched
+      off: the frozen weights exist once.
+    * Non-finite values stop the run naming the step and the tensor; a ratio
+      guard skips and counts minibatches whose mean importance ratio explodes;
+      a negative mean KL is warned about.
+    * A full-state checkpoint (policy, critic, both optimizers and schedulers,
+      KL controller, RNG states, prompt-stream position) is written with
+      ``tasks.train.checkpoint`` and restored exactly: on CPU a resumed run
+      repeats the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from alignflow.config import PpoStageConfig
+
+from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from .loop import NonFiniteLossError
+
+log = logging.getLogger(__name__)
+
+RewardFn = Callable[[Sequence[str], Sequence[str]], Tensor]
+
+
+class NegativeKLWarning(UserWarning):
+    """The batch's mean KL to the reference is negative: sampler and log-probs disagree (e.g. a min length)."""
+
+
+# =============================================================================================== tokens and masks
+
+
+def check_pad_token(tokenizer: Any) -> None:
+    """A dedicated pad token, distinct from EOS (else masking padding would also mask the real end of a response)."""
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the policy tokenizer has no EOS token: PPO truncates responses at the first EOS")
+    if pad is None or pad == eos:
+        raise ValueError(
+            f"the policy tokenizer's pad token ({pad}) must exist and differ from EOS ({eos}); "
+            "alignflow's tokenizers have <|pad|>"
+        )
+
+
+def position_ids_from_mask(mask: Tensor) -> Tensor:
+    """Positions counted over real tokens only: left padding does not shift a sequence."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def left_pad_queries(tokenizer: Any, prompts: Sequence[str], max_prompt_tokens: int) -> tuple[Tensor, Tensor]:
+    """Token ids of the prompts, each cut to its last ``max_prompt_tokens`` tokens, left-padded with the pad id.
+
+    An empty prompt becomes a lone BOS (EOS when there is no BOS): a query needs a token to condition on.
+    """
+    check_pad_token(tokenizer)
+    if max_prompt_tokens < 1:
+        raise ValueError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    rows = []
+    for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]:
+        ids = list(ids)[-max_prompt_tokens:] or [start]
+        rows.append(ids)
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r) :] = 1
+    return out, mask
+
+
+def truncate_after_eos(response_ids: Tensor, eos_id: int, pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Cut every response after its first EOS (the EOS stays): ``(ids, mask, has_eos)``.
+
+    Tokens after the first EOS become ``pad_id`` with mask 0. A row without EOS keeps all its tokens.
+    """
+    is_eos = response_ids == eos_id
+    # position of the first EOS, or T when none
+    T = response_ids.shape[1]
+    idx = torch.arange(T, device=response_ids.device).expand_as(response_ids)
+    first = torch.where(is_eos, idx, torch.full_like(idx, T)).min(dim=1).values
+    mask = idx <= first.unsqueeze(1)
+    ids = response_ids.masked_fill(~mask, pad_id)
+    return ids, mask.long(), first < T
+
+
+def last_token_index(response_mask: Tensor) -> Tensor:
+    """Index of the last response token (the first EOS, or the last token of a response without one)."""
+    return (response_mask.long().sum(-1) - 1).clamp(min=0)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Every dropout to 0: PPO's ratios and values must not be noise (N+)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for attr in ("attention_dropout", "dropout"):
+            value = getattr(module, attr, None)
+            if isinstance(value, float) and value:
+                setattr(module, attr, 0.0)
+
+
+# =============================================================================================== forwards
+
+
+def _base(model: nn.Module) -> nn.Module:
+    """The Hugging Face model under a peft wrapper (for signature checks)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    """transformers 5.x calls the KV cache argument ``cache``; 4.x ``past_key_values``."""
+    params = inspect.signature(_base(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _cache_of(out: Any) -> Any:
+    cache = out.get("cache") if hasattr(out, "get") else None
+    return cache if cache is not None else out.past_key_values
+
+
+def sample_next_token(logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """Draw one token per row from ``softmax(logits / temperature)`` over the *whole* vocabulary.
+
+    No top-k, no top-p, no minimum length (a forced min length biases the
+    sampler away from the policy and makes the KL estimate negative).
+    Returns ``(tokens [B], logprobs [B])`` with the log-prob under the same tempered distribution.
+    """
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    tokens = torch.multinomial(logp.exp(), 1).squeeze(-1)
+    return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+@torch.no_grad()
+def sample_responses(
+    model: nn.Module,
+    query_ids: Tensor,
+    query_mask: Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    eos_id: int,
+    pad_id: int,
+) -> tuple[Tensor, Tensor]:
+    """Sample responses to left-padded queries with a KV cache: ``(response_ids [B, T], logprobs [B, T])``.
+
+    Positions come from the attention mask, so a query's tokens get the same
+    positions whatever its padding. A row stops at its first EOS (later
+    tokens are padding, log-prob 0); the loop ends when every row has stopped
+    or after ``max_new_tokens`` tokens, so ``T <= max_new_tokens``.
+    """
+    was_training = model.training
+    model.eval()
+    cache_kw = _cache_kwarg(model)
+    B = query_ids.shape[0]
+    mask = query_mask.long()
+    positions = position_ids_from_mask(mask)
+    out = model(input_ids=query_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    cache = _cache_of(out)
+    logits = out.logits[:, -1]
+    next_pos = positions[:, -1] + 1
+    finished = torch.zeros(B, dtype=torch.bool, device=query_ids.device)
+    tokens, logps = [], []
+    for step in range(max_new_tokens):
+        tok, logp = sample_next_token(logits, temperature)
+        tok = tok.masked_fill(finished, pad_id)
+        tokens.append(tok)
+        logps.append(logp.masked_fill(finished, 0.0))
+        finished = finished | (tok == eos_id)
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+        out = model(input_ids=tok.unsqueeze(1), attention_mask=mask, position_ids=next_pos.unsqueeze(1),
+                    use_cache=True, **{cache_kw: cache})
+        cache = _cache_of(out)
+        logits = out.logits[:, -1]
+        next_pos = next_pos + 1
+    if was_training:
+        model.train()
+    return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)
+
+
+def _joined(query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor
+            ) -> tuple[Tensor, Tensor, Tensor]:
+    ids = torch.cat([query_ids, response_ids], dim=1)
+    mask = torch.cat([query_mask.long(), response_mask.long()], dim=1)
+    return ids, mask, position_ids_from_mask(mask)
+
+
+def response_logits(model: nn.Module, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor,
+                    response_mask: Tensor, temperature: float) -> Tensor:
+    """Tempered logits that predict each response token: ``[B, T, V]`` read at positions ``Q - 1 .. Q + T - 2``.
+
+    Only the last ``T + 1`` positions go through the LM head (``logits_to_keep``).
+    """
+    ids, mask, pos = _joined(query_ids, query_mask, response_ids, response_mask)
+    T = response_ids.shape[1]
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=T + 1).logits
+    return logits[:, :-1].float() / temperature
+
+
+def logprobs_of(logits: Tensor, tokens: Tensor) -> Tensor:
+    """Log-prob of each token under (already tempered) logits ``[B, T, V]``."""
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_of(logits: Tensor) -> Tensor:
+    """Entropy (nats) of the tempered next-token distribution at each position."""
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def critic_values(critic: nn.Module, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor,
+                  response_mask: Tensor) -> Tensor:
+    """Per-token values ``[B, T]``: the critic's score head on every hidden state, read where the logits are.
+
+    The critic is a ``*ForSequenceClassification`` (a copy of the reward
+    model): its transformer gives hidden states, its ``score`` head (plus the
+    ``config.reward_bias`` offset) turns each into a value. Value ``t`` is read
+    at position ``Q + t - 1``: the state before response token ``t``.
+    """
+    ids, mask, pos = _joined(query_ids, query_mask, response_ids, response_mask)
+    T = response_ids.shape[1]
+    hidden = critic.base_model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+    values = critic.score(hidden[:, -T - 1 : -1]).squeeze(-1).float()
+    return values + float(getattr(critic.config, "reward_bias", 0.0) or 0.0)
+
+
+def text_reward_fn(reward_model: nn.Module, reward_tokenizer: Any, *, batch_size: int = 32,
+                   max_length: int = 512) -> RewardFn:
+    """Score ``(prompt, response)`` texts with a reward model and its own tokenizer (frozen, inference mode)."""
+    from alignflow.models.reward import score_texts
+
+    reward_model.eval()
+    reward_model.requires_grad_(False)
+
+    def score(prompts: Sequence[str], responses: Sequence[str]) -> Tensor:
+        with torch.inference_mode():
+            values = score_texts(reward_model, reward_tokenizer, prompts, responses, batch_size=batch_size,
+                                 max_length=max_length)
+        return torch.tensor(values, dtype=torch.float32)
+
+    return score
+
+
+# =============================================================================================== scores, KL, rewards
+
+
+def apply_missing_eos_penalty(scores: Tensor, has_eos: Tensor, mode: str, penalty: float) -> Tensor:
+    """Scores of responses without EOS: replaced by ``-penalty`` (N+), lowered by ``penalty`` (TRL), or kept."""
+    if mode == "replace":
+        return torch.where(has_eos, scores, torch.full_like(scores, -penalty))
+    if mode == "subtract":
+        return torch.where(has_eos, scores, scores - penalty)
+    if mode == "none":
+        return scores
+    raise ValueError(f"missing_eos must be replace, subtract or none, got {mode!r}")
+
+
+def kl_k1(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """Per-token k1 estimator ``log pi - log pi_ref`` (unbiased, can be negative per token)."""
+    return logprobs - ref_logprobs
+
+
+def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """Per-token k3 estimator ``(r - 1) - log r`` with ``r = pi_ref / pi`` (unbiased, never negative)."""
+    log_r = ref_logprobs - logprobs
+    return torch.expm1(log_r) - log_r
+
+
+def shaped_rewards(scores: Tensor, kl: Tensor, response_mask: Tensor, beta: float) -> Tensor:
+    """Per-token rewards ``-beta * kl_t``, plus the score at the last response token; 0 after the response."""
+    mask = response_mask.float()
+    rewards = -beta * kl * mask
+    last = last_token_index(response_mask)
+    return rewards.scatter_add(1, last.unsqueeze(1), scores.float().unsqueeze(1))
+
+
+class FixedKLController:
+    """beta that never changes."""
+
+    def __init__(self, beta: float) -> None:
+        self.beta = float(beta)
+
+    def update(self, kl: float, n_rollouts: int) -> None:
+        return None
+
+    def state_dict(self) -> dict[str, float]:
+        return {"beta": self.beta}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.beta = float(state["beta"])
+
+
+class AdaptiveKLController(FixedKLController):
+    """OAI19: ``beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon)`` after each batch of n rollouts."""
+
+    def __init__(self, beta: float, target: float, horizon: int) -> None:
+        super().__init__(beta)
+        self.target = float(target)
+        self.horizon = int(horizon)
+
+    def update(self, kl: float, n_rollouts: int) -> None:
+        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        self.beta *= 1.0 + error * n_rollouts / self.horizon
+
+
+def kl_controller(cfg: PpoStageConfig) -> FixedKLController:
+    if cfg.adaptive_kl:
+        return AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
+    return FixedKLController(cfg.kl_coef)
+
+
+# =============================================================================================== advantages
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    mask = mask.float()
+    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    mask = mask.float()
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    n = mask.sum()
+    if unbiased and n > 1:
+        var = var * n / (n - 1)
+    return var
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """Whiten over the valid (mask 1) entries only; padding neither counts nor changes (it is set to 0)."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask.float()
+
+
+def gae(rewards: Tensor, values: Tensor, response_mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation over response tokens: ``(advantages, returns = advantages + values)``.
+
+    Rewards and values past the last response token are treated as 0, so the
+    last token's TD error is ``r_last - V_last`` (no bootstrap past the end).
+    """
+    mask = response_mask.float()
+    values = values * mask
+    rewards = rewards * mask
+    T = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        advantages[:, t] = last
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+    var_r = masked_var(returns, mask)
+    if float(var_r) == 0.0:
+        return float("nan")
+    return float(1.0 - masked_var(returns - values, mask) / var_r)
+
+
+# =============================================================================================== losses
+
+
+def policy_loss(new_logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, cliprange: float
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO's clipped surrogate (token-level masked mean) and its diagnostics (detached)."""
+    log_ratio = new_logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    loss_unclipped = -advantages * ratio
+    loss_clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.maximum(loss_unclipped, loss_clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((loss_clipped > loss_unclipped).float(), mask),
+            "approx_kl": 0.5 * masked_mean(log_ratio**2, mask),
+            "ratio_mean": masked_mean(ratio, mask),
+        }
+    return loss, stats
+
+
+def value_loss(new_values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, cliprange_value: float
+               ) -> tuple[Tensor, dict[str, Tensor]]:
+    """``0.5 * max((v - R)^2, (v_clipped - R)^2)`` with ``v_clipped`` within ``cliprange_value`` of the old value."""
+    clipped = old_values + torch.clamp(new_values - old_values, -cliprange_value, cliprange_value)
+    loss_unclipped = (new_values - returns) ** 2
+    loss_clipped = (clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(loss_unclipped, loss_clipped), mask)
+    with torch.no_grad():
+        stats = {"value_clipfrac": masked_mean((loss_clipped > loss_unclipped).float(), mask)}
+    return loss, stats
+
+
+# =============================================================================================== optimisation plumbing
+
+
+def build_adam(params: Sequence[nn.Parameter], lr: float, eps: float) -> torch.optim.Adam:
+    """Adam with the RLHF epsilon (1e-5), over the trainable parameters only."""
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters")
+    return torch.optim.Adam(params, lr=lr, eps=eps)
+
+
+def linear_decay(done_steps: int, total_steps: int) -> float:
+    """lr multiplier of PPO step ``done_steps + 1``: 1 at the first step, falling linearly to 0 after the last."""
+    return max(0.0, 1.0 - done_steps / total_steps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, anneal: bool
+                    ) -> torch.optim.lr_scheduler.LambdaLR:
+    if anneal:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: linear_decay(k, total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1.0)
+
+
+def minibatch_plan(batch_size: int, minibatch_size: int, micro_batch_size: int) -> list[list[Tensor]]:
+    """One epoch's shuffle of a batch: minibatches (one optimizer step each) of micro-batches (one backward each).
+
+    Draws the permutation from the global torch RNG, which checkpoints save and restore.
+    """
+    if batch_size % minibatch_size or minibatch_size % micro_batch_size:
+        raise ValueError(f"sizes must divide: batch {batch_size}, minibatch {minibatch_size}, micro {micro_batch_size}")
+    perm = torch.randperm(batch_size)
+    return [list(perm[m : m + minibatch_size].split(micro_batch_size)) for m in range(0, batch_size, minibatch_size)]
+
+
+# =============================================================================================== guards
+
+
+def check_finite(step: int, **tensors: Tensor | float) -> None:
+    """Raise :class:`NonFiniteLossError` naming the step and the first tensor with a NaN or infinity."""
+    for name, value in tensors.items():
+        t = torch.as_tensor(value)
+        finite = torch.isfinite(t)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            raise NonFiniteLossError(
+                f"PPO step {step}: `{name}` holds {bad} non-finite value(s) (NaN/inf) of {t.numel()}; nothing of "
+                "this step was applied (the last checkpoint is intact)",
+                step=step,
+            )
+
+
+def warn_if_negative_kl(kl_mean: float, step: int, tolerance: float) -> bool:
+    """Warn (and return True) when the mean KL per response is below ``-tolerance``."""
+    if kl_mean < -tolerance:
+        message = (f"PPO step {step}: mean KL to the reference is negative ({kl_mean:.4f} nats per response): the "
+                   "sampler and the log-probs disagree (temperature, min length or a non-sampled token?)")
+        warnings.warn(message, NegativeKLWarning, stacklevel=2)
+        log.warning(message)
+        return True
+    return False
+
+
+# =============================================================================================== prompts
+
+
+class PromptStream:
+    """An endless, seeded stream of prompt indices: epoch ``e`` is a permutation drawn with seed ``seed + e``.
+
+    Its whole state is ``position`` (prompts handed out so far).
+    """
+
+    def __init__(self, n_prompts: int, seed: int, position: int = 0) -> None:
+        if n_prompts < 1:
+            raise ValueError("PPO needs at least one prompt")
+        self.n, self.seed, self.position = n_prompts, seed, position
+        self._perm: tuple[int, list[int]] | None = None
+
+    def _order(self, epoch: int) -> list[int]:
+        if self._perm is None or self._perm[0] != epoch:
+            gen = torch.Generator().manual_seed(self.seed + epoch)
+            self._perm = (epoch, torch.randperm(self.n, generator=gen).tolist())
+        return self._perm[1]
+
+    def next(self, count: int) -> list[int]:
+        out = []
+        for _ in range(count):
+            epoch, i = divmod(self.position, self.n)
+            out.append(self._order(epoch)[i])
+            self.position += 1
+        return out
+
+
+# =============================================================================================== models
+
+
+class Reference:
+    """The frozen reference policy: a separate frozen module, or the LoRA policy with its adapters off."""
+
+    def __init__(self, policy: nn.Module, module: nn.Module | None) -> None:
+        self.policy, self.module = policy, module
+        if module is None and not hasattr(policy, "disable_adapter"):
+            raise ValueError("a reference needs a frozen module unless the policy is a peft (LoRA) model")
+
+    @contextlib.contextmanager
+    def model(self) -> Iterator[nn.Module]:
+        if self.module is not None:
+            yield self.module
+        else:
+            with self.policy.disable_adapter():
+                yield self.policy
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A deep copy with no gradients, in eval mode (the reference of full fine-tuning)."""
+    ref = copy.deepcopy(model)
+    ref.requires_grad_(False)
+    return ref.eval()
+
+
+def apply_lora(policy: nn.Module, cfg: PpoStageConfig) -> nn.Module:
+    """Wrap the policy with LoRA adapters (peft); the base weights are frozen."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as err:  # pragma: no cover - peft is a dependency
+        raise ImportError("ppo.lora_r > 0 needs the `peft` package") from err
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                      target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(policy, lora)
+
+
+def merged_policy(policy: nn.Module) -> nn.Module:
+    """The plain Hugging Face model to save: LoRA adapters merged into the weights (no-op without LoRA)."""
+    if hasattr(policy, "merge_and_unload"):
+        return policy.merge_and_unload()
+    return policy
+
+
+def make_critic(reward_model: nn.Module) -> nn.Module:
+    """The critic: a separate, trainable copy of the reward model (its score head becomes the value head)."""
+    critic = copy.deepcopy(reward_model)
+    critic.requires_grad_(True)
+    disable_dropout(critic)
+    return critic.train()
+
+
+# =============================================================================================== rollouts
+
+
+@dataclass
+class Rollout:
+    """One batch of experience. Per-token tensors are ``[B, T]`` over response tokens."""
+
+    prompts: list[str]
+    responses: list[str]
+    query_ids: Tensor
+    query_mask: Tensor
+    response_ids: Tensor
+    response_mask: Tensor
+    has_eos: Tensor
+    logprobs: Tensor
+    ref_logprobs: Tensor
+    values: Tensor
+    raw_scores: Tensor
+    scores: Tensor
+
+
+def _pad_to(t: Tensor, width: int, value: float) -> Tensor:
+    return F.pad(t, (0, width - t.shape[1]), value=value) if t.shape[1] < width else t
+
+
+def collect_rollouts(policy: nn.Module, reference: Reference | None, critic: nn.Module | None, tokenizer: Any,
+                     reward_fn: RewardFn, prompts: Sequence[str], cfg: PpoStageConfig, device: torch.device
+                     ) -> Rollout:
+    """Sample a response per prompt and gather everything PPO needs about it, in ``forward_batch_size`` chunks.
+
+    Policy log-probs come from sampling; reference log-probs and values are a
+    forward each (the reference under inference mode); the reward model scores
+    the decoded texts. ``reference=None`` / ``critic=None`` skip those forwards
+    (their tensors are zeros).
+    """
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    budget = _prompt_budget(policy, cfg)
+    chunks: dict[str, list[Tensor]] = {k: [] for k in ("q", "qm", "r", "rm", "eos", "lp", "ref", "v")}
+    for start in range(0, len(prompts), cfg.forward_batch_size):
+        part = prompts[start : start + cfg.forward_batch_size]
+        q, qm = left_pad_queries(tokenizer, part, budget)
+        q, qm = q.to(device), qm.to(device)
+        sampled, logprobs = sample_responses(policy, q, qm, max_new_tokens=cfg.max_new_tokens,
+                                             temperature=cfg.temperature, eos_id=eos, pad_id=pad)
+        r, rm, has_eos = truncate_after_eos(sampled, eos, pad)
+        logprobs = logprobs * rm
+        if reference is not None:
+            with torch.inference_mode(), reference.model() as ref:
+                ref_lp = logprobs_of(response_logits(ref, q, qm, r, rm, cfg.temperature), r)
+            ref_lp = ref_lp.clone() * rm  # a normal tensor again (inference tensors cannot enter autograd)
+        else:
+            ref_lp = torch.zeros_like(logprobs)
+        if critic is not None:
+            with torch.no_grad():
+                values = critic_values(critic, q, qm, r, rm) * rm
+        else:
+            values = torch.zeros_like(logprobs)
+        for key, value in zip(chunks, (q, qm, r, rm, has_eos, logprobs, ref_lp, values)):
+            chunks[key].append(value)
+    Q = max(t.shape[1] for t in chunks["q"])
+    T = max(t.shape[1] for t in chunks["r"])
+    left = lambda t, v: F.pad(t, (Q - t.shape[1], 0), value=v)  # noqa: E731  queries stay left-padded
+    query_ids = torch.cat([left(t, pad) for t in chunks["q"]])
+    query_mask = torch.cat([left(t, 0) for t in chunks["qm"]])
+    response_ids = torch.cat([_pad_to(t, T, pad) for t in chunks["r"]])
+    response_mask = torch.cat([_pad_to(t, T, 0) for t in chunks["rm"]])
+    cat = lambda key: torch.cat([_pad_to(t, T, 0.0) for t in chunks[key]])  # noqa: E731
+
+    # -- score: the reward model reads text (its own tokenizer); the query as the policy saw it
+    texts_q = [tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=False)
+               for row, m in zip(query_ids.cpu(), query_mask.cpu())]
+    texts_r = [tokenizer.decode([t for t in row[m.bool()].tolist() if t != eos], skip_special_tokens=True)
+               for row, m in zip(response_ids.cpu(), response_mask.cpu())]
+    has_eos = torch.cat(chunks["eos"])
+    raw = reward_fn(texts_q, texts_r).to(device).float()
+    scores = apply_missing_eos_penalty(raw, has_eos, cfg.missing_eos, cfg.missing_eos_penalty)
+    return Rollout(list(texts_q), texts_r, query_ids, query_mask, response_ids, response_mask, has_eos,
+                   cat("lp"), cat("ref"), cat("v"), raw, scores)
+
+
+def _prompt_budget(policy: nn.Module, cfg: PpoStageConfig) -> int:
+    config = _base(policy).config
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    budget = cfg.max_prompt_tokens
+    if positions:
+        budget = min(budget, positions - cfg.max_new_tokens)
+    if budget < 1:
+        raise ValueError(f"max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in {positions} positions")
+    return budget
+
+
+# =============================================================================================== training
+
+
+@dataclass
+class PpoCallbacks:
+    """Hooks through which a flow sees training. Every one may be None; none may change the run (RNG isolated).
+
+    on_log(metrics, step)            ``ppo/*`` and ``perf/*`` metrics every ``log_every`` steps
+    on_generations(rows, step)       sample generations (prompt, response, score, kl) every ``generations_every``
+    on_eval(step) -> metrics         evaluation every ``eval_every`` steps and at the end; logged via on_log
+    on_checkpoint(path, step)        a checkpoint was written
+    on_step(step, total)             progress
+    """
+
+    on_log: Callable[[dict[str, float], int], None] | None = None
+    on_generations: Callable[[list[dict[str, Any]], int], None] | None = None
+    on_eval: Callable[[int], dict[str, float] | None] | None = None
+    on_checkpoint: Callable[[Path, int], None] | None = None
+    on_step: Callable[[int, int], None] | None = None
+
+
+@dataclass
+class PpoResult:
+    policy: nn.Module  # the trained policy (a peft model when lora_r > 0; see merged_policy)
+    critic: nn.Module
+    final_step: int
+    resumed_from: int | None = None
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    last_eval: dict[str, float] = field(default_factory=dict)
+    checkpoint: Path | None = None
+    skipped_minibatches: int = 0
+    seconds: float = 0.0
+
+
+class _Bundle:
+    """Several state_dict holders saved as one (two optimizers, two schedulers) in a training checkpoint."""
+
+    def __init__(self, **parts: Any) -> None:
+        self.parts = parts
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: part.state_dict() for name, part in self.parts.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, part in self.parts.items():
+            part.load_state_dict(state[name])
+
+
+@contextlib.contextmanager
+def _rng_isolated() -> Iterator[None]:
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []):
+        yield
+
+
+def train_ppo(
+    cfg: PpoStageConfig,
+    *,
+    policy: nn.Module,
+    tokenizer: Any,
+    critic: nn.Module,
+    reward_fn: RewardFn,
+    prompts: Sequence[str],
+    reference: nn.Module | None = None,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    callbacks: PpoCallbacks | None = None,
+) -> PpoResult:
+    """Optimise ``policy`` against ``reward_fn`` on ``prompts`` for ``cfg.total_steps`` PPO steps.
+
+    ``critic``: a trainable ``*ForSequenceClassification`` (see :func:`make_critic`).
+    ``reference``: the frozen SFT policy; None = a frozen copy of ``policy``
+    (full fine-tuning) or, with ``cfg.lora_r > 0``, the policy with adapters
+    off. ``checkpoint_dir``/``resume``: as the training loop (a fresh run
+    refuses a folder with checkpoints; resume continues from the newest).
+    """
+    started = time.perf_counter()
+    callbacks = callbacks or PpoCallbacks()
+    check_pad_token(tokenizer)
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs a checkpoint_dir")
+    if checkpoint_dir is not None:
+        checkpoint_dir = Path(checkpoint_dir)
+        if not resume and list_checkpoints(checkpoint_dir):
+            raise FileExistsError(f"{checkpoint_dir} already holds checkpoints; pass resume=True or use an empty folder")
+    device = next(policy.parameters()).device
+    critic.to(device)
+
+    # -- setup: reference, LoRA, optimizers, schedulers, KL controller, prompt stream ---------------------------
+    disable_dropout(policy)
+    if cfg.lora_r > 0:
+        if reference is not None:
+            raise ValueError("with LoRA the reference is the adapter-free policy; do not pass another")
+        policy = apply_lora(policy, cfg)
+        ref = Reference(policy, None)
+    else:
+        ref = Reference(policy, reference if reference is not None else frozen_copy(policy))
+        if ref.module is not None:
+            ref.module.requires_grad_(False).eval()
+    torch.manual_seed(cfg.seed)
+    policy_opt = build_adam(list(policy.parameters()), cfg.lr, cfg.adam_eps)
+    critic_opt = build_adam(list(critic.parameters()), cfg.critic_lr or cfg.lr, cfg.adam_eps)
+    policy_sched = build_scheduler(policy_opt, cfg.total_steps, cfg.anneal_lr)
+    critic_sched = build_scheduler(critic_opt, cfg.total_steps, cfg.anneal_lr)
+    kl_ctl = kl_controller(cfg)
+    stream = PromptStream(len(prompts), cfg.seed)
+    nets = nn.ModuleDict({"policy": policy, "critic": critic})
+    optimizers = _Bundle(policy=policy_opt, critic=critic_opt)
+    schedulers = _Bundle(policy=policy_sched, critic=critic_sched)
+    step, resumed_from, skipped_total, last_ckpt = 0, None, 0, None
+    if resume and checkpoint_dir is not None and (path := latest_checkpoint(checkpoint_dir)) is not None:
+        state = load_checkpoint(path, model=nets, optimizer=optimizers, scheduler=schedulers)
+        step = resumed_from = int(state["step"])
+        stream.position = int(state["data_state"]["prompt_position"])
+        kl_ctl.load_state_dict(state["extra"]["kl_controller"])
+        skipped_total = int(state["extra"].get("skipped_minibatches", 0))
+        last_ckpt = path
+        log.info("resumed PPO from %s (step %d)", path, step)
+
+    def write_checkpoint(at: int) -> Path:
+        path = save_checkpoint(checkpoint_dir, step=at, model=nets, optimizer=optimizers, scheduler=schedulers,
+                               data_state={"prompt_position": stream.position},
+                               extra={"kl_controller": kl_ctl.state_dict(), "skipped_minibatches": skipped_total,
+                                      "stage": "ppo"},
+                               keep=cfg.keep_checkpoints)
+        if callbacks.on_checkpoint is not None:
+            with _rng_isolated():
+                callbacks.on_checkpoint(path, at)
+        return path
+
+    last_metrics: dict[str, float] = {}
+    last_eval: dict[str, float] = {}
+    while step < cfg.total_steps:
+        step += 1
+        t0 = time.perf_counter()
+        beta = kl_ctl.beta
+
+        # -- 1. rollout: sample responses to a batch of prompts (log-probs from the sampling pass) -------------
+        batch_prompts = [prompts[i] for i in stream.next(cfg.batch_size)]
+        policy.eval()
+        critic.eval()
+        ro = collect_rollouts(policy, ref, critic, tokenizer, reward_fn, batch_prompts, cfg, device)
+        mask = ro.response_mask.float()
+
+        # -- 2. score and 3. KL-shaped per-token rewards (score at the last response token) ---------------------
+        kl1 = kl_k1(ro.logprobs, ro.ref_logprobs) * mask
+        kl3 = kl_k3(ro.logprobs, ro.ref_logprobs) * mask
+        kl_in_reward = kl1 if cfg.kl_estimator == "k1" else kl3
+        rewards = shaped_rewards(ro.scores, kl_in_reward, ro.response_mask, beta)
+        check_finite(step, logprobs=ro.logprobs, ref_logprobs=ro.ref_logprobs, values=ro.values,
+                     scores=ro.scores, rewards=rewards)
+        if cfg.whiten_rewards:
+            rewards = masked_whiten(rewards, ro.response_mask, shift_mean=False)
+
+        # -- 4. advantages: GAE over response tokens, then masked whitening -------------------------------------
+        advantages, returns = gae(rewards, ro.values, ro.response_mask, cfg.gamma, cfg.lam)
+        advantages = masked_whiten(advantages, ro.response_mask)
+        check_finite(step, advantages=advantages, returns=returns)
+
+        # -- 5. update: epochs x minibatches (one optimizer step each) x micro-batches (accumulated) -----------
+        policy.train()
+        critic.train()
+        sums: dict[str, float] = {}
+        counted = skipped = 0
+        for _epoch in range(cfg.ppo_epochs):
+            for minibatch in minibatch_plan(cfg.batch_size, cfg.minibatch_size, cfg.micro_batch_size):
+                stats_mb: dict[str, Tensor] = {}
+                for micro in minibatch:
+                    idx = micro.to(device)
+                    q, qm, r, rm = ro.query_ids[idx], ro.query_mask[idx], ro.response_ids[idx], ro.response_mask[idx]
+                    logits = response_logits(policy, q, qm, r, rm, cfg.temperature)
+                    new_logprobs = logprobs_of(logits, r)
+                    new_values = critic_values(critic, q, qm, r, rm)
+                    pg_loss, pg_stats = policy_loss(new_logprobs, ro.logprobs[idx], advantages[idx], rm,
+                                                    cfg.cliprange)
+                    vf_loss, vf_stats = value_loss(new_values, ro.values[idx], returns[idx], rm, cfg.cliprange_value)
+                    loss = (pg_loss + cfg.vf_coef * vf_loss) * (len(micro) / cfg.minibatch_size)
+                    check_finite(step, loss=loss.detach())
+                    loss.backward()
+                    with torch.no_grad():
+                        micro_stats = {"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(),
+                                       "entropy": masked_mean(entropy_of(logits), rm), **pg_stats, **vf_stats}
+                    for k, v in micro_stats.items():
+                        stats_mb[k] = stats_mb.get(k, 0.0) + v * (len(micro) / cfg.minibatch_size)
+                # the ratio guard: a minibatch whose importance ratio exploded is skipped, not applied
+                if float(stats_mb["ratio_mean"]) > cfg.ratio_threshold:
+                    skipped += 1
+                    log.warning("PPO step %d: minibatch skipped, mean ratio %.3g > %.3g", step,
+                                float(stats_mb["ratio_mean"]), cfg.ratio_threshold)
+                    policy_opt.zero_grad(set_to_none=True)
+                    critic_opt.zero_grad(set_to_none=True)
+                    continue
+                if cfg.max_grad_norm > 0:
+                    gn_p = torch.nn.utils.clip_grad_norm_([p for p in policy.parameters() if p.requires_grad],
+                                                          cfg.max_grad_norm)
+                    gn_c = torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm)
+                    check_finite(step, policy_grad_norm=gn_p, critic_grad_norm=gn_c)
+                policy_opt.step()
+                critic_opt.step()
+                policy_opt.zero_grad(set_to_none=True)
+                critic_opt.zero_grad(set_to_none=True)
+                counted += 1
+                for k, v in stats_mb.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+        lr_now = policy_opt.param_groups[0]["lr"]
+        policy_sched.step()
+        critic_sched.step()
+        skipped_total += skipped
+
+        # -- 6. KL controller and logging --------------------------------------------------------------------
+        kl_seq = kl1.sum(-1)
+        kl_mean = float(kl_seq.mean())
+        kl_ctl.update(kl_mean, cfg.batch_size)
+        warn_if_negative_kl(kl_mean, step, cfg.negative_kl_tolerance)
+        seconds = time.perf_counter() - t0
+        lengths = ro.response_mask.sum(-1).float()
+        metrics = {
+            "ppo/reward_mean": float(ro.scores.mean()),
+            "ppo/reward_std": float(ro.scores.std()) if cfg.batch_size > 1 else 0.0,
+            "ppo/reward_model_score_mean": float(ro.raw_scores.mean()),
+            "ppo/kl": kl_mean,
+            "ppo/kl_k1": kl_mean,
+            "ppo/kl_k3": float(kl3.sum(-1).mean()),
+            "ppo/beta": beta,
+            "ppo/rlhf_reward": float((ro.scores - beta * kl_in_reward.sum(-1)).mean()),
+            "ppo/response_length": float(lengths.mean()),
+            "ppo/no_eos_rate": float((~ro.has_eos).float().mean()),
+            "ppo/explained_variance": explained_variance(ro.values, returns, ro.response_mask),
+            "ppo/advantage_mean_raw": float(masked_mean(returns - ro.values, ro.response_mask)),
+            "ppo/skipped_minibatches": float(skipped),
+            "ppo/lr": lr_now,
+            "perf/episodes_per_s": cfg.batch_size / max(seconds, 1e-9),
+            "perf/step_time_s": seconds,
+        }
+        for k in ("entropy", "clipfrac", "approx_kl", "value_loss", "policy_loss", "ratio_mean", "value_clipfrac"):
+            metrics[f"ppo/{k}"] = sums[k] / counted if counted else float("nan")
+        last_metrics = metrics
+        if callbacks.on_log is not None and (step % cfg.log_every == 0 or step == cfg.total_steps):
+            with _rng_isolated():
+                callbacks.on_log(metrics, step)
+        if callbacks.on_generations is not None and cfg.generations_rows > 0 and (
+                step % cfg.generations_every == 0 or step == cfg.total_steps):
+            rows = [{"step": step, "prompt": ro.prompts[i], "response": ro.responses[i],
+                     "score": float(ro.scores[i]), "kl": float(kl_seq[i])}
+                    for i in range(min(cfg.generations_rows, len(ro.prompts)))]
+            with _rng_isolated():
+                callbacks.on_generations(rows, step)
+        if callbacks.on_eval is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.total_steps:
+            with _rng_isolated():
+                last_eval = callbacks.on_eval(step) or {}
+                if last_eval and callbacks.on_log is not None:
+                    callbacks.on_log(last_eval, step)
+        if checkpoint_dir is not None and (step % cfg.checkpoint_every == 0 or step == cfg.total_steps):
+            last_ckpt = write_checkpoint(step)
+        if callbacks.on_step is not None:
+            callbacks.on_step(step, cfg.total_steps)
+
+    policy.eval()
+    critic.eval()
+    if callbacks.on_eval is not None:
+        with _rng_isolated():
+            last_eval = callbacks.on_eval(step) or {}
+            if last_eval and callbacks.on_log is not None:
+                callbacks.on_log(last_eval, step)
+    return PpoResult(policy=policy, critic=critic, final_step=step, resumed_from=resumed_from,
+                     last_metrics=last_metrics, last_eval=last_eval, checkpoint=last_ckpt,
+                     skipped_minibatches=skipped_total, seconds=time.perf_counter() - started)
+
+
+# =============================================================================================== evaluation
+
+
+def evaluate_against_reference(
+    policy: nn.Module,
+    reference: Reference | nn.Module,
+    tokenizer: Any,
+    reward_fn: RewardFn,
+    prompts: Sequence[str],
+    cfg: PpoStageConfig,
+    *,
+    judge: Callable[[int, str], bool] | None = None,
+    seed: int = 1234,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Held-out comparison of the policy with the reference (SFT) policy, both sampled as in training.
+
+    Returns ``eval/*`` metrics -- mean reward of each, KL of the policy to the
+    reference (k1, per response), win rate of the policy judged by the reward
+    model (ties count half), no-EOS rates and, with ``judge(prompt_index,
+    response) -> bool``, the rate of responses with the property it checks --
+    and the per-prompt rows. Sampling uses a fixed seed, so evaluations at
+    different steps see the same draws of the sampler; the caller's RNG state
+    is left untouched.
+    """
+    if not prompts:
+        return {}, []
+    ref = reference if isinstance(reference, Reference) else Reference(policy, reference)
+    device = next(policy.parameters()).device
+    was_training = policy.training
+    policy.eval()
+    with _rng_isolated():
+        torch.manual_seed(seed)
+        ours = collect_rollouts(policy, ref, None, tokenizer, reward_fn, prompts, cfg, device)
+        torch.manual_seed(seed)
+        with ref.model() as sft_model:
+            sft = collect_rollouts(sft_model, None, None, tokenizer, reward_fn, prompts, cfg, device)
+    if was_training:
+        policy.train()
+    kl = (kl_k1(ours.logprobs, ours.ref_logprobs) * ours.response_mask).sum(-1)
+    wins = (ours.scores > sft.scores).float() + 0.5 * (ours.scores == sft.scores).float()
+    metrics = {
+        "eval/reward_mean": float(ours.scores.mean()),
+        "eval/reward_mean_sft": float(sft.scores.mean()),
+        "eval/reward_gain": float(ours.scores.mean() - sft.scores.mean()),
+        "eval/kl": float(kl.mean()),
+        "eval/win_rate": float(wins.mean()),
+        "eval/no_eos_rate": float((~ours.has_eos).float().mean()),
+        "eval/no_eos_rate_sft": float((~sft.has_eos).float().mean()),
+        "eval/response_length": float(ours.response_mask.sum(-1).float().mean()),
+        "eval/prompts": float(len(prompts)),
+    }
+    rows = [{"prompt": ours.prompts[i], "response": ours.responses[i], "score": float(ours.scores[i]),
+             "response_sft": sft.responses[i], "score_sft": float(sft.scores[i]), "kl": float(kl[i])}
+            for i in range(len(prompts))]
+    if judge is not None:
+        hits = [judge(i, ours.responses[i]) for i in range(len(prompts))]
+        hits_sft = [judge(i, sft.responses[i]) for i in range(len(prompts))]
+        metrics["eval/planted_rate"] = sum(hits) / len(hits)
+        metrics["eval/planted_rate_sft"] = sum(hits_sft) / len(hits_sft)
+    return metrics, rows
