@@ -205,8 +205,32 @@ def _tree_rss(proc) -> int:
     return total
 
 
-def run_worker(python: Path, side: str, spec: dict, log_dir: Path, name: str) -> dict:
-    """Run ``python bench/common.py <side> spec.json`` and return its result dict (plus wall time, psutil peak)."""
+def src_shim(src_root: Path, dest: Path) -> Path:
+    """A folder to put on PYTHONPATH so that ``import alignflow`` loads the source tree at ``src_root``.
+
+    The repository keeps ``flows/``, ``tasks/``, ``models/`` and ``data_contracts/`` at the top level, and
+    ``pyproject.toml`` maps them to ``alignflow.flows`` etc. (the same mapping an installed wheel has). The shim is
+    ``dest/alignflow/`` holding symlinks: ``__init__.py`` and ``config.py`` to ``src_root/alignflow/``, and one
+    link per subpackage folder. Nothing is installed. Returns ``dest``.
+    """
+    src_root, pkg = Path(src_root).resolve(), Path(dest) / "alignflow"
+    pkg.mkdir(parents=True, exist_ok=True)
+    links = {p.name: p for p in (src_root / "alignflow").glob("*.py")}
+    links.update({name: src_root / name for name in ("flows", "tasks", "models", "data_contracts")
+                  if (src_root / name).is_dir()})
+    for name, target in links.items():
+        link = pkg / name
+        if link.is_symlink() or link.exists():
+            if link.is_symlink() and Path(os.readlink(link)) == target:
+                continue
+            link.unlink()
+        link.symlink_to(target)
+    return Path(dest)
+
+
+def run_worker(python: Path, side: str, spec: dict, log_dir: Path, name: str, script: Path | None = None) -> dict:
+    """Run ``python <script> <side> spec.json`` (default script: this file) and return its result dict (plus wall
+    time, psutil peak)."""
     import psutil
 
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -219,10 +243,13 @@ def run_worker(python: Path, side: str, spec: dict, log_dir: Path, name: str) ->
            "HF_HOME": str(log_dir.parent / "hf-home"), "TOKENIZERS_PARALLELISM": "false",
            "WANDB_DISABLED": "true", "PYTHONUNBUFFERED": "1", "DISABLE_MLFLOW_INTEGRATION": "TRUE"}
     env.pop("PYTHONPATH", None)
+    if side == "ours" and os.environ.get("ALIGNFLOW_BENCH_SRC"):
+        # Measure another source tree of alignflow (e.g. an exported older commit) with the same venv.
+        env["PYTHONPATH"] = str(src_shim(Path(os.environ["ALIGNFLOW_BENCH_SRC"]), log_dir / "src-shim"))
     out_path, err_path = log_dir / f"{name}.stdout", log_dir / f"{name}.stderr"
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         t0 = time.perf_counter()
-        popen = subprocess.Popen([str(python), str(Path(__file__).resolve()), side, str(spec_path)],
+        popen = subprocess.Popen([str(python), str(Path(script or __file__).resolve()), side, str(spec_path)],
                                  stdout=out, stderr=err, env=env, cwd=ROOT)
         proc = psutil.Process(popen.pid)
         peak = 0
@@ -448,14 +475,14 @@ def run_comparison(task: str, args, assets: dict, examples: list[dict], ours_dat
     return out
 
 
-def profile_ours(spec: dict, logs: Path, top: int = 30) -> list[dict]:
+def profile_ours(spec: dict, logs: Path, top: int = 30, script: Path | None = None) -> list[dict]:
     """One more ours run under cProfile; prints and returns the top functions by own time."""
     import io
     import pstats
 
     path = logs / "ours-profile.pstats"
     print("profiling ours (cProfile over the training call) ...", flush=True)
-    run_worker(Path(sys.executable), "ours", {**spec, "profile_path": str(path)}, logs, "ours-profile")
+    run_worker(Path(sys.executable), "ours", {**spec, "profile_path": str(path)}, logs, "ours-profile", script=script)
     stats = pstats.Stats(str(path))
     buf = io.StringIO()
     stats.stream = buf
