@@ -228,6 +228,25 @@ def promote(
             typer.echo(f"{who + ' figures':<22}" + ", ".join(f"{k}={v:.4g}" for k, v in figs.items()))
 
 
+@app.command()
+def pipeline(
+    workdir: WorkdirOpt = DEFAULT_WORKDIR,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    resume: ResumeOpt = False,
+) -> None:
+    """Every stage in order as one parent MLflow run (cached stages skipped); a summary table at the end."""
+    wd = prepare(workdir)
+    cfg = _load(config, set_)
+    from .pipeline import PipelineError, pipeline as pipeline_flow
+
+    try:
+        out = pipeline_flow(workdir=str(wd), config=cfg, resume=resume)
+    except (PipelineError, *_user_errors(), LookupError) as exc:
+        _fail(exc)
+    typer.echo("\n" + out["table"] + "\n\n" + out["ui"])
+
+
 @app.command("show-config")
 def show_config(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Print the validated config (defaults, file and overrides merged) as JSON."""

@@ -49,6 +49,13 @@ def win_rate(challenger: Sequence[float], champion: Sequence[float]) -> float:
     return wins / len(challenger)
 
 
+def fit_length(model: Any, max_length: int) -> int:
+    """``max_length`` cut to the model's position table."""
+    cfg = getattr(model, "config", None)
+    positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    return min(max_length, positions) if positions else max_length
+
+
 def load_version(name: str, version: str) -> tuple[Any, Any]:
     import mlflow
 
@@ -164,24 +171,25 @@ def default_evaluator(workdir: Path, cfg: Any) -> Evaluator:
             for v in versions:
                 model, tok = load_version(name, v)
                 figures.append(preference_figures(model, tok, rows, batch_size=cfg.batch_size,
-                                                  max_length=cfg.max_length))
+                                                  max_length=fit_length(model, cfg.max_length)))
         elif kind == "lm":
             from alignflow.tasks.train.lm import document_examples, iter_post_texts, sft_example
 
             data = data_dir()
             for v in versions:
                 model, tok = load_version(name, v)
+                length = fit_length(model, cfg.max_length)
                 if name == "alignflow-policy-sft":
                     demos = heldout_rows(data / "demos.parquet", cfg.eval_split, cfg.eval_texts,
                                          ["prompt", "response", "split"])
-                    exs = [e for d in demos if (e := sft_example(tok, d["prompt"], d["response"], cfg.max_length))]
+                    exs = [e for d in demos if (e := sft_example(tok, d["prompt"], d["response"], length))]
                     info["eval_texts"] = f"{len(demos)} demos"
                 else:
                     texts = list(iter_post_texts(data / "posts.parquet", kinds=["questions", "answers"],
                                                  split=cfg.eval_split, limit=cfg.eval_texts))
                     if not texts:
                         raise LookupError(f"no {cfg.eval_split!r} posts to evaluate {name} on")
-                    exs = document_examples(tok, texts, cfg.max_length)
+                    exs = document_examples(tok, texts, length)
                     info["eval_texts"] = f"{len(texts)} posts"
                 figures.append(lm_figures(model, tok, exs, batch_size=cfg.batch_size))
         else:  # policy
@@ -202,11 +210,12 @@ def default_evaluator(workdir: Path, cfg: Any) -> Evaluator:
             all_answers: list[list[str]] = []
             for v in versions:
                 policy, tok = load_version(name, v)
+                length = min(fit_length(policy, cfg.max_length), fit_length(reference, cfg.max_length))
                 answers = policy_answers(policy, tok, prompts, max_new_tokens=cfg.max_new_tokens,
-                                         max_length=cfg.max_length, batch_size=cfg.batch_size)
+                                         max_length=length, batch_size=cfg.batch_size)
                 r = score_texts(reward_model, reward_tok, prompts, answers, batch_size=cfg.batch_size,
-                                max_length=cfg.max_length)
-                kl = kl_per_answer(policy, reference, tok, prompts, answers, max_length=cfg.max_length)
+                                max_length=fit_length(reward_model, cfg.max_length))
+                kl = kl_per_answer(policy, reference, tok, prompts, answers, max_length=length)
                 rewards.append(r)
                 all_answers.append(answers)
                 figures.append({"reward_mean": sum(r) / len(r), "kl_to_reference": sum(kl) / len(kl),

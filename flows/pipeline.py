@@ -1,0 +1,315 @@
+"""Flow `pipeline`: ingest -> base -> (pmp -> pm) and sft -> ppo -> promote, as one parent MLflow run.
+
+    alignflow pipeline --config configs/demo.yaml [--set k=v] [--workdir DIR]
+
+Every stage is its own Prefect subflow and a nested MLflow child run of the
+pipeline's parent run (tags ``alignflow.stage``, ``prefect.flow_run_id``,
+``git.commit``). A stage is skipped as a cache hit when its key (the stage's
+config section digest, the content digests of the datasets it reads and the
+registered versions of the models it starts from) matches a finished earlier
+run of it whose model version is still the ``challenger``; the skip is recorded
+as a child run tagged ``alignflow.cache_hit=true`` that points at the run that
+did the work. A pipeline that failed at stage k restarts at stage k when run
+again (the stages before it are cache hits; stage k resumes from its latest
+checkpoint). At the end: a summary table (stage, run id, key metrics, registry
+aliases) and how to open the MLflow UI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from prefect import flow
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+from alignflow.config import AlignflowConfig, load_config
+from alignflow.tasks import registry, tracking
+
+ORDER = ("ingest", "base", "pmp", "pm", "sft", "ppo", "promote")
+# stage -> (module, flow function, registered model it produces or None)
+STAGES: dict[str, tuple[str, str, str | None]] = {
+    "ingest": ("alignflow.flows.ingest", "ingest", None),
+    "base": ("alignflow.flows.base", "base", "alignflow-base"),
+    "pmp": ("alignflow.flows.pmp", "pmp", "alignflow-pmp"),
+    "pm": ("alignflow.flows.pm", "pm", "alignflow-reward"),
+    "sft": ("alignflow.flows.sft", "sft", "alignflow-policy-sft"),
+    "ppo": ("alignflow.flows.ppo", "ppo", "alignflow-policy"),
+    "promote": ("alignflow.flows.promote", "promote_all", None),
+}
+# what each stage reads: datasets (by content digest) and models (by registered version)
+READS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "base": (("posts",), ()),
+    "pmp": (("pairs",), ("alignflow-base",)),
+    "pm": (("pairs", "demos"), ("alignflow-pmp", "alignflow-base")),
+    "sft": (("demos", "posts"), ("alignflow-base",)),
+    "ppo": (("prompts", "demos"), ("alignflow-policy-sft", "alignflow-reward")),
+    "promote": (("pairs", "prompts", "demos", "posts"),
+                ("alignflow-base", "alignflow-pmp", "alignflow-reward", "alignflow-policy-sft", "alignflow-policy")),
+}
+MODELS = ("alignflow-base", "alignflow-pmp", "alignflow-reward", "alignflow-policy-sft", "alignflow-policy")
+SUMMARY_TAG = "alignflow.stage_summary"
+KEY_METRICS = ("final_loss", "eval/loss", "eval/perplexity", "eval/pairwise_accuracy", "planted_rate",
+               "ppo/reward_mean", "ppo/kl", "eval/reward_mean", "eval/win_rate", "eval/kl")
+
+
+class PipelineError(RuntimeError):
+    """A stage could not be run (not available, or it failed)."""
+
+
+def stages_to_run(cfg: AlignflowConfig, only: list[str] | None = None) -> list[str]:
+    wanted = set(only or cfg.pipeline.stages)
+    unknown = wanted - set(ORDER)
+    if unknown:
+        raise PipelineError(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(ORDER)}")
+    out = [s for s in ORDER if s in wanted]
+    if "pmp" in out and not cfg.pmp.enabled:
+        out.remove("pmp")
+    return out
+
+
+def load_stage_flows(stages: list[str]) -> dict[str, Callable[..., dict]]:
+    """Import every stage's flow before anything runs; a missing stage is an error, never a silent skip."""
+    flows: dict[str, Callable[..., dict]] = {}
+    missing = []
+    for stage in stages:
+        module, fn, _ = STAGES[stage]
+        try:
+            flows[stage] = getattr(importlib.import_module(module), fn)
+        except (ImportError, AttributeError) as exc:
+            missing.append(f"  {stage}: {module}.{fn} is not available ({type(exc).__name__}: {exc})")
+    if missing:
+        raise PipelineError("the pipeline cannot run these stages:\n" + "\n".join(missing)
+                            + "\nleave them out with --set pipeline.stages=[...] (and pmp.enabled=false for pmp)")
+    return flows
+
+
+def stage_key(stage: str, cfg: AlignflowConfig, digests: dict[str, str], versions: dict[str, str | None]) -> str:
+    """Content key of a stage: its config section, the digests of its datasets, the versions of its models."""
+    data_kinds, models = READS.get(stage, ((), ()))
+    section = {"promote": cfg.promote, "ppo": getattr(cfg, "ppo", None)}.get(stage, getattr(cfg, stage, None))
+    body = {
+        "stage": stage,
+        "config": section.model_dump(mode="json") if section is not None else None,
+        "pmp_enabled": cfg.pmp.enabled if stage in ("pm",) else None,
+        "data": {k: digests.get(k, "") for k in data_kinds},
+        "models": {m: versions.get(m) for m in models},
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _manifest_digests(workdir: Path) -> dict[str, str]:
+    from alignflow.tasks.ingest.run import latest_datasets
+
+    try:
+        manifest = json.loads((latest_datasets(workdir) / "manifest.json").read_text())["datasets"]
+    except (FileNotFoundError, KeyError, json.JSONDecodeError):
+        return {}
+    return {k: v.get("digest", "") for k, v in manifest.items()}
+
+
+def _challengers() -> dict[str, str | None]:
+    return {m: registry.resolve_version(m, registry.CHALLENGER) for m in MODELS}
+
+
+def find_cached(client: MlflowClient, experiment_id: str, stage: str, key: str) -> dict | None:
+    """The summary of a finished earlier run of ``stage`` with this key, if its model is still the challenger."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`alignflow.stage` = '{stage}' and tags.`alignflow.cache_key` = '{key}' "
+                      f"and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=5)
+    for run in runs:
+        text = run.data.tags.get(SUMMARY_TAG)
+        if not text:
+            continue
+        summary = json.loads(text)
+        model = STAGES[stage][2]
+        if model and registry.resolve_version(model, registry.CHALLENGER) != str(summary.get("version")):
+            continue  # the alias moved on: the cached output is not what the next stage would read
+        return summary
+    return None
+
+
+def _plain(summary: dict) -> dict:
+    """The JSON-able scalars of a stage summary (what is kept for cache hits and the table)."""
+    out = {}
+    for k, v in summary.items():
+        if isinstance(v, (str, int, float, bool)) or v is None:
+            out[k] = v
+    if "results" in summary:  # promote: one decision per model
+        out["decisions"] = {r["model"]: r["decision"] for r in summary["results"]}
+    return out
+
+
+def _key_metrics(summary: dict) -> str:
+    parts = [f"{k}={summary[k]:.4g}" for k in KEY_METRICS if isinstance(summary.get(k), (int, float))
+             and not isinstance(summary.get(k), bool)]
+    if "decisions" in summary:
+        parts += [f"{m.removeprefix('alignflow-')}:{d}" for m, d in summary["decisions"].items()]
+    if "cache_hit" in summary and summary.get("stage") == "ingest":
+        parts.append(f"datasets {'reused' if summary['cache_hit'] else 'built'}")
+    return ", ".join(parts[:6])
+
+
+def _state_file(workdir: Path) -> Path:
+    return Path(workdir).resolve() / "pipeline" / "state.json"
+
+
+def _write_state(workdir: Path, state: dict) -> None:
+    path = _state_file(workdir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(state, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _read_state(workdir: Path) -> dict:
+    try:
+        return json.loads(_state_file(workdir).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _sources(cfg: AlignflowConfig, workdir: Path) -> list[str]:
+    if cfg.pipeline.sources:
+        return list(cfg.pipeline.sources)
+    from alignflow.tasks.ingest.synthetic import generate_dump
+
+    g = cfg.generate
+    dumps = [generate_dump(workdir / "dumps", questions=g.questions, seed=g.seed, site=g.site)]
+    if getattr(g, "generic_questions", 0):
+        dumps.append(generate_dump(workdir / "dumps", questions=g.generic_questions, seed=g.seed + 1,
+                                   site=g.generic_site))
+    return [str(d) for d in dumps]
+
+
+def ui_hint(experiment_id: str, run_id: str) -> str:
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("http"):
+        return f"MLflow UI: {uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return (f"open the MLflow UI:  mlflow ui --backend-store-uri {uri} --port 5000\n"
+            f"  then http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}  (the pipeline run; its "
+            f"stages are the nested runs; select two pipeline runs and Compare)")
+
+
+def summary_table(rows: list[dict], aliases: dict[str, dict[str, str | None]]) -> str:
+    lines = [f"{'stage':<9}{'status':<11}{'mlflow run':<34}{'model':<22}{'version':<8}key metrics"]
+    for r in rows:
+        lines.append(f"{r['stage']:<9}{r['status']:<11}{r.get('run_id') or '-':<34}{r.get('model') or '-':<22}"
+                     f"{str(r.get('version') or '-'):<8}{r.get('metrics', '')}")
+    lines += ["", f"{'registered model':<22}{'challenger':<12}{'champion':<10}"]
+    for m, a in aliases.items():
+        lines.append(f"{m:<22}{'v' + a['challenger'] if a['challenger'] else '-':<12}"
+                     f"{'v' + a['champion'] if a['champion'] else '-':<10}")
+    return "\n".join(lines)
+
+
+@flow(name="pipeline", log_prints=True)
+def pipeline(
+    workdir: str = "./alignflow-work",
+    config: AlignflowConfig | None = None,
+    resume: bool = False,
+    config_file: str | None = None,
+    overrides: list[str] | None = None,
+    stages: list[str] | None = None,
+) -> dict[str, Any]:
+    """Run the stages in order under one parent MLflow run; returns the per-stage rows and the aliases.
+
+    ``config`` or (``config_file`` + ``overrides``, read at run time: what deployments pass).
+    ``stages``: run only these (default ``pipeline.stages``). ``resume`` is implied for the stage a
+    failed pipeline stopped at.
+    """
+    cfg = config or load_config(config_file, overrides or [])
+    wd = Path(workdir).expanduser().resolve()
+    order = stages_to_run(cfg, stages)
+    flows = load_stage_flows(order)
+    experiment_id = tracking.configure(wd, cfg.experiment)
+    client = MlflowClient()
+    previous = _read_state(wd)
+    failed_before = previous.get("failed_stage") if previous.get("status") == "failed" else None
+    rows: list[dict] = []
+    state: dict[str, Any] = {"status": "running", "stages": {}, "config_digest": cfg.digest()}
+    tags = {"alignflow.stage": "pipeline", "git.commit": tracking.git_commit(),
+            "alignflow.pipeline_stages": ",".join(order)}
+    flow_run_id = tracking.prefect_flow_run_id()
+    if flow_run_id:
+        tags["prefect.flow_run_id"] = str(flow_run_id)
+    with mlflow.start_run(run_name="pipeline", tags=tags) as parent:
+        create_link_artifact(key="mlflow-run", link=tracking.run_url(parent), link_text="MLflow run of this pipeline")
+        mlflow.log_params({k: tracking._param_value(v) for k, v in
+                           tracking.flatten({"pipeline": cfg.pipeline.model_dump(mode="json")}).items()})
+        mlflow.log_param("config_digest", cfg.digest())
+        digests = _manifest_digests(wd)
+        current = None
+        try:
+            for stage in order:
+                current = stage
+                if stage == "ingest":
+                    out = flows["ingest"](_sources(cfg, wd), workdir=str(wd), config=cfg)
+                    digests = {k: v["digest"] for k, v in out["datasets"].items()}
+                    row = {"stage": "ingest", "status": "cache hit" if out["cache_hit"] else "ran",
+                           "run_id": out["run_id"], "metrics": _key_metrics({**out, "stage": "ingest"})}
+                    rows.append(row)
+                    state["stages"][stage] = row
+                    continue
+                key = stage_key(stage, cfg, digests, _challengers())
+                cached = None
+                if cfg.pipeline.cache or failed_before:
+                    cached = find_cached(client, experiment_id, stage, key)
+                    if cached is not None and not cfg.pipeline.cache:
+                        # without the cache, only the stages the failed pipeline finished are reused
+                        done = previous.get("stages", {}).get(stage, {})
+                        cached = cached if done.get("key") == key else None
+                if cached is not None:
+                    with tracking.stage_run(stage, {"cache_key": key}, run_name=f"{stage} (cache hit)",
+                                            tags={"alignflow.cache_hit": "true", "alignflow.cache_key": key,
+                                                  "alignflow.cache_source_run": str(cached.get("run_id"))}) as hit:
+                        mlflow.set_tag(SUMMARY_TAG, json.dumps(cached)[:7900])
+                    summary, status = {**cached, "cache_run_id": hit.info.run_id}, "cache hit"
+                    print(f"{stage}: cache hit (run {cached.get('run_id')}, {cached.get('model')} "
+                          f"v{cached.get('version')})")
+                else:
+                    resume_stage = resume or stage == failed_before
+                    summary = _plain(flows[stage](workdir=str(wd), config=cfg, resume=resume_stage))
+                    status = "resumed" if resume_stage and stage == failed_before else "ran"
+                    if summary.get("run_id"):
+                        client.set_tag(summary["run_id"], "alignflow.cache_key", key)
+                        client.set_tag(summary["run_id"], SUMMARY_TAG, json.dumps(summary)[:7900])
+                row = {"stage": stage, "status": status, "run_id": summary.get("run_id"),
+                       "model": summary.get("model") if stage != "promote" else "(gates)",
+                       "version": summary.get("version"), "metrics": _key_metrics(summary), "key": key}
+                rows.append(row)
+                state["stages"][stage] = row
+                _write_state(wd, {**state, "status": "running", "current": stage})
+        except Exception as exc:
+            _write_state(wd, {**state, "status": "failed", "failed_stage": current, "error": repr(exc)[:2000]})
+            mlflow.set_tag("alignflow.failed_stage", current or "")
+            raise PipelineError(f"stage '{current}' failed: {type(exc).__name__}: {exc}\n"
+                                f"run the same command again to restart at '{current}' (earlier stages are reused)"
+                                ) from exc
+        aliases = {m: {"challenger": registry.resolve_version(m, registry.CHALLENGER),
+                       "champion": registry.resolve_version(m, registry.CHAMPION)} for m in MODELS}
+        table = summary_table(rows, aliases)
+        mlflow.log_text(table, "pipeline/summary.txt")
+        mlflow.log_dict({"stages": rows, "aliases": aliases}, "pipeline/summary.json")
+        mlflow.set_tag("alignflow.cache_hits", str(sum(r["status"] == "cache hit" for r in rows)))
+        create_table_artifact(key="pipeline-summary", table=[{k: str(v) for k, v in r.items() if k != "key"}
+                                                              for r in rows],
+                              description="Stages of this pipeline run: status, MLflow run, model, key metrics")
+        create_markdown_artifact(key="pipeline-aliases", markdown="| model | challenger | champion |\n|---|---|---|\n"
+                                 + "\n".join(f"| {m} | {a['challenger'] or '-'} | {a['champion'] or '-'} |"
+                                             for m, a in aliases.items()) + "\n")
+        hint = ui_hint(experiment_id, parent.info.run_id)
+        print("\n" + table + "\n\n" + hint)
+        _write_state(wd, {**state, "status": "finished", "parent_run_id": parent.info.run_id})
+        return {"stage": "pipeline", "run_id": parent.info.run_id, "experiment_id": experiment_id,
+                "model": "", "version": "", "stages": rows, "aliases": aliases, "table": table, "ui": hint,
+                "tracking_uri": mlflow.get_tracking_uri()}
