@@ -104,6 +104,9 @@ class GenerateConfig(_Section):
     questions: int = Field(200, ge=1, description="Number of questions in the generated dump.")
     seed: int = Field(0, description="Seed; the same seed gives byte-identical files.")
     site: str = Field("synthetic.stackexchange.com", description="Site name written into the dump folder name.")
+    generic_questions: int = Field(0, ge=0, description="Questions of a second, generic dump (another site, seed "
+                                   "and key-term pool) for preference-model pretraining; 0 = none.")
+    generic_site: str = Field("generic.stackexchange.com", description="Site name of the generic dump.")
 
 
 class ModelConfig(_Section):

@@ -33,8 +33,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from alignflow.config import ConfigError
     from alignflow.data_contracts import ContractViolation
     from alignflow.tasks.ingest.errors import IngestError
+    from alignflow.tasks.train.pairs import PairSelectionError
 
-    return (ConfigError, IngestError, ContractViolation, FileNotFoundError)
+    return (ConfigError, IngestError, ContractViolation, FileNotFoundError, PairSelectionError)
 
 
 def _load(config: Path | None, overrides: list[str] | None):
@@ -104,28 +105,38 @@ def demo(
     / "configs" / "demo.yaml",
     set_: SetOpt = None,
 ) -> None:
-    """The embedded default end to end: generate a dump, ingest it, pretrain base, SFT; say where everything is."""
+    """The embedded default end to end: generate dumps, ingest, base LM, PMP, reward model, SFT; say where it all is."""
     wd = prepare(workdir)
     cfg = _load(config if config.is_file() else None, set_)
     from alignflow.tasks.ingest.synthetic import PLANTED_RULE, generate_dump as generate
 
-    dump = generate(wd / "dumps", questions=cfg.generate.questions, seed=cfg.generate.seed, site=cfg.generate.site)
-    typer.echo(f"synthetic dump: {dump}\nplanted rule: {PLANTED_RULE}")
+    g = cfg.generate
+    dumps = [generate(wd / "dumps", questions=g.questions, seed=g.seed, site=g.site)]
+    if g.generic_questions:
+        dumps.append(generate(wd / "dumps", questions=g.generic_questions, seed=g.seed + 1, site=g.generic_site))
+    typer.echo("synthetic dumps: " + ", ".join(map(str, dumps)) + f"\nplanted rule: {PLANTED_RULE}")
     from .ingest import ingest as ingest_flow
 
     try:
-        out = ingest_flow([str(dump)], workdir=str(wd), config=cfg)
+        out = ingest_flow([str(d) for d in dumps], workdir=str(wd), config=cfg)
     except _user_errors() as exc:
         _fail(exc)
     _print_ingest(out)
     from .base import base as base_flow
+    from .pm import pm as pm_flow
+    from .pmp import pmp as pmp_flow
     from .sft import sft as sft_flow
 
-    summaries = [base_flow(workdir=str(wd), config=cfg), sft_flow(workdir=str(wd), config=cfg)]
+    summaries = []
+    for stage_flow in (base_flow, pmp_flow, pm_flow, sft_flow):
+        s = stage_flow(workdir=str(wd), config=cfg)
+        if s.get("run_id"):
+            summaries.append(s)
     typer.echo("")
     typer.echo(f"{'stage':<8}{'mlflow run':<34}{'model':<24}{'version':<9}key metrics")
     for s in summaries:
-        keys = [k for k in ("final_loss", "eval/loss", "eval/perplexity", "planted_rate_start", "planted_rate")
+        keys = [k for k in ("final_loss", "eval/loss", "eval/perplexity", "eval/pairwise_accuracy",
+                            "eval/accuracy_ci_low", "eval/accuracy_ci_high", "planted_rate_start", "planted_rate")
                 if s.get(k) is not None]
         metrics = ", ".join(f"{k}={s[k]:.3g}" for k in keys)
         typer.echo(f"{s['stage']:<8}{s['run_id']:<34}{s['model']:<24}{s['version']:<9}{metrics}")
@@ -154,6 +165,12 @@ def _run_stage(stage: str, workdir: Path, config: Path | None, set_: list[str] |
 def _print_stage(out: dict) -> None:
     typer.echo("")
     for key, value in out.items():
+        if isinstance(value, list):  # a table (pmp-transfer's results): one line per row
+            typer.echo(f"{key}:")
+            for row in value:
+                typer.echo("  " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                            for k, v in row.items()))
+            continue
         if isinstance(value, float):
             value = f"{value:.4g}"
         typer.echo(f"{key:<22}{value}")
@@ -245,6 +262,43 @@ def pipeline(
     except (PipelineError, *_user_errors(), LookupError) as exc:
         _fail(exc)
     typer.echo("\n" + out["table"] + "\n\n" + out["ui"])
+
+
+@app.command()
+def serve(
+    workdir: WorkdirOpt = DEFAULT_WORKDIR,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    ingest_cron: Annotated[str, typer.Option("--ingest-cron", help="Cron of the ingest deployment ('none': no schedule).")] = "0 * * * *",
+    pipeline_cron: Annotated[str, typer.Option("--pipeline-cron", help="Cron of the pipeline deployment ('none': no schedule).")] = "0 3 * * *",
+    ingest_every: Annotated[Optional[float], typer.Option("--ingest-every", help="Seconds between ingests (instead of the cron).")] = None,
+    pipeline_every: Annotated[Optional[float], typer.Option("--pipeline-every", help="Seconds between pipelines (instead of the cron).")] = None,
+    train_after_ingest: Annotated[Optional[str], typer.Option("--train-after-ingest", help="auto|trigger|run-deployment|off (default: $ALIGNFLOW_TRAIN_AFTER_INGEST or auto).")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Most flow runs at once.")] = None,
+) -> None:
+    """Register and serve the deployments: ingest and pipeline on schedules, training after each ingest."""
+    import os
+
+    wd = prepare(workdir)
+    if not os.environ.get("PREFECT_API_URL"):
+        _fail(RuntimeError("serve needs a Prefect server: start one (infra/local-up.sh or `prefect server start`) "
+                           "and set PREFECT_API_URL, e.g. http://127.0.0.1:4200/api"))
+    from .serve import MODE_ENV, build_deployments, serve_all
+
+    mode = train_after_ingest or os.environ.get(MODE_ENV, "auto")
+    sets = set_ or []
+    _load(config, sets)
+    try:
+        deployments = build_deployments(
+            str(wd), str(config) if config else None, sets,
+            ingest_cron=None if ingest_cron.lower() == "none" else ingest_cron,
+            pipeline_cron=None if pipeline_cron.lower() == "none" else pipeline_cron,
+            ingest_every=ingest_every, pipeline_every=pipeline_every, train_after_ingest=mode)
+    except ValueError as exc:
+        _fail(exc)
+    for d in deployments:
+        typer.echo(f"deployment {d.flow_name}/{d.name}: {d.description}")
+    serve_all(deployments, limit=limit)
 
 
 @app.command("show-config")

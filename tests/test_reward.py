@@ -324,13 +324,13 @@ def test_evaluate_pairs_uses_scores_and_lists_worst(rm, tok):
 
 
 # -- learning -----------------------------------------------------------------------------------------------------
-# In-budget settings (about 20 s of training on one CPU thread). The planted rule ("mentions the question's key
+# In-budget settings (about 30 s of training on one CPU thread). The planted rule ("mentions the question's key
 # term AND has a ``` block") caps pairwise accuracy at ~0.97 on these held-out pairs. The tiny model learns the
-# code-block half at once; matching the answer's word against the prompt's key term is learned late (a phase
-# change after ~1000-1500 steps on ~6000 pairs, then ~0.94-0.95 held-out), so in this budget overall accuracy is
-# ~0.88-0.90 and the bar is 0.85 with a separate check that term matching is above chance.
-LEARN_QUESTIONS = 2000
-LEARN = dict(vocab_size=2000, max_length=48, steps=400, batch_size=16, lr=3e-3)
+# code-block half at once; matching the answer's word against the prompt's key term is learned later (a phase
+# change after several hundred steps), so the budget is 1000 steps on ~3000 training pairs: held-out accuracy
+# 0.92 here (0.88-0.90 after 400 steps on 2000 questions). A separate check says term matching is above chance.
+LEARN_QUESTIONS = 3000
+LEARN = dict(vocab_size=2000, max_length=48, steps=1000, batch_size=16, lr=3e-3)
 
 
 @pytest.fixture(scope="module")
@@ -364,11 +364,11 @@ def test_reward_model_learns_the_planted_rule(synthetic_pairs):
                               vocab_size=LEARN["vocab_size"], model_max_length=LEARN["max_length"])
     model = reward_model_from_causal_lm(_lm(tok, max_position=LEARN["max_length"]), tokenizer=tok, seed=0)
     cfg = TrainConfig(max_steps=LEARN["steps"], batch_size=LEARN["batch_size"], lr=LEARN["lr"], warmup_steps=10,
-                      weight_decay=0.0, eval_every=10**6, log_every=10**6, seed=0)
+                      weight_decay=0.0, eval_every=10**6, log_every=10**6, checkpoint_every=10**6, seed=0)
     result = train_reward(cfg, model, tok, train, held[:32], max_length=LEARN["max_length"])
     assert result.final_step == LEARN["steps"] and "eval/pairwise_accuracy" in result.last_eval
     metrics = evaluate_pairs(model, tok, held, batch_size=64, max_length=LEARN["max_length"])
-    assert metrics["eval/pairwise_accuracy"] >= 0.85, metrics
+    assert metrics["eval/pairwise_accuracy"] >= 0.90, metrics
 
     # Which half of the rule is learned: code block (vs term-only / neither) and key term (vs code-only).
     rc = score_texts(model, tok, [r["prompt"] for r in held], [r["chosen"] for r in held], batch_size=64,

@@ -316,11 +316,12 @@ def evaluate_pairs(
     confidently mis-ranked first), as dicts with ``pair_id``, ``site``,
     ``question_id``, ``r_chosen``, ``r_rejected``, ``reward_diff``, ``gap``,
     ``prompt``, ``chosen``, ``rejected`` (texts cut at 500 characters) for a
-    table. Take ``{k: v for k, v in out.items() if k.startswith("eval/")}`` as metrics.
+    table, and ``r_chosen`` / ``r_rejected``: every pair's rewards in row order. Take
+    ``{k: v for k, v in out.items() if k.startswith("eval/")}`` as metrics.
     """
     rows = list(rows)
     if not rows:
-        return {**pair_metrics([], []), "worst_pairs": []}
+        return {**pair_metrics([], []), "worst_pairs": [], "r_chosen": [], "r_rejected": []}
     prompts = [r["prompt"] for r in rows]
     scores = score_texts(model, tokenizer, prompts + prompts, [r["chosen"] for r in rows] +
                          [r["rejected"] for r in rows], batch_size=batch_size, max_length=max_length)
@@ -328,6 +329,7 @@ def evaluate_pairs(
     r_c, r_r = scores[:n], scores[n:]
     gaps = [_gap(r) for r in rows]
     out: dict[str, Any] = pair_metrics(r_c, r_r, gaps)
+    out["r_chosen"], out["r_rejected"] = list(r_c), list(r_r)
     order = sorted(range(n), key=lambda i: (r_c[i] - r_r[i], i))[: max(n_worst, 0)]
     out["worst_pairs"] = [
         {"pair_id": rows[i].get("pair_id"), "site": rows[i].get("site"), "question_id": rows[i].get("question_id"),
@@ -365,6 +367,7 @@ def train_reward(
     max_length: int,
     use_margin: bool = False,
     centering: float = 0.0,
+    group_by_question: bool = True,
     checkpoint_dir: Path | None = None,
     resume: bool = False,
     callbacks: LoopCallbacks | None = None,
@@ -373,7 +376,8 @@ def train_reward(
 
     ``cfg_train.batch_size`` is the number of *pairs* per micro-batch: pairs
     are packed by :func:`question_batches` (seed ``cfg_train.seed``), one packed
-    batch per loop element. Evaluation (every ``eval_every`` steps and at the
+    batch per loop element (``group_by_question=False``: every pair is its own
+    group, so batches mix questions freely). Evaluation (every ``eval_every`` steps and at the
     end): :func:`evaluate_pairs` on the first ``eval_batches × batch_size`` rows
     of ``rows_eval``; the ``eval/...`` floats are returned to the loop (the
     worst-pairs table is not: call :func:`evaluate_pairs` for it). A user
@@ -382,7 +386,8 @@ def train_reward(
     examples = pair_examples(tokenizer, rows_train, max_length)
     if not examples:
         raise ValueError("no training pairs")
-    batches = question_batches([e["group"] for e in examples], cfg_train.batch_size, cfg_train.seed)
+    groups = [e["group"] for e in examples] if group_by_question else [str(i) for i in range(len(examples))]
+    batches = question_batches(groups, cfg_train.batch_size, cfg_train.seed)
     dataset = [{"pairs": [examples[i] for i in b]} for b in batches]
     lengths = [max(max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) for e in el["pairs"])
                for el in dataset]

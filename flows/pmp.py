@@ -1,0 +1,117 @@
+"""Flow `pmp`: preference-model pretraining on a weighted mixture of generic pairs, registered as `alignflow-pmp`.
+
+    alignflow pmp --workdir ./alignflow-work [--config configs/demo.yaml] [--set pmp.train.max_steps=50] [--resume]
+
+Starts from ``pmp.model.name_or_path`` when set, else from ``alignflow-base@challenger``
+with a new score head. The training pairs are a mixture of ``pmp.sources``
+(sites of ingested datasets, each with a weight; a source smaller than its
+share is repeated), optionally binarised (the PMP paper's GOOD:/BAD: pairs).
+Evaluation: held-out (validation-split) ranked pairs of the same sources.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from prefect import flow, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from alignflow.config import AlignflowConfig, PmpStageConfig
+from alignflow.tasks import registry, tracking
+from alignflow.tasks.ingest.run import latest_datasets
+from alignflow.tasks.preference import REWARD_TASK, log_reward_eval, start_reward_model
+from alignflow.tasks.train.loop import LoopCallbacks, LoopResult
+from alignflow.tasks.train.pairs import (
+    MixtureSource,
+    check_split_hygiene,
+    draw_mixture,
+    draw_questions,
+    read_pairs,
+    rows_of_split,
+)
+from alignflow.tasks.train.reward import binarize_pairs, evaluate_pairs, train_reward
+
+MODEL_NAME = "alignflow-pmp"
+
+
+def source_data(cfg: PmpStageConfig, workdir: Path) -> dict[Path, dict]:
+    """Each distinct pairs dataset the sources read, with its manifest entry (path -> {digest, rows})."""
+    out: dict[Path, dict] = {}
+    for src in cfg.sources:
+        folder = Path(src.data) if src.data else latest_datasets(workdir)
+        path = folder / "pairs.parquet" if folder.is_dir() else folder
+        manifest_file = path.parent / "manifest.json"
+        entry = {"digest": "", "rows": None}
+        if manifest_file.is_file():
+            entry = json.loads(manifest_file.read_text())["datasets"]["pairs"]
+        out[path.resolve()] = entry
+    return out
+
+
+@task(name="train-pmp", cache_policy=NO_CACHE)
+def train(cfg: PmpStageConfig, model: Any, tok: Any, train_rows: list[dict], eval_rows: list[dict], ckpt: Path,
+          resume: bool) -> LoopResult:
+    logger = tracking.MetricLogger(cfg.train.max_steps, "pmp")
+    try:
+        return train_reward(cfg.train, model, tok, train_rows, eval_rows, max_length=cfg.model.max_length,
+                            use_margin=cfg.use_margin, centering=cfg.centering,
+                            group_by_question=cfg.group_by_question, checkpoint_dir=ckpt, resume=resume,
+                            callbacks=LoopCallbacks(on_log=logger.log, on_step=logger.step))
+    finally:
+        logger.close()
+
+
+@flow(name="pmp", log_prints=True)
+def pmp(workdir: str = "./alignflow-work", config: AlignflowConfig | None = None, resume: bool = False) -> dict[str, Any]:
+    cfg = config or AlignflowConfig()
+    if not cfg.pmp.enabled:
+        print("pmp.enabled is false: nothing to do (pm starts from alignflow-base)")
+        return {"stage": "pmp", "run_id": None, "model": MODEL_NAME, "version": None, "skipped": "pmp.enabled=false"}
+    wd = Path(workdir)
+    tracking.configure(wd, cfg.experiment)
+    with tracking.stage_run("pmp", {"pmp": cfg.pmp.model_dump(mode="json")}) as run:
+        create_link_artifact(key="mlflow-run", link=tracking.run_url(run), link_text="MLflow run of this stage")
+        datasets = source_data(cfg.pmp, wd)
+        rows: list[dict] = []
+        for path, entry in datasets.items():
+            tracking.log_parquet_input(path, name="pairs", digest=entry.get("digest") or path.name,
+                                       context="training", rows=entry.get("rows"))
+            rows.extend(read_pairs(path))
+        sources = [MixtureSource(s.site, s.weight) for s in cfg.pmp.sources]
+        seed = cfg.pmp.train.seed
+        mixture, report = draw_mixture(rows_of_split(rows, "train"), sources, cfg.pmp.max_pairs, seed)
+        sites = {r["site"] for r in mixture}
+        held = draw_questions([r for r in rows_of_split(rows, "validation") if r["site"] in sites],
+                              cfg.pmp.eval_pairs, seed)
+        check_split_hygiene(mixture, held)
+        mlflow.log_metrics(report.as_metrics())
+        mlflow.log_dict({"sources": report.per_source, "total": report.total}, "data/mixture.json")
+        train_rows = binarize_pairs(mixture) if cfg.pmp.binarize else mixture
+        model, tok, start = start_reward_model(cfg.pmp.model, registered="alignflow-base", seed=seed)
+        mlflow.log_param("start_model", start)
+        ckpt, resumed_from = tracking.attach_checkpoints(wd, "pmp", run, resume=resume)
+        loop = train(cfg.pmp, model, tok, train_rows, held[: cfg.pmp.train.eval_batches * cfg.pmp.train.batch_size],
+                     ckpt, resume and resumed_from is not None)
+        result = evaluate_pairs(model, tok, held, batch_size=cfg.pmp.train.batch_size,
+                                max_length=cfg.pmp.model.max_length, n_worst=20)
+        metrics = log_reward_eval(result)
+        version = registry.register_transformers(model, tok, name=MODEL_NAME, task=REWARD_TASK,
+                                                 tags={"start_model": start, "binarized": str(cfg.pmp.binarize)})
+        summary = {"stage": "pmp", "run_id": run.info.run_id, "model": MODEL_NAME, "version": version,
+                   "start_model": start, "train_pairs": len(train_rows), "final_loss": loop.final_loss, **metrics}
+        create_markdown_artifact(key="pmp-summary", markdown=_summary_md(summary, report.per_source))
+        print(f"registered {MODEL_NAME} version {version} (alias challenger); held-out accuracy "
+              f"{metrics.get('eval/pairwise_accuracy', float('nan')):.3f} on {len(held)} pairs")
+        return summary
+
+
+def _summary_md(summary: dict, per_source: dict) -> str:
+    lines = ["# Stage `pmp`", "", "| field | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items()]
+    lines += ["", "## Mixture", "", "| source | weight | pairs available | pairs drawn |", "|---|---|---|---|"]
+    lines += [f"| {s} | {v['weight']:.3f} | {int(v['available'])} | {int(v['drawn'])} |" for s, v in per_source.items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,182 @@
+"""Steps shared by the preference-model stages (``pmp``, ``pm``, ``pmp-transfer``).
+
+* :func:`start_reward_model`: the network a stage starts from (a named model, a
+  registered reward model, or a registered causal LM that gets a fresh score head).
+* :func:`task_pairs`: the task-specific pairs of ``pm`` (an ingested site, or a
+  user's ``prompt/chosen/rejected`` file ingested on the side).
+* :func:`log_reward_eval`: metrics, the worst-ranked pairs table and a
+  reliability diagram of one evaluation, into the active MLflow run.
+* :func:`plot_transfer`: the accuracy-vs-N figure of ``pmp-transfer``.
+
+The flows call these inside their MLflow run; the pure parts live in
+``tasks.train.reward`` and ``tasks.train.pairs``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from alignflow.config import IngestConfig, ModelConfig
+
+__all__ = [
+    "REWARD_TASK",
+    "is_reward_model",
+    "log_reward_eval",
+    "plot_transfer",
+    "start_reward_model",
+    "task_pairs",
+]
+
+#: The MLflow transformers task reward models are logged with (a one-label sequence classifier).
+REWARD_TASK = "text-classification"
+
+
+def is_reward_model(model: Any) -> bool:
+    """A one-output sequence classifier (what the reward stages train and register)."""
+    return type(model).__name__.endswith("ForSequenceClassification") and getattr(model.config, "num_labels", 0) == 1
+
+
+def start_reward_model(model_cfg: ModelConfig, *, registered: str, seed: int) -> tuple[Any, Any, str]:
+    """``(reward_model, tokenizer, source)`` a reward stage starts from.
+
+    ``model_cfg.name_or_path`` wins: a sequence-classifier folder/hub id is
+    loaded as it is; a causal LM gets a new score head
+    (:func:`~alignflow.models.reward.reward_model_from_causal_lm`, seeded).
+    Otherwise the registered model ``registered@challenger`` is loaded the same
+    way (a reward model as it is, a causal LM with a new head).
+    """
+    from alignflow.models import load_tokenizer, reward_model_from_causal_lm
+    from alignflow.models.loading import load_sequence_classifier
+
+    if model_cfg.name_or_path:
+        from transformers import AutoConfig
+
+        path = model_cfg.name_or_path
+        tok = load_tokenizer(path, trust_remote_code=model_cfg.trust_remote_code)
+        archs = getattr(AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code),
+                        "architectures", None) or []
+        if any(a.endswith("ForSequenceClassification") for a in archs):
+            model = load_sequence_classifier(path, trust_remote_code=model_cfg.trust_remote_code, tokenizer=tok)
+        else:
+            model = reward_model_from_causal_lm(path, tokenizer=tok, seed=seed)
+        return model, tok, path
+    from alignflow.tasks import registry
+
+    model, tok, version = registry.load_transformers_components(registered, registry.CHALLENGER)
+    if not is_reward_model(model):
+        model = reward_model_from_causal_lm(model, tokenizer=tok, seed=seed)
+    return model, tok, f"models:/{registered}/{version}"
+
+
+def task_pairs(pairs_file: str | None, latest: Path, workdir: Path, ingest_cfg: IngestConfig) -> tuple[Path, dict]:
+    """``(pairs.parquet, manifest entry)`` of the task pairs.
+
+    Without ``pairs_file``: the latest ingest's pairs. With it: the file is
+    ingested as a ``pairs`` source into ``<workdir>/data/pm-task`` (same
+    splitting by question, contracts, quarantine and cache as ``alignflow
+    ingest``; the work directory's latest datasets are left as they are).
+    """
+    from alignflow.tasks.ingest.run import execute_ingest, plan_ingest
+
+    if not pairs_file:
+        manifest = json.loads((latest / "manifest.json").read_text())["datasets"]
+        return latest / "pairs.parquet", manifest["pairs"]
+    plan = plan_ingest([pairs_file], Path(workdir) / "data" / "pm-task", ingest_cfg, "pairs")
+    result = execute_ingest(plan, ingest_cfg)
+    pairs = result.datasets["pairs"]
+    if not pairs["rows"]:
+        from alignflow.tasks.train.pairs import PairSelectionError
+
+        raise PairSelectionError(f"{pairs_file}: no usable pairs after ingest (see {result.out_dir}/ingest_report.json)")
+    return Path(pairs["path"]), pairs
+
+
+def log_reward_eval(result: dict[str, Any], *, prefix: str = "eval", step: int | None = None) -> dict[str, float]:
+    """Log an :func:`~alignflow.tasks.train.reward.evaluate_pairs` result to the active MLflow run.
+
+    Metrics go under ``prefix/`` (``eval/pairwise_accuracy`` ...); the worst
+    pairs become the table ``<prefix>/worst_pairs.json``. Returns the metrics.
+    """
+    import mlflow
+    import pandas as pd
+
+    metrics = {f"{prefix}/{k.split('/', 1)[1]}": float(v) for k, v in result.items() if k.startswith("eval/")}
+    mlflow.log_metrics(metrics, step=step)
+    worst = result.get("worst_pairs") or []
+    if worst:
+        mlflow.log_table(pd.DataFrame(worst), artifact_file=f"{prefix}/worst_pairs.json")
+    return metrics
+
+
+def reliability_figure(r_chosen: Sequence[float], r_rejected: Sequence[float], path: Path, bins: int = 10) -> Path:
+    """Reliability diagram of p = σ(r_c − r_r) over both orders of every pair, written as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    probs, labels = [], []
+    for c, r in zip(r_chosen, r_rejected):
+        d = float(c) - float(r)
+        p = 1.0 / (1.0 + math.exp(-d)) if d >= 0 else math.exp(d) / (1.0 + math.exp(d))
+        probs += [p, 1.0 - p]
+        labels += [1.0, 0.0]
+    sums = [[0.0, 0.0, 0] for _ in range(bins)]
+    for p, y in zip(probs, labels):
+        b = min(int(p * bins), bins - 1)
+        sums[b][0] += p
+        sums[b][1] += y
+        sums[b][2] += 1
+    xs = [s[0] / s[2] for s in sums if s[2]]
+    ys = [s[1] / s[2] for s in sums if s[2]]
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    ax.plot(xs, ys, "o-", label="reward model")
+    ax.set_xlabel("predicted P(first preferred) = σ(r₁ − r₂)")
+    ax.set_ylabel("observed frequency")
+    ax.set_title(f"Calibration on {len(r_chosen)} held-out pairs")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_transfer(rows: Sequence[dict], path: Path) -> Path:
+    """Accuracy vs number of task pairs, one line per start model, error bars = Wilson 95% interval (PNG).
+
+    ``rows``: dicts with ``start``, ``n_pairs``, ``accuracy``, ``ci_low``, ``ci_high`` (averaged over seeds by
+    the caller or one row per seed; rows of one (start, n_pairs) are averaged here).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for start in sorted({r["start"] for r in rows}):
+        pts: dict[int, list[dict]] = {}
+        for r in rows:
+            if r["start"] == start:
+                pts.setdefault(int(r["n_pairs"]), []).append(r)
+        ns = sorted(pts)
+        acc = [sum(p["accuracy"] for p in pts[n]) / len(pts[n]) for n in ns]
+        lo = [a - sum(p["ci_low"] for p in pts[n]) / len(pts[n]) for a, n in zip(acc, ns)]
+        hi = [sum(p["ci_high"] for p in pts[n]) / len(pts[n]) - a for a, n in zip(acc, ns)]
+        ax.errorbar(ns, acc, yerr=[lo, hi], marker="o", capsize=3, label=f"from {start}")
+    ax.set_xscale("log", base=2)
+    ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("task training pairs (N)")
+    ax.set_ylabel("held-out pairwise accuracy")
+    ax.set_title("Preference-model pretraining transfer")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,205 @@
+"""Which pairs a preference model trains and is evaluated on: mixtures, task subsets, split hygiene.
+
+Pure functions over pair rows (dicts with the ``pairs`` dataset columns:
+``prompt``, ``chosen``, ``rejected``, ``site``, ``question_id``, ``split``, ...).
+The flows ``pmp``, ``pm`` and ``pmp-transfer`` read Parquet, call these, and log
+what they return; nothing here touches MLflow or Prefect.
+
+Every draw works on whole questions: the pairs of one question are either all
+in a draw or all out of it, so the question-grouped batches of
+``tasks.train.reward`` stay whole and a held-out question never leaks into
+training through a sibling pair.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from .reward import question_key
+
+__all__ = [
+    "MixtureSource",
+    "MixtureReport",
+    "PairSelectionError",
+    "SplitLeakError",
+    "check_split_hygiene",
+    "draw_mixture",
+    "draw_questions",
+    "read_pairs",
+    "rows_of_split",
+]
+
+PAIR_COLUMNS = ("pair_id", "prompt", "chosen", "rejected", "chosen_score", "rejected_score", "margin",
+                "question_id", "site", "source", "split")
+ANY_SITE = "*"
+
+
+class PairSelectionError(ValueError):
+    """The configured pairs cannot be assembled (a source with no pairs, an unknown site, ...)."""
+
+
+class SplitLeakError(PairSelectionError):
+    """Evaluation pairs share a question with training pairs."""
+
+
+def read_pairs(path: Path, columns: Sequence[str] = PAIR_COLUMNS) -> list[dict]:
+    """The rows of a ``pairs.parquet`` written by the ingest (only ``columns`` that exist)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no pairs dataset at {path}")
+    schema = pq.read_schema(path)
+    missing = [c for c in ("prompt", "chosen", "rejected", "split") if c not in schema.names]
+    if missing:
+        raise ValueError(f"{path}: not a pairs dataset, missing column(s) {', '.join(missing)}")
+    return pq.read_table(path, columns=[c for c in columns if c in schema.names]).to_pylist()
+
+
+def rows_of_split(rows: Iterable[dict], split: str, site: str | None = None) -> list[dict]:
+    """Rows of one split (and one site when ``site`` is given and not ``*``)."""
+    return [r for r in rows if r.get("split") == split and (site in (None, ANY_SITE) or r.get("site") == site)]
+
+
+def _stable_order(keys: Iterable[str], seed: int) -> list[str]:
+    """Questions in a seeded order that does not depend on input order or Python's hash seed."""
+    return sorted(set(keys), key=lambda k: hashlib.sha256(f"{seed}\x1f{k}".encode()).digest())
+
+
+def draw_questions(rows: Sequence[dict], n_pairs: int | None, seed: int) -> list[dict]:
+    """At most ``n_pairs`` rows made of whole questions, taken in a seeded order (None or 0 = all rows).
+
+    The result lists questions in that seeded order, the pairs of a question
+    adjacent and in input order.
+
+    Questions are added while the total stays within ``n_pairs``; a question
+    that would overflow is skipped and smaller ones after it may still fit, so
+    the result has at most ``n_pairs`` rows and at least one question when any
+    question fits. A draw with a larger ``n_pairs`` (same seed) contains every
+    question of a smaller one: the learning-curve sizes are nested.
+    """
+    by_q: dict[str, list[dict]] = {}
+    for r in rows:
+        by_q.setdefault(question_key(r), []).append(r)
+    out: list[dict] = []
+    for key in _stable_order(by_q, seed):
+        group = by_q[key]
+        if not n_pairs or len(out) + len(group) <= n_pairs:
+            out.extend(group)
+        if n_pairs and len(out) == n_pairs:
+            break
+    return out
+
+
+@dataclass(frozen=True)
+class MixtureSource:
+    """One weighted source of the mixture: a site (``*`` = every site no other source names)."""
+
+    site: str
+    weight: float
+
+
+@dataclass
+class MixtureReport:
+    """What a mixture draw took from each source (logged by the ``pmp`` flow)."""
+
+    total: int
+    per_source: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def as_metrics(self) -> dict[str, float]:
+        out = {"data/mixture_pairs": float(self.total)}
+        for site, info in self.per_source.items():
+            name = site.replace("*", "any").replace("/", "_")
+            out[f"data/mixture_{name}_available"] = info["available"]
+            out[f"data/mixture_{name}_drawn"] = info["drawn"]
+        return out
+
+
+def draw_mixture(
+    rows: Sequence[dict], sources: Sequence[MixtureSource], total: int | None, seed: int
+) -> tuple[list[dict], MixtureReport]:
+    """A weighted mixture of pairs from several sources (sites), by whole questions.
+
+    Source *i* gets ``round(total · w_i / Σw)`` pairs (the last source takes the
+    rounding remainder), where ``total`` defaults to the number of pairs the
+    sources hold together. A source holding fewer pairs than its share is
+    repeated whole (each repetition a fresh seeded question order) and then
+    topped up by a partial draw, so its weight is honoured by upsampling; the
+    report says how many pairs each source had and how many were drawn. A
+    named source with no pairs is an error that lists the sites present.
+    The result is in a seeded order of questions (pairs of one question stay
+    adjacent).
+    """
+    if not sources:
+        raise ValueError("the mixture has no sources")
+    names = [s.site for s in sources]
+    if len(set(names)) != len(names):
+        raise ValueError(f"mixture sources name a site twice: {names}")
+    named = {s.site for s in sources if s.site != ANY_SITE}
+    pools: dict[str, list[dict]] = {s.site: [] for s in sources}
+    for r in rows:
+        site = r.get("site") or ""
+        if site in named:
+            pools[site].append(r)
+        elif ANY_SITE in pools:
+            pools[ANY_SITE].append(r)
+    present = sorted({r.get("site") or "" for r in rows})
+    for s in sources:
+        if not pools[s.site]:
+            raise PairSelectionError(f"mixture source site {s.site!r} has no training pairs; sites present: "
+                             f"{', '.join(present) or '(none)'}")
+    available = sum(len(p) for p in pools.values())
+    total = available if not total else int(total)
+    weight_sum = sum(s.weight for s in sources)
+    targets, given = [], 0
+    for i, s in enumerate(sources):
+        t = total - given if i == len(sources) - 1 else round(total * s.weight / weight_sum)
+        targets.append(max(t, 0))
+        given += targets[-1]
+    drawn: list[list[dict]] = []
+    report = MixtureReport(total=0)
+    for i, (s, target) in enumerate(zip(sources, targets)):
+        pool = pools[s.site]
+        taken: list[dict] = []
+        rep = 0
+        while len(taken) + len(pool) <= target:
+            taken.extend(draw_questions(pool, None, seed + 7919 * rep))
+            rep += 1
+        if len(taken) < target:
+            taken.extend(draw_questions(pool, target - len(taken), seed + 7919 * rep + i))
+        drawn.append(taken)
+        report.per_source[s.site] = {"available": float(len(pool)), "drawn": float(len(taken)),
+                                     "weight": s.weight / weight_sum}
+    # Interleave questions of all sources in one seeded order.
+    chunks: list[list[dict]] = []
+    for part in drawn:
+        cur: list[dict] = []
+        for r in part:
+            if cur and question_key(cur[-1]) != question_key(r):
+                chunks.append(cur)
+                cur = []
+            cur.append(r)
+        if cur:
+            chunks.append(cur)
+    random.Random(seed).shuffle(chunks)
+    out = [r for c in chunks for r in c]
+    report.total = len(out)
+    return out, report
+
+
+def check_split_hygiene(train: Iterable[dict], held_out: Iterable[dict]) -> int:
+    """Raise :class:`SplitLeakError` when a held-out pair's question is also a training question.
+
+    Returns the number of distinct held-out questions checked.
+    """
+    seen = {question_key(r) for r in train}
+    held = {question_key(r) for r in held_out}
+    leaked = sorted(seen & held)
+    if leaked:
+        shown = ", ".join(k.replace("\x1f", ":") for k in leaked[:5])
+        raise SplitLeakError(f"{len(leaked)} held-out question(s) also appear in training pairs, e.g. {shown}")
+    return len(held)
