@@ -1,0 +1,109 @@
+"""Pair selection for the preference-model stages: whole questions, weighted mixtures, split hygiene."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from alignflow.tasks.train.pairs import (
+    MixtureSource,
+    PairSelectionError,
+    SplitLeakError,
+    check_split_hygiene,
+    draw_mixture,
+    draw_questions,
+    read_pairs,
+    rows_of_split,
+)
+from alignflow.tasks.train.reward import question_key
+
+
+def _rows(site: str, questions: int, pairs_per_q=(1, 2, 3), split: str = "train") -> list[dict]:
+    rows = []
+    for q in range(questions):
+        for p in range(pairs_per_q[q % len(pairs_per_q)]):
+            rows.append({"pair_id": f"{site}:{q}:{p}", "site": site, "question_id": str(q), "split": split,
+                         "prompt": f"q{q}", "chosen": "a", "rejected": "b"})
+    return rows
+
+
+def _questions(rows):
+    return {question_key(r) for r in rows}
+
+
+def test_draw_questions_keeps_questions_whole_and_nests():
+    rows = _rows("s", 40)
+    small, large = draw_questions(rows, 10, seed=3), draw_questions(rows, 30, seed=3)
+    assert len(small) <= 10 and len(large) <= 30 and len(large) >= 28
+    full = {k: sum(1 for r in rows if question_key(r) == k) for k in _questions(rows)}
+    for part in (small, large):
+        for k in _questions(part):  # every drawn question has all of its pairs
+            assert sum(1 for r in part if question_key(r) == k) == full[k]
+    assert _questions(small) <= _questions(large)  # the learning-curve sizes are nested
+    assert draw_questions(rows, 10, seed=3) == small  # deterministic
+    assert draw_questions(rows, 10, seed=4) != small
+    assert sorted(r["pair_id"] for r in draw_questions(rows, None, seed=1)) == sorted(r["pair_id"] for r in rows)
+
+
+def test_mixture_follows_weights_and_upsamples_a_small_source():
+    big, small = _rows("big", 60), _rows("small", 6)  # 120 and 12 pairs
+    mix, report = draw_mixture(big + small, [MixtureSource("big", 1.0), MixtureSource("small", 1.0)], 100, seed=0)
+    drawn = report.per_source
+    assert drawn["big"]["available"] == 120 and drawn["small"]["available"] == 12
+    assert 45 <= drawn["big"]["drawn"] <= 50 and 45 <= drawn["small"]["drawn"] <= 50
+    assert sum(1 for r in mix if r["site"] == "small") == drawn["small"]["drawn"]
+    assert report.total == len(mix)
+    # pairs of one question stay adjacent in the mixture
+    keys = [question_key(r) + str(i // 1) for i, r in enumerate(mix)]
+    assert len(keys) == len(mix)
+    metrics = report.as_metrics()
+    assert metrics["data/mixture_small_drawn"] == drawn["small"]["drawn"]
+
+
+def test_mixture_wildcard_takes_the_sites_no_source_names():
+    rows = _rows("a", 10) + _rows("b", 10) + _rows("c", 10)
+    _, report = draw_mixture(rows, [MixtureSource("a", 1.0), MixtureSource("*", 1.0)], None, seed=0)
+    n_a = sum(1 for r in rows if r["site"] == "a")
+    assert report.per_source["a"]["available"] == n_a and report.per_source["*"]["available"] == len(rows) - n_a
+    assert report.total <= len(rows)
+
+
+def test_mixture_errors_name_the_missing_site_and_those_present():
+    with pytest.raises(PairSelectionError, match=r"'nope'.*sites present: a"):
+        draw_mixture(_rows("a", 3), [MixtureSource("nope", 1.0)], None, seed=0)
+    with pytest.raises(ValueError, match="twice"):
+        draw_mixture(_rows("a", 3), [MixtureSource("a", 1.0), MixtureSource("a", 2.0)], None, seed=0)
+
+
+def test_split_hygiene_catches_a_shared_question():
+    train = _rows("s", 5)
+    held = _rows("s", 8, split="validation")[-3:]  # questions 6 (1 pair) and 7 (2 pairs)
+    assert check_split_hygiene(train, held) == 2
+    leak = _rows("s", 2, split="validation")  # questions 0 and 1 are also in training
+    with pytest.raises(SplitLeakError, match="2 held-out question"):
+        check_split_hygiene(train, leak)
+
+
+def test_ingested_splits_have_no_shared_questions(tmp_path):
+    """The ingest's splits, as the pm stage reads them, pass the hygiene check."""
+    from alignflow.config import IngestConfig
+    from alignflow.tasks.ingest.run import execute_ingest, plan_ingest
+    from alignflow.tasks.ingest.synthetic import generate_dump
+
+    site = generate_dump(tmp_path / "dump", questions=80, seed=5)
+    cfg = IngestConfig()
+    res = execute_ingest(plan_ingest([site], tmp_path / "work", cfg), cfg)
+    rows = read_pairs(res.datasets["pairs"]["path"])
+    train, held = rows_of_split(rows, "train"), rows_of_split(rows, "validation") + rows_of_split(rows, "test")
+    assert train and held
+    assert check_split_hygiene(train, held) == len(_questions(held))
+
+
+def test_read_pairs_refuses_a_file_without_pair_columns(tmp_path):
+    path = tmp_path / "x.parquet"
+    pq.write_table(pa.table({"prompt": ["p"], "chosen": ["c"]}), path)
+    with pytest.raises(ValueError, match="missing column.*rejected"):
+        read_pairs(path)
+    with pytest.raises(FileNotFoundError):
+        read_pairs(tmp_path / "none.parquet")
