@@ -694,14 +694,17 @@ class PpoCallbacks:
 
     on_log(metrics, step)            ``ppo/*`` and ``perf/*`` metrics every ``log_every`` steps
     on_generations(rows, step)       sample generations (prompt, response, score, kl) every ``generations_every``
-    on_eval(step) -> metrics         evaluation every ``eval_every`` steps and at the end; logged via on_log
+    on_eval(step, policy, reference) -> metrics
+                                     evaluation every ``eval_every`` steps and at the end (logged via on_log);
+                                     ``policy`` is the trained module (a peft model with LoRA), ``reference`` the
+                                     :class:`Reference` (use :func:`evaluate_against_reference`)
     on_checkpoint(path, step)        a checkpoint was written
     on_step(step, total)             progress
     """
 
     on_log: Callable[[dict[str, float], int], None] | None = None
     on_generations: Callable[[list[dict[str, Any]], int], None] | None = None
-    on_eval: Callable[[int], dict[str, float] | None] | None = None
+    on_eval: Callable[[int, nn.Module, Reference], dict[str, float] | None] | None = None
     on_checkpoint: Callable[[Path, int], None] | None = None
     on_step: Callable[[int, int], None] | None = None
 
@@ -933,7 +936,7 @@ def train_ppo(
                 callbacks.on_generations(rows, step)
         if callbacks.on_eval is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.total_steps:
             with _rng_isolated():
-                last_eval = callbacks.on_eval(step) or {}
+                last_eval = callbacks.on_eval(step, policy, ref) or {}
                 if last_eval and callbacks.on_log is not None:
                     callbacks.on_log(last_eval, step)
         if checkpoint_dir is not None and (step % cfg.checkpoint_every == 0 or step == cfg.total_steps):
@@ -945,7 +948,7 @@ def train_ppo(
     critic.eval()
     if callbacks.on_eval is not None:
         with _rng_isolated():
-            last_eval = callbacks.on_eval(step) or {}
+            last_eval = callbacks.on_eval(step, policy, ref) or {}
             if last_eval and callbacks.on_log is not None:
                 callbacks.on_log(last_eval, step)
     return PpoResult(policy=policy, critic=critic, final_step=step, resumed_from=resumed_from,
