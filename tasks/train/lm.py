@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 import torch
 
 from alignflow.config import BaseStageConfig, SftStageConfig, TrainConfig
@@ -35,6 +34,8 @@ IGNORE = -100
 # -- data ------------------------------------------------------------------------------
 def iter_post_texts(posts_path: Path, *, kinds: Sequence[str], split: str, limit: int | None = None) -> Iterator[str]:
     """Question texts (title + body) and answer bodies of one split, streamed from posts.parquet."""
+    import pyarrow.parquet as pq  # here, not at the top: the training core imports without pyarrow
+
     n = 0
     pf = pq.ParquetFile(posts_path)
     for batch in pf.iter_batches(batch_size=2048, columns=["kind", "title", "body", "split"]):
@@ -83,16 +84,50 @@ def sft_example(tokenizer: Any, prompt: str, response: str, max_length: int) -> 
 
 
 def read_demos(demos_path: Path, split: str) -> list[dict]:
+    import pyarrow.parquet as pq
+
     table = pq.read_table(demos_path, columns=["demo_id", "prompt", "response", "question_id", "site", "split"])
     rows = table.to_pylist()
     return [r for r in rows if r["split"] == split]
 
 
 # -- objective and evaluation ------------------------------------------------------------------
+# Model types whose LM head is one linear layer on the body's last hidden state (no logit soft-capping or scaling),
+# so that projecting only the labelled positions gives the same loss as the model's own `labels=` path.
+PLAIN_HEAD_MODEL_TYPES = frozenset({"gpt2", "llama", "mistral", "qwen2", "qwen3"})
+
+
+def _plain_head(model: Any) -> bool:
+    from transformers import PreTrainedModel
+
+    config = getattr(model, "config", None)
+    return (isinstance(model, PreTrainedModel)  # not DDP / torch.compile wrapped: those must run their own forward
+            and getattr(config, "model_type", None) in PLAIN_HEAD_MODEL_TYPES
+            and not getattr(config, "final_logit_softcapping", None)
+            and model.get_output_embeddings() is not None)
+
+
 def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean next-token cross-entropy over labelled tokens (labels = -100 are ignored)."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-    return out.loss, {}
+    """Mean next-token cross-entropy over labelled tokens (labels = -100 are ignored).
+
+    No KV cache is built (``use_cache=False``). For plain-head models (GPT-2,
+    Llama, Mistral, Qwen2/3, unwrapped) the body runs once and the LM head is
+    applied only at positions whose next token carries a label, which is the
+    same loss as the model's ``labels=`` path with less head and softmax work
+    (SFT masks the prompt). Other models and wrapped ones (DDP,
+    ``torch.compile``) use ``model(..., labels=...)``.
+    """
+    labels = batch["labels"]
+    if not _plain_head(model):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                    use_cache=False)
+        return out.loss, {}
+    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              use_cache=False).last_hidden_state
+    target = labels[:, 1:]
+    keep = target != IGNORE
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep])
+    return torch.nn.functional.cross_entropy(logits.float(), target[keep]), {}
 
 
 @torch.no_grad()
@@ -106,7 +141,7 @@ def evaluate_lm(model: Any, examples: Sequence[dict], pad_token_id: int, *, batc
     for b in range(0, min(len(examples), batch_size * max_batches), batch_size):
         batch = pad_collate(list(examples[b : b + batch_size]), pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         labels = batch["labels"][:, 1:]
         logp = torch.nn.functional.cross_entropy(
             logits[:, :-1].float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE,

@@ -27,14 +27,30 @@ Distributed
     Logged losses and token counts are reduced over processes. ``on_log``,
     ``on_step`` and ``on_checkpoint`` run on the main process only;
     ``on_eval`` runs on every process (the stage may evaluate a shard).
-    Supported: one device or DDP; not DeepSpeed/FSDP.
+    Supported by this loop: one device or DDP (the checkpoint format assumes
+    full, unsharded state on each process); FSDP/DeepSpeed configs for
+    ``accelerate launch`` are described in docs/scaling.md.
 
 Synchronisation
-    The loss of each micro-batch stays a device tensor; there is exactly one
-    host sync per optimizer step: the loss mean and grad norm are stacked and
-    read once (``.tolist()``) for the non-finite check, which must run before
-    the optimizer applies the step. The same two numbers serve the logs, so
-    logging adds nothing; the stage's own metrics are read at log steps only.
+    The loss of each micro-batch stays a device tensor. On the CPU (no
+    host-device boundary) the loss mean and grad norm are read once per step
+    (``.tolist()``) for the non-finite check, which runs before the optimizer
+    applies the step. On CUDA with the fused AdamW the hot loop has no host
+    sync at all: the check is done on the device (a NaN/inf loss or grad norm
+    sets the optimizer's ``found_inf``, so the fused kernel skips that update
+    and every later one) and read at log, eval and checkpoint steps and at the
+    end, which raise :class:`NonFiniteLossError` for the first bad step; the
+    weights are then those of the step before it, as with the per-step check,
+    and no checkpoint is written after it. The stage's own metrics (device
+    tensors) are summed on the device and read at log steps only. Batches
+    go to the GPU from pinned memory, without blocking.
+
+Speed
+    AdamW is fused (one kernel over all parameters) on CUDA and CPU for
+    floating-point parameters; the loss runs under ``accelerator.autocast()``
+    (bf16 when mixed precision is on), so a loss function may call parts of
+    the model (e.g. the body, then the head on labelled positions) and keep
+    the precision policy.
 
 Accelerate
     ``accelerator.prepare(model, optimizer)``; the LambdaLR scheduler is not
@@ -175,17 +191,31 @@ def lr_multiplier(step: int, cfg: TrainConfig) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+FUSED_ADAMW_DEVICES = ("cuda", "cpu")
+
+
+def fused_adamw_supported(params: Sequence[torch.nn.Parameter]) -> bool:
+    """True when torch's fused AdamW can take these parameters: all floating point, all on one CUDA or CPU device."""
+    params = list(params)
+    if not params:
+        return False
+    devices = {p.device for p in params}
+    return (len(devices) == 1 and next(iter(devices)).type in FUSED_ADAMW_DEVICES
+            and all(p.is_floating_point() for p in params))
+
+
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, *, fused: bool | None = None) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices only (no decay for biases, norm weights, any parameter with ndim < 2).
 
-    ``fused`` defaults to True when the parameters are on CUDA.
+    ``fused`` defaults to True when :func:`fused_adamw_supported` (CUDA or CPU,
+    floating-point parameters); otherwise torch picks its implementation.
     """
     decay, no_decay = [], []
     for _, param in model.named_parameters():  # named_parameters yields a tied parameter once
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
     if fused is None:
-        fused = bool(decay or no_decay) and all(p.is_cuda for p in decay + no_decay)
+        fused = fused_adamw_supported(decay + no_decay)
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -222,7 +252,58 @@ def count_tokens(batch: dict[str, Any]) -> int:
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    if device.type == "cuda":  # pinned host memory: the copy does not block the host
+        return {k: v.pin_memory().to(device, non_blocking=True) if isinstance(v, Tensor) else v
+                for k, v in batch.items()}
     return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+# None: decided by the device (deferred on CUDA with a fused optimizer); tests may force True/False.
+DEFER_FINITE_CHECK: bool | None = None
+
+
+class _DeviceFiniteGuard:
+    """The non-finite check of every step, kept on the device (no host sync per step).
+
+    ``observe`` records the first step whose loss or grad norm is not finite and
+    sets ``found_inf`` on the (fused) optimizer from then on, so the kernel skips
+    that update and all later ones; ``check`` reads the record (one host sync) and
+    raises :class:`NonFiniteLossError` as the per-step check would have.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device, start_step: int, grad_accum: int):
+        self.optimizer = optimizer
+        self.grad_accum = grad_accum
+        self.halted = torch.zeros((), device=device, dtype=torch.float32)
+        self.count = torch.full((), float(start_step), device=device, dtype=torch.float32)
+        self.first = torch.zeros(4, device=device, dtype=torch.float32)  # step, micro-batch (1-based), loss, gnorm
+
+    def observe(self, checked: Tensor, micro_losses: list[Tensor]) -> None:
+        self.count += 1
+        finite_micro = torch.isfinite(torch.stack(micro_losses))
+        ok = torch.isfinite(checked).all()
+        micro = torch.where(finite_micro.all(), 0, (~finite_micro).int().argmax() + 1).float()
+        record = torch.stack([self.count, micro, checked[0].float(), checked[1].float()])
+        self.first = torch.where(ok | (self.halted > 0), self.first, record)
+        self.halted = torch.maximum(self.halted, (~ok).float())
+        self.optimizer.found_inf = self.halted
+
+    def check(self) -> None:
+        if float(self.halted) == 0.0:  # the host sync
+            return
+        step_f, micro_f, loss, gnorm = self.first.tolist()
+        step, micro = int(step_f), int(micro_f)
+        what = "loss" if not math.isfinite(loss) else "grad norm"
+        where = f" (micro-batch {micro} of {self.grad_accum})" if micro else ""
+        raise NonFiniteLossError(
+            f"non-finite {what} at step {step}{where}: loss={loss}, grad_norm={gnorm}; the step was not applied "
+            f"and no checkpoint was written after step {step - 1}",
+            step=step, micro_batch=micro or None,
+        )
+
+    def release(self) -> None:
+        if getattr(self.optimizer, "found_inf", None) is not None:
+            del self.optimizer.found_inf
 
 
 def _example_length(example: Any) -> int:
@@ -380,6 +461,23 @@ def train_loop(
                 log.info("resumed from %s (step %d, epoch %d, batch %d)",
                          found, start_step, cursor.epoch, cursor.index)
 
+        inner_optimizer = getattr(optimizer, "optimizer", optimizer)  # under accelerate's AcceleratedOptimizer
+        defer = DEFER_FINITE_CHECK
+        if defer is None:
+            defer = device.type == "cuda"
+        defer = bool(defer) and bool(inner_optimizer.defaults.get("fused"))
+        guard = _DeviceFiniteGuard(inner_optimizer, device, start_step, cfg.grad_accum) if defer else None
+        # device-side window sums under the guard: [loss, grad norm]; the last step's [loss, grad norm]
+        win_sums = torch.zeros(2, device=device) if defer else None
+        last_checked: Tensor | None = None
+
+        def sync_loss() -> None:
+            nonlocal last_loss
+            if guard is not None:
+                guard.check()
+                if last_checked is not None:
+                    last_loss = float(last_checked[0])
+
         train_model = model
         if cfg.compile:
             if device.type == "cuda":
@@ -394,6 +492,7 @@ def train_loop(
             return tokens_base + int(accelerator.reduce(local, "sum").item() if n_proc > 1 else local.item())
 
         def run_eval(step: int) -> dict[str, float]:
+            sync_loss()
             if callbacks.on_eval is None:
                 return {}
             model.eval()
@@ -414,6 +513,7 @@ def train_loop(
                 from accelerate.utils import gather_object
 
                 rng_states = gather_object([capture_rng_state()])
+            sync_loss()
             data_state = {"epoch": cursor.epoch, "batch_index": cursor.index, "tokens_seen": tokens_total(),
                           "loss": last_loss, **data_layout}
             path = checkpoint_dir / checkpoint_name(step)
@@ -452,7 +552,8 @@ def train_loop(
                 batch = _to_device(batch, device)
                 last_micro = micro == cfg.grad_accum - 1
                 with contextlib.nullcontext() if last_micro else accelerator.no_sync(model):
-                    loss, metrics = loss_fn(train_model, batch)
+                    with accelerator.autocast():
+                        loss, metrics = loss_fn(train_model, batch)
                     accelerator.backward(loss * backward_scale if backward_scale != 1.0 else loss)
                 micro_losses.append(loss.detach().float())
                 for key, value in (metrics or {}).items():
@@ -467,8 +568,18 @@ def train_loop(
             checked = torch.stack([loss_mean, grad_norm])
             if n_proc > 1:
                 checked = accelerator.reduce(checked, "mean")  # NaN on any process -> NaN everywhere
-            step_loss, step_gnorm = checked.tolist()  # the one host sync of the step
-            if not (math.isfinite(step_loss) and math.isfinite(step_gnorm)):
+            lr = optimizer.param_groups[0]["lr"]
+            if guard is not None:  # no host sync: checked on the device, read at log/eval/checkpoint steps
+                guard.observe(checked, micro_losses)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                win_sums += checked.float()
+                last_checked = checked
+                win_steps += 1
+            else:
+                step_loss, step_gnorm = checked.tolist()  # the one host sync of the step
+            if guard is None and not (math.isfinite(step_loss) and math.isfinite(step_gnorm)):
                 optimizer.zero_grad(set_to_none=True)
                 what = "loss" if not math.isfinite(step_loss) else "grad norm"
                 bad = [i for i, t in enumerate(micro_losses) if not bool(torch.isfinite(t))]
@@ -479,20 +590,24 @@ def train_loop(
                     step=step,
                     micro_batch=bad[0] + 1 if bad else None,
                 )
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            last_loss = step_loss
-            win_loss += step_loss
-            win_gnorm += step_gnorm
-            win_steps += 1
+            if guard is None:
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                last_loss = step_loss
+                win_loss += step_loss
+                win_gnorm += step_gnorm
+                win_steps += 1
 
             if is_main and callbacks.on_step is not None:
                 with _rng_isolated():
                     callbacks.on_step(step, cfg.max_steps)
 
             if step % cfg.log_every == 0 or step == cfg.max_steps:
+                if guard is not None:
+                    sync_loss()
+                    win_loss, win_gnorm = win_sums.tolist()
+                    win_sums.zero_()
                 elapsed = max(time.perf_counter() - win_start, 1e-9)
                 extra_keys = sorted(win_metrics)
                 values = [win_metrics[k] for k in extra_keys]
@@ -529,6 +644,7 @@ def train_loop(
 
         if step == start_step:  # resumed at or past max_steps: nothing to train, evaluate what we have
             last_eval = run_eval(step)
+        sync_loss()
 
         return LoopResult(
             final_step=step,
@@ -540,5 +656,7 @@ def train_loop(
             seconds=time.perf_counter() - started,
         )
     finally:
+        if "guard" in locals() and guard is not None:
+            guard.release()
         # Hand the model back as it came: without accelerate's autocast wrapper on forward.
         accelerator.unwrap_model(model, keep_fp32_wrapper=False)
