@@ -593,8 +593,11 @@ def worker_ours(spec: dict) -> None:
     if profiler:
         profiler.disable()
         profiler.dump_stats(spec["profile_path"])
-    # build_optimizer passes fused=None off CUDA and no foreach: torch then picks its single-tensor (for-loop) AdamW
-    opt_kind = "torch.optim.AdamW (fused=None, foreach=None -> single-tensor implementation on CPU)"
+    from alignflow.tasks.train.loop import build_optimizer
+
+    probe = build_optimizer(torch.nn.Linear(2, 2), tcfg)  # what the loop built (same parameters' device and dtype)
+    opt_kind = (f"torch.optim.AdamW (fused={probe.defaults.get('fused')}, foreach={probe.defaults.get('foreach')}; "
+                "neither -> torch's single-tensor for-loop on CPU)")
     result = {
         "side": "ours", "task": spec["task"], **_timing(stamps, t_train, spec["skip_steps"], cpu, cpu_train),
         "setup_seconds": setup_seconds, "losses": losses,
