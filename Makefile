@@ -1,6 +1,7 @@
 # alignflow: the two commands of the README, and the benchmarks.
 #   make demo    set up .venv and run the embedded default end to end
 #   make test    set up .venv and run the test suite
+#   make bench   every benchmark against its peer -> bench/REPORT.md + bench/report.json (bench-quick: < 10 min)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -26,10 +27,10 @@ test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
 
 bench: install
-	$(BIN)/python bench/ingest/run.py
+	$(BIN)/python bench/run_all.py
 
 bench-quick: install
-	$(BIN)/python bench/ingest/run.py --quick
+	$(BIN)/python bench/run_all.py --quick
 
 clean:
 	rm -rf alignflow-work .pytest_cache
