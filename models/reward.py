@@ -261,7 +261,9 @@ def score_sequences(model: nn.Module, input_ids: Tensor, attention_mask: Tensor)
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)
     after = positions.unsqueeze(0) > idx.unsqueeze(1)
     ids = input_ids.masked_fill(after, pad)
-    out = model(input_ids=ids, attention_mask=attention_mask)
+    # No KV cache: a decoder's config defaults to use_cache=True, which builds one in every forward (training too).
+    no_cache = {"use_cache": False} if getattr(core.config, "use_cache", None) is not None else {}
+    out = model(input_ids=ids, attention_mask=attention_mask, **no_cache)
     logits = out.logits if hasattr(out, "logits") else out[0]
     return logits.squeeze(-1).float() + reward_bias(core)
 
