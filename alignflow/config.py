@@ -352,6 +352,8 @@ class PipelineConfig(_Section):
                                "dump of `generate` into the work directory.")
     cache: bool = Field(True, description="Skip a stage whose inputs (content digests) and config section match a "
                         "finished earlier run of it.")
+    concurrent: bool = Field(False, description="Run the two independent branches (pmp -> pm) and sft side by side "
+                             "(worth it with a device per branch; on a small CPU they only compete for cores).")
     stages: list[Literal["ingest", "base", "pmp", "pm", "sft", "ppo", "promote"]] = Field(
         default_factory=lambda: ["ingest", "base", "pmp", "pm", "sft", "ppo", "promote"],
         description="Stages to run (in pipeline order; `pmp` also follows `pmp.enabled`).")

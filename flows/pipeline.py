@@ -212,6 +212,76 @@ def summary_table(rows: list[dict], aliases: dict[str, dict[str, str | None]]) -
     return "\n".join(lines)
 
 
+class _StageFailed(Exception):
+    def __init__(self, stage: str, exc: BaseException) -> None:
+        super().__init__(stage)
+        self.stage, self.exc = stage, exc
+
+
+def schedule(order: list[str]) -> list[list[list[str]]]:
+    """Steps of branches: ``[[ingest]], [[base]], [[pmp, pm], [sft]], [[ppo]], [[promote]]`` (absent stages left out).
+
+    The branches of one step are independent of each other and may run side by side.
+    """
+    steps = [[["ingest"]], [["base"]], [["pmp", "pm"], ["sft"]], [["ppo"]], [["promote"]]]
+    out = []
+    for step in steps:
+        branches = [[s for s in branch if s in order] for branch in step]
+        branches = [b for b in branches if b]
+        if branches:
+            out.append(branches)
+    return out
+
+
+def _run_branches(branches: list[list[str]], run_one: Callable[[str], None]) -> None:
+    """Each branch in its own thread (with this context: the Prefect flow run and the MLflow parent run);
+    the first failure is raised once every branch has stopped."""
+    import contextvars
+    from concurrent.futures import ThreadPoolExecutor
+
+    def branch_fn(branch: list[str]) -> None:
+        for stage in branch:
+            run_one(stage)
+
+    with ThreadPoolExecutor(max_workers=len(branches), thread_name_prefix="alignflow-branch") as pool:
+        futures = [pool.submit(contextvars.copy_context().run, branch_fn, b) for b in branches]
+        errors = [f.exception() for f in futures]
+    for err in errors:
+        if err is not None:
+            raise err
+
+
+def _run_stage(stage: str, flow_fn: Callable[..., dict], cfg: AlignflowConfig, wd: Path, client: MlflowClient,
+               experiment_id: str, digests: dict[str, str], *, resume: bool, failed_before: str | None,
+               previous: dict) -> dict:
+    """One training/promotion stage: a cache hit (recorded as a child run) or a run of its flow."""
+    key = stage_key(stage, cfg, digests, _challengers())
+    cached = None
+    if cfg.pipeline.cache or failed_before:
+        cached = find_cached(client, experiment_id, stage, key)
+        if cached is not None and not cfg.pipeline.cache:
+            # without the cache, only the stages the failed pipeline finished are reused
+            done = previous.get("stages", {}).get(stage, {})
+            cached = cached if done.get("key") == key else None
+    if cached is not None:
+        with tracking.stage_run(stage, {"cache_key": key}, run_name=f"{stage} (cache hit)",
+                                tags={"alignflow.cache_hit": "true", "alignflow.cache_key": key,
+                                      "alignflow.cache_source_run": str(cached.get("run_id"))}) as hit:
+            mlflow.set_tag(SUMMARY_TAG, json.dumps(cached)[:7900])
+        summary, status = {**cached, "cache_run_id": hit.info.run_id}, "cache hit"
+        print(f"{stage}: cache hit (run {cached.get('run_id')}, {cached.get('model')} v{cached.get('version')})")
+    else:
+        resume_stage = resume or stage == failed_before
+        summary = _plain(flow_fn(workdir=str(wd), config=cfg, resume=resume_stage))
+        status = "resumed" if resume_stage and stage == failed_before else "ran"
+        if summary.get("run_id"):
+            client.set_tag(summary["run_id"], "alignflow.cache_key", key)
+            client.set_tag(summary["run_id"], SUMMARY_TAG, json.dumps(summary)[:7900])
+    return {"stage": stage, "status": status, "run_id": summary.get("run_id"),
+            "model": summary.get("model") if stage != "promote" else "(gates)",
+            "version": summary.get("version"), "metrics": _key_metrics(summary), "key": key}
+
+
 @flow(name="pipeline", log_prints=True)
 def pipeline(
     workdir: str = "./alignflow-work",
@@ -248,53 +318,41 @@ def pipeline(
                            tracking.flatten({"pipeline": cfg.pipeline.model_dump(mode="json")}).items()})
         mlflow.log_param("config_digest", cfg.digest())
         digests = _manifest_digests(wd)
-        current = None
-        try:
-            for stage in order:
-                current = stage
+
+        def run_one(stage: str) -> None:
+            nonlocal digests
+            try:
                 if stage == "ingest":
                     out = flows["ingest"](_sources(cfg, wd), workdir=str(wd), config=cfg)
                     digests = {k: v["digest"] for k, v in out["datasets"].items()}
                     row = {"stage": "ingest", "status": "cache hit" if out["cache_hit"] else "ran",
                            "run_id": out["run_id"], "metrics": _key_metrics({**out, "stage": "ingest"})}
-                    rows.append(row)
-                    state["stages"][stage] = row
-                    continue
-                key = stage_key(stage, cfg, digests, _challengers())
-                cached = None
-                if cfg.pipeline.cache or failed_before:
-                    cached = find_cached(client, experiment_id, stage, key)
-                    if cached is not None and not cfg.pipeline.cache:
-                        # without the cache, only the stages the failed pipeline finished are reused
-                        done = previous.get("stages", {}).get(stage, {})
-                        cached = cached if done.get("key") == key else None
-                if cached is not None:
-                    with tracking.stage_run(stage, {"cache_key": key}, run_name=f"{stage} (cache hit)",
-                                            tags={"alignflow.cache_hit": "true", "alignflow.cache_key": key,
-                                                  "alignflow.cache_source_run": str(cached.get("run_id"))}) as hit:
-                        mlflow.set_tag(SUMMARY_TAG, json.dumps(cached)[:7900])
-                    summary, status = {**cached, "cache_run_id": hit.info.run_id}, "cache hit"
-                    print(f"{stage}: cache hit (run {cached.get('run_id')}, {cached.get('model')} "
-                          f"v{cached.get('version')})")
                 else:
-                    resume_stage = resume or stage == failed_before
-                    summary = _plain(flows[stage](workdir=str(wd), config=cfg, resume=resume_stage))
-                    status = "resumed" if resume_stage and stage == failed_before else "ran"
-                    if summary.get("run_id"):
-                        client.set_tag(summary["run_id"], "alignflow.cache_key", key)
-                        client.set_tag(summary["run_id"], SUMMARY_TAG, json.dumps(summary)[:7900])
-                row = {"stage": stage, "status": status, "run_id": summary.get("run_id"),
-                       "model": summary.get("model") if stage != "promote" else "(gates)",
-                       "version": summary.get("version"), "metrics": _key_metrics(summary), "key": key}
-                rows.append(row)
-                state["stages"][stage] = row
-                _write_state(wd, {**state, "status": "running", "current": stage})
-        except Exception as exc:
+                    row = _run_stage(stage, flows[stage], cfg, wd, client, experiment_id, digests,
+                                     resume=resume, failed_before=failed_before, previous=previous)
+            except Exception as exc:
+                raise _StageFailed(stage, exc) from exc
+            rows.append(row)
+            state["stages"][stage] = row
+            _write_state(wd, {**state, "status": "running", "current": stage})
+
+        try:
+            with tracking.parent_run(parent.info.run_id):
+                for step in schedule(order):
+                    if len(step) == 1 or not cfg.pipeline.concurrent:
+                        for branch in step:
+                            for stage in branch:
+                                run_one(stage)
+                    else:
+                        _run_branches(step, run_one)
+        except _StageFailed as failed:
+            exc, current = failed.exc, failed.stage
             _write_state(wd, {**state, "status": "failed", "failed_stage": current, "error": repr(exc)[:2000]})
-            mlflow.set_tag("alignflow.failed_stage", current or "")
+            mlflow.set_tag("alignflow.failed_stage", current)
             raise PipelineError(f"stage '{current}' failed: {type(exc).__name__}: {exc}\n"
                                 f"run the same command again to restart at '{current}' (earlier stages are reused)"
                                 ) from exc
+        rows.sort(key=lambda r: ORDER.index(r["stage"]))
         aliases = {m: {"challenger": registry.resolve_version(m, registry.CHALLENGER),
                        "champion": registry.resolve_version(m, registry.CHAMPION)} for m in MODELS}
         table = summary_table(rows, aliases)

@@ -39,6 +39,13 @@ MODE_ENV = "ALIGNFLOW_TRAIN_AFTER_INGEST"
 WAIT_ENV = "ALIGNFLOW_TRIGGER_WAIT_S"
 
 
+class _RunRef:
+    """Just enough of an MLflow run for ``tracking.run_url``."""
+
+    def __init__(self, experiment_id: str, run_id: str) -> None:
+        self.info = type("Info", (), {"experiment_id": experiment_id, "run_id": run_id})()
+
+
 def _train_runs_since(deployment: str, since: dt.datetime) -> int:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter
@@ -71,6 +78,12 @@ def scheduled_ingest(
     cfg = load_config(config_file, overrides or [])
     started = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=2)
     out = ingest(_sources(cfg, wd), workdir=str(wd), config=cfg)
+    from prefect.artifacts import create_link_artifact
+
+    from alignflow.tasks import tracking
+
+    create_link_artifact(key="mlflow-run", link=tracking.run_url(_RunRef(out["experiment_id"], out["run_id"])),
+                         link_text="MLflow run of this ingest")
     started_train = None
     if train_deployment and train_mode in ("auto", "run-deployment"):
         if train_mode == "auto":

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import subprocess
 import warnings
@@ -90,17 +91,33 @@ def prefect_flow_run_id() -> str | None:
         return None
 
 
+_PARENT_RUN: contextvars.ContextVar[str | None] = contextvars.ContextVar("alignflow_parent_run", default=None)
+
+
+@contextlib.contextmanager
+def parent_run(run_id: str) -> Iterator[None]:
+    """Stage runs started inside nest under ``run_id``, also in threads that copy this context
+    (MLflow's active run is per thread; the pipeline runs independent stages side by side)."""
+    token = _PARENT_RUN.set(run_id)
+    try:
+        yield
+    finally:
+        _PARENT_RUN.reset(token)
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, config: Mapping[str, Any], *, run_name: str | None = None,
               tags: Mapping[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
-    """Start (or nest under the active parent) the MLflow run of one stage."""
+    """Start the MLflow run of one stage: nested under the active run of this thread, else under the
+    :func:`parent_run` of this context, else a top-level run."""
     nested = mlflow.active_run() is not None
+    parent = None if nested else _PARENT_RUN.get()
     all_tags = {"alignflow.stage": stage, "git.commit": git_commit()}
     flow_run_id = prefect_flow_run_id()
     if flow_run_id:
         all_tags["prefect.flow_run_id"] = str(flow_run_id)
     all_tags.update(tags or {})
-    with mlflow.start_run(run_name=run_name or stage, nested=nested, tags=all_tags) as run:
+    with mlflow.start_run(run_name=run_name or stage, nested=nested, parent_run_id=parent, tags=all_tags) as run:
         params = {k: _param_value(v) for k, v in flatten(dict(config)).items()}
         mlflow.log_params(params)
         yield run

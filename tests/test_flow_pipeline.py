@@ -165,3 +165,28 @@ def test_stage_keys_follow_config_data_and_model_versions():
     other_section = AlignflowConfig.model_validate({"pm": {"eval_pairs": 3}})
     assert base == pipeline_mod.stage_key("sft", other_section, {"demos": "d1", "posts": "p1"},
                                           {"alignflow-base": "1"})
+
+
+def test_independent_branches_run_side_by_side_under_one_parent(tmp_path, prefect_harness):
+    work = tmp_path / "work"
+    extra = ["pipeline.stages=[ingest,base,pmp,pm,sft]", "pipeline.concurrent=true",
+             "generate.generic_questions=60",
+             "pmp.model.max_length=96", "pmp.train.max_steps=4", "pmp.train.batch_size=8", "pmp.train.eval_every=4",
+             "pmp.train.log_every=2", "pmp.train.warmup_steps=1", "pmp.eval_pairs=16",
+             "pmp.sources=[{site: generic.stackexchange.com}]",
+             "pm.model.max_length=96", "pm.train.max_steps=4", "pm.train.batch_size=8", "pm.train.eval_every=4",
+             "pm.train.log_every=2", "pm.train.warmup_steps=1", "pm.eval_pairs=16",
+             "pm.site=synthetic.stackexchange.com", "ingest.split={train: 0.7, validation: 0.2, test: 0.1}"]
+    res = CliRunner().invoke(app, _args(work, extra), catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    client = _client(work)
+    [parent] = _pipeline_runs(client)
+    children = _children(client, parent.info.run_id)
+    assert set(children) == {"ingest", "base", "pmp", "pm", "sft"}
+    runs = {stage: runs[0] for stage, runs in children.items()}
+    assert all(r.info.status == "FINISHED" and r.data.tags["prefect.flow_run_id"] for r in runs.values())
+    # the branches overlapped in time: sft started before pm ended, and pm after pmp
+    assert runs["sft"].info.start_time < runs["pm"].info.end_time
+    assert runs["pm"].info.start_time >= runs["pmp"].info.end_time
+    for name in ("alignflow-pmp", "alignflow-reward", "alignflow-policy-sft"):
+        assert str(client.get_model_version_by_alias(name, "challenger").version) == "1"
