@@ -86,21 +86,22 @@ def pmp_transfer(workdir: str = "./alignflow-work", config: AlignflowConfig | No
             raise PairSelectionError(f"{pairs_path}: pmp-transfer needs training and validation pairs of site "
                              f"{cfg.pm.site or '*'}; found {len(train_all)} and {len(held)}")
         check_split_hygiene(train_all, held)
-        starts = {name: start_reward_model(cfg.pm.model.model_copy(update={"name_or_path": None}),
-                                           registered=registered, seed=0)
-                  for name, registered in STARTS.items()}
-        for name, (_, _, source) in starts.items():
-            mlflow.log_param(f"start_{name}", source)
-
+        registered_only = cfg.pm.model.model_copy(update={"name_or_path": None})
         results: list[dict] = []
         for seed in tcfg.seeds:
+            # The base LM gets a fresh score head drawn from this seed (the same head for every N).
+            starts = {name: start_reward_model(registered_only, registered=registered, seed=seed)
+                      for name, registered in STARTS.items()}
+            for name, (_, _, source) in starts.items():
+                mlflow.log_param(f"start_{name}", source)
+            done: set[int] = set()
             for size in tcfg.sizes:
                 subset = draw_questions(train_all, size or None, seed)
+                if len(subset) in done:  # e.g. N=1024 and "all" on a site with fewer pairs
+                    print(f"N={size or 'all'} gives the same {len(subset)} pairs as an earlier N: skipped")
+                    continue
+                done.add(len(subset))
                 for name, (model, tok, source) in starts.items():
-                    if name == "base":  # a fresh head for this seed, the same one for every N
-                        model, tok, source = start_reward_model(
-                            cfg.pm.model.model_copy(update={"name_or_path": None}), registered=STARTS[name],
-                            seed=seed)
                     label = f"from-{name}-n{len(subset)}-seed{seed}"
                     with mlflow.start_run(run_name=label, nested=True,
                                           tags={"alignflow.stage": "pmp-transfer", "alignflow.start": name}):
