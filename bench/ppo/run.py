@@ -10,8 +10,8 @@ temperature, batch, micro-batch and PPO epochs, fp32 on the CPU. Each worker is
 a subprocess: ours in the main venv, TRL in ``bench/.venv-trl-ppo`` (created by
 this script; torch pinned to the project's 2.13.0 CPU wheel). See README.md.
 
-    .venv/bin/python bench/ppo/run.py            # 2 warm-up + 10 timed PPO steps per side
-    .venv/bin/python bench/ppo/run.py --quick    # 1 + 3
+    .venv/bin/python bench/ppo/run.py            # 2 warm-up + 10 timed PPO steps per side, 2 rounds
+    .venv/bin/python bench/ppo/run.py --quick    # 1 + 3, one round
     .venv/bin/python bench/ppo/run.py worker-ours SPEC.json   # (internal) one side
 """
 
@@ -230,6 +230,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="1 warm-up + 3 timed PPO steps")
     p.add_argument("--steps", type=int, default=10, help="timed PPO steps (default 10)")
     p.add_argument("--skip", type=int, default=2, help="warm-up PPO steps excluded from timing (default 2)")
+    p.add_argument("--repeat", type=int, default=2, help="rounds per side, order alternating (median reported)")
     p.add_argument("--batch-size", type=int, default=32, help="rollouts per PPO step")
     p.add_argument("--micro-batch-size", type=int, default=8)
     p.add_argument("--ppo-epochs", type=int, default=4)
@@ -241,12 +242,14 @@ def main() -> None:
     p.add_argument("--questions", type=int, default=3000)
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in both workers")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch.set_num_threads in both workers (default 1: steady figures on a shared machine; "
+                        "0 = torch's choice)")
     p.add_argument("--scratch", type=Path, default=HERE / "results" / "scratch")
     p.add_argument("--out", type=Path, default=HERE / "results" / "ppo.json")
     args = p.parse_args()
     if args.quick:
-        args.steps, args.skip = 3, 1
+        args.steps, args.skip, args.repeat = 3, 1, 1
         args.out = args.out.with_name("ppo-quick.json")
     machine = common.machine_info()
     trl_python = common.ensure_trl_venv(TRL_VENV, TRL_VERSION)
@@ -260,15 +263,25 @@ def main() -> None:
             "seed": args.seed, "threads": args.threads, "hparams": hparams,
             "output_dir": str(args.scratch / "trl-output")}
     logs = args.scratch / "logs"
+    rounds: dict[str, list[dict]] = {"ours": [], "trl": []}
+    sides = {"ours": Path(sys.executable), "trl": trl_python}
+    for r in range(args.repeat):  # alternate the order: ours, TRL, TRL, ours, ... (drifting load hits both)
+        for side in (("ours", "trl") if r % 2 == 0 else ("trl", "ours")):
+            print(f"round {r + 1}/{args.repeat}: {side} ...", flush=True)
+            res = run_side(sides[side], side, spec, logs, f"{side}-{r}")
+            rounds[side].append(res)
+            print(f"  {res['episodes_per_s']:.2f} episodes/s, median step {res['step_seconds_median']:.2f} s, "
+                  f"peak RSS {res['ru_maxrss_mib']:.0f} MiB", flush=True)
     results = {}
-    for side, py in (("ours", Path(sys.executable)), ("trl", trl_python)):
-        print(f"{side} ...", flush=True)
-        results[side] = run_side(py, side, spec, logs, side)
-        r = results[side]
-        print(f"  {r['episodes_per_s']:.2f} episodes/s, median step {r['step_seconds_median']:.2f} s, "
-              f"peak RSS {r['ru_maxrss_mib']:.0f} MiB", flush=True)
+    for side, runs in rounds.items():  # the round with the median episodes/s stands for the side
+        runs = sorted(runs, key=lambda x: x["episodes_per_s"])
+        results[side] = {**runs[(len(runs) - 1) // 2],
+                         "episodes_per_s_rounds": [round(x["episodes_per_s"], 3) for x in rounds[side]],
+                         "ru_maxrss_mib": max(x["ru_maxrss_mib"] for x in runs),
+                         "psutil_peak_rss_mib": max(x["psutil_peak_rss_mib"] for x in runs)}
     ours, trl = results["ours"], results["trl"]
     ratio = ours["episodes_per_s"] / trl["episodes_per_s"]
+    ratios = [a["episodes_per_s"] / b["episodes_per_s"] for a, b in zip(rounds["ours"], rounds["trl"])]
     rows = [[name, f"{r['episodes_per_s']:.2f}", f"{r['episodes_per_s_median_step']:.2f}",
              f"{r['step_seconds_median']:.2f}", f"{r['timed_seconds']:.1f}", f"{r['ru_maxrss_mib']:.0f}",
              f"{r['psutil_peak_rss_mib']:.0f}", f"{r['reward_mean'][-1]:.3f}" if r["reward_mean"] else "-"]
@@ -277,8 +290,8 @@ def main() -> None:
     common.print_table(rows, ["side", "episodes/s", "episodes/s (median step)", "s/step (median)",
                               f"s ({args.steps} steps)", "peak RSS MiB", "psutil peak MiB", "last reward"])
     print(f"\nratio ours/TRL episodes/s: {ratio:.2f}x (target >= {TARGET_RATIO}x: "
-          f"{'met' if ratio >= TARGET_RATIO else 'NOT met'})")
-    summary = {"ratio_episodes_per_s": ratio, "target_ratio": TARGET_RATIO, "target_met": ratio >= TARGET_RATIO,
+          f"{'met' if ratio >= TARGET_RATIO else 'NOT met'}); per round {', '.join(f'{x:.2f}x' for x in ratios)}")
+    summary = {"ratio_episodes_per_s": ratio, "ratio_per_round": ratios, "target_ratio": TARGET_RATIO, "target_met": ratio >= TARGET_RATIO,
                "args": {k: str(v) for k, v in vars(args).items()}, "hparams": hparams, "machine": machine,
                "assets": {k: v for k, v in assets.items() if k != "key"}, "ours": ours, "trl": trl}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1000,6 +1000,8 @@ def evaluate_against_reference(
         "eval/reward_mean": float(ours.scores.mean()),
         "eval/reward_mean_sft": float(sft.scores.mean()),
         "eval/reward_gain": float(ours.scores.mean() - sft.scores.mean()),
+        "eval/reward_model_score_mean": float(ours.raw_scores.mean()),  # before the missing-EOS penalty
+        "eval/reward_model_score_mean_sft": float(sft.raw_scores.mean()),
         "eval/kl": float(kl.mean()),
         "eval/win_rate": float(wins.mean()),
         "eval/no_eos_rate": float((~ours.has_eos).float().mean()),
