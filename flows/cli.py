@@ -173,7 +173,7 @@ def _print_stage(out: dict) -> None:
             continue
         if isinstance(value, float):
             value = f"{value:.4g}"
-        typer.echo(f"{key:<22}{value}")
+        typer.echo(f"{key:<28}{value}")
 
 
 @app.command()

@@ -32,11 +32,12 @@ from alignflow.tasks.preference import (
     reliability_figure,
     start_reward_model,
     task_pairs,
+    train_logged,
 )
 from alignflow.tasks.train.lm import read_demos
-from alignflow.tasks.train.loop import LoopCallbacks, LoopResult
+from alignflow.tasks.train.loop import LoopResult
 from alignflow.tasks.train.pairs import PairSelectionError, check_split_hygiene, draw_questions, read_pairs, rows_of_split
-from alignflow.tasks.train.reward import evaluate_pairs, normalize_bias, train_reward
+from alignflow.tasks.train.reward import evaluate_pairs, normalize_bias
 
 MODEL_NAME = "alignflow-reward"
 CENTRING_DEMOS = 256
@@ -58,13 +59,7 @@ def select_pairs(rows: list[dict], cfg: PmStageConfig, source: Path) -> tuple[li
 @task(name="train-reward", cache_policy=NO_CACHE)
 def train(cfg: PmStageConfig, model: Any, tok: Any, train_rows: list[dict], eval_rows: list[dict], ckpt: Path,
           resume: bool) -> LoopResult:
-    logger = tracking.MetricLogger(cfg.train.max_steps, "pm")
-    try:
-        return train_reward(cfg.train, model, tok, train_rows, eval_rows, max_length=cfg.model.max_length,
-                            use_margin=cfg.use_margin, centering=cfg.centering, checkpoint_dir=ckpt, resume=resume,
-                            callbacks=LoopCallbacks(on_log=logger.log, on_step=logger.step))
-    finally:
-        logger.close()
+    return train_logged("pm", cfg, model, tok, train_rows, eval_rows, ckpt, resume)
 
 
 @task(name="centre-on-demos", cache_policy=NO_CACHE)

@@ -23,8 +23,8 @@ from prefect.cache_policies import NO_CACHE
 from alignflow.config import AlignflowConfig, PmpStageConfig
 from alignflow.tasks import registry, tracking
 from alignflow.tasks.ingest.run import latest_datasets
-from alignflow.tasks.preference import REWARD_TASK, log_reward_eval, start_reward_model
-from alignflow.tasks.train.loop import LoopCallbacks, LoopResult
+from alignflow.tasks.preference import REWARD_TASK, log_reward_eval, start_reward_model, train_logged
+from alignflow.tasks.train.loop import LoopResult
 from alignflow.tasks.train.pairs import (
     MixtureSource,
     check_split_hygiene,
@@ -33,7 +33,7 @@ from alignflow.tasks.train.pairs import (
     read_pairs,
     rows_of_split,
 )
-from alignflow.tasks.train.reward import binarize_pairs, evaluate_pairs, train_reward
+from alignflow.tasks.train.reward import binarize_pairs, evaluate_pairs
 
 MODEL_NAME = "alignflow-pmp"
 
@@ -55,14 +55,8 @@ def source_data(cfg: PmpStageConfig, workdir: Path) -> dict[Path, dict]:
 @task(name="train-pmp", cache_policy=NO_CACHE)
 def train(cfg: PmpStageConfig, model: Any, tok: Any, train_rows: list[dict], eval_rows: list[dict], ckpt: Path,
           resume: bool) -> LoopResult:
-    logger = tracking.MetricLogger(cfg.train.max_steps, "pmp")
-    try:
-        return train_reward(cfg.train, model, tok, train_rows, eval_rows, max_length=cfg.model.max_length,
-                            use_margin=cfg.use_margin, centering=cfg.centering,
-                            group_by_question=cfg.group_by_question, checkpoint_dir=ckpt, resume=resume,
-                            callbacks=LoopCallbacks(on_log=logger.log, on_step=logger.step))
-    finally:
-        logger.close()
+    return train_logged("pmp", cfg, model, tok, train_rows, eval_rows, ckpt, resume,
+                        group_by_question=cfg.group_by_question)
 
 
 @flow(name="pmp", log_prints=True)

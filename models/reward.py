@@ -280,8 +280,8 @@ def reward_input_ids(tokenizer: Any, prompt: str, response: str, max_length: int
     """
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length}")
-    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    r = tokenizer(response, add_special_tokens=False)["input_ids"]
+    p = tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"]
+    r = tokenizer(response, add_special_tokens=False, verbose=False)["input_ids"]
     eos = tokenizer.eos_token_id
     if len(p) + len(r) + 1 > max_length:
         keep_prompt = max(max_length - 1 - len(r), min(len(p), max_length // 4))

@@ -24,6 +24,7 @@ from alignflow.config import IngestConfig, ModelConfig
 
 __all__ = [
     "REWARD_TASK",
+    "train_logged",
     "is_reward_model",
     "log_reward_eval",
     "plot_transfer",
@@ -70,6 +71,23 @@ def start_reward_model(model_cfg: ModelConfig, *, registered: str, seed: int) ->
     if not is_reward_model(model):
         model = reward_model_from_causal_lm(model, tokenizer=tok, seed=seed)
     return model, tok, f"models:/{registered}/{version}"
+
+
+def train_logged(stage: str, section: Any, model: Any, tok: Any, train_rows: list[dict], eval_rows: list[dict],
+                 ckpt: Path, resume: bool, *, group_by_question: bool = True) -> Any:
+    """``train_reward`` for a ``pmp``/``pm`` config section, metrics to the active MLflow run and a progress bar."""
+    from alignflow.tasks import tracking
+    from alignflow.tasks.train.loop import LoopCallbacks
+    from alignflow.tasks.train.reward import train_reward
+
+    logger = tracking.MetricLogger(section.train.max_steps, stage)
+    try:
+        return train_reward(section.train, model, tok, train_rows, eval_rows, max_length=section.model.max_length,
+                            use_margin=section.use_margin, centering=section.centering,
+                            group_by_question=group_by_question, checkpoint_dir=ckpt, resume=resume,
+                            callbacks=LoopCallbacks(on_log=logger.log, on_step=logger.step))
+    finally:
+        logger.close()
 
 
 def task_pairs(pairs_file: str | None, latest: Path, workdir: Path, ingest_cfg: IngestConfig) -> tuple[Path, dict]:

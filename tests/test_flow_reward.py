@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from alignflow.flows.cli import app
+from flowkit import set_args, stage_runs, work_client
 
 pytestmark = pytest.mark.slow
 
@@ -34,35 +35,17 @@ TINY = [
 ]
 
 
-def _sets(extra=()):
-    out = []
-    for s in [*TINY, *extra]:
-        out += ["--set", s]
-    return out
-
-
-def _client(work: Path) -> mlflow.MlflowClient:
-    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
-
-
-def _run(work: Path, stage: str):
-    client = _client(work)
-    exp = client.get_experiment_by_name("alignflow/demo")
-    return client.search_runs([exp.experiment_id], filter_string=f"tags.`alignflow.stage` = '{stage}'",
-                              order_by=["attribute.start_time DESC"])
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory, prefect_harness):
     work = tmp_path_factory.mktemp("reward-flows") / "work"
-    result = CliRunner().invoke(app, ["demo", "--workdir", str(work), *_sets()], catch_exceptions=False)
+    result = CliRunner().invoke(app, ["demo", "--workdir", str(work), *set_args(TINY)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "pm " in result.output and "eval/pairwise_accuracy" in result.output
     return work
 
 
 def test_pmp_draws_the_weighted_mixture_and_registers(work):
-    run = _run(work, "pmp")[0]
+    run = stage_runs(work, "pmp")[0]
     m = run.data.metrics
     assert run.info.status == "FINISHED"
     # weights 3:1 over 200 pairs -> up to 150 generic and 50 task pairs, drawn as whole questions
@@ -71,14 +54,14 @@ def test_pmp_draws_the_weighted_mixture_and_registers(work):
     assert m["data/mixture_pairs"] == generic + task
     for key in ("eval/pairwise_accuracy", "eval/accuracy_ci_low", "eval/ece", "eval/margin_mean", "train/loss"):
         assert key in m, key
-    version = _client(work).get_model_version_by_alias("alignflow-pmp", "challenger")
+    version = work_client(work).get_model_version_by_alias("alignflow-pmp", "challenger")
     assert version.tags["start_model"].startswith("models:/alignflow-base/")
     assert {d.dataset.name for d in run.inputs.dataset_inputs} == {"pairs"}
 
 
 def test_pm_starts_from_pmp_evaluates_and_centres_on_demos(work):
-    client = _client(work)
-    run = _run(work, "pm")[0]
+    client = work_client(work)
+    run = stage_runs(work, "pm")[0]
     m = run.data.metrics
     assert run.data.params["start_model"].startswith("models:/alignflow-pmp/")
     for key in ("eval/pairwise_accuracy", "eval/accuracy_ci_low", "eval/accuracy_ci_high", "eval/ece",
@@ -120,22 +103,22 @@ print(json.dumps({{"cls": type(model).__name__, "bias": reward_bias(model), "sco
 
 
 def test_pm_without_pmp_starts_from_base_and_resumes(work):
-    result = CliRunner().invoke(app, ["pm", "--workdir", str(work), *_sets(["pmp.enabled=false"])],
+    result = CliRunner().invoke(app, ["pm", "--workdir", str(work), *set_args(TINY, ["pmp.enabled=false"])],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    run = _run(work, "pm")[0]
+    run = stage_runs(work, "pm")[0]
     assert run.data.params["start_model"].startswith("models:/alignflow-base/")
-    assert str(_client(work).get_model_version_by_alias("alignflow-reward", "challenger").version) == "2"
+    assert str(work_client(work).get_model_version_by_alias("alignflow-reward", "challenger").version) == "2"
     # --resume on a finished attempt picks up its last checkpoint and ends at the same step
-    result = CliRunner().invoke(app, ["pm", "--workdir", str(work), "--resume", *_sets(["pmp.enabled=false"])],
+    result = CliRunner().invoke(app, ["pm", "--workdir", str(work), "--resume", *set_args(TINY, ["pmp.enabled=false"])],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    resumed = _run(work, "pm")[0]
+    resumed = stage_runs(work, "pm")[0]
     assert resumed.data.tags.get("alignflow.resumed_from") == run.info.run_id
 
 
 def test_pm_on_an_unknown_site_names_the_sites_present(work):
-    result = CliRunner().invoke(app, ["pm", "--workdir", str(work), *_sets(["pm.site=nope.example"])])
+    result = CliRunner().invoke(app, ["pm", "--workdir", str(work), *set_args(TINY, ["pm.site=nope.example"])])
     assert result.exit_code == 2
     assert "nope.example" in result.output and TASK_SITE in result.output
 
@@ -143,11 +126,11 @@ def test_pm_on_an_unknown_site_names_the_sites_present(work):
 def test_pmp_transfer_compares_starts_per_n(work):
     extra = ["pmp_transfer.sizes=[8,0]", "pmp_transfer.seeds=[0]", "pmp_transfer.train.max_steps=4",
              "pmp_transfer.train.batch_size=8", "pmp_transfer.eval_pairs=40"]
-    result = CliRunner().invoke(app, ["pmp-transfer", "--workdir", str(work), *_sets(extra)],
+    result = CliRunner().invoke(app, ["pmp-transfer", "--workdir", str(work), *set_args(TINY, extra)],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    parent = _run(work, "pmp-transfer")
-    client = _client(work)
+    parent = stage_runs(work, "pmp-transfer")
+    client = work_client(work)
     top = [r for r in parent if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in parent if "mlflow.parentRunId" in r.data.tags]
     assert len(top) == 1 and len(children) == 4

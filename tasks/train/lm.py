@@ -59,7 +59,7 @@ def document_examples(tokenizer: Any, texts: Iterable[str], max_length: int) -> 
     eos = tokenizer.eos_token_id
     out: list[dict] = []
     for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"] + [eos]
         for start in range(0, len(ids), max_length):
             window = ids[start : start + max_length]
             if len(window) >= 2:
@@ -73,8 +73,8 @@ def sft_example(tokenizer: Any, prompt: str, response: str, max_length: int) -> 
     Over-long examples keep the end of the prompt (at most half the budget) and
     the start of the response; an example with no response token left is dropped.
     """
-    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    p = tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"]
+    r = tokenizer(response, add_special_tokens=False, verbose=False)["input_ids"] + [tokenizer.eos_token_id]
     if len(p) + len(r) > max_length:
         p = p[-min(len(p), max(max_length // 2, max_length - len(r))) :]
         r = r[: max_length - len(p)]
