@@ -149,6 +149,13 @@ def _plain(summary: dict) -> dict:
     return out
 
 
+def _figures(summary: dict) -> dict[str, float]:
+    """The numeric results of a stage summary (logged on the parent run as ``<stage>/<name>``)."""
+    skip = {"version", "steps", "resumed_from_step"}
+    return {k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and k not in skip and v == v}
+
+
 def _key_metrics(summary: dict) -> str:
     parts = [f"{k}={summary[k]:.4g}" for k in KEY_METRICS if isinstance(summary.get(k), (int, float))
              and not isinstance(summary.get(k), bool)]
@@ -279,7 +286,8 @@ def _run_stage(stage: str, flow_fn: Callable[..., dict], cfg: AlignflowConfig, w
             client.set_tag(summary["run_id"], SUMMARY_TAG, json.dumps(summary)[:7900])
     return {"stage": stage, "status": status, "run_id": summary.get("run_id"),
             "model": summary.get("model") if stage != "promote" else "(gates)",
-            "version": summary.get("version"), "metrics": _key_metrics(summary), "key": key}
+            "version": summary.get("version"), "metrics": _key_metrics(summary), "key": key,
+            "figures": _figures(summary)}
 
 
 @flow(name="pipeline", log_prints=True)
@@ -326,7 +334,8 @@ def pipeline(
                     out = flows["ingest"](_sources(cfg, wd), workdir=str(wd), config=cfg)
                     digests = {k: v["digest"] for k, v in out["datasets"].items()}
                     row = {"stage": "ingest", "status": "cache hit" if out["cache_hit"] else "ran",
-                           "run_id": out["run_id"], "metrics": _key_metrics({**out, "stage": "ingest"})}
+                           "run_id": out["run_id"], "metrics": _key_metrics({**out, "stage": "ingest"}),
+                           "figures": {f"data/{k}": float(v["rows"]) for k, v in out["datasets"].items()}}
                 else:
                     row = _run_stage(stage, flows[stage], cfg, wd, client, experiment_id, digests,
                                      resume=resume, failed_before=failed_before, previous=previous)
@@ -353,6 +362,10 @@ def pipeline(
                                 f"run the same command again to restart at '{current}' (earlier stages are reused)"
                                 ) from exc
         rows.sort(key=lambda r: ORDER.index(r["stage"]))
+        # every stage's results on the parent run too: two pipeline runs compare stage by stage in the UI
+        figures = {f"{r['stage']}/{k}"[:250]: v for r in rows for k, v in r.pop("figures", {}).items()}
+        if figures:
+            mlflow.log_metrics(figures)
         aliases = {m: {"challenger": registry.resolve_version(m, registry.CHALLENGER),
                        "champion": registry.resolve_version(m, registry.CHAMPION)} for m in MODELS}
         table = summary_table(rows, aliases)

@@ -84,7 +84,7 @@ def prefect_server(home: Path, database_url: str | None = None) -> Iterator[str]
     """``prefect server start`` on 127.0.0.1 (own PREFECT_HOME; SQLite there unless ``database_url``); yields the API URL."""
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    extra = {"PREFECT_HOME": str(home)}
+    extra = {"PREFECT_HOME": str(home), "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}
     if database_url:
         extra["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
     log = home / "server.log"
