@@ -58,6 +58,7 @@ __all__ = [
     "reward_input_ids",
     "reward_model_from_causal_lm",
     "score_sequences",
+    "score_sequences_in_length_chunks",
     "score_texts",
     "set_reward_bias",
 ]
@@ -266,6 +267,43 @@ def score_sequences(model: nn.Module, input_ids: Tensor, attention_mask: Tensor)
     out = model(input_ids=ids, attention_mask=attention_mask, **no_cache)
     logits = out.logits if hasattr(out, "logits") else out[0]
     return logits.squeeze(-1).float() + reward_bias(core)
+
+
+# Split a CPU batch in two length-sorted chunks only when that saves at least this share of the padded positions.
+CHUNK_MIN_SAVING = 0.1
+
+
+def score_sequences_in_length_chunks(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """:func:`score_sequences` of a right-padded batch, computed in (at most) two chunks of rows of similar length.
+
+    A reward batch holds chosen and rejected answers of different lengths, all padded to the longest; on the
+    CPU every padded position costs as much as a real one. The rows are sorted by length and cut where padding
+    each part to its own longest row leaves the fewest positions; each part is scored on its own columns, and
+    the rewards come back in the batch's row order (the same values up to float rounding; gradients flow).
+    Used only for an unwrapped model on the CPU (one forward per step keeps GPU kernels large and DDP's
+    one-forward-per-backward contract); otherwise this is :func:`score_sequences`.
+    """
+    n = input_ids.shape[0]
+    if n < 2 or input_ids.device.type != "cpu" or not isinstance(model, PreTrainedModel):
+        return score_sequences(model, input_ids, attention_mask)
+    lengths = (last_token_index(attention_mask) + 1).tolist()
+    order = sorted(range(n), key=lambda i: (-lengths[i], i))
+    longest = [lengths[i] for i in order]
+    cut, cost = n, n * longest[0]
+    for i in range(1, n):
+        c = i * longest[0] + (n - i) * longest[i]
+        if c < cost:
+            cut, cost = i, c
+    if cut == n or cost > (1.0 - CHUNK_MIN_SAVING) * n * input_ids.shape[1]:
+        return score_sequences(model, input_ids, attention_mask)
+    parts = []
+    for rows in (order[:cut], order[cut:]):
+        idx = torch.tensor(rows, dtype=torch.long)
+        width = longest[order.index(rows[0])]
+        parts.append(score_sequences(model, input_ids[idx, :width], attention_mask[idx, :width]))
+    inverse = torch.empty(n, dtype=torch.long)
+    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(n)
+    return torch.cat(parts)[inverse]
 
 
 def reward_input_ids(tokenizer: Any, prompt: str, response: str, max_length: int) -> list[int]:

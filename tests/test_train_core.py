@@ -206,3 +206,33 @@ def test_models_built_and_loaded_use_sdpa_attention(tmp_path):
     for model in (lm, rm, load_causal_lm(tmp_path / "lm", tokenizer=tok),
                   load_sequence_classifier(tmp_path / "rm", tokenizer=tok)):
         assert model.config._attn_implementation == "sdpa", type(model).__name__
+
+
+def test_reward_scores_in_length_chunks_equal_one_batch():
+    from alignflow.models.reward import (reward_model_from_causal_lm, score_sequences,
+                                         score_sequences_in_length_chunks)
+    from alignflow.tasks.train.reward import pair_collate, reward_loss_fn
+
+    class Tok:  # what reward_model_from_causal_lm reads
+        pad_token_id, eos_token_id = 0, 1
+
+        def __len__(self):
+            return 32
+
+    rm = reward_model_from_causal_lm(make_model(0), tokenizer=Tok(), seed=0)
+    g = torch.Generator().manual_seed(0)
+    lens = [(30, 6), (28, 5), (7, 29), (5, 8)]  # chosen, rejected lengths: much padding in one [2B, T] batch
+    examples = [{"chosen_input_ids": torch.randint(2, 32, (a - 1,), generator=g).tolist() + [1],
+                 "rejected_input_ids": torch.randint(2, 32, (b - 1,), generator=g).tolist() + [1]} for a, b in lens]
+    batch = pair_collate(examples, 0)
+    whole = score_sequences(rm, batch["input_ids"], batch["attention_mask"])
+    chunked = score_sequences_in_length_chunks(rm, batch["input_ids"], batch["attention_mask"])
+    assert torch.allclose(whole, chunked, atol=1e-5)
+    loss, _ = reward_loss_fn(rm, batch)
+    loss.backward()
+    grads = [p.grad.clone() for p in rm.parameters()]
+    rm.zero_grad()
+    r = score_sequences(rm, batch["input_ids"], batch["attention_mask"])
+    (-torch.nn.functional.logsigmoid(r[:4] - r[4:]).mean()).backward()
+    for a, p in zip(grads, rm.parameters()):
+        assert torch.allclose(a, p.grad, atol=1e-5, rtol=1e-4)

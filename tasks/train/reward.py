@@ -38,7 +38,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from alignflow.config import TrainConfig
-from alignflow.models.reward import reward_bias, reward_input_ids, score_sequences, score_texts, set_reward_bias
+from alignflow.models.reward import (
+    reward_bias,
+    reward_input_ids,
+    score_sequences_in_length_chunks,
+    score_texts,
+    set_reward_bias,
+)
 
 from .loop import LoopCallbacks, LoopResult, train_loop
 
@@ -199,8 +205,10 @@ def reward_loss_fn(
     model: Any, batch: dict[str, Tensor], *, use_margin: bool = False, centering: float = 0.0
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Bradley-Terry loss of a :func:`pair_collate` batch, with ``train/accuracy`` (ties count 1/2) and
-    ``train/margin_mean`` (mean r_c - r_r) as detached 0-d tensors (the loop reads them at log steps)."""
-    rewards = score_sequences(model, batch["input_ids"], batch["attention_mask"])
+    ``train/margin_mean`` (mean r_c - r_r) as detached 0-d tensors (the loop reads them at log steps).
+    On the CPU the rows are scored in two length-sorted chunks when that saves padding
+    (:func:`~alignflow.models.reward.score_sequences_in_length_chunks`)."""
+    rewards = score_sequences_in_length_chunks(model, batch["input_ids"], batch["attention_mask"])
     n = rewards.shape[0] // 2
     r_c, r_r = rewards[:n], rewards[n:]
     margin = batch.get("margin") if use_margin else None
