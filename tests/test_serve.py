@@ -49,21 +49,31 @@ def _flow_run(api: str, flow_run_id: str):
         return run, dep
 
 
-def _completed(api: str, flow_name: str) -> list:
+def _completed(api: str, flow_name: str, since, work: Path) -> list:
+    """Completed runs of ``flow_name`` since ``since`` for this work directory (the server is shared by the modes:
+    a new serve process may still run an earlier mode's queued runs, with that mode's parameters)."""
     from prefect.client.orchestration import SyncPrefectClient
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterStartTime
 
     with SyncPrefectClient(api) as client:
-        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])))
-    return [r for r in runs if r.state and r.state.is_completed()]
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+                                     flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(after_=since)))
+    return [r for r in runs if r.state and r.state.is_completed() and r.parameters.get("workdir") == str(work)]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One Prefect server for the three modes: re-serving a deployment replaces the automations it owns."""
+    with prefect_server(tmp_path_factory.mktemp("prefect-server")) as api:
+        yield api
 
 
 def _serve(tmp_path: Path, api: str, mode: str):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(TINY)
-    work = tmp_path / "work"
+    work = (tmp_path / "work").resolve()
     env = clean_env(PREFECT_API_URL=api, PREFECT_HOME=str(tmp_path / "client-home"),
-                    ALIGNFLOW_TRIGGER_WAIT_S="90")
+                    ALIGNFLOW_TRIGGER_WAIT_S="90")  # auto: a generous wait for the trigger on a busy machine
     proc = spawn([str(BIN / "alignflow"), "serve", "--workdir", str(work), "--config", str(cfg),
                   "--ingest-every", "15", "--pipeline-cron", "none", "--train-after-ingest", mode],
                  env, tmp_path / "serve.log")
@@ -71,48 +81,52 @@ def _serve(tmp_path: Path, api: str, mode: str):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["trigger", "run-deployment"])
-def test_scheduled_ingest_runs_and_training_follows(tmp_path, mode):
-    with prefect_server(tmp_path / "server") as api:
-        proc, work = _serve(tmp_path, api, mode)
-        log = tmp_path / "serve.log"
-        try:
-            # the schedule: an ingest flow run created by the scheduler executes; its MLflow run appears
-            # (MLflow is read only once the served process has created its database)
-            wait_for(lambda: _completed(api, "scheduled-ingest"), 240, what="a completed scheduled ingest",
-                     on_timeout=lambda: log.read_text()[-4000:])
-            ingest = wait_for(lambda: _runs(work, "ingest"), 60, what="a scheduled ingest run in MLflow",
-                              on_timeout=lambda: log.read_text()[-4000:])[0]
-            run, dep = _flow_run(api, ingest.data.tags["prefect.flow_run_id"])
-            assert run.name and run.state.is_completed()
-            # the scheduled wrapper: its deployment is `scheduled-ingest/ingest`, started by the schedule
-            from prefect.client.orchestration import SyncPrefectClient
-            from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+@pytest.mark.parametrize("mode", ["trigger", "run-deployment", "auto"])
+def test_scheduled_ingest_runs_and_training_follows(tmp_path, mode, server):
+    import datetime as dt
 
-            with SyncPrefectClient(api) as client:
-                wrappers = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["scheduled-ingest"])))
-                wrapper_dep = client.read_deployment_by_name("scheduled-ingest/ingest")
-            done = [w for w in wrappers if w.state and w.state.is_completed()]
-            assert done and all(w.deployment_id == wrapper_dep.id for w in done)
-            assert any(w.auto_scheduled for w in done)
+    api = server
+    since = dt.datetime.now(dt.timezone.utc)
+    proc, work = _serve(tmp_path, api, mode)
+    log = tmp_path / "serve.log"
+    try:
+        # the schedule: an ingest flow run created by the scheduler executes; its MLflow run appears
+        # (MLflow is read only once the served process has created its database)
+        wait_for(lambda: _completed(api, "scheduled-ingest", since, work), 240, what="a completed scheduled ingest",
+                 on_timeout=lambda: log.read_text()[-4000:])
+        ingest = wait_for(lambda: _runs(work, "ingest"), 60, what="a scheduled ingest run in MLflow",
+                          on_timeout=lambda: log.read_text()[-4000:])[0]
+        run, dep = _flow_run(api, ingest.data.tags["prefect.flow_run_id"])
+        assert run.name and run.state.is_completed()
+        # the scheduled wrapper: its deployment is `scheduled-ingest/ingest`, started by the schedule
+        from prefect.client.orchestration import SyncPrefectClient
 
-            # training after ingest: a pipeline run of the train deployment, with its base stage, in MLflow
-            wait_for(lambda: _completed(api, "pipeline"), 300, what="a completed training pipeline",
-                     on_timeout=lambda: log.read_text()[-4000:])
-            train = wait_for(lambda: _runs(work, "pipeline"), 60, what="a training pipeline run in MLflow",
-                             on_timeout=lambda: log.read_text()[-4000:])[0]
-            trun, tdep = _flow_run(api, train.data.tags["prefect.flow_run_id"])
-            assert tdep is not None and tdep.name == "train-after-ingest"
-            assert trun.state.is_completed()
-            assert _runs(work, "base"), "the training pipeline's base stage run"
-            if mode == "run-deployment":
-                assert (trun.idempotency_key or "").startswith("after-ingest-")
-                assert "started pipeline/train-after-ingest" in log.read_text()
-            else:
-                assert not (trun.idempotency_key or "").startswith("after-ingest-")
-                assert trun.created_by is not None and trun.created_by.type == "AUTOMATION", trun.created_by
-        finally:
-            stop(proc)
+        with SyncPrefectClient(api) as client:
+            wrapper_dep = client.read_deployment_by_name("scheduled-ingest/ingest")
+        done = _completed(api, "scheduled-ingest", since, work)
+        assert done and all(w.deployment_id == wrapper_dep.id for w in done)
+        assert any(w.auto_scheduled for w in done)
+
+        # training after ingest: a pipeline run of the train deployment, with its base stage, in MLflow
+        wait_for(lambda: _completed(api, "pipeline", since, work), 300, what="a completed training pipeline",
+                 on_timeout=lambda: log.read_text()[-4000:])
+        train = wait_for(lambda: _runs(work, "pipeline"), 60, what="a training pipeline run in MLflow",
+                         on_timeout=lambda: log.read_text()[-4000:])[0]
+        trun, tdep = _flow_run(api, train.data.tags["prefect.flow_run_id"])
+        assert tdep is not None and tdep.name == "train-after-ingest"
+        assert trun.state.is_completed()
+        assert _runs(work, "base"), "the training pipeline's base stage run"
+        if mode == "run-deployment":
+            assert (trun.idempotency_key or "").startswith("after-ingest-")
+            assert "started pipeline/train-after-ingest" in log.read_text()
+        elif mode == "auto":  # the trigger, or the fallback when it did not fire in time
+            text = log.read_text()
+            assert "the deployment trigger started" in text or "started pipeline/train-after-ingest" in text
+        else:
+            assert not (trun.idempotency_key or "").startswith("after-ingest-")
+            assert trun.created_by is not None and trun.created_by.type == "AUTOMATION", trun.created_by
+    finally:
+        stop(proc)
 
 
 def test_deployments_built_for_serve(tmp_path):
