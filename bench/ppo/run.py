@@ -41,14 +41,17 @@ TARGET_RATIO = 2.0
 # =============================================================================================== workers
 
 
-def _timing(stamps: list[float], skip: int, batch: int) -> dict:
+def _timing(stamps: list[float], cpu: list[float], skip: int, batch: int) -> dict:
+    """Wall and CPU time of the steps after the ``skip`` warm-up steps (stamps: end of each step)."""
     steps = [b - a for a, b in zip(stamps, stamps[1:])]
-    timed = stamps[-1] - stamps[skip - 1] if skip > 0 else None
+    timed = stamps[-1] - stamps[skip - 1]
+    timed_cpu = cpu[-1] - cpu[skip - 1]
     n = len(stamps) - skip
     median = statistics.median(steps[skip - 1:])
-    return {"step_seconds": steps, "timed_seconds": timed, "timed_steps": n,
+    return {"step_seconds": steps, "timed_seconds": timed, "timed_cpu_seconds": timed_cpu, "timed_steps": n,
             "episodes_per_s": n * batch / timed, "episodes_per_s_median_step": batch / median,
-            "step_seconds_median": median}
+            "episodes_per_cpu_s": n * batch / timed_cpu, "step_seconds_median": median,
+            "load_avg_1min": os.getloadavg()[0]}
 
 
 def _finish(spec: dict, result: dict, t0: float) -> None:
@@ -82,14 +85,20 @@ def worker_ours(spec: dict) -> None:
     )
     prompts = [json.loads(line)["prompt"] for line in open(spec["prompts_path"], encoding="utf-8")]
     stamps: list[float] = []
+    cpu: list[float] = []
     logs: list[dict] = []
+
+    def on_step(step: int, total: int) -> None:
+        stamps.append(time.perf_counter())
+        cpu.append(time.process_time())
+
     reward_fn = ppo.text_reward_fn(reward, tok, batch_size=h["batch_size"], max_length=cfg.reward_max_length)
     setup = time.perf_counter() - t0
     ppo.train_ppo(cfg, policy=policy, tokenizer=tok, critic=ppo.make_critic(reward), reward_fn=reward_fn,
                   prompts=prompts,
-                  callbacks=ppo.PpoCallbacks(on_step=lambda s, n: stamps.append(time.perf_counter()),
+                  callbacks=ppo.PpoCallbacks(on_step=on_step,
                                              on_log=lambda m, s: logs.append(dict(m))))
-    result = {"side": "ours", **_timing(stamps, spec["skip"], h["batch_size"]), "setup_seconds": setup,
+    result = {"side": "ours", **_timing(stamps, cpu, spec["skip"], h["batch_size"]), "setup_seconds": setup,
               "reward_mean": [m["ppo/reward_mean"] for m in logs], "kl": [m["ppo/kl"] for m in logs],
               "response_length": [m["ppo/response_length"] for m in logs],
               "threads": torch.get_num_threads(), "versions": _versions("torch", "transformers")}
@@ -125,11 +134,13 @@ def worker_trl(spec: dict) -> None:
         dataloader_num_workers=0,
     )
     stamps: list[float] = []
+    cpu: list[float] = []
     logs: list[dict] = []
 
     class Probe(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             stamps.append(time.perf_counter())
+            cpu.append(time.process_time())
 
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
                          train_dataset=ds, value_model=value, eval_dataset=ds.select(range(min(8, len(ds)))),
@@ -143,7 +154,7 @@ def worker_trl(spec: dict) -> None:
     trainer.log = log
     setup = time.perf_counter() - t0
     trainer.train()
-    result = {"side": "trl", **_timing(stamps, spec["skip"], B), "setup_seconds": setup,
+    result = {"side": "trl", **_timing(stamps, cpu, spec["skip"], B), "setup_seconds": setup,
               "reward_mean": [m.get("objective/scores") for m in logs if "objective/scores" in m],
               "kl": [m.get("objective/kl") for m in logs if "objective/kl" in m],
               "threads": torch.get_num_threads(), "versions": _versions("torch", "transformers", "trl", "accelerate")}
@@ -282,16 +293,20 @@ def main() -> None:
     ours, trl = results["ours"], results["trl"]
     ratio = ours["episodes_per_s"] / trl["episodes_per_s"]
     ratios = [a["episodes_per_s"] / b["episodes_per_s"] for a, b in zip(rounds["ours"], rounds["trl"])]
+    cpu_ratio = (statistics.median(x["episodes_per_cpu_s"] for x in rounds["ours"])
+                 / statistics.median(x["episodes_per_cpu_s"] for x in rounds["trl"]))
     rows = [[name, f"{r['episodes_per_s']:.2f}", f"{r['episodes_per_s_median_step']:.2f}",
+             f"{r['episodes_per_cpu_s']:.2f}",
              f"{r['step_seconds_median']:.2f}", f"{r['timed_seconds']:.1f}", f"{r['ru_maxrss_mib']:.0f}",
              f"{r['psutil_peak_rss_mib']:.0f}", f"{r['reward_mean'][-1]:.3f}" if r["reward_mean"] else "-"]
             for name, r in (("alignflow", ours), (f"TRL {TRL_VERSION}", trl))]
     print()
-    common.print_table(rows, ["side", "episodes/s", "episodes/s (median step)", "s/step (median)",
+    common.print_table(rows, ["side", "episodes/s", "episodes/s (median step)", "episodes/CPU-s", "s/step (median)",
                               f"s ({args.steps} steps)", "peak RSS MiB", "psutil peak MiB", "last reward"])
     print(f"\nratio ours/TRL episodes/s: {ratio:.2f}x (target >= {TARGET_RATIO}x: "
-          f"{'met' if ratio >= TARGET_RATIO else 'NOT met'}); per round {', '.join(f'{x:.2f}x' for x in ratios)}")
-    summary = {"ratio_episodes_per_s": ratio, "ratio_per_round": ratios, "target_ratio": TARGET_RATIO, "target_met": ratio >= TARGET_RATIO,
+          f"{'met' if ratio >= TARGET_RATIO else 'NOT met'}); per round {', '.join(f'{x:.2f}x' for x in ratios)}; "
+          f"per CPU-second {cpu_ratio:.2f}x")
+    summary = {"ratio_episodes_per_s": ratio, "ratio_per_round": ratios, "ratio_episodes_per_cpu_s": cpu_ratio, "target_ratio": TARGET_RATIO, "target_met": ratio >= TARGET_RATIO,
                "args": {k: str(v) for k, v in vars(args).items()}, "hparams": hparams, "machine": machine,
                "assets": {k: v for k, v in assets.items() if k != "key"}, "ours": ours, "trl": trl}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -51,7 +51,6 @@ import contextlib
 import copy
 import inspect
 import logging
-import math
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
