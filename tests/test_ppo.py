@@ -348,6 +348,22 @@ def test_row13_adam_eps_linear_decay_minibatches_and_accumulation(tmp_path):
     assert state["critic"]["param_groups"][0]["eps"] == 1e-5
 
 
+def test_trimming_all_padding_columns_changes_no_logprob_or_value(tok):
+    model, critic = M.policy(), ppo.make_critic(M.reward_model())
+    q, qm = ppo.left_pad_queries(tok, ["alpha beta gamma delta file read write :", "read :", "loop :"], 32)
+    r = torch.tensor([[5, 5, 5, 5, 5, 5], [5, 6, tok.eos_token_id, 1, 1, 1], [7, 8, 9, tok.eos_token_id, 1, 1]])
+    r, rm, _ = ppo.truncate_after_eos(r, tok.eos_token_id, tok.pad_token_id)
+    rows = torch.tensor([1, 2])  # short prompts, short responses: padding on both sides of the pair
+    full_lp = ppo.logprobs_of(ppo.response_logits(model, q[rows], qm[rows], r[rows], rm[rows], 0.7), r[rows])
+    full_v = ppo.critic_values(critic, q[rows], qm[rows], r[rows], rm[rows])
+    tq, tqm, tr, trm = ppo.trim_padding(q[rows], qm[rows], r[rows], rm[rows])
+    assert tq.shape[1] == int(qm[rows].sum(-1).max()) < q.shape[1] and tr.shape[1] == 4
+    lp = ppo.logprobs_of(ppo.response_logits(model, tq, tqm, tr, trm, 0.7), tr)
+    v = ppo.critic_values(critic, tq, tqm, tr, trm)
+    assert torch.allclose((lp * trm), (full_lp * rm[rows])[:, :4], atol=1e-5)
+    assert torch.allclose(v * trm, (full_v * rm[rows])[:, :4], atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------ row 14
 def test_row14_metrics_and_generation_tables():
     tables = []

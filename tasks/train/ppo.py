@@ -249,6 +249,19 @@ def response_logits(model: nn.Module, query_ids: Tensor, query_mask: Tensor, res
     return logits[:, :-1].float() / temperature
 
 
+def trim_padding(query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Drop the columns that are padding in every row: leading query columns, trailing response columns.
+
+    Exact: a padded column is masked out of attention, positions come from the
+    mask, and causal attention never lets a later column change an earlier one.
+    A micro-batch of short responses then costs what its longest response costs.
+    """
+    q_len = max(int(query_mask.sum(-1).max()), 1)
+    r_len = max(int(response_mask.sum(-1).max()), 1)
+    return query_ids[:, -q_len:], query_mask[:, -q_len:], response_ids[:, :r_len], response_mask[:, :r_len]
+
+
 def logprobs_of(logits: Tensor, tokens: Tensor) -> Tensor:
     """Log-prob of each token under (already tempered) logits ``[B, T, V]``."""
     return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
@@ -855,13 +868,16 @@ def train_ppo(
                 stats_mb: dict[str, Tensor] = {}
                 for micro in minibatch:
                     idx = micro.to(device)
-                    q, qm, r, rm = ro.query_ids[idx], ro.query_mask[idx], ro.response_ids[idx], ro.response_mask[idx]
+                    q, qm, r, rm = trim_padding(ro.query_ids[idx], ro.query_mask[idx], ro.response_ids[idx],
+                                                ro.response_mask[idx])
+                    T = r.shape[1]
                     logits = response_logits(policy, q, qm, r, rm, cfg.temperature)
                     new_logprobs = logprobs_of(logits, r)
                     new_values = critic_values(critic, q, qm, r, rm)
-                    pg_loss, pg_stats = policy_loss(new_logprobs, ro.logprobs[idx], advantages[idx], rm,
+                    pg_loss, pg_stats = policy_loss(new_logprobs, ro.logprobs[idx, :T], advantages[idx, :T], rm,
                                                     cfg.cliprange)
-                    vf_loss, vf_stats = value_loss(new_values, ro.values[idx], returns[idx], rm, cfg.cliprange_value)
+                    vf_loss, vf_stats = value_loss(new_values, ro.values[idx, :T], returns[idx, :T], rm,
+                                                   cfg.cliprange_value)
                     loss = (pg_loss + cfg.vf_coef * vf_loss) * (len(micro) / cfg.minibatch_size)
                     check_finite(step, loss=loss.detach())
                     loss.backward()
