@@ -21,6 +21,7 @@ import hashlib
 import importlib
 import json
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -173,7 +174,7 @@ def _state_file(workdir: Path) -> Path:
 def _write_state(workdir: Path, state: dict) -> None:
     path = _state_file(workdir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    tmp = path.with_suffix(f".tmp-{os.getpid()}-{threading.get_ident()}")
     tmp.write_text(json.dumps(state, indent=2, default=str))
     os.replace(tmp, path)
 
@@ -312,9 +313,12 @@ def pipeline(
     experiment_id = tracking.configure(wd, cfg.experiment)
     client = MlflowClient()
     previous = _read_state(wd)
+    # a pipeline that failed, or was killed (its state still says running), restarts at that stage
     failed_before = previous.get("failed_stage") if previous.get("status") == "failed" else None
+    if previous.get("status") == "running":
+        failed_before = next((s for s in ORDER if s in previous.get("running", [])), None)
     rows: list[dict] = []
-    state: dict[str, Any] = {"status": "running", "stages": {}, "config_digest": cfg.digest()}
+    state: dict[str, Any] = {"status": "running", "stages": {}, "running": [], "config_digest": cfg.digest()}
     tags = {"alignflow.stage": "pipeline", "git.commit": tracking.git_commit(),
             "alignflow.pipeline_stages": ",".join(order)}
     flow_run_id = tracking.prefect_flow_run_id()
@@ -329,6 +333,8 @@ def pipeline(
 
         def run_one(stage: str) -> None:
             nonlocal digests
+            state["running"].append(stage)
+            _write_state(wd, {**state, "status": "running"})
             try:
                 if stage == "ingest":
                     out = flows["ingest"](_sources(cfg, wd), workdir=str(wd), config=cfg)
@@ -343,7 +349,8 @@ def pipeline(
                 raise _StageFailed(stage, exc) from exc
             rows.append(row)
             state["stages"][stage] = row
-            _write_state(wd, {**state, "status": "running", "current": stage})
+            state["running"].remove(stage)
+            _write_state(wd, {**state, "status": "running"})
 
         try:
             with tracking.parent_run(parent.info.run_id):
@@ -356,7 +363,8 @@ def pipeline(
                         _run_branches(step, run_one)
         except _StageFailed as failed:
             exc, current = failed.exc, failed.stage
-            _write_state(wd, {**state, "status": "failed", "failed_stage": current, "error": repr(exc)[:2000]})
+            _write_state(wd, {**state, "status": "failed", "failed_stage": current, "running": [],
+                              "error": repr(exc)[:2000]})
             mlflow.set_tag("alignflow.failed_stage", current)
             raise PipelineError(f"stage '{current}' failed: {type(exc).__name__}: {exc}\n"
                                 f"run the same command again to restart at '{current}' (earlier stages are reused)"
@@ -380,7 +388,7 @@ def pipeline(
                                              for m, a in aliases.items()) + "\n")
         hint = ui_hint(experiment_id, parent.info.run_id)
         print("\n" + table + "\n\n" + hint)
-        _write_state(wd, {**state, "status": "finished", "parent_run_id": parent.info.run_id})
+        _write_state(wd, {**state, "status": "finished", "running": [], "parent_run_id": parent.info.run_id})
         return {"stage": "pipeline", "run_id": parent.info.run_id, "experiment_id": experiment_id,
                 "model": "", "version": "", "stages": rows, "aliases": aliases, "table": table, "ui": hint,
                 "tracking_uri": mlflow.get_tracking_uri()}

@@ -142,6 +142,23 @@ def test_failed_stage_restarts_there_and_earlier_stages_are_reused(first, tmp_pa
     assert json.loads((work / "pipeline" / "state.json").read_text())["status"] == "finished"
 
 
+def test_a_killed_pipeline_restarts_at_the_stage_it_was_running(first):
+    work, _ = first
+    state_file = work / "pipeline" / "state.json"
+    state = json.loads(state_file.read_text())
+    # what a SIGKILL during sft leaves behind: the state still says running, with sft in progress
+    state.update({"status": "running", "running": ["sft"]})
+    state_file.write_text(json.dumps(state))
+    res = CliRunner().invoke(app, _args(work, ["sft.train.max_steps=13"]), catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    client = _client(work)
+    parent = _pipeline_runs(client)[-1]
+    rows = {r["stage"]: r["status"] for r in json.loads(Path(client.download_artifacts(
+        parent.info.run_id, "pipeline/summary.json")).read_text())["stages"]}
+    assert rows["base"] == "cache hit" and rows["sft"] == "resumed"
+    assert json.loads(state_file.read_text())["running"] == []
+
+
 def test_a_stage_that_does_not_import_fails_the_pipeline_before_anything_runs(tmp_path, monkeypatch, prefect_harness):
     monkeypatch.setitem(pipeline_mod.STAGES, "ppo", ("alignflow.flows.no_such_stage", "ppo", "alignflow-policy"))
     res = CliRunner().invoke(app, ["pipeline", "--workdir", str(tmp_path / "w"), "--set", "pmp.enabled=false",
