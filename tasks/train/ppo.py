@@ -106,7 +106,7 @@ def left_pad_queries(tokenizer: Any, prompts: Sequence[str], max_prompt_tokens: 
         raise ValueError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     rows = []
-    for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]:
+    for ids in tokenizer(list(prompts), add_special_tokens=False, verbose=False)["input_ids"]:  # cut by hand below
         ids = list(ids)[-max_prompt_tokens:] or [start]
         rows.append(ids)
     width = max(len(r) for r in rows)
