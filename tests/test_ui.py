@@ -110,7 +110,7 @@ def _mlflow_runs(work: Path):
     return client, exp, parents
 
 
-def test_mlflow_ui_shows_the_pipelines_their_stages_and_the_compare_view(finished, browser, shots):
+def test_mlflow_ui_shows_the_pipelines_their_stages_and_the_compare_view(browser, finished, shots):
     client, exp, parents = _mlflow_runs(finished["work"])
     assert len(parents) == 2
     base = finished["mlflow"]
@@ -140,7 +140,7 @@ def test_mlflow_ui_shows_the_pipelines_their_stages_and_the_compare_view(finishe
     assert (shots / "mlflow-compare.png").stat().st_size > 10_000
 
 
-def test_prefect_ui_shows_flow_runs_and_their_links_to_mlflow(finished, browser, shots):
+def test_prefect_ui_shows_flow_runs_and_their_links_to_mlflow(browser, finished, shots):
     from prefect.client.orchestration import SyncPrefectClient
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 
