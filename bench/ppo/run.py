@@ -55,6 +55,8 @@ def _timing(stamps: list[float], cpu: list[float], skip: int, batch: int) -> dic
 
 
 def _finish(spec: dict, result: dict, t0: float) -> None:
+    # Linux keeps ru_maxrss across exec: a worker started by a parent that had grown (assets, SFT) reports at
+    # least the parent's peak. The parent's polled RSS of the worker (psutil_peak_rss_mib) is the figure to read.
     result["ru_maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["total_seconds"] = time.perf_counter() - t0
     Path(spec["result_path"]).write_text(json.dumps(result, indent=2))
@@ -184,6 +186,20 @@ def prepare(args) -> dict:
     from alignflow.tasks.train.ppo import left_pad_queries
 
     tok = load_tokenizer(assets["tokenizer"])
+    if args.sft_steps:
+        # A policy that has learnt to answer (and to stop): the initial model fine-tuned on the train demos.
+        sft_dir = args.scratch / f"policy-sft-{args.arch}-{args.sft_steps}"
+        if not (sft_dir / "config.json").is_file():
+            from alignflow.config import load_config
+            from alignflow.tasks.train.lm import train_sft
+
+            cfg = load_config(None, [f"sft.train.max_steps={args.sft_steps}", "sft.train.batch_size=8",
+                                     "sft.train.lr=2e-3", "sft.train.eval_every=1000000",
+                                     f"sft.model.max_length={args.max_length}"])
+            out = train_sft(cfg.sft, load_causal_lm(assets["model"], tokenizer=tok), tok,
+                            Path(assets["datasets"]) / "demos.parquet", checkpoint_dir=None, resume=False)
+            out.model.save_pretrained(str(sft_dir))
+        assets = {**assets, "model": str(sft_dir)}
     reward_dir = args.scratch / f"reward-init-{args.arch}"
     if not (reward_dir / "config.json").is_file():
         other = build_causal_lm(load_causal_lm(assets["model"], tokenizer=tok).config, seed=args.seed + 1)
@@ -248,6 +264,9 @@ def main() -> None:
     p.add_argument("--response-length", type=int, default=48)
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--prompts", type=int, default=512)
+    p.add_argument("--sft-steps", type=int, default=0,
+                   help="fine-tune the policy on the demos for N steps first (a policy that stops; 0 = the "
+                        "initial model, which never emits EOS)")
     p.add_argument("--arch", default="small-gpt2")
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--questions", type=int, default=3000)
@@ -259,6 +278,8 @@ def main() -> None:
     p.add_argument("--scratch", type=Path, default=HERE / "results" / "scratch")
     p.add_argument("--out", type=Path, default=HERE / "results" / "ppo.json")
     args = p.parse_args()
+    if args.sft_steps:
+        args.out = args.out.with_name(args.out.stem + f"-sft{args.sft_steps}.json")
     if args.quick:
         args.steps, args.skip, args.repeat = 3, 1, 1
         args.out = args.out.with_name("ppo-quick.json")
@@ -282,7 +303,7 @@ def main() -> None:
             res = run_side(sides[side], side, spec, logs, f"{side}-{r}")
             rounds[side].append(res)
             print(f"  {res['episodes_per_s']:.2f} episodes/s, median step {res['step_seconds_median']:.2f} s, "
-                  f"peak RSS {res['ru_maxrss_mib']:.0f} MiB", flush=True)
+                  f"peak RSS {res['psutil_peak_rss_mib']:.0f} MiB", flush=True)
     results = {}
     for side, runs in rounds.items():  # the round with the median episodes/s stands for the side
         runs = sorted(runs, key=lambda x: x["episodes_per_s"])
@@ -297,12 +318,12 @@ def main() -> None:
                  / statistics.median(x["episodes_per_cpu_s"] for x in rounds["trl"]))
     rows = [[name, f"{r['episodes_per_s']:.2f}", f"{r['episodes_per_s_median_step']:.2f}",
              f"{r['episodes_per_cpu_s']:.2f}",
-             f"{r['step_seconds_median']:.2f}", f"{r['timed_seconds']:.1f}", f"{r['ru_maxrss_mib']:.0f}",
-             f"{r['psutil_peak_rss_mib']:.0f}", f"{r['reward_mean'][-1]:.3f}" if r["reward_mean"] else "-"]
+             f"{r['step_seconds_median']:.2f}", f"{r['timed_seconds']:.1f}", f"{r['psutil_peak_rss_mib']:.0f}",
+             f"{r['ru_maxrss_mib']:.0f}", f"{r['reward_mean'][-1]:.3f}" if r["reward_mean"] else "-"]
             for name, r in (("alignflow", ours), (f"TRL {TRL_VERSION}", trl))]
     print()
     common.print_table(rows, ["side", "episodes/s", "episodes/s (median step)", "episodes/CPU-s", "s/step (median)",
-                              f"s ({args.steps} steps)", "peak RSS MiB", "psutil peak MiB", "last reward"])
+                              f"s ({args.steps} steps)", "peak RSS MiB (polled)", "ru_maxrss MiB", "last reward"])
     print(f"\nratio ours/TRL episodes/s: {ratio:.2f}x (target >= {TARGET_RATIO}x: "
           f"{'met' if ratio >= TARGET_RATIO else 'NOT met'}); per round {', '.join(f'{x:.2f}x' for x in ratios)}; "
           f"per CPU-second {cpu_ratio:.2f}x")
