@@ -105,43 +105,11 @@ def demo(
     / "configs" / "demo.yaml",
     set_: SetOpt = None,
 ) -> None:
-    """The embedded default end to end: generate dumps, ingest, base LM, PMP, reward model, SFT; say where it all is."""
-    wd = prepare(workdir)
-    cfg = _load(config if config.is_file() else None, set_)
-    from alignflow.tasks.ingest.synthetic import PLANTED_RULE, generate_dump as generate
+    """The embedded default end to end: `pipeline` on configs/demo.yaml (generated dumps, small models, CPU)."""
+    from alignflow.tasks.ingest.synthetic import PLANTED_RULE
 
-    g = cfg.generate
-    dumps = [generate(wd / "dumps", questions=g.questions, seed=g.seed, site=g.site)]
-    if g.generic_questions:
-        dumps.append(generate(wd / "dumps", questions=g.generic_questions, seed=g.seed + 1, site=g.generic_site))
-    typer.echo("synthetic dumps: " + ", ".join(map(str, dumps)) + f"\nplanted rule: {PLANTED_RULE}")
-    from .ingest import ingest as ingest_flow
-
-    try:
-        out = ingest_flow([str(d) for d in dumps], workdir=str(wd), config=cfg)
-    except _user_errors() as exc:
-        _fail(exc)
-    _print_ingest(out)
-    from .base import base as base_flow
-    from .pm import pm as pm_flow
-    from .pmp import pmp as pmp_flow
-    from .sft import sft as sft_flow
-
-    summaries = []
-    for stage_flow in (base_flow, pmp_flow, pm_flow, sft_flow):
-        s = stage_flow(workdir=str(wd), config=cfg)
-        if s.get("run_id"):
-            summaries.append(s)
-    typer.echo("")
-    typer.echo(f"{'stage':<8}{'mlflow run':<34}{'model':<24}{'version':<9}key metrics")
-    for s in summaries:
-        keys = [k for k in ("final_loss", "eval/loss", "eval/perplexity", "eval/pairwise_accuracy",
-                            "eval/accuracy_ci_low", "eval/accuracy_ci_high", "planted_rate_start", "planted_rate")
-                if s.get(k) is not None]
-        metrics = ", ".join(f"{k}={s[k]:.3g}" for k in keys)
-        typer.echo(f"{s['stage']:<8}{s['run_id']:<34}{s['model']:<24}{s['version']:<9}{metrics}")
-    typer.echo(f"\nload the policy: mlflow.transformers.load_model('models:/alignflow-policy-sft@challenger') "
-               f"with MLFLOW_TRACKING_URI={out['tracking_uri']}")
+    typer.echo(f"planted rule of the generated dumps: {PLANTED_RULE}")
+    pipeline(workdir=workdir, config=config if config.is_file() else None, set_=set_, resume=False)
 
 
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the stage's latest checkpoint.")]

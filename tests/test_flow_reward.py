@@ -19,6 +19,7 @@ pytestmark = pytest.mark.slow
 TASK_SITE = "synthetic.stackexchange.com"
 GENERIC_SITE = "generic.stackexchange.com"
 TINY = [
+    "pipeline.stages=[ingest, base, pmp, pm, sft]",
     "generate.questions=160", "generate.generic_questions=120",
     "ingest.split={train: 0.7, validation: 0.2, test: 0.1}",
     "base.model.arch=tiny-gpt2", "base.model.vocab_size=600", "base.model.max_length=96",

@@ -20,6 +20,7 @@ from flowkit import set_args, stage_runs, work_client
 pytestmark = pytest.mark.slow
 
 TINY = [
+    "pipeline.stages=[ingest, base, pmp, pm, sft]",
     "generate.questions=120",
     "base.model.arch=tiny-gpt2", "base.model.vocab_size=600", "base.model.max_length=128",
     "base.train.max_steps=30", "base.train.batch_size=8", "base.train.eval_every=15",
