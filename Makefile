@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench bench-quick clean
+.PHONY: install browser demo test test-fast bench bench-quick clean
 
 install: $(STAMP)
 
@@ -17,10 +17,18 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
+# Headless Chromium for the UI tests (Debian packages). Best effort: without it,
+# tests/test_ui.py is skipped and says why.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) ; } || \
+	  echo "chromium not installed: the UI tests will be skipped"
+
 demo: install
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/alignflow demo
 
-test: install
+test: install browser
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest
 
 test-fast: install
