@@ -182,6 +182,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     print(f"done final_loss {result.final_loss!r} resumed_from {result.resumed_from}", flush=True)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        # Leave together and close gloo before the interpreter exits: a process that exits while its
+        # peer's gloo threads still run can die with "terminate called without an active exception".
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 
