@@ -532,11 +532,27 @@ def _timing(stamps: list[float], t_train_start: float, skip: int, cpu: list[floa
             "timed_cpu_seconds": cpu[-1] - cpu0, "train_seconds_all_steps": stamps[-1] - t_train_start}
 
 
+def train_config(spec: dict) -> Any:
+    """alignflow's ``TrainConfig`` for a worker spec: the shared hyper-parameters, no eval or checkpoint
+    inside the timed span, fp32 unless ``bf16``."""
+    from alignflow.config import TrainConfig
+
+    h = spec["hparams"]
+    return TrainConfig(
+        max_steps=spec["max_steps"], batch_size=spec["batch_size"], grad_accum=1, lr=h["lr"],
+        weight_decay=h["weight_decay"], adam_beta1=h["adam_beta1"], adam_beta2=h["adam_beta2"],
+        adam_eps=h["adam_eps"], warmup_steps=h["warmup_steps"], schedule="cosine", min_lr_ratio=h["min_lr_ratio"],
+        max_grad_norm=h["max_grad_norm"], seed=spec["seed"], eval_every=spec["max_steps"], eval_batches=1,
+        checkpoint_every=spec["max_steps"], log_every=spec["log_every"],
+        mixed_precision="bf16" if spec.get("bf16") else "no", group_by_length=True,
+    )
+
+
 def worker_ours(spec: dict) -> None:
     t_start = time.perf_counter()
     import torch
 
-    from alignflow.config import ModelConfig, SftStageConfig, TrainConfig
+    from alignflow.config import ModelConfig, SftStageConfig
     from alignflow.models import load_causal_lm, load_tokenizer
     from alignflow.tasks.train.batching import pad_collate
     from alignflow.tasks.train.lm import causal_lm_loss, train_sft
@@ -544,16 +560,7 @@ def worker_ours(spec: dict) -> None:
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    h = spec["hparams"]
-    tcfg = TrainConfig(
-        max_steps=spec["max_steps"], batch_size=spec["batch_size"], grad_accum=1, lr=h["lr"],
-        weight_decay=h["weight_decay"], adam_beta1=h["adam_beta1"], adam_beta2=h["adam_beta2"],
-        adam_eps=h["adam_eps"], warmup_steps=h["warmup_steps"], schedule="cosine", min_lr_ratio=h["min_lr_ratio"],
-        max_grad_norm=h["max_grad_norm"], seed=spec["seed"], eval_every=spec["max_steps"], eval_batches=1,
-        checkpoint_every=spec["max_steps"], log_every=spec["log_every"],
-        mixed_precision="bf16" if spec.get("bf16") else "no",
-        group_by_length=True,
-    )
+    tcfg = train_config(spec)
     tok = load_tokenizer(spec["tokenizer_dir"])
     model = load_causal_lm(spec["model_dir"], tokenizer=tok, torch_dtype=torch.float32)
     stamps: list[float] = []

@@ -257,22 +257,13 @@ def worker_ours(spec: dict) -> None:
     t_start = time.perf_counter()
     import torch
 
-    from alignflow.config import TrainConfig
     from alignflow.models import load_sequence_classifier, load_tokenizer
     from alignflow.tasks.train.loop import LoopCallbacks
     from alignflow.tasks.train.reward import train_reward
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    h = spec["hparams"]
-    tcfg = TrainConfig(
-        max_steps=spec["max_steps"], batch_size=spec["batch_size"], grad_accum=1, lr=h["lr"],
-        weight_decay=h["weight_decay"], adam_beta1=h["adam_beta1"], adam_beta2=h["adam_beta2"],
-        adam_eps=h["adam_eps"], warmup_steps=h["warmup_steps"], schedule="cosine", min_lr_ratio=h["min_lr_ratio"],
-        max_grad_norm=h["max_grad_norm"], seed=spec["seed"], eval_every=spec["max_steps"], eval_batches=1,
-        checkpoint_every=spec["max_steps"], log_every=spec["log_every"],
-        mixed_precision="bf16" if spec.get("bf16") else "no", group_by_length=True,
-    )
+    tcfg = common.train_config(spec)
     tok = load_tokenizer(spec["tokenizer_dir"])
     model = load_sequence_classifier(spec["model_dir"], tokenizer=tok)
     model.to(torch.float32)
