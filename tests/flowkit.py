@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -28,3 +31,21 @@ def stage_runs(work: Path, stage: str, experiment: str = "alignflow/demo") -> li
     exp = client.get_experiment_by_name(experiment)
     return client.search_runs([exp.experiment_id], filter_string=f"tags.`alignflow.stage` = '{stage}'",
                               order_by=["attribute.start_time DESC"])
+
+
+def cli(work: Path, *args: str) -> list[str]:
+    """The installed ``alignflow`` command with ``args`` on a work directory (for subprocess runs)."""
+    return [str(Path(sys.executable).parent / "alignflow"), *args, "--workdir", str(work)]
+
+
+def generate_in_fresh_process(work: Path, model: str, prompt: str, max_new_tokens: int) -> subprocess.CompletedProcess:
+    """Load ``models:/<model>@challenger`` as an MLflow transformers pipeline in a new interpreter and greedy-generate;
+    stdout has ``GENERATED <pipeline class> <tail of the text>``."""
+    code = (
+        "import mlflow\n"
+        f"pipe = mlflow.transformers.load_model('models:/{model}@challenger')\n"
+        f"out = pipe({prompt!r}, max_new_tokens={max_new_tokens}, do_sample=False)\n"
+        "print('GENERATED', type(pipe).__name__, repr(out[0]['generated_text'][-40:]))\n"
+    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{Path(work) / 'mlflow.db'}", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from typer.testing import CliRunner
 
 import _ppo_models as M
 from alignflow.flows.cli import app
+from flowkit import cli, generate_in_fresh_process
 
 pytestmark = pytest.mark.slow
 
@@ -98,18 +98,9 @@ def test_ppo_flow_registers_policy_with_metrics_tables_and_evaluation(work):
     assert "alignflow-policy" in result.output and "eval/win_rate" in result.output
 
     # the registered policy loads and generates in a fresh process
-    code = ("import mlflow\n"
-            "pipe = mlflow.transformers.load_model('models:/alignflow-policy@challenger')\n"
-            "out = pipe('Question: alpha?\\n\\nAnswer: ', max_new_tokens=4, do_sample=False)\n"
-            "print('GENERATED', type(pipe).__name__)\n")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    proc = generate_in_fresh_process(work, "alignflow-policy", "Question: alpha?\n\nAnswer: ", max_new_tokens=4)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "GENERATED TextGenerationPipeline" in proc.stdout
-
-
-def _cli(work: Path, *args: str) -> list[str]:
-    return [str(Path(sys.executable).parent / "alignflow"), *args, "--workdir", str(work)]
 
 
 def _history(work: Path, run_id: str, name: str = "ppo/reward_mean") -> dict[int, float]:
@@ -121,7 +112,7 @@ def test_sigkill_then_resume_continues_the_same_curve(work, tmp_path):
     env["PREFECT_HOME"] = str(tmp_path / "prefect")
     sets = _sets(["ppo.total_steps=20", "ppo.checkpoint_every=5", "ppo.eval_prompts=0",
                   "ppo.generations_every=100", "ppo.adaptive_kl=true", "ppo.kl_horizon=200"])
-    proc = subprocess.Popen(_cli(work, "ppo", *sets), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(cli(work, "ppo", *sets), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     ckroot = work / "checkpoints" / "ppo"
     before = (ckroot / "LATEST_RUN").read_text() if (ckroot / "LATEST_RUN").is_file() else None

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from alignflow.flows.cli import app
-from flowkit import set_args, stage_runs, work_client
+from flowkit import cli, generate_in_fresh_process, set_args, stage_runs, work_client
 
 pytestmark = pytest.mark.slow
 
@@ -76,20 +75,10 @@ def test_stage_runs_have_namespaced_metrics_inputs_and_generations(demo_workdir)
 
 def test_registered_policy_loads_in_a_fresh_process_and_generates(demo_workdir):
     work, _ = demo_workdir
-    code = (
-        "import mlflow\n"
-        "pipe = mlflow.transformers.load_model('models:/alignflow-policy-sft@challenger')\n"
-        "out = pipe('Question: How do I read a file?\\n\\nAnswer: ', max_new_tokens=8, do_sample=False)\n"
-        "print('GENERATED', type(pipe).__name__, repr(out[0]['generated_text'][-40:]))\n"
-    )
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    proc = generate_in_fresh_process(work, "alignflow-policy-sft", "Question: How do I read a file?\n\nAnswer: ",
+                                     max_new_tokens=8)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "GENERATED TextGenerationPipeline" in proc.stdout
-
-
-def _cli(work: Path, *args: str) -> list[str]:
-    return [str(Path(sys.executable).parent / "alignflow"), *args, "--workdir", str(work)]
 
 
 def test_sigkill_then_resume_continues_and_links_runs(demo_workdir, tmp_path):
@@ -98,7 +87,7 @@ def test_sigkill_then_resume_continues_and_links_runs(demo_workdir, tmp_path):
     env["PREFECT_HOME"] = str(tmp_path / "prefect")
     sets = set_args(TINY, ["base.train.max_steps=200", "base.train.checkpoint_every=20", "base.train.eval_every=1000"])
     # Its own session, so the SIGKILL takes the whole job (the command and its Prefect server) as a scheduler would.
-    proc = subprocess.Popen(_cli(work, "base", *sets), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(cli(work, "base", *sets), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     ckroot = work / "checkpoints" / "base"
     deadline = time.time() + 240
@@ -117,7 +106,7 @@ def test_sigkill_then_resume_continues_and_links_runs(demo_workdir, tmp_path):
     killed_run = stage_runs(work, "base")[0]
     assert killed_run.info.status == "RUNNING"  # SIGKILL gave it no chance to end
 
-    resumed = subprocess.run(_cli(work, "base", *sets, "--resume"), env=env, capture_output=True, text=True,
+    resumed = subprocess.run(cli(work, "base", *sets, "--resume"), env=env, capture_output=True, text=True,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     runs = stage_runs(work, "base")
@@ -129,7 +118,7 @@ def test_sigkill_then_resume_continues_and_links_runs(demo_workdir, tmp_path):
     assert min(steps) > int(killed_at.split("-")[1]) - 1 and max(steps) == 200
 
     # The uninterrupted run with the same seed ends with the same loss.
-    straight = subprocess.run(_cli(work, "base", *sets), env=env, capture_output=True, text=True, timeout=600)
+    straight = subprocess.run(cli(work, "base", *sets), env=env, capture_output=True, text=True, timeout=600)
     assert straight.returncode == 0, straight.stderr[-3000:]
     final = lambda r: work_client(work).get_metric_history(r.info.run_id, "train/loss")[-1].value  # noqa: E731
     assert abs(final(stage_runs(work, "base")[0]) - final(new)) < 1e-4
