@@ -1,6 +1,6 @@
 """Flow `ingest`: upvote dumps -> posts, pairs, demos, prompts (+ quarantine), one MLflow run.
 
-    alignflow ingest ../shared/fixtures/stackexchange/conlang.meta-2020 --workdir ./alignflow-work
+    alignflow ingest tests/fixtures/stackexchange/conlang.meta-2020 --workdir ./alignflow-work
 
 Orchestration only: the work is in ``alignflow.tasks.ingest`` (plain functions).
 """

@@ -10,9 +10,7 @@ from lxml import etree
 
 from alignflow.tasks.ingest.clean import clean_plain_text, html_to_text
 
-FIXTURE_DIR = (
-    Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "stackexchange" / "datascience.meta-2024"
-)
+FIXTURE_DIR = Path(__file__).resolve().parent / "fixtures" / "stackexchange" / "datascience.meta-2024"
 
 
 # ---------------------------------------------------------------------------
@@ -192,8 +190,7 @@ def test_deep_nesting_within_parser_limit() -> None:
 
 def _fixture_bodies() -> dict[str, str]:
     posts = FIXTURE_DIR / "Posts.xml"
-    if not posts.is_file():
-        pytest.skip(f"Stack Exchange fixture not present: {posts} (shared/fixtures is not checked out)")
+    assert posts.is_file(), f"Stack Exchange fixture missing from the repository: {posts}"
     bodies: dict[str, str] = {}
     for _, row in etree.iterparse(str(posts), tag="row"):
         body = row.get("Body")

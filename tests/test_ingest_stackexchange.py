@@ -1,4 +1,4 @@
-"""Ingest of the real Stack Exchange dumps in ../shared/fixtures, with hand-verified counts.
+"""Ingest of the real Stack Exchange dumps in tests/fixtures, with hand-verified counts.
 
 The expected figures were counted independently of alignflow, with a plain
 xml.etree pass over the fixture files (questions, answers, answer pairs, votes

@@ -2,7 +2,7 @@
 
 ``generate_dump`` writes a site folder ``<out_dir>/<site>/`` with ``Posts.xml``
 and ``Votes.xml`` in the format of the public Stack Exchange data dump (see
-``shared/fixtures/README.md``): UTF-8 with a BOM, ``<?xml version="1.0"
+``tests/fixtures/README.md``): UTF-8 with a BOM, ``<?xml version="1.0"
 encoding="utf-8"?>``, CRLF line endings, a ``<posts>`` / ``<votes>`` root with
 one ``<row .../>`` per record, every field an attribute, ``Body`` HTML escaped
 inside the attribute with ``&#xA;`` for newlines. Like the 2024 dump, all
