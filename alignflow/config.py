@@ -94,6 +94,10 @@ class IngestConfig(_Section):
     batch_mb: int = Field(
         4, ge=1, description="Most text (MiB) per batch: bounds memory whatever the length of the texts."
     )
+    contract_rows: int = Field(
+        200_000, ge=100, description="Most rows per data-contract validation (several row groups checked at once)."
+    )
+    contract_mb: int = Field(32, ge=1, description="Most text (MiB) per data-contract validation.")
     split: SplitConfig = Field(default_factory=SplitConfig, description="How questions are assigned to splits.")
     reddit: RedditConfig = Field(default_factory=RedditConfig, description="Rules for Reddit dumps.")
 
