@@ -26,10 +26,13 @@ from alignflow.config import IngestConfig
 from . import schema
 from .errors import IngestError
 from .scoring import check_template
+from .ranges import default_workers
 from .stackexchange import Site, resolve_sites
 
 CODE_DIRS = [Path(__file__).resolve().parent, Path(__file__).resolve().parents[2] / "data_contracts"]
 FORMATS = ("stackexchange", "reddit", "pairs")
+# Settings that change how the work is spread, never what it produces: not part of the cache key.
+EXECUTION_ONLY = {"workers", "range_mb"}
 
 
 @dataclass
@@ -155,7 +158,7 @@ def plan_ingest(sources: list[str | Path], workdir: Path, cfg: IngestConfig, fmt
     if se:
         resolve_sites(se)  # fail early on a bad site folder or archive
     key_material = json.dumps(
-        {"config": cfg.model_dump(mode="json"), "inputs": [(s.format, s.sha256) for s in planned],
+        {"config": cfg.model_dump(mode="json", exclude=EXECUTION_ONLY), "inputs": [(s.format, s.sha256) for s in planned],
          "code": code_digest()},
         sort_keys=True,
     )
@@ -170,6 +173,8 @@ def read_sources(plan: IngestPlan, store, cfg: IngestConfig) -> dict[str, str]:
     score_sources: dict[str, str] = {}
     se_paths = [Path(s.path) for s in plan.sources if s.format == "stackexchange"]
     sites: list[Site] = resolve_sites(se_paths) if se_paths else []
+    workers = cfg.workers or default_workers()
+    parallel: list[Site] = []
     if sites:
         from .stackexchange import read_site
 
@@ -185,7 +190,12 @@ def read_sources(plan: IngestPlan, store, cfg: IngestConfig) -> dict[str, str]:
             else:
                 store.register_vote_file(site.name, site.votes[0].label)
             score_sources[site.name] = "votes" if use_votes else "score"
-            read_site(site, store, on_bad_row=cfg.on_bad_row, max_chars=cfg.max_text_chars)
+            if workers > 1 and all(m.member is None for m in (*site.votes, *site.posts)):
+                parallel.append(site)  # plain files: read below, cut into ranges
+            else:
+                read_site(site, store, on_bad_row=cfg.on_bad_row, max_chars=cfg.max_text_chars)
+        if parallel:
+            read_sites_in_ranges(parallel, store, cfg, workers)
     for src in plan.sources:
         if src.format == "reddit":
             from .reddit import read_reddit
@@ -198,6 +208,21 @@ def read_sources(plan: IngestPlan, store, cfg: IngestConfig) -> dict[str, str]:
             for f in src.files:
                 read_pairs_file(Path(f), store, default_license=cfg.default_license, on_bad_row=cfg.on_bad_row)
     return score_sources
+
+
+def read_sites_in_ranges(sites: list[Site], store, cfg: IngestConfig, workers: int) -> None:
+    """Read plain-file sites on ``workers`` processes, replaying into ``store`` in the one-process order."""
+    from .ranges import Replayer, range_tasks, run_tasks
+
+    tasks = []
+    for site in sites:
+        for member in (*site.votes, *site.posts):
+            tasks += range_tasks(site.name, member.table, member.path, member.label,
+                                 range_bytes=max(int(cfg.range_mb * (1 << 20)), 1), on_bad_row=cfg.on_bad_row,
+                                 max_chars=cfg.max_text_chars, start_index=len(tasks))
+    replay = Replayer(store)
+    for task, result in run_tasks(tasks, workers):
+        replay.apply(task, result)
 
 
 def build_report(store, summary, score_sources: dict[str, str]) -> dict[str, Any]:
