@@ -222,31 +222,93 @@ class Replayer:
 
 
 def run_tasks(tasks: list[RangeTask], workers: int) -> Iterator[tuple[RangeTask, RangeResult]]:
-    """Results of ``tasks`` in order: in this process (one worker) or a process pool (several).
+    """Results of ``tasks`` in order: in this process (one worker) or on worker processes (several).
 
-    At most two tasks per worker are in flight, so results waiting for the
-    parent never hold more than a few ranges in memory.
+    Task ``i`` goes to worker ``i % n``; each worker has at most two tasks in
+    flight, so results waiting for the parent never hold more than a few
+    ranges in memory.
     """
     if workers <= 1 or len(tasks) <= 1:
         for task in tasks:
             yield task, read_range(task)
         return
-    import multiprocessing as mp
-    from collections import deque
+    n = min(workers, len(tasks))
+    pool = _WorkerProcesses(n)
+    try:
+        sent = 0
+        for i, task in enumerate(tasks):
+            while sent < len(tasks) and sent < i + 2 * n:
+                pool.send(sent % n, tasks[sent])
+                sent += 1
+            yield task, pool.receive(i % n)
+    finally:
+        pool.close()
 
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["alignflow.tasks.ingest.ranges", "alignflow.tasks.ingest.stackexchange"])
-    todo = iter(tasks)
-    with ctx.Pool(min(workers, len(tasks))) as pool:
-        pending = deque()
-        for task in todo:
-            pending.append((task, pool.apply_async(read_range, (task,))))
-            if len(pending) >= 2 * workers:
-                break
-        while pending:
-            task, result = pending.popleft()
-            done = result.get()
-            nxt = next(todo, None)
-            if nxt is not None:
-                pending.append((nxt, pool.apply_async(read_range, (nxt,))))
-            yield task, done
+
+class _WorkerProcesses:
+    """``n`` Python processes running :func:`serve`: tasks in on stdin, results out on stdout (pickles).
+
+    Plain subprocesses rather than ``multiprocessing``: they never re-import
+    the caller's main module and never fork a process that runs threads; a
+    worker whose parent dies reads end-of-file and exits.
+    """
+
+    def __init__(self, n: int) -> None:
+        import subprocess
+        import sys
+
+        cmd = [sys.executable, "-c", "from alignflow.tasks.ingest.ranges import serve; serve()"]
+        self.procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE) for _ in range(n)]
+
+    def send(self, worker: int, task: RangeTask) -> None:
+        import pickle
+
+        proc = self.procs[worker]
+        pickle.dump(task, proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+        proc.stdin.flush()
+
+    def receive(self, worker: int) -> RangeResult:
+        import pickle
+
+        proc = self.procs[worker]
+        try:
+            kind, value = pickle.load(proc.stdout)
+        except EOFError:
+            raise RuntimeError(f"ingest worker process {proc.pid} exited (code {proc.wait()})") from None
+        if kind == "error":
+            raise value
+        return value
+
+    def close(self) -> None:
+        for proc in self.procs:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except Exception:
+                proc.kill()
+                proc.wait()
+
+
+def serve() -> None:
+    """Worker process loop: read tasks from stdin until it closes, write each result to stdout."""
+    import pickle
+    import sys
+
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # anything printed must not corrupt the result stream
+    while True:
+        try:
+            task = pickle.load(stdin)
+        except EOFError:
+            return
+        try:
+            reply = ("ok", read_range(task))
+        except Exception as exc:  # a bug: shown in the parent with its type and message
+            reply = ("error", RuntimeError(f"ingest worker failed on {task.label} bytes {task.start}-{task.end}: "
+                                           f"{type(exc).__name__}: {exc}"))
+        pickle.dump(reply, stdout, protocol=pickle.HIGHEST_PROTOCOL)
+        stdout.flush()
