@@ -402,7 +402,7 @@ class AlignflowConfig(_Section):
                 continue
             raw = data.pop(stage.section, plugins.get(stage.section, {}))
             try:
-                plugins[stage.section] = stage.config_model.model_validate(raw if raw is not None else {})
+                plugins[stage.section] = stage.section_model().model_validate(raw if raw is not None else {})
             except ValidationError as exc:
                 raise ValueError("; ".join(f"{'.'.join(map(str, (stage.section, *e['loc'])))}: {e['msg']}"
                                            for e in exc.errors())) from None

@@ -57,6 +57,13 @@ class Stage:
     distributed: bool = False  #: trains under ``--processes N`` / ``--launch accelerate``
     config_model: Any = None  #: pydantic model of ``section`` when it is not a field of ``AlignflowConfig``
 
+    def section_model(self) -> Any:
+        """``config_model``, imported when it is given as ``"module:Class"``."""
+        if isinstance(self.config_model, str):
+            module, _, attr = self.config_model.partition(":")
+            return getattr(importlib.import_module(module), attr)
+        return self.config_model
+
     def load_flow(self) -> Callable[..., dict]:
         return getattr(importlib.import_module(self.module), self.function)
 

@@ -42,7 +42,7 @@ def toy_flow(workdir: str = "./alignflow-work", config: AlignflowConfig | None =
 def toy():
     stage = stages.register(stages.Stage(
         "toy", __name__, "toy_flow", help="A toy stage that reports a score.", section="toy",
-        config_model=ToyConfig, reads=("posts",), reads_models=(stages.BASE_MODEL,), model=TOY_MODEL, gate="lm",
+        config_model=f"{__name__}:ToyConfig", reads=("posts",), reads_models=(stages.BASE_MODEL,), model=TOY_MODEL, gate="lm",
         key_metrics=("toy/score",), after=("base",)))
     try:
         yield stage
