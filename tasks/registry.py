@@ -1,7 +1,8 @@
 """MLflow model registry conventions: log, register, alias.
 
-Registered names: ``alignflow-base``, ``alignflow-pmp``, ``alignflow-reward``,
-``alignflow-policy-sft``, ``alignflow-policy``. A new version gets the alias
+Registered names: the constants of :mod:`alignflow.stages` (``alignflow-base``,
+``alignflow-pmp``, ``alignflow-reward``, ``alignflow-policy-sft``,
+``alignflow-policy``), one per stage that registers a model. A new version gets the alias
 ``challenger``; only a promotion gate moves ``champion``. Everywhere a model is
 loaded by reference it is ``models:/<name>@<alias>``.
 
