@@ -31,7 +31,10 @@ Design choices against the known failure modes of PPO implementations
       cache, full distribution (top_k = 0, top_p = 1), no forced min length.
     * The reward model reads decoded *text* through its own tokenizer
       (:func:`text_reward_fn`), so policy and reward model may tokenize
-      differently.
+      differently; the critic reads the policy's ids, so it is then built on
+      the policy (:func:`make_critic`), and a critic that cannot read them is
+      refused.
+    * A policy loaded in bf16/fp16 trains fp32 master weights under autocast.
     * Frozen networks never get gradients or optimizer state: the reference
       and reward forwards run under ``torch.inference_mode``. With LoRA
       (``lora_r > 0``) the reference *is* the policy with its adapters switched
@@ -584,12 +587,48 @@ def merged_policy(policy: nn.Module) -> nn.Module:
     return policy
 
 
-def make_critic(reward_model: nn.Module) -> nn.Module:
-    """The critic: a separate, trainable copy of the reward model (its score head becomes the value head)."""
-    critic = copy.deepcopy(reward_model)
+def same_tokenization(a: Any, b: Any) -> bool:
+    """Whether two tokenizers map text to the same ids (same vocabulary and the same EOS and pad ids)."""
+    if a is b:
+        return True
+    return (a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
+            and a.pad_token_id == b.pad_token_id)
+
+
+def make_critic(reward_model: nn.Module, *, reward_tokenizer: Any = None, policy: nn.Module | None = None,
+                policy_tokenizer: Any = None, seed: int = 0) -> nn.Module:
+    """The critic: a separate, trainable network that reads the policy's token ids.
+
+    When the reward model tokenizes as the policy does (or no tokenizers are
+    given), a copy of the reward model (its score head becomes the value head;
+    N+). When they differ, the reward model cannot read the policy's ids, so
+    the critic is built on the policy: its transformer weights and a new value
+    head (:func:`~alignflow.models.reward.reward_model_from_causal_lm`).
+    """
+    if reward_tokenizer is not None and policy_tokenizer is not None and not same_tokenization(
+            reward_tokenizer, policy_tokenizer):
+        if policy is None:
+            raise ValueError("the reward model tokenizes differently from the policy: pass the policy to build "
+                             "the critic on its tokenizer")
+        from alignflow.models.reward import reward_model_from_causal_lm
+
+        log.info("reward model and policy tokenize differently: the critic starts from the policy's weights")
+        critic = reward_model_from_causal_lm(_base(policy), tokenizer=policy_tokenizer, seed=seed)
+        critic.to(next(policy.parameters()).device)
+    else:
+        critic = copy.deepcopy(reward_model)
     critic.requires_grad_(True)
     disable_dropout(critic)
     return critic.train()
+
+
+def check_critic_reads_policy_ids(critic: nn.Module, tokenizer: Any) -> None:
+    """Refuse a critic whose embeddings cannot hold every id of the policy's tokenizer (e.g. a reward model copy)."""
+    rows = critic.get_input_embeddings().weight.shape[0]
+    if rows < len(tokenizer):
+        raise ValueError(
+            f"the critic has {rows} token embeddings but the policy's tokenizer has {len(tokenizer)} tokens: it "
+            "was built for another tokenizer; build it with make_critic(..., policy=, policy_tokenizer=)")
 
 
 # =============================================================================================== rollouts
@@ -779,7 +818,7 @@ def train_ppo(
 ) -> PpoResult:
     """Optimise ``policy`` against ``reward_fn`` on ``prompts`` for ``cfg.total_steps`` PPO steps.
 
-    ``critic``: a trainable ``*ForSequenceClassification`` (see :func:`make_critic`).
+    ``critic``: a trainable ``*ForSequenceClassification`` on the policy's token ids (see :func:`make_critic`).
     ``reference``: the frozen SFT policy; None = a frozen copy of ``policy``
     (full fine-tuning) or, with ``cfg.lora_r > 0``, the policy with adapters
     off. ``checkpoint_dir``/``resume``: as the training loop (a fresh run
@@ -796,6 +835,7 @@ def train_ppo(
         checkpoint_dir = Path(checkpoint_dir)
         if not resume and list_checkpoints(checkpoint_dir):
             raise FileExistsError(f"{checkpoint_dir} already holds checkpoints; pass resume=True or use an empty folder")
+    check_critic_reads_policy_ids(critic, tokenizer)
     device = next(policy.parameters()).device
     state = setup_ppo(cfg, policy, critic, reference, n_prompts=len(prompts), device=device)
     if resume and checkpoint_dir is not None:
