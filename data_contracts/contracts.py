@@ -39,7 +39,7 @@ import pandas as pd
 KINDS: tuple[str, ...] = ("posts", "pairs", "demos", "prompts")
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 POST_KINDS: tuple[str, ...] = ("question", "answer")
-SOURCES: tuple[str, ...] = ("stackexchange", "reddit", "pairs")
+SOURCES: tuple[str, ...] = ("stackexchange", "reddit", "pairs", "human")  # human: rankings from the labeling app
 DEFAULT_MAX_CHARS = 20_000
 MAX_EXAMPLES = 5
 

@@ -33,13 +33,14 @@ from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from alignflow.config import AlignflowConfig, PpoStageConfig
+from alignflow.stages import POLICY_MODEL, REWARD_MODEL, SFT_MODEL
 from alignflow.tasks import registry, tracking
 from alignflow.tasks.ingest.run import latest_datasets
 from alignflow.tasks.train import ppo as ppo_lib
 
-MODEL_NAME = "alignflow-policy"
-POLICY_SOURCE = "alignflow-policy-sft"
-REWARD_SOURCE = "alignflow-reward"
+MODEL_NAME = POLICY_MODEL
+POLICY_SOURCE = SFT_MODEL
+REWARD_SOURCE = REWARD_MODEL
 
 
 def read_prompts(path: Path, split: str) -> list[dict]:

@@ -185,7 +185,8 @@ def read_sources(plan: IngestPlan, store, cfg: IngestConfig) -> dict[str, str]:
             else:
                 store.register_vote_file(site.name, site.votes[0].label)
             score_sources[site.name] = "votes" if use_votes else "score"
-            read_site(site, store, on_bad_row=cfg.on_bad_row, max_chars=cfg.max_text_chars)
+            read_site(site, store, on_bad_row=cfg.on_bad_row, max_chars=cfg.max_text_chars,
+                      max_row_bytes=cfg.max_row_bytes)
     for src in plan.sources:
         if src.format == "reddit":
             from .reddit import read_reddit

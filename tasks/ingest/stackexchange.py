@@ -23,7 +23,7 @@ from typing import Any
 from .clean import html_to_text
 from .errors import IngestError
 from .records import PostRecord, RecordSink
-from .xmlstream import RowParser, parse_file
+from .xmlstream import MAX_ROW_BYTES, RowParser, parse_file
 
 POST_TYPE_NAMES = {
     "3": "orphaned_tag_wiki",
@@ -147,15 +147,21 @@ def resolve_sites(sources: list[Path]) -> list[Site]:
     return list(sites.values())
 
 
-def stream_member(member: Member, on_row: Callable[[Any, int | None], None], root: str) -> int:
-    """Parse one dump table, from disk or straight out of its archive."""
+def stream_member(member: Member, on_row: Callable[[Any, int | None], None], root: str,
+                  max_row_bytes: int = MAX_ROW_BYTES) -> int:
+    """Parse one dump table, from disk or straight out of its archive.
+
+    ``on_row.oversized(line, head)``, when ``on_row`` has it, takes rows over ``max_row_bytes``.
+    """
+    on_oversize = getattr(on_row, "oversized", None)
     if member.member is None:
-        return parse_file(member.path, on_row, root=root, label=member.label)
+        return parse_file(member.path, on_row, root=root, label=member.label, max_row_bytes=max_row_bytes,
+                          on_oversize=on_oversize)
 
     import py7zr
     from py7zr.io import Py7zIO, WriterFactory
 
-    parser = RowParser(member.label, on_row, root=root)
+    parser = RowParser(member.label, on_row, root=root, max_row_bytes=max_row_bytes, on_oversize=on_oversize)
     failure: list[BaseException] = []
 
     class _Feed(Py7zIO):
@@ -288,6 +294,10 @@ class PostRowReader:
             )
         )
 
+    def oversized(self, line: int, head: bytes) -> None:
+        self.sink.count(self.source_file, "rows")
+        quarantine_oversized(self.sink, self.source_file, self.site, line, head)
+
     def _quarantine(self, reason: str, line: int | None, row_id: str, attrib: Any, detail: str = "") -> None:
         self.sink.quarantine(
             source_file=self.source_file,
@@ -298,6 +308,14 @@ class PostRowReader:
             detail=detail,
             raw=_raw(attrib),
         )
+
+
+def quarantine_oversized(sink: RecordSink, source_file: str, site: str, line: int, head: bytes) -> None:
+    """A <row> too long to read: quarantined with its first bytes (and its Id when they hold it)."""
+    m = re.search(rb'\sId="([0-9]{1,19})"', head)
+    sink.quarantine(source_file=source_file, reason="too_large", line=line, row_id=m.group(1).decode() if m else None,
+                    site=site, detail="row longer than ingest.max_row_bytes; not read",
+                    raw=head.decode("utf-8", errors="replace"))
 
 
 class VoteRowReader:
@@ -327,18 +345,24 @@ class VoteRowReader:
             return
         self.sink.add_vote(self.site, post_id, int(vote_type))
 
+    def oversized(self, line: int, head: bytes) -> None:
+        self.sink.count(self.source_file, "rows")
+        quarantine_oversized(self.sink, self.source_file, self.site, line, head)
+
 
 def _raw(attrib: Any, limit: int = 2000) -> str:
     text = " ".join(f'{k}="{v}"' for k, v in attrib.items())
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-def read_site(site: Site, sink: RecordSink, *, on_bad_row: str = "error", max_chars: int = 20_000) -> dict:
+def read_site(site: Site, sink: RecordSink, *, on_bad_row: str = "error", max_chars: int = 20_000,
+              max_row_bytes: int = MAX_ROW_BYTES) -> dict:
     """Stream one site's tables into the sink; returns what was read (for run params)."""
     info = {"site": site.name, "posts": [m.label for m in site.posts], "votes": [m.label for m in site.votes]}
     for member in site.votes:
-        stream_member(member, VoteRowReader(site.name, member.label, sink, on_bad_row=on_bad_row), root="votes")
+        stream_member(member, VoteRowReader(site.name, member.label, sink, on_bad_row=on_bad_row), root="votes",
+                      max_row_bytes=max_row_bytes)
     for member in site.posts:
         reader = PostRowReader(site.name, member.label, sink, on_bad_row=on_bad_row, max_chars=max_chars)
-        stream_member(member, reader, root="posts")
+        stream_member(member, reader, root="posts", max_row_bytes=max_row_bytes)
     return info
