@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from alignflow import stages as stage_registry
 
 DEFAULT_PROMPT_TEMPLATE = "Question: {title}\n\n{body}\n\nAnswer: "
 
@@ -90,6 +92,10 @@ class IngestConfig(_Section):
     default_license: str = Field(
         "unknown", description="Licence recorded for rows whose source does not state one (Reddit, pairs files)."
     )
+    max_row_bytes: int = Field(
+        16 << 20, ge=1024,
+        description="An input row (a dump <row>, a JSON line) longer than this many bytes is quarantined unread "
+        "(its first bytes kept): memory stays bounded whatever the input holds.")
     batch_rows: int = Field(5_000, ge=100, description="Most rows per Parquet row group and per contract validation batch.")
     batch_mb: int = Field(
         4, ge=1, description="Most text (MiB) per batch: bounds memory whatever the length of the texts."
@@ -349,9 +355,9 @@ class PromoteConfig(_Section):
     max_loss_increase: float = Field(0.0, ge=0, description="LM gate (base, policy-sft): challenger held-out loss "
                                      "may exceed the champion's by at most this.")
     models: list[str] = Field(
-        default_factory=lambda: ["alignflow-base", "alignflow-pmp", "alignflow-reward", "alignflow-policy-sft",
-                                 "alignflow-policy"],
-        description="Registered models the pipeline's promote stage gates, in this order.")
+        default_factory=stage_registry.models,
+        description="Registered models the pipeline's promote stage gates, in this order (default: every model "
+        "a registered stage produces).")
 
 
 class PipelineConfig(_Section):
@@ -363,9 +369,19 @@ class PipelineConfig(_Section):
                         "finished earlier run of it.")
     concurrent: bool = Field(False, description="Run the two independent branches (pmp -> pm) and sft side by side "
                              "(worth it with a device per branch; on a small CPU they only compete for cores).")
-    stages: list[Literal["ingest", "base", "pmp", "pm", "sft", "ppo", "promote"]] = Field(
-        default_factory=lambda: ["ingest", "base", "pmp", "pm", "sft", "ppo", "promote"],
-        description="Stages to run (in pipeline order; `pmp` also follows `pmp.enabled`).")
+    stages: list[str] = Field(
+        default_factory=stage_registry.pipeline_stages,
+        description="Stages to run (in pipeline order; `pmp` also follows `pmp.enabled`); default: every "
+        "pipeline stage of the registry (alignflow/stages.py).")
+
+    @field_validator("stages")
+    @classmethod
+    def _registered(cls, value: list[str]) -> list[str]:
+        known = stage_registry.pipeline_stages()
+        unknown = [s for s in value if s not in known]
+        if unknown:
+            raise ValueError(f"unknown stage(s) {', '.join(map(repr, unknown))}; pipeline stages are {', '.join(known)}")
+        return value
 
 
 class AlignflowConfig(_Section):
@@ -383,6 +399,37 @@ class AlignflowConfig(_Section):
     ppo: PpoStageConfig = Field(default_factory=PpoStageConfig, description="The PPO stage.")
     promote: PromoteConfig = Field(default_factory=PromoteConfig, description="Promotion gates.")
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="The whole pipeline.")
+    plugins: dict[str, Any] = Field(default_factory=dict, description="Sections of registered stages that bring "
+                                    "their own config model (set as top-level sections, read with `section()`).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plugin_sections(cls, data: Any) -> Any:
+        """Top-level sections of registered stages with their own ``config_model`` go to ``plugins``, validated."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        plugins = dict(data.get("plugins") or {})
+        for stage in stage_registry.REGISTRY.values():
+            if stage.config_model is None or not stage.section or stage.section in cls.model_fields:
+                continue
+            raw = data.pop(stage.section, plugins.get(stage.section, {}))
+            try:
+                plugins[stage.section] = stage.section_model().model_validate(raw if raw is not None else {})
+            except ValidationError as exc:
+                raise ValueError("; ".join(f"{'.'.join(map(str, (stage.section, *e['loc'])))}: {e['msg']}"
+                                           for e in exc.errors())) from None
+        data["plugins"] = plugins
+        return data
+
+    def section(self, name: str) -> Any:
+        """A config section by name: a field of this model, or a registered stage's own section."""
+        if name in type(self).model_fields:
+            return getattr(self, name)
+        try:
+            return self.plugins[name]
+        except KeyError:
+            raise KeyError(f"no config section {name!r}") from None
 
     def digest(self, section: str | None = None) -> str:
         """A stable content digest of the config (or one section of it)."""
@@ -449,7 +496,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         lines = [f"invalid config{where}:"]
         for err in exc.errors():
             loc = ".".join(str(p) for p in err["loc"])
-            lines.append(f"  {loc}: {err['msg']}")
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  {loc}: {msg}" if loc else f"  {msg}")
         raise ConfigError("\n".join(lines)) from exc
 
 

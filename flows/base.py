@@ -19,12 +19,13 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from alignflow.config import AlignflowConfig, BaseStageConfig
+from alignflow.stages import BASE_MODEL
 from alignflow.tasks import registry, tracking
 from alignflow.tasks.ingest.run import latest_datasets
 from alignflow.tasks.train.lm import StageOutput, train_base
 from alignflow.tasks.train.loop import LoopCallbacks
 
-MODEL_NAME = "alignflow-base"
+MODEL_NAME = BASE_MODEL
 
 
 @task(name="pretrain-base", cache_policy=NO_CACHE)

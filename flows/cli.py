@@ -3,6 +3,8 @@
     alignflow demo                                  # the embedded default, end to end
     alignflow ingest SOURCE... [--format F] [--config FILE] [--set k=v] [--workdir DIR]
     alignflow generate-dump --out DIR --questions N --seed S [--archive]
+    alignflow <stage> [--config FILE] [--set k=v] [--resume] [--workdir DIR]   # every stage of alignflow.stages
+    alignflow label-batch ... / alignflow label serve|invite|simulate|export|scores|pairs|train   # flows/label_cli.py
 """
 
 from __future__ import annotations
@@ -10,13 +12,14 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from collections.abc import Callable
 from typing import Annotated, Optional
 
 import typer
 
-from .environment import prepare
+from alignflow import stages
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Community votes to aligned language models.")
+from .environment import prepare
 
 WorkdirOpt = Annotated[Path, typer.Option("--workdir", help="Folder for everything a run writes.")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML config (see configs/).")]
@@ -32,10 +35,11 @@ def _fail(exc: BaseException) -> None:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from alignflow.config import ConfigError
     from alignflow.data_contracts import ContractViolation
+    from alignflow.models.loading import ModelLoadError
     from alignflow.tasks.ingest.errors import IngestError
     from alignflow.tasks.train.pairs import PairSelectionError
 
-    return (ConfigError, IngestError, ContractViolation, FileNotFoundError, PairSelectionError)
+    return (ConfigError, IngestError, ContractViolation, FileNotFoundError, PairSelectionError, ModelLoadError)
 
 
 def _load(config: Path | None, overrides: list[str] | None):
@@ -47,7 +51,6 @@ def _load(config: Path | None, overrides: list[str] | None):
         _fail(exc)
 
 
-@app.command()
 def ingest(
     sources: Annotated[list[Path], typer.Argument(help="Posts.xml, site folders, <site>.7z, RC_/RS_ files, pairs files.")],
     format: Annotated[str, typer.Option("--format", help="auto|stackexchange|reddit|pairs")] = "auto",
@@ -82,7 +85,6 @@ def _print_ingest(out: dict) -> None:
         typer.echo(f"open the UI: mlflow ui --backend-store-uri {uri} --port 5000  ->  http://127.0.0.1:5000")
 
 
-@app.command("generate-dump")
 def generate_dump(
     out: Annotated[Path, typer.Option("--out", help="Folder to write the site folder (and archive) into.")],
     questions: Annotated[int, typer.Option("--questions", min=1, help="Number of questions.")] = 200,
@@ -98,7 +100,6 @@ def generate_dump(
     typer.echo(f"planted rule: {PLANTED_RULE}")
 
 
-@app.command()
 def demo(
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
     config: Annotated[Path, typer.Option("--config", help="YAML config.")] = Path(__file__).resolve().parents[1]
@@ -118,16 +119,25 @@ ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the sta
 def _run_stage(stage: str, workdir: Path, config: Path | None, set_: list[str] | None, resume: bool) -> dict:
     wd = prepare(workdir)
     cfg = _load(config, set_)
-    import importlib
-
-    name = stage.replace("-", "_")
-    flow_fn = getattr(importlib.import_module(f"alignflow.flows.{name}"), name)
+    flow_fn = stages.get(stage).load_flow()
     from alignflow.tasks.train.loop import NonFiniteLossError
 
     try:
         return flow_fn(workdir=str(wd), config=cfg, resume=resume)
     except (*_user_errors(), NonFiniteLossError, LookupError) as exc:
         _fail(exc)
+
+
+def stage_command(stage: stages.Stage) -> Callable[..., None]:
+    """``alignflow <stage>``: the same options for every stage of the registry."""
+
+    def command(workdir: WorkdirOpt = DEFAULT_WORKDIR, config: ConfigOpt = None, set_: SetOpt = None,
+                resume: ResumeOpt = False) -> None:
+        _print_stage(_run_stage(stage.name, workdir, config, set_, resume))
+
+    command.__name__ = stage.name.replace("-", "_")
+    command.__doc__ = stage.help
+    return command
 
 
 def _print_stage(out: dict) -> None:
@@ -144,51 +154,8 @@ def _print_stage(out: dict) -> None:
         typer.echo(f"{key:<28}{value}")
 
 
-@app.command()
-def base(workdir: WorkdirOpt = DEFAULT_WORKDIR, config: ConfigOpt = None, set_: SetOpt = None,
-         resume: ResumeOpt = False) -> None:
-    """Pretrain the small LM on the ingested text (or adopt a named model); register alignflow-base."""
-    _print_stage(_run_stage("base", workdir, config, set_, resume))
-
-
-@app.command()
-def sft(workdir: WorkdirOpt = DEFAULT_WORKDIR, config: ConfigOpt = None, set_: SetOpt = None,
-        resume: ResumeOpt = False) -> None:
-    """Fine-tune the base LM on demos (loss on responses); register alignflow-policy-sft."""
-    _print_stage(_run_stage("sft", workdir, config, set_, resume))
-
-
-@app.command()
-def pmp(workdir: WorkdirOpt = DEFAULT_WORKDIR, config: ConfigOpt = None, set_: SetOpt = None,
-        resume: ResumeOpt = False) -> None:
-    """Preference-model pretraining on a weighted mixture of generic pairs; register alignflow-pmp."""
-    _print_stage(_run_stage("pmp", workdir, config, set_, resume))
-
-
-@app.command()
-def pm(workdir: WorkdirOpt = DEFAULT_WORKDIR, config: ConfigOpt = None, set_: SetOpt = None,
-       resume: ResumeOpt = False) -> None:
-    """Fine-tune the reward model on task pairs, evaluate, centre on demos; register alignflow-reward."""
-    _print_stage(_run_stage("pm", workdir, config, set_, resume))
-
-
-@app.command("pmp-transfer")
-def pmp_transfer(workdir: WorkdirOpt = DEFAULT_WORKDIR, config: ConfigOpt = None, set_: SetOpt = None,
-                 resume: ResumeOpt = False) -> None:
-    """Accuracy vs number of task pairs, fine-tuned from the PMP model and from the base LM."""
-    _print_stage(_run_stage("pmp-transfer", workdir, config, set_, resume))
-
-
-@app.command()
-def ppo(workdir: WorkdirOpt = DEFAULT_WORKDIR, config: ConfigOpt = None, set_: SetOpt = None,
-        resume: ResumeOpt = False) -> None:
-    """Optimise the SFT policy against the reward model with PPO; register alignflow-policy."""
-    _print_stage(_run_stage("ppo", workdir, config, set_, resume))
-
-
-@app.command()
 def promote(
-    model: Annotated[str, typer.Argument(help="Registered model: alignflow-base, -pmp, -reward, -policy-sft, -policy.")],
+    model: Annotated[str, typer.Argument(help="Registered model: " + ", ".join(stages.models()) + ".")],
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -213,7 +180,6 @@ def promote(
             typer.echo(f"{who + ' figures':<22}" + ", ".join(f"{k}={v:.4g}" for k, v in figs.items()))
 
 
-@app.command()
 def pipeline(
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
     config: ConfigOpt = None,
@@ -232,7 +198,6 @@ def pipeline(
     typer.echo("\n" + out["table"] + "\n\n" + out["ui"])
 
 
-@app.command()
 def serve(
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
     config: ConfigOpt = None,
@@ -269,11 +234,34 @@ def serve(
     serve_all(deployments, limit=limit)
 
 
-@app.command("show-config")
 def show_config(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Print the validated config (defaults, file and overrides merged) as JSON."""
     cfg = _load(config, set_)
     typer.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
+
+
+def build_app() -> typer.Typer:
+    """The command line: the fixed commands and one command per registered stage (``alignflow.stages``)."""
+    cli = typer.Typer(add_completion=False, no_args_is_help=True, help="Community votes to aligned language models.")
+    cli.command()(ingest)
+    cli.command("generate-dump")(generate_dump)
+    cli.command()(demo)
+    for name in stages.order():
+        stage = stages.get(name)
+        if stage.command:
+            cli.command(name)(stage_command(stage))
+    cli.command()(promote)
+    cli.command()(pipeline)
+    cli.command()(serve)
+    cli.command("show-config")(show_config)
+    from .label_cli import label_app, label_batch  # human feedback (flows/label.py)
+
+    cli.command("label-batch")(label_batch)
+    cli.add_typer(label_app, name="label")
+    return cli
+
+
+app = build_app()
 
 
 def main() -> None:  # pragma: no cover

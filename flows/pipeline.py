@@ -18,7 +18,6 @@ aliases) and how to open the MLflow UI.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 import threading
@@ -31,34 +30,11 @@ from mlflow import MlflowClient
 from prefect import flow
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
+from alignflow import stages as stage_registry
 from alignflow.config import AlignflowConfig, load_config
 from alignflow.tasks import registry, tracking
 
-ORDER = ("ingest", "base", "pmp", "pm", "sft", "ppo", "promote")
-# stage -> (module, flow function, registered model it produces or None)
-STAGES: dict[str, tuple[str, str, str | None]] = {
-    "ingest": ("alignflow.flows.ingest", "ingest", None),
-    "base": ("alignflow.flows.base", "base", "alignflow-base"),
-    "pmp": ("alignflow.flows.pmp", "pmp", "alignflow-pmp"),
-    "pm": ("alignflow.flows.pm", "pm", "alignflow-reward"),
-    "sft": ("alignflow.flows.sft", "sft", "alignflow-policy-sft"),
-    "ppo": ("alignflow.flows.ppo", "ppo", "alignflow-policy"),
-    "promote": ("alignflow.flows.promote", "promote_all", None),
-}
-# what each stage reads: datasets (by content digest) and models (by registered version)
-READS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "base": (("posts",), ()),
-    "pmp": (("pairs",), ("alignflow-base",)),
-    "pm": (("pairs", "demos"), ("alignflow-pmp", "alignflow-base")),
-    "sft": (("demos", "posts"), ("alignflow-base",)),
-    "ppo": (("prompts", "demos"), ("alignflow-policy-sft", "alignflow-reward")),
-    "promote": (("pairs", "prompts", "demos", "posts"),
-                ("alignflow-base", "alignflow-pmp", "alignflow-reward", "alignflow-policy-sft", "alignflow-policy")),
-}
-MODELS = ("alignflow-base", "alignflow-pmp", "alignflow-reward", "alignflow-policy-sft", "alignflow-policy")
 SUMMARY_TAG = "alignflow.stage_summary"
-KEY_METRICS = ("final_loss", "eval/loss", "eval/perplexity", "eval/pairwise_accuracy", "planted_rate",
-               "ppo/reward_mean", "ppo/kl", "eval/reward_mean", "eval/win_rate", "eval/kl")
 
 
 class PipelineError(RuntimeError):
@@ -66,11 +42,12 @@ class PipelineError(RuntimeError):
 
 
 def stages_to_run(cfg: AlignflowConfig, only: list[str] | None = None) -> list[str]:
+    order = stage_registry.pipeline_stages()
     wanted = set(only or cfg.pipeline.stages)
-    unknown = wanted - set(ORDER)
+    unknown = wanted - set(order)
     if unknown:
-        raise PipelineError(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(ORDER)}")
-    out = [s for s in ORDER if s in wanted]
+        raise PipelineError(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(order)}")
+    out = [s for s in order if s in wanted]
     if "pmp" in out and not cfg.pmp.enabled:
         out.remove("pmp")
     return out
@@ -81,11 +58,11 @@ def load_stage_flows(stages: list[str]) -> dict[str, Callable[..., dict]]:
     flows: dict[str, Callable[..., dict]] = {}
     missing = []
     for stage in stages:
-        module, fn, _ = STAGES[stage]
+        entry = stage_registry.get(stage)
         try:
-            flows[stage] = getattr(importlib.import_module(module), fn)
+            flows[stage] = entry.load_flow()
         except (ImportError, AttributeError) as exc:
-            missing.append(f"  {stage}: {module}.{fn} is not available ({type(exc).__name__}: {exc})")
+            missing.append(f"  {stage}: {entry.flow_path} is not available ({type(exc).__name__}: {exc})")
     if missing:
         raise PipelineError("the pipeline cannot run these stages:\n" + "\n".join(missing)
                             + "\nleave them out with --set pipeline.stages=[...] (and pmp.enabled=false for pmp)")
@@ -94,16 +71,24 @@ def load_stage_flows(stages: list[str]) -> dict[str, Callable[..., dict]]:
 
 def stage_key(stage: str, cfg: AlignflowConfig, digests: dict[str, str], versions: dict[str, str | None]) -> str:
     """Content key of a stage: its config section, the digests of its datasets, the versions of its models."""
-    data_kinds, models = READS.get(stage, ((), ()))
-    section = {"promote": cfg.promote, "ppo": getattr(cfg, "ppo", None)}.get(stage, getattr(cfg, stage, None))
+    entry = stage_registry.get(stage)
+    section = cfg.section(entry.section) if entry.section else None
     body = {
         "stage": stage,
         "config": section.model_dump(mode="json") if section is not None else None,
-        "pmp_enabled": cfg.pmp.enabled if stage in ("pm",) else None,
-        "data": {k: digests.get(k, "") for k in data_kinds},
-        "models": {m: versions.get(m) for m in models},
+        "also": {k: _dotted(cfg, k) for k in entry.key_config},
+        "data": {k: digests.get(k, "") for k in entry.reads},
+        "models": {m: versions.get(m) for m in stage_registry.models_read(entry)},
     }
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _dotted(cfg: AlignflowConfig, key: str) -> Any:
+    head, *rest = key.split(".")
+    value = cfg.section(head)
+    for part in rest:
+        value = getattr(value, part)
+    return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
 
 
 def _manifest_digests(workdir: Path) -> dict[str, str]:
@@ -117,7 +102,7 @@ def _manifest_digests(workdir: Path) -> dict[str, str]:
 
 
 def _challengers() -> dict[str, str | None]:
-    return {m: registry.resolve_version(m, registry.CHALLENGER) for m in MODELS}
+    return {m: registry.resolve_version(m, registry.CHALLENGER) for m in stage_registry.models()}
 
 
 def find_cached(client: MlflowClient, experiment_id: str, stage: str, key: str) -> dict | None:
@@ -132,7 +117,7 @@ def find_cached(client: MlflowClient, experiment_id: str, stage: str, key: str) 
         if not text:
             continue
         summary = json.loads(text)
-        model = STAGES[stage][2]
+        model = stage_registry.get(stage).model
         if model and registry.resolve_version(model, registry.CHALLENGER) != str(summary.get("version")):
             continue  # the alias moved on: the cached output is not what the next stage would read
         return summary
@@ -158,7 +143,9 @@ def _figures(summary: dict) -> dict[str, float]:
 
 
 def _key_metrics(summary: dict) -> str:
-    parts = [f"{k}={summary[k]:.4g}" for k in KEY_METRICS if isinstance(summary.get(k), (int, float))
+    entry = stage_registry.REGISTRY.get(summary.get("stage") or "")
+    keys = entry.key_metrics if entry else ()
+    parts = [f"{k}={summary[k]:.4g}" for k in keys if isinstance(summary.get(k), (int, float))
              and not isinstance(summary.get(k), bool)]
     if "decisions" in summary:
         parts += [f"{m.removeprefix('alignflow-')}:{d}" for m, d in summary["decisions"].items()]
@@ -227,18 +214,12 @@ class _StageFailed(Exception):
 
 
 def schedule(order: list[str]) -> list[list[list[str]]]:
-    """Steps of branches: ``[[ingest]], [[base]], [[pmp, pm], [sft]], [[ppo]], [[promote]]`` (absent stages left out).
+    """Steps of branches: ``[[ingest]], [[base]], [[pmp, pm], [sft]], [[ppo]], [[promote]]`` (absent stages left out),
+    derived from each stage's ``after`` in the registry.
 
     The branches of one step are independent of each other and may run side by side.
     """
-    steps = [[["ingest"]], [["base"]], [["pmp", "pm"], ["sft"]], [["ppo"]], [["promote"]]]
-    out = []
-    for step in steps:
-        branches = [[s for s in branch if s in order] for branch in step]
-        branches = [b for b in branches if b]
-        if branches:
-            out.append(branches)
-    return out
+    return stage_registry.schedule(order)
 
 
 def _run_branches(branches: list[list[str]], run_one: Callable[[str], None]) -> None:
@@ -286,7 +267,8 @@ def _run_stage(stage: str, flow_fn: Callable[..., dict], cfg: AlignflowConfig, w
             client.set_tag(summary["run_id"], "alignflow.cache_key", key)
             client.set_tag(summary["run_id"], SUMMARY_TAG, json.dumps(summary)[:7900])
     return {"stage": stage, "status": status, "run_id": summary.get("run_id"),
-            "model": summary.get("model") if stage != "promote" else "(gates)",
+            "model": summary.get("model") if stage_registry.get(stage).reads_models != stage_registry.EVERY_MODEL
+            else "(gates)",
             "version": summary.get("version"), "metrics": _key_metrics(summary), "key": key,
             "figures": _figures(summary)}
 
@@ -316,7 +298,7 @@ def pipeline(
     # a pipeline that failed, or was killed (its state still says running), restarts at that stage
     failed_before = previous.get("failed_stage") if previous.get("status") == "failed" else None
     if previous.get("status") == "running":
-        failed_before = next((s for s in ORDER if s in previous.get("running", [])), None)
+        failed_before = next((s for s in order if s in previous.get("running", [])), None)
     rows: list[dict] = []
     state: dict[str, Any] = {"status": "running", "stages": {}, "running": [], "config_digest": cfg.digest()}
     tags = {"alignflow.stage": "pipeline", "git.commit": tracking.git_commit(),
@@ -336,8 +318,8 @@ def pipeline(
             state["running"].append(stage)
             _write_state(wd, {**state, "status": "running"})
             try:
-                if stage == "ingest":
-                    out = flows["ingest"](_sources(cfg, wd), workdir=str(wd), config=cfg)
+                if stage == stage_registry.INGEST.name:
+                    out = flows[stage](_sources(cfg, wd), workdir=str(wd), config=cfg)
                     digests = {k: v["digest"] for k, v in out["datasets"].items()}
                     row = {"stage": "ingest", "status": "cache hit" if out["cache_hit"] else "ran",
                            "run_id": out["run_id"], "metrics": _key_metrics({**out, "stage": "ingest"}),
@@ -369,13 +351,13 @@ def pipeline(
             raise PipelineError(f"stage '{current}' failed: {type(exc).__name__}: {exc}\n"
                                 f"run the same command again to restart at '{current}' (earlier stages are reused)"
                                 ) from exc
-        rows.sort(key=lambda r: ORDER.index(r["stage"]))
+        rows.sort(key=lambda r: order.index(r["stage"]))
         # every stage's results on the parent run too: two pipeline runs compare stage by stage in the UI
         figures = {f"{r['stage']}/{k}"[:250]: v for r in rows for k, v in r.pop("figures", {}).items()}
         if figures:
             mlflow.log_metrics(figures)
         aliases = {m: {"challenger": registry.resolve_version(m, registry.CHALLENGER),
-                       "champion": registry.resolve_version(m, registry.CHAMPION)} for m in MODELS}
+                       "champion": registry.resolve_version(m, registry.CHAMPION)} for m in stage_registry.models()}
         table = summary_table(rows, aliases)
         mlflow.log_text(table, "pipeline/summary.txt")
         mlflow.log_dict({"stages": rows, "aliases": aliases}, "pipeline/summary.json")

@@ -23,6 +23,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from alignflow.config import AlignflowConfig, PmStageConfig
+from alignflow.stages import BASE_MODEL, PMP_MODEL, REWARD_MODEL
 from alignflow.models.reward import score_texts
 from alignflow.tasks import registry, tracking
 from alignflow.tasks.ingest.run import latest_datasets
@@ -39,7 +40,7 @@ from alignflow.tasks.train.loop import LoopResult
 from alignflow.tasks.train.pairs import PairSelectionError, check_split_hygiene, draw_questions, read_pairs, rows_of_split
 from alignflow.tasks.train.reward import evaluate_pairs, normalize_bias
 
-MODEL_NAME = "alignflow-reward"
+MODEL_NAME = REWARD_MODEL
 CENTRING_DEMOS = 256
 
 
@@ -88,7 +89,7 @@ def pm(workdir: str = "./alignflow-work", config: AlignflowConfig | None = None,
                                    rows=entry["rows"])
         train_rows, held = select_pairs(read_pairs(pairs_path), cfg.pm, pairs_path)
         mlflow.log_metrics({"data/train_pairs": float(len(train_rows)), "data/eval_pairs": float(len(held))})
-        start_name = "alignflow-pmp" if cfg.pmp.enabled else "alignflow-base"
+        start_name = PMP_MODEL if cfg.pmp.enabled else BASE_MODEL
         model, tok, start = start_reward_model(cfg.pm.model, registered=start_name, seed=cfg.pm.train.seed)
         mlflow.log_param("start_model", start)
         ckpt, resumed_from = tracking.attach_checkpoints(wd, "pm", run, resume=resume)

@@ -21,6 +21,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from alignflow.config import AlignflowConfig, PmpStageConfig
+from alignflow.stages import BASE_MODEL, PMP_MODEL
 from alignflow.tasks import registry, tracking
 from alignflow.tasks.ingest.run import latest_datasets
 from alignflow.tasks.preference import REWARD_TASK, log_reward_eval, start_reward_model, train_logged
@@ -35,7 +36,7 @@ from alignflow.tasks.train.pairs import (
 )
 from alignflow.tasks.train.reward import binarize_pairs, evaluate_pairs
 
-MODEL_NAME = "alignflow-pmp"
+MODEL_NAME = PMP_MODEL
 
 
 def source_data(cfg: PmpStageConfig, workdir: Path) -> dict[Path, dict]:
@@ -85,7 +86,7 @@ def pmp(workdir: str = "./alignflow-work", config: AlignflowConfig | None = None
         mlflow.log_metrics(report.as_metrics())
         mlflow.log_dict({"sources": report.per_source, "total": report.total}, "data/mixture.json")
         train_rows = binarize_pairs(mixture) if cfg.pmp.binarize else mixture
-        model, tok, start = start_reward_model(cfg.pmp.model, registered="alignflow-base", seed=seed)
+        model, tok, start = start_reward_model(cfg.pmp.model, registered=BASE_MODEL, seed=seed)
         mlflow.log_param("start_model", start)
         ckpt, resumed_from = tracking.attach_checkpoints(wd, "pmp", run, resume=resume)
         loop = train(cfg.pmp, model, tok, train_rows, held[: cfg.pmp.train.eval_batches * cfg.pmp.train.batch_size],

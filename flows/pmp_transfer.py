@@ -26,13 +26,14 @@ from prefect.artifacts import create_image_artifact, create_link_artifact, creat
 from prefect.cache_policies import NO_CACHE
 
 from alignflow.config import AlignflowConfig
+from alignflow.stages import BASE_MODEL, PMP_MODEL
 from alignflow.tasks import tracking
 from alignflow.tasks.ingest.run import latest_datasets
 from alignflow.tasks.preference import plot_transfer, start_reward_model, task_pairs
 from alignflow.tasks.train.pairs import PairSelectionError, check_split_hygiene, draw_questions, read_pairs, rows_of_split
 from alignflow.tasks.train.reward import evaluate_pairs, train_reward
 
-STARTS = {"pmp": "alignflow-pmp", "base": "alignflow-base"}
+STARTS = {"pmp": PMP_MODEL, "base": BASE_MODEL}
 
 
 @task(name="fine-tune-and-evaluate", cache_policy=NO_CACHE)

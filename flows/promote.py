@@ -26,6 +26,7 @@ from prefect import flow
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from alignflow.config import AlignflowConfig
+from alignflow.stages import REWARD_MODEL
 from alignflow.tasks import registry, tracking
 from alignflow.tasks.promotion import (
     EVENTS_TAG,
@@ -78,7 +79,7 @@ def _figures_markdown(name: str, figs: GateFigures | None, decision: dict, chall
 def promote(
     workdir: str = "./alignflow-work",
     config: AlignflowConfig | None = None,
-    model_name: str = "alignflow-reward",
+    model_name: str = REWARD_MODEL,
     override: bool = False,
     rollback: bool = False,
     resume: bool = False,

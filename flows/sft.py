@@ -22,12 +22,13 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.cache_policies import NO_CACHE
 
 from alignflow.config import AlignflowConfig, SftStageConfig
+from alignflow.stages import BASE_MODEL, SFT_MODEL
 from alignflow.tasks import registry, tracking
 from alignflow.tasks.ingest.run import latest_datasets
 from alignflow.tasks.train.lm import StageOutput, generate_greedy, read_demos, train_sft
 from alignflow.tasks.train.loop import LoopCallbacks
 
-MODEL_NAME = "alignflow-policy-sft"
+MODEL_NAME = SFT_MODEL
 PLANTED_EVAL_PROMPTS = 64
 
 
@@ -39,8 +40,8 @@ def load_start(cfg: SftStageConfig) -> tuple[Any, Any, str]:
         tok = load_tokenizer(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
         model = load_causal_lm(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code, tokenizer=tok)
         return model, tok, cfg.model.name_or_path
-    model, tok, version = registry.load_transformers_components("alignflow-base", registry.CHALLENGER)
-    return model, tok, f"models:/alignflow-base/{version}"
+    model, tok, version = registry.load_transformers_components(BASE_MODEL, registry.CHALLENGER)
+    return model, tok, f"models:/{BASE_MODEL}/{version}"
 
 
 def planted_property_rate(model: Any, tokenizer: Any, questions: list[dict], cfg: SftStageConfig) -> float | None:

@@ -4,7 +4,8 @@ Pure logic, no MLflow and no models: figures in, a :class:`Decision` out. The
 flow ``promote`` measures the figures (challenger and champion on the same
 held-out evaluation), asks :func:`decide`, and moves the alias.
 
-Gate kinds (by registered model name, :func:`gate_kind`):
+Gate kinds (by registered model name, :func:`gate_kind`; each stage of
+``alignflow.stages`` names the gate of the model it registers):
 
 * ``preference`` (``alignflow-pmp``, ``alignflow-reward``): held-out pairwise
   accuracy. The challenger needs ``accuracy >= min_pairwise_accuracy`` and
@@ -29,16 +30,12 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Mapping, Sequence
 
+from alignflow import stages
+
 Kind = Literal["preference", "policy", "lm"]
 Action = Literal["promoted", "first_champion", "rejected", "overridden", "already_champion"]
 
-GATE_KINDS: dict[str, Kind] = {
-    "alignflow-base": "lm",
-    "alignflow-policy-sft": "lm",
-    "alignflow-pmp": "preference",
-    "alignflow-reward": "preference",
-    "alignflow-policy": "policy",
-}
+KINDS: tuple[Kind, ...] = ("preference", "policy", "lm")
 
 # The figure each kind's gate is about (what a summary table shows first).
 KEY_FIGURE: dict[Kind, str] = {"preference": "pairwise_accuracy", "policy": "reward_mean", "lm": "loss"}
@@ -48,11 +45,21 @@ EVENTS_TAG = "alignflow.champion_events"
 MAX_HISTORY = 30  # registered-model tag values are limited in size
 
 
+def gate_kinds() -> dict[str, Kind]:
+    """Registered model -> gate kind, from the stage registry."""
+    out = stages.gate_kinds()
+    bad = {m: k for m, k in out.items() if k not in KINDS}
+    if bad:
+        raise ValueError(f"unknown gate kind(s) {bad}; kinds are {', '.join(KINDS)}")
+    return out  # type: ignore[return-value]
+
+
 def gate_kind(model_name: str) -> Kind:
+    kinds = gate_kinds()
     try:
-        return GATE_KINDS[model_name]
+        return kinds[model_name]
     except KeyError:
-        raise ValueError(f"no promotion gate for {model_name!r}; known models: {', '.join(GATE_KINDS)}") from None
+        raise ValueError(f"no promotion gate for {model_name!r}; known models: {', '.join(kinds)}") from None
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from alignflow.stages import REWARD_MODEL, SFT_MODEL, stage_of_model
 from alignflow.tasks.promotion import gate_kind
 
 
@@ -57,12 +58,9 @@ def fit_length(model: Any, max_length: int) -> int:
 
 
 def load_version(name: str, version: str) -> tuple[Any, Any]:
-    import mlflow
+    from alignflow.tasks.registry import load_version_components
 
-    parts = mlflow.transformers.load_model(f"models:/{name}/{version}", return_type="components")
-    model = parts["model"]
-    model.eval()
-    return model, parts["tokenizer"]
+    return load_version_components(name, version)
 
 
 def _alias_version(name: str, *aliases: str) -> str | None:
@@ -144,10 +142,10 @@ def _reference_of(name: str, version: str) -> tuple[str, str]:
             ref_name, _, ref_version = uri.removeprefix("models:/").partition("/")
             if ref_name and ref_version.isdigit():
                 return ref_name, ref_version
-    ref_version = _alias_version("alignflow-policy-sft", "champion", "challenger")
+    ref_version = _alias_version(SFT_MODEL, "champion", "challenger")
     if ref_version is None:
-        raise LookupError("no reference policy: alignflow-policy-sft has neither champion nor challenger")
-    return "alignflow-policy-sft", ref_version
+        raise LookupError(f"no reference policy: {SFT_MODEL} has neither champion nor challenger")
+    return SFT_MODEL, ref_version
 
 
 # -- the default evaluator ------------------------------------------------------------------------------
@@ -179,7 +177,7 @@ def default_evaluator(workdir: Path, cfg: Any) -> Evaluator:
             for v in versions:
                 model, tok = load_version(name, v)
                 length = fit_length(model, cfg.max_length)
-                if name == "alignflow-policy-sft":
+                if "demos" in getattr(stage_of_model(name), "reads", ()):  # a policy: its demos, else posts
                     demos = heldout_rows(data / "demos.parquet", cfg.eval_split, cfg.eval_texts,
                                          ["prompt", "response", "split"])
                     exs = [e for d in demos if (e := sft_example(tok, d["prompt"], d["response"], length))]
@@ -196,13 +194,13 @@ def default_evaluator(workdir: Path, cfg: Any) -> Evaluator:
             rows = heldout_rows(data_dir() / "prompts.parquet", cfg.eval_split, cfg.eval_prompts,
                                 ["prompt", "split"])
             prompts = [r["prompt"] for r in rows]
-            reward_version = _alias_version("alignflow-reward", "champion", "challenger")
+            reward_version = _alias_version(REWARD_MODEL, "champion", "challenger")
             if reward_version is None:
-                raise LookupError("the policy gate needs a reward model: register alignflow-reward first")
-            reward_model, reward_tok = load_version("alignflow-reward", reward_version)
+                raise LookupError(f"the policy gate needs a reward model: register {REWARD_MODEL} first")
+            reward_model, reward_tok = load_version(REWARD_MODEL, reward_version)
             ref_name, ref_version = _reference_of(name, challenger)
             reference, _ = load_version(ref_name, ref_version)
-            info.update({"reward_model": f"models:/alignflow-reward/{reward_version}",
+            info.update({"reward_model": f"models:/{REWARD_MODEL}/{reward_version}",
                          "reference_model": f"models:/{ref_name}/{ref_version}", "eval_prompts": str(len(prompts))})
             from alignflow.models.reward import score_texts
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import textwrap
@@ -11,6 +12,7 @@ import mlflow
 import pytest
 from typer.testing import CliRunner
 
+from alignflow import stages
 from alignflow.flows import pipeline as pipeline_mod
 from alignflow.flows.cli import app
 
@@ -119,7 +121,7 @@ def test_failed_stage_restarts_there_and_earlier_stages_are_reused(first, tmp_pa
             raise RuntimeError("simulated failure in sft")
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(pipeline_mod.STAGES, "sft", ("broken_stage", "sft", "alignflow-policy-sft"))
+    monkeypatch.setitem(stages.REGISTRY, "sft", dataclasses.replace(stages.get("sft"), module="broken_stage"))
     change = ["sft.train.max_steps=12"]
     res = CliRunner().invoke(app, _args(work, change))
     assert res.exit_code == 2 and "stage 'sft' failed" in res.output and "simulated failure" in res.output
@@ -160,7 +162,8 @@ def test_a_killed_pipeline_restarts_at_the_stage_it_was_running(first):
 
 
 def test_a_stage_that_does_not_import_fails_the_pipeline_before_anything_runs(tmp_path, monkeypatch, prefect_harness):
-    monkeypatch.setitem(pipeline_mod.STAGES, "ppo", ("alignflow.flows.no_such_stage", "ppo", "alignflow-policy"))
+    monkeypatch.setitem(stages.REGISTRY, "ppo", dataclasses.replace(stages.get("ppo"),
+                                                                     module="alignflow.flows.no_such_stage"))
     res = CliRunner().invoke(app, ["pipeline", "--workdir", str(tmp_path / "w"), "--set", "pmp.enabled=false",
                                    "--set", "pipeline.stages=[ingest,base,ppo]"])
     assert res.exit_code == 2

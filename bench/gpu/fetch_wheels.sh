@@ -10,4 +10,8 @@ for v in 3.10 3.11 3.12 3.13; do
   $PIP download --quiet --only-binary=:all: --platform manylinux2014_x86_64 --implementation cp \
     --python-version "$v" -d wheels "pydantic==$PYDANTIC" pyyaml
 done
+# The TRL peer rows: TRL and the parts of `datasets` a CUDA image usually lacks (all pure Python; image-specific
+# Python version: 3.12 here, change it to the GPU machine's).
+$PIP download --quiet --no-deps --only-binary=:all: --platform manylinux2014_x86_64 --implementation cp \
+  --python-version 3.12 -d wheels "trl==1.16.*" datasets dill multiprocess
 ls -la wheels

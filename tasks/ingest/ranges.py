@@ -120,6 +120,7 @@ class RangeTask:
     last: bool
     on_bad_row: str
     max_chars: int
+    max_row_bytes: int
 
 
 def read_range(task: RangeTask) -> RangeResult:
@@ -133,7 +134,8 @@ def read_range(task: RangeTask) -> RangeResult:
         reader = PostRowReader(task.site, task.label, sink, on_bad_row=task.on_bad_row, max_chars=task.max_chars)
     else:
         reader = VoteRowReader(task.site, task.label, sink, on_bad_row=task.on_bad_row)
-    parser = RowParser(task.label, reader, root=root)
+    parser = RowParser(task.label, reader, root=root, max_row_bytes=task.max_row_bytes,
+                       on_oversize=getattr(reader, "oversized", None))
     newlines = 0
     try:
         if not task.first:
@@ -172,11 +174,11 @@ def plain_head(path: Path, root: str) -> bool:
 
 
 def range_tasks(site: str, table: str, path: Path, label: str, *, range_bytes: int, on_bad_row: str,
-                max_chars: int, start_index: int = 0) -> list[RangeTask]:
+                max_chars: int, max_row_bytes: int, start_index: int = 0) -> list[RangeTask]:
     ranges = cut_points(path, range_bytes) if plain_head(path, table.lower()) else [(0, path.stat().st_size)]
     return [
         RangeTask(start_index + i, table, site, str(path), label, a, b, i == 0, i == len(ranges) - 1, on_bad_row,
-                  max_chars)
+                  max_chars, max_row_bytes)
         for i, (a, b) in enumerate(ranges)
     ]
 

@@ -23,6 +23,7 @@ with ``torch.load(weights_only=True)``: loading a checkpoint never runs pickled 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +100,16 @@ def restore_rng_state(state: dict[str, Any]) -> None:
             )
         for device, gen_state in enumerate(cuda[: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(gen_state, device)
+
+
+@contextlib.contextmanager
+def rng_isolated() -> Iterator[None]:
+    """Run a block (a logging or evaluation hook) without changing any generator a training step draws from."""
+    state = capture_rng_state()
+    try:
+        yield
+    finally:
+        restore_rng_state(state)
 
 
 def _as_tuple(value: Any) -> Any:
