@@ -109,6 +109,31 @@ submissions = sa.Table(
 )
 
 
+def _candidate_statements() -> tuple[sa.Select, sa.Select, sa.Select]:
+    """Items a labeler may be served (never theirs before; gold, or below ``overlap`` counting submitted and live
+    assignments): (best regular item, first gold item, how many). Built once, with bound parameters
+    ``batch_id``, ``me``, ``overlap``, ``cutoff``."""
+    a = assignments.alias("a")
+    mine = assignments.alias("mine")
+    load = sa.func.count(a.c.labeler_id).label("load")
+    cand = (
+        sa.select(items.c.id, items.c.position, (items.c.gold.is_not(None)).label("is_gold"), load)
+        .select_from(items.outerjoin(a, sa.and_(a.c.item_id == items.c.id,
+                                               sa.or_(a.c.submitted, a.c.served_at > sa.bindparam("cutoff")))))
+        .where(items.c.batch_id == sa.bindparam("batch_id"),
+               ~sa.exists().where(mine.c.item_id == items.c.id, mine.c.labeler_id == sa.bindparam("me")))
+        .group_by(items.c.id, items.c.position, items.c.gold)
+        .having(sa.or_(items.c.gold.is_not(None), load < sa.bindparam("overlap")))
+    ).subquery()
+    best = (sa.select(cand.c.id, cand.c.position, cand.c.load).where(sa.not_(cand.c.is_gold))
+            .order_by(cand.c.load, cand.c.position).limit(1))
+    gold = sa.select(cand.c.id, cand.c.position).where(cand.c.is_gold).order_by(cand.c.position).limit(1)
+    return best, gold, sa.select(sa.func.count()).select_from(cand)
+
+
+_BEST, _GOLD, _FREE = _candidate_statements()
+
+
 class StoreError(Exception):
     """A request the store refuses; ``status`` is the HTTP status the app answers with."""
 
@@ -297,26 +322,13 @@ class LabelStore:
             .group_by(assignments.c.submitted)).all()
         done = sum(n for submitted, n in mine if submitted)
         still_open = sum(n for submitted, n in mine if not submitted)
-        free = conn.execute(sa.select(sa.func.count()).select_from(
-            self._candidates(batch_id, labeler.id, b.overlap, _now()).subquery())).scalar_one()
+        free = conn.execute(_FREE, self._params(batch_id, labeler.id, b.overlap, _now())).scalar_one()
         return {"done": int(done), "total": int(done + still_open + free)}
 
     @staticmethod
-    def _candidates(batch_id: str, labeler_id: int, overlap: int, now: _dt.datetime) -> sa.Select:
-        """Items this labeler may be served: never theirs before, gold or below ``overlap`` (submitted + live)."""
-        cutoff = now - _dt.timedelta(seconds=ASSIGNMENT_TTL_S)
-        a = assignments.alias("a")
-        mine = assignments.alias("mine")
-        load = sa.func.count(a.c.labeler_id).label("load")
-        return (
-            sa.select(items.c.id, items.c.position, (items.c.gold.is_not(None)).label("is_gold"), load)
-            .select_from(items.outerjoin(a, sa.and_(a.c.item_id == items.c.id,
-                                                   sa.or_(a.c.submitted, a.c.served_at > cutoff))))
-            .where(items.c.batch_id == batch_id,
-                   ~sa.exists().where(mine.c.item_id == items.c.id, mine.c.labeler_id == labeler_id))
-            .group_by(items.c.id, items.c.position, items.c.gold)
-            .having(sa.or_(items.c.gold.is_not(None), load < overlap))
-        )
+    def _params(batch_id: str, labeler_id: int, overlap: int, now: _dt.datetime) -> dict:
+        return {"batch_id": batch_id, "me": labeler_id, "overlap": overlap,
+                "cutoff": now - _dt.timedelta(seconds=ASSIGNMENT_TTL_S)}
 
     def next_item(self, batch_id: str, labeler: Labeler) -> dict | None:
         """The item to show this labeler next (its open one first), with the responses in a recorded random order.
@@ -341,13 +353,10 @@ class LabelStore:
                 conn.execute(sa.update(assignments).where(assignments.c.item_id == item_id,
                                                           assignments.c.labeler_id == labeler.id).values(served_at=now))
             else:
-                cand = self._candidates(batch_id, labeler.id, b.overlap, now).subquery()
-                best = conn.execute(sa.select(cand.c.id, cand.c.position, cand.c.load)
-                                    .where(sa.not_(cand.c.is_gold))
-                                    .order_by(cand.c.load, cand.c.position).limit(1)).first()
+                params = self._params(batch_id, labeler.id, b.overlap, now)
+                best = conn.execute(_BEST, params).first()
                 level = best.load if best is not None else 0
-                gold = conn.execute(sa.select(cand.c.id, cand.c.position).where(cand.c.is_gold)
-                                    .order_by(cand.c.position).limit(1)).first()
+                gold = conn.execute(_GOLD, params).first()
                 choices = [(r.load, r.position, r.id) for r in (best,) if r is not None]
                 choices += [(level, g.position, g.id) for g in (gold,) if g is not None]
                 if not choices:
