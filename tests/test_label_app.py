@@ -223,3 +223,19 @@ def test_report_and_page(store):
     page = c.get("/")
     assert page.status_code == 200 and "textContent" in page.text and "innerHTML" not in page.text
     assert "default-src 'none'" in page.headers["content-security-policy"]
+
+
+def test_cli_user_error_is_one_line_and_debug_shows_the_exception(tmp_path):
+    from typer.testing import CliRunner
+
+    from alignflow.flows.cli import app
+    from alignflow.tasks.label.store import NotFound
+
+    r = CliRunner().invoke(app, ["label", "export", "--batch", "nope", "--workdir", str(tmp_path)])
+    assert r.exit_code == 2 and r.output.strip() == "error: no batch 'nope'"
+    r = CliRunner().invoke(app, ["label", "export", "--batch", "nope", "--workdir", str(tmp_path), "--debug"])
+    assert r.exit_code == 1 and isinstance(r.exception, NotFound)
+    r = CliRunner().invoke(app, ["label", "invite", "ann", "--workdir", str(tmp_path)])
+    assert r.exit_code == 0 and r.output.startswith("http://127.0.0.1:8765/#token=")
+    r = CliRunner().invoke(app, ["label", "invite", "ann", "--workdir", str(tmp_path)])
+    assert r.exit_code == 2 and r.output.strip() == "error: labeler 'ann' exists already"
