@@ -210,7 +210,7 @@ def label_pairs(workdir: str, batch_id: str, config: AlignflowConfig | None = No
         pairs = steps.write_contracted(rows, "pairs", out / "pairs.parquet", docs_dir=out / "contracts")
         tracking.log_parquet_input(Path(pairs["path"]), name=f"human-pairs-{batch_id}", digest=pairs["digest"],
                                    context="training", rows=pairs["rows"])
-        demos = steps.demos_rows(export, site=site)
+        demos = steps.demos_rows(export, site=site, validation_fraction=validation_fraction, seed=seed)
         demo_info = steps.write_contracted(demos, "demos", out / "demos.parquet") if demos else None
         metrics = {"data/human_pairs": float(pairs["rows"]), "data/quarantined_pairs": float(pairs["quarantined"]),
                    "data/rankings": float(len({r["ranking_id"] for r in rows})),

@@ -12,6 +12,10 @@ Guarantees the app relies on:
   one, so items complete evenly. Serving and submitting are transactions that
   hold the batch's write lock (``BEGIN IMMEDIATE`` on SQLite, an advisory
   transaction lock on PostgreSQL), so concurrent labelers cannot over-assign.
+* An assignment left unsubmitted for ``ASSIGNMENT_TTL_S`` stops counting
+  toward the item's overlap (the item may go to someone else); if its labeler
+  still submits it later the answer is kept, so such an item can end with one
+  ranking more than ``overlap``.
 * A submission is one transaction with a unique ``(item, labeler)`` and a
   unique idempotency key: a retried request returns the stored submission, a
   second submission with a new key is refused unless it asks to replace the
