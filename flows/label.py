@@ -208,6 +208,10 @@ def label_pairs(workdir: str, batch_id: str, config: AlignflowConfig | None = No
     with tracking.stage_run("label-pairs", {"batch_id": batch_id, "validation_fraction": validation_fraction,
                                             "seed": seed}) as run:
         pairs = steps.write_contracted(rows, "pairs", out / "pairs.parquet", docs_dir=out / "contracts")
+        # Named by content: a pipeline keyed on `pm.pairs_file` sees new rankings as a new input.
+        named = out / f"pairs-{pairs['digest'][:12]}.parquet"
+        Path(pairs["path"]).replace(named)
+        pairs["path"] = str(named)
         tracking.log_parquet_input(Path(pairs["path"]), name=f"human-pairs-{batch_id}", digest=pairs["digest"],
                                    context="training", rows=pairs["rows"])
         demos = steps.demos_rows(export, site=site, validation_fraction=validation_fraction, seed=seed)
