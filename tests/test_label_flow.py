@@ -108,11 +108,12 @@ def test_simulate_scores_pairs_and_pm_on_human_pairs(work):
 
     r = _invoke("label", "train", "--workdir", str(work), "--batch", "b1", *set_args(PM_TINY))
     assert r.exit_code == 0, r.output
-    pairs = pd.read_parquet(work / "label" / "b1" / "pairs.parquet")
+    (pairs_path,) = (work / "label" / "b1").glob("pairs-*.parquet")  # named by content digest
+    pairs = pd.read_parquet(pairs_path)
     assert set(pairs.source) == {"human"} and set(pairs.site) == {"human/b1"}
     assert pairs.groupby("ranking_id")["weight"].sum().round(9).eq(1.0).all()
     pm_run = stage_runs(work, "pm")[0]
-    assert pm_run.data.params["pm.pairs_file"].endswith("pairs.parquet")
+    assert pm_run.data.params["pm.pairs_file"] == str(pairs_path)
     for key in ("human/pairwise_accuracy", "human/kendall_tau"):
         assert key in pm_run.data.metrics and -1.0 <= pm_run.data.metrics[key] <= 1.0
     assert pm_run.data.tags["alignflow.human_batch"] == "b1"
