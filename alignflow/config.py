@@ -61,8 +61,9 @@ class RedditConfig(_Section):
 class IngestConfig(_Section):
     """Turn upvote dumps into posts, pairs, demos and prompts datasets."""
 
-    format: Literal["auto", "stackexchange", "reddit", "pairs"] = Field(
-        "auto", description="Input format; `auto` decides per source from its name and contents."
+    format: str = Field(
+        "auto", description="Input format: `auto` decides per source from its name and contents; else the name of a "
+        "source reader (stackexchange, reddit, pairs, hf; `alignflow ingest --help`)."
     )
     prompt_template: str = Field(
         DEFAULT_PROMPT_TEMPLATE,
