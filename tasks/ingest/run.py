@@ -279,7 +279,8 @@ def execute_ingest(plan: IngestPlan, cfg: IngestConfig) -> IngestResult:
                 datasets[kind] = {"path": str(out_dir / path.name), "rows": summary.rows.get(kind, 0),
                                   "digest": sha256_file(path)}
         phases.add("total", time.perf_counter() - started)
-        write_json(tmp / "profile.json", {"seconds": phases.table(), "input_bytes": input_bytes,
+        write_json(tmp / "profile.json", {"seconds": phases.table(), "parent_cpu_seconds": phases.cpu_table(),
+                                          "input_bytes": input_bytes,
                                           "workers": cfg.workers or default_workers()})
         docs = {k: v.replace(str(tmp), str(out_dir)) for k, v in summary.docs.items()}
         write_json(tmp / "ingest_report.json", report)
