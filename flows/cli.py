@@ -4,6 +4,7 @@
     alignflow ingest SOURCE... [--format F] [--config FILE] [--set k=v] [--workdir DIR]
     alignflow generate-dump --out DIR --questions N --seed S [--archive]
     alignflow <stage> [--config FILE] [--set k=v] [--resume] [--workdir DIR]   # every stage of alignflow.stages
+    alignflow label-batch ... / alignflow label serve|invite|simulate|export|scores|pairs|train   # flows/label_cli.py
 """
 
 from __future__ import annotations
@@ -253,6 +254,10 @@ def build_app() -> typer.Typer:
     cli.command()(pipeline)
     cli.command()(serve)
     cli.command("show-config")(show_config)
+    from .label_cli import label_app, label_batch  # human feedback (flows/label.py)
+
+    cli.command("label-batch")(label_batch)
+    cli.add_typer(label_app, name="label")
     return cli
 
 

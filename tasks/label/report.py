@@ -7,6 +7,7 @@ read back from an export file); everything here is computed from it.
 from __future__ import annotations
 
 import datetime as _dt
+import math
 from collections.abc import Mapping, Sequence
 
 from .agreement import (
@@ -19,7 +20,18 @@ from .agreement import (
 from .rankings import ranking_comparisons, rankings_to_pairs, ranks
 from .scores import Comparisons, bootstrap_scores, compare, leaderboard
 
-__all__ = ["batch_report", "item_rankings", "policy_of", "human_pairs", "policy_leaderboard"]
+__all__ = ["json_safe", "batch_report", "item_rankings", "policy_of", "human_pairs", "policy_leaderboard"]
+
+
+def json_safe(value):  # noqa: ANN001, ANN201
+    """JSON-safe copy: NaN/inf -> None (JSON has no NaN), tuples -> lists, keys -> str."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def item_rankings(rows: Sequence[Mapping], *, gold: bool = False) -> dict:

@@ -293,7 +293,8 @@ class LabelStore:
         done = conn.execute(sa.select(sa.func.count()).select_from(submissions).where(
             submissions.c.batch_id == batch_id, submissions.c.labeler_id == labeler.id)).scalar_one()
         counts = self._item_counts(conn, batch_id, labeler.id, _now())
-        available = sum(1 for c in counts.values() if c["mine"] is None and (c["gold"] or c["load"] < b.overlap))
+        available = sum(1 for c in counts.values()
+                        if c["mine"] == "open" or (c["mine"] is None and (c["gold"] or c["load"] < b.overlap)))
         return {"done": int(done), "total": int(done) + available}
 
     def _item_counts(self, conn: sa.Connection, batch_id: str, labeler_id: int, now: _dt.datetime) -> dict:
