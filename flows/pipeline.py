@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from alignflow.flows.report import pipeline_report
 from alignflow.tasks import registry, tracking
 
 SUMMARY_TAG = "alignflow.stage_summary"
+log = logging.getLogger(__name__)
 
 
 class PipelineError(RuntimeError):
@@ -362,9 +364,10 @@ def pipeline(
         aliases = {m: {"challenger": registry.resolve_version(m, registry.CHALLENGER),
                        "champion": registry.resolve_version(m, registry.CHAMPION)} for m in stage_registry.models()}
         table = summary_table(rows, aliases)
-        report = pipeline_report(rows, cfg, wd)  # report/report.html on this run; figures under the table
-        if report is not None:
-            table += "\n\n" + report["text"]
+        try:  # report/report.html on this run, its figures under the table; a report never fails a pipeline
+            table += "\n\n" + pipeline_report(rows, cfg, wd)["text"]
+        except Exception as exc:  # noqa: BLE001
+            log.warning("the pipeline report could not be built: %s: %s", type(exc).__name__, exc, exc_info=True)
         mlflow.log_text(table, "pipeline/summary.txt")
         mlflow.log_dict({"stages": rows, "aliases": aliases}, "pipeline/summary.json")
         mlflow.set_tag("alignflow.cache_hits", str(sum(r["status"] == "cache hit" for r in rows)))

@@ -47,13 +47,14 @@ def _calibration(client: MlflowClient, run_id: str | None, dst: Path) -> Path | 
 
 def measure_alignment(cfg: AlignflowConfig, workdir: Path, versions: dict[str, str]
                       ) -> tuple[dict[str, dict[str, float]], list[dict], dict[str, list[str]]] | None:
-    """(figures, questions, answers) of base / SFT / PPO on the held-out prompts; None without SFT or a synthetic dump."""
+    """(figures, questions, answers) of base / SFT / PPO on the held-out prompts (reward figures when ``pm`` ran);
+    None without SFT or a synthetic dump."""
     from alignflow.flows.sft import validation_questions
     from alignflow.models.reward import score_texts
     from alignflow.tasks.ingest.run import latest_datasets
     from alignflow.tasks.ingest.synthetic import has_planted_property, key_term
 
-    if not versions.get("sft") or not versions.get("pm"):
+    if not versions.get("sft"):
         return None
     questions = [q for q in validation_questions(latest_datasets(workdir), HELD_OUT_PROMPTS)
                  if key_term(q["title"], q["body"]) is not None]
@@ -61,10 +62,12 @@ def measure_alignment(cfg: AlignflowConfig, workdir: Path, versions: dict[str, s
         return None
     names = {"base": stage_registry.BASE_MODEL, "sft": stage_registry.SFT_MODEL, "ppo": stage_registry.POLICY_MODEL}
     policies = {p: load_version(names[p], versions[p]) for p in rep.POLICIES if versions.get(p)}
-    reward, rtok = load_version(stage_registry.REWARD_MODEL, versions["pm"])
+    score = None
+    if versions.get("pm"):
+        reward, rtok = load_version(stage_registry.REWARD_MODEL, versions["pm"])
 
-    def score(prompts: list[str], answers: list[str]) -> list[float]:
-        return score_texts(reward, rtok, prompts, answers, batch_size=32, max_length=fit_length(reward, 512))
+        def score(prompts: list[str], answers: list[str]) -> list[float]:
+            return score_texts(reward, rtok, prompts, answers, batch_size=32, max_length=fit_length(reward, 512))
 
     figures, answers = rep.alignment_figures(
         policies, policies["sft"], score, questions,
@@ -81,14 +84,16 @@ def alignment_text(figures: dict[str, dict[str, float]]) -> str:
     def line(key: str, fmt: str) -> str:
         return " -> ".join(f"{rep.LABELS[p]} {format(figures[p][key], fmt)}" for p in order if key in figures[p])
 
-    return (f"alignment (greedy answers to the same {n} held-out prompts):\n"
-            f"  planted-property rate  {line('planted_rate', '.3f')}\n"
-            f"  reward-model score     {line('reward_mean', '.3f')}\n"
-            f"  KL to the SFT policy   {line('kl_to_sft', '.2f')}")
+    lines = [f"alignment (greedy answers to the same {n} held-out prompts):",
+             f"  planted-property rate  {line('planted_rate', '.3f')}"]
+    if any("reward_mean" in f for f in figures.values()):
+        lines.append(f"  reward-model score     {line('reward_mean', '.3f')}")
+    lines.append(f"  KL to the SFT policy   {line('kl_to_sft', '.2f')}")
+    return "\n".join(lines)
 
 
-def pipeline_report(rows: list[dict], cfg: AlignflowConfig, workdir: Path) -> dict[str, Any] | None:
-    """Build and log the report on the active (parent) run; the text for the summary, or None when nothing to show."""
+def pipeline_report(rows: list[dict], cfg: AlignflowConfig, workdir: Path) -> dict[str, Any]:
+    """Build and log the report on the active (parent) run: ``{figures, uri, text}`` (text: lines for the summary)."""
     client = MlflowClient()
     run_ids = {r["stage"]: r.get("run_id") for r in rows if r.get("run_id")}
     versions = {r["stage"]: str(r["version"]) for r in rows if r.get("version") not in (None, "", "-")}

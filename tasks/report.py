@@ -41,7 +41,7 @@ LABELS = {"base": "base LM", "sft": "SFT", "ppo": "PPO"}
 def alignment_figures(
     policies: Mapping[str, tuple[Any, Any]],
     reference: tuple[Any, Any],
-    score: Callable[[Sequence[str], Sequence[str]], Sequence[float]],
+    score: Callable[[Sequence[str], Sequence[str]], Sequence[float]] | None,
     questions: Sequence[Mapping[str, str]],
     judge: Callable[[Mapping[str, str], str], bool],
     *,
@@ -52,7 +52,8 @@ def alignment_figures(
     """Greedy answers of each policy to the same held-out prompts, and what they show.
 
     ``policies``: label -> (model, tokenizer); ``reference``: (model, tokenizer) of the SFT policy;
-    ``score(prompts, answers)``: the reward model; ``judge(question, answer)``: has the planted property.
+    ``score(prompts, answers)``: the reward model (None: no reward figure); ``judge(question, answer)``: has the
+    planted property.
     Returns ``({label: {planted_rate, reward_mean, kl_to_sft}}, {label: answers})``. The KL is summed over
     the answer tokens (full next-token distributions), as the policy gate measures it; it needs the policy
     to share the reference's tokenizer (else it is left out).
@@ -67,9 +68,11 @@ def alignment_figures(
         out = policy_answers(model, tok, prompts, max_new_tokens=max_new_tokens,
                              max_length=fit_length(model, max_length), batch_size=batch_size)
         answers[label] = out
-        rewards = list(score(prompts, out))
         row = {"planted_rate": sum(judge(q, a) for q, a in zip(questions, out)) / max(len(out), 1),
-               "reward_mean": sum(rewards) / max(len(rewards), 1), "prompts": float(len(out))}
+               "prompts": float(len(out))}
+        if score is not None:
+            rewards = list(score(prompts, out))
+            row["reward_mean"] = sum(rewards) / max(len(rewards), 1)
         if tok.get_vocab() == ref_tok.get_vocab():
             kl = kl_per_answer(model, ref_model, tok, prompts, out,
                                max_length=min(fit_length(model, max_length), fit_length(ref_model, max_length)))
@@ -172,7 +175,7 @@ def alignment_rows(figures: Mapping[str, Mapping[str, float]]) -> list[dict[str,
         if p in figures:
             f = figures[p]
             rows.append({"policy": LABELS[p], "planted_rate": f"{f['planted_rate']:.3f}",
-                         "reward_mean": f"{f['reward_mean']:.3f}",
+                         "reward_mean": f"{f['reward_mean']:.3f}" if "reward_mean" in f else "-",
                          "kl_to_sft": f"{f['kl_to_sft']:.2f}" if "kl_to_sft" in f else "-"})
     return rows
 
