@@ -57,6 +57,7 @@ def ingest(
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    allow_empty: Annotated[bool, typer.Option("--allow-empty", help="Exit 0 even when no pairs come out.")] = False,
 ) -> None:
     """Turn upvote dumps into contracted preference datasets (one MLflow run)."""
     if format not in ("auto", "stackexchange", "reddit", "pairs"):
@@ -71,6 +72,11 @@ def ingest(
     except _user_errors() as exc:
         _fail(exc)
     _print_ingest(out)
+    for warning in out["report"].get("warnings", []):
+        typer.secho(f"warning: {warning}", err=True, fg=typer.colors.YELLOW)
+    if not out["datasets"]["pairs"]["rows"] and not allow_empty:
+        _fail(ValueError("the ingest produced no preference pairs (see the warnings above); "
+                         "pass --allow-empty to accept an empty result"))
 
 
 def _print_ingest(out: dict) -> None:

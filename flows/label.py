@@ -34,7 +34,7 @@ from alignflow.stages import REWARD_MODEL
 from alignflow.tasks import tracking
 from alignflow.tasks.label import steps
 from alignflow.tasks.label.batch import LabelBatchConfig, gold_items, items_from_rows
-from alignflow.tasks.label.report import batch_report, human_pairs
+from alignflow.tasks.label.report import batch_report, human_pairs, response_scores
 from alignflow.tasks.label.report import json_safe
 from alignflow.tasks.label.store import Conflict, LabelStore, NotFound, database_url
 
@@ -160,6 +160,12 @@ def label_scores(workdir: str, batch_id: str, config: AlignflowConfig | None = N
             create_table_artifact(key="label-leaderboard", table=json_safe(board),
                                   description=f"Policy leaderboard of batch {batch_id}")
         mlflow.log_table(pd.DataFrame(report["labeler_quality"]), artifact_file="label/labeler_quality.json")
+        over_time = [{"labeler": who, **w} for who, ws in report["agreement_over_time"].items() for w in ws]
+        if over_time:
+            mlflow.log_table(pd.DataFrame(over_time), artifact_file="label/agreement_over_time.json")
+        responses = response_scores(export)
+        if responses:
+            mlflow.log_table(pd.DataFrame(responses), artifact_file="label/response_scores.json")
         create_markdown_artifact(key="label-scores", markdown=_scores_md(batch_id, report))
         print(_scores_md(batch_id, report))
         return {"stage": "label-scores", "batch": batch_id, "run_id": run.info.run_id, "report": report,
@@ -202,9 +208,13 @@ def label_pairs(workdir: str, batch_id: str, config: AlignflowConfig | None = No
     with tracking.stage_run("label-pairs", {"batch_id": batch_id, "validation_fraction": validation_fraction,
                                             "seed": seed}) as run:
         pairs = steps.write_contracted(rows, "pairs", out / "pairs.parquet", docs_dir=out / "contracts")
+        # Named by content: a pipeline keyed on `pm.pairs_file` sees new rankings as a new input.
+        named = out / f"pairs-{pairs['digest'][:12]}.parquet"
+        Path(pairs["path"]).replace(named)
+        pairs["path"] = str(named)
         tracking.log_parquet_input(Path(pairs["path"]), name=f"human-pairs-{batch_id}", digest=pairs["digest"],
                                    context="training", rows=pairs["rows"])
-        demos = steps.demos_rows(export, site=site)
+        demos = steps.demos_rows(export, site=site, validation_fraction=validation_fraction, seed=seed)
         demo_info = steps.write_contracted(demos, "demos", out / "demos.parquet") if demos else None
         metrics = {"data/human_pairs": float(pairs["rows"]), "data/quarantined_pairs": float(pairs["quarantined"]),
                    "data/rankings": float(len({r["ranking_id"] for r in rows})),

@@ -109,8 +109,9 @@ def _atomic_parquet(df: pd.DataFrame, path: Path) -> None:
         raise
 
 
-def demos_rows(export: Sequence[dict], *, site: str) -> list[dict]:
-    """Demonstrations written in the app as rows of the ``demos`` dataset (SFT data)."""
+def demos_rows(export: Sequence[dict], *, site: str, validation_fraction: float = 0.2, seed: int = 0) -> list[dict]:
+    """Demonstrations written in the app as rows of the ``demos`` dataset (SFT data), split by prompt like the
+    human pairs of the same batch."""
     from .rankings import HUMAN_SOURCE, split_of
 
     out = []
@@ -119,7 +120,7 @@ def demos_rows(export: Sequence[dict], *, site: str) -> list[dict]:
         if text:
             out.append({"demo_id": f"{r['ranking_id']}:demo", "prompt": r["prompt"], "response": text,
                         "question_id": str(r["prompt_id"]), "answer_id": r["ranking_id"], "site": site,
-                        "source": HUMAN_SOURCE, "split": split_of(str(r["prompt_id"]), 0.1), "pm_score": None,
+                        "source": HUMAN_SOURCE, "split": split_of(str(r["prompt_id"]), validation_fraction, seed), "pm_score": None,
                         "author": r["labeler"], "license": ""})
     return out
 
