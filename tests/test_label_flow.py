@@ -117,3 +117,25 @@ def test_simulate_scores_pairs_and_pm_on_human_pairs(work):
     for key in ("human/pairwise_accuracy", "human/kendall_tau"):
         assert key in pm_run.data.metrics and -1.0 <= pm_run.data.metrics[key] <= 1.0
     assert pm_run.data.tags["alignflow.human_batch"] == "b1"
+
+
+PPO_TINY = ["ppo.total_steps=2", "ppo.batch_size=8", "ppo.minibatch_size=4", "ppo.micro_batch_size=4",
+            "ppo.forward_batch_size=8", "ppo.ppo_epochs=1", "ppo.max_new_tokens=8", "ppo.max_prompt_tokens=48",
+            "ppo.checkpoint_every=2", "ppo.generations_every=2", "ppo.generations_rows=2", "ppo.eval_prompts=4",
+            "ppo.reward_max_length=96", "promote.models=[alignflow-reward,alignflow-policy]"]
+
+
+def test_pipeline_runs_pm_ppo_promote_from_human_pairs(work):
+    """After `label train`: the pipeline's pm -> ppo -> promote branch on the human pairs file."""
+    (pairs_path,) = (work / "label" / "b1").glob("pairs-*.parquet")
+    r = _invoke("pipeline", "--workdir", str(work), "--set", "pipeline.stages=[pm,ppo,promote]",
+                "--set", f"pm.pairs_file={pairs_path}", "--set", "pm.site=human/b1",
+                *set_args(PM_TINY, PPO_TINY))
+    assert r.exit_code == 0, r.output
+    pm_run = stage_runs(work, "pm")[0]
+    assert pm_run.data.params["pm.pairs_file"] == str(pairs_path)
+    assert pm_run.data.metrics["data/train_pairs"] > 0
+    ppo_run = stage_runs(work, "ppo")[0]
+    reward = work_client(work).get_model_version_by_alias("alignflow-reward", "challenger")
+    assert reward.run_id == pm_run.info.run_id  # the reward model PPO used is the one trained on human pairs
+    assert ppo_run.data.params["reward_model"] == f"models:/alignflow-reward/{reward.version}"
