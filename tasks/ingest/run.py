@@ -142,7 +142,10 @@ def code_digest() -> str:
 def plan_ingest(sources: list[str | Path], workdir: Path, cfg: IngestConfig, fmt: str | None = None) -> IngestPlan:
     if not sources:
         raise IngestError("no SOURCE given")
-    check_template(cfg.prompt_template)
+    try:
+        check_template(cfg.prompt_template)
+    except ValueError as exc:
+        raise IngestError(str(exc), field="ingest.prompt_template") from None
     fmt = fmt or cfg.format
     planned: list[Source] = []
     for raw in sources:
@@ -152,7 +155,10 @@ def plan_ingest(sources: list[str | Path], workdir: Path, cfg: IngestConfig, fmt
         f = detect_format(path) if fmt == "auto" else fmt
         files = _files_of(path, f)
         for file in files:
-            if file.is_file() and file.stat().st_size == 0:
+            if not file.is_file():
+                raise IngestError("a folder (or a link to nothing), not a file" if not file.exists() or file.is_dir()
+                                  else "not a regular file", path=str(file))
+            if file.stat().st_size == 0:
                 raise IngestError("empty file", path=str(file))
         digest = hashlib.sha256()
         for file in files:
@@ -160,11 +166,12 @@ def plan_ingest(sources: list[str | Path], workdir: Path, cfg: IngestConfig, fmt
         planned.append(Source(str(path), f, [str(p) for p in files], sum(p.stat().st_size for p in files),
                               digest.hexdigest()))
     se = [Path(s.path) for s in planned if s.format == "stackexchange"]
-    if se:
-        resolve_sites(se)  # fail early on a bad site folder or archive
+    sites = [site.name for site in resolve_sites(se)] if se else []  # fails early on a bad site folder or archive
+    # Everything an output depends on: contents, and the names the rows carry (site names come from folder
+    # and file names; every quarantined row and the report name its file as given).
     key_material = json.dumps(
-        {"config": cfg.model_dump(mode="json", exclude=EXECUTION_ONLY), "inputs": [(s.format, s.sha256) for s in planned],
-         "code": code_digest()},
+        {"config": cfg.model_dump(mode="json", exclude=EXECUTION_ONLY),
+         "inputs": [(s.format, s.sha256, s.files) for s in planned], "sites": sites, "code": code_digest()},
         sort_keys=True,
     )
     key = hashlib.sha256(key_material.encode()).hexdigest()[:16]
@@ -293,15 +300,20 @@ def ingest_warnings(plan: IngestPlan, report: dict[str, Any]) -> list[str]:
     return warnings
 
 
-def execute_ingest(plan: IngestPlan, cfg: IngestConfig) -> IngestResult:
-    """Build the datasets of a plan (or find them already built: a cache hit)."""
+def execute_ingest(plan: IngestPlan, cfg: IngestConfig, *, mark: bool = True) -> IngestResult:
+    """Build the datasets of a plan (or find them already built: a cache hit).
+
+    ``mark=False`` leaves ``LATEST`` alone: the caller moves it with :func:`mark_latest`
+    once everything else it does with the datasets (tracking) succeeded.
+    """
     started = time.perf_counter()
     out_dir = Path(plan.out_dir)
     input_bytes = sum(s.bytes for s in plan.sources)
     manifest_path = out_dir / "manifest.json"
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
-        mark_latest(out_dir)
+        if mark:
+            mark_latest(out_dir)
         return IngestResult(str(out_dir), True, manifest["datasets"], manifest["report"],
                             time.perf_counter() - started, input_bytes, manifest.get("docs", {}))
 
@@ -359,7 +371,8 @@ def execute_ingest(plan: IngestPlan, cfg: IngestConfig) -> IngestResult:
             pass
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    mark_latest(out_dir)
+    if mark:
+        mark_latest(out_dir)
     return IngestResult(str(out_dir), False, datasets, report, time.perf_counter() - started, input_bytes, docs)
 
 
