@@ -272,6 +272,25 @@ def build_report(store, summary, score_sources: dict[str, str]) -> dict[str, Any
     }
 
 
+def check_votes_against_scores(store, score_sources: dict[str, str], cfg: IngestConfig) -> list[str]:
+    """Use a site's Votes.xml only if it is the site's own: its up minus down votes must match ``Score``
+    on most posts (they match on every post of a real dump). Otherwise ``score_source=votes`` is an
+    error, and ``auto`` falls back to ``Score`` with a warning; ``score_sources`` is updated in place."""
+    warnings = []
+    for site, how in list(score_sources.items()):
+        if how != "votes":
+            continue
+        posts, agree = store.vote_score_agreement(site)
+        if posts and agree * 2 < posts:
+            what = (f"site {site}: Votes.xml disagrees with Score on {posts - agree} of {posts} posts "
+                    "(up minus down votes should equal Score); it is probably another site's")
+            if cfg.score_source == "votes":
+                raise IngestError(what + "; ingest.score_source=votes refuses it", path=site)
+            score_sources[site] = "score"
+            warnings.append(what + "; scores come from Score instead")
+    return warnings
+
+
 def ingest_warnings(plan: IngestPlan, report: dict[str, Any]) -> list[str]:
     """What a user must hear about: sources that gave nothing, comments whose submissions were not given."""
     import re
@@ -334,13 +353,16 @@ def execute_ingest(plan: IngestPlan, cfg: IngestConfig, *, mark: bool = True) ->
             score_sources = read_sources(plan, store, cfg, phases)
         with phases("index and duplicates"):
             store.finish_loading()
+        score_warnings = check_votes_against_scores(store, score_sources, cfg)
         with phases("build (wall)"):
-            summary = Builder(store, tmp, cfg, validate=phases.timed("build: contracts", validate),
-                              shp_pairs=shp_pairs).run()
+            builder = Builder(store, tmp, cfg, validate=phases.timed("build: contracts", validate),
+                              shp_pairs=shp_pairs)
+            builder.sites_with_votes = {s for s in builder.sites_with_votes if score_sources.get(s) == "votes"}
+            summary = builder.run()
         with phases("quarantine"):
             summary.rows["quarantine"] = write_quarantine(store, tmp / "quarantine.parquet", cfg.batch_rows)
         report = build_report(store, summary, score_sources)
-        report["warnings"] = ingest_warnings(plan, report)
+        report["warnings"] = score_warnings + ingest_warnings(plan, report)
         store.close()
         (tmp / "staging.sqlite").unlink()
         if not report["adds_up"]:
