@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections import Counter
@@ -24,6 +25,8 @@ from typing import Any
 from alignflow.config import IngestConfig
 
 from . import schema
+from alignflow.tasks.processes import process_alive
+
 from .errors import IngestError
 from .scoring import check_template
 from .phases import Phases
@@ -343,6 +346,7 @@ def execute_ingest(plan: IngestPlan, cfg: IngestConfig, *, mark: bool = True) ->
     from .store import StagingStore
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_temporaries(out_dir.parent)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -396,6 +400,25 @@ def execute_ingest(plan: IngestPlan, cfg: IngestConfig, *, mark: bool = True) ->
     if mark:
         mark_latest(out_dir)
     return IngestResult(str(out_dir), False, datasets, report, time.perf_counter() - started, input_bytes, docs)
+
+
+_TEMPORARY = re.compile(r"\..+\.tmp-(\d+)")
+
+
+def remove_dead_temporaries(folder: Path) -> list[Path]:
+    """Delete ``.<name>.tmp-<pid>`` build folders and files whose process is gone (a killed ingest's);
+    those of running processes stay. Returns what was deleted."""
+    removed = []
+    for path in folder.iterdir():
+        m = _TEMPORARY.fullmatch(path.name)
+        if m is None or process_alive(int(m.group(1))):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
 
 
 def mark_latest(out_dir: Path) -> None:
