@@ -19,7 +19,6 @@ asks to replace. Responses are JSON; the page renders every text with
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
