@@ -1,13 +1,14 @@
 # alignflow: the two commands of the README, and the benchmarks.
 #   make demo    set up .venv and run the embedded default end to end
 #   make test    set up .venv and run the test suite
+#   make fuzz    the property/fuzz tests of the input readers with many more cases (nightly-sized)
 #   make bench   every benchmark against its peer -> bench/REPORT.md + bench/report.json (bench-quick: < 10 min)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser demo test test-fast bench bench-quick clean
+.PHONY: install browser demo test test-fast fuzz bench bench-quick clean
 
 install: $(STAMP)
 
@@ -34,6 +35,9 @@ test: install browser
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
+
+fuzz: install
+	HYPOTHESIS_PROFILE=nightly $(BIN)/python -m pytest tests/test_fuzz_inputs.py
 
 bench: install
 	$(BIN)/python bench/run_all.py
