@@ -73,7 +73,20 @@ def prepare(workdir: str | Path) -> Path:
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     quiet_expected_errors()
+    if not os.environ.get("PREFECT_API_URL"):
+        _watch_temporary_server()
     return workdir
+
+
+_REAPER = []
+
+
+def _watch_temporary_server() -> None:
+    """Once per process: a reaper stops Prefect's temporary server if this process is killed."""
+    if not _REAPER:
+        from .reaper import watch
+
+        _REAPER.append(watch())
 
 
 class _ExpectedErrorFilter(logging.Filter):

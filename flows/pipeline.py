@@ -37,6 +37,7 @@ from alignflow import stages as stage_registry
 from alignflow.config import AlignflowConfig, load_config
 from alignflow.flows.report import pipeline_report
 from alignflow.tasks import registry, tracking
+from alignflow.tasks.processes import process_tags
 
 SUMMARY_TAG = "alignflow.stage_summary"
 log = logging.getLogger(__name__)
@@ -311,7 +312,7 @@ def pipeline(
     flow_run_id = tracking.prefect_flow_run_id()
     if flow_run_id:
         tags["prefect.flow_run_id"] = str(flow_run_id)
-    with mlflow.start_run(run_name="pipeline", tags=tags) as parent:
+    with mlflow.start_run(run_name="pipeline", tags={**tags, **process_tags()}) as parent:
         create_link_artifact(key="mlflow-run", link=tracking.run_url(parent), link_text="MLflow run of this pipeline")
         mlflow.log_params({k: tracking._param_value(v) for k, v in
                            tracking.flatten({"pipeline": cfg.pipeline.model_dump(mode="json")}).items()})

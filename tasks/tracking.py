@@ -18,6 +18,7 @@ import hashlib
 import os
 import posixpath
 import re
+import socket
 import subprocess
 import warnings
 from collections.abc import Iterator, Mapping
@@ -27,6 +28,7 @@ from typing import Any
 import mlflow
 
 from alignflow.config import flatten
+from alignflow.tasks.processes import process_alive, process_tags
 
 MAX_PARAM_CHARS = 6000
 
@@ -63,7 +65,29 @@ def configure(workdir: Path, experiment: str) -> str:
     # The first access creates mlflow.db's tables; two processes doing it at once fail ("table already
     # exists"), so the embedded store is created and its experiment looked up under a file lock.
     with _file_lock(workdir / ".mlflow.lock") if embedded else contextlib.nullcontext():
-        return _set_experiment(workdir, experiment, embedded)
+        experiment_id = _set_experiment(workdir, experiment, embedded)
+    end_orphaned_runs(experiment_id)
+    return experiment_id
+
+
+def end_orphaned_runs(experiment_id: str) -> list[str]:
+    """Mark ``KILLED`` the runs still ``RUNNING`` whose process (on this host) is gone: a SIGKILL gives a run
+    no chance to end itself. Returns their ids."""
+    client = mlflow.MlflowClient()
+    host = socket.gethostname().replace("'", "")
+    try:
+        runs = client.search_runs([experiment_id], filter_string=f"attributes.status = 'RUNNING' and "
+                                  f"tags.`alignflow.host` = '{host}'", max_results=1000)
+    except mlflow.exceptions.MlflowException:
+        return []
+    ended = []
+    for run in runs:
+        pid = run.data.tags.get("alignflow.pid", "")
+        if pid.isdigit() and not process_alive(int(pid)):
+            client.set_tag(run.info.run_id, "alignflow.ended_by", "process gone; marked KILLED by a later run")
+            client.set_terminated(run.info.run_id, status="KILLED")
+            ended.append(run.info.run_id)
+    return ended
 
 
 @contextlib.contextmanager
@@ -134,7 +158,7 @@ def stage_run(stage: str, config: Mapping[str, Any], *, run_name: str | None = N
     :func:`parent_run` of this context, else a top-level run."""
     nested = mlflow.active_run() is not None
     parent = None if nested else _PARENT_RUN.get()
-    all_tags = {"alignflow.stage": stage, "git.commit": git_commit()}
+    all_tags = {"alignflow.stage": stage, "git.commit": git_commit(), **process_tags()}
     flow_run_id = prefect_flow_run_id()
     if flow_run_id:
         all_tags["prefect.flow_run_id"] = str(flow_run_id)

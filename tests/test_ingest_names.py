@@ -69,3 +69,21 @@ def test_latest_stays_when_tracking_fails(fixtures_dir, tmp_path, prefect_harnes
     with pytest.raises(RuntimeError, match="tracking store unavailable"):
         ingest_flow.ingest([str(fixtures_dir / "datascience.meta-2024")], workdir=str(work))
     assert (work / "data" / "ingest" / "LATEST").read_text() == latest
+
+
+def test_foreign_votes_fall_back_to_score_with_a_warning(tmp_path):
+    from alignflow.tasks.ingest.errors import IngestError
+    from alignflow.tasks.ingest.synthetic import generate_dump
+
+    own = generate_dump(tmp_path / "a", questions=40, seed=1, site="own.stackexchange.com")
+    other = generate_dump(tmp_path / "b", questions=40, seed=2, site="other.stackexchange.com")
+    cfg = IngestConfig()
+    kept = execute_ingest(plan_ingest([own], tmp_path / "w1", cfg), cfg)
+    assert kept.report["score_source"] == {"own.stackexchange.com": "votes"} and kept.report["warnings"] == []
+    shutil.copy(other / "Votes.xml", own / "Votes.xml")
+    mixed = execute_ingest(plan_ingest([own], tmp_path / "w2", cfg), cfg)
+    assert mixed.report["score_source"] == {"own.stackexchange.com": "score"}
+    assert any("Votes.xml disagrees with Score" in w for w in mixed.report["warnings"])
+    strict = IngestConfig(score_source="votes")
+    with pytest.raises(IngestError, match="Votes.xml disagrees with Score on .* refuses it"):
+        execute_ingest(plan_ingest([own], tmp_path / "w3", strict), strict)

@@ -14,8 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
-import socket
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -25,6 +25,8 @@ from typing import Any
 from alignflow.config import IngestConfig
 
 from . import schema
+from alignflow.tasks.processes import process_alive
+
 from .errors import IngestError
 from .scoring import check_template
 from .phases import Phases
@@ -207,6 +209,25 @@ def build_report(store, summary, score_sources: dict[str, str]) -> dict[str, Any
     }
 
 
+def check_votes_against_scores(store, score_sources: dict[str, str], cfg: IngestConfig) -> list[str]:
+    """Use a site's Votes.xml only if it is the site's own: its up minus down votes must match ``Score``
+    on most posts (they match on every post of a real dump). Otherwise ``score_source=votes`` is an
+    error, and ``auto`` falls back to ``Score`` with a warning; ``score_sources`` is updated in place."""
+    warnings = []
+    for site, how in list(score_sources.items()):
+        if how != "votes":
+            continue
+        posts, agree = store.vote_score_agreement(site)
+        if posts and agree * 2 < posts:
+            what = (f"site {site}: Votes.xml disagrees with Score on {posts - agree} of {posts} posts "
+                    "(up minus down votes should equal Score); it is probably another site's")
+            if cfg.score_source == "votes":
+                raise IngestError(what + "; ingest.score_source=votes refuses it", path=site)
+            score_sources[site] = "score"
+            warnings.append(what + "; scores come from Score instead")
+    return warnings
+
+
 def ingest_warnings(plan: IngestPlan, report: dict[str, Any]) -> list[str]:
     """What a user must hear about: sources that gave nothing, comments whose submissions were not given."""
     import re
@@ -261,8 +282,8 @@ def execute_ingest(plan: IngestPlan, cfg: IngestConfig, *, mark: bool = True) ->
     from .store import StagingStore
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_builds(out_dir.parent)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{_HOST}-{os.getpid()}"
+    remove_dead_temporaries(out_dir.parent)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     store = StagingStore(tmp / "staging.sqlite", batch=min(cfg.batch_rows, 5000))
@@ -272,13 +293,16 @@ def execute_ingest(plan: IngestPlan, cfg: IngestConfig, *, mark: bool = True) ->
             score_sources = read_sources(plan, store, cfg, phases)
         with phases("index and duplicates"):
             store.finish_loading()
+        score_warnings = check_votes_against_scores(store, score_sources, cfg)
         with phases("build (wall)"):
-            summary = Builder(store, tmp, cfg, validate=phases.timed("build: contracts", validate),
-                              shp_pairs=shp_pairs).run()
+            builder = Builder(store, tmp, cfg, validate=phases.timed("build: contracts", validate),
+                              shp_pairs=shp_pairs)
+            builder.sites_with_votes = {s for s in builder.sites_with_votes if score_sources.get(s) == "votes"}
+            summary = builder.run()
         with phases("quarantine"):
             summary.rows["quarantine"] = write_quarantine(store, tmp / "quarantine.parquet", cfg.batch_rows)
         report = build_report(store, summary, score_sources)
-        report["warnings"] = ingest_warnings(plan, report)
+        report["warnings"] = score_warnings + ingest_warnings(plan, report)
         store.close()
         (tmp / "staging.sqlite").unlink()
         if not report["adds_up"]:
@@ -315,37 +339,28 @@ def execute_ingest(plan: IngestPlan, cfg: IngestConfig, *, mark: bool = True) ->
     return IngestResult(str(out_dir), False, datasets, report, time.perf_counter() - started, input_bytes, docs)
 
 
-_HOST = socket.gethostname().replace("-", "_") or "host"
+_TEMPORARY = re.compile(r"\..+\.tmp-(\d+)")
 
 
-def remove_stale_builds(base: Path) -> None:
-    """Remove the temporary folders of builds killed on this host (their process is gone).
-
-    A build only ever renames a complete folder into place, so these are never
-    read; removing them only gives the disk back. Folders of other hosts
-    (a shared work directory) are left alone.
-    """
-    for tmp in base.glob(f".*.tmp-{_HOST}-*"):
-        try:
-            pid = int(tmp.name.rsplit("-", 1)[1])
-        except ValueError:
+def remove_dead_temporaries(folder: Path) -> list[Path]:
+    """Delete ``.<name>.tmp-<pid>`` build folders and files whose process is gone (a killed ingest's);
+    those of running processes stay. Returns what was deleted."""
+    removed = []
+    for path in folder.iterdir():
+        m = _TEMPORARY.fullmatch(path.name)
+        if m is None or process_alive(int(m.group(1))):
             continue
-        if pid == os.getpid():
-            continue
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            if tmp.is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                tmp.unlink(missing_ok=True)
-        except PermissionError:  # alive, someone else's
-            pass
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
 
 
 def mark_latest(out_dir: Path) -> None:
     """Point ``data/ingest/LATEST`` at these datasets (what later stages read by default)."""
-    latest_tmp = out_dir.parent / f".LATEST.tmp-{_HOST}-{os.getpid()}"
+    latest_tmp = out_dir.parent / f".LATEST.tmp-{os.getpid()}"
     latest_tmp.write_text(out_dir.name + "\n")
     os.replace(latest_tmp, out_dir.parent / "LATEST")
 

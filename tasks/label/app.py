@@ -19,10 +19,10 @@ asks to replace. Responses are JSON; the page renders every text with
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from .page import PAGE
 from .report import batch_report, json_safe as _clean
@@ -123,8 +123,6 @@ def create_app(store: LabelStore, *, report_rounds: int = 1000) -> FastAPI:
         demonstration = data.get("demonstration")
         if demonstration is not None and not isinstance(demonstration, str):
             raise _HTTPError(400, "demonstration must be a string")
-        from starlette.concurrency import run_in_threadpool
-
         out = await run_in_threadpool(
             store.submit, item_id, labeler, idempotency_key=str(data.get("idempotency_key") or ""),
             ranking=data.get("ranking"), ab=ab, demonstration=demonstration, replace=bool(data.get("replace")))
