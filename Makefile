@@ -26,8 +26,9 @@ browser:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) ; } || \
 	  echo "chromium not installed: the UI tests will be skipped"
 
+# one intra-op thread per process: the demo runs two branches side by side, and small models train faster that way
 demo: install
-	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/alignflow demo
+	PREFECT_SERVER_ANALYTICS_ENABLED=false OMP_NUM_THREADS=1 $(BIN)/alignflow demo
 
 test: install browser
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest

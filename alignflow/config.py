@@ -175,8 +175,9 @@ class BaseStageConfig(_Section):
                                "small architecture to pretrain.")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(max_steps=300, lr=2e-3),
                                description="Pretraining loop (used only when no pretrained model is named).")
-    text_sources: list[Literal["questions", "answers"]] = Field(
-        default_factory=lambda: ["questions", "answers"], description="Which post texts to pretrain on."
+    text_sources: list[Literal["questions", "answers", "threads"]] = Field(
+        default_factory=lambda: ["questions", "answers"], description="Which post texts to pretrain on "
+        "(threads: each answer after its question, one document)."
     )
     max_documents: int | None = Field(None, ge=1, description="Cap on documents read from posts (None = all).")
 
