@@ -134,7 +134,7 @@ def reader(name: str) -> SourceReader:
 
 
 def _first_json_object(path: Path) -> dict:
-    from .reddit import OversizedLine, iter_text_lines
+    from .lines import OversizedLine, iter_text_lines
 
     for lineno, line in iter_text_lines(path):
         if isinstance(line, OversizedLine):
