@@ -61,7 +61,11 @@ def extract(stage: str, data: dict) -> dict:
                 "peer_peak_mib": floor.get("peak_rss_mib"),
                 "detail": {"posts_mib": _get(data, "input", "posts_mib"),
                            "peak_rss_target_mib": _get(data, "targets", "peak_rss_max_mib"),
-                           "meets_targets": data.get("meets_targets")},
+                           "meets_targets": data.get("meets_targets"),
+                           "ratio_most_over_one_worker": data.get("ratio_most_over_one_worker"),
+                           "by_workers": {w: {"mib_per_s": v.get("mib_per_s"), "peak_rss_mib": v.get("peak_rss_mib")}
+                                          for w, v in (data.get("ingest_by_workers") or {}).items()},
+                           "profile": _get(data, "ingest", "profile", "seconds")},
                 "versions": data.get("versions")}
     if stage in ("base", "sft"):
         s = data["summary"]
