@@ -206,6 +206,12 @@ def markdown(report: dict) -> str:
             acc = r["detail"]["accuracy"]
             lines.append(f"- reward: held-out pairwise accuracy ours {acc[0]:.4f}, TRL {acc[1]:.4f} "
                          f"(equal within 1 point: {r['detail']['equal_accuracy']}).")
+        if r["status"] == "ok" and r["stage"] == "ingest":
+            d = r["detail"]
+            per = ", ".join(f"{w} worker(s) {_num(v.get('mib_per_s'), '.1f')} MiB/s / {_num(v.get('peak_rss_mib'), ',.0f')} MiB"
+                            for w, v in (d.get("by_workers") or {}).items())
+            lines.append(f"- ingest: most / one worker {_num(d.get('ratio_most_over_one_worker'), '.2f')}× "
+                         f"(target 1.7×); {per}; seconds by phase in `bench/ingest/results/` (`profile`).")
         if r["status"] == "ok" and r["stage"] in ("base", "sft", "reward"):
             d = r["detail"]
             lines.append(f"- {r['stage']}: best-step ratio {_num(d.get('ratio_best_steps'), '.2f')}×, per CPU-second "
