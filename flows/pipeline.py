@@ -5,8 +5,9 @@
 Every stage is its own Prefect subflow and a nested MLflow child run of the
 pipeline's parent run (tags ``alignflow.stage``, ``prefect.flow_run_id``,
 ``git.commit``). A stage is skipped as a cache hit when its key (the stage's
-config section digest, the content digests of the datasets it reads and the
-registered versions of the models it starts from) matches a finished earlier
+config section digest, the content digests of the datasets it reads and of the
+files its config names, and the registered versions of the models it starts
+from) matches a finished earlier
 run of it whose model version is still the ``challenger``; the skip is recorded
 as a child run tagged ``alignflow.cache_hit=true`` that points at the run that
 did the work. A pipeline that failed at stage k restarts at stage k when run
@@ -37,6 +38,7 @@ from alignflow import stages as stage_registry
 from alignflow.config import AlignflowConfig, load_config
 from alignflow.flows.report import pipeline_report
 from alignflow.tasks import registry, tracking
+from alignflow.tasks.named_files import named_file_digests
 from alignflow.tasks.processes import process_tags
 
 SUMMARY_TAG = "alignflow.stage_summary"
@@ -76,7 +78,8 @@ def load_stage_flows(stages: list[str]) -> dict[str, Callable[..., dict]]:
 
 
 def stage_key(stage: str, cfg: AlignflowConfig, digests: dict[str, str], versions: dict[str, str | None]) -> str:
-    """Content key of a stage: its config section, the digests of its datasets, the versions of its models."""
+    """Content key of a stage: its config section, the digests of its datasets, the versions of its models and
+    the content digests of the files its config names (a pairs file edited in place is not a cache hit)."""
     entry = stage_registry.get(stage)
     section = cfg.section(entry.section) if entry.section else None
     body = {
@@ -86,6 +89,7 @@ def stage_key(stage: str, cfg: AlignflowConfig, digests: dict[str, str], version
         "data": {k: digests.get(k, "") for k in entry.reads},
         "models": {m: versions.get(m) for m in stage_registry.models_read(entry)},
     }
+    body["files"] = named_file_digests({"config": body["config"], "also": body["also"]})
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
