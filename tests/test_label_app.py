@@ -93,6 +93,8 @@ def test_bad_rankings_get_400_with_the_reason(store):
         assert r.status_code == 400 and reason in r.json()["error"], r.text
     r = c.post("/api/submissions", headers=_auth(tok), content=b"{not json")
     assert r.status_code == 400 and "not JSON" in r.json()["error"]
+    r = c.post("/api/submissions", headers=_auth(tok), content=b"x" * 1_000_001)
+    assert r.status_code == 413 and "over 1000000 bytes" in r.json()["error"]
     r = c.post("/api/submissions", headers=_auth(tok), json={"item_id": item["item_id"], "idempotency_key": "k", "ab": 1})
     assert r.status_code == 400 and "2 responses" in r.json()["error"]
     assert store.counts("b1")["submissions"] == 0

@@ -80,7 +80,8 @@ def run(source: Path, work: Path) -> dict:
     """One ingest in a fresh measuring process: ru_maxrss of its children covers the command and its workers."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "ALIGNFLOW_"))}
     env.update(PREFECT_HOME=str(work / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    cmd = [str(Path(sys.executable).parent / "alignflow"), "ingest", str(source), "--workdir", str(work)]
+    cmd = [str(Path(sys.executable).parent / "alignflow"), "ingest", str(source), "--workdir", str(work),
+           "--allow-empty"]  # a bomb alone gives no pairs: measure a completed ingest, exit 0
     probe = ("import json, resource, subprocess, sys\n"
              "p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
              "print(json.dumps({'exit': p.returncode, 'peak_kib': resource.getrusage(resource.RUSAGE_CHILDREN)"

@@ -76,9 +76,18 @@ def create_app(store: LabelStore, *, report_rounds: int = 1000) -> FastAPI:
         return labeler
 
     async def body(request: Request) -> dict:
-        raw = await request.body()
-        if len(raw) > MAX_BODY:
-            raise _HTTPError(413, f"request body over {MAX_BODY} bytes")
+        too_big = _HTTPError(413, f"request body over {MAX_BODY} bytes")
+        if not (request.headers.get("content-length") or "0").isdigit():
+            raise _HTTPError(400, "bad Content-Length")
+        if int(request.headers.get("content-length") or 0) > MAX_BODY:
+            raise too_big
+        parts, size = [], 0
+        async for chunk in request.stream():  # read no more than the cap, whatever the header said
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise too_big
+            parts.append(chunk)
+        raw = b"".join(parts)
         try:
             data = json.loads(raw or b"{}")
         except ValueError as exc:
