@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 
 from alignflow.config import AlignflowConfig, BaseStageConfig
 from alignflow.stages import BASE_MODEL
-from alignflow.tasks import registry, tracking
+from alignflow.tasks import launch, registry, tracking
 from alignflow.tasks.ingest.run import latest_datasets
 from alignflow.tasks.train.lm import StageOutput, train_base
 from alignflow.tasks.train.loop import LoopCallbacks
@@ -28,12 +28,19 @@ from alignflow.tasks.train.loop import LoopCallbacks
 MODEL_NAME = BASE_MODEL
 
 
+def train_shard(cfg: AlignflowConfig, plan: dict, callbacks: LoopCallbacks | None = None) -> StageOutput:
+    """The training of this stage on one process (all of it, or one process's shard under a launcher)."""
+    return train_base(cfg.base, Path(plan["posts"]), checkpoint_dir=Path(plan["ckpt"]), resume=plan["resume"],
+                      callbacks=callbacks)
+
+
 @task(name="pretrain-base", cache_policy=NO_CACHE)
-def pretrain(cfg: BaseStageConfig, posts: Path, checkpoint_dir: Path, resume: bool) -> StageOutput:
-    logger = tracking.MetricLogger(cfg.train.max_steps, "base")
+def pretrain(cfg: AlignflowConfig, posts: Path, checkpoint_dir: Path, resume: bool) -> StageOutput:
+    plan = {"posts": str(posts), "ckpt": str(checkpoint_dir), "resume": resume}
+    launch.share_plan(plan)
+    logger = tracking.MetricLogger(cfg.base.train.max_steps, "base")
     try:
-        return train_base(cfg, posts, checkpoint_dir=checkpoint_dir, resume=resume,
-                          callbacks=LoopCallbacks(on_log=logger.log, on_step=logger.step))
+        return train_shard(cfg, plan, LoopCallbacks(on_log=logger.log, on_step=logger.step))
     finally:
         logger.close()
 
@@ -68,7 +75,7 @@ def base(workdir: str = "./alignflow-work", config: AlignflowConfig | None = Non
             tracking.log_parquet_input(posts, name="posts", digest=manifest["posts"]["digest"], context="training",
                                        rows=manifest["posts"]["rows"])
             ckpt, resumed_from = tracking.attach_checkpoints(Path(workdir), "base", run, resume=resume)
-            out = pretrain(cfg.base, posts, ckpt, resume and resumed_from is not None)
+            out = pretrain(cfg, posts, ckpt, resume and resumed_from is not None)
             mlflow.log_metrics(out.metrics)
             source = f"pretrained:{cfg.base.model.arch}"
         version = register(out, source)
@@ -94,3 +101,9 @@ def _summary_md(summary: dict) -> str:
     for k, v in (summary.get("eval") or {}).items():
         lines.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
     return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # `python -m alignflow.flows.base [options]`: the CLI command (also under a launcher)
+    from alignflow.flows.cli import run_module
+
+    run_module("base")

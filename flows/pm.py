@@ -25,7 +25,7 @@ from prefect.cache_policies import NO_CACHE
 from alignflow.config import AlignflowConfig, PmStageConfig
 from alignflow.stages import BASE_MODEL, PMP_MODEL, REWARD_MODEL
 from alignflow.models.reward import score_texts
-from alignflow.tasks import registry, tracking
+from alignflow.tasks import preference, registry, tracking
 from alignflow.tasks.ingest.run import latest_datasets
 from alignflow.tasks.preference import (
     REWARD_TASK,
@@ -59,8 +59,13 @@ def select_pairs(rows: list[dict], cfg: PmStageConfig, source: Path) -> tuple[li
 
 @task(name="train-reward", cache_policy=NO_CACHE)
 def train(cfg: PmStageConfig, model: Any, tok: Any, train_rows: list[dict], eval_rows: list[dict], ckpt: Path,
-          resume: bool) -> LoopResult:
-    return train_logged("pm", cfg, model, tok, train_rows, eval_rows, ckpt, resume)
+          resume: bool, registered: str) -> LoopResult:
+    return train_logged("pm", cfg, model, tok, train_rows, eval_rows, ckpt, resume, registered=registered)
+
+
+def train_shard(cfg: AlignflowConfig, plan: dict) -> LoopResult:
+    """One process's shard of the training under a launcher (process 0 runs the flow)."""
+    return preference.train_shard(cfg.pm, plan)
 
 
 @task(name="centre-on-demos", cache_policy=NO_CACHE)
@@ -94,7 +99,8 @@ def pm(workdir: str = "./alignflow-work", config: AlignflowConfig | None = None,
         mlflow.log_param("start_model", start)
         ckpt, resumed_from = tracking.attach_checkpoints(wd, "pm", run, resume=resume)
         eval_during = held[: cfg.pm.train.eval_batches * cfg.pm.train.batch_size]
-        loop = train(cfg.pm, model, tok, train_rows, eval_during, ckpt, resume and resumed_from is not None)
+        loop = train(cfg.pm, model, tok, train_rows, eval_during, ckpt, resume and resumed_from is not None,
+                     start_name)
 
         result = evaluate_pairs(model, tok, held, batch_size=cfg.pm.train.batch_size,
                                 max_length=cfg.pm.model.max_length, n_worst=cfg.pm.worst_pairs)
@@ -131,3 +137,9 @@ def _summary_md(summary: dict, worst: list[dict]) -> str:
                   "|---|---|---|"]
         lines += [f"| {w['pair_id']} | {w['reward_diff']:.3f} | {w['gap']} |" for w in worst[:10]]
     return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # `python -m alignflow.flows.pm [options]`: the CLI command (also under a launcher)
+    from alignflow.flows.cli import run_module
+
+    run_module("pm")

@@ -24,6 +24,7 @@ from alignflow.config import AlignflowConfig, PmpStageConfig
 from alignflow.stages import BASE_MODEL, PMP_MODEL
 from alignflow.tasks import registry, tracking
 from alignflow.tasks.ingest.run import latest_datasets
+from alignflow.tasks import preference
 from alignflow.tasks.preference import REWARD_TASK, log_reward_eval, start_reward_model, train_logged
 from alignflow.tasks.train.loop import LoopResult
 from alignflow.tasks.train.pairs import (
@@ -56,8 +57,13 @@ def source_data(cfg: PmpStageConfig, workdir: Path) -> dict[Path, dict]:
 @task(name="train-pmp", cache_policy=NO_CACHE)
 def train(cfg: PmpStageConfig, model: Any, tok: Any, train_rows: list[dict], eval_rows: list[dict], ckpt: Path,
           resume: bool) -> LoopResult:
-    return train_logged("pmp", cfg, model, tok, train_rows, eval_rows, ckpt, resume,
+    return train_logged("pmp", cfg, model, tok, train_rows, eval_rows, ckpt, resume, registered=BASE_MODEL,
                         group_by_question=cfg.group_by_question)
+
+
+def train_shard(cfg: AlignflowConfig, plan: dict) -> LoopResult:
+    """One process's shard of the training under a launcher (process 0 runs the flow)."""
+    return preference.train_shard(cfg.pmp, plan)
 
 
 @flow(name="pmp", log_prints=True)
@@ -110,3 +116,9 @@ def _summary_md(summary: dict, per_source: dict) -> str:
     lines += ["", "## Mixture", "", "| source | weight | pairs available | pairs drawn |", "|---|---|---|---|"]
     lines += [f"| {s} | {v['weight']:.3f} | {int(v['available'])} | {int(v['drawn'])} |" for s, v in per_source.items()]
     return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # `python -m alignflow.flows.pmp [options]`: the CLI command (also under a launcher)
+    from alignflow.flows.cli import run_module
+
+    run_module("pmp")

@@ -23,7 +23,7 @@ from prefect.cache_policies import NO_CACHE
 
 from alignflow.config import AlignflowConfig, SftStageConfig
 from alignflow.stages import BASE_MODEL, SFT_MODEL
-from alignflow.tasks import registry, tracking
+from alignflow.tasks import launch, registry, tracking
 from alignflow.tasks.ingest.run import latest_datasets
 from alignflow.tasks.train.lm import StageOutput, generate_greedy, read_demos, train_sft
 from alignflow.tasks.train.loop import LoopCallbacks
@@ -34,14 +34,8 @@ PLANTED_EVAL_PROMPTS = 64
 
 @task(name="load-start-model", cache_policy=NO_CACHE)
 def load_start(cfg: SftStageConfig) -> tuple[Any, Any, str]:
-    if cfg.model.name_or_path:
-        from alignflow.models import load_causal_lm, load_tokenizer
-
-        tok = load_tokenizer(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
-        model = load_causal_lm(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code, tokenizer=tok)
-        return model, tok, cfg.model.name_or_path
-    model, tok, version = registry.load_transformers_components(BASE_MODEL, registry.CHALLENGER)
-    return model, tok, f"models:/{BASE_MODEL}/{version}"
+    return registry.resolve_start_model(cfg.model.name_or_path, BASE_MODEL,
+                                        trust_remote_code=cfg.model.trust_remote_code)
 
 
 def planted_property_rate(model: Any, tokenizer: Any, questions: list[dict], cfg: SftStageConfig) -> float | None:
@@ -70,22 +64,35 @@ def validation_questions(data: Path, limit: int) -> list[dict]:
     return out
 
 
+def train_shard(cfg: AlignflowConfig, plan: dict, callbacks: LoopCallbacks | None = None, model: Any = None,
+                tok: Any = None) -> StageOutput:
+    """The training of this stage on one process (all of it, or one process's shard under a launcher)."""
+    if model is None:
+        model, tok = registry.load_start_lm(plan["start"], trust_remote_code=cfg.sft.model.trust_remote_code)
+    return train_sft(cfg.sft, model, tok, Path(plan["data"]) / "demos.parquet", checkpoint_dir=Path(plan["ckpt"]),
+                     resume=plan["resume"], callbacks=callbacks)
+
+
 @task(name="fine-tune-sft", cache_policy=NO_CACHE)
-def fine_tune(cfg: SftStageConfig, model: Any, tok: Any, data: Path, ckpt: Path, resume: bool) -> StageOutput:
-    logger = tracking.MetricLogger(cfg.train.max_steps, "sft")
-    fixed = [d["prompt"] for d in read_demos(data / "demos.parquet", "validation")[: cfg.generation_prompts]]
+def fine_tune(cfg: AlignflowConfig, model: Any, tok: Any, start: str, data: Path, ckpt: Path,
+              resume: bool) -> StageOutput:
+    plan = {"start": start, "data": str(data), "ckpt": str(ckpt), "resume": resume}
+    launch.share_plan(plan)
+    section = cfg.sft
+    logger = tracking.MetricLogger(section.train.max_steps, "sft")
+    fixed = [d["prompt"] for d in read_demos(data / "demos.parquet", "validation")[: section.generation_prompts]]
 
     def on_eval(step: int) -> dict[str, float]:
         if fixed:
-            answers = generate_greedy(model, tok, fixed, max_new_tokens=cfg.max_new_tokens,
-                                      max_prompt_tokens=cfg.model.max_length)
+            answers = generate_greedy(model, tok, fixed, max_new_tokens=section.max_new_tokens,
+                                      max_prompt_tokens=section.model.max_length)
             mlflow.log_table(pd.DataFrame({"step": step, "prompt": fixed, "response": answers}),
                              artifact_file=f"eval/generations_step_{step:06d}.json")
         return {}
 
     try:
-        return train_sft(cfg, model, tok, data / "demos.parquet", checkpoint_dir=ckpt, resume=resume,
-                         callbacks=LoopCallbacks(on_log=logger.log, on_step=logger.step, on_eval=on_eval))
+        return train_shard(cfg, plan, LoopCallbacks(on_log=logger.log, on_step=logger.step, on_eval=on_eval),
+                           model=model, tok=tok)
     finally:
         logger.close()
 
@@ -107,7 +114,7 @@ def sft(workdir: str = "./alignflow-work", config: AlignflowConfig | None = None
         questions = validation_questions(data, PLANTED_EVAL_PROMPTS)
         start_rate = planted_property_rate(model, tok, questions, cfg.sft)
         ckpt, resumed_from = tracking.attach_checkpoints(Path(workdir), "sft", run, resume=resume)
-        out = fine_tune(cfg.sft, model, tok, data, ckpt, resume and resumed_from is not None)
+        out = fine_tune(cfg, model, tok, start, data, ckpt, resume and resumed_from is not None)
         mlflow.log_metrics(out.metrics)
         rate = planted_property_rate(out.model, out.tokenizer, questions, cfg.sft)
         if rate is not None:
@@ -122,3 +129,9 @@ def sft(workdir: str = "./alignflow-work", config: AlignflowConfig | None = None
         print(f"registered {MODEL_NAME} version {version} (alias challenger); planted-property rate "
               f"{start_rate} -> {rate}")
         return summary
+
+
+if __name__ == "__main__":  # `python -m alignflow.flows.sft [options]`: the CLI command (also under a launcher)
+    from alignflow.flows.cli import run_module
+
+    run_module("sft")

@@ -25,6 +25,7 @@ from alignflow.config import IngestConfig, ModelConfig
 __all__ = [
     "REWARD_TASK",
     "train_logged",
+    "train_shard",
     "is_reward_model",
     "log_reward_eval",
     "plot_transfer",
@@ -73,19 +74,33 @@ def start_reward_model(model_cfg: ModelConfig, *, registered: str, seed: int) ->
     return model, tok, f"models:/{registered}/{version}"
 
 
-def train_logged(stage: str, section: Any, model: Any, tok: Any, train_rows: list[dict], eval_rows: list[dict],
-                 ckpt: Path, resume: bool, *, group_by_question: bool = True) -> Any:
-    """``train_reward`` for a ``pmp``/``pm`` config section, metrics to the active MLflow run and a progress bar."""
-    from alignflow.tasks import tracking
-    from alignflow.tasks.train.loop import LoopCallbacks
+def train_shard(section: Any, plan: dict, model: Any = None, tok: Any = None, callbacks: Any = None) -> Any:
+    """``train_reward`` for a ``pmp``/``pm`` config section and a plan (start model, rows, checkpoints): all of the
+    training on one process, or one process's shard under a launcher (the start model then loaded again)."""
     from alignflow.tasks.train.reward import train_reward
 
+    if model is None:
+        model, tok, _ = start_reward_model(section.model.model_copy(update={"name_or_path": plan["path"]}),
+                                           registered=plan["registered"], seed=section.train.seed)
+    return train_reward(section.train, model, tok, plan["train_rows"], plan["eval_rows"],
+                        max_length=section.model.max_length, use_margin=section.use_margin,
+                        centering=section.centering, group_by_question=plan["group_by_question"],
+                        checkpoint_dir=Path(plan["ckpt"]), resume=plan["resume"], callbacks=callbacks)
+
+
+def train_logged(stage: str, section: Any, model: Any, tok: Any, train_rows: list[dict], eval_rows: list[dict],
+                 ckpt: Path, resume: bool, *, registered: str, group_by_question: bool = True) -> Any:
+    """``train_reward`` for a ``pmp``/``pm`` config section, metrics to the active MLflow run and a progress bar
+    (the other processes of a launched stage get the plan and train with it)."""
+    from alignflow.tasks import launch, tracking
+    from alignflow.tasks.train.loop import LoopCallbacks
+
+    plan = {"path": section.model.name_or_path, "registered": registered, "train_rows": train_rows,
+            "eval_rows": eval_rows, "group_by_question": group_by_question, "ckpt": str(ckpt), "resume": resume}
+    launch.share_plan(plan)
     logger = tracking.MetricLogger(section.train.max_steps, stage)
     try:
-        return train_reward(section.train, model, tok, train_rows, eval_rows, max_length=section.model.max_length,
-                            use_margin=section.use_margin, centering=section.centering,
-                            group_by_question=group_by_question, checkpoint_dir=ckpt, resume=resume,
-                            callbacks=LoopCallbacks(on_log=logger.log, on_step=logger.step))
+        return train_shard(section, plan, model, tok, LoopCallbacks(on_log=logger.log, on_step=logger.step))
     finally:
         logger.close()
 

@@ -89,3 +89,26 @@ def download_model_dir(name: str, alias: str = CHALLENGER, dst: Path | None = No
     """Local folder of a registered model's files (MLflow layout)."""
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri(name, alias),
                                                      dst_path=str(dst) if dst else None))
+
+
+def resolve_start_model(name_or_path: str | None, registered: str, *,
+                        trust_remote_code: bool = False) -> tuple[Any, Any, str]:
+    """``(model, tokenizer, source)`` a causal-LM stage starts from: the named model (hub id or folder) when
+    given, else ``registered@challenger``; ``source`` is the path or ``models:/<name>/<version>``."""
+    if name_or_path:
+        model, tok = load_start_lm(name_or_path, trust_remote_code=trust_remote_code)
+        return model, tok, name_or_path
+    model, tok, version = load_transformers_components(registered, CHALLENGER)
+    return model, tok, f"models:/{registered}/{version}"
+
+
+def load_start_lm(source: str, *, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of a ``source`` from :func:`resolve_start_model` (the same weights again, e.g. on
+    another process of a launched stage)."""
+    if source.startswith("models:/"):
+        parts = mlflow.transformers.load_model(source, return_type="components")
+        return parts["model"], parts["tokenizer"]
+    from alignflow.models import load_causal_lm, load_tokenizer
+
+    tok = load_tokenizer(source, trust_remote_code=trust_remote_code)
+    return load_causal_lm(source, trust_remote_code=trust_remote_code, tokenizer=tok), tok
