@@ -92,6 +92,10 @@ class IngestConfig(_Section):
     default_license: str = Field(
         "unknown", description="Licence recorded for rows whose source does not state one (Reddit, pairs files)."
     )
+    max_row_bytes: int = Field(
+        16 << 20, ge=1024,
+        description="An input row (a dump <row>, a JSON line) longer than this many bytes is quarantined unread "
+        "(its first bytes kept): memory stays bounded whatever the input holds.")
     batch_rows: int = Field(5_000, ge=100, description="Most rows per Parquet row group and per contract validation batch.")
     batch_mb: int = Field(
         4, ge=1, description="Most text (MiB) per batch: bounds memory whatever the length of the texts."

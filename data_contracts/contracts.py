@@ -42,6 +42,7 @@ POST_KINDS: tuple[str, ...] = ("question", "answer")
 SOURCES: tuple[str, ...] = ("stackexchange", "reddit", "pairs", "human")  # human: rankings from the labeling app
 DEFAULT_MAX_CHARS = 20_000
 MAX_EXAMPLES = 5
+EXAMPLE_CHARS = 200  # longest text an error message or report example shows
 
 #: Required columns per dataset kind (mirrors tasks/ingest/schema.py).
 COLUMNS: dict[str, tuple[str, ...]] = {
@@ -288,12 +289,15 @@ def _docs_lock(docs_dir: Path) -> Iterator[None]:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _prepare(df: pd.DataFrame, kind: str) -> pd.DataFrame:
+def _prepare(df: pd.DataFrame, kind: str, max_chars: int = DEFAULT_MAX_CHARS) -> pd.DataFrame:
     """Frame handed to GX: text columns as ``str`` dtype, a GX-friendly index.
 
     A unique int or str index is kept (GX then reports the caller's labels);
     anything else (duplicates, MultiIndex, timestamps) is replaced by
-    positions. Never modifies ``df``.
+    positions. Texts longer than ``max_chars`` are cut to ``max_chars + 1``
+    characters plus ``…``: still too long for the length rule, but a failing
+    value copied into the results and Data Docs stays small whatever the
+    input held. Never modifies ``df``.
     """
     work = df
     idx = df.index
@@ -311,6 +315,13 @@ def _prepare(df: pd.DataFrame, kind: str) -> pd.DataFrame:
     casts = {c: "str" for c in text_cols if c in work.columns and work[c].dtype != "str"}
     if casts:
         work = work.astype(casts)
+    for col in TEXT_COLUMNS[kind]:
+        if col in work.columns:
+            too_long = work[col].str.len() > max_chars + 1
+            if too_long.any():
+                if work is df:
+                    work = df.copy()
+                work.loc[too_long, col] = work.loc[too_long, col].str.slice(0, max_chars + 1) + "…"
     return work
 
 
@@ -333,11 +344,19 @@ def _jsonable(v: Any) -> Any:
         return str(v)
 
 
+def _shown(v: Any, limit: int = EXAMPLE_CHARS) -> Any:
+    """A value as an error message or report shows it: long texts cut, with their length."""
+    v = _jsonable(v)
+    if isinstance(v, str) and len(v) > limit:
+        return f"{v[:limit]}… ({len(v)} chars)"
+    return v
+
+
 def _example_rows(df: pd.DataFrame, positions: list[int], columns: tuple[str, ...]) -> list[dict[str, Any]]:
     out = []
     for pos in positions[:MAX_EXAMPLES]:
-        row = {"index": _jsonable(df.index[pos])}
-        row.update({c: _jsonable(df[c].iloc[pos]) for c in columns if c in df.columns})
+        row = {"index": _shown(df.index[pos])}
+        row.update({c: _shown(df[c].iloc[pos]) for c in columns if c in df.columns})
         out.append(row)
     return out
 
@@ -400,7 +419,7 @@ def _table_failure(
         examples = _example_rows(df, positions, spec.columns)
     else:
         examples = [
-            v if isinstance(v, dict) else {"value": _jsonable(v)}
+            {k: _shown(x) for k, x in v.items()} if isinstance(v, dict) else {"value": _shown(v)}
             for v in (r.get("partial_unexpected_list") or [])[:MAX_EXAMPLES]
         ]
     if spec.gx_class in ("ExpectColumnValuesToBeUnique", "ExpectCompoundColumnsToBeUnique"):
@@ -542,7 +561,7 @@ def validate(
         if s.gx_class == "ExpectTableColumnsToMatchSet" or set(s.columns) <= cols
     ]
     skipped = [s.name for s in all_specs if s not in specs]
-    work = _prepare(df, kind)
+    work = _prepare(df, kind, max_chars)
     index_is_original = work.index is df.index
 
     if docs_dir is not None:

@@ -34,10 +34,11 @@ def _fail(exc: BaseException) -> None:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from alignflow.config import ConfigError
     from alignflow.data_contracts import ContractViolation
+    from alignflow.models.loading import ModelLoadError
     from alignflow.tasks.ingest.errors import IngestError
     from alignflow.tasks.train.pairs import PairSelectionError
 
-    return (ConfigError, IngestError, ContractViolation, FileNotFoundError, PairSelectionError)
+    return (ConfigError, IngestError, ContractViolation, FileNotFoundError, PairSelectionError, ModelLoadError)
 
 
 def _load(config: Path | None, overrides: list[str] | None):

@@ -5,7 +5,8 @@
 Policy: ``ppo.policy_model`` when set, else ``alignflow-policy-sft@challenger``;
 the frozen reference is the same weights (with LoRA, the adapter-free policy
 itself). Reward: ``ppo.reward_model`` when set, else ``alignflow-reward@challenger``,
-frozen; the critic is a separate, trainable copy of it. Prompts: the latest
+frozen; the critic is a separate, trainable copy of it (built on the policy's weights
+when the two tokenize differently: the critic reads the policy's token ids). Prompts: the latest
 ingest's ``prompts`` dataset, train split; evaluation on its validation split
 against the SFT policy (mean reward, KL, win rate judged by the reward model
 and, on a generated dump, the rate of answers with the planted property).
@@ -99,7 +100,7 @@ def optimise(cfg: PpoStageConfig, policy: Any, tok: Any, reward: Any, rtok: Any,
     logger = tracking.MetricLogger(cfg.total_steps, "ppo")
     reward_fn = ppo_lib.text_reward_fn(reward, rtok, batch_size=cfg.forward_batch_size,
                                        max_length=cfg.reward_max_length)
-    critic = ppo_lib.make_critic(reward)
+    critic = ppo_lib.make_critic(reward, reward_tokenizer=rtok, policy=policy, policy_tokenizer=tok)
     eval_prompts = [r["prompt"] for r in eval_rows]
 
     def on_generations(rows: list[dict], step: int) -> None:

@@ -6,6 +6,9 @@ Imports nothing else from alignflow (architecture rule).
 from .architectures import ARCHS, ArchSpec, build_causal_lm, build_config, count_parameters
 from .loading import (
     ModelLoadError,
+    UnsafeArtifactError,
+    check_builtin_artifact,
+    load_builtin_artifact,
     load_causal_lm,
     load_sequence_classifier,
     load_tokenizer,
@@ -29,6 +32,9 @@ __all__ = [
     "BOS_TOKEN",
     "EOS_TOKEN",
     "ModelLoadError",
+    "UnsafeArtifactError",
+    "check_builtin_artifact",
+    "load_builtin_artifact",
     "PAD_TOKEN",
     "build_causal_lm",
     "build_config",

@@ -8,6 +8,11 @@
   token, gets a dedicated ``<|pad|>`` token (``tok.alignflow_added_pad`` says
   so); the model loaders grow the embedding matrix to the tokenizer's length
   and set ``config.pad_token_id`` from it.
+* :func:`load_builtin_artifact` loads a model stored as an artifact (a
+  registered model) as data only: safetensors weights and a config naming an
+  architecture transformers ships; anything that could run code from the
+  artifact (``auto_map``, a custom class, ``.py`` files, pickled weights) is
+  refused with :class:`UnsafeArtifactError` before transformers sees it.
 * With ``HF_HUB_OFFLINE=1`` (this platform's default), a name that is neither
   a local folder nor in the Hugging Face cache fails at once with
   :class:`ModelLoadError` instead of retrying the network.
@@ -16,6 +21,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import os
 import shutil
@@ -37,6 +43,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ModelLoadError",
+    "UnsafeArtifactError",
+    "check_builtin_artifact",
+    "load_builtin_artifact",
     "load_causal_lm",
     "load_sequence_classifier",
     "load_tokenizer",
@@ -49,6 +58,10 @@ _PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 class ModelLoadError(OSError):
     """A model or tokenizer could not be loaded (missing, no hub access, bad files)."""
+
+
+class UnsafeArtifactError(ModelLoadError):
+    """A stored model that would run code of its own when loaded (custom architecture, auto_map, pickle)."""
 
 
 def _offline() -> bool:
@@ -256,6 +269,108 @@ def load_sequence_classifier(
         **kwargs,
     )
     return _fit_to_tokenizer(model, tokenizer)
+
+
+# --------------------------------------------------------------------------- artifacts (data only)
+
+_CODE_SUFFIXES = (".py", ".pyc", ".so", ".pkl", ".pickle", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UnsafeArtifactError(f"{what} {path} is not readable JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise UnsafeArtifactError(f"{what} {path} is not a JSON object")
+    return data
+
+
+def _has_key(obj: Any, key: str) -> bool:
+    if isinstance(obj, dict):
+        return key in obj or any(_has_key(v, key) for v in obj.values())
+    if isinstance(obj, list):
+        return any(_has_key(v, key) for v in obj)
+    return False
+
+
+def _builtin_model_class(config: dict, where: Path) -> str:
+    """The transformers class named by ``config`` if transformers ships it for its ``model_type``, else refuse."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    )
+
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING_NAMES:
+        raise UnsafeArtifactError(f"{where}: model_type {model_type!r} is not an architecture transformers ships")
+    archs = config.get("architectures")
+    if not (isinstance(archs, list) and len(archs) == 1 and isinstance(archs[0], str)):
+        raise UnsafeArtifactError(f"{where}: 'architectures' must name exactly one class, got {archs!r}")
+    shipped = set()
+    for mapping in (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES):
+        names = mapping.get(model_type, ())
+        shipped.update([names] if isinstance(names, str) else names)
+    if archs[0] not in shipped:
+        raise UnsafeArtifactError(
+            f"{where}: architecture {archs[0]!r} is not a causal LM or sequence classifier that transformers "
+            f"ships for model_type {model_type!r}")
+    return archs[0]
+
+
+def check_builtin_artifact(model_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None) -> str:
+    """Refuse a stored model unless loading it runs no code from it; return its transformers class name.
+
+    Allowed: ``config.json`` without ``auto_map`` whose ``model_type`` and
+    single architecture transformers ships, safetensors weights, a tokenizer
+    config without ``auto_map`` naming a transformers tokenizer class. Any
+    Python, pickle or other executable-looking file in either folder is refused.
+    """
+    model_dir = Path(model_dir)
+    folders = [model_dir] + ([Path(tokenizer_dir)] if tokenizer_dir is not None else [])
+    for folder in folders:
+        if not folder.is_dir():
+            raise UnsafeArtifactError(f"{folder}: the stored model has no such folder")
+        for f in folder.rglob("*"):
+            if f.is_symlink() or (f.is_file() and f.name.lower().endswith(_CODE_SUFFIXES)):
+                raise UnsafeArtifactError(
+                    f"{f}: stored models are loaded as safetensors weights and JSON only; "
+                    f"{'a symbolic link' if f.is_symlink() else 'code or pickled data'} is refused")
+    config = _read_json(model_dir / "config.json", "model config")
+    for folder in folders:
+        for name in ("config.json", "tokenizer_config.json", "generation_config.json"):
+            if (folder / name).is_file() and _has_key(_read_json(folder / name, "config"), "auto_map"):
+                raise UnsafeArtifactError(
+                    f"{folder / name}: 'auto_map' refused (it makes transformers import code shipped "
+                    "with the model); registered models must use an architecture transformers ships")
+    arch = _builtin_model_class(config, model_dir / "config.json")
+    if not any((model_dir / f).is_file() for f in _SAFETENSORS_FILES):
+        raise UnsafeArtifactError(f"{model_dir}: no safetensors weights (model.safetensors)")
+    if tokenizer_dir is not None and (Path(tokenizer_dir) / "tokenizer_config.json").is_file():
+        import transformers
+
+        tok_cls = _read_json(Path(tokenizer_dir) / "tokenizer_config.json", "tokenizer config").get("tokenizer_class")
+        if tok_cls is not None and not (isinstance(tok_cls, str) and hasattr(transformers, tok_cls)):
+            raise UnsafeArtifactError(f"{tokenizer_dir}: tokenizer_class {tok_cls!r} is not one transformers ships")
+    return arch
+
+
+def load_builtin_artifact(
+    model_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """(model, tokenizer) of a stored model, after :func:`check_builtin_artifact`; no code from the folder runs."""
+    import transformers
+
+    arch = check_builtin_artifact(model_dir, tokenizer_dir)
+    cls = getattr(transformers, arch)
+    try:
+        model = cls.from_pretrained(str(model_dir), trust_remote_code=False, use_safetensors=True)
+        tok = (AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=False)
+               if tokenizer_dir is not None else None)
+    except (OSError, ValueError) as err:
+        raise _load_error("stored model", str(model_dir), err) from err
+    return model, tok
 
 
 # --------------------------------------------------------------------------- saving

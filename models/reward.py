@@ -88,7 +88,11 @@ def _no_dropout(config: PretrainedConfig) -> None:
             _no_dropout(sub)
 
 
-def _zero_dropout_modules(model: nn.Module) -> None:
+def disable_dropout(model: nn.Module) -> None:
+    """Every dropout of ``model`` to 0 (its config and its modules): scores, ratios and values must not be noise."""
+    config = getattr(model, "config", None)
+    if isinstance(config, PretrainedConfig):
+        _no_dropout(config)
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
@@ -182,7 +186,7 @@ def reward_model_from_causal_lm(
     if hasattr(model.config, "get_text_config"):
         model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
     setattr(model.config, REWARD_BIAS_ATTR, 0.0)
-    _zero_dropout_modules(model)
+    disable_dropout(model)
 
     head = _score_head(model)
     std = head_init_std(_hidden_size(model.config))

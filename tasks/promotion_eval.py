@@ -58,12 +58,9 @@ def fit_length(model: Any, max_length: int) -> int:
 
 
 def load_version(name: str, version: str) -> tuple[Any, Any]:
-    import mlflow
+    from alignflow.tasks.registry import load_version_components
 
-    parts = mlflow.transformers.load_model(f"models:/{name}/{version}", return_type="components")
-    model = parts["model"]
-    model.eval()
-    return model, parts["tokenizer"]
+    return load_version_components(name, version)
 
 
 def _alias_version(name: str, *aliases: str) -> str | None:

@@ -5,11 +5,19 @@ Registered names: the constants of :mod:`alignflow.stages` (``alignflow-base``,
 ``alignflow-policy``), one per stage that registers a model. A new version gets the alias
 ``challenger``; only a promotion gate moves ``champion``. Everywhere a model is
 loaded by reference it is ``models:/<name>@<alias>``.
+
+Registered models are loaded as data, never as code: the artifact's weights
+(safetensors) and JSON configs are read by a transformers class chosen by
+alignflow (:func:`alignflow.models.load_builtin_artifact`), so a model whose
+artifact was tampered with (``auto_map``, custom code, pickles) is refused.
+``mlflow.transformers.load_model`` is not used here: it loads configs with
+``trust_remote_code=True``.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +89,19 @@ def load_transformers_components(name: str, alias: str = CHALLENGER) -> tuple[An
         raise LookupError(
             f"no registered model {name}@{alias} in {mlflow.get_tracking_uri()}; run the stage that produces it first"
         )
-    parts = mlflow.transformers.load_model(f"models:/{name}/{version}", return_type="components")
-    return parts["model"], parts["tokenizer"], version
+    model, tokenizer = load_version_components(name, version)
+    return model, tokenizer, version
+
+
+def load_version_components(name: str, version: str) -> tuple[Any, Any]:
+    """(model, tokenizer) of one registered version, loaded as weights + configs only (see the module doc)."""
+    from alignflow.models import load_builtin_artifact
+
+    with tempfile.TemporaryDirectory(prefix="alignflow-model-") as tmp:
+        root = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp))
+        model, tokenizer = load_builtin_artifact(root / "model", root / "components" / "tokenizer")
+    model.eval()
+    return model, tokenizer
 
 
 def download_model_dir(name: str, alias: str = CHALLENGER, dst: Path | None = None) -> Path:

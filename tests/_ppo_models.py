@@ -23,12 +23,15 @@ def tokenizer():
     return train_bpe_tokenizer(corpus(), vocab_size=300, model_max_length=128)
 
 
-def policy(seed: int = 0, arch: str = "tiny-gpt2", max_position: int = 128):
+def policy(seed: int = 0, arch: str = "tiny-gpt2", max_position: int = 128, dropout: float = 0.0, tok=None):
+    """A tiny causal LM; ``dropout`` > 0 turns on every GPT-2 dropout (as a loaded checkpoint may have it)."""
     from alignflow.models import build_causal_lm, build_config
 
-    tok = tokenizer()
+    tok = tok or tokenizer()
     config = build_config(arch, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                           bos_token_id=tok.bos_token_id, max_position=max_position)
+    if dropout:
+        config.attn_pdrop = config.resid_pdrop = config.embd_pdrop = dropout
     return build_causal_lm(config, seed=seed).eval()
 
 

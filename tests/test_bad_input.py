@@ -28,12 +28,12 @@ CASES = {
     "billion_laughs": (
         b'<?xml version="1.0"?>\n<!DOCTYPE lolz [\n <!ENTITY lol "lol">\n <!ENTITY lol2 "&lol;&lol;&lol;&lol;">\n'
         b' <!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;">\n]>\n<posts><row Id="1" PostTypeId="1" Title="&lol3;" Score="1"/></posts>',
-        r"line 2: document type declaration \(DTD\) refused",
+        r"line 7: document type declaration \(DTD\) before this root element refused",
     ),
     "xxe": (
         b'<?xml version="1.0"?>\n<!DOCTYPE posts [<!ENTITY xxe SYSTEM "file:///etc/passwd">]>\n'
         b'<posts><row Id="1" PostTypeId="1" Title="&xxe;" Score="1"/></posts>',
-        r"DTD\) refused",
+        r"DTD\) before this root element refused",
     ),
     "empty": (b"", r"empty file"),
     "only_bom": (b"\xef\xbb\xbf\r\n", r"empty file"),

@@ -497,3 +497,100 @@ def test_checkpoint_resume_repeats_the_uninterrupted_curve(tmp_path):
     for (s, got), (_, want) in zip(curve, straight):
         for key in ("ppo/reward_mean", "ppo/kl", "ppo/beta", "ppo/value_loss", "ppo/policy_loss", "ppo/entropy"):
             assert got[key] == pytest.approx(want[key], abs=1e-5), (s, key)
+
+
+# ------------------------------------------------------------------------------------------ details seen through
+# the real training step: each test below fails when its one line of train_ppo is broken (tests/mutation_check.py)
+def _one_update(**overrides):
+    """One PPO step with one epoch and one minibatch: the update's first forward meets the sampling pass's weights."""
+    base = dict(total_steps=1, ppo_epochs=1, batch_size=8, minibatch_size=8, micro_batch_size=8)
+    base.update(overrides)
+    return M.ppo_config(**base)
+
+
+def test_dropout_is_off_in_the_update_of_a_policy_built_with_dropout():
+    pol = M.policy(dropout=0.3)
+    assert pol.config.resid_pdrop == 0.3 and any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in pol.modules())
+    _, logs = _run(_one_update(), policy=pol)
+    m = logs[0][1]
+    # dropout on: the train-mode forward of the update differs from the eval-mode sampling pass (ratio != 1)
+    assert abs(m["ppo/ratio_mean"] - 1.0) < 1e-4 and m["ppo/approx_kl"] < 1e-8, m
+
+
+def test_kl_penalty_pulls_a_drifted_policy_back_to_the_reference():
+    # reward 0: the only signal is -beta * KL; a policy that starts away from its reference must come closer
+    ref = M.policy()
+    pol = copy.deepcopy(ref)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(0)
+        emb = pol.get_input_embeddings().weight
+        emb.add_(torch.randn(emb.shape, generator=gen) * 0.1)
+    cfg = M.ppo_config(total_steps=8, kl_coef=0.5, lr=3e-3, batch_size=16, minibatch_size=8, micro_batch_size=8,
+                       forward_batch_size=16)
+    _, logs = _run(cfg, policy=pol, reward_fn=lambda p, r: torch.zeros(len(p)), reference=ref)
+    kls = [m["ppo/kl"] for _, m in logs]
+    assert kls[0] > 1.0, kls  # it did start away from the reference
+    assert sum(kls[-2:]) / 2 < 0.6 * kls[0], kls  # a flipped sign would reward the drift: the KL would grow
+
+
+def test_responses_without_eos_are_penalised_in_the_training_step():
+    # 2 new tokens from a random 300-token policy: almost no response ends with EOS
+    for mode, expected in (("replace", lambda s: -1.0), ("subtract", lambda s: s - 1.0)):
+        cfg = _one_update(max_new_tokens=2, missing_eos=mode, missing_eos_penalty=1.0)
+        _, logs = _run(cfg, reward_fn=lambda p, r: torch.full((len(p),), 0.5))
+        m = logs[0][1]
+        no_eos = m["ppo/no_eos_rate"]
+        assert no_eos >= 0.5 and m["ppo/reward_model_score_mean"] == pytest.approx(0.5)
+        assert m["ppo/reward_mean"] == pytest.approx(0.5 * (1 - no_eos) + expected(0.5) * no_eos), (mode, m)
+
+
+def test_advantages_are_whitened_in_the_training_step():
+    rewards = lambda p, r: 3.0 + torch.arange(len(p), dtype=torch.float32)  # noqa: E731  far from mean 0, std 1
+    _, logs = _run(_one_update(), reward_fn=rewards)
+    m = logs[0][1]
+    assert abs(m["ppo/advantage_mean"]) < 1e-5 and m["ppo/advantage_std"] == pytest.approx(1.0, abs=1e-3), m
+    # ratio 1 at the first minibatch: the clipped surrogate is -mean(advantages), 0 once whitened
+    assert abs(m["ppo/policy_loss"]) < 1e-4, m
+
+
+def test_micro_batches_accumulate_to_the_minibatch_gradient_in_the_training_step():
+    norms = {}
+    for micro in (8, 2):
+        _, logs = _run(_one_update(micro_batch_size=micro, max_grad_norm=0.0))
+        norms[micro] = (logs[0][1]["ppo/policy_grad_norm"], logs[0][1]["ppo/critic_grad_norm"])
+    # equal up to the per-micro-batch token weighting (responses of nearly equal length here); unscaled: 4x
+    assert norms[2][0] == pytest.approx(norms[8][0], rel=0.15), norms
+    assert norms[2][1] == pytest.approx(norms[8][1], rel=0.15), norms
+
+
+def test_bf16_policy_trains_fp32_master_weights(tmp_path):
+    pol = M.policy().to(torch.bfloat16)
+    result, logs = _run(M.ppo_config(total_steps=1), policy=pol, checkpoint_dir=tmp_path / "ck")
+    state = torch.load(tmp_path / "ck" / "step-000001" / "optimizer.pt", weights_only=True)
+    assert {v["exp_avg"].dtype for v in state["policy"]["state"].values()} == {torch.float32}
+    assert next(result.policy.parameters()).dtype == torch.bfloat16  # handed back as loaded
+    assert all(math.isfinite(v) for k, v in logs[0][1].items() if k != "ppo/explained_variance")
+
+
+def test_critic_is_built_on_the_policy_tokenizer_when_the_reward_model_tokenizes_differently():
+    from alignflow.models import train_bpe_tokenizer
+    from alignflow.models.reward import reward_model_from_causal_lm
+
+    tok = M.tokenizer()
+    other = train_bpe_tokenizer(M.corpus(200, seed=7), vocab_size=262, model_max_length=128)
+    assert len(other) < len(tok)  # the policy's ids overflow the reward model's embeddings
+    reward = reward_model_from_causal_lm(M.policy(seed=3, tok=other), tokenizer=other, seed=0)
+    pol = M.policy()
+    with pytest.raises(ValueError, match="critic has .* token embeddings"):
+        ppo.train_ppo(M.ppo_config(total_steps=1), policy=pol, tokenizer=tok, critic=ppo.make_critic(reward),
+                      reward_fn=ppo.text_reward_fn(reward, other), prompts=M.prompts())
+    critic = ppo.make_critic(reward, reward_tokenizer=other, policy=pol, policy_tokenizer=tok)
+    assert critic.get_input_embeddings().weight.shape[0] == len(tok)
+    torch.testing.assert_close(critic.base_model.wte.weight, pol.transformer.wte.weight)  # the policy's body
+    result = ppo.train_ppo(M.ppo_config(total_steps=2), policy=pol, tokenizer=tok, critic=critic,
+                           reward_fn=ppo.text_reward_fn(reward, other), prompts=M.prompts())
+    assert math.isfinite(result.last_metrics["ppo/value_loss"])
+    # the same tokenizer: the critic is a copy of the reward model
+    same = M.reward_model()
+    copy_critic = ppo.make_critic(same, reward_tokenizer=tok, policy=pol, policy_tokenizer=tok)
+    torch.testing.assert_close(copy_critic.state_dict(), same.state_dict())

@@ -56,9 +56,11 @@ def tok():
     return train_bpe_tokenizer(TEXTS, vocab_size=400, model_max_length=128)
 
 
-def _lm(tok, arch="tiny-gpt2", max_position=128, seed=0):
+def _lm(tok, arch="tiny-gpt2", max_position=128, seed=0, dropout=0.0):
     cfg = build_config(arch, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                        bos_token_id=tok.bos_token_id, max_position=max_position)
+    if dropout:  # as a loaded checkpoint may have it
+        cfg.attn_pdrop = cfg.resid_pdrop = cfg.embd_pdrop = dropout
     return build_causal_lm(cfg, seed=seed)
 
 
@@ -119,7 +121,9 @@ def test_scores_match_unpadded_hf_logits_and_hidden_state(rm, tok):
 
 
 def test_dropout_off_same_score_in_train_and_eval(tok):
-    model = reward_model_from_causal_lm(_lm(tok), tokenizer=tok, seed=0)
+    lm = _lm(tok, dropout=0.3)  # a base LM with dropout: the reward model built on it has none
+    assert any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in lm.modules())
+    model = reward_model_from_causal_lm(lm, tokenizer=tok, seed=0)
     for key, value in model.config.to_dict().items():
         if "dropout" in key or "pdrop" in key:
             assert value == 0.0, key
@@ -130,6 +134,25 @@ def test_dropout_off_same_score_in_train_and_eval(tok):
         model.train()
         b = score_sequences(model, ids, mask)
     torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_training_step_of_a_reward_model_with_dropout_runs_without_it(tok):
+    # A loaded reward model may carry dropout (here 0.3 everywhere); train_reward's first step must see the same
+    # loss as the eval-mode model: with dropout left on, the train-mode forward is noise.
+    lm = _lm(tok, dropout=0.3)
+    config = lm.config.__class__(**{**lm.config.to_dict(), "num_labels": 1, "pad_token_id": tok.pad_token_id})
+    model = AutoModelForSequenceClassification.from_config(config)
+    model.base_model.load_state_dict(lm.base_model.state_dict())
+    assert any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+    rows = _rows()
+    with torch.no_grad():
+        batch = pair_collate(pair_examples(tok, rows, 64), tok.pad_token_id)
+        r = score_sequences(model.eval(), batch["input_ids"], batch["attention_mask"])
+        expected = bradley_terry_loss(r[: len(rows)], r[len(rows) :]).item()
+    cfg = TrainConfig(max_steps=1, batch_size=len(rows), lr=1e-3, warmup_steps=0, eval_every=10**6,
+                      log_every=10**6, checkpoint_every=10**6, seed=0)
+    result = train_reward(cfg, model.train(), tok, rows, [], max_length=64, group_by_question=False)
+    assert result.final_loss == pytest.approx(expected, abs=1e-5)
 
 
 # -- building ------------------------------------------------------------------------------------------------

@@ -105,12 +105,22 @@ class DatasetWriter:
             for idx, expectation in result.rejected["expectation"].items():
                 src = frame.at[idx, "_source_file"]
                 rid = _row_id(self.kind, frame.loc[idx])
+                # An input row (a post, a pair read from a pairs file) moves from kept to quarantined;
+                # a row derived from input rows (a Stack Exchange pair, a demo, a prompt) is quarantined
+                # without being an input row of its own, so it stays out of the per-file accounting.
+                if self.kind == "posts":
+                    kept_key = f"kept:{frame.at[idx, 'kind']}"
+                elif self.kind == "pairs" and frame.at[idx, "source"] == "pairs":
+                    kept_key = "kept:pair"
+                else:
+                    kept_key = None
                 self.store.quarantine(
                     source_file=src, reason=f"contract:{self.kind}", line=_int_or_none(frame.at[idx, "_line"]),
                     row_id=rid, site=str(frame.at[idx, "site"]), detail=str(expectation), dataset=self.kind,
+                    input_row=kept_key is not None,
                 )
-                if self.kind == "posts":
-                    self.summary.kept_by_file[(src, f"kept:{frame.at[idx, 'kind']}")] -= 1
+                if kept_key is not None:
+                    self.summary.kept_by_file[(src, kept_key)] -= 1
         valid = frame.loc[result.valid.index]
         table = pa.Table.from_pandas(valid[self.schema.names], schema=self.schema, preserve_index=False)
         self.writer.write_table(table)

@@ -44,8 +44,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import BadRow, IngestError
-from .records import PairRecord, RecordSink
-from .reddit import JSON_SUFFIXES, RAW_KEEP_CHARS, iter_text_lines
+from .records import PairRecord, RecordSink, has_lone_surrogate
+from .reddit import JSON_SUFFIXES, MAX_LINE_BYTES, RAW_KEEP_CHARS, OversizedLine, iter_text_lines, quarantine_oversized_line
 
 __all__ = ["ASSISTANT_MARKER", "prompt_hash", "read_pairs_file", "split_hh_dialogue"]
 
@@ -108,6 +108,8 @@ def _number(row: dict, key: str) -> float | None:
         f = float(value.strip()) if isinstance(value, str) else float(value)
     except (TypeError, ValueError):
         raise BadRow("bad_value", f"`{key}` is not a number: {value!r}", key) from None
+    if math.isinf(f):
+        raise BadRow("bad_value", f"`{key}` is not a finite number: {value!r}", key)
     return None if math.isnan(f) else f
 
 
@@ -121,7 +123,9 @@ def _opt_str(row: dict, key: str) -> str:
 
 
 class _Reader:
-    def __init__(self, path: Path, sink: RecordSink, site: str | None, default_license: str, on_bad_row: str):
+    def __init__(self, path: Path, sink: RecordSink, site: str | None, default_license: str, on_bad_row: str,
+                 max_line_bytes: int = MAX_LINE_BYTES):
+        self.max_line_bytes = max_line_bytes
         self.path = path
         self.file = str(path)
         self.sink = sink
@@ -191,8 +195,11 @@ class _Reader:
         )
 
     def jsonl(self) -> None:
-        for line, text in iter_text_lines(self.path):
+        for line, text in iter_text_lines(self.path, self.max_line_bytes):
             self.sink.count(self.file, "rows")
+            if isinstance(text, OversizedLine):
+                quarantine_oversized_line(self.sink, self.file, line, text, self.max_line_bytes)
+                continue
             try:
                 try:
                     obj = json.loads(text)
@@ -203,6 +210,8 @@ class _Reader:
                         "not_object",
                         f"JSON value is a {type(obj).__name__}, not an object (expected one object per line)",
                     )
+                if "\\u" in text and has_lone_surrogate(obj):
+                    raise BadRow("bad_value", "a string holds an unpaired surrogate escape (\\ud800-\\udfff): not text")
                 need = ("chosen", "rejected") if "prompt" not in obj else REQUIRED
                 missing = [k for k in need if k not in obj]
                 if missing:
@@ -262,12 +271,13 @@ def read_pairs_file(
     site: str | None = None,
     default_license: str = "unknown",
     on_bad_row: str = "error",
+    max_line_bytes: int = MAX_LINE_BYTES,
 ) -> None:
     """Read one already-paired file into ``sink.add_pair`` (see the module docstring)."""
     if on_bad_row not in ("error", "quarantine"):
         raise ValueError(f"on_bad_row must be 'error' or 'quarantine', got {on_bad_row!r}")
     path = Path(path)
-    reader = _Reader(path, sink, site, default_license, on_bad_row)
+    reader = _Reader(path, sink, site, default_license, on_bad_row, max_line_bytes)
     suffixes = [s.lower() for s in path.suffixes]
     last = suffixes[-1] if suffixes else ""
     if last == ".parquet":

@@ -13,8 +13,34 @@ Q&A content (``skipped:<reason>``). That is what lets the ingest report add up.
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # what the staging store (SQLite INTEGER) holds
+_ASCII_INT = re.compile(r"\s*[+-]?[0-9]+\s*")
+
+
+def ascii_int(text: str | None, *, signed: bool = True) -> int | None:
+    """The integer spelled by ``text`` in ASCII digits, if it fits 64 bits; else None.
+
+    ``str.isdigit`` and ``int()`` also accept other scripts' digits (``١٢``,
+    ``¹``) and ``_`` separators; dump ids and scores never use them.
+    """
+    if text is None or not _ASCII_INT.fullmatch(text) or (not signed and text.strip()[0] in "+-"):
+        return None
+    value = int(text)
+    return value if INT64_MIN <= value <= INT64_MAX else None
+
+
+def has_lone_surrogate(obj: Any) -> bool:
+    """True if a JSON value holds a string with an unpaired surrogate (``"\\ud800"``), which is not text."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 @dataclass(slots=True)

@@ -62,7 +62,7 @@ from alignflow.config import RedditConfig
 
 from . import clean as _clean
 from .errors import BadRow, IngestError
-from .records import PostRecord, RecordSink
+from .records import INT64_MAX, INT64_MIN, PostRecord, RecordSink, has_lone_surrogate
 
 __all__ = [
     "JSON_SUFFIXES",
@@ -78,7 +78,12 @@ JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 DELETED_MARKERS = frozenset({"[deleted]", "[removed]"})
 DELETED_TITLES = frozenset({"[deleted]", "[removed]", "[deleted by user]"})
 RAW_KEEP_CHARS = 2000  # how much of a bad line the quarantine keeps
-_ZSTD_READ = 1 << 16  # compressed bytes fed to the decompressor at a time
+MAX_LINE_BYTES = 16 << 20  # a longer line is quarantined unread (ingest.max_row_bytes)
+OVERSIZED_HEAD_BYTES = 200  # what the quarantine keeps of a line too long to read
+_ZSTD_READ = 1 << 16  # compressed bytes read from the file at a time
+# Compressed bytes per decompress call. A zstd block (<= 128 KiB out) takes at least 4 bytes in, so
+# 512 bytes in give at most 16 MiB out: a few KB that expand to GBs never sit in memory at once.
+_ZSTD_FEED = 512
 _MAX_WINDOW = 2**31  # Pushshift: zstd --long=31
 
 
@@ -125,7 +130,8 @@ class ZstdFramesReader(io.RawIOBase):
 
     def _decompress_more(self) -> bytes:
         data = self._pending or self._fh.read(_ZSTD_READ)
-        self._pending = b""
+        self._pending = data[_ZSTD_FEED:]
+        data = data[:_ZSTD_FEED]
         if not data:
             if self._obj is not None and self._fed and not self._obj.eof:
                 raise _TruncatedStream(
@@ -141,7 +147,7 @@ class ZstdFramesReader(io.RawIOBase):
         self._fed = True
         out = self._obj.decompress(data)
         if self._obj.eof:
-            self._pending = self._obj.unused_data  # the next frame begins here
+            self._pending = self._obj.unused_data + self._pending  # the next frame begins here
         return out
 
     def close(self) -> None:
@@ -162,8 +168,16 @@ def open_binary(path: Path) -> io.BufferedIOBase:
     return fh
 
 
-def iter_text_lines(path: Path) -> Iterator[tuple[int, str]]:
+class OversizedLine(str):
+    """Stands for a line longer than the limit: its text is the line's first bytes (decoded leniently)."""
+
+
+def iter_text_lines(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, str]]:
     """Yield ``(line_number, text)`` for each non-blank line of a (compressed) text file.
+
+    A line longer than ``max_line_bytes`` is never held whole: it is read past
+    and yielded as an :class:`OversizedLine` holding its first bytes, for the
+    reader to quarantine.
 
     Lines are split on ``\\n`` only (a lone ``\\r`` inside a line is kept), decoded
     as strict UTF-8 one at a time so that a bad byte is reported at its line,
@@ -181,7 +195,12 @@ def iter_text_lines(path: Path) -> Iterator[tuple[int, str]]:
     with stream:
         while True:
             try:
-                raw = stream.readline()
+                raw = stream.readline(max_line_bytes + 1)
+                oversized = len(raw) > max_line_bytes and not (len(raw) == max_line_bytes + 1 and raw.endswith(b"\n"))
+                if oversized:
+                    head, rest = raw[:OVERSIZED_HEAD_BYTES], raw
+                    while rest and not rest.endswith(b"\n"):
+                        rest = stream.readline(1 << 20)
             except _TruncatedStream as exc:
                 raise IngestError(str(exc), path=file, line=lineno + 1) from None
             except zstandard.ZstdError as exc:
@@ -193,6 +212,10 @@ def iter_text_lines(path: Path) -> Iterator[tuple[int, str]]:
             if not raw:
                 break
             lineno += 1
+            if oversized:
+                yielded = True
+                yield lineno, OversizedLine(head.decode("utf-8", errors="replace"))
+                continue
             try:
                 text = raw.decode("utf-8", errors="strict")
             except UnicodeDecodeError as exc:
@@ -217,7 +240,15 @@ def iter_text_lines(path: Path) -> Iterator[tuple[int, str]]:
 
 
 def _to_int(value) -> int:
-    """Scores: int, integral float, or a numeric string (``"12"``, ``"12.0"``)."""
+    """Scores: int, integral float, or a numeric string (``"12"``, ``"12.0"``), within 64 bits."""
+    value = _to_int_unbounded(value)
+    if not INT64_MIN <= value <= INT64_MAX:
+        digits = str(value)
+        raise ValueError(f"{digits[:24]}{'…' if len(digits) > 24 else ''} does not fit a 64-bit integer")
+    return value
+
+
+def _to_int_unbounded(value) -> int:
     if isinstance(value, bool) or value is None:
         raise ValueError(f"not a number: {value!r}")
     if isinstance(value, int):
@@ -228,9 +259,15 @@ def _to_int(value) -> int:
         raise ValueError(f"not an integer: {value!r}")
     if isinstance(value, str):
         s = value.strip()
+        if len(s) > 40:
+            raise ValueError(f"not an integer: {s[:40]!r}…")
         try:
+            if not s.isascii():
+                raise ValueError(f"not an integer: {value!r}")
             return int(s)
         except ValueError:
+            if not s.isascii():
+                raise
             f = float(s)  # raises ValueError for non-numbers
             if math.isfinite(f) and f.is_integer():
                 return int(f)
@@ -317,6 +354,7 @@ def read_reddit(
     *,
     default_license: str = "unknown",
     on_bad_row: str = "error",
+    max_line_bytes: int = MAX_LINE_BYTES,
 ) -> None:
     """Stream one Pushshift file (``RS_*`` submissions or ``RC_*`` comments) into ``sink``.
 
@@ -337,8 +375,11 @@ def read_reddit(
         )
     kind = _kind_from_name(path)
 
-    for lineno, text in iter_text_lines(path):
+    for lineno, text in iter_text_lines(path, max_line_bytes):
         sink.count(file, "rows")
+        if isinstance(text, OversizedLine):
+            quarantine_oversized_line(sink, file, lineno, text, max_line_bytes)
+            continue
         row_id: str | None = None
         site = ""
         try:
@@ -348,6 +389,8 @@ def read_reddit(
                 raise BadRow("not_json", f"not JSON: {exc.msg} at column {exc.colno}") from None
             if not isinstance(obj, dict):
                 raise BadRow("not_object", f"JSON value is a {type(obj).__name__}, not an object")
+            if "\\u" in text and has_lone_surrogate(obj):
+                raise BadRow("bad_value", "a string holds an unpaired surrogate escape (\\ud800-\\udfff): not text")
             rid = obj.get("id")
             if rid is None or (isinstance(rid, str) and not rid.strip()) or isinstance(rid, (dict, list, bool)):
                 raise BadRow("missing_field", "missing required field `id`", "id")
@@ -380,6 +423,11 @@ def read_reddit(
                 detail=bad.message,
                 raw=text[:RAW_KEEP_CHARS],
             )
+
+
+def quarantine_oversized_line(sink: RecordSink, file: str, lineno: int, head: str, limit: int) -> None:
+    sink.quarantine(source_file=file, reason="too_large", line=lineno, detail=f"line longer than {limit} bytes "
+                    "(ingest.max_row_bytes); not read", raw=head)
 
 
 def _submission(obj: dict, post_id: str, sink: RecordSink, file: str, lineno: int, license: str) -> None:

@@ -27,6 +27,7 @@ from . import schema
 from .errors import IngestError
 from .scoring import check_template
 from .stackexchange import Site, resolve_sites
+from .store import DERIVED
 
 CODE_DIRS = [Path(__file__).resolve().parent, Path(__file__).resolve().parents[2] / "data_contracts"]
 FORMATS = ("stackexchange", "reddit", "pairs")
@@ -62,9 +63,12 @@ class IngestResult:
 
 # -- formats -----------------------------------------------------------------------
 def _first_json_object(path: Path) -> dict:
-    from .reddit import iter_text_lines
+    from .reddit import OversizedLine, iter_text_lines
 
     for lineno, line in iter_text_lines(path):
+        if isinstance(line, OversizedLine):
+            raise IngestError("the first line is too long to tell the format; pass --format", path=str(path),
+                              line=lineno)
         if line.strip():
             try:
                 obj = json.loads(line)
@@ -185,18 +189,21 @@ def read_sources(plan: IngestPlan, store, cfg: IngestConfig) -> dict[str, str]:
             else:
                 store.register_vote_file(site.name, site.votes[0].label)
             score_sources[site.name] = "votes" if use_votes else "score"
-            read_site(site, store, on_bad_row=cfg.on_bad_row, max_chars=cfg.max_text_chars)
+            read_site(site, store, on_bad_row=cfg.on_bad_row, max_chars=cfg.max_text_chars,
+                      max_row_bytes=cfg.max_row_bytes)
     for src in plan.sources:
         if src.format == "reddit":
             from .reddit import read_reddit
 
             for f in src.files:
-                read_reddit(Path(f), store, default_license=cfg.default_license, on_bad_row=cfg.on_bad_row)
+                read_reddit(Path(f), store, default_license=cfg.default_license, on_bad_row=cfg.on_bad_row,
+                            max_line_bytes=cfg.max_row_bytes)
         elif src.format == "pairs":
             from .paired import read_pairs_file
 
             for f in src.files:
-                read_pairs_file(Path(f), store, default_license=cfg.default_license, on_bad_row=cfg.on_bad_row)
+                read_pairs_file(Path(f), store, default_license=cfg.default_license, on_bad_row=cfg.on_bad_row,
+                                max_line_bytes=cfg.max_row_bytes)
     return score_sources
 
 
@@ -212,7 +219,7 @@ def build_report(store, summary, score_sources: dict[str, str]) -> dict[str, Any
     for src in sorted(per_file):
         counts = per_file[src]
         rows = counts.pop("rows", 0)
-        accounted = sum(n for k, n in counts.items())
+        accounted = sum(n for k, n in counts.items() if not k.startswith(DERIVED))
         ok = rows == accounted
         balanced &= ok
         files[src] = {"rows": rows, "accounted": accounted, "adds_up": ok,

@@ -22,8 +22,8 @@ from typing import Any
 
 from .clean import html_to_text
 from .errors import IngestError
-from .records import PostRecord, RecordSink
-from .xmlstream import RowParser, parse_file
+from .records import PostRecord, RecordSink, ascii_int
+from .xmlstream import MAX_ROW_BYTES, RowParser, parse_file
 
 POST_TYPE_NAMES = {
     "3": "orphaned_tag_wiki",
@@ -66,6 +66,7 @@ def _site_name_for_archive(path: Path) -> tuple[str, str | None]:
 
 def _archive_members(path: Path) -> list[str]:
     import py7zr
+    import py7zr.exceptions
 
     try:
         with py7zr.SevenZipFile(path, mode="r") as archive:
@@ -74,8 +75,12 @@ def _archive_members(path: Path) -> list[str]:
             names = archive.getnames()
     except IngestError:
         raise
+    except py7zr.exceptions.PasswordRequired:  # the member list itself is encrypted
+        raise IngestError("encrypted archive: alignflow cannot read password-protected dumps", path=str(path)) from None
     except Exception as exc:  # py7zr raises several unrelated types for a bad archive
-        raise IngestError(f"not a readable 7z archive ({type(exc).__name__}: {exc})", path=str(path)) from None
+        detail = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else ""
+        raise IngestError(f"not a readable 7z archive ({type(exc).__name__}{': ' + detail if detail else ''})",
+                          path=str(path)) from None
     for name in names:
         normal = posixpath.normpath(name.replace("\\", "/"))
         if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or normal == ".." or normal.startswith("../"):
@@ -147,15 +152,43 @@ def resolve_sites(sources: list[Path]) -> list[Site]:
     return list(sites.values())
 
 
-def stream_member(member: Member, on_row: Callable[[Any, int | None], None], root: str) -> int:
-    """Parse one dump table, from disk or straight out of its archive."""
+class _StopExtraction(Exception):
+    """Raised from the 7z writer to stop decompressing after the first error."""
+
+
+_7Z_CHUNK = 4 << 20
+
+
+def _bound_7z_chunks() -> None:
+    """py7zr decompresses up to 128 MB per write (``get_memory_limit``); a few MiB keep memory flat.
+
+    py7zr reads that limit through its module global on every extraction, and
+    offers no parameter for it; setting the global is the only way to bound it.
+    """
+    import py7zr.py7zr as core
+
+    if getattr(core.get_memory_limit, "__name__", "") != "_alignflow_7z_chunk":
+        def _alignflow_7z_chunk() -> int:
+            return _7Z_CHUNK
+
+        core.get_memory_limit = _alignflow_7z_chunk
+
+
+def stream_member(member: Member, on_row: Callable[[Any, int | None], None], root: str,
+                  max_row_bytes: int = MAX_ROW_BYTES) -> int:
+    """Parse one dump table, from disk or straight out of its archive.
+
+    ``on_row.oversized(line, head)``, when ``on_row`` has it, takes rows over ``max_row_bytes``.
+    """
+    on_oversize = getattr(on_row, "oversized", None)
     if member.member is None:
-        return parse_file(member.path, on_row, root=root, label=member.label)
+        return parse_file(member.path, on_row, root=root, label=member.label, max_row_bytes=max_row_bytes,
+                          on_oversize=on_oversize)
 
     import py7zr
     from py7zr.io import Py7zIO, WriterFactory
 
-    parser = RowParser(member.label, on_row, root=root)
+    parser = RowParser(member.label, on_row, root=root, max_row_bytes=max_row_bytes, on_oversize=on_oversize)
     failure: list[BaseException] = []
 
     class _Feed(Py7zIO):
@@ -168,6 +201,8 @@ def stream_member(member: Member, on_row: Callable[[Any, int | None], None], roo
                     parser.feed(bytes(s))
                 except BaseException as exc:  # re-raised below; py7zr may run us in a worker thread
                     failure.append(exc)
+            if failure:
+                raise _StopExtraction  # decompress nothing more after the first error
             self._size += len(s)
             return len(s)
 
@@ -187,6 +222,7 @@ def stream_member(member: Member, on_row: Callable[[Any, int | None], None], roo
         def create(self, filename: str) -> Py7zIO:
             return _Feed()
 
+    _bound_7z_chunks()
     try:
         with py7zr.SevenZipFile(member.path, mode="r") as archive:
             archive.extract(targets=[member.member], factory=_Factory())
@@ -232,19 +268,19 @@ class PostRowReader:
         sink, get = self.sink, attrib.get
         sink.count(self.source_file, "rows")
         post_id = get("Id")
-        if not post_id or not post_id.strip().isdigit():
+        if ascii_int(post_id, signed=False) is None:
             return self._bad("missing or non-integer Id", line, post_id, "Id", attrib)
+        post_id = post_id.strip()
         post_type = get("PostTypeId")
         if post_type not in ("1", "2"):
-            if post_type is None or not post_type.isdigit():
+            if ascii_int(post_type, signed=False) is None:
                 return self._bad("missing or non-integer PostTypeId", line, post_id, "PostTypeId", attrib)
             sink.count(self.source_file, f"skipped:{POST_TYPE_NAMES.get(post_type, 'post_type_' + post_type)}")
             return
         score_text = get("Score")
-        try:
-            score = int(score_text)
-        except (TypeError, ValueError):
-            return self._bad(f"Score {score_text!r} is not an integer", line, post_id, "Score", attrib)
+        score = ascii_int(score_text)
+        if score is None:
+            return self._bad(f"Score {_shown(score_text)!r} is not a 64-bit integer", line, post_id, "Score", attrib)
 
         is_question = post_type == "1"
         if is_question:
@@ -254,7 +290,7 @@ class PostRowReader:
                 return self._quarantine("empty_title", line, post_id, attrib)
         else:
             question_id = get("ParentId")
-            if not question_id or not question_id.isdigit():
+            if ascii_int(question_id, signed=False) is None or question_id != question_id.strip():
                 return self._bad("answer without an integer ParentId", line, post_id, "ParentId", attrib)
             title = ""
         body = html_to_text(get("Body") or "")
@@ -288,6 +324,10 @@ class PostRowReader:
             )
         )
 
+    def oversized(self, line: int, head: bytes) -> None:
+        self.sink.count(self.source_file, "rows")
+        quarantine_oversized(self.sink, self.source_file, self.site, line, head)
+
     def _quarantine(self, reason: str, line: int | None, row_id: str, attrib: Any, detail: str = "") -> None:
         self.sink.quarantine(
             source_file=self.source_file,
@@ -300,6 +340,14 @@ class PostRowReader:
         )
 
 
+def quarantine_oversized(sink: RecordSink, source_file: str, site: str, line: int, head: bytes) -> None:
+    """A <row> too long to read: quarantined with its first bytes (and its Id when they hold it)."""
+    m = re.search(rb'\sId="([0-9]{1,19})"', head)
+    sink.quarantine(source_file=source_file, reason="too_large", line=line, row_id=m.group(1).decode() if m else None,
+                    site=site, detail="row longer than ingest.max_row_bytes; not read",
+                    raw=head.decode("utf-8", errors="replace"))
+
+
 class VoteRowReader:
     def __init__(self, site: str, source_file: str, sink: RecordSink, *, on_bad_row: str) -> None:
         self.site = site
@@ -310,8 +358,10 @@ class VoteRowReader:
     def __call__(self, attrib: Any, line: int | None) -> None:
         self.sink.count(self.source_file, "rows")
         post_id, vote_type = attrib.get("PostId"), attrib.get("VoteTypeId")
-        if not post_id or not post_id.isdigit() or not vote_type or not vote_type.isdigit():
-            fieldname = "PostId" if not post_id or not post_id.isdigit() else "VoteTypeId"
+        if ascii_int(post_id, signed=False) is None or ascii_int(vote_type, signed=False) is None \
+                or post_id != post_id.strip() or vote_type != vote_type.strip():
+            fieldname = "PostId" if ascii_int(post_id, signed=False) is None or post_id != post_id.strip() \
+                else "VoteTypeId"
             if self.on_bad_row == "error":
                 raise IngestError(
                     "missing or non-integer value", path=self.source_file, line=line, row_id=attrib.get("Id"),
@@ -327,18 +377,28 @@ class VoteRowReader:
             return
         self.sink.add_vote(self.site, post_id, int(vote_type))
 
+    def oversized(self, line: int, head: bytes) -> None:
+        self.sink.count(self.source_file, "rows")
+        quarantine_oversized(self.sink, self.source_file, self.site, line, head)
+
+
+def _shown(text: str | None, limit: int = 40) -> str | None:
+    return text if text is None or len(text) <= limit else text[:limit] + "…"
+
 
 def _raw(attrib: Any, limit: int = 2000) -> str:
     text = " ".join(f'{k}="{v}"' for k, v in attrib.items())
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-def read_site(site: Site, sink: RecordSink, *, on_bad_row: str = "error", max_chars: int = 20_000) -> dict:
+def read_site(site: Site, sink: RecordSink, *, on_bad_row: str = "error", max_chars: int = 20_000,
+              max_row_bytes: int = MAX_ROW_BYTES) -> dict:
     """Stream one site's tables into the sink; returns what was read (for run params)."""
     info = {"site": site.name, "posts": [m.label for m in site.posts], "votes": [m.label for m in site.votes]}
     for member in site.votes:
-        stream_member(member, VoteRowReader(site.name, member.label, sink, on_bad_row=on_bad_row), root="votes")
+        stream_member(member, VoteRowReader(site.name, member.label, sink, on_bad_row=on_bad_row), root="votes",
+                      max_row_bytes=max_row_bytes)
     for member in site.posts:
         reader = PostRowReader(site.name, member.label, sink, on_bad_row=on_bad_row, max_chars=max_chars)
-        stream_member(member, reader, root="posts")
+        stream_member(member, reader, root="posts", max_row_bytes=max_row_bytes)
     return info

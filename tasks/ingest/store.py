@@ -53,6 +53,9 @@ class StoredPost:
     accept_votes: int
 
 
+DERIVED = "derived_quarantined"  # count prefix of quarantined rows that are not input rows
+
+
 class StagingStore:
     """A scratch SQLite database that is also a :class:`RecordSink`."""
 
@@ -125,9 +128,10 @@ class StagingStore:
             self._flush_pairs()
 
     def quarantine(self, *, source_file, reason, line=None, row_id=None, site="", detail="", raw="",
-                   dataset="input") -> None:
+                   dataset="input", input_row=True) -> None:
+        """Quarantine a row; ``input_row=False`` for a derived row (counted as ``derived:``, not as an input row)."""
         self._quarantine.append((source_file, line, row_id, site, dataset, reason, detail, raw))
-        self.counts[(source_file, f"quarantined:{reason}")] += 1
+        self.counts[(source_file, f"{'quarantined' if input_row else DERIVED}:{reason}")] += 1
         if len(self._quarantine) >= self.batch:
             self._flush_quarantine()
 

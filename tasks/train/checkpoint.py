@@ -35,6 +35,7 @@ this format is for, and it costs about 75 ms per checkpoint here; it stays.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -42,6 +43,7 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +112,16 @@ def restore_rng_state(state: dict[str, Any]) -> None:
             )
         for device, gen_state in enumerate(cuda[: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(gen_state, device)
+
+
+@contextlib.contextmanager
+def rng_isolated() -> Iterator[None]:
+    """Run a block (a logging or evaluation hook) without changing any generator a training step draws from."""
+    state = capture_rng_state()
+    try:
+        yield
+    finally:
+        restore_rng_state(state)
 
 
 def _as_tuple(value: Any) -> Any:

@@ -70,7 +70,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,9 +87,10 @@ from .checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
-    restore_rng_state,
+    rng_isolated,
     save_checkpoint,
 )
+from .schedule import lambda_scheduler, lr_multiplier
 
 log = logging.getLogger(__name__)
 
@@ -170,27 +171,6 @@ def make_accelerator(cfg: TrainConfig) -> Any:
     return Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=wanted)
 
 
-def lr_multiplier(step: int, cfg: TrainConfig) -> float:
-    """Fraction of ``cfg.lr`` used by optimizer step ``step`` (1-based).
-
-    Warm-up: ``step / warmup_steps`` for ``step <= warmup_steps`` (the first
-    step already moves; step ``warmup_steps`` is at the peak). Then, over
-    the remaining steps up to ``max_steps``: cosine or linear decay from 1 to
-    ``min_lr_ratio`` (reached exactly at ``max_steps``), or constant 1.
-    """
-    warmup = cfg.warmup_steps
-    if warmup > 0 and step <= warmup:
-        return step / warmup
-    if cfg.schedule == "constant":
-        return 1.0
-    span = cfg.max_steps - warmup
-    progress = 1.0 if span <= 0 else min(max((step - warmup) / span, 0.0), 1.0)
-    floor = cfg.min_lr_ratio
-    if cfg.schedule == "linear":
-        return 1.0 - (1.0 - floor) * progress
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 FUSED_ADAMW_DEVICES = ("cuda", "cpu")
 
 
@@ -230,16 +210,8 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, *, fused: bool | N
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """LambdaLR whose k-th value (after k scheduler steps) is ``lr × lr_multiplier(k + 1)``.
-
-    The lambda is a plain closure, so the state_dict carries only the step
-    count: the schedule of the config in use applies after a resume.
-    """
-
-    def multiplier(done_steps: int) -> float:
-        return lr_multiplier(done_steps + 1, cfg)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+    """LambdaLR whose k-th value (after k scheduler steps) is ``lr × lr_multiplier(k + 1)``."""
+    return lambda_scheduler(optimizer, lambda done_steps: lr_multiplier(done_steps + 1, cfg))
 
 
 def count_tokens(batch: dict[str, Any]) -> int:
@@ -314,15 +286,6 @@ def _example_length(example: Any) -> int:
     return 1
 
 
-@contextlib.contextmanager
-def _rng_isolated() -> Iterator[None]:
-    state = capture_rng_state()
-    try:
-        yield
-    finally:
-        restore_rng_state(state)
-
-
 class _DataCursor:
     """Position in the infinite sequence of global batches: (epoch, index of the next batch in that epoch)."""
 
@@ -388,275 +351,318 @@ def train_loop(
     in every checkpoint's state.json.
     """
     started = time.perf_counter()
-    callbacks = callbacks or LoopCallbacks()
-    if resume and checkpoint_dir is None:
-        raise ValueError("resume=True needs a checkpoint_dir")
-    if checkpoint_dir is not None:
-        checkpoint_dir = Path(checkpoint_dir)
-        if not resume and list_checkpoints(checkpoint_dir):
-            raise FileExistsError(
-                f"{checkpoint_dir} already holds checkpoints (newest {latest_checkpoint(checkpoint_dir).name}); "
-                "pass resume=True to continue from it, or use an empty folder"
-            )
-    if accelerator is None:
-        accelerator = make_accelerator(cfg)
-    from accelerate.utils import set_seed
-
-    n_proc, rank = accelerator.num_processes, accelerator.process_index
-    is_main = accelerator.is_main_process
-    device = accelerator.device
-
-    # Seeds dropout & co. (the caller has already built the model; data order has its own generator).
-    set_seed(cfg.seed, device_specific=True)  # + process index: each process its own dropout masks
-
-    if lengths is None:
-        lengths = [_example_length(ex) for ex in dataset]
-    if len(lengths) != len(dataset):
-        raise ValueError(f"{len(lengths)} lengths for {len(dataset)} examples")
-    global_batch = cfg.batch_size * n_proc
-    batcher = LengthGroupedBatches(lengths, global_batch, cfg.seed, cfg.group_by_length, drop_last=n_proc > 1)
-    cursor = _DataCursor(batcher)
-
-    model.to(device)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg)
-    # The scheduler is deliberately not prepared: accelerate would step it once per process
-    # (its schedules count per-process dataloader batches); ours counts optimizer steps.
-    model, optimizer = accelerator.prepare(model, optimizer)
-    raw_model = accelerator.unwrap_model(model)
-    # Our own accumulation (no_sync + one optimizer.step per step); make sure a reused accelerator agrees.
-    if not accelerator.gradient_state.sync_gradients:
-        accelerator.gradient_state._set_sync_gradients(True)
-    # accelerator.backward divides by its gradient_accumulation_steps; we want the mean over cfg.grad_accum.
-    backward_scale = accelerator.gradient_accumulation_steps / cfg.grad_accum
-
+    _check_checkpoint_dir(checkpoint_dir, resume)
+    run = _LoopRun(model, dataset, collate, loss_fn, cfg, lengths=lengths, checkpoint_dir=checkpoint_dir,
+                   callbacks=callbacks or LoopCallbacks(), accelerator=accelerator or make_accelerator(cfg),
+                   checkpoint_extra=checkpoint_extra)
     try:
-        start_step, tokens_base, resumed_from, last_checkpoint = 0, 0, None, None
-        last_loss = float("nan")
-        data_layout = {
-            "num_examples": len(dataset),
-            "global_batch_size": global_batch,
-            "grad_accum": cfg.grad_accum,
-            "seed": cfg.seed,
-            "group_by_length": cfg.group_by_length,
-            "num_processes": n_proc,
-        }
         if resume:
-            found = latest_checkpoint(checkpoint_dir)
-            if found is None:
-                log.info("no checkpoint in %s: starting fresh", checkpoint_dir)
-            else:
-                state = load_checkpoint(
-                    found, model=raw_model, optimizer=optimizer, scheduler=scheduler, process_index=rank
-                )
-                data = state["data_state"]
-                changed = {k: (data.get(k), v) for k, v in data_layout.items() if data.get(k) != v}
-                if changed:
-                    log.warning("resuming %s with another data layout %s: the data order will differ", found, changed)
-                start_step = resumed_from = int(state["step"])
-                cursor.epoch, cursor.index = int(data["epoch"]), int(data["batch_index"])
-                tokens_base = int(data.get("tokens_seen", 0))
-                last_loss = float(data.get("loss", float("nan")))
-                last_checkpoint = found
-                log.info("resumed from %s (step %d, epoch %d, batch %d)",
-                         found, start_step, cursor.epoch, cursor.index)
-
-        inner_optimizer = getattr(optimizer, "optimizer", optimizer)  # under accelerate's AcceleratedOptimizer
-        defer = DEFER_FINITE_CHECK
-        if defer is None:
-            defer = device.type == "cuda"
-        defer = bool(defer) and bool(inner_optimizer.defaults.get("fused"))
-        guard = _DeviceFiniteGuard(inner_optimizer, device, start_step, cfg.grad_accum) if defer else None
-        # device-side window sums under the guard: [loss, grad norm]; the last step's [loss, grad norm]
-        win_sums = torch.zeros(2, device=device) if defer else None
-        last_checked: Tensor | None = None
-
-        def sync_loss() -> None:
-            nonlocal last_loss
-            if guard is not None:
-                guard.check()
-                if last_checked is not None:
-                    last_loss = float(last_checked[0])
-
-        train_model = model
-        if cfg.compile:
-            if device.type == "cuda":
-                train_model = torch.compile(model, dynamic=True)
-            else:
-                log.info("compile=true ignored on %s (GPU only)", device.type)
-
-        tokens_local = 0  # this process, since this call started
-
-        def tokens_total() -> int:
-            local = torch.tensor(tokens_local, device=device, dtype=torch.long)
-            return tokens_base + int(accelerator.reduce(local, "sum").item() if n_proc > 1 else local.item())
-
-        def run_eval(step: int) -> dict[str, float]:
-            sync_loss()
-            if callbacks.on_eval is None:
-                return {}
-            model.eval()
-            try:
-                with torch.no_grad(), _rng_isolated():
-                    metrics = callbacks.on_eval(step) or {}
-            finally:
-                model.train()
-            metrics = {k: float(v) for k, v in metrics.items()}
-            if metrics and callbacks.on_log is not None and is_main:
-                with _rng_isolated():
-                    callbacks.on_log(dict(metrics), step)
-            return metrics
-
-        def write_checkpoint(step: int) -> Path:
-            rng_states = None
-            if n_proc > 1:
-                from accelerate.utils import gather_object
-
-                rng_states = gather_object([capture_rng_state()])
-            sync_loss()
-            data_state = {"epoch": cursor.epoch, "batch_index": cursor.index, "tokens_seen": tokens_total(),
-                          "loss": last_loss, **data_layout}
-            path = checkpoint_dir / checkpoint_name(step)
-            if is_main:
-                path = save_checkpoint(
-                    checkpoint_dir, step=step, model=raw_model, optimizer=optimizer, scheduler=scheduler,
-                    data_state=data_state, extra=checkpoint_extra, keep=cfg.keep_checkpoints, rng_states=rng_states,
-                )
-            accelerator.wait_for_everyone()
-            if is_main and callbacks.on_checkpoint is not None:
-                with _rng_isolated():
-                    callbacks.on_checkpoint(path, step)
-            return path
-
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
-        last_eval: dict[str, float] = {}
-        step = start_step
-        # Log window accumulators (host floats for loss/grad norm: read anyway by the per-step finite check).
-        win_loss = win_gnorm = 0.0
-        win_steps = win_tokens = 0
-        win_metrics: dict[str, Any] = {}
-        win_micro = 0
-        win_start = time.perf_counter()
-
+            run.resume()
+        run.start_guard_and_window()
+        step = run.start_step
         while step < cfg.max_steps:
             step += 1
-            micro_losses: list[Tensor] = []
-            for micro in range(cfg.grad_accum):
-                indices = cursor.next()
-                shard = indices[rank::n_proc] if n_proc > 1 else indices
-                batch = collate([dataset[i] for i in shard])
-                n_tokens = count_tokens(batch)
-                tokens_local += n_tokens
-                win_tokens += n_tokens
-                batch = _to_device(batch, device)
-                last_micro = micro == cfg.grad_accum - 1
-                with contextlib.nullcontext() if last_micro else accelerator.no_sync(model):
-                    with accelerator.autocast():
-                        loss, metrics = loss_fn(train_model, batch)
-                    accelerator.backward(loss * backward_scale if backward_scale != 1.0 else loss)
-                micro_losses.append(loss.detach().float())
-                for key, value in (metrics or {}).items():
-                    value = value.detach().float() if isinstance(value, Tensor) else float(value)
-                    win_metrics[key] = win_metrics.get(key, 0.0) + value
-                win_micro += 1
-
-            loss_mean = torch.stack(micro_losses).mean()
-            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")  # inf: measure, don't clip
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-            grad_norm = torch.as_tensor(grad_norm if grad_norm is not None else 0.0, device=loss_mean.device).float()
-            checked = torch.stack([loss_mean, grad_norm])
-            if n_proc > 1:
-                checked = accelerator.reduce(checked, "mean")  # NaN on any process -> NaN everywhere
-            lr = optimizer.param_groups[0]["lr"]
-            if guard is not None:  # no host sync: checked on the device, read at log/eval/checkpoint steps
-                guard.observe(checked, micro_losses)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                win_sums += checked.float()
-                last_checked = checked
-                win_steps += 1
-            else:
-                step_loss, step_gnorm = checked.tolist()  # the one host sync of the step
-            if guard is None and not (math.isfinite(step_loss) and math.isfinite(step_gnorm)):
-                optimizer.zero_grad(set_to_none=True)
-                what = "loss" if not math.isfinite(step_loss) else "grad norm"
-                bad = [i for i, t in enumerate(micro_losses) if not bool(torch.isfinite(t))]
-                where = f" (micro-batch {bad[0] + 1} of {cfg.grad_accum})" if bad else ""
-                raise NonFiniteLossError(
-                    f"non-finite {what} at step {step}{where}: loss={step_loss}, grad_norm={step_gnorm}; "
-                    f"the step was not applied and no checkpoint was written after step {step - 1}",
-                    step=step,
-                    micro_batch=bad[0] + 1 if bad else None,
-                )
-            if guard is None:
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                last_loss = step_loss
-                win_loss += step_loss
-                win_gnorm += step_gnorm
-                win_steps += 1
-
-            if is_main and callbacks.on_step is not None:
-                with _rng_isolated():
-                    callbacks.on_step(step, cfg.max_steps)
-
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                if guard is not None:
-                    sync_loss()
-                    win_loss, win_gnorm = win_sums.tolist()
-                    win_sums.zero_()
-                elapsed = max(time.perf_counter() - win_start, 1e-9)
-                extra_keys = sorted(win_metrics)
-                values = [win_metrics[k] for k in extra_keys]
-                window = torch.tensor([float(win_tokens)], device=device)
-                if values:
-                    stacked = torch.stack([torch.as_tensor(v, device=device).float() for v in values])
-                    window = torch.cat([window, stacked])
-                if n_proc > 1:
-                    window = accelerator.reduce(window, "sum")
-                window = window.tolist()
-                metrics_out = {
-                    "train/loss": win_loss / win_steps,
-                    "train/lr": lr,
-                    "train/grad_norm": win_gnorm / win_steps,
-                    "train/epoch": cursor.fractional_epoch,
-                    "perf/tokens_per_s": window[0] / elapsed,
-                    "perf/step_time_s": elapsed / win_steps,
-                }
-                for key, total in zip(extra_keys, window[1:]):
-                    metrics_out[key if "/" in key else f"train/{key}"] = total / (win_micro * n_proc)
-                if is_main and callbacks.on_log is not None:
-                    with _rng_isolated():
-                        callbacks.on_log(metrics_out, step)
-                win_loss = win_gnorm = 0.0
-                win_steps = win_tokens = win_micro = 0
-                win_metrics = {}
-                win_start = time.perf_counter()
-
-            if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                last_eval = run_eval(step)
-
-            if checkpoint_dir is not None and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
-                last_checkpoint = write_checkpoint(step)
-
-        if step == start_step:  # resumed at or past max_steps: nothing to train, evaluate what we have
-            last_eval = run_eval(step)
-        sync_loss()
-
-        return LoopResult(
-            final_step=step,
-            final_loss=last_loss,
-            last_eval=last_eval,
-            resumed_from=resumed_from,
-            checkpoint=last_checkpoint,
-            tokens_seen=tokens_total(),
-            seconds=time.perf_counter() - started,
-        )
+            run.train_step(step)
+            run.periodic(step)
+        if step == run.start_step:  # resumed at or past max_steps: nothing to train, evaluate what we have
+            run.last_eval = run.evaluate(step)
+        run.sync_loss()
+        return LoopResult(final_step=step, final_loss=run.last_loss, last_eval=run.last_eval,
+                          resumed_from=run.resumed_from, checkpoint=run.last_checkpoint,
+                          tokens_seen=run.tokens_total(), seconds=time.perf_counter() - started)
     finally:
-        if "guard" in locals() and guard is not None:
-            guard.release()
+        run.close()
+
+
+def _check_checkpoint_dir(checkpoint_dir: Path | None, resume: bool) -> None:
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs a checkpoint_dir")
+    if checkpoint_dir is not None and not resume and list_checkpoints(Path(checkpoint_dir)):
+        raise FileExistsError(
+            f"{checkpoint_dir} already holds checkpoints (newest {latest_checkpoint(Path(checkpoint_dir)).name}); "
+            "pass resume=True to continue from it, or use an empty folder"
+        )
+
+
+class _LogWindow:
+    """Sums of the steps since the last log line (host floats, or device sums under the deferred check)."""
+
+    def __init__(self, device: torch.device, deferred: bool) -> None:
+        self.device_sums = torch.zeros(2, device=device) if deferred else None  # [loss, grad norm]
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = self.gnorm = 0.0
+        self.steps = self.tokens = self.micro = 0
+        self.metrics: dict[str, Any] = {}
+        self.start = time.perf_counter()
+
+    def add_metrics(self, metrics: dict[str, Any] | None) -> None:
+        for key, value in (metrics or {}).items():
+            value = value.detach().float() if isinstance(value, Tensor) else float(value)
+            self.metrics[key] = self.metrics.get(key, 0.0) + value
+        self.micro += 1
+
+
+class _LoopRun:
+    """One call of :func:`train_loop`: setup in ``__init__``, then ``train_step`` and ``periodic`` per step.
+
+    ``resume`` (optional) and ``start_guard_and_window`` finish the setup.
+    ``train_step`` is the maths of one optimizer step (micro-batches, clipping,
+    the non-finite check, the update); ``periodic`` runs the hooks due at that
+    step (progress, log window, evaluation, checkpoint).
+    """
+
+    # -- setup -----------------------------------------------------------------------------------------------------
+
+    def __init__(self, model: torch.nn.Module, dataset: Sequence[dict], collate: Callable, loss_fn: LossFn,
+                 cfg: TrainConfig, *, lengths: Sequence[int] | None, checkpoint_dir: Path | None,
+                 callbacks: LoopCallbacks, accelerator: Any, checkpoint_extra: dict | None) -> None:
+        from accelerate.utils import set_seed
+
+        self.dataset, self.collate, self.loss_fn, self.cfg = dataset, collate, loss_fn, cfg
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.callbacks, self.accelerator, self.checkpoint_extra = callbacks, accelerator, checkpoint_extra
+        self.n_proc, self.rank = accelerator.num_processes, accelerator.process_index
+        self.is_main = accelerator.is_main_process
+        self.device = device = accelerator.device
+
+        # Seeds dropout & co. (the caller has already built the model; data order has its own generator).
+        set_seed(cfg.seed, device_specific=True)  # + process index: each process its own dropout masks
+
+        if lengths is None:
+            lengths = [_example_length(ex) for ex in dataset]
+        if len(lengths) != len(dataset):
+            raise ValueError(f"{len(lengths)} lengths for {len(dataset)} examples")
+        self.global_batch = cfg.batch_size * self.n_proc
+        batcher = LengthGroupedBatches(lengths, self.global_batch, cfg.seed, cfg.group_by_length,
+                                       drop_last=self.n_proc > 1)
+        self.cursor = _DataCursor(batcher)
+
+        model.to(device)
+        optimizer = build_optimizer(model, cfg)
+        self.scheduler = build_scheduler(optimizer, cfg)
+        # The scheduler is deliberately not prepared: accelerate would step it once per process
+        # (its schedules count per-process dataloader batches); ours counts optimizer steps.
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.raw_model = accelerator.unwrap_model(self.model)
+        # Our own accumulation (no_sync + one optimizer.step per step); make sure a reused accelerator agrees.
+        if not accelerator.gradient_state.sync_gradients:
+            accelerator.gradient_state._set_sync_gradients(True)
+        # accelerator.backward divides by its gradient_accumulation_steps; we want the mean over cfg.grad_accum.
+        self.backward_scale = accelerator.gradient_accumulation_steps / cfg.grad_accum
+
+        self.start_step, self.tokens_base, self.resumed_from = 0, 0, None
+        self.last_checkpoint: Path | None = None
+        self.last_loss = float("nan")
+        self.last_eval: dict[str, float] = {}
+        self.tokens_local = 0  # this process, since this call started
+        self.data_layout = {"num_examples": len(dataset), "global_batch_size": self.global_batch,
+                            "grad_accum": cfg.grad_accum, "seed": cfg.seed, "group_by_length": cfg.group_by_length,
+                            "num_processes": self.n_proc}
+        self.guard: _DeviceFiniteGuard | None = None
+        self.last_checked: Tensor | None = None
+        self.train_model = self._compiled(self.model)
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _compiled(self, model: torch.nn.Module) -> torch.nn.Module:
+        if not self.cfg.compile:
+            return model
+        if self.device.type == "cuda":
+            return torch.compile(model, dynamic=True)
+        log.info("compile=true ignored on %s (GPU only)", self.device.type)
+        return model
+
+    def resume(self) -> None:
+        """Restore weights, optimizer, scheduler, RNG states and data position from the newest checkpoint."""
+        found = latest_checkpoint(self.checkpoint_dir)
+        if found is None:
+            log.info("no checkpoint in %s: starting fresh", self.checkpoint_dir)
+            return
+        state = load_checkpoint(found, model=self.raw_model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                process_index=self.rank)
+        data = state["data_state"]
+        changed = {k: (data.get(k), v) for k, v in self.data_layout.items() if data.get(k) != v}
+        if changed:
+            log.warning("resuming %s with another data layout %s: the data order will differ", found, changed)
+        self.start_step = self.resumed_from = int(state["step"])
+        self.cursor.epoch, self.cursor.index = int(data["epoch"]), int(data["batch_index"])
+        self.tokens_base = int(data.get("tokens_seen", 0))
+        self.last_loss = float(data.get("loss", float("nan")))
+        self.last_checkpoint = found
+        log.info("resumed from %s (step %d, epoch %d, batch %d)", found, self.start_step, self.cursor.epoch,
+                 self.cursor.index)
+
+    def start_guard_and_window(self) -> None:
+        """The non-finite guard (deferred on CUDA with a fused optimizer) and the first log window."""
+        inner_optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # under AcceleratedOptimizer
+        defer = DEFER_FINITE_CHECK if DEFER_FINITE_CHECK is not None else self.device.type == "cuda"
+        defer = bool(defer) and bool(inner_optimizer.defaults.get("fused"))
+        if defer:
+            self.guard = _DeviceFiniteGuard(inner_optimizer, self.device, self.start_step, self.cfg.grad_accum)
+        self.window = _LogWindow(self.device, defer)
+
+    # -- one optimizer step ---------------------------------------------------------------------------------------
+
+    def train_step(self, step: int) -> None:
+        """Micro-batches (accumulated), clipping, the non-finite check, one optimizer and scheduler step."""
+        micro_losses = [self._micro_step(micro) for micro in range(self.cfg.grad_accum)]
+        loss_mean = torch.stack(micro_losses).mean()
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")  # inf: measure only
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = torch.as_tensor(grad_norm if grad_norm is not None else 0.0, device=loss_mean.device).float()
+        checked = torch.stack([loss_mean, grad_norm])
+        if self.n_proc > 1:
+            checked = self.accelerator.reduce(checked, "mean")  # NaN on any process -> NaN everywhere
+        self.lr = self.optimizer.param_groups[0]["lr"]
+        if self.guard is not None:  # no host sync: checked on the device, read at log/eval/checkpoint steps
+            self.guard.observe(checked, micro_losses)
+            self._apply_update()
+            self.window.device_sums += checked.float()
+            self.last_checked = checked
+        else:
+            step_loss, step_gnorm = checked.tolist()  # the one host sync of the step
+            if not (math.isfinite(step_loss) and math.isfinite(step_gnorm)):
+                self.optimizer.zero_grad(set_to_none=True)
+                self._raise_non_finite(step, step_loss, step_gnorm, micro_losses)
+            self._apply_update()
+            self.last_loss = step_loss
+            self.window.loss += step_loss
+            self.window.gnorm += step_gnorm
+        self.window.steps += 1
+
+    def _micro_step(self, micro: int) -> Tensor:
+        """Forward and backward of one micro-batch (gradients synchronised at the last one only)."""
+        indices = self.cursor.next()
+        shard = indices[self.rank :: self.n_proc] if self.n_proc > 1 else indices
+        batch = self.collate([self.dataset[i] for i in shard])
+        n_tokens = count_tokens(batch)
+        self.tokens_local += n_tokens
+        self.window.tokens += n_tokens
+        batch = _to_device(batch, self.device)
+        last_micro = micro == self.cfg.grad_accum - 1
+        with contextlib.nullcontext() if last_micro else self.accelerator.no_sync(self.model):
+            with self.accelerator.autocast():
+                loss, metrics = self.loss_fn(self.train_model, batch)
+            scale = self.backward_scale
+            self.accelerator.backward(loss * scale if scale != 1.0 else loss)
+        self.window.add_metrics(metrics)
+        return loss.detach().float()
+
+    def _apply_update(self) -> None:
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _raise_non_finite(self, step: int, loss: float, gnorm: float, micro_losses: list[Tensor]) -> None:
+        what = "loss" if not math.isfinite(loss) else "grad norm"
+        bad = [i for i, t in enumerate(micro_losses) if not bool(torch.isfinite(t))]
+        where = f" (micro-batch {bad[0] + 1} of {self.cfg.grad_accum})" if bad else ""
+        raise NonFiniteLossError(
+            f"non-finite {what} at step {step}{where}: loss={loss}, grad_norm={gnorm}; "
+            f"the step was not applied and no checkpoint was written after step {step - 1}",
+            step=step, micro_batch=bad[0] + 1 if bad else None,
+        )
+
+    # -- periodic hooks ---------------------------------------------------------------------------------------------
+
+    def periodic(self, step: int) -> None:
+        """Progress, then (when due) the log window, an evaluation and a checkpoint."""
+        cfg = self.cfg
+        if self.is_main and self.callbacks.on_step is not None:
+            with rng_isolated():
+                self.callbacks.on_step(step, cfg.max_steps)
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            self.log_window(step)
+        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            self.last_eval = self.evaluate(step)
+        if self.checkpoint_dir is not None and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
+            self.last_checkpoint = self.write_checkpoint(step)
+
+    def log_window(self, step: int) -> None:
+        """``train/*`` and ``perf/*`` averaged over the steps since the last log line (reduced over processes)."""
+        w = self.window
+        if self.guard is not None:
+            self.sync_loss()
+            w.loss, w.gnorm = w.device_sums.tolist()
+            w.device_sums.zero_()
+        elapsed = max(time.perf_counter() - w.start, 1e-9)
+        extra_keys = sorted(w.metrics)
+        window = torch.tensor([float(w.tokens)], device=self.device)
+        if extra_keys:
+            stacked = torch.stack([torch.as_tensor(w.metrics[k], device=self.device).float() for k in extra_keys])
+            window = torch.cat([window, stacked])
+        if self.n_proc > 1:
+            window = self.accelerator.reduce(window, "sum")
+        window = window.tolist()
+        metrics = {
+            "train/loss": w.loss / w.steps,
+            "train/lr": self.lr,
+            "train/grad_norm": w.gnorm / w.steps,
+            "train/epoch": self.cursor.fractional_epoch,
+            "perf/tokens_per_s": window[0] / elapsed,
+            "perf/step_time_s": elapsed / w.steps,
+        }
+        for key, total in zip(extra_keys, window[1:]):
+            metrics[key if "/" in key else f"train/{key}"] = total / (w.micro * self.n_proc)
+        if self.is_main and self.callbacks.on_log is not None:
+            with rng_isolated():
+                self.callbacks.on_log(metrics, step)
+        w.reset()
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        self.sync_loss()
+        if self.callbacks.on_eval is None:
+            return {}
+        self.model.eval()
+        try:
+            with torch.no_grad(), rng_isolated():
+                metrics = self.callbacks.on_eval(step) or {}
+        finally:
+            self.model.train()
+        metrics = {k: float(v) for k, v in metrics.items()}
+        if metrics and self.callbacks.on_log is not None and self.is_main:
+            with rng_isolated():
+                self.callbacks.on_log(dict(metrics), step)
+        return metrics
+
+    def write_checkpoint(self, step: int) -> Path:
+        rng_states = None
+        if self.n_proc > 1:
+            from accelerate.utils import gather_object
+
+            rng_states = gather_object([capture_rng_state()])
+        self.sync_loss()
+        data_state = {"epoch": self.cursor.epoch, "batch_index": self.cursor.index,
+                      "tokens_seen": self.tokens_total(), "loss": self.last_loss, **self.data_layout}
+        path = self.checkpoint_dir / checkpoint_name(step)
+        if self.is_main:
+            path = save_checkpoint(self.checkpoint_dir, step=step, model=self.raw_model, optimizer=self.optimizer,
+                                   scheduler=self.scheduler, data_state=data_state, extra=self.checkpoint_extra,
+                                   keep=self.cfg.keep_checkpoints, rng_states=rng_states)
+        self.accelerator.wait_for_everyone()
+        if self.is_main and self.callbacks.on_checkpoint is not None:
+            with rng_isolated():
+                self.callbacks.on_checkpoint(path, step)
+        return path
+
+    # -- bookkeeping --------------------------------------------------------------------------------------------------
+
+    def sync_loss(self) -> None:
+        """Under the deferred check: raise for a non-finite step now, and read the last step's loss."""
+        if self.guard is not None:
+            self.guard.check()
+            if self.last_checked is not None:
+                self.last_loss = float(self.last_checked[0])
+
+    def tokens_total(self) -> int:
+        local = torch.tensor(self.tokens_local, device=self.device, dtype=torch.long)
+        reduced = self.accelerator.reduce(local, "sum").item() if self.n_proc > 1 else local.item()
+        return self.tokens_base + int(reduced)
+
+    def close(self) -> None:
+        if self.guard is not None:
+            self.guard.release()
         # Hand the model back as it came: without accelerate's autocast wrapper on forward.
-        accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+        self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)

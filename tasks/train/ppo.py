@@ -31,7 +31,10 @@ Design choices against the known failure modes of PPO implementations
       cache, full distribution (top_k = 0, top_p = 1), no forced min length.
     * The reward model reads decoded *text* through its own tokenizer
       (:func:`text_reward_fn`), so policy and reward model may tokenize
-      differently.
+      differently; the critic reads the policy's ids, so it is then built on
+      the policy (:func:`make_critic`), and a critic that cannot read them is
+      refused.
+    * A policy loaded in bf16/fp16 trains fp32 master weights under autocast.
     * Frozen networks never get gradients or optimizer state: the reference
       and reward forwards run under ``torch.inference_mode``. With LoRA
       (``lora_r > 0``) the reference *is* the policy with its adapters switched
@@ -63,9 +66,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from alignflow.config import PpoStageConfig
+from alignflow.models.reward import disable_dropout
 
-from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, rng_isolated, save_checkpoint
 from .loop import NonFiniteLossError
+from .schedule import decay_multiplier, lambda_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -136,17 +141,6 @@ def truncate_after_eos(response_ids: Tensor, eos_id: int, pad_id: int) -> tuple[
 def last_token_index(response_mask: Tensor) -> Tensor:
     """Index of the last response token (the first EOS, or the last token of a response without one)."""
     return (response_mask.long().sum(-1) - 1).clamp(min=0)
-
-
-def disable_dropout(model: nn.Module) -> None:
-    """Every dropout to 0: PPO's ratios and values must not be noise (N+)."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        for attr in ("attention_dropout", "dropout"):
-            value = getattr(module, attr, None)
-            if isinstance(value, float) and value:
-                setattr(module, attr, 0.0)
 
 
 # =============================================================================================== forwards
@@ -472,16 +466,11 @@ def build_adam(params: Sequence[nn.Parameter], lr: float, eps: float) -> torch.o
     return torch.optim.Adam(params, lr=lr, eps=eps)
 
 
-def linear_decay(done_steps: int, total_steps: int) -> float:
-    """lr multiplier of PPO step ``done_steps + 1``: 1 at the first step, falling linearly to 0 after the last."""
-    return max(0.0, 1.0 - done_steps / total_steps)
-
-
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, anneal: bool
                     ) -> torch.optim.lr_scheduler.LambdaLR:
-    if anneal:
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: linear_decay(k, total_steps))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1.0)
+    """lr of PPO step ``k + 1`` (after ``k`` steps): falling linearly from the full lr to 0 after the last step."""
+    return lambda_scheduler(optimizer, lambda done: decay_multiplier(done / total_steps,
+                                                                     "linear" if anneal else "constant"))
 
 
 def minibatch_plan(batch_size: int, minibatch_size: int, micro_batch_size: int) -> list[list[Tensor]]:
@@ -598,12 +587,48 @@ def merged_policy(policy: nn.Module) -> nn.Module:
     return policy
 
 
-def make_critic(reward_model: nn.Module) -> nn.Module:
-    """The critic: a separate, trainable copy of the reward model (its score head becomes the value head)."""
-    critic = copy.deepcopy(reward_model)
+def same_tokenization(a: Any, b: Any) -> bool:
+    """Whether two tokenizers map text to the same ids (same vocabulary and the same EOS and pad ids)."""
+    if a is b:
+        return True
+    return (a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
+            and a.pad_token_id == b.pad_token_id)
+
+
+def make_critic(reward_model: nn.Module, *, reward_tokenizer: Any = None, policy: nn.Module | None = None,
+                policy_tokenizer: Any = None, seed: int = 0) -> nn.Module:
+    """The critic: a separate, trainable network that reads the policy's token ids.
+
+    When the reward model tokenizes as the policy does (or no tokenizers are
+    given), a copy of the reward model (its score head becomes the value head;
+    N+). When they differ, the reward model cannot read the policy's ids, so
+    the critic is built on the policy: its transformer weights and a new value
+    head (:func:`~alignflow.models.reward.reward_model_from_causal_lm`).
+    """
+    if reward_tokenizer is not None and policy_tokenizer is not None and not same_tokenization(
+            reward_tokenizer, policy_tokenizer):
+        if policy is None:
+            raise ValueError("the reward model tokenizes differently from the policy: pass the policy to build "
+                             "the critic on its tokenizer")
+        from alignflow.models.reward import reward_model_from_causal_lm
+
+        log.info("reward model and policy tokenize differently: the critic starts from the policy's weights")
+        critic = reward_model_from_causal_lm(_base(policy), tokenizer=policy_tokenizer, seed=seed)
+        critic.to(next(policy.parameters()).device)
+    else:
+        critic = copy.deepcopy(reward_model)
     critic.requires_grad_(True)
     disable_dropout(critic)
     return critic.train()
+
+
+def check_critic_reads_policy_ids(critic: nn.Module, tokenizer: Any) -> None:
+    """Refuse a critic whose embeddings cannot hold every id of the policy's tokenizer (e.g. a reward model copy)."""
+    rows = critic.get_input_embeddings().weight.shape[0]
+    if rows < len(tokenizer):
+        raise ValueError(
+            f"the critic has {rows} token embeddings but the policy's tokenizer has {len(tokenizer)} tokens: it "
+            "was built for another tokenizer; build it with make_critic(..., policy=, policy_tokenizer=)")
 
 
 # =============================================================================================== rollouts
@@ -748,10 +773,34 @@ class _Bundle:
             part.load_state_dict(state[name])
 
 
-@contextlib.contextmanager
-def _rng_isolated() -> Iterator[None]:
-    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []):
-        yield
+@dataclass
+class PpoState:
+    """What a PPO run carries from one step to the next; a checkpoint saves all of it."""
+
+    policy: nn.Module
+    critic: nn.Module
+    ref: Reference
+    optimizers: _Bundle  # policy, critic
+    schedulers: _Bundle  # policy, critic
+    kl_ctl: FixedKLController
+    stream: PromptStream
+    compute_dtype: torch.dtype | None = None  # a low-precision load: trained in fp32 under autocast to this dtype
+    step: int = 0
+    resumed_from: int | None = None
+    skipped_total: int = 0
+    lr_used: float = 0.0  # the policy's lr in the last update
+    last_checkpoint: Path | None = None
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    last_eval: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def nets(self) -> nn.ModuleDict:
+        return nn.ModuleDict({"policy": self.policy, "critic": self.critic})
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        if self.compute_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.compute_dtype)
 
 
 def train_ppo(
@@ -769,11 +818,13 @@ def train_ppo(
 ) -> PpoResult:
     """Optimise ``policy`` against ``reward_fn`` on ``prompts`` for ``cfg.total_steps`` PPO steps.
 
-    ``critic``: a trainable ``*ForSequenceClassification`` (see :func:`make_critic`).
+    ``critic``: a trainable ``*ForSequenceClassification`` on the policy's token ids (see :func:`make_critic`).
     ``reference``: the frozen SFT policy; None = a frozen copy of ``policy``
     (full fine-tuning) or, with ``cfg.lora_r > 0``, the policy with adapters
     off. ``checkpoint_dir``/``resume``: as the training loop (a fresh run
     refuses a folder with checkpoints; resume continues from the newest).
+    A policy loaded in bf16/fp16 is trained with fp32 master weights (Adam's
+    state in fp32) under autocast to its dtype, and handed back in its dtype.
     """
     started = time.perf_counter()
     callbacks = callbacks or PpoCallbacks()
@@ -784,11 +835,39 @@ def train_ppo(
         checkpoint_dir = Path(checkpoint_dir)
         if not resume and list_checkpoints(checkpoint_dir):
             raise FileExistsError(f"{checkpoint_dir} already holds checkpoints; pass resume=True or use an empty folder")
+    check_critic_reads_policy_ids(critic, tokenizer)
     device = next(policy.parameters()).device
-    critic.to(device)
+    state = setup_ppo(cfg, policy, critic, reference, n_prompts=len(prompts), device=device)
+    if resume and checkpoint_dir is not None:
+        resume_ppo(state, checkpoint_dir)
 
-    # -- setup: reference, LoRA, optimizers, schedulers, KL controller, prompt stream ---------------------------
+    while state.step < cfg.total_steps:
+        state.step += 1
+        ro, kl_seq, metrics = ppo_step(state, cfg, tokenizer, reward_fn, prompts, device)
+        state.last_metrics = metrics
+        run_step_hooks(state, cfg, callbacks, ro, kl_seq, metrics, checkpoint_dir)
+
+    state.policy.eval()
+    state.critic.eval()
+    if callbacks.on_eval is not None:
+        _evaluate(state, callbacks)
+    policy = state.policy
+    if state.compute_dtype is not None:
+        policy = policy.to(state.compute_dtype)
+    return PpoResult(policy=policy, critic=state.critic, final_step=state.step, resumed_from=state.resumed_from,
+                     last_metrics=state.last_metrics, last_eval=state.last_eval, checkpoint=state.last_checkpoint,
+                     skipped_minibatches=state.skipped_total, seconds=time.perf_counter() - started)
+
+
+# ----------------------------------------------------------------------------------------------- setup
+
+
+def setup_ppo(cfg: PpoStageConfig, policy: nn.Module, critic: nn.Module, reference: nn.Module | None, *,
+              n_prompts: int, device: torch.device) -> PpoState:
+    """Reference, LoRA, fp32 master weights, optimizers, schedulers, KL controller and prompt stream."""
+    critic.to(device)
     disable_dropout(policy)
+    compute_dtype = _low_precision_dtype(policy)
     if cfg.lora_r > 0:
         if reference is not None:
             raise ValueError("with LoRA the reference is the adapter-free policy; do not pass another")
@@ -798,177 +877,226 @@ def train_ppo(
         ref = Reference(policy, reference if reference is not None else frozen_copy(policy))
         if ref.module is not None:
             ref.module.requires_grad_(False).eval()
+    if compute_dtype is not None:  # fp32 master weights: Adam never updates bf16 weights directly
+        log.info("policy loaded in %s: training fp32 master weights under %s autocast", compute_dtype, compute_dtype)
+        policy.float()
+    if _low_precision_dtype(critic) is not None:
+        critic.float()
     torch.manual_seed(cfg.seed)
     policy_opt = build_adam(list(policy.parameters()), cfg.lr, cfg.adam_eps)
     critic_opt = build_adam(list(critic.parameters()), cfg.critic_lr or cfg.lr, cfg.adam_eps)
-    policy_sched = build_scheduler(policy_opt, cfg.total_steps, cfg.anneal_lr)
-    critic_sched = build_scheduler(critic_opt, cfg.total_steps, cfg.anneal_lr)
-    kl_ctl = kl_controller(cfg)
-    stream = PromptStream(len(prompts), cfg.seed)
-    nets = nn.ModuleDict({"policy": policy, "critic": critic})
-    optimizers = _Bundle(policy=policy_opt, critic=critic_opt)
-    schedulers = _Bundle(policy=policy_sched, critic=critic_sched)
-    step, resumed_from, skipped_total, last_ckpt = 0, None, 0, None
-    if resume and checkpoint_dir is not None and (path := latest_checkpoint(checkpoint_dir)) is not None:
-        state = load_checkpoint(path, model=nets, optimizer=optimizers, scheduler=schedulers)
-        step = resumed_from = int(state["step"])
-        stream.position = int(state["data_state"]["prompt_position"])
-        kl_ctl.load_state_dict(state["extra"]["kl_controller"])
-        skipped_total = int(state["extra"].get("skipped_minibatches", 0))
-        last_ckpt = path
-        log.info("resumed PPO from %s (step %d)", path, step)
+    schedulers = _Bundle(policy=build_scheduler(policy_opt, cfg.total_steps, cfg.anneal_lr),
+                         critic=build_scheduler(critic_opt, cfg.total_steps, cfg.anneal_lr))
+    return PpoState(policy=policy, critic=critic, ref=ref, optimizers=_Bundle(policy=policy_opt, critic=critic_opt),
+                    schedulers=schedulers, kl_ctl=kl_controller(cfg), stream=PromptStream(n_prompts, cfg.seed),
+                    compute_dtype=compute_dtype)
 
-    def write_checkpoint(at: int) -> Path:
-        path = save_checkpoint(checkpoint_dir, step=at, model=nets, optimizer=optimizers, scheduler=schedulers,
-                               data_state={"prompt_position": stream.position},
-                               extra={"kl_controller": kl_ctl.state_dict(), "skipped_minibatches": skipped_total,
-                                      "stage": "ppo"},
-                               keep=cfg.keep_checkpoints)
-        if callbacks.on_checkpoint is not None:
-            with _rng_isolated():
-                callbacks.on_checkpoint(path, at)
-        return path
 
-    last_metrics: dict[str, float] = {}
-    last_eval: dict[str, float] = {}
-    while step < cfg.total_steps:
-        step += 1
-        t0 = time.perf_counter()
-        beta = kl_ctl.beta
+def _low_precision_dtype(model: nn.Module) -> torch.dtype | None:
+    """bf16/fp16 when the model's trainable weights are stored that way, else None."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    low = dtypes & {torch.bfloat16, torch.float16}
+    return next(iter(low)) if low else None
 
-        # -- 1. rollout: sample responses to a batch of prompts (log-probs from the sampling pass) -------------
-        batch_prompts = [prompts[i] for i in stream.next(cfg.batch_size)]
-        policy.eval()
-        critic.eval()
-        ro = collect_rollouts(policy, ref, critic, tokenizer, reward_fn, batch_prompts, cfg, device)
-        mask = ro.response_mask.float()
 
-        # -- 2. score and 3. KL-shaped per-token rewards (score at the last response token) ---------------------
-        kl1 = kl_k1(ro.logprobs, ro.ref_logprobs) * mask
-        kl3 = kl_k3(ro.logprobs, ro.ref_logprobs) * mask
-        kl_in_reward = kl1 if cfg.kl_estimator == "k1" else kl3
-        rewards = shaped_rewards(ro.scores, kl_in_reward, ro.response_mask, beta)
-        check_finite(step, logprobs=ro.logprobs, ref_logprobs=ro.ref_logprobs, values=ro.values,
-                     scores=ro.scores, rewards=rewards)
-        if cfg.whiten_rewards:
-            rewards = masked_whiten(rewards, ro.response_mask, shift_mean=False)
+def resume_ppo(state: PpoState, checkpoint_dir: Path) -> None:
+    """Continue from the newest checkpoint in ``checkpoint_dir`` (none: a fresh start)."""
+    path = latest_checkpoint(checkpoint_dir)
+    if path is None:
+        return
+    saved = load_checkpoint(path, model=state.nets, optimizer=state.optimizers, scheduler=state.schedulers)
+    state.step = state.resumed_from = int(saved["step"])
+    state.stream.position = int(saved["data_state"]["prompt_position"])
+    state.kl_ctl.load_state_dict(saved["extra"]["kl_controller"])
+    state.skipped_total = int(saved["extra"].get("skipped_minibatches", 0))
+    state.last_checkpoint = path
+    log.info("resumed PPO from %s (step %d)", path, state.step)
 
-        # -- 4. advantages: GAE over response tokens, then masked whitening -------------------------------------
-        advantages, returns = gae(rewards, ro.values, ro.response_mask, cfg.gamma, cfg.lam)
-        advantages = masked_whiten(advantages, ro.response_mask)
-        check_finite(step, advantages=advantages, returns=returns)
 
-        # -- 5. update: epochs x minibatches (one optimizer step each) x micro-batches (accumulated) -----------
-        policy.train()
-        critic.train()
-        sums: dict[str, float] = {}
-        counted = skipped = 0
-        for _epoch in range(cfg.ppo_epochs):
-            for minibatch in minibatch_plan(cfg.batch_size, cfg.minibatch_size, cfg.micro_batch_size):
-                stats_mb: dict[str, Tensor] = {}
-                for micro in minibatch:
-                    idx = micro.to(device)
-                    q, qm, r, rm = trim_padding(ro.query_ids[idx], ro.query_mask[idx], ro.response_ids[idx],
-                                                ro.response_mask[idx])
-                    T = r.shape[1]
-                    logits = response_logits(policy, q, qm, r, rm, cfg.temperature)
-                    new_logprobs = logprobs_of(logits, r)
-                    new_values = critic_values(critic, q, qm, r, rm)
-                    pg_loss, pg_stats = policy_loss(new_logprobs, ro.logprobs[idx, :T], advantages[idx, :T], rm,
-                                                    cfg.cliprange)
-                    vf_loss, vf_stats = value_loss(new_values, ro.values[idx, :T], returns[idx, :T], rm,
-                                                   cfg.cliprange_value)
-                    loss = (pg_loss + cfg.vf_coef * vf_loss) * (len(micro) / cfg.minibatch_size)
-                    check_finite(step, loss=loss.detach())
-                    loss.backward()
-                    with torch.no_grad():
-                        micro_stats = {"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(),
-                                       "entropy": masked_mean(entropy_of(logits), rm), **pg_stats, **vf_stats}
-                    for k, v in micro_stats.items():
-                        stats_mb[k] = stats_mb.get(k, 0.0) + v * (len(micro) / cfg.minibatch_size)
-                # the ratio guard: a minibatch whose importance ratio exploded is skipped, not applied
-                if float(stats_mb["ratio_mean"]) > cfg.ratio_threshold:
-                    skipped += 1
-                    log.warning("PPO step %d: minibatch skipped, mean ratio %.3g > %.3g", step,
-                                float(stats_mb["ratio_mean"]), cfg.ratio_threshold)
-                    policy_opt.zero_grad(set_to_none=True)
-                    critic_opt.zero_grad(set_to_none=True)
-                    continue
-                if cfg.max_grad_norm > 0:
-                    gn_p = torch.nn.utils.clip_grad_norm_([p for p in policy.parameters() if p.requires_grad],
-                                                          cfg.max_grad_norm)
-                    gn_c = torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm)
-                    check_finite(step, policy_grad_norm=gn_p, critic_grad_norm=gn_c)
-                policy_opt.step()
-                critic_opt.step()
+# ----------------------------------------------------------------------------------------------- one PPO step
+
+
+def ppo_step(state: PpoState, cfg: PpoStageConfig, tokenizer: Any, reward_fn: RewardFn, prompts: Sequence[str],
+             device: torch.device) -> tuple[Rollout, Tensor, dict[str, float]]:
+    """Rollout -> score -> KL-shaped rewards -> advantages -> update -> metrics: ``(rollout, KL per response, metrics)``."""
+    t0 = time.perf_counter()
+    beta = state.kl_ctl.beta
+
+    # -- 1. rollout: sample responses to a batch of prompts (log-probs from the sampling pass), 2. score them
+    batch_prompts = [prompts[i] for i in state.stream.next(cfg.batch_size)]
+    state.policy.eval()
+    state.critic.eval()
+    with state.autocast(device):
+        ro = collect_rollouts(state.policy, state.ref, state.critic, tokenizer, reward_fn, batch_prompts, cfg, device)
+
+    # -- 3. KL-shaped per-token rewards (score at the last response token)
+    mask = ro.response_mask.float()
+    kl1 = kl_k1(ro.logprobs, ro.ref_logprobs) * mask
+    kl3 = kl_k3(ro.logprobs, ro.ref_logprobs) * mask
+    kl_in_reward = kl1 if cfg.kl_estimator == "k1" else kl3
+    rewards = shaped_rewards(ro.scores, kl_in_reward, ro.response_mask, beta)
+    check_finite(state.step, logprobs=ro.logprobs, ref_logprobs=ro.ref_logprobs, values=ro.values,
+                 scores=ro.scores, rewards=rewards)
+    if cfg.whiten_rewards:
+        rewards = masked_whiten(rewards, ro.response_mask, shift_mean=False)
+
+    # -- 4. advantages: GAE over response tokens, then masked whitening
+    advantages, returns = gae(rewards, ro.values, ro.response_mask, cfg.gamma, cfg.lam)
+    advantages = masked_whiten(advantages, ro.response_mask)
+    check_finite(state.step, advantages=advantages, returns=returns)
+
+    # -- 5. update: epochs x minibatches (one optimizer step each) x micro-batches (accumulated)
+    update_stats, skipped = ppo_update(state, cfg, ro, advantages, returns, device)
+
+    # -- 6. KL controller and the step's metrics
+    kl_seq = kl1.sum(-1)
+    kl_mean = float(kl_seq.mean())
+    state.kl_ctl.update(kl_mean, cfg.batch_size)
+    warn_if_negative_kl(kl_mean, state.step, cfg.negative_kl_tolerance)
+    metrics = step_metrics(cfg, ro, kl_mean=kl_mean, kl3=kl3, kl_in_reward=kl_in_reward, beta=beta,
+                           returns=returns, advantages=advantages, update_stats=update_stats, skipped=skipped,
+                           lr=state.lr_used, seconds=time.perf_counter() - t0)
+    return ro, kl_seq, metrics
+
+
+def ppo_update(state: PpoState, cfg: PpoStageConfig, ro: Rollout, advantages: Tensor, returns: Tensor,
+               device: torch.device) -> tuple[dict[str, float], int]:
+    """``ppo_epochs`` reshuffled passes over the batch: ``(mean stats over applied minibatches, skipped count)``."""
+    policy_opt, critic_opt = state.optimizers.parts["policy"], state.optimizers.parts["critic"]
+    state.policy.train()
+    state.critic.train()
+    sums: dict[str, float] = {}
+    counted = skipped = 0
+    for _epoch in range(cfg.ppo_epochs):
+        for minibatch in minibatch_plan(cfg.batch_size, cfg.minibatch_size, cfg.micro_batch_size):
+            stats = _minibatch_gradients(state, cfg, ro, advantages, returns, minibatch, device)
+            # the ratio guard: a minibatch whose importance ratio exploded is skipped, not applied
+            if float(stats["ratio_mean"]) > cfg.ratio_threshold:
+                skipped += 1
+                log.warning("PPO step %d: minibatch skipped, mean ratio %.3g > %.3g", state.step,
+                            float(stats["ratio_mean"]), cfg.ratio_threshold)
                 policy_opt.zero_grad(set_to_none=True)
                 critic_opt.zero_grad(set_to_none=True)
-                counted += 1
-                for k, v in stats_mb.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-        lr_now = policy_opt.param_groups[0]["lr"]
-        policy_sched.step()
-        critic_sched.step()
-        skipped_total += skipped
+                continue
+            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")  # inf: measure, don't clip
+            stats["policy_grad_norm"] = torch.nn.utils.clip_grad_norm_(
+                [p for p in state.policy.parameters() if p.requires_grad], max_norm)
+            stats["critic_grad_norm"] = torch.nn.utils.clip_grad_norm_(state.critic.parameters(), max_norm)
+            check_finite(state.step, policy_grad_norm=stats["policy_grad_norm"],
+                         critic_grad_norm=stats["critic_grad_norm"])
+            policy_opt.step()
+            critic_opt.step()
+            policy_opt.zero_grad(set_to_none=True)
+            critic_opt.zero_grad(set_to_none=True)
+            counted += 1
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+    state.lr_used = policy_opt.param_groups[0]["lr"]
+    for sched in state.schedulers.parts.values():
+        sched.step()
+    state.skipped_total += skipped
+    return {k: v / counted for k, v in sums.items()} if counted else {}, skipped
 
-        # -- 6. KL controller and logging --------------------------------------------------------------------
-        kl_seq = kl1.sum(-1)
-        kl_mean = float(kl_seq.mean())
-        kl_ctl.update(kl_mean, cfg.batch_size)
-        warn_if_negative_kl(kl_mean, step, cfg.negative_kl_tolerance)
-        seconds = time.perf_counter() - t0
-        lengths = ro.response_mask.sum(-1).float()
-        metrics = {
-            "ppo/reward_mean": float(ro.scores.mean()),
-            "ppo/reward_std": float(ro.scores.std()) if cfg.batch_size > 1 else 0.0,
-            "ppo/reward_model_score_mean": float(ro.raw_scores.mean()),
-            "ppo/kl": kl_mean,
-            "ppo/kl_k1": kl_mean,
-            "ppo/kl_k3": float(kl3.sum(-1).mean()),
-            "ppo/beta": beta,
-            "ppo/rlhf_reward": float((ro.scores - beta * kl_in_reward.sum(-1)).mean()),
-            "ppo/response_length": float(lengths.mean()),
-            "ppo/no_eos_rate": float((~ro.has_eos).float().mean()),
-            "ppo/explained_variance": explained_variance(ro.values, returns, ro.response_mask),
-            "ppo/advantage_mean_raw": float(masked_mean(returns - ro.values, ro.response_mask)),
-            "ppo/skipped_minibatches": float(skipped),
-            "ppo/lr": lr_now,
-            "perf/episodes_per_s": cfg.batch_size / max(seconds, 1e-9),
-            "perf/step_time_s": seconds,
-        }
-        for k in ("entropy", "clipfrac", "approx_kl", "value_loss", "policy_loss", "ratio_mean", "value_clipfrac"):
-            metrics[f"ppo/{k}"] = sums[k] / counted if counted else float("nan")
-        last_metrics = metrics
-        if callbacks.on_log is not None and (step % cfg.log_every == 0 or step == cfg.total_steps):
-            with _rng_isolated():
-                callbacks.on_log(metrics, step)
-        if callbacks.on_generations is not None and cfg.generations_rows > 0 and (
-                step % cfg.generations_every == 0 or step == cfg.total_steps):
-            rows = [{"step": step, "prompt": ro.prompts[i], "response": ro.responses[i],
-                     "score": float(ro.scores[i]), "kl": float(kl_seq[i])}
-                    for i in range(min(cfg.generations_rows, len(ro.prompts)))]
-            with _rng_isolated():
-                callbacks.on_generations(rows, step)
-        if callbacks.on_eval is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.total_steps:
-            with _rng_isolated():
-                last_eval = callbacks.on_eval(step, policy, ref) or {}
-                if last_eval and callbacks.on_log is not None:
-                    callbacks.on_log(last_eval, step)
-        if checkpoint_dir is not None and (step % cfg.checkpoint_every == 0 or step == cfg.total_steps):
-            last_ckpt = write_checkpoint(step)
-        if callbacks.on_step is not None:
-            callbacks.on_step(step, cfg.total_steps)
 
-    policy.eval()
-    critic.eval()
-    if callbacks.on_eval is not None:
-        with _rng_isolated():
-            last_eval = callbacks.on_eval(step, policy, ref) or {}
-            if last_eval and callbacks.on_log is not None:
-                callbacks.on_log(last_eval, step)
-    return PpoResult(policy=policy, critic=critic, final_step=step, resumed_from=resumed_from,
-                     last_metrics=last_metrics, last_eval=last_eval, checkpoint=last_ckpt,
-                     skipped_minibatches=skipped_total, seconds=time.perf_counter() - started)
+def _minibatch_gradients(state: PpoState, cfg: PpoStageConfig, ro: Rollout, advantages: Tensor, returns: Tensor,
+                         minibatch: list[Tensor], device: torch.device) -> dict[str, Tensor]:
+    """Accumulate the gradients of one minibatch, micro-batch by micro-batch; its stats (weighted by rows)."""
+    stats: dict[str, Tensor] = {}
+    for micro in minibatch:
+        idx = micro.to(device)
+        q, qm, r, rm = trim_padding(ro.query_ids[idx], ro.query_mask[idx], ro.response_ids[idx], ro.response_mask[idx])
+        T = r.shape[1]
+        with state.autocast(device):
+            logits = response_logits(state.policy, q, qm, r, rm, cfg.temperature)
+            new_values = critic_values(state.critic, q, qm, r, rm)
+        new_logprobs = logprobs_of(logits, r)
+        pg_loss, pg_stats = policy_loss(new_logprobs, ro.logprobs[idx, :T], advantages[idx, :T], rm, cfg.cliprange)
+        vf_loss, vf_stats = value_loss(new_values, ro.values[idx, :T], returns[idx, :T], rm, cfg.cliprange_value)
+        weight = len(micro) / cfg.minibatch_size
+        loss = (pg_loss + cfg.vf_coef * vf_loss) * weight  # accumulated micro-batches sum to the minibatch mean
+        check_finite(state.step, loss=loss.detach())
+        loss.backward()
+        with torch.no_grad():
+            micro_stats = {"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(),
+                           "entropy": masked_mean(entropy_of(logits), rm), **pg_stats, **vf_stats}
+        for k, v in micro_stats.items():
+            stats[k] = stats.get(k, 0.0) + v * weight
+    return stats
+
+
+def step_metrics(cfg: PpoStageConfig, ro: Rollout, *, kl_mean: float, kl3: Tensor, kl_in_reward: Tensor, beta: float,
+                 returns: Tensor, advantages: Tensor, update_stats: dict[str, float], skipped: int, lr: float,
+                 seconds: float) -> dict[str, float]:
+    """The ``ppo/*`` and ``perf/*`` metrics of one step (rlhf-details row 14)."""
+    lengths = ro.response_mask.sum(-1).float()
+    metrics = {
+        "ppo/reward_mean": float(ro.scores.mean()),
+        "ppo/reward_std": float(ro.scores.std()) if cfg.batch_size > 1 else 0.0,
+        "ppo/reward_model_score_mean": float(ro.raw_scores.mean()),
+        "ppo/kl": kl_mean,
+        "ppo/kl_k1": kl_mean,
+        "ppo/kl_k3": float(kl3.sum(-1).mean()),
+        "ppo/beta": beta,
+        "ppo/rlhf_reward": float((ro.scores - beta * kl_in_reward.sum(-1)).mean()),
+        "ppo/response_length": float(lengths.mean()),
+        "ppo/no_eos_rate": float((~ro.has_eos).float().mean()),
+        "ppo/explained_variance": explained_variance(ro.values, returns, ro.response_mask),
+        "ppo/advantage_mean_raw": float(masked_mean(returns - ro.values, ro.response_mask)),
+        "ppo/advantage_mean": float(masked_mean(advantages, ro.response_mask)),
+        "ppo/advantage_std": float(masked_var(advantages, ro.response_mask).sqrt()),
+        "ppo/skipped_minibatches": float(skipped),
+        "ppo/lr": lr,
+        "perf/episodes_per_s": cfg.batch_size / max(seconds, 1e-9),
+        "perf/step_time_s": seconds,
+    }
+    for k in ("entropy", "clipfrac", "approx_kl", "value_loss", "policy_loss", "ratio_mean", "value_clipfrac",
+              "policy_grad_norm", "critic_grad_norm"):
+        metrics[f"ppo/{k}"] = update_stats.get(k, float("nan"))
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------- periodic hooks
+
+
+def run_step_hooks(state: PpoState, cfg: PpoStageConfig, callbacks: PpoCallbacks, ro: Rollout, kl_seq: Tensor,
+                   metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+    """Log, sample table, evaluation and checkpoint when due, then progress (no hook changes the run's RNG)."""
+    step, total = state.step, cfg.total_steps
+    if callbacks.on_log is not None and (step % cfg.log_every == 0 or step == total):
+        with rng_isolated():
+            callbacks.on_log(metrics, step)
+    if callbacks.on_generations is not None and cfg.generations_rows > 0 and (
+            step % cfg.generations_every == 0 or step == total):
+        rows = [{"step": step, "prompt": ro.prompts[i], "response": ro.responses[i],
+                 "score": float(ro.scores[i]), "kl": float(kl_seq[i])}
+                for i in range(min(cfg.generations_rows, len(ro.prompts)))]
+        with rng_isolated():
+            callbacks.on_generations(rows, step)
+    if callbacks.on_eval is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+        _evaluate(state, callbacks)
+    if checkpoint_dir is not None and (step % cfg.checkpoint_every == 0 or step == total):
+        state.last_checkpoint = save_ppo_checkpoint(state, cfg, checkpoint_dir, callbacks)
+    if callbacks.on_step is not None:
+        callbacks.on_step(step, total)
+
+
+def _evaluate(state: PpoState, callbacks: PpoCallbacks) -> None:
+    with rng_isolated():
+        state.last_eval = callbacks.on_eval(state.step, state.policy, state.ref) or {}
+        if state.last_eval and callbacks.on_log is not None:
+            callbacks.on_log(state.last_eval, state.step)
+
+
+def save_ppo_checkpoint(state: PpoState, cfg: PpoStageConfig, checkpoint_dir: Path, callbacks: PpoCallbacks) -> Path:
+    path = save_checkpoint(checkpoint_dir, step=state.step, model=state.nets, optimizer=state.optimizers,
+                           scheduler=state.schedulers, data_state={"prompt_position": state.stream.position},
+                           extra={"kl_controller": state.kl_ctl.state_dict(), "stage": "ppo",
+                                  "skipped_minibatches": state.skipped_total},
+                           keep=cfg.keep_checkpoints)
+    if callbacks.on_checkpoint is not None:
+        with rng_isolated():
+            callbacks.on_checkpoint(path, state.step)
+    return path
 
 
 # =============================================================================================== evaluation
@@ -1001,7 +1129,7 @@ def evaluate_against_reference(
     device = next(policy.parameters()).device
     was_training = policy.training
     policy.eval()
-    with _rng_isolated():
+    with rng_isolated():
         torch.manual_seed(seed)
         ours = collect_rollouts(policy, ref, None, tokenizer, reward_fn, prompts, cfg, device)
         torch.manual_seed(seed)

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from alignflow.config import TrainConfig
 from alignflow.models.reward import (
+    disable_dropout,
     reward_bias,
     reward_input_ids,
     score_sequences_in_length_chunks,
@@ -394,6 +395,7 @@ def train_reward(
     examples = pair_examples(tokenizer, rows_train, max_length)
     if not examples:
         raise ValueError("no training pairs")
+    disable_dropout(model)  # a reward model's score must not be noise (a loaded model may have dropout on)
     groups = [e["group"] for e in examples] if group_by_question else [str(i) for i in range(len(examples))]
     batches = question_batches(groups, cfg_train.batch_size, cfg_train.seed)
     dataset = [{"pairs": [examples[i] for i in b]} for b in batches]
