@@ -125,8 +125,8 @@ def load_start_lm(source: str, *, trust_remote_code: bool = False) -> tuple[Any,
     """``(model, tokenizer)`` of a ``source`` from :func:`resolve_start_model` (the same weights again, e.g. on
     another process of a launched stage)."""
     if source.startswith("models:/"):
-        parts = mlflow.transformers.load_model(source, return_type="components")
-        return parts["model"], parts["tokenizer"]
+        name, _, version = source.removeprefix("models:/").partition("/")
+        return load_version_components(name, version)
     from alignflow.models import load_causal_lm, load_tokenizer
 
     tok = load_tokenizer(source, trust_remote_code=trust_remote_code)
