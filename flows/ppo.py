@@ -34,7 +34,7 @@ from prefect.cache_policies import NO_CACHE
 
 from alignflow.config import AlignflowConfig, PpoStageConfig
 from alignflow.stages import POLICY_MODEL, REWARD_MODEL, SFT_MODEL
-from alignflow.tasks import registry, tracking
+from alignflow.tasks import evaluation, registry, tracking
 from alignflow.tasks.ingest.run import latest_datasets
 from alignflow.tasks.train import ppo as ppo_lib
 
@@ -47,28 +47,6 @@ def read_prompts(path: Path, split: str) -> list[dict]:
     """Rows (prompt, question_id, site) of one split of a prompts dataset, in file order."""
     rows = pq.read_table(path, columns=["prompt", "question_id", "site", "split"]).to_pylist()
     return [r for r in rows if r["split"] == split]
-
-
-def planted_judge(data: Path, rows: list[dict]):
-    """``judge(i, response)``: does the answer to prompt ``i`` have the synthetic dump's planted property?
-
-    None when no prompt has a key term (not a generated dump).
-    """
-    from alignflow.tasks.ingest.synthetic import has_planted_property, key_term
-
-    posts = pd.read_parquet(data / "posts.parquet", columns=["site", "post_id", "kind", "title", "body"])
-    q = posts[posts.kind == "question"].set_index(["site", "post_id"])
-    questions = []
-    for r in rows:
-        key = (r["site"], r["question_id"])
-        questions.append((q.loc[key]["title"], q.loc[key]["body"]) if key in q.index else None)
-    if not any(x is not None and key_term(*x) is not None for x in questions):
-        return None
-
-    def judge(i: int, response: str) -> bool:
-        return questions[i] is not None and has_planted_property(questions[i][0], questions[i][1], response)
-
-    return judge
 
 
 @task(name="load-ppo-models", cache_policy=NO_CACHE)
@@ -145,7 +123,7 @@ def ppo(workdir: str = "./alignflow-work", config: AlignflowConfig | None = None
         tracking.log_parquet_input(data / "prompts.parquet", name="prompts", digest=manifest["prompts"]["digest"],
                                    context="training", rows=manifest["prompts"]["rows"])
         mlflow.log_metrics({"data/train_prompts": float(len(train_rows)), "data/eval_prompts": float(len(eval_rows))})
-        judge = planted_judge(data, eval_rows) if eval_rows else None
+        judge = evaluation.judge_for(data, eval_rows)  # an evaluation hook: the planted rule on a generated dump
         ckpt, resumed_from = tracking.attach_checkpoints(Path(workdir), "ppo", run, resume=resume)
         out = optimise(p, policy, tok, reward, rtok, [r["prompt"] for r in train_rows], eval_rows, judge, ckpt,
                        resume and resumed_from is not None)

@@ -72,12 +72,12 @@ def scheduled_ingest(
     from alignflow.config import load_config
     from alignflow.flows.environment import prepare
     from alignflow.flows.ingest import ingest
-    from alignflow.flows.pipeline import _sources
+    from alignflow.tasks.stage_cache import default_sources
 
     wd = prepare(workdir)
     cfg = load_config(config_file, overrides or [])
     started = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=2)
-    out = ingest(_sources(cfg, wd), workdir=str(wd), config=cfg)
+    out = ingest(default_sources(cfg, wd), workdir=str(wd), config=cfg)
     from prefect.artifacts import create_link_artifact
 
     from alignflow.tasks import tracking

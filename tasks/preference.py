@@ -29,6 +29,8 @@ __all__ = [
     "is_reward_model",
     "log_reward_eval",
     "plot_transfer",
+    "pmp_sources",
+    "select_task_pairs",
     "start_reward_model",
     "task_pairs",
 ]
@@ -126,6 +128,38 @@ def task_pairs(pairs_file: str | None, latest: Path, workdir: Path, ingest_cfg: 
 
         raise PairSelectionError(f"{pairs_file}: no usable pairs after ingest (see {result.out_dir}/ingest_report.json)")
     return Path(pairs["path"]), pairs
+
+
+def select_task_pairs(rows: list[dict], cfg: Any, source: Path) -> tuple[list[dict], list[dict]]:
+    """(training pairs, held-out validation pairs) of the task site (``pm`` section), by whole questions."""
+    from alignflow.tasks.train.pairs import PairSelectionError, check_split_hygiene, draw_questions, rows_of_split
+
+    train = rows_of_split(rows, "train", cfg.site)
+    if not train:
+        sites = sorted({r.get("site") or "" for r in rows})
+        where = f"site {cfg.site!r}" if cfg.site else "any site"
+        raise PairSelectionError(f"{source}: no training pairs for {where}; sites present: {', '.join(sites) or '(none)'}")
+    train = draw_questions(train, cfg.max_train_pairs, cfg.train.seed)
+    held = draw_questions(rows_of_split(rows, "validation", cfg.site), cfg.eval_pairs, cfg.train.seed)
+    check_split_hygiene(train, held)
+    return train, held
+
+
+def pmp_sources(cfg: Any, workdir: Path) -> dict[Path, dict]:
+    """Each distinct pairs dataset the sources of a ``pmp`` section read, with its manifest entry
+    (path -> {digest, rows})."""
+    from alignflow.tasks.ingest.run import latest_datasets
+
+    out: dict[Path, dict] = {}
+    for src in cfg.sources:
+        folder = Path(src.data) if src.data else latest_datasets(workdir)
+        path = folder / "pairs.parquet" if folder.is_dir() else folder
+        manifest_file = path.parent / "manifest.json"
+        entry = {"digest": "", "rows": None}
+        if manifest_file.is_file():
+            entry = json.loads(manifest_file.read_text())["datasets"]["pairs"]
+        out[path.resolve()] = entry
+    return out
 
 
 def log_reward_eval(result: dict[str, Any], *, prefix: str = "eval", step: int | None = None) -> dict[str, float]:

@@ -131,3 +131,28 @@ def load_start_lm(source: str, *, trust_remote_code: bool = False) -> tuple[Any,
 
     tok = load_tokenizer(source, trust_remote_code=trust_remote_code)
     return load_causal_lm(source, trust_remote_code=trust_remote_code, tokenizer=tok), tok
+
+
+# -- writes of the promotion gates (aliases and tags); every registry write of alignflow is in this module --
+def model_tags(name: str) -> dict[str, str]:
+    """The registered model's tags; LookupError when it is not registered."""
+    try:
+        return dict(MlflowClient().get_registered_model(name).tags)
+    except mlflow.exceptions.MlflowException:
+        raise LookupError(f"no registered model {name} in {mlflow.get_tracking_uri()}; run its stage first") from None
+
+
+def set_model_tags(name: str, tags: dict[str, str]) -> None:
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_registered_model_tag(name, key, value)
+
+
+def set_alias(name: str, alias: str, version: str) -> None:
+    MlflowClient().set_registered_model_alias(name, alias, version)
+
+
+def tag_version(name: str, version: str, tags: dict[str, str]) -> None:
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
