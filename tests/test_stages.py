@@ -58,6 +58,12 @@ def test_the_builtin_registry():
         [["ingest"]], [["base"]], [["pmp", "pm"], ["sft"]], [["ppo"]], [["promote"]]]
     # without pmp, pm waits for base only; without ingest, base starts first
     assert stages.schedule(["base", "pm", "sft", "ppo"]) == [[["base"]], [["pm"], ["sft"]], [["ppo"]]]
+    # a stage that trains under --processes has the function its other processes call
+    import importlib
+
+    launched = [n for n, st in stages.REGISTRY.items() if st.distributed]
+    assert launched == ["base", "pmp", "pm", "sft"]
+    assert all(callable(getattr(importlib.import_module(stages.get(n).module), "train_shard", None)) for n in launched)
     assert AlignflowConfig().pipeline.stages == stages.pipeline_stages()
     assert AlignflowConfig().promote.models == stages.models()
 
