@@ -143,13 +143,19 @@ def _run_stage(stage: str, workdir: Path, config: Path | None, set_: list[str] |
         launch.finish()
         raise typer.Exit(0)
     try:
-        return entry.load_flow()(workdir=str(wd), config=cfg, resume=resume)
-    except (*_user_errors(), NonFiniteLossError, LookupError) as exc:
-        _fail(exc)
-    finally:
-        if launch.is_distributed():
-            launch.share_plan_once(None)  # the flow stopped before training: the others leave
+        out = entry.load_flow()(workdir=str(wd), config=cfg, resume=resume)
+    except BaseException as exc:
+        # Stopped before training: the others get an empty plan and leave with us. Stopped in or after it:
+        # no goodbye (a peer may be inside a collective); the launcher ends the others when this process exits.
+        if launch.is_distributed() and not launch.plan_shared():
+            launch.share_plan(None)
             launch.finish()
+        if isinstance(exc, (*_user_errors(), NonFiniteLossError, LookupError)):
+            _fail(exc)
+        raise
+    launch.share_plan_once(None)
+    launch.finish()
+    return out
 
 
 def _launch(stage: stages.Stage, argv: list[str], processes: int, launcher: str | None,

@@ -15,7 +15,8 @@
 Checkpoints are written by process 0 only (the training loop saves from the
 main process); every process restores from them on ``--resume``. If process 0
 stops before training (a user error, a missing model), it sends an empty plan
-and the others exit without training.
+and the others exit without training; if it stops later, it exits and the
+launcher ends the others.
 """
 
 from __future__ import annotations
@@ -82,6 +83,10 @@ def share_plan(plan: dict[str, Any] | None) -> None:
         return
     _group().broadcast_object_list([plan], src=0)
     _shared = True
+
+
+def plan_shared() -> bool:
+    return _shared
 
 
 def share_plan_once(plan: dict[str, Any] | None) -> None:
