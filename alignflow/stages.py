@@ -210,7 +210,7 @@ register(Stage(
     "ppo", "alignflow.flows.ppo", "ppo", section="ppo", reads=("prompts", "demos"),
     reads_models=(SFT_MODEL, REWARD_MODEL), model=POLICY_MODEL, gate="policy",
     key_metrics=("ppo/reward_mean", "ppo/kl", "eval/reward_mean", "eval/win_rate", "eval/kl"),
-    after=("pm", "sft"),
+    after=("pm", "sft"), distributed=True,
     help=f"Optimise the SFT policy against the reward model with PPO; register {POLICY_MODEL}."))
 register(Stage(
     "pmp-transfer", "alignflow.flows.pmp_transfer", "pmp_transfer", section="pmp_transfer", pipeline=False,

@@ -100,6 +100,45 @@ def test_two_processes_follow_one_process_at_the_same_global_batch(work, stage):
     assert max(deltas.values()) < 1e-4, (a, b)
 
 
+PPO = ["ppo.total_steps=3", "ppo.batch_size=8", "ppo.minibatch_size=4", "ppo.micro_batch_size=2",
+       "ppo.forward_batch_size=8", "ppo.ppo_epochs=2", "ppo.max_new_tokens=8", "ppo.max_prompt_tokens=32",
+       "ppo.reward_max_length=64", "ppo.eval_prompts=0", "ppo.checkpoint_every=100", "ppo.lr=1e-3"]
+PPO_FIGURES = ("ppo/reward_mean", "ppo/kl", "ppo/policy_loss", "ppo/value_loss", "ppo/policy_grad_norm")
+
+
+def _history(work: Path, run, key: str) -> dict[int, float]:
+    return {m.step: m.value for m in work_client(work).get_metric_history(run.info.run_id, key)}
+
+
+def test_ppo_on_two_processes_has_the_same_rollouts_and_updates(work):
+    from alignflow.tasks import registry, tracking
+
+    tracking.configure(work, "alignflow/demo")
+    for stage, model in (("sft", "alignflow-policy-sft"), ("pm", "alignflow-reward")):
+        if registry.resolve_version(model) is None:  # this test alone: train the two models it starts from
+            res = CliRunner().invoke(app, [stage, "--workdir", str(work), *set_args(COMMON[stage], _loop(stage))],
+                                     catch_exceptions=False)
+            assert res.exit_code == 0, res.output
+    one = CliRunner().invoke(app, ["ppo", "--workdir", str(work), *set_args(PPO)], catch_exceptions=False)
+    assert one.exit_code == 0, one.output
+    runs_before = len(stage_runs(work, "ppo"))
+    two = subprocess.run(cli(work, "ppo", "--processes", "2", *set_args(PPO)), capture_output=True, text=True,
+                         env=_env(), timeout=600)
+    assert two.returncode == 0, (two.stdout + two.stderr)[-4000:]
+    runs = stage_runs(work, "ppo")
+    assert len(runs) == runs_before + 1
+    ddp_run, one_run = runs[0], runs[1]
+    ckpt = work / "checkpoints" / "ppo" / ddp_run.info.run_id
+    assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("step-")) == ["step-000003"]
+    worst = {}
+    for key in PPO_FIGURES:
+        a, b = _history(work, one_run, key), _history(work, ddp_run, key)
+        assert sorted(a) == sorted(b) == [1, 2, 3], key
+        worst[key] = max(abs(a[s] - b[s]) for s in a)
+    print(f"ppo: max |1 process - 2 processes| over 3 steps: {worst}")
+    assert max(worst.values()) < 1e-4, worst
+
+
 def test_a_config_error_stops_before_launching(work):
     res = subprocess.run(cli(work, "sft", "--processes", "2", "--set", "sft.train.lr=-1"), capture_output=True,
                          text=True, env=_env(), timeout=300)

@@ -62,7 +62,7 @@ def test_the_builtin_registry():
     import importlib
 
     launched = [n for n, st in stages.REGISTRY.items() if st.distributed]
-    assert launched == ["base", "pmp", "pm", "sft"]
+    assert launched == ["base", "pmp", "pm", "sft", "ppo"]
     assert all(callable(getattr(importlib.import_module(stages.get(n).module), "train_shard", None)) for n in launched)
     assert AlignflowConfig().pipeline.stages == stages.pipeline_stages()
     assert AlignflowConfig().promote.models == stages.models()
