@@ -100,6 +100,15 @@ class IngestConfig(_Section):
     batch_mb: int = Field(
         4, ge=1, description="Most text (MiB) per batch: bounds memory whatever the length of the texts."
     )
+    workers: int = Field(
+        0, ge=0, description="Processes that read dump tables in parallel (byte ranges cut at row lines); "
+        "0 = every core. The datasets are byte-identical whatever the number."
+    )
+    range_mb: float = Field(16.0, gt=0, description="Size of the byte ranges (MiB) a dump table is cut into.")
+    contract_rows: int = Field(
+        200_000, ge=100, description="Most rows per data-contract validation (several row groups checked at once)."
+    )
+    contract_mb: int = Field(32, ge=1, description="Most text (MiB) per data-contract validation.")
     split: SplitConfig = Field(default_factory=SplitConfig, description="How questions are assigned to splits.")
     reddit: RedditConfig = Field(default_factory=RedditConfig, description="Rules for Reddit dumps.")
 

@@ -36,7 +36,7 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 
-KINDS: tuple[str, ...] = ("posts", "pairs", "demos", "prompts")
+KINDS: tuple[str, ...] = ("posts", "pairs", "demos", "prompts", "comparisons")
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 POST_KINDS: tuple[str, ...] = ("question", "answer")
 SOURCES: tuple[str, ...] = ("stackexchange", "reddit", "pairs", "human")  # human: rankings from the labeling app
@@ -61,6 +61,9 @@ COLUMNS: dict[str, tuple[str, ...]] = {
         "source", "split", "pm_score", "author", "license",
     ),
     "prompts": ("prompt_id", "prompt", "question_id", "site", "source", "split"),
+    # A labeling batch: one row per sampled response, with its provenance.
+    "comparisons": ("response_id", "item_id", "prompt_id", "prompt", "response", "policy", "model", "version",
+                    "sample", "seed", "sampling", "question_id", "site", "source", "split"),
 }
 
 #: Columns whose values must be unique (one column) or unique together.
@@ -69,6 +72,7 @@ ID_COLUMNS: dict[str, tuple[str, ...]] = {
     "pairs": ("pair_id",),
     "demos": ("demo_id",),
     "prompts": ("prompt_id",),
+    "comparisons": ("response_id",),
 }
 
 #: Free-text columns: cast to ``str`` dtype before validation, length-bounded.
@@ -77,6 +81,7 @@ TEXT_COLUMNS: dict[str, tuple[str, ...]] = {
     "pairs": ("prompt", "chosen", "rejected"),
     "demos": ("prompt", "response"),
     "prompts": ("prompt",),
+    "comparisons": ("prompt", "response"),
 }
 
 #: Key that assigns a question to a split.

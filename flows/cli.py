@@ -4,6 +4,7 @@
     alignflow ingest SOURCE... [--format F] [--config FILE] [--set k=v] [--workdir DIR]
     alignflow generate-dump --out DIR --questions N --seed S [--archive]
     alignflow <stage> [--config FILE] [--set k=v] [--resume] [--workdir DIR]   # every stage of alignflow.stages
+    alignflow label-batch ... / alignflow label serve|invite|simulate|export|scores|pairs|train   # flows/label_cli.py
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def ingest(
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    allow_empty: Annotated[bool, typer.Option("--allow-empty", help="Exit 0 even when no pairs come out.")] = False,
 ) -> None:
     """Turn upvote dumps into contracted preference datasets (one MLflow run)."""
     if format not in ("auto", "stackexchange", "reddit", "pairs"):
@@ -70,6 +72,11 @@ def ingest(
     except _user_errors() as exc:
         _fail(exc)
     _print_ingest(out)
+    for warning in out["report"].get("warnings", []):
+        typer.secho(f"warning: {warning}", err=True, fg=typer.colors.YELLOW)
+    if not out["datasets"]["pairs"]["rows"] and not allow_empty:
+        _fail(ValueError("the ingest produced no preference pairs (see the warnings above); "
+                         "pass --allow-empty to accept an empty result"))
 
 
 def _print_ingest(out: dict) -> None:
@@ -315,6 +322,10 @@ def build_app() -> typer.Typer:
     cli.command()(pipeline)
     cli.command()(serve)
     cli.command("show-config")(show_config)
+    from .label_cli import label_app, label_batch  # human feedback (flows/label.py)
+
+    cli.command("label-batch")(label_batch)
+    cli.add_typer(label_app, name="label")
     return cli
 
 

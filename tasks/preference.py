@@ -110,8 +110,10 @@ def train_logged(stage: str, section: Any, model: Any, tok: Any, train_rows: lis
 def task_pairs(pairs_file: str | None, latest: Path, workdir: Path, ingest_cfg: IngestConfig) -> tuple[Path, dict]:
     """``(pairs.parquet, manifest entry)`` of the task pairs.
 
-    Without ``pairs_file``: the latest ingest's pairs. With it: the file is
-    ingested as a ``pairs`` source into ``<workdir>/data/pm-task`` (same
+    Without ``pairs_file``: the latest ingest's pairs. A Parquet file that is
+    already a pairs dataset (every contract column, e.g. ``alignflow label
+    pairs``' human pairs with their ``weight``) is validated and used as it is.
+    Otherwise the file is ingested as a ``pairs`` source into ``<workdir>/data/pm-task`` (same
     splitting by question, contracts, quarantine and cache as ``alignflow
     ingest``; the work directory's latest datasets are left as they are).
     """
@@ -120,6 +122,8 @@ def task_pairs(pairs_file: str | None, latest: Path, workdir: Path, ingest_cfg: 
     if not pairs_file:
         manifest = json.loads((latest / "manifest.json").read_text())["datasets"]
         return latest / "pairs.parquet", manifest["pairs"]
+    if Path(pairs_file).suffix == ".parquet" and _is_pairs_dataset(Path(pairs_file)):
+        return Path(pairs_file), _checked_pairs_dataset(Path(pairs_file))
     plan = plan_ingest([pairs_file], Path(workdir) / "data" / "pm-task", ingest_cfg, "pairs")
     result = execute_ingest(plan, ingest_cfg)
     pairs = result.datasets["pairs"]
@@ -160,6 +164,34 @@ def pmp_sources(cfg: Any, workdir: Path) -> dict[Path, dict]:
             entry = json.loads(manifest_file.read_text())["datasets"]["pairs"]
         out[path.resolve()] = entry
     return out
+
+
+def _is_pairs_dataset(path: Path) -> bool:
+    """A Parquet file with every column of the ``pairs`` dataset (e.g. human pairs from the labeling app)."""
+    import pyarrow.parquet as pq
+
+    from alignflow.data_contracts import COLUMNS
+
+    return path.is_file() and set(COLUMNS["pairs"]) <= set(pq.read_schema(path).names)
+
+
+def _checked_pairs_dataset(path: Path) -> dict:
+    """Validate a ready pairs dataset against its contract (used as it is, extra columns such as ``weight``
+    kept); its manifest-like entry."""
+    import pandas as pd
+
+    from alignflow.data_contracts import validate
+    from alignflow.tasks.ingest.run import sha256_file
+    from alignflow.tasks.train.pairs import PairSelectionError
+
+    df = pd.read_parquet(path)
+    result = validate(df, "pairs", batch_name=path.name)
+    result.raise_for_table_failures()
+    if len(result.rejected):
+        first = result.rejected.iloc[0]
+        raise PairSelectionError(f"{path}: {len(result.rejected)} row(s) break the pairs contract, e.g. pair_id "
+                                 f"{first.get('pair_id')!r}: {first['expectation']}")
+    return {"path": str(path), "rows": int(len(df)), "digest": sha256_file(path)}
 
 
 def log_reward_eval(result: dict[str, Any], *, prefix: str = "eval", step: int | None = None) -> dict[str, float]:

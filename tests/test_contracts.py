@@ -98,7 +98,30 @@ def prompts_frame(n: int = 3) -> pd.DataFrame:
     )
 
 
-FRAMES = {"posts": posts_frame, "pairs": pairs_frame, "demos": demos_frame, "prompts": prompts_frame}
+def comparisons_frame(n: int = 4) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "response_id": [f"q{i // 2}:alignflow-policy@champion:{i % 2}" for i in range(n)],
+            "item_id": [f"q{i // 2}" for i in range(n)],
+            "prompt_id": [f"q{i // 2}" for i in range(n)],
+            "prompt": [f"Question {i // 2}?" for i in range(n)],
+            "response": [f"sampled answer {i}" for i in range(n)],
+            "policy": ["alignflow-policy@champion"] * n,
+            "model": ["alignflow-policy"] * n,
+            "version": ["1"] * n,
+            "sample": [i % 2 for i in range(n)],
+            "seed": [7] * n,
+            "sampling": ['{"temperature": 0.7}'] * n,
+            "question_id": [str(i // 2) for i in range(n)],
+            "site": ["s.stackexchange.com"] * n,
+            "source": ["stackexchange"] * n,
+            "split": ["test"] * n,
+        }
+    )
+
+
+FRAMES = {"posts": posts_frame, "pairs": pairs_frame, "demos": demos_frame, "prompts": prompts_frame,
+          "comparisons": comparisons_frame}
 
 
 def _assert_json(result: ContractResult) -> None:
@@ -234,6 +257,12 @@ ROW_CASES = {
         _set("split", "Train"), "expect_column_values_to_be_in_set(split)",
         _set("question_id", None), "expect_column_values_to_not_be_null(question_id)",
         _set("source", None), "expect_column_values_to_not_be_null(source)",
+    ],
+    "comparisons": [
+        _set("response", "  "), "expect_column_values_to_match_regex(response)",  # an empty generation
+        _set("response", None), "expect_column_values_to_not_be_null(response)",
+        _set("response_id", None), "expect_column_values_to_not_be_null(response_id)",
+        _set("prompt", ""), "expect_column_values_to_match_regex(prompt)",
     ],
 }
 # posts: rows 0, 3, 6 are questions, the others answers (see posts_frame)

@@ -179,3 +179,13 @@ def test_model_agreement_pairwise_accuracy_and_tau():
     assert perfect["pairwise_accuracy"] == 1.0 and perfect["kendall_tau"] == pytest.approx(1.0)
     reversed_ = model_agreement(human, [{"a": 1.0, "b": 2.0, "c": 3.0}, {"x": 0.0, "y": 1.0}])
     assert reversed_["pairwise_accuracy"] == 0.0 and reversed_["kendall_tau"] == pytest.approx(-1.0)
+
+
+def test_response_scores_order_responses_within_their_item():
+    from alignflow.tasks.label.report import response_scores
+
+    rows = [{"item_id": "i1", "ranking_id": f"i1#{lab}", "labeler": lab, "gold": None, "groups": [["a"], ["b"], ["c"]],
+             "policies": {"a": "P", "b": "Q", "c": "Q"}} for lab in ("x", "y")]
+    out = response_scores(rows)
+    assert [r["response"] for r in out] == ["a", "b", "c"] and out[0]["policy"] == "P"
+    assert out[0]["score"] > out[1]["score"] > out[2]["score"]

@@ -54,6 +54,8 @@ class DatasetWriter:
         max_chars: int,
         docs_dir: Path,
         validate: Callable[..., Any],
+        contract_rows: int | None = None,
+        contract_bytes: int | None = None,
     ) -> None:
         self.kind = kind
         self.path = path
@@ -61,12 +63,19 @@ class DatasetWriter:
         self.summary = summary
         self.batch_rows = batch_rows
         self.batch_bytes = batch_bytes
-        self.pending_bytes = 0
+        # Contracts check many row groups at once: a validation has a fixed cost
+        # (~0.1 s) that would dominate if paid per row group.
+        self.contract_rows = max(contract_rows or batch_rows, batch_rows)
+        self.contract_bytes = max(contract_bytes or batch_bytes, batch_bytes)
         self.max_chars = max_chars
         self.docs_dir = docs_dir
         self.validate = validate
         self.schema = schema.SCHEMAS[kind]
-        self.rows: list[dict] = []
+        self.rows: list[dict] = []  # the row group being filled
+        self.groups: list[list[dict]] = []  # full row groups waiting for their contract check
+        self.group_bytes = 0
+        self.waiting_rows = 0
+        self.waiting_bytes = 0
         self.batches = 0
         self.written = 0
         self.writer = pq.ParquetWriter(path, self.schema, compression="zstd")
@@ -74,19 +83,29 @@ class DatasetWriter:
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
-        self.pending_bytes += sum(len(v) for v in row.values() if isinstance(v, str))
+        self.group_bytes += sum(len(v) for v in row.values() if isinstance(v, str))
 
     def maybe_flush(self) -> None:
-        # Bounded by rows and by text size: a batch of long answers must not grow memory.
-        if len(self.rows) >= self.batch_rows or self.pending_bytes >= self.batch_bytes:
-            self.flush()
+        # A row group is bounded by rows and by text size: a batch of long answers must not grow memory.
+        if len(self.rows) >= self.batch_rows or self.group_bytes >= self.batch_bytes:
+            self._close_group()
+            if self.waiting_rows >= self.contract_rows or self.waiting_bytes >= self.contract_bytes:
+                self.flush()
+
+    def _close_group(self) -> None:
+        if self.rows:
+            self.groups.append(self.rows)
+            self.waiting_rows += len(self.rows)
+            self.waiting_bytes += self.group_bytes
+            self.rows, self.group_bytes = [], 0
 
     def flush(self, final: bool = False) -> None:
-        if not self.rows and not (final and self.batches == 0):
+        self._close_group()
+        if not self.groups and not (final and self.batches == 0):
             return
-        frame = pd.DataFrame(self.rows, columns=[*self.schema.names, "_source_file", "_line"])
-        self.rows = []
-        self.pending_bytes = 0
+        sizes = [len(g) for g in self.groups]
+        frame = pd.DataFrame([r for g in self.groups for r in g], columns=[*self.schema.names, "_source_file", "_line"])
+        self.groups, self.waiting_rows, self.waiting_bytes = [], 0, 0
         docs = self.docs_dir / self.kind if self.batches == 0 else None
         result = self.validate(
             frame.drop(columns=["_source_file", "_line"]),
@@ -121,12 +140,22 @@ class DatasetWriter:
                 )
                 if kept_key is not None:
                     self.summary.kept_by_file[(src, kept_key)] -= 1
-        valid = frame.loc[result.valid.index]
-        table = pa.Table.from_pandas(valid[self.schema.names], schema=self.schema, preserve_index=False)
-        self.writer.write_table(table)
-        self.written += len(valid)
+        valid_mask = pd.Series(False, index=frame.index)
+        valid_mask.loc[result.valid.index] = True
+        table = pa.Table.from_pandas(frame[self.schema.names], schema=self.schema, preserve_index=False)
+        keep = pa.array(valid_mask.to_numpy())
+        start = 0
+        wrote = False
+        # One Parquet row group per filled group (as if each had been checked alone).
+        for size in sizes or [0]:
+            part = table.slice(start, size).filter(keep.slice(start, size))
+            start += size
+            if part.num_rows or (not wrote and final and self.batches == 0 and start >= table.num_rows):
+                self.writer.write_table(part)
+                wrote = True
+            self.written += part.num_rows
         self.batches += 1
-        del frame, valid, table, result
+        del frame, table, result
         release_memory()
 
     def close(self) -> None:
@@ -192,6 +221,7 @@ class Builder:
             kind: DatasetWriter(
                 kind, out_dir / f"{kind}.parquet", store, self.summary, batch_rows=cfg.batch_rows,
                 batch_bytes=cfg.batch_mb << 20, max_chars=prompt_budget, docs_dir=out_dir / "contracts", validate=validate,
+                contract_rows=cfg.contract_rows, contract_bytes=cfg.contract_mb << 20,
             )
             for kind in DATASETS
         }

@@ -26,11 +26,15 @@ from alignflow.config import IngestConfig
 from . import schema
 from .errors import IngestError
 from .scoring import check_template
+from .phases import Phases
+from .ranges import default_workers
 from .stackexchange import Site, resolve_sites
 from .store import DERIVED
 
 CODE_DIRS = [Path(__file__).resolve().parent, Path(__file__).resolve().parents[2] / "data_contracts"]
 FORMATS = ("stackexchange", "reddit", "pairs")
+# Settings that change how the work is spread, never what it produces: not part of the cache key.
+EXECUTION_ONLY = {"workers", "range_mb"}
 
 
 @dataclass
@@ -159,7 +163,7 @@ def plan_ingest(sources: list[str | Path], workdir: Path, cfg: IngestConfig, fmt
     if se:
         resolve_sites(se)  # fail early on a bad site folder or archive
     key_material = json.dumps(
-        {"config": cfg.model_dump(mode="json"), "inputs": [(s.format, s.sha256) for s in planned],
+        {"config": cfg.model_dump(mode="json", exclude=EXECUTION_ONLY), "inputs": [(s.format, s.sha256) for s in planned],
          "code": code_digest()},
         sort_keys=True,
     )
@@ -169,11 +173,13 @@ def plan_ingest(sources: list[str | Path], workdir: Path, cfg: IngestConfig, fmt
 
 
 # -- building ------------------------------------------------------------------------
-def read_sources(plan: IngestPlan, store, cfg: IngestConfig) -> dict[str, str]:
+def read_sources(plan: IngestPlan, store, cfg: IngestConfig, phases: Phases | None = None) -> dict[str, str]:
     """Stream every SOURCE into the staging store; return the score source per Stack Exchange site."""
     score_sources: dict[str, str] = {}
     se_paths = [Path(s.path) for s in plan.sources if s.format == "stackexchange"]
     sites: list[Site] = resolve_sites(se_paths) if se_paths else []
+    workers = cfg.workers or default_workers()
+    parallel: list[Site] = []
     if sites:
         from .stackexchange import read_site
 
@@ -189,8 +195,13 @@ def read_sources(plan: IngestPlan, store, cfg: IngestConfig) -> dict[str, str]:
             else:
                 store.register_vote_file(site.name, site.votes[0].label)
             score_sources[site.name] = "votes" if use_votes else "score"
-            read_site(site, store, on_bad_row=cfg.on_bad_row, max_chars=cfg.max_text_chars,
-                      max_row_bytes=cfg.max_row_bytes)
+            if workers > 1 and all(m.member is None for m in (*site.votes, *site.posts)):
+                parallel.append(site)  # plain files: read below, cut into ranges
+            else:
+                read_site(site, store, on_bad_row=cfg.on_bad_row, max_chars=cfg.max_text_chars,
+                          max_row_bytes=cfg.max_row_bytes)
+        if parallel:
+            read_sites_in_ranges(parallel, store, cfg, workers, phases or Phases())
     for src in plan.sources:
         if src.format == "reddit":
             from .reddit import read_reddit
@@ -205,6 +216,25 @@ def read_sources(plan: IngestPlan, store, cfg: IngestConfig) -> dict[str, str]:
                 read_pairs_file(Path(f), store, default_license=cfg.default_license, on_bad_row=cfg.on_bad_row,
                                 max_line_bytes=cfg.max_row_bytes)
     return score_sources
+
+
+def read_sites_in_ranges(sites: list[Site], store, cfg: IngestConfig, workers: int, phases: Phases) -> None:
+    """Read plain-file sites on ``workers`` processes, replaying into ``store`` in the one-process order."""
+    from .ranges import Replayer, range_tasks, run_tasks
+
+    tasks = []
+    for site in sites:
+        for member in (*site.votes, *site.posts):
+            tasks += range_tasks(site.name, member.table, member.path, member.label,
+                                 range_bytes=max(int(cfg.range_mb * (1 << 20)), 1), on_bad_row=cfg.on_bad_row,
+                                 max_chars=cfg.max_text_chars, max_row_bytes=cfg.max_row_bytes,
+                                 start_index=len(tasks))
+    replay = Replayer(store)
+    for task, result in run_tasks(tasks, workers):
+        for name, seconds in result.seconds.items():
+            phases.add(f"read: {name} (worker seconds)", seconds)
+        with phases("read: load into the store"):
+            replay.apply(task, result)
 
 
 def build_report(store, summary, score_sources: dict[str, str]) -> dict[str, Any]:
@@ -235,6 +265,34 @@ def build_report(store, summary, score_sources: dict[str, str]) -> dict[str, Any
     }
 
 
+def ingest_warnings(plan: IngestPlan, report: dict[str, Any]) -> list[str]:
+    """What a user must hear about: sources that gave nothing, comments whose submissions were not given."""
+    import re
+
+    given = {Path(f).name for s in plan.sources for f in s.files}
+    warnings: list[str] = []
+    for src in plan.sources:
+        for f in src.files:
+            counts = report["files"].get(f, {})
+            if src.format == "reddit":
+                orphans = counts.get("quarantined:orphan_answer", 0)
+                month = re.match(r"RC_(\d{4}-\d{2})", Path(f).name)
+                wanted = f"RS_{month.group(1)}" if month else "its RS_ submissions file"
+                if orphans and not any(n.startswith(wanted) for n in given):
+                    replies = counts.get("skipped:reply", 0)
+                    warnings.append(
+                        f"{f}: {orphans} top-level comment(s) quarantined as orphans and {replies} repl(ies) skipped: "
+                        f"their submissions are not in the input; pass {wanted} too"
+                    )
+            kept = sum(n for k, n in counts.items() if k.startswith("kept:"))
+            if not kept:
+                why = ", ".join(f"{k}={n}" for k, n in counts.items() if k not in ("rows", "accounted", "adds_up"))
+                warnings.append(f"{f}: nothing kept from {counts.get('rows', 0)} row(s)" + (f" ({why})" if why else ""))
+    if not report["datasets"].get("pairs"):
+        warnings.append("no preference pairs were produced from these sources")
+    return warnings
+
+
 def execute_ingest(plan: IngestPlan, cfg: IngestConfig) -> IngestResult:
     """Build the datasets of a plan (or find them already built: a cache hit)."""
     started = time.perf_counter()
@@ -258,22 +316,33 @@ def execute_ingest(plan: IngestPlan, cfg: IngestConfig) -> IngestResult:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     store = StagingStore(tmp / "staging.sqlite", batch=min(cfg.batch_rows, 5000))
+    phases = Phases()
     try:
-        score_sources = read_sources(plan, store, cfg)
-        store.finish_loading()
-        summary = Builder(store, tmp, cfg, validate=validate, shp_pairs=shp_pairs).run()
-        summary.rows["quarantine"] = write_quarantine(store, tmp / "quarantine.parquet", cfg.batch_rows)
+        with phases("read (wall)"):
+            score_sources = read_sources(plan, store, cfg, phases)
+        with phases("index and duplicates"):
+            store.finish_loading()
+        with phases("build (wall)"):
+            summary = Builder(store, tmp, cfg, validate=phases.timed("build: contracts", validate),
+                              shp_pairs=shp_pairs).run()
+        with phases("quarantine"):
+            summary.rows["quarantine"] = write_quarantine(store, tmp / "quarantine.parquet", cfg.batch_rows)
         report = build_report(store, summary, score_sources)
+        report["warnings"] = ingest_warnings(plan, report)
         store.close()
         (tmp / "staging.sqlite").unlink()
         if not report["adds_up"]:
             bad = {f: v for f, v in report["files"].items() if not v["adds_up"]}
             raise RuntimeError(f"ingest accounting does not add up (a bug, please report it): {bad}")
         datasets = {}
-        for kind in (*schema.SCHEMAS,):
-            path = tmp / f"{kind}.parquet"
-            datasets[kind] = {"path": str(out_dir / path.name), "rows": summary.rows.get(kind, 0),
-                              "digest": sha256_file(path)}
+        with phases("digests"):
+            for kind in (*schema.SCHEMAS,):
+                path = tmp / f"{kind}.parquet"
+                datasets[kind] = {"path": str(out_dir / path.name), "rows": summary.rows.get(kind, 0),
+                                  "digest": sha256_file(path)}
+        phases.add("total", time.perf_counter() - started)
+        write_json(tmp / "profile.json", {"seconds": phases.table(), "input_bytes": input_bytes,
+                                          "workers": cfg.workers or default_workers()})
         docs = {k: v.replace(str(tmp), str(out_dir)) for k, v in summary.docs.items()}
         write_json(tmp / "ingest_report.json", report)
         write_json(tmp / "manifest.json",

@@ -56,6 +56,16 @@ class StoredPost:
 DERIVED = "derived_quarantined"  # count prefix of quarantined rows that are not input rows
 
 
+def post_row(post: PostRecord) -> tuple:
+    """A post as a row of the store's ``posts`` table (columns ``_POST_COLUMNS``)."""
+    return (
+        post.site, post.source, post.post_id, numeric_key(post.post_id), post.kind,
+        0 if post.kind == "question" else 1, post.question_id, numeric_key(post.question_id), post.title,
+        post.body, post.tags, post.score, post.accepted_answer_id, post.author, post.license,
+        post.created_at, post.created_ts, int(post.distinguished), post.source_file, post.line,
+    )
+
+
 class StagingStore:
     """A scratch SQLite database that is also a :class:`RecordSink`."""
 
@@ -94,14 +104,13 @@ class StagingStore:
 
     # -- RecordSink -----------------------------------------------------------
     def add_post(self, post: PostRecord) -> None:
-        self._posts.append(
-            (
-                post.site, post.source, post.post_id, numeric_key(post.post_id), post.kind,
-                0 if post.kind == "question" else 1, post.question_id, numeric_key(post.question_id), post.title,
-                post.body, post.tags, post.score, post.accepted_answer_id, post.author, post.license,
-                post.created_at, post.created_ts, int(post.distinguished), post.source_file, post.line,
-            )
-        )
+        self._posts.append(post_row(post))
+        if len(self._posts) >= self.batch:
+            self._flush_posts()
+
+    def add_post_rows(self, rows: list[tuple]) -> None:
+        """Posts already in the store's row form (:func:`post_row`), e.g. from a worker process."""
+        self._posts.extend(rows)
         if len(self._posts) >= self.batch:
             self._flush_posts()
 
@@ -111,6 +120,20 @@ class StagingStore:
             entry = self._votes[(site, post_id)] = [0, 0, 0]
         entry[{2: 0, 3: 1, 1: 2}[vote_type]] += 1
         if len(self._votes) >= self.vote_buffer:
+            self._flush_votes()
+
+    def add_vote_counts(self, counts: dict[tuple[str, str], list[int]]) -> None:
+        """Add per-post (up, down, accept) vote counts summed elsewhere."""
+        votes = self._votes
+        for key, (up, down, acc) in counts.items():
+            entry = votes.get(key)
+            if entry is None:
+                votes[key] = [up, down, acc]
+            else:
+                entry[0] += up
+                entry[1] += down
+                entry[2] += acc
+        if len(votes) >= self.vote_buffer:
             self._flush_votes()
 
     def register_vote_file(self, site: str, source_file: str) -> None:

@@ -19,30 +19,18 @@ asks to replace. Responses are JSON; the page renders every text with
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from .page import PAGE
-from .report import batch_report
+from .report import batch_report, json_safe as _clean
 from .store import Labeler, LabelStore, StoreError
 
 __all__ = ["create_app"]
 
 MAX_BODY = 1_000_000
-
-
-def _clean(value: Any) -> Any:
-    """JSON-safe: NaN/inf -> None (JSON has no NaN)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
 
 
 def _error(status: int, message: str) -> JSONResponse:

@@ -7,6 +7,7 @@ read back from an export file); everything here is computed from it.
 from __future__ import annotations
 
 import datetime as _dt
+import math
 from collections.abc import Mapping, Sequence
 
 from .agreement import (
@@ -17,9 +18,20 @@ from .agreement import (
     submission_agreement,
 )
 from .rankings import ranking_comparisons, rankings_to_pairs, ranks
-from .scores import Comparisons, bootstrap_scores, compare, leaderboard
+from .scores import Comparisons, bootstrap_scores, compare, fit_bradley_terry, leaderboard
 
-__all__ = ["batch_report", "item_rankings", "policy_of", "human_pairs", "policy_leaderboard"]
+__all__ = ["json_safe", "response_scores", "batch_report", "item_rankings", "policy_of", "human_pairs", "policy_leaderboard"]
+
+
+def json_safe(value):  # noqa: ANN001, ANN201
+    """JSON-safe copy: NaN/inf -> None (JSON has no NaN), tuples -> lists, keys -> str."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def item_rankings(rows: Sequence[Mapping], *, gold: bool = False) -> dict:
@@ -59,6 +71,26 @@ def policy_leaderboard(rows: Sequence[Mapping], *, rounds: int = 1000, seed: int
     names = [b["item"] for b in board]
     pairs = [{"first": a, "second": b, **compare(result, a, b)} for i, a in enumerate(names) for b in names[i + 1:]]
     return {"rows": board, "pairs": pairs, "comparisons": len(recs)}
+
+
+def response_scores(rows: Sequence[Mapping]) -> list[dict]:
+    """Bradley-Terry scores of every response (Elo scale, point estimates), one row per response.
+
+    Responses are only compared within their item, so only differences inside
+    one item mean anything; rows are sorted by item, best first.
+    """
+    rows = _regular(rows)
+    policy = policy_of(rows)
+    recs = []
+    for r in rows:
+        keyed = {**r, "groups": [[f"{r['item_id']}|{x}" for x in g] for g in r["groups"]]}
+        recs += ranking_comparisons([keyed])
+    if not recs:
+        return []
+    fit = fit_bradley_terry(Comparisons.from_records(recs))
+    out = [{"item_id": k.split("|", 1)[0], "response": k.split("|", 1)[1], "policy": policy.get(k, ""),
+            "score": v} for k, v in fit.items()]
+    return sorted(out, key=lambda r: (r["item_id"], -r["score"]))
 
 
 def human_pairs(rows: Sequence[Mapping], *, site: str, validation_fraction: float = 0.1, seed: int = 0) -> list[dict]:

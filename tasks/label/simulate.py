@@ -90,6 +90,7 @@ class RunStats:
     latencies: list[float] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
     errors: int = 0
+    duplicates: int = 0  # repeated sends answered with the stored submission (not counted as accepted)
     seconds: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -103,11 +104,12 @@ class RunStats:
         return {"submissions": len(self.accepted), "seconds": round(self.seconds, 3),
                 "submissions_per_s": len(self.accepted) / self.seconds if self.seconds else float("nan"),
                 "p50_latency_ms": 1000 * self.p(0.5), "p95_latency_ms": 1000 * self.p(0.95),
-                "refused": len(self.refused), "transport_errors": self.errors}
+                "refused": len(self.refused), "duplicates_answered": self.duplicates,
+                "transport_errors": self.errors}
 
 
 def _labeler_loop(base_url: str, token: str, batch_id: str, model: LabelerModel, seed: int, stats: RunStats,
-                  deadline: float | None, max_items: int | None, retries: int) -> None:
+                  deadline: float | None, max_items: int | None, retries: int, repeat_rate: float) -> None:
     import httpx
 
     rng = random.Random(seed)
@@ -132,12 +134,20 @@ def _labeler_loop(base_url: str, token: str, batch_id: str, model: LabelerModel,
             dt = time.perf_counter() - t0
             if resp is None:
                 return
+            again = None
+            if repeat_rate and rng.random() < repeat_rate:  # a double click: the same request once more
+                again = _with_retries(lambda: client.post("/api/submissions", json=body), retries, stats)
             with stats.lock:
                 if resp.status_code in (200, 201):
                     stats.accepted.append(int(resp.json()["submission_id"]))
                     stats.latencies.append(dt)
                 else:
                     stats.refused.append(f"{resp.status_code} {resp.text[:200]}")
+                if again is not None:
+                    if again.status_code == 200 and again.json().get("duplicate"):
+                        stats.duplicates += 1
+                    else:
+                        stats.refused.append(f"repeat: {again.status_code} {again.text[:200]}")
             if resp.status_code not in (200, 201):
                 return
             done += 1
@@ -158,14 +168,16 @@ def _with_retries(call: Callable, retries: int, stats: RunStats):  # noqa: ANN20
 
 def run_labelers(base_url: str, tokens: Sequence[str], batch_id: str, *, model: LabelerModel | None = None,
                  models: Sequence[LabelerModel] | None = None, seconds: float | None = None,
-                 max_items: int | None = None, seed: int = 0, retries: int = 3) -> RunStats:
-    """Every token labels ``batch_id`` in its own thread until the batch is done (or ``seconds`` pass)."""
+                 max_items: int | None = None, seed: int = 0, retries: int = 3, repeat_rate: float = 0.0) -> RunStats:
+    """Every token labels ``batch_id`` in its own thread until the batch is done (or ``seconds`` pass).
+
+    ``repeat_rate``: the share of submissions sent twice with the same idempotency key (double clicks)."""
     stats = RunStats()
     deadline = time.monotonic() + seconds if seconds else None
     per = list(models) if models else [model or LabelerModel()] * len(tokens)
     threads = [threading.Thread(target=_labeler_loop, daemon=True,
                                 args=(base_url, tok, batch_id, per[i], seed * 1000 + i, stats, deadline, max_items,
-                                      retries)) for i, tok in enumerate(tokens)]
+                                      retries, repeat_rate)) for i, tok in enumerate(tokens)]
     t0 = time.perf_counter()
     for t in threads:
         t.start()

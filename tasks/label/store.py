@@ -12,6 +12,10 @@ Guarantees the app relies on:
   one, so items complete evenly. Serving and submitting are transactions that
   hold the batch's write lock (``BEGIN IMMEDIATE`` on SQLite, an advisory
   transaction lock on PostgreSQL), so concurrent labelers cannot over-assign.
+* An assignment left unsubmitted for ``ASSIGNMENT_TTL_S`` stops counting
+  toward the item's overlap (the item may go to someone else); if its labeler
+  still submits it later the answer is kept, so such an item can end with one
+  ranking more than ``overlap``.
 * A submission is one transaction with a unique ``(item, labeler)`` and a
   unique idempotency key: a retried request returns the stored submission, a
   second submission with a new key is refused unless it asks to replace the
@@ -86,9 +90,11 @@ assignments = sa.Table(
     "label_assignments", metadata,
     sa.Column("item_id", sa.String(128), sa.ForeignKey("label_items.id"), primary_key=True),
     sa.Column("labeler_id", sa.Integer, sa.ForeignKey("label_labelers.id"), primary_key=True),
-    sa.Column("batch_id", sa.String(64), nullable=False, index=True),
+    sa.Column("batch_id", sa.String(64), nullable=False),
     sa.Column("shown_order", sa.Text, nullable=False),  # JSON list of response ids as displayed
     sa.Column("served_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("submitted", sa.Boolean, nullable=False, default=False),
+    sa.Index("ix_label_assignments_labeler", "batch_id", "labeler_id", "submitted"),
 )
 submissions = sa.Table(
     "label_submissions", metadata,
@@ -105,6 +111,31 @@ submissions = sa.Table(
     sa.Column("submitted_at", sa.DateTime(timezone=True), nullable=False),
     sa.UniqueConstraint("item_id", "labeler_id", name="uq_label_submission_item_labeler"),
 )
+
+
+def _candidate_statements() -> tuple[sa.Select, sa.Select, sa.Select]:
+    """Items a labeler may be served (never theirs before; gold, or below ``overlap`` counting submitted and live
+    assignments): (best regular item, first gold item, how many). Built once, with bound parameters
+    ``batch_id``, ``me``, ``overlap``, ``cutoff``."""
+    a = assignments.alias("a")
+    mine = assignments.alias("mine")
+    load = sa.func.count(a.c.labeler_id).label("load")
+    cand = (
+        sa.select(items.c.id, items.c.position, (items.c.gold.is_not(None)).label("is_gold"), load)
+        .select_from(items.outerjoin(a, sa.and_(a.c.item_id == items.c.id,
+                                               sa.or_(a.c.submitted, a.c.served_at > sa.bindparam("cutoff")))))
+        .where(items.c.batch_id == sa.bindparam("batch_id"),
+               ~sa.exists().where(mine.c.item_id == items.c.id, mine.c.labeler_id == sa.bindparam("me")))
+        .group_by(items.c.id, items.c.position, items.c.gold)
+        .having(sa.or_(items.c.gold.is_not(None), load < sa.bindparam("overlap")))
+    ).subquery()
+    best = (sa.select(cand.c.id, cand.c.position, cand.c.load).where(sa.not_(cand.c.is_gold))
+            .order_by(cand.c.load, cand.c.position).limit(1))
+    gold = sa.select(cand.c.id, cand.c.position).where(cand.c.is_gold).order_by(cand.c.position).limit(1)
+    return best, gold, sa.select(sa.func.count()).select_from(cand)
+
+
+_BEST, _GOLD, _FREE = _candidate_statements()
 
 
 class StoreError(Exception):
@@ -290,64 +321,57 @@ class LabelStore:
         b = conn.execute(sa.select(batches.c.overlap).where(batches.c.id == batch_id)).first()
         if b is None:
             raise NotFound(f"no batch {batch_id!r}")
-        done = conn.execute(sa.select(sa.func.count()).select_from(submissions).where(
-            submissions.c.batch_id == batch_id, submissions.c.labeler_id == labeler.id)).scalar_one()
-        counts = self._item_counts(conn, batch_id, labeler.id, _now())
-        available = sum(1 for c in counts.values() if c["mine"] is None and (c["gold"] or c["load"] < b.overlap))
-        return {"done": int(done), "total": int(done) + available}
+        mine = conn.execute(sa.select(assignments.c.submitted, sa.func.count()).where(
+            assignments.c.batch_id == batch_id, assignments.c.labeler_id == labeler.id)
+            .group_by(assignments.c.submitted)).all()
+        done = sum(n for submitted, n in mine if submitted)
+        still_open = sum(n for submitted, n in mine if not submitted)
+        free = conn.execute(_FREE, self._params(batch_id, labeler.id, b.overlap, _now())).scalar_one()
+        return {"done": int(done), "total": int(done + still_open + free)}
 
-    def _item_counts(self, conn: sa.Connection, batch_id: str, labeler_id: int, now: _dt.datetime) -> dict:
-        """Per item: position, gold, load (submissions + live assignments of others), this labeler's state."""
-        out = {r.id: {"position": r.position, "gold": r.gold is not None, "load": 0, "mine": None}
-               for r in conn.execute(sa.select(items.c.id, items.c.position, items.c.gold)
-                                     .where(items.c.batch_id == batch_id))}
-        submitted = set()
-        for r in conn.execute(sa.select(submissions.c.item_id, submissions.c.labeler_id)
-                              .where(submissions.c.batch_id == batch_id)):
-            submitted.add((r.item_id, r.labeler_id))
-            out[r.item_id]["load"] += 1
-            if r.labeler_id == labeler_id:
-                out[r.item_id]["mine"] = "submitted"
-        for r in conn.execute(sa.select(assignments.c.item_id, assignments.c.labeler_id, assignments.c.served_at)
-                              .where(assignments.c.batch_id == batch_id)):
-            if (r.item_id, r.labeler_id) in submitted:
-                continue
-            if r.labeler_id == labeler_id:
-                out[r.item_id]["mine"] = "open"
-            elif (now - _aware(r.served_at)).total_seconds() < ASSIGNMENT_TTL_S:
-                out[r.item_id]["load"] += 1
-        return out
+    @staticmethod
+    def _params(batch_id: str, labeler_id: int, overlap: int, now: _dt.datetime) -> dict:
+        return {"batch_id": batch_id, "me": labeler_id, "overlap": overlap,
+                "cutoff": now - _dt.timedelta(seconds=ASSIGNMENT_TTL_S)}
 
     def next_item(self, batch_id: str, labeler: Labeler) -> dict | None:
-        """The item to show this labeler next (its open one first), with the responses in a recorded random order."""
+        """The item to show this labeler next (its open one first), with the responses in a recorded random order.
+
+        Otherwise the least-served item (by submissions plus live assignments), then by position; a gold item
+        counts as being at the current level, so gold items are mixed in rather than served first or last.
+        """
         now = _now()
         with self._tx() as conn:
             self._locked(conn, batch_id)
             b = conn.execute(sa.select(batches).where(batches.c.id == batch_id)).first()
             if b is None:
                 raise NotFound(f"no batch {batch_id!r}")
-            counts = self._item_counts(conn, batch_id, labeler.id, now)
-            open_ = [k for k, c in counts.items() if c["mine"] == "open"]
-            if open_:
-                item_id = min(open_, key=lambda k: counts[k]["position"])
-                shown = conn.execute(sa.select(assignments.c.shown_order).where(
-                    assignments.c.item_id == item_id, assignments.c.labeler_id == labeler.id)).scalar_one()
-                order = json.loads(shown)
+            open_row = conn.execute(
+                sa.select(assignments.c.item_id, assignments.c.shown_order)
+                .select_from(assignments.join(items, items.c.id == assignments.c.item_id))
+                .where(assignments.c.batch_id == batch_id, assignments.c.labeler_id == labeler.id,
+                       sa.not_(assignments.c.submitted))
+                .order_by(items.c.position).limit(1)).first()
+            if open_row is not None:
+                item_id, order = open_row.item_id, json.loads(open_row.shown_order)
+                conn.execute(sa.update(assignments).where(assignments.c.item_id == item_id,
+                                                          assignments.c.labeler_id == labeler.id).values(served_at=now))
             else:
-                free = {k: c for k, c in counts.items() if c["mine"] is None and (c["gold"] or c["load"] < b.overlap)}
-                if not free:
+                params = self._params(batch_id, labeler.id, b.overlap, now)
+                best = conn.execute(_BEST, params).first()
+                level = best.load if best is not None else 0
+                gold = conn.execute(_GOLD, params).first()
+                choices = [(r.load, r.position, r.id) for r in (best,) if r is not None]
+                choices += [(level, g.position, g.id) for g in (gold,) if g is not None]
+                if not choices:
                     return None
-                level = min((c["load"] for c in free.values() if not c["gold"]), default=0)
-                # Least-served first; a gold item counts as being at the current level, so it is mixed in.
-                item_id = min(free, key=lambda k: (level if free[k]["gold"] else free[k]["load"],
-                                                   free[k]["position"]))
+                item_id = min(choices)[2]
                 ids = [r["id"] for r in json.loads(conn.execute(
                     sa.select(items.c.responses).where(items.c.id == item_id)).scalar_one())]
                 order = random.Random(secrets.randbits(64)).sample(ids, len(ids))
-                conn.execute(sa.delete(assignments).where(assignments.c.item_id == item_id,
-                                                          assignments.c.labeler_id == labeler.id))
                 conn.execute(assignments.insert().values(item_id=item_id, labeler_id=labeler.id, batch_id=batch_id,
-                                                         shown_order=json.dumps(order), served_at=now))
+                                                         shown_order=json.dumps(order), served_at=now,
+                                                         submitted=False))
             it = conn.execute(sa.select(items).where(items.c.id == item_id)).first()
             progress = self._progress(conn, batch_id, labeler)
         by_id = {r["id"]: r for r in json.loads(it.responses)}
@@ -412,6 +436,8 @@ class LabelStore:
                 conn.execute(sa.update(submissions).where(submissions.c.id == existing.id).values(
                     **values, idempotency_key=idempotency_key, revision=existing.revision + 1))
                 return {"submission_id": existing.id, "revision": existing.revision + 1, "duplicate": False}
+            conn.execute(sa.update(assignments).where(assignments.c.item_id == item_id,
+                                                      assignments.c.labeler_id == labeler.id).values(submitted=True))
             sid = conn.execute(submissions.insert().values(
                 batch_id=it.batch_id, item_id=item_id, labeler_id=labeler.id, idempotency_key=idempotency_key,
                 revision=1, **values)).inserted_primary_key[0]

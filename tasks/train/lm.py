@@ -173,8 +173,10 @@ def evaluate_lm(model: Any, examples: Sequence[dict], pad_token_id: int, *, batc
 
 @torch.no_grad()
 def generate_greedy(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int,
-                    max_prompt_tokens: int) -> list[str]:
-    """Greedy continuations of prompts (left-padded batch, KV cache), cut at the first EOS."""
+                    max_prompt_tokens: int, sampling: dict[str, Any] | None = None) -> list[str]:
+    """Greedy continuations of prompts (left-padded batch, KV cache), cut at the first EOS.
+
+    ``sampling`` (e.g. ``{"do_sample": True, "temperature": 0.7, "top_k": 0}``) samples instead of greedy."""
     if not prompts:
         return []
     device = next(model.parameters()).device
@@ -193,7 +195,7 @@ def generate_greedy(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_n
     enc = {k: v.to(device) for k, v in enc.items()}
     was_training = model.training
     model.eval()
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, **(sampling or {"do_sample": False}),
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     if was_training:
         model.train()

@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 PAIR_COLUMNS = ("pair_id", "prompt", "chosen", "rejected", "chosen_score", "rejected_score", "margin",
-                "question_id", "site", "source", "split")
+                "question_id", "site", "source", "split", "weight")  # weight: human pairs (1/C(K,2) per ranking)
 ANY_SITE = "*"
 
 

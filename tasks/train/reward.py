@@ -75,13 +75,21 @@ WORST_TEXT_CHARS = 500
 
 # -- loss -----------------------------------------------------------------------------------
 def bradley_terry_loss(
-    r_chosen: Tensor, r_rejected: Tensor, margin: Tensor | None = None, centering: float = 0.0
+    r_chosen: Tensor, r_rejected: Tensor, margin: Tensor | None = None, centering: float = 0.0,
+    weight: Tensor | None = None,
 ) -> Tensor:
-    """``mean(-log σ(r_c - r_r - m)) + centering · mean((r_c + r_r)²)`` (0-d tensor)."""
+    """``mean(-log σ(r_c - r_r - m)) + centering · mean((r_c + r_r)²)`` (0-d tensor).
+
+    With ``weight`` the first mean is weighted (``Σ w·l / Σ w``): pairs of a K-response human ranking carry
+    1/C(K,2) each, so every ranking counts once (InstructGPT)."""
     diff = r_chosen - r_rejected
     if margin is not None:
         diff = diff - margin.to(diff.dtype)
-    loss = -F.logsigmoid(diff).mean()
+    if weight is not None:
+        w = weight.to(diff.dtype)
+        loss = -(w * F.logsigmoid(diff)).sum() / w.sum().clamp_min(1e-12)
+    else:
+        loss = -F.logsigmoid(diff).mean()
     if centering:
         loss = loss + centering * (r_chosen + r_rejected).pow(2).mean()
     return loss
@@ -137,8 +145,18 @@ def pair_examples(tokenizer: Any, rows: Iterable[dict], max_length: int) -> list
             "rejected_input_ids": reward_input_ids(tokenizer, row["prompt"], row["rejected"], max_length),
             "margin": float(margin) if margin is not None and math.isfinite(float(margin)) else 0.0,
             "group": question_key(row),
+            "weight": _pair_weight(row.get("weight")),
         })
     return out
+
+
+def _pair_weight(value: Any) -> float:
+    """A pair's loss weight: the row's ``weight`` (human pairs) when positive and finite, else 1."""
+    try:
+        w = float(value)
+    except (TypeError, ValueError):
+        return 1.0
+    return w if math.isfinite(w) and w > 0 else 1.0
 
 
 def pair_collate(examples: Sequence[dict], pad_id: int) -> dict[str, Tensor]:
@@ -156,7 +174,10 @@ def pair_collate(examples: Sequence[dict], pad_id: int) -> dict[str, Tensor]:
         input_ids[row, : len(s)] = torch.as_tensor(s, dtype=torch.long)
         attention_mask[row, : len(s)] = 1
     margin = torch.tensor([float(ex.get("margin") or 0.0) for ex in examples], dtype=torch.float32)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "margin": margin}
+    out = {"input_ids": input_ids, "attention_mask": attention_mask, "margin": margin}
+    if any(ex.get("weight", 1.0) != 1.0 for ex in examples):
+        out["weight"] = torch.tensor([float(ex.get("weight", 1.0)) for ex in examples], dtype=torch.float32)
+    return out
 
 
 def question_batches(groups: Sequence[str], batch_size: int, seed: int) -> list[list[int]]:
@@ -213,7 +234,7 @@ def reward_loss_fn(
     n = rewards.shape[0] // 2
     r_c, r_r = rewards[:n], rewards[n:]
     margin = batch.get("margin") if use_margin else None
-    loss = bradley_terry_loss(r_c, r_r, margin, centering)
+    loss = bradley_terry_loss(r_c, r_r, margin, centering, batch.get("weight"))
     with torch.no_grad():
         diff = r_c - r_r
         accuracy = (diff > 0).float().mean() + 0.5 * (diff == 0).float().mean()

@@ -1,0 +1,337 @@
+"""Parallel reading of dump tables: byte ranges cut at line ends, parsed by worker processes.
+
+A Stack Exchange dump table holds one ``<row .../>`` per line (newlines inside
+values are written as ``&#xA;``), so a table can be cut at the starts of row
+lines into ranges that parse on their own: each worker wraps its range in the
+table's root element and runs the same :class:`~.xmlstream.RowParser` and row
+readers as the one-process path, with every check they make. A worker keeps
+what it read as a list of sink calls; the parent replays the lists into the
+staging store in file order, adding each range's line offset, so the store
+sees exactly the calls of a one-process read and the datasets are
+byte-identical whatever the number of workers. Votes are summed per post in the
+worker (their order does not matter).
+
+Files too small to cut, tables inside .7z archives and tables whose head is
+not a plain ``<?xml?>`` prolog plus root element are read in one range, in order.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import IngestError
+from .records import PairRecord, PostRecord
+from .store import post_row
+
+_ROW_LINE = re.compile(rb"\n[ \t]*<row[ \t\r\n/>]")
+_CUT_WINDOW = 1 << 20
+READ_CHUNK = 1 << 20
+
+
+def default_workers() -> int:
+    """All cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def cut_points(path: Path, range_bytes: int) -> list[tuple[int, int]]:
+    """Byte ranges of ``path`` that start at row lines (the first starts at 0 and holds the prolog)."""
+    size = path.stat().st_size
+    if size <= range_bytes:
+        return [(0, size)]
+    cuts = [0]
+    with open(path, "rb") as fh:
+        target = range_bytes
+        while target < size:
+            pos = target
+            found = None
+            while pos < size and found is None:
+                fh.seek(pos)
+                window = fh.read(_CUT_WINDOW + 64)
+                m = _ROW_LINE.search(window)
+                if m is not None and m.start() < _CUT_WINDOW:
+                    found = pos + m.start() + 1
+                pos += _CUT_WINDOW
+            if found is None:
+                break
+            cuts.append(found)
+            target = found + range_bytes
+    cuts.append(size)
+    return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
+# -- what a worker reads ---------------------------------------------------------------
+@dataclass
+class RangeResult:
+    index: int
+    newlines: int
+    calls: list[tuple] = field(default_factory=list)  # ("post", row) | ("pair", record) | ("q", kwargs) | ("count", ...)
+    votes: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+    error: dict[str, Any] | None = None  # an IngestError, with its line relative to the range
+    seconds: dict[str, float] = field(default_factory=dict)  # "parse" (lxml), "rows" (decode, HTML, records)
+
+
+class RecordingSink:
+    """A :class:`~.records.RecordSink` that keeps the calls for the parent to replay."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+        self.votes: dict[tuple[str, str], list[int]] = {}
+
+    def add_post(self, post: PostRecord) -> None:
+        self.calls.append(("post", post_row(post)))
+
+    def add_vote(self, site: str, post_id: str, vote_type: int) -> None:
+        entry = self.votes.get((site, post_id))
+        if entry is None:
+            entry = self.votes[(site, post_id)] = [0, 0, 0]
+        entry[{2: 0, 3: 1, 1: 2}[vote_type]] += 1
+
+    def add_pair(self, pair: PairRecord) -> None:
+        self.calls.append(("pair", pair))
+
+    def quarantine(self, **kwargs) -> None:
+        self.calls.append(("q", kwargs))
+
+    def count(self, source_file: str, key: str, n: int = 1) -> None:
+        if self.calls and self.calls[-1][0] == "count" and self.calls[-1][1] == source_file \
+                and self.calls[-1][2] == key:
+            self.calls[-1] = ("count", source_file, key, self.calls[-1][3] + n)
+        else:
+            self.calls.append(("count", source_file, key, n))
+
+
+@dataclass(frozen=True)
+class RangeTask:
+    index: int
+    table: str  # "Posts" | "Votes"
+    site: str
+    path: str
+    label: str
+    start: int
+    end: int
+    first: bool
+    last: bool
+    on_bad_row: str
+    max_chars: int
+    max_row_bytes: int
+
+
+def read_range(task: RangeTask) -> RangeResult:
+    """Parse one byte range of a dump table (runs in a worker process)."""
+    from .stackexchange import PostRowReader, VoteRowReader
+    from .xmlstream import RowParser
+
+    sink = RecordingSink()
+    root = task.table.lower()
+    if task.table == "Posts":
+        reader = PostRowReader(task.site, task.label, sink, on_bad_row=task.on_bad_row, max_chars=task.max_chars)
+    else:
+        reader = VoteRowReader(task.site, task.label, sink, on_bad_row=task.on_bad_row)
+    row_seconds = [0.0]
+
+    def timed_reader(attrib, line, _reader=reader, _clock=time.perf_counter):
+        t = _clock()
+        try:
+            _reader(attrib, line)
+        finally:
+            row_seconds[0] += _clock() - t
+
+    parser = RowParser(task.label, timed_reader if task.table == "Posts" else reader, root=root,
+                       max_row_bytes=task.max_row_bytes, on_oversize=getattr(reader, "oversized", None))
+    newlines = 0
+    started = time.perf_counter()
+    try:
+        if not task.first:
+            parser.feed(f"<{root}>".encode())
+        with open(task.path, "rb") as fh:
+            fh.seek(task.start)
+            left = task.end - task.start
+            while left > 0:
+                chunk = fh.read(min(READ_CHUNK, left))
+                if not chunk:
+                    break
+                left -= len(chunk)
+                newlines += chunk.count(b"\n")
+                parser.feed(chunk)
+        if not task.last:
+            parser.feed(f"</{root}>".encode())
+        parser.close()
+    except IngestError as exc:
+        return RangeResult(task.index, newlines, sink.calls, sink.votes,
+                           error=dict(message=exc.reason, path=exc.path, line=exc.line, row_id=exc.row_id,
+                                      field=exc.field))
+    total = time.perf_counter() - started
+    if task.table == "Posts":
+        seconds = {"Posts.xml parse": total - row_seconds[0], "Posts.xml rows (decode, HTML to text)": row_seconds[0]}
+    else:
+        seconds = {"Votes.xml parse and count": total}
+    return RangeResult(task.index, newlines, sink.calls, sink.votes, seconds=seconds)
+
+
+def plain_head(path: Path, root: str) -> bool:
+    """True when the table starts with an optional XML declaration and its root element, nothing else."""
+    with open(path, "rb") as fh:
+        head = fh.read(1 << 12)
+    head = head.removeprefix(b"\xef\xbb\xbf").lstrip()
+    if head.startswith(b"<?xml"):
+        end = head.find(b"?>")
+        if end < 0:
+            return False
+        head = head[end + 2:].lstrip()
+    return re.match(rb"<" + root.encode() + rb"[ \t\r\n>]", head) is not None
+
+
+def range_tasks(site: str, table: str, path: Path, label: str, *, range_bytes: int, on_bad_row: str,
+                max_chars: int, max_row_bytes: int, start_index: int = 0) -> list[RangeTask]:
+    ranges = cut_points(path, range_bytes) if plain_head(path, table.lower()) else [(0, path.stat().st_size)]
+    return [
+        RangeTask(start_index + i, table, site, str(path), label, a, b, i == 0, i == len(ranges) - 1, on_bad_row,
+                  max_chars, max_row_bytes)
+        for i, (a, b) in enumerate(ranges)
+    ]
+
+
+class Replayer:
+    """Replays range results into the store in task order, fixing line numbers across ranges."""
+
+    def __init__(self, store) -> None:
+        self.store = store
+        self.line_offset: dict[str, int] = {}
+
+    def apply(self, task: RangeTask, result: RangeResult) -> None:
+        off = self.line_offset.get(task.label, 0) if not task.first else 0
+        store = self.store
+        posts: list[tuple] = []
+        for call in result.calls:
+            kind = call[0]
+            if kind == "post":
+                row = call[1]
+                posts.append(row if not off or row[-1] is None else (*row[:-1], row[-1] + off))
+                continue
+            if posts:
+                store.add_post_rows(posts)
+                posts = []
+            if kind == "count":
+                store.count(call[1], call[2], call[3])
+            elif kind == "q":
+                kw = call[1]
+                if off and kw.get("line") is not None:
+                    kw = {**kw, "line": kw["line"] + off}
+                store.quarantine(**kw)
+            elif kind == "pair":
+                store.add_pair(call[1])
+        if posts:
+            store.add_post_rows(posts)
+        if result.votes:
+            store.add_vote_counts(result.votes)
+        if result.error is not None:
+            err = result.error
+            message, line = err["message"], err["line"]
+            if line is not None and off:
+                # libxml2 repeats the line inside its own message: both count from the range's first line
+                message = re.sub(rf"\bline {line}\b", f"line {line + off}", message)
+                line += off
+            raise IngestError(message, path=err["path"], line=line, row_id=err["row_id"], field=err["field"])
+        self.line_offset[task.label] = off + result.newlines
+
+
+def run_tasks(tasks: list[RangeTask], workers: int) -> Iterator[tuple[RangeTask, RangeResult]]:
+    """Results of ``tasks`` in order: in this process (one worker) or on worker processes (several).
+
+    Task ``i`` goes to worker ``i % n``; each worker has at most two tasks in
+    flight, so results waiting for the parent never hold more than a few
+    ranges in memory.
+    """
+    if workers <= 1 or len(tasks) <= 1:
+        for task in tasks:
+            yield task, read_range(task)
+        return
+    n = min(workers, len(tasks))
+    pool = _WorkerProcesses(n)
+    try:
+        sent = 0
+        for i, task in enumerate(tasks):
+            while sent < len(tasks) and sent < i + 2 * n:
+                pool.send(sent % n, tasks[sent])
+                sent += 1
+            yield task, pool.receive(i % n)
+    finally:
+        pool.close()
+
+
+class _WorkerProcesses:
+    """``n`` Python processes running :func:`serve`: tasks in on stdin, results out on stdout (pickles).
+
+    Plain subprocesses rather than ``multiprocessing``: they never re-import
+    the caller's main module and never fork a process that runs threads; a
+    worker whose parent dies reads end-of-file and exits.
+    """
+
+    def __init__(self, n: int) -> None:
+        import subprocess
+        import sys
+
+        cmd = [sys.executable, "-c", "from alignflow.tasks.ingest.ranges import serve; serve()"]
+        self.procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE) for _ in range(n)]
+
+    def send(self, worker: int, task: RangeTask) -> None:
+        import pickle
+
+        proc = self.procs[worker]
+        pickle.dump(task, proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+        proc.stdin.flush()
+
+    def receive(self, worker: int) -> RangeResult:
+        import pickle
+
+        proc = self.procs[worker]
+        try:
+            kind, value = pickle.load(proc.stdout)
+        except EOFError:
+            raise RuntimeError(f"ingest worker process {proc.pid} exited (code {proc.wait()})") from None
+        if kind == "error":
+            raise value
+        return value
+
+    def close(self) -> None:
+        for proc in self.procs:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except Exception:
+                proc.kill()
+                proc.wait()
+
+
+def serve() -> None:
+    """Worker process loop: read tasks from stdin until it closes, write each result to stdout."""
+    import pickle
+    import sys
+
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # anything printed must not corrupt the result stream
+    while True:
+        try:
+            task = pickle.load(stdin)
+        except EOFError:
+            return
+        try:
+            reply = ("ok", read_range(task))
+        except Exception as exc:  # a bug: shown in the parent with its type and message
+            reply = ("error", RuntimeError(f"ingest worker failed on {task.label} bytes {task.start}-{task.end}: "
+                                           f"{type(exc).__name__}: {exc}"))
+        pickle.dump(reply, stdout, protocol=pickle.HIGHEST_PROTOCOL)
+        stdout.flush()
