@@ -1,13 +1,14 @@
 # alignflow: the two commands of the README, and the benchmarks.
 #   make demo    set up .venv and run the embedded default end to end
 #   make test    set up .venv and run the test suite
+#   make fuzz    the property/fuzz tests of the input readers with many more cases (nightly-sized)
 #   make bench   every benchmark against its peer -> bench/REPORT.md + bench/report.json (bench-quick: < 10 min)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser demo test test-fast bench bench-quick clean
+.PHONY: install browser demo test test-fast fuzz bench bench-quick clean
 
 install: $(STAMP)
 
@@ -25,14 +26,18 @@ browser:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) ; } || \
 	  echo "chromium not installed: the UI tests will be skipped"
 
+# one intra-op thread per process: the demo runs two branches side by side, and small models train faster that way
 demo: install
-	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/alignflow demo
+	PREFECT_SERVER_ANALYTICS_ENABLED=false OMP_NUM_THREADS=1 $(BIN)/alignflow demo
 
 test: install browser
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
+
+fuzz: install
+	HYPOTHESIS_PROFILE=nightly $(BIN)/python -m pytest tests/test_fuzz_inputs.py
 
 bench: install
 	$(BIN)/python bench/run_all.py

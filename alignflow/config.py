@@ -175,8 +175,9 @@ class BaseStageConfig(_Section):
                                "small architecture to pretrain.")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(max_steps=300, lr=2e-3),
                                description="Pretraining loop (used only when no pretrained model is named).")
-    text_sources: list[Literal["questions", "answers"]] = Field(
-        default_factory=lambda: ["questions", "answers"], description="Which post texts to pretrain on."
+    text_sources: list[Literal["questions", "answers", "threads"]] = Field(
+        default_factory=lambda: ["questions", "answers"], description="Which post texts to pretrain on "
+        "(threads: each answer after its question, one document)."
     )
     max_documents: int | None = Field(None, ge=1, description="Cap on documents read from posts (None = all).")
 
@@ -470,17 +471,27 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> AlignflowConfig:
     """Read a YAML config (optional), apply dotted overrides, validate."""
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(f"config file not found: {path}")
+        if not path.is_file():
+            raise ConfigError(f"config {path} is {'a folder' if path.is_dir() else 'not a regular file'}, "
+                              "not a YAML file")
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {path.stat().st_size} bytes is not a config (the limit is {MAX_CONFIG_BYTES})")
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not a text file (byte {exc.start} is not UTF-8)") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from exc
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

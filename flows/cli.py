@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+import traceback
 from pathlib import Path
 from collections.abc import Callable
 from typing import Annotated, Optional
@@ -19,7 +20,7 @@ import typer
 
 from alignflow import stages
 
-from .environment import prepare
+from .environment import WorkdirError, debug, is_environment_error, prepare
 
 WorkdirOpt = Annotated[Path, typer.Option("--workdir", help="Folder for everything a run writes.")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML config (see configs/).")]
@@ -28,8 +29,26 @@ DEFAULT_WORKDIR = Path("./alignflow-work")
 
 
 def _fail(exc: BaseException) -> None:
-    typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+    """A user error: one line on stderr and exit code 2 (with ``--debug``, the traceback first)."""
+    if debug():
+        traceback.print_exception(exc)
+    typer.secho(f"error: {error_line(exc)}", err=True, fg=typer.colors.RED)
     raise typer.Exit(2)
+
+
+def error_line(exc: BaseException) -> str:
+    """The message of an error as one line."""
+    if is_environment_error(exc) and not isinstance(exc, WorkdirError):
+        what = getattr(exc, "filename", None)
+        reason = getattr(exc, "strerror", None) or str(exc)
+        return f"{reason}{f': {what}' if what else ''} (free space or permissions, then run again)"
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 2000 else text[:2000] + "…"
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """An error the user can fix (input, config, environment): reported as one line, not a traceback."""
+    return isinstance(exc, (*_user_errors(), WorkdirError)) or is_environment_error(exc)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -101,7 +120,10 @@ def generate_dump(
     """Write a synthetic Stack Exchange dump with a planted preference rule."""
     from alignflow.tasks.ingest.synthetic import PLANTED_RULE, generate_dump as generate
 
-    path = generate(out, questions=questions, seed=seed, site=site, archive=archive)
+    try:
+        path = generate(out, questions=questions, seed=seed, site=site, archive=archive)
+    except (ValueError, OSError) as exc:  # a site name that is a path, an --out that is a file
+        _fail(exc)
     typer.echo(f"wrote {path}")
     typer.echo(f"planted rule: {PLANTED_RULE}")
 
@@ -308,9 +330,38 @@ def show_config(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     typer.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
 
 
+class _Cli(typer.Typer):
+    """The Typer app; a user error that escapes a command still ends as one line and exit code 2."""
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return super().__call__(*args, **kwargs)
+        except Exception as exc:
+            if not is_user_error(exc):
+                raise
+            try:
+                _fail(exc)
+            except typer.Exit as done:
+                sys.exit(done.exit_code)
+
+
+def _global_options(
+    debug_: Annotated[bool, typer.Option("--debug", help="Show every log line, and tracebacks of errors.")] = False,
+) -> None:
+    """Community votes to aligned language models."""
+    if debug_:
+        import os
+
+        from .environment import DEBUG_ENV
+
+        os.environ[DEBUG_ENV] = "1"
+
+
 def build_app() -> typer.Typer:
     """The command line: the fixed commands and one command per registered stage (``alignflow.stages``)."""
-    cli = typer.Typer(add_completion=False, no_args_is_help=True, help="Community votes to aligned language models.")
+    cli = _Cli(add_completion=False, no_args_is_help=True, help="Community votes to aligned language models.",
+               pretty_exceptions_enable=False)
+    cli.callback()(_global_options)
     cli.command()(ingest)
     cli.command("generate-dump")(generate_dump)
     cli.command()(demo)

@@ -3,17 +3,63 @@
 Everything a run writes stays in the work directory: Prefect's home (its
 SQLite database when no server is configured) and its result storage. A user
 who points ``PREFECT_API_URL`` / ``MLFLOW_TRACKING_URI`` at servers keeps them.
+
+The console shows warnings and errors only, and an expected user error (bad
+input, a bad config, a missing dataset) as the one ``error:`` line the CLI
+prints: Prefect's console handler drops the records that carry it, while the
+run's logs on the Prefect server keep the full traceback. ``--debug`` (or
+``ALIGNFLOW_DEBUG=1``) shows everything, tracebacks included.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import tempfile
 from pathlib import Path
+
+DEBUG_ENV = "ALIGNFLOW_DEBUG"
+# Errors of the machine rather than of alignflow: a full disk, a read-only file system.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
+class WorkdirError(Exception):
+    """The work directory cannot be used (a file, not writable, not creatable)."""
+
+
+def debug() -> bool:
+    return os.environ.get(DEBUG_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def check_workdir(workdir: Path) -> Path:
+    """Create ``workdir`` if needed and prove it is a writable folder, or say in one line why it is not."""
+    if workdir.exists() and not workdir.is_dir():
+        raise WorkdirError(f"--workdir {workdir} is a file, not a folder")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".alignflow-write-check-", dir=workdir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise WorkdirError(f"--workdir {workdir} is not a writable folder: {exc.strerror or exc}") from None
+    return workdir
+
+
+def is_environment_error(exc: BaseException) -> bool:
+    """A full disk or read-only file system, however the library that met it reports it."""
+    import sqlite3
+
+    if isinstance(exc, OSError) and exc.errno in _ENVIRONMENT_ERRNOS:
+        return True
+    if isinstance(exc, sqlite3.OperationalError) and "disk is full" in str(exc):
+        return True
+    cause = exc.__cause__ or exc.__context__
+    return cause is not None and cause is not exc and is_environment_error(cause)
 
 
 def prepare(workdir: str | Path) -> Path:
-    workdir = Path(workdir).expanduser().resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = check_workdir(Path(workdir).expanduser().resolve())
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The temporary server can take longer than the default 20 s to start on a busy 2-core machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -23,4 +69,58 @@ def prepare(workdir: str | Path) -> Path:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if not debug():
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    quiet_expected_errors()
+    if not os.environ.get("PREFECT_API_URL"):
+        _watch_temporary_server()
     return workdir
+
+
+_REAPER = []
+
+
+def _watch_temporary_server() -> None:
+    """Once per process: a reaper stops Prefect's temporary server if this process is killed."""
+    if not _REAPER:
+        from .reaper import watch
+
+        _REAPER.append(watch())
+
+
+class _ExpectedErrorFilter(logging.Filter):
+    """Drops console records of an expected user error (the CLI prints it as one line).
+
+    A record carrying such an error is dropped, and so are later records that
+    quote its message (Prefect's "Finished in state Failed(...)" lines).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if debug() or record.levelno < logging.WARNING:
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None:
+            from .cli import is_user_error
+
+            if not is_user_error(exc):
+                return True
+            self.seen = [*self.seen[-7:], str(exc)[:200]]
+            return False
+        message = record.getMessage()
+        return not any(text and text in message for text in self.seen)
+
+
+def quiet_expected_errors() -> None:
+    """Attach the filter to the console handlers Prefect configures."""
+    from prefect.logging.configuration import ensure_logging_setup
+
+    ensure_logging_setup()
+    for logger in (logging.getLogger(), logging.getLogger("prefect")):
+        for handler in logger.handlers:
+            if not any(isinstance(f, _ExpectedErrorFilter) for f in handler.filters):
+                handler.addFilter(_ExpectedErrorFilter())

@@ -16,7 +16,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from alignflow.config import AlignflowConfig, IngestConfig
 from alignflow.tasks import tracking
-from alignflow.tasks.ingest.run import IngestPlan, IngestResult, execute_ingest, plan_ingest
+from alignflow.tasks.ingest.run import IngestPlan, IngestResult, execute_ingest, mark_latest, plan_ingest
 
 
 @task(name="plan-ingest")
@@ -26,7 +26,7 @@ def plan(sources: list[str], workdir: str, cfg: IngestConfig, fmt: str | None) -
 
 @task(name="build-datasets")
 def build(plan: IngestPlan, cfg: IngestConfig) -> IngestResult:
-    return execute_ingest(plan, cfg)
+    return execute_ingest(plan, cfg, mark=False)
 
 
 @task(name="track-ingest")
@@ -84,9 +84,10 @@ def ingest(
         mlflow.set_tag("alignflow.cache_key", p.key)
         result = build(p, cfg.ingest)
         for site, how in result.report["score_source"].items():
-            mlflow.log_param(f"score_source.{site}"[:250], how)
+            mlflow.log_param(tracking.param_key(f"score_source.{site}"), how)
         mlflow.set_tag("alignflow.cache_hit", str(result.cache_hit).lower())
         track(p, result)
+        mark_latest(Path(result.out_dir))  # later stages read these datasets only once all of the above worked
         print(f"datasets: {result.out_dir} ({'cache hit' if result.cache_hit else 'built'})")
         return {
             "out_dir": result.out_dir,

@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 from pathlib import Path
 from typing import Any
@@ -62,13 +63,18 @@ def label_batch(workdir: str, config: AlignflowConfig | None = None, batch: Labe
     wd = Path(workdir)
     batch_id = bc.name or f"label-{bc.seed}-{_dt.datetime.now(_dt.timezone.utc):%Y%m%d%H%M%S}"
     out = batch_dir(wd, batch_id)
-    store = LabelStore(database_url(wd, db_url))
-    try:
-        store.batch(batch_id)
-    except NotFound:
-        pass
-    else:
-        raise Conflict(f"batch {batch_id!r} exists already in {store.url}: choose another --name")
+    with contextlib.closing(LabelStore(database_url(wd, db_url))) as store:
+        try:
+            store.batch(batch_id)
+        except NotFound:
+            pass
+        else:
+            raise Conflict(f"batch {batch_id!r} exists already: choose another --name")
+        return _make_batch(wd, cfg, bc, batch_id, out, store)
+
+
+def _make_batch(wd: Path, cfg: AlignflowConfig, bc: LabelBatchConfig, batch_id: str, out: Path,
+                store: LabelStore) -> dict[str, Any]:
     tracking.configure(wd, cfg.experiment)
     with tracking.stage_run("label-batch", {"label": bc.model_dump(mode="json"), "batch_id": batch_id}) as run:
         create_link_artifact(key="mlflow-run", link=tracking.run_url(run), link_text="MLflow run of this batch")
@@ -100,12 +106,11 @@ def label_batch(workdir: str, config: AlignflowConfig | None = None, batch: Labe
                    "data/dropped_items": float(dropped)}
         mlflow.log_metrics(metrics)
         mlflow.log_artifact(str(out / "batch.json"), artifact_path="label")
-        store.close()
         print(f"batch {batch_id}: {n} items ({len(gold)} gold), {written['rows']} responses, "
               f"{written['quarantined']} quarantined")
         return {"stage": "label-batch", "batch": batch_id, "run_id": run.info.run_id, "items": n,
                 "gold_items": len(gold), "responses": written["rows"], "quarantined": written["quarantined"],
-                "dropped_items": dropped, "dataset": written["path"], "db": store.url}
+                "dropped_items": dropped, "dataset": written["path"]}
 
 
 def _mix_gold(items: list[dict], gold: list[dict]) -> list[dict]:

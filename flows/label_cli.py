@@ -11,7 +11,7 @@
 
 The database is ``sqlite:///<workdir>/label.db`` unless ``--db`` or
 ``$ALIGNFLOW_LABEL_DB`` names another (``postgresql+psycopg2://...`` for server
-mode). A user error prints one line and exits 2; ``--debug`` shows the traceback.
+mode). A user error prints one line and exits 2; ``alignflow --debug label ...`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -34,14 +34,13 @@ label_app = typer.Typer(add_completion=False, no_args_is_help=True,
 DbOpt = Annotated[Optional[str], typer.Option("--db", help="Database URL (default: sqlite:///<workdir>/label.db "
                                                             "or $ALIGNFLOW_LABEL_DB).")]
 BatchOpt = Annotated[str, typer.Option("--batch", help="Batch id (see `alignflow label-batch`).")]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")]
 DEFAULT_PORT = 8765
 ADMIN_NAME = "admin"
 
 
 @contextlib.contextmanager
-def _user_error_line(debug: bool) -> Iterator[None]:
-    """Expected errors: one line and exit 2 (``--debug``: the traceback)."""
+def _user_errors_as_one_line() -> Iterator[None]:
+    """Expected errors: one line and exit 2 (``alignflow --debug ...``: the traceback first)."""
     from pydantic import ValidationError
 
     from alignflow.tasks.label.batch import BatchInputError
@@ -52,8 +51,6 @@ def _user_error_line(debug: bool) -> Iterator[None]:
         yield
     except (*_user_errors(), StoreError, BatchInputError, RankingError, LookupError, ValueError,
             FileExistsError, ValidationError) as exc:
-        if debug:
-            raise
         if isinstance(exc, ValidationError):
             exc = ValueError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
         _fail(exc)
@@ -88,12 +85,11 @@ def label_batch(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     db: DbOpt = None,
-    debug: DebugOpt = False,
 ) -> None:
     """Sample a comparison batch from registered policies and load it into the labeling app (one MLflow run)."""
     wd = prepare(workdir)
     cfg = _load(config, set_)
-    with _user_error_line(debug):
+    with _user_errors_as_one_line():
         from alignflow.tasks.label.batch import LabelBatchConfig
 
         text = instructions
@@ -159,13 +155,12 @@ def serve(
     = "127.0.0.1",
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
     db: DbOpt = None,
-    debug: DebugOpt = False,
 ) -> None:
     """Serve the labeling app (SQLite in the work directory by default; PostgreSQL with --db)."""
     from alignflow.tasks.label.server import serve_forever
 
     wd = prepare(workdir)
-    with _user_error_line(debug):
+    with _user_errors_as_one_line():
         store = _store(wd, db)
         base = f"http://{host}:{port}"
         if ADMIN_NAME not in store.labeler_names().values():
@@ -189,11 +184,10 @@ def invite(
     = f"http://127.0.0.1:{DEFAULT_PORT}",
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
     db: DbOpt = None,
-    debug: DebugOpt = False,
 ) -> None:
     """Create a labeler and print their personal link (only a hash of the token is stored)."""
     wd = prepare(workdir)
-    with _user_error_line(debug):
+    with _user_errors_as_one_line():
         token = _store(wd, db).invite(name, admin=admin)
     typer.echo(f"{base_url.rstrip('/')}/#token={token}")
 
@@ -214,7 +208,6 @@ def simulate(
                                                        "(or $ALIGNFLOW_LABEL_ADMIN_TOKEN).")] = None,
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
     db: DbOpt = None,
-    debug: DebugOpt = False,
 ) -> None:
     """Labelers that rank by the generated dumps' planted rule (with noise and bias), through the HTTP API."""
     import secrets
@@ -224,7 +217,7 @@ def simulate(
     wd = prepare(workdir)
     model = LabelerModel(noise=noise, position_bias=position_bias, length_bias=length_bias)
     names = [f"sim-{i + 1}-{secrets.token_hex(3)}" for i in range(labelers)]
-    with _user_error_line(debug):
+    with _user_errors_as_one_line():
         if url:
             token = admin_token or os.environ.get("ALIGNFLOW_LABEL_ADMIN_TOKEN")
             if not token:
@@ -266,14 +259,13 @@ def export(
     out: Annotated[Optional[Path], typer.Option("--out", help="JSON file (default: stdout).")] = None,
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
     db: DbOpt = None,
-    debug: DebugOpt = False,
 ) -> None:
     """Every submission of a batch (ranking, labeler, shown order, item, provenance) as JSON."""
     from alignflow.tasks.label.report import json_safe
     from alignflow.tasks.label.steps import dump_json
 
     wd = prepare(workdir)
-    with _user_error_line(debug):
+    with _user_errors_as_one_line():
         rows = _store(wd, db).export(batch)
     if out:
         dump_json(rows, out)
@@ -290,12 +282,11 @@ def scores(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     db: DbOpt = None,
-    debug: DebugOpt = False,
 ) -> None:
     """Policy leaderboard (Bradley-Terry, bootstrap 95% intervals) and labeler quality; one MLflow run."""
     wd = prepare(workdir)
     cfg = _load(config, set_)
-    with _user_error_line(debug):
+    with _user_errors_as_one_line():
         _check_batch(wd, db, batch)
         from .label import label_scores
 
@@ -311,12 +302,11 @@ def pairs(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     db: DbOpt = None,
-    debug: DebugOpt = False,
 ) -> None:
     """Rankings -> a contracted pairs dataset (weights 1/C(K,2), ties dropped) and demonstrations -> demos."""
     wd = prepare(workdir)
     cfg = _load(config, set_)
-    with _user_error_line(debug):
+    with _user_errors_as_one_line():
         _check_batch(wd, db, batch)
         from .label import label_pairs
 
@@ -337,12 +327,11 @@ def train(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     db: DbOpt = None,
-    debug: DebugOpt = False,
 ) -> None:
     """Human pairs -> `pm`; the new reward model's agreement with the labelers is logged to its run."""
     wd = prepare(workdir)
     cfg = _load(config, set_)
-    with _user_error_line(debug):
+    with _user_errors_as_one_line():
         from alignflow.tasks.train.loop import NonFiniteLossError
 
         _check_batch(wd, db, batch)

@@ -12,12 +12,15 @@ as a child run tagged ``alignflow.cache_hit=true`` that points at the run that
 did the work. A pipeline that failed at stage k restarts at stage k when run
 again (the stages before it are cache hits; stage k resumes from its latest
 checkpoint). At the end: a summary table (stage, run id, key metrics, registry
-aliases) and how to open the MLflow UI.
+aliases), the alignment figures of base / SFT / PPO on the same held-out
+prompts with a link to the HTML report (``flows/report.py``), and how to open
+the MLflow UI.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,7 +32,9 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from alignflow import stages as stage_registry
 from alignflow.config import AlignflowConfig, load_config
+from alignflow.flows.report import pipeline_report
 from alignflow.tasks import registry, tracking
+from alignflow.tasks.processes import process_tags
 from alignflow.tasks.stage_cache import (
     SUMMARY_TAG,
     challengers,
@@ -44,6 +49,9 @@ from alignflow.tasks.stage_cache import (
     summary_table,
     write_state,
 )
+
+log = logging.getLogger(__name__)
+
 
 class PipelineError(RuntimeError):
     """A stage could not be run (not available, or it failed)."""
@@ -185,7 +193,7 @@ def pipeline(
     flow_run_id = tracking.prefect_flow_run_id()
     if flow_run_id:
         tags["prefect.flow_run_id"] = str(flow_run_id)
-    with mlflow.start_run(run_name="pipeline", tags=tags) as parent:
+    with mlflow.start_run(run_name="pipeline", tags={**tags, **process_tags()}) as parent:
         create_link_artifact(key="mlflow-run", link=tracking.run_url(parent), link_text="MLflow run of this pipeline")
         mlflow.log_params({k: tracking._param_value(v) for k, v in
                            tracking.flatten({"pipeline": cfg.pipeline.model_dump(mode="json")}).items()})
@@ -238,6 +246,10 @@ def pipeline(
         aliases = {m: {"challenger": registry.resolve_version(m, registry.CHALLENGER),
                        "champion": registry.resolve_version(m, registry.CHAMPION)} for m in stage_registry.models()}
         table = summary_table(rows, aliases)
+        try:  # report/report.html on this run, its figures under the table; a report never fails a pipeline
+            table += "\n\n" + pipeline_report(rows, cfg, wd)["text"]
+        except Exception as exc:  # noqa: BLE001
+            log.warning("the pipeline report could not be built: %s: %s", type(exc).__name__, exc, exc_info=True)
         mlflow.log_text(table, "pipeline/summary.txt")
         mlflow.log_dict({"stages": rows, "aliases": aliases}, "pipeline/summary.json")
         mlflow.set_tag("alignflow.cache_hits", str(sum(r["status"] == "cache hit" for r in rows)))

@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
 import os
+import posixpath
+import re
+import socket
 import subprocess
 import warnings
 from collections.abc import Iterator, Mapping
@@ -24,6 +28,7 @@ from typing import Any
 import mlflow
 
 from alignflow.config import flatten
+from alignflow.tasks.processes import process_alive, process_tags
 
 MAX_PARAM_CHARS = 6000
 
@@ -57,6 +62,47 @@ def configure(workdir: Path, experiment: str) -> str:
     mlflow.set_tracking_uri(uri)
     if embedded:
         os.environ[_EMBEDDED_MARK] = uri
+    # The first access creates mlflow.db's tables; two processes doing it at once fail ("table already
+    # exists"), so the embedded store is created and its experiment looked up under a file lock.
+    with _file_lock(workdir / ".mlflow.lock") if embedded else contextlib.nullcontext():
+        experiment_id = _set_experiment(workdir, experiment, embedded)
+    end_orphaned_runs(experiment_id)
+    return experiment_id
+
+
+def end_orphaned_runs(experiment_id: str) -> list[str]:
+    """Mark ``KILLED`` the runs still ``RUNNING`` whose process (on this host) is gone: a SIGKILL gives a run
+    no chance to end itself. Returns their ids."""
+    client = mlflow.MlflowClient()
+    host = socket.gethostname().replace("'", "")
+    try:
+        runs = client.search_runs([experiment_id], filter_string=f"attributes.status = 'RUNNING' and "
+                                  f"tags.`alignflow.host` = '{host}'", max_results=1000)
+    except mlflow.exceptions.MlflowException:
+        return []
+    ended = []
+    for run in runs:
+        pid = run.data.tags.get("alignflow.pid", "")
+        if pid.isdigit() and not process_alive(int(pid)):
+            client.set_tag(run.info.run_id, "alignflow.ended_by", "process gone; marked KILLED by a later run")
+            client.set_terminated(run.info.run_id, status="KILLED")
+            ended.append(run.info.run_id)
+    return ended
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    import fcntl
+
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _set_experiment(workdir: Path, experiment: str, embedded: bool) -> str:
     existing = mlflow.get_experiment_by_name(experiment)
     if existing is None:
         artifact_location = (workdir / "mlartifacts").as_uri() if embedded else None
@@ -112,15 +158,34 @@ def stage_run(stage: str, config: Mapping[str, Any], *, run_name: str | None = N
     :func:`parent_run` of this context, else a top-level run."""
     nested = mlflow.active_run() is not None
     parent = None if nested else _PARENT_RUN.get()
-    all_tags = {"alignflow.stage": stage, "git.commit": git_commit()}
+    all_tags = {"alignflow.stage": stage, "git.commit": git_commit(), **process_tags()}
     flow_run_id = prefect_flow_run_id()
     if flow_run_id:
         all_tags["prefect.flow_run_id"] = str(flow_run_id)
     all_tags.update(tags or {})
     with mlflow.start_run(run_name=run_name or stage, nested=nested, parent_run_id=parent, tags=all_tags) as run:
-        params = {k: _param_value(v) for k, v in flatten(dict(config)).items()}
+        params = {param_key(k): _param_value(v) for k, v in flatten(dict(config)).items()}
         mlflow.log_params(params)
         yield run
+
+
+_KEY_CHARS = re.compile(r"[A-Za-z0-9_.\-/ ]+")
+_MAX_KEY_CHARS = 250
+
+
+def param_key(name: str) -> str:
+    """``name`` if MLflow accepts it as a param/metric/tag key, else a readable, collision-free stand-in.
+
+    MLflow keys hold letters, digits, ``_ - . / space`` and must not change
+    under path normalisation; names built from user data (site names such as
+    ``cooking (copy)``) get the rest replaced by ``_`` and a hash of the name.
+    """
+    if (len(name) <= _MAX_KEY_CHARS and _KEY_CHARS.fullmatch(name) and posixpath.normpath(name) == name
+            and not name.startswith(("..", "/")) and name != "."):
+        return name
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    readable = re.sub(r"[^A-Za-z0-9_.\-]+", "_", name).strip("._") or "key"
+    return f"{readable[: _MAX_KEY_CHARS - 12]}-{digest}"
 
 
 def _param_value(value: Any) -> str:

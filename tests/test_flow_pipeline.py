@@ -88,6 +88,12 @@ def test_one_parent_run_with_nested_stage_runs(first):
     assert f"mlflow ui --backend-store-uri sqlite:///{work / 'mlflow.db'}" in output
     summary = json.loads(Path(client.download_artifacts(parent.info.run_id, "pipeline/summary.json")).read_text())
     assert [r["stage"] for r in summary["stages"]] == ["ingest", "base", "sft", "promote"]
+    # the report: alignment figures under the table, the page on the parent run
+    assert "planted-property rate  base LM " in output and " -> SFT " in output
+    page = Path(client.download_artifacts(parent.info.run_id, "report/report.html")).read_text()
+    assert "Learning curves" in page and "data:image/png;base64," in page
+    assert f"report: {parent.info.artifact_uri}" in output
+    assert "alignment/sft/planted_rate" in parent.data.metrics
 
 
 def test_second_run_is_all_cache_hits(first):

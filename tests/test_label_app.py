@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
-import json
 import uuid
 
 import pytest
@@ -94,6 +93,8 @@ def test_bad_rankings_get_400_with_the_reason(store):
         assert r.status_code == 400 and reason in r.json()["error"], r.text
     r = c.post("/api/submissions", headers=_auth(tok), content=b"{not json")
     assert r.status_code == 400 and "not JSON" in r.json()["error"]
+    r = c.post("/api/submissions", headers=_auth(tok), content=b"x" * 1_000_001)
+    assert r.status_code == 413 and "over 1000000 bytes" in r.json()["error"]
     r = c.post("/api/submissions", headers=_auth(tok), json={"item_id": item["item_id"], "idempotency_key": "k", "ab": 1})
     assert r.status_code == 400 and "2 responses" in r.json()["error"]
     assert store.counts("b1")["submissions"] == 0
@@ -225,40 +226,18 @@ def test_report_and_page(store):
     assert "default-src 'none'" in page.headers["content-security-policy"]
 
 
-def test_cli_user_error_is_one_line_and_debug_shows_the_exception(tmp_path):
+def test_cli_user_error_is_one_line_and_debug_shows_the_exception(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from alignflow.flows.cli import app
-    from alignflow.tasks.label.store import NotFound
 
+    monkeypatch.setenv("ALIGNFLOW_DEBUG", "0")  # restored afterwards: `--debug` below sets it in this process
     r = CliRunner().invoke(app, ["label", "export", "--batch", "nope", "--workdir", str(tmp_path)])
     assert r.exit_code == 2 and r.output.strip() == "error: no batch 'nope'"
-    r = CliRunner().invoke(app, ["label", "export", "--batch", "nope", "--workdir", str(tmp_path), "--debug"])
-    assert r.exit_code == 1 and isinstance(r.exception, NotFound)
     r = CliRunner().invoke(app, ["label", "invite", "ann", "--workdir", str(tmp_path)])
     assert r.exit_code == 0 and r.output.startswith("http://127.0.0.1:8765/#token=")
     r = CliRunner().invoke(app, ["label", "invite", "ann", "--workdir", str(tmp_path)])
     assert r.exit_code == 2 and r.output.strip() == "error: labeler 'ann' exists already"
-
-
-def test_demonstration_mode_requires_and_keeps_the_written_response(store):
-    from alignflow.tasks.label.steps import demos_rows
-
-    tok = store.invite("ann")
-    store.create_batch("b1", "b", make_items(1, k=2), demonstrations=True)
-    c = _client(store)
-    item = c.get("/api/batches/b1/next", headers=_auth(tok)).json()
-    assert item["demonstrations"] is True
-    body = {"item_id": item["item_id"], "idempotency_key": "k1", "ab": 1}
-    r = c.post("/api/submissions", headers=_auth(tok), json=body)
-    assert r.status_code == 400 and "demonstration" in r.json()["error"]
-    r = c.post("/api/submissions", headers=_auth(tok), json={**body, "demonstration": "Use ```sorted(xs)```."})
-    assert r.status_code == 201
-    rows = store.export("b1")
-    demos = demos_rows(rows, site="human/b1")
-    assert [(d["prompt"], d["response"], d["author"], d["source"]) for d in demos] == [
-        ("Question 0?", "Use ```sorted(xs)```.", "ann", "human")]
-    from alignflow.data_contracts import validate
-    import pandas as pd
-
-    assert validate(pd.DataFrame(demos), "demos").passed
+    r = CliRunner().invoke(app, ["--debug", "label", "export", "--batch", "nope", "--workdir", str(tmp_path)])
+    assert r.exit_code == 2 and "Traceback" in r.output and "NotFound: no batch 'nope'" in r.output
+    assert r.output.strip().splitlines()[-1] == "error: no batch 'nope'"

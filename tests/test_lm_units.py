@@ -77,3 +77,21 @@ def test_batched_greedy_equals_one_at_a_time(model, tok):
     single = [generate_greedy(model, tok, [p], max_new_tokens=8, max_prompt_tokens=64)[0] for p in prompts]
     assert batched == single
     assert tok.padding_side == "right"  # restored after left-padded generation
+
+
+def test_post_texts_questions_answers_and_threads(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from alignflow.tasks.train.lm import iter_post_texts
+
+    rows = {"kind": ["question", "answer", "answer", "question", "answer"],
+            "title": ["T1", "T1", "T1", "T2", "T2"], "body": ["Q1", "A1", "A2", "Q2", "A3"],
+            "split": ["train", "train", "train", "validation", "validation"],
+            "site": ["s"] * 5, "question_id": [1, 1, 1, 2, 2]}
+    path = tmp_path / "posts.parquet"
+    pq.write_table(pa.table(rows), path)
+    assert list(iter_post_texts(path, kinds=["questions", "answers"], split="train")) == ["T1\n\nQ1", "A1", "A2"]
+    assert list(iter_post_texts(path, kinds=["threads"], split="train")) == ["T1\n\nQ1\n\nA1", "T1\n\nQ1\n\nA2"]
+    assert list(iter_post_texts(path, kinds=["answers", "threads"], split="validation", limit=2)) == [
+        "A3", "T2\n\nQ2\n\nA3"]

@@ -24,6 +24,7 @@ class IngestError(Exception):
         self.line = line
         self.row_id = row_id
         self.field = field
+        message = " ".join(message.split())  # one line, whatever a library's message held
         self.reason = message
         where = []
         if path:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections import Counter
@@ -24,6 +25,8 @@ from typing import Any
 from alignflow.config import IngestConfig
 
 from . import schema
+from alignflow.tasks.processes import process_alive
+
 from .errors import IngestError
 from .scoring import check_template
 from .phases import Phases
@@ -142,7 +145,10 @@ def code_digest() -> str:
 def plan_ingest(sources: list[str | Path], workdir: Path, cfg: IngestConfig, fmt: str | None = None) -> IngestPlan:
     if not sources:
         raise IngestError("no SOURCE given")
-    check_template(cfg.prompt_template)
+    try:
+        check_template(cfg.prompt_template)
+    except ValueError as exc:
+        raise IngestError(str(exc), field="ingest.prompt_template") from None
     fmt = fmt or cfg.format
     planned: list[Source] = []
     for raw in sources:
@@ -152,7 +158,10 @@ def plan_ingest(sources: list[str | Path], workdir: Path, cfg: IngestConfig, fmt
         f = detect_format(path) if fmt == "auto" else fmt
         files = _files_of(path, f)
         for file in files:
-            if file.is_file() and file.stat().st_size == 0:
+            if not file.is_file():
+                raise IngestError("a folder (or a link to nothing), not a file" if not file.exists() or file.is_dir()
+                                  else "not a regular file", path=str(file))
+            if file.stat().st_size == 0:
                 raise IngestError("empty file", path=str(file))
         digest = hashlib.sha256()
         for file in files:
@@ -160,11 +169,12 @@ def plan_ingest(sources: list[str | Path], workdir: Path, cfg: IngestConfig, fmt
         planned.append(Source(str(path), f, [str(p) for p in files], sum(p.stat().st_size for p in files),
                               digest.hexdigest()))
     se = [Path(s.path) for s in planned if s.format == "stackexchange"]
-    if se:
-        resolve_sites(se)  # fail early on a bad site folder or archive
+    sites = [site.name for site in resolve_sites(se)] if se else []  # fails early on a bad site folder or archive
+    # Everything an output depends on: contents, and the names the rows carry (site names come from folder
+    # and file names; every quarantined row and the report name its file as given).
     key_material = json.dumps(
-        {"config": cfg.model_dump(mode="json", exclude=EXECUTION_ONLY), "inputs": [(s.format, s.sha256) for s in planned],
-         "code": code_digest()},
+        {"config": cfg.model_dump(mode="json", exclude=EXECUTION_ONLY),
+         "inputs": [(s.format, s.sha256, s.files) for s in planned], "sites": sites, "code": code_digest()},
         sort_keys=True,
     )
     key = hashlib.sha256(key_material.encode()).hexdigest()[:16]
@@ -265,6 +275,25 @@ def build_report(store, summary, score_sources: dict[str, str]) -> dict[str, Any
     }
 
 
+def check_votes_against_scores(store, score_sources: dict[str, str], cfg: IngestConfig) -> list[str]:
+    """Use a site's Votes.xml only if it is the site's own: its up minus down votes must match ``Score``
+    on most posts (they match on every post of a real dump). Otherwise ``score_source=votes`` is an
+    error, and ``auto`` falls back to ``Score`` with a warning; ``score_sources`` is updated in place."""
+    warnings = []
+    for site, how in list(score_sources.items()):
+        if how != "votes":
+            continue
+        posts, agree = store.vote_score_agreement(site)
+        if posts and agree * 2 < posts:
+            what = (f"site {site}: Votes.xml disagrees with Score on {posts - agree} of {posts} posts "
+                    "(up minus down votes should equal Score); it is probably another site's")
+            if cfg.score_source == "votes":
+                raise IngestError(what + "; ingest.score_source=votes refuses it", path=site)
+            score_sources[site] = "score"
+            warnings.append(what + "; scores come from Score instead")
+    return warnings
+
+
 def ingest_warnings(plan: IngestPlan, report: dict[str, Any]) -> list[str]:
     """What a user must hear about: sources that gave nothing, comments whose submissions were not given."""
     import re
@@ -293,15 +322,20 @@ def ingest_warnings(plan: IngestPlan, report: dict[str, Any]) -> list[str]:
     return warnings
 
 
-def execute_ingest(plan: IngestPlan, cfg: IngestConfig) -> IngestResult:
-    """Build the datasets of a plan (or find them already built: a cache hit)."""
+def execute_ingest(plan: IngestPlan, cfg: IngestConfig, *, mark: bool = True) -> IngestResult:
+    """Build the datasets of a plan (or find them already built: a cache hit).
+
+    ``mark=False`` leaves ``LATEST`` alone: the caller moves it with :func:`mark_latest`
+    once everything else it does with the datasets (tracking) succeeded.
+    """
     started = time.perf_counter()
     out_dir = Path(plan.out_dir)
     input_bytes = sum(s.bytes for s in plan.sources)
     manifest_path = out_dir / "manifest.json"
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
-        mark_latest(out_dir)
+        if mark:
+            mark_latest(out_dir)
         return IngestResult(str(out_dir), True, manifest["datasets"], manifest["report"],
                             time.perf_counter() - started, input_bytes, manifest.get("docs", {}))
 
@@ -312,6 +346,7 @@ def execute_ingest(plan: IngestPlan, cfg: IngestConfig) -> IngestResult:
     from .store import StagingStore
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_temporaries(out_dir.parent)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -322,13 +357,16 @@ def execute_ingest(plan: IngestPlan, cfg: IngestConfig) -> IngestResult:
             score_sources = read_sources(plan, store, cfg, phases)
         with phases("index and duplicates"):
             store.finish_loading()
+        score_warnings = check_votes_against_scores(store, score_sources, cfg)
         with phases("build (wall)"):
-            summary = Builder(store, tmp, cfg, validate=phases.timed("build: contracts", validate),
-                              shp_pairs=shp_pairs).run()
+            builder = Builder(store, tmp, cfg, validate=phases.timed("build: contracts", validate),
+                              shp_pairs=shp_pairs)
+            builder.sites_with_votes = {s for s in builder.sites_with_votes if score_sources.get(s) == "votes"}
+            summary = builder.run()
         with phases("quarantine"):
             summary.rows["quarantine"] = write_quarantine(store, tmp / "quarantine.parquet", cfg.batch_rows)
         report = build_report(store, summary, score_sources)
-        report["warnings"] = ingest_warnings(plan, report)
+        report["warnings"] = score_warnings + ingest_warnings(plan, report)
         store.close()
         (tmp / "staging.sqlite").unlink()
         if not report["adds_up"]:
@@ -359,8 +397,28 @@ def execute_ingest(plan: IngestPlan, cfg: IngestConfig) -> IngestResult:
             pass
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    mark_latest(out_dir)
+    if mark:
+        mark_latest(out_dir)
     return IngestResult(str(out_dir), False, datasets, report, time.perf_counter() - started, input_bytes, docs)
+
+
+_TEMPORARY = re.compile(r"\..+\.tmp-(\d+)")
+
+
+def remove_dead_temporaries(folder: Path) -> list[Path]:
+    """Delete ``.<name>.tmp-<pid>`` build folders and files whose process is gone (a killed ingest's);
+    those of running processes stay. Returns what was deleted."""
+    removed = []
+    for path in folder.iterdir():
+        m = _TEMPORARY.fullmatch(path.name)
+        if m is None or process_alive(int(m.group(1))):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
 
 
 def mark_latest(out_dir: Path) -> None:

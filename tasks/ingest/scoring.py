@@ -117,7 +117,10 @@ TEMPLATE_FIELDS = frozenset({"title", "body", "site", "tags"})
 
 def check_template(template: str) -> None:
     """Raise ValueError when the prompt template names an unknown field."""
-    names = {name for _, name, _, _ in Formatter().parse(template) if name is not None}
+    parts = list(Formatter().parse(template))  # ValueError for a lone brace
+    names = {name for _, name, _, _ in parts if name is not None}
+    if any(spec or conversion for _, name, spec, conversion in parts if name is not None):
+        raise ValueError("prompt_template fields take no format spec or conversion (write {title}, not {title:...})")
     unknown = names - TEMPLATE_FIELDS
     if unknown or "" in names:
         raise ValueError(

@@ -215,6 +215,16 @@ class StagingStore:
     def sites_with_votes(self) -> set[str]:
         return {row[0] for row in self.db.execute("SELECT site FROM vote_sites")}
 
+    def vote_score_agreement(self, site: str) -> tuple[int, int]:
+        """(posts of ``site``, posts whose ``Score`` equals their up minus down votes): a dump's own
+        Votes.xml agrees with its scores on every post; a foreign one does not."""
+        posts, agree = self.db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(p.score = COALESCE(v.up, 0) - COALESCE(v.down, 0)), 0) FROM posts p "
+            "LEFT JOIN votes v ON v.site = p.site AND v.post_id = p.post_id WHERE p.site = ?",
+            (site,),
+        ).fetchone()
+        return int(posts), int(agree)
+
     def vote_accounting(self) -> dict[str, dict[str, int]]:
         """Per votes file: votes on posts that were read vs votes on posts absent from Posts.xml (deleted) or not kept (tag wikis, quarantined rows)."""
         out: dict[str, dict[str, int]] = {}

@@ -19,10 +19,10 @@ asks to replace. Responses are JSON; the page renders every text with
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from .page import PAGE
 from .report import batch_report, json_safe as _clean
@@ -76,9 +76,18 @@ def create_app(store: LabelStore, *, report_rounds: int = 1000) -> FastAPI:
         return labeler
 
     async def body(request: Request) -> dict:
-        raw = await request.body()
-        if len(raw) > MAX_BODY:
-            raise _HTTPError(413, f"request body over {MAX_BODY} bytes")
+        too_big = _HTTPError(413, f"request body over {MAX_BODY} bytes")
+        if not (request.headers.get("content-length") or "0").isdigit():
+            raise _HTTPError(400, "bad Content-Length")
+        if int(request.headers.get("content-length") or 0) > MAX_BODY:
+            raise too_big
+        parts, size = [], 0
+        async for chunk in request.stream():  # read no more than the cap, whatever the header said
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise too_big
+            parts.append(chunk)
+        raw = b"".join(parts)
         try:
             data = json.loads(raw or b"{}")
         except ValueError as exc:
@@ -123,8 +132,6 @@ def create_app(store: LabelStore, *, report_rounds: int = 1000) -> FastAPI:
         demonstration = data.get("demonstration")
         if demonstration is not None and not isinstance(demonstration, str):
             raise _HTTPError(400, "demonstration must be a string")
-        from starlette.concurrency import run_in_threadpool
-
         out = await run_in_threadpool(
             store.submit, item_id, labeler, idempotency_key=str(data.get("idempotency_key") or ""),
             ranking=data.get("ranking"), ab=ab, demonstration=demonstration, replace=bool(data.get("replace")))

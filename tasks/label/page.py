@@ -134,7 +134,7 @@ async function openBatch(id) { batchId = id; await loadNext(); }
 async function loadNext() {
   say(""); show("replace", false);
   const r = await api("GET", "/api/batches/" + encodeURIComponent(batchId) + "/next");
-  if (r.status !== 200) { say(r.body.error, "error"); return; }
+  if (r.status !== 200) { say((r.body && r.body.error) || ("error " + r.status), "error"); return; }
   const p = r.body.progress;
   $("progress").textContent = p ? (Math.min(p.done + (r.body.done ? 0 : 1), p.total) + " of " + p.total) : "";
   if (r.body.done) { show("labeling", false); show("done", true); item = null; return; }
@@ -301,6 +301,12 @@ async function loadReport(id) {
     [row.labeler, row.submissions, fmt(row.agreement_with_others, 3), fmt(row.gold_accuracy, 3), row.gold_items]
       .forEach((x) => tr.appendChild(el("td", String(x)))); q.appendChild(tr); });
   out.appendChild(q);
+  const over = b.agreement_over_time || {};
+  if (Object.keys(over).length) {
+    out.appendChild(el("h3", "Agreement with the others over time (windows of submissions)"));
+    Object.keys(over).sort().forEach((who) => out.appendChild(el("p", who + ": " +
+      over[who].map((w) => fmt(w.agreement, 2) + " (" + w.n + ")").join(" \u2192 "))));
+  }
 }
 
 $("submit").onclick = () => submit(false);

@@ -68,9 +68,7 @@ def validate_ranking(groups: object, response_ids: Sequence[str]) -> list[list[s
     missing = [r for r in response_ids if r not in seen]
     if missing:
         raise RankingError(f"response(s) {', '.join(map(repr, missing))} not ranked: rank every response")
-    if len(out) == 1 and len(response_ids) > 1:
-        pass  # all tied: a valid answer ("about the same"), it gives no pairs
-    return out
+    return out  # one group holding everything (all tied) is valid: "about the same", it gives no pairs
 
 
 def ab_ranking(value: int, first: str, second: str) -> tuple[list[list[str]], int]:

@@ -120,7 +120,10 @@ def _labeler_loop(base_url: str, token: str, batch_id: str, model: LabelerModel,
             item = _with_retries(lambda: client.get(f"/api/batches/{batch_id}/next"), retries, stats)
             if item is None:
                 return
-            item.raise_for_status()
+            if item.status_code != 200:
+                with stats.lock:
+                    stats.refused.append(f"next item: {item.status_code} {item.text[:200]}")
+                return
             data = item.json()
             if data.get("done"):
                 return

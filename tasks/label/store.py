@@ -396,8 +396,7 @@ class LabelStore:
                 raise StoreError("give either a ranking or an A/B choice, not both")
             if len(ids) != 2:
                 raise StoreError(f"an A/B choice needs an item with 2 responses; this one has {len(ids)}")
-            # "A" and "B" are the responses in the order this labeler was shown them (checked below).
-            ranking = None
+            # "A" and "B" are the two responses in the order this labeler was shown them (resolved below).
         elif ranking is None:
             raise StoreError("a submission needs a ranking (or, for 2 responses, an A/B choice)")
         b = self.batch(it.batch_id)

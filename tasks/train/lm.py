@@ -14,6 +14,7 @@ SFT masks the prompt: the loss is on response tokens (and the closing EOS) only.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -33,25 +34,38 @@ IGNORE = -100
 
 # -- data ------------------------------------------------------------------------------
 def iter_post_texts(posts_path: Path, *, kinds: Sequence[str], split: str, limit: int | None = None) -> Iterator[str]:
-    """Question texts (title + body) and answer bodies of one split, streamed from posts.parquet."""
+    """Texts of one split, streamed from posts.parquet: question texts (title + body) with ``questions``, answer
+    bodies with ``answers``, and with ``threads`` each answer after its question's text as one document (so the LM
+    sees answers refer back to their question; an answer read before its question has no thread)."""
     import pyarrow.parquet as pq  # here, not at the top: the training core imports without pyarrow
 
     n = 0
+    questions: dict[tuple, str] = {}
     pf = pq.ParquetFile(posts_path)
-    for batch in pf.iter_batches(batch_size=2048, columns=["kind", "title", "body", "split"]):
+    columns = ["kind", "title", "body", "split"] + (["site", "question_id"] if "threads" in kinds else [])
+    for batch in pf.iter_batches(batch_size=2048, columns=columns):
         cols = batch.to_pydict()
-        for kind, title, body, sp in zip(cols["kind"], cols["title"], cols["body"], cols["split"]):
+        keys = zip(cols["site"], cols["question_id"]) if "threads" in kinds else itertools.repeat(None)
+        for kind, title, body, sp, key in zip(cols["kind"], cols["title"], cols["body"], cols["split"], keys):
             if sp != split:
                 continue
-            if kind == "question" and "questions" in kinds:
-                yield f"{title}\n\n{body}".strip()
-            elif kind == "answer" and "answers" in kinds:
-                yield body
-            else:
-                continue
-            n += 1
-            if limit is not None and n >= limit:
-                return
+            texts = []
+            if kind == "question":
+                text = f"{title}\n\n{body}".strip()
+                if "threads" in kinds:
+                    questions[key] = text
+                if "questions" in kinds:
+                    texts.append(text)
+            elif kind == "answer":
+                if "answers" in kinds:
+                    texts.append(body)
+                if "threads" in kinds and key in questions:
+                    texts.append(f"{questions[key]}\n\n{body}")
+            for text in texts:
+                yield text
+                n += 1
+                if limit is not None and n >= limit:
+                    return
 
 
 def document_examples(tokenizer: Any, texts: Iterable[str], max_length: int) -> list[dict]:

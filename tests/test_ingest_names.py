@@ -1,0 +1,89 @@
+"""Names that come from the user's folders: in the cache key, safe as MLflow keys, LATEST moved last."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from alignflow.config import IngestConfig
+from alignflow.tasks.ingest.run import execute_ingest, plan_ingest
+from alignflow.tasks.tracking import param_key
+
+
+def test_same_bytes_under_another_site_name_is_not_a_cache_hit(fixtures_dir, tmp_path):
+    a = tmp_path / "a" / "cooking.stackexchange.com"
+    b = tmp_path / "b" / "baking.stackexchange.com"
+    for dst in (a, b):
+        shutil.copytree(fixtures_dir / "conlang.meta-2020", dst)
+    cfg = IngestConfig()
+    first = execute_ingest(plan_ingest([a], tmp_path / "work", cfg), cfg)
+    second = execute_ingest(plan_ingest([b], tmp_path / "work", cfg), cfg)
+    assert not second.cache_hit and second.out_dir != first.out_dir
+    import pyarrow.parquet as pq
+
+    assert set(pq.read_table(Path(second.out_dir) / "pairs.parquet").column("site").to_pylist()) == {
+        "baking.stackexchange.com"}
+    again = execute_ingest(plan_ingest([a], tmp_path / "work", cfg), cfg)
+    assert again.cache_hit and again.out_dir == first.out_dir
+
+
+@pytest.mark.parametrize("name", ["cooking (copy)", ";", ",", "+", "a..b", "é"])
+def test_param_keys_from_site_names_are_accepted_by_mlflow(tmp_path, name):
+    from mlflow.utils.validation import _validate_param_name
+
+    key = param_key(f"score_source.{name}")
+    _validate_param_name(key)
+    assert key != param_key("score_source.other") and key == param_key(f"score_source.{name}")
+
+
+@pytest.mark.slow
+def test_unsafe_site_name_ingests_and_moves_latest(fixtures_dir, tmp_path, prefect_harness):
+    from alignflow.flows.ingest import ingest
+
+    src = tmp_path / "cooking (copy)"
+    shutil.copytree(fixtures_dir / "conlang.meta-2020", src)
+    work = tmp_path / "work"
+    out = ingest([str(src)], workdir=str(work))
+    assert (work / "data" / "ingest" / "LATEST").read_text().strip() == Path(out["out_dir"]).name
+    run = mlflow.MlflowClient(f"sqlite:///{work / 'mlflow.db'}").get_run(out["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params[param_key("score_source.cooking (copy)")] == "votes"
+    assert ingest([str(src)], workdir=str(work))["cache_hit"]
+
+
+@pytest.mark.slow
+def test_latest_stays_when_tracking_fails(fixtures_dir, tmp_path, prefect_harness, monkeypatch):
+    from alignflow.flows import ingest as ingest_flow
+
+    work = tmp_path / "work"
+    ingest_flow.ingest([str(fixtures_dir / "conlang.meta-2020")], workdir=str(work))
+    latest = (work / "data" / "ingest" / "LATEST").read_text()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("tracking store unavailable")
+
+    monkeypatch.setattr(ingest_flow.tracking, "log_parquet_input", broken)
+    with pytest.raises(RuntimeError, match="tracking store unavailable"):
+        ingest_flow.ingest([str(fixtures_dir / "datascience.meta-2024")], workdir=str(work))
+    assert (work / "data" / "ingest" / "LATEST").read_text() == latest
+
+
+def test_foreign_votes_fall_back_to_score_with_a_warning(tmp_path):
+    from alignflow.tasks.ingest.errors import IngestError
+    from alignflow.tasks.ingest.synthetic import generate_dump
+
+    own = generate_dump(tmp_path / "a", questions=40, seed=1, site="own.stackexchange.com")
+    other = generate_dump(tmp_path / "b", questions=40, seed=2, site="other.stackexchange.com")
+    cfg = IngestConfig()
+    kept = execute_ingest(plan_ingest([own], tmp_path / "w1", cfg), cfg)
+    assert kept.report["score_source"] == {"own.stackexchange.com": "votes"} and kept.report["warnings"] == []
+    shutil.copy(other / "Votes.xml", own / "Votes.xml")
+    mixed = execute_ingest(plan_ingest([own], tmp_path / "w2", cfg), cfg)
+    assert mixed.report["score_source"] == {"own.stackexchange.com": "score"}
+    assert any("Votes.xml disagrees with Score" in w for w in mixed.report["warnings"])
+    strict = IngestConfig(score_source="votes")
+    with pytest.raises(IngestError, match="Votes.xml disagrees with Score on .* refuses it"):
+        execute_ingest(plan_ingest([own], tmp_path / "w3", strict), strict)

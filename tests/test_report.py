@@ -1,0 +1,56 @@
+"""The pipeline report's pieces: alignment figures on the same prompts, figures, and the self-contained page."""
+
+from __future__ import annotations
+
+import copy
+
+import _ppo_models as M
+from alignflow.tasks import report as rep
+
+
+def test_alignment_figures_measure_every_policy_on_the_same_prompts():
+    tok = M.tokenizer()
+    sft = M.policy(seed=0)
+    base = M.policy(seed=1)
+    ppo = copy.deepcopy(sft)
+    questions = [{"prompt": p} for p in M.prompts(6)]
+    seen = []
+
+    def score(prompts, answers):
+        seen.append(list(prompts))
+        return [float(len(a)) for a in answers]
+
+    figures, answers = rep.alignment_figures({"base": (base, tok), "sft": (sft, tok), "ppo": (ppo, tok)}, (sft, tok),
+                                             score, questions, lambda q, a: "a" in a, max_new_tokens=6,
+                                             max_length=64)
+    assert seen[0] == seen[1] == seen[2] == [q["prompt"] for q in questions]  # the same prompts for every policy
+    assert answers["ppo"] == answers["sft"]  # same weights, greedy: same answers
+    assert figures["sft"]["kl_to_sft"] == 0.0 and figures["ppo"]["kl_to_sft"] < 1e-6
+    assert figures["base"]["kl_to_sft"] > 0.0
+    for label in ("base", "sft", "ppo"):
+        expected = sum("a" in a for a in answers[label]) / len(questions)
+        assert figures[label]["planted_rate"] == expected and figures[label]["prompts"] == 6.0
+        assert figures[label]["reward_mean"] == sum(len(a) for a in answers[label]) / 6
+
+
+def test_report_page_inlines_its_figures_and_shows_answers_side_by_side(tmp_path):
+    curves = {("base", "train/loss"): [(1, 3.0), (2, 2.5)], ("ppo", "ppo/reward_mean"): [(1, 0.1), (2, 0.3)],
+              ("ppo", "ppo/kl"): [(1, 0.5), (2, 1.5)]}
+    figures = {"base": {"planted_rate": 0.1, "reward_mean": -1.0, "kl_to_sft": 9.0, "prompts": 3.0},
+               "sft": {"planted_rate": 0.6, "reward_mean": 0.0, "kl_to_sft": 0.0, "prompts": 3.0},
+               "ppo": {"planted_rate": 0.8, "reward_mean": 1.0, "kl_to_sft": 2.0, "prompts": 3.0}}
+    images = {"curves": rep.plot_learning_curves(curves, tmp_path / "c.png"),
+              "reward_kl": rep.plot_reward_vs_kl(curves[("ppo", "ppo/reward_mean")], curves[("ppo", "ppo/kl")],
+                                                 tmp_path / "rk.png"),
+              "planted": rep.plot_planted_rates(figures, tmp_path / "p.png"), "calibration": None}
+    assert all(images[k].stat().st_size > 1000 for k in ("curves", "reward_kl", "planted"))
+    questions = [{"prompt": f"question {i}"} for i in range(4)]
+    answers = {p: [f"{p} answer {i}" for i in range(4)] for p in ("base", "sft", "ppo")}
+    samples = rep.samples_table(questions, answers)
+    assert [list(r) for r in samples] == [["prompt", "base LM", "SFT", "PPO"]] * 3  # three prompts
+    page = rep.render_html(title="t", summary_rows=[{"stage": "ppo", "status": "ran"}], figures=figures,
+                           images=images, samples=samples)
+    assert page.count("data:image/png;base64,") == 3 and "not available in this run" in page  # calibration
+    assert "ppo answer 2" in page and "sft answer 2" in page and "base answer 2" in page
+    assert rep.alignment_rows(figures)[2] == {"policy": "PPO", "planted_rate": "0.800", "reward_mean": "1.000",
+                                              "kl_to_sft": "2.00"}
