@@ -87,8 +87,9 @@ def scheduled_ingest(
     started_train = None
     if train_deployment and train_mode in ("auto", "run-deployment"):
         if train_mode == "auto":
-            # Polling, not an event subscription: one read of the deployment's flow runs took 55 ms (median,
-            # max 87 ms, 30 reads on the Prefect test server of a loaded 2-core machine), so a 2 s poll costs
+            # Polling, not an event subscription (bench/serve/poll_latency.py): one read of the deployment's
+            # flow runs took 55 ms (median, max 87 ms, 30 reads on the Prefect test server of a loaded 2-core
+            # machine), so a 2 s poll costs
             # under 3% of a core for at most the WAIT_ENV window (30 reads by default) and notices the
             # trigger's run within 2 s; Prefect's events websocket would add an async client and a
             # reconnect path for no gain at that scale.
