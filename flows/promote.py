@@ -197,3 +197,9 @@ def promote_all(workdir: str = "./alignflow-work", config: AlignflowConfig | Non
                for r in results}
     return {"stage": "promote", "run_id": results[-1]["run_id"] if results else "", "model": ",".join(aliases),
             "version": "", "results": results, "aliases": aliases}
+
+
+if __name__ == "__main__":  # `python -m alignflow.flows.promote [options]`: the CLI command
+    from alignflow.flows.cli import run_module
+
+    run_module("promote")

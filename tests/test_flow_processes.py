@@ -147,7 +147,11 @@ def test_a_config_error_stops_before_launching(work):
 
 
 def test_each_stage_module_is_its_command():
-    out = subprocess.run([sys.executable, "-m", "alignflow.flows.pm", "--help"], capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "--processes" in out.stdout and "--accelerate-config" in out.stdout
+    from alignflow import stages
+
+    for name, stage in stages.REGISTRY.items():
+        out = subprocess.run([sys.executable, "-m", stage.module, "--help"], capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, (name, out.stderr[-2000:])
+        assert f"alignflow {name}" in out.stdout, name
+        assert ("--processes" in out.stdout and "--accelerate-config" in out.stdout) == stage.distributed, name
