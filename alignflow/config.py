@@ -61,8 +61,9 @@ class RedditConfig(_Section):
 class IngestConfig(_Section):
     """Turn upvote dumps into posts, pairs, demos and prompts datasets."""
 
-    format: Literal["auto", "stackexchange", "reddit", "pairs"] = Field(
-        "auto", description="Input format; `auto` decides per source from its name and contents."
+    format: str = Field(
+        "auto", description="Input format: `auto` decides per source from its name and contents; else the name of a "
+        "source reader (stackexchange, reddit, pairs, hf; `alignflow ingest --help`)."
     )
     prompt_template: str = Field(
         DEFAULT_PROMPT_TEMPLATE,
@@ -104,11 +105,11 @@ class IngestConfig(_Section):
         0, ge=0, description="Processes that read dump tables in parallel (byte ranges cut at row lines); "
         "0 = every core. The datasets are byte-identical whatever the number."
     )
-    range_mb: float = Field(16.0, gt=0, description="Size of the byte ranges (MiB) a dump table is cut into.")
+    range_mb: float = Field(8.0, gt=0, description="Size of the byte ranges (MiB) a dump table is cut into.")
     contract_rows: int = Field(
         200_000, ge=100, description="Most rows per data-contract validation (several row groups checked at once)."
     )
-    contract_mb: int = Field(32, ge=1, description="Most text (MiB) per data-contract validation.")
+    contract_mb: int = Field(8, ge=1, description="Most text (MiB) per data-contract validation.")
     split: SplitConfig = Field(default_factory=SplitConfig, description="How questions are assigned to splits.")
     reddit: RedditConfig = Field(default_factory=RedditConfig, description="Rules for Reddit dumps.")
 

@@ -61,7 +61,11 @@ def extract(stage: str, data: dict) -> dict:
                 "peer_peak_mib": floor.get("peak_rss_mib"),
                 "detail": {"posts_mib": _get(data, "input", "posts_mib"),
                            "peak_rss_target_mib": _get(data, "targets", "peak_rss_max_mib"),
-                           "meets_targets": data.get("meets_targets")},
+                           "meets_targets": data.get("meets_targets"),
+                           "ratio_most_over_one_worker": data.get("ratio_most_over_one_worker"),
+                           "by_workers": {w: {"mib_per_s": v.get("mib_per_s"), "peak_rss_mib": v.get("peak_rss_mib")}
+                                          for w, v in (data.get("ingest_by_workers") or {}).items()},
+                           "profile": _get(data, "ingest", "profile", "seconds")},
                 "versions": data.get("versions")}
     if stage in ("base", "sft"):
         s = data["summary"]
@@ -202,6 +206,12 @@ def markdown(report: dict) -> str:
             acc = r["detail"]["accuracy"]
             lines.append(f"- reward: held-out pairwise accuracy ours {acc[0]:.4f}, TRL {acc[1]:.4f} "
                          f"(equal within 1 point: {r['detail']['equal_accuracy']}).")
+        if r["status"] == "ok" and r["stage"] == "ingest":
+            d = r["detail"]
+            per = ", ".join(f"{w} worker(s) {_num(v.get('mib_per_s'), '.1f')} MiB/s / {_num(v.get('peak_rss_mib'), ',.0f')} MiB"
+                            for w, v in (d.get("by_workers") or {}).items())
+            lines.append(f"- ingest: most / one worker {_num(d.get('ratio_most_over_one_worker'), '.2f')}× "
+                         f"(target 1.7×); {per}; seconds by phase in `bench/ingest/results/` (`profile`).")
         if r["status"] == "ok" and r["stage"] in ("base", "sft", "reward"):
             d = r["detail"]
             lines.append(f"- {r['stage']}: best-step ratio {_num(d.get('ratio_best_steps'), '.2f')}×, per CPU-second "

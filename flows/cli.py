@@ -72,15 +72,17 @@ def _load(config: Path | None, overrides: list[str] | None):
 
 def ingest(
     sources: Annotated[list[Path], typer.Argument(help="Posts.xml, site folders, <site>.7z, RC_/RS_ files, pairs files.")],
-    format: Annotated[str, typer.Option("--format", help="auto|stackexchange|reddit|pairs")] = "auto",
+    format: Annotated[str, typer.Option("--format", help="auto, or a reader: stackexchange, reddit, pairs, hf, ...")] = "auto",
     workdir: WorkdirOpt = DEFAULT_WORKDIR,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     allow_empty: Annotated[bool, typer.Option("--allow-empty", help="Exit 0 even when no pairs come out.")] = False,
 ) -> None:
     """Turn upvote dumps into contracted preference datasets (one MLflow run)."""
-    if format not in ("auto", "stackexchange", "reddit", "pairs"):
-        _fail(ValueError(f"--format must be auto, stackexchange, reddit or pairs, not {format!r}"))
+    from alignflow.tasks.ingest.sources import format_names
+
+    if format != "auto" and format not in format_names():
+        _fail(ValueError(f"--format must be auto or one of {', '.join(format_names())}, not {format!r}"))
     wd = prepare(workdir)
     cfg = _load(config, set_)
     from .ingest import ingest as ingest_flow

@@ -13,17 +13,19 @@ class Phases:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}  # CPU seconds of this process, per phase timed here
 
     def add(self, name: str, seconds: float) -> None:
         self.seconds[name] = self.seconds.get(name, 0.0) + seconds
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             self.add(name, time.perf_counter() - t)
+            self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - c
 
     def timed(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def call(*args, **kwargs):
@@ -34,3 +36,6 @@ class Phases:
 
     def table(self) -> dict[str, float]:
         return {k: round(v, 3) for k, v in self.seconds.items()}
+
+    def cpu_table(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in self.cpu.items()}

@@ -31,11 +31,11 @@ from .errors import IngestError
 from .scoring import check_template
 from .phases import Phases
 from .ranges import default_workers
+from .sources import detect_format, read_all, reader
 from .stackexchange import Site, resolve_sites
 from .store import DERIVED
 
 CODE_DIRS = [Path(__file__).resolve().parent, Path(__file__).resolve().parents[2] / "data_contracts"]
-FORMATS = ("stackexchange", "reddit", "pairs")
 # Settings that change how the work is spread, never what it produces: not part of the cache key.
 EXECUTION_ONLY = {"workers", "range_mb"}
 
@@ -68,63 +68,7 @@ class IngestResult:
     docs: dict[str, str] = field(default_factory=dict)
 
 
-# -- formats -----------------------------------------------------------------------
-def _first_json_object(path: Path) -> dict:
-    from .reddit import OversizedLine, iter_text_lines
-
-    for lineno, line in iter_text_lines(path):
-        if isinstance(line, OversizedLine):
-            raise IngestError("the first line is too long to tell the format; pass --format", path=str(path),
-                              line=lineno)
-        if line.strip():
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise IngestError(f"not JSON: {exc.msg}", path=str(path), line=lineno) from None
-            if not isinstance(obj, dict):
-                raise IngestError("a JSON line must be an object", path=str(path), line=lineno)
-            return obj
-    raise IngestError("empty file", path=str(path))
-
-
-def detect_format(path: Path) -> str:
-    """Format of one SOURCE: Stack Exchange, Reddit Pushshift or already-paired data."""
-    name = path.name.lower()
-    if path.is_dir() or name.endswith(".7z") or name in ("posts.xml", "votes.xml"):
-        return "stackexchange"
-    if name.startswith(("rc_", "rs_")):
-        return "reddit"
-    if name.endswith(".parquet"):
-        return "pairs"
-    if name.endswith(".xml"):
-        return "stackexchange"
-    if any(name.endswith(ext + comp) for ext in (".jsonl", ".json", ".ndjson") for comp in ("", ".zst", ".gz")) \
-            or name.endswith(".zst"):
-        if path.stat().st_size == 0:
-            raise IngestError("empty file", path=str(path))
-        keys = set(_first_json_object(path))
-        if {"chosen", "rejected"} <= keys:
-            return "pairs"
-        if keys & {"parent_id", "link_id", "subreddit", "selftext"}:
-            return "reddit"
-        raise IngestError(
-            f"cannot tell the format from the keys {sorted(keys)[:12]}: pairs files need prompt/chosen/rejected, "
-            "Reddit dumps parent_id/link_id/subreddit; pass --format",
-            path=str(path),
-        )
-    raise IngestError("unknown input format; pass --format stackexchange|reddit|pairs", path=str(path))
-
-
-def _files_of(path: Path, fmt: str) -> list[Path]:
-    if path.is_dir():
-        if fmt != "stackexchange":
-            raise IngestError(f"a folder is only a valid {fmt} source if it is a Stack Exchange site", path=str(path))
-        return sorted(p for p in path.iterdir() if p.name.lower() in ("posts.xml", "votes.xml"))
-    if fmt == "stackexchange" and path.name.lower() == "posts.xml":
-        return sorted(p for p in path.parent.iterdir() if p.name.lower() in ("posts.xml", "votes.xml"))
-    return [path]
-
-
+# -- formats: see sources.py (the reader registry) ------------------------------------
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -155,8 +99,8 @@ def plan_ingest(sources: list[str | Path], workdir: Path, cfg: IngestConfig, fmt
         path = Path(raw)
         if not path.exists():
             raise IngestError("no such file or folder", path=str(path))
-        f = detect_format(path) if fmt == "auto" else fmt
-        files = _files_of(path, f)
+        f = detect_format(path) if fmt == "auto" else reader(fmt).name
+        files = reader(f).files(path)
         for file in files:
             if not file.is_file():
                 raise IngestError("a folder (or a link to nothing), not a file" if not file.exists() or file.is_dir()
@@ -184,47 +128,37 @@ def plan_ingest(sources: list[str | Path], workdir: Path, cfg: IngestConfig, fmt
 
 # -- building ------------------------------------------------------------------------
 def read_sources(plan: IngestPlan, store, cfg: IngestConfig, phases: Phases | None = None) -> dict[str, str]:
-    """Stream every SOURCE into the staging store; return the score source per Stack Exchange site."""
+    """Stream every SOURCE into the staging store through its reader; return the score source per Stack Exchange site."""
+    return read_all(plan.sources, store, cfg, phases or Phases())
+
+
+def read_stackexchange(paths: list[Path], store, cfg: IngestConfig, phases: Phases) -> dict[str, str]:
+    """Stack Exchange sources, grouped into sites: plain files on every core, archives streamed in order."""
     score_sources: dict[str, str] = {}
-    se_paths = [Path(s.path) for s in plan.sources if s.format == "stackexchange"]
-    sites: list[Site] = resolve_sites(se_paths) if se_paths else []
+    sites: list[Site] = resolve_sites(paths)
     workers = cfg.workers or default_workers()
     parallel: list[Site] = []
-    if sites:
-        from .stackexchange import read_site
+    from .stackexchange import read_site
 
-        for site in sites:
-            if len(site.votes) > 1:
-                raise IngestError(f"site {site.name} has more than one Votes table", path=site.name)
-            use_votes = bool(site.votes) and cfg.score_source != "score"
-            if cfg.score_source == "votes" and not site.votes:
-                raise IngestError(f"ingest.score_source=votes but site {site.name} has no Votes.xml",
-                                  path=site.posts[0].label)
-            if not use_votes:
-                site.votes = []
-            else:
-                store.register_vote_file(site.name, site.votes[0].label)
-            score_sources[site.name] = "votes" if use_votes else "score"
-            if workers > 1 and all(m.member is None for m in (*site.votes, *site.posts)):
-                parallel.append(site)  # plain files: read below, cut into ranges
-            else:
-                read_site(site, store, on_bad_row=cfg.on_bad_row, max_chars=cfg.max_text_chars,
-                          max_row_bytes=cfg.max_row_bytes)
-        if parallel:
-            read_sites_in_ranges(parallel, store, cfg, workers, phases or Phases())
-    for src in plan.sources:
-        if src.format == "reddit":
-            from .reddit import read_reddit
-
-            for f in src.files:
-                read_reddit(Path(f), store, default_license=cfg.default_license, on_bad_row=cfg.on_bad_row,
-                            max_line_bytes=cfg.max_row_bytes)
-        elif src.format == "pairs":
-            from .paired import read_pairs_file
-
-            for f in src.files:
-                read_pairs_file(Path(f), store, default_license=cfg.default_license, on_bad_row=cfg.on_bad_row,
-                                max_line_bytes=cfg.max_row_bytes)
+    for site in sites:
+        if len(site.votes) > 1:
+            raise IngestError(f"site {site.name} has more than one Votes table", path=site.name)
+        use_votes = bool(site.votes) and cfg.score_source != "score"
+        if cfg.score_source == "votes" and not site.votes:
+            raise IngestError(f"ingest.score_source=votes but site {site.name} has no Votes.xml",
+                              path=site.posts[0].label)
+        if not use_votes:
+            site.votes = []
+        else:
+            store.register_vote_file(site.name, site.votes[0].label)
+        score_sources[site.name] = "votes" if use_votes else "score"
+        if workers > 1 and all(m.member is None for m in (*site.votes, *site.posts)):
+            parallel.append(site)  # plain files: read below, cut into ranges
+        else:
+            read_site(site, store, on_bad_row=cfg.on_bad_row, max_chars=cfg.max_text_chars,
+                      max_row_bytes=cfg.max_row_bytes)
+    if parallel:
+        read_sites_in_ranges(parallel, store, cfg, workers, phases)
     return score_sources
 
 
@@ -302,7 +236,9 @@ def ingest_warnings(plan: IngestPlan, report: dict[str, Any]) -> list[str]:
     warnings: list[str] = []
     for src in plan.sources:
         for f in src.files:
-            counts = report["files"].get(f, {})
+            if f not in report["files"]:  # not a file of rows (a dataset's metadata)
+                continue
+            counts = report["files"][f]
             if src.format == "reddit":
                 orphans = counts.get("quarantined:orphan_answer", 0)
                 month = re.match(r"RC_(\d{4}-\d{2})", Path(f).name)
@@ -379,7 +315,8 @@ def execute_ingest(plan: IngestPlan, cfg: IngestConfig, *, mark: bool = True) ->
                 datasets[kind] = {"path": str(out_dir / path.name), "rows": summary.rows.get(kind, 0),
                                   "digest": sha256_file(path)}
         phases.add("total", time.perf_counter() - started)
-        write_json(tmp / "profile.json", {"seconds": phases.table(), "input_bytes": input_bytes,
+        write_json(tmp / "profile.json", {"seconds": phases.table(), "parent_cpu_seconds": phases.cpu_table(),
+                                          "input_bytes": input_bytes,
                                           "workers": cfg.workers or default_workers()})
         docs = {k: v.replace(str(tmp), str(out_dir)) for k, v in summary.docs.items()}
         write_json(tmp / "ingest_report.json", report)
