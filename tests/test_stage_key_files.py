@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from alignflow.config import load_config
-from alignflow.flows.pipeline import stage_key
+from alignflow.tasks.stage_cache import stage_key
 from alignflow.tasks.named_files import named_file_digests, named_paths, path_digest
 
 PAIR = {"prompt": "Which is better?", "chosen": "this one", "rejected": "that one"}
