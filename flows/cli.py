@@ -146,24 +146,86 @@ def demo(
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the stage's latest checkpoint.")]
 
 
+ProcessesOpt = Annotated[int, typer.Option("--processes", min=1, help="Train on N processes (one per GPU, or "
+                                            "CPU processes): the stage runs under the launcher.")]
+LaunchOpt = Annotated[Optional[str], typer.Option("--launch", help="torchrun|accelerate (default torchrun; "
+                                                  "accelerate with --accelerate-config).")]
+AccelerateConfigOpt = Annotated[Optional[Path], typer.Option("--accelerate-config", help="Accelerate config file "
+                                                             "(configs/accelerate/); implies --launch accelerate.")]
+
+
 def _run_stage(stage: str, workdir: Path, config: Path | None, set_: list[str] | None, resume: bool) -> dict:
+    from alignflow.tasks import launch
+
     wd = prepare(workdir)
     cfg = _load(config, set_)
-    flow_fn = stages.get(stage).load_flow()
+    entry = stages.get(stage)
     from alignflow.tasks.train.loop import NonFiniteLossError
 
+    if launch.is_distributed() and launch.rank() != 0:  # a helper process of a launched stage: train, leave
+        import importlib
+
+        plan = launch.receive_plan()
+        if plan is not None:
+            from alignflow.tasks import tracking
+
+            tracking.configure(wd, cfg.experiment)  # the start model may be a registered one
+            importlib.import_module(entry.module).train_shard(cfg, plan)
+        launch.finish()
+        raise typer.Exit(0)
     try:
-        return flow_fn(workdir=str(wd), config=cfg, resume=resume)
-    except (*_user_errors(), NonFiniteLossError, LookupError) as exc:
+        out = entry.load_flow()(workdir=str(wd), config=cfg, resume=resume)
+    except BaseException as exc:
+        # Stopped before training: the others get an empty plan and leave with us. Stopped in or after it:
+        # no goodbye (a peer may be inside a collective); the launcher ends the others when this process exits.
+        if launch.is_distributed() and not launch.plan_shared():
+            launch.share_plan(None)
+            launch.finish()
+        if isinstance(exc, (*_user_errors(), NonFiniteLossError, LookupError)):
+            _fail(exc)
+        raise
+    launch.share_plan_once(None)
+    launch.finish()
+    return out
+
+
+def _launch(stage: stages.Stage, argv: list[str], processes: int, launcher: str | None,
+            accelerate_config: Path | None) -> None:
+    """Run the stage's command under the launcher, on ``processes`` processes; exit with its status."""
+    import subprocess
+
+    from alignflow.tasks import launch
+
+    try:
+        cmd = launch.launch_command(stage.module, argv, processes=processes,
+                                    launcher=launcher or ("accelerate" if accelerate_config else "torchrun"),
+                                    accelerate_config=accelerate_config)
+    except (ValueError, FileNotFoundError) as exc:
         _fail(exc)
+    typer.echo("launching: " + " ".join(cmd), err=True)
+    raise typer.Exit(subprocess.call(cmd))
 
 
 def stage_command(stage: stages.Stage) -> Callable[..., None]:
-    """``alignflow <stage>``: the same options for every stage of the registry."""
+    """``alignflow <stage>``: the same options for every stage of the registry (and the launch options for
+    the stages that train on several processes)."""
+    if stage.distributed:
+        def command(workdir: WorkdirOpt = DEFAULT_WORKDIR, config: ConfigOpt = None, set_: SetOpt = None,
+                    resume: ResumeOpt = False, processes: ProcessesOpt = 1, launch: LaunchOpt = None,
+                    accelerate_config: AccelerateConfigOpt = None) -> None:
+            from alignflow.tasks import launch as launching
 
-    def command(workdir: WorkdirOpt = DEFAULT_WORKDIR, config: ConfigOpt = None, set_: SetOpt = None,
-                resume: ResumeOpt = False) -> None:
-        _print_stage(_run_stage(stage.name, workdir, config, set_, resume))
+            if (processes > 1 or launch or accelerate_config) and not launching.is_distributed():
+                _load(config, set_)  # a config error is one line here, not one per process
+                argv = ["--workdir", str(workdir), *(["--config", str(config)] if config else []),
+                        *[a for s in set_ or [] for a in ("--set", s)], *(["--resume"] if resume else [])]
+                _launch(stage, argv, processes, launch, accelerate_config)
+            out = _run_stage(stage.name, workdir, config, set_, resume)
+            _print_stage(out)
+    else:
+        def command(workdir: WorkdirOpt = DEFAULT_WORKDIR, config: ConfigOpt = None, set_: SetOpt = None,
+                    resume: ResumeOpt = False) -> None:
+            _print_stage(_run_stage(stage.name, workdir, config, set_, resume))
 
     command.__name__ = stage.name.replace("-", "_")
     command.__doc__ = stage.help
@@ -321,6 +383,12 @@ def build_app() -> typer.Typer:
 
 
 app = build_app()
+
+
+def run_module(stage: str) -> None:
+    """``python -m alignflow.flows.<stage> [options]``: the stage's command (what a launcher starts)."""
+    sys.argv = [f"alignflow {stage}", stage, *sys.argv[1:]]
+    app(prog_name="alignflow")
 
 
 def main() -> None:  # pragma: no cover

@@ -98,3 +98,9 @@ def ingest(
             "experiment_id": run.info.experiment_id,
             "tracking_uri": mlflow.get_tracking_uri(),
         }
+
+
+if __name__ == "__main__":  # `python -m alignflow.flows.ingest [options]`: the CLI command
+    from alignflow.flows.cli import run_module
+
+    run_module("ingest")

@@ -19,11 +19,8 @@ the MLflow UI.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,8 +35,21 @@ from alignflow.config import AlignflowConfig, load_config
 from alignflow.flows.report import pipeline_report
 from alignflow.tasks import registry, tracking
 from alignflow.tasks.processes import process_tags
+from alignflow.tasks.stage_cache import (
+    SUMMARY_TAG,
+    challengers,
+    default_sources,
+    figures,
+    find_cached,
+    key_metrics,
+    manifest_digests,
+    plain,
+    read_state,
+    stage_key,
+    summary_table,
+    write_state,
+)
 
-SUMMARY_TAG = "alignflow.stage_summary"
 log = logging.getLogger(__name__)
 
 
@@ -75,123 +85,6 @@ def load_stage_flows(stages: list[str]) -> dict[str, Callable[..., dict]]:
     return flows
 
 
-def stage_key(stage: str, cfg: AlignflowConfig, digests: dict[str, str], versions: dict[str, str | None]) -> str:
-    """Content key of a stage: its config section, the digests of its datasets, the versions of its models."""
-    entry = stage_registry.get(stage)
-    section = cfg.section(entry.section) if entry.section else None
-    body = {
-        "stage": stage,
-        "config": section.model_dump(mode="json") if section is not None else None,
-        "also": {k: _dotted(cfg, k) for k in entry.key_config},
-        "data": {k: digests.get(k, "") for k in entry.reads},
-        "models": {m: versions.get(m) for m in stage_registry.models_read(entry)},
-    }
-    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _dotted(cfg: AlignflowConfig, key: str) -> Any:
-    head, *rest = key.split(".")
-    value = cfg.section(head)
-    for part in rest:
-        value = getattr(value, part)
-    return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
-
-
-def _manifest_digests(workdir: Path) -> dict[str, str]:
-    from alignflow.tasks.ingest.run import latest_datasets
-
-    try:
-        manifest = json.loads((latest_datasets(workdir) / "manifest.json").read_text())["datasets"]
-    except (FileNotFoundError, KeyError, json.JSONDecodeError):
-        return {}
-    return {k: v.get("digest", "") for k, v in manifest.items()}
-
-
-def _challengers() -> dict[str, str | None]:
-    return {m: registry.resolve_version(m, registry.CHALLENGER) for m in stage_registry.models()}
-
-
-def find_cached(client: MlflowClient, experiment_id: str, stage: str, key: str) -> dict | None:
-    """The summary of a finished earlier run of ``stage`` with this key, if its model is still the challenger."""
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`alignflow.stage` = '{stage}' and tags.`alignflow.cache_key` = '{key}' "
-                      f"and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"], max_results=5)
-    for run in runs:
-        text = run.data.tags.get(SUMMARY_TAG)
-        if not text:
-            continue
-        summary = json.loads(text)
-        model = stage_registry.get(stage).model
-        if model and registry.resolve_version(model, registry.CHALLENGER) != str(summary.get("version")):
-            continue  # the alias moved on: the cached output is not what the next stage would read
-        return summary
-    return None
-
-
-def _plain(summary: dict) -> dict:
-    """The JSON-able scalars of a stage summary (what is kept for cache hits and the table)."""
-    out = {}
-    for k, v in summary.items():
-        if isinstance(v, (str, int, float, bool)) or v is None:
-            out[k] = v
-    if "results" in summary:  # promote: one decision per model
-        out["decisions"] = {r["model"]: r["decision"] for r in summary["results"]}
-    return out
-
-
-def _figures(summary: dict) -> dict[str, float]:
-    """The numeric results of a stage summary (logged on the parent run as ``<stage>/<name>``)."""
-    skip = {"version", "steps", "resumed_from_step"}
-    return {k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-            and k not in skip and v == v}
-
-
-def _key_metrics(summary: dict) -> str:
-    entry = stage_registry.REGISTRY.get(summary.get("stage") or "")
-    keys = entry.key_metrics if entry else ()
-    parts = [f"{k}={summary[k]:.4g}" for k in keys if isinstance(summary.get(k), (int, float))
-             and not isinstance(summary.get(k), bool)]
-    if "decisions" in summary:
-        parts += [f"{m.removeprefix('alignflow-')}:{d}" for m, d in summary["decisions"].items()]
-    if "cache_hit" in summary and summary.get("stage") == "ingest":
-        parts.append(f"datasets {'reused' if summary['cache_hit'] else 'built'}")
-    return ", ".join(parts[:6])
-
-
-def _state_file(workdir: Path) -> Path:
-    return Path(workdir).resolve() / "pipeline" / "state.json"
-
-
-def _write_state(workdir: Path, state: dict) -> None:
-    path = _state_file(workdir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp-{os.getpid()}-{threading.get_ident()}")
-    tmp.write_text(json.dumps(state, indent=2, default=str))
-    os.replace(tmp, path)
-
-
-def _read_state(workdir: Path) -> dict:
-    try:
-        return json.loads(_state_file(workdir).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-
-
-def _sources(cfg: AlignflowConfig, workdir: Path) -> list[str]:
-    if cfg.pipeline.sources:
-        return list(cfg.pipeline.sources)
-    from alignflow.tasks.ingest.synthetic import generate_dump
-
-    g = cfg.generate
-    dumps = [generate_dump(workdir / "dumps", questions=g.questions, seed=g.seed, site=g.site)]
-    if getattr(g, "generic_questions", 0):
-        dumps.append(generate_dump(workdir / "dumps", questions=g.generic_questions, seed=g.seed + 1,
-                                   site=g.generic_site))
-    return [str(d) for d in dumps]
-
-
 def ui_hint(experiment_id: str, run_id: str) -> str:
     uri = mlflow.get_tracking_uri()
     if uri.startswith("http"):
@@ -199,18 +92,6 @@ def ui_hint(experiment_id: str, run_id: str) -> str:
     return (f"open the MLflow UI:  mlflow ui --backend-store-uri {uri} --port 5000\n"
             f"  then http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}  (the pipeline run; its "
             f"stages are the nested runs; select two pipeline runs and Compare)")
-
-
-def summary_table(rows: list[dict], aliases: dict[str, dict[str, str | None]]) -> str:
-    lines = [f"{'stage':<9}{'status':<11}{'mlflow run':<34}{'model':<22}{'version':<8}key metrics"]
-    for r in rows:
-        lines.append(f"{r['stage']:<9}{r['status']:<11}{r.get('run_id') or '-':<34}{r.get('model') or '-':<22}"
-                     f"{str(r.get('version') or '-'):<8}{r.get('metrics', '')}")
-    lines += ["", f"{'registered model':<22}{'challenger':<12}{'champion':<10}"]
-    for m, a in aliases.items():
-        lines.append(f"{m:<22}{'v' + a['challenger'] if a['challenger'] else '-':<12}"
-                     f"{'v' + a['champion'] if a['champion'] else '-':<10}")
-    return "\n".join(lines)
 
 
 class _StageFailed(Exception):
@@ -250,7 +131,7 @@ def _run_stage(stage: str, flow_fn: Callable[..., dict], cfg: AlignflowConfig, w
                experiment_id: str, digests: dict[str, str], *, resume: bool, failed_before: str | None,
                previous: dict) -> dict:
     """One training/promotion stage: a cache hit (recorded as a child run) or a run of its flow."""
-    key = stage_key(stage, cfg, digests, _challengers())
+    key = stage_key(stage, cfg, digests, challengers())
     cached = None
     if cfg.pipeline.cache or failed_before:
         cached = find_cached(client, experiment_id, stage, key)
@@ -267,7 +148,7 @@ def _run_stage(stage: str, flow_fn: Callable[..., dict], cfg: AlignflowConfig, w
         print(f"{stage}: cache hit (run {cached.get('run_id')}, {cached.get('model')} v{cached.get('version')})")
     else:
         resume_stage = resume or stage == failed_before
-        summary = _plain(flow_fn(workdir=str(wd), config=cfg, resume=resume_stage))
+        summary = plain(flow_fn(workdir=str(wd), config=cfg, resume=resume_stage))
         status = "resumed" if resume_stage and stage == failed_before else "ran"
         if summary.get("run_id"):
             client.set_tag(summary["run_id"], "alignflow.cache_key", key)
@@ -275,8 +156,8 @@ def _run_stage(stage: str, flow_fn: Callable[..., dict], cfg: AlignflowConfig, w
     return {"stage": stage, "status": status, "run_id": summary.get("run_id"),
             "model": summary.get("model") if stage_registry.get(stage).reads_models != stage_registry.EVERY_MODEL
             else "(gates)",
-            "version": summary.get("version"), "metrics": _key_metrics(summary), "key": key,
-            "figures": _figures(summary)}
+            "version": summary.get("version"), "metrics": key_metrics(summary), "key": key,
+            "figures": figures(summary)}
 
 
 @flow(name="pipeline", log_prints=True)
@@ -300,7 +181,7 @@ def pipeline(
     flows = load_stage_flows(order)
     experiment_id = tracking.configure(wd, cfg.experiment)
     client = MlflowClient()
-    previous = _read_state(wd)
+    previous = read_state(wd)
     # a pipeline that failed, or was killed (its state still says running), restarts at that stage
     failed_before = previous.get("failed_stage") if previous.get("status") == "failed" else None
     if previous.get("status") == "running":
@@ -317,18 +198,18 @@ def pipeline(
         mlflow.log_params({k: tracking._param_value(v) for k, v in
                            tracking.flatten({"pipeline": cfg.pipeline.model_dump(mode="json")}).items()})
         mlflow.log_param("config_digest", cfg.digest())
-        digests = _manifest_digests(wd)
+        digests = manifest_digests(wd)
 
         def run_one(stage: str) -> None:
             nonlocal digests
             state["running"].append(stage)
-            _write_state(wd, {**state, "status": "running"})
+            write_state(wd, {**state, "status": "running"})
             try:
                 if stage == stage_registry.INGEST.name:
-                    out = flows[stage](_sources(cfg, wd), workdir=str(wd), config=cfg)
+                    out = flows[stage](default_sources(cfg, wd), workdir=str(wd), config=cfg)
                     digests = {k: v["digest"] for k, v in out["datasets"].items()}
                     row = {"stage": "ingest", "status": "cache hit" if out["cache_hit"] else "ran",
-                           "run_id": out["run_id"], "metrics": _key_metrics({**out, "stage": "ingest"}),
+                           "run_id": out["run_id"], "metrics": key_metrics({**out, "stage": "ingest"}),
                            "figures": {f"data/{k}": float(v["rows"]) for k, v in out["datasets"].items()}}
                 else:
                     row = _run_stage(stage, flows[stage], cfg, wd, client, experiment_id, digests,
@@ -338,7 +219,7 @@ def pipeline(
             rows.append(row)
             state["stages"][stage] = row
             state["running"].remove(stage)
-            _write_state(wd, {**state, "status": "running"})
+            write_state(wd, {**state, "status": "running"})
 
         try:
             with tracking.parent_run(parent.info.run_id):
@@ -351,7 +232,7 @@ def pipeline(
                         _run_branches(step, run_one)
         except _StageFailed as failed:
             exc, current = failed.exc, failed.stage
-            _write_state(wd, {**state, "status": "failed", "failed_stage": current, "running": [],
+            write_state(wd, {**state, "status": "failed", "failed_stage": current, "running": [],
                               "error": repr(exc)[:2000]})
             mlflow.set_tag("alignflow.failed_stage", current)
             raise PipelineError(f"stage '{current}' failed: {type(exc).__name__}: {exc}\n"
@@ -380,7 +261,7 @@ def pipeline(
                                              for m, a in aliases.items()) + "\n")
         hint = ui_hint(experiment_id, parent.info.run_id)
         print("\n" + table + "\n\n" + hint)
-        _write_state(wd, {**state, "status": "finished", "running": [], "parent_run_id": parent.info.run_id})
+        write_state(wd, {**state, "status": "finished", "running": [], "parent_run_id": parent.info.run_id})
         return {"stage": "pipeline", "run_id": parent.info.run_id, "experiment_id": experiment_id,
                 "model": "", "version": "", "stages": rows, "aliases": aliases, "table": table, "ui": hint,
                 "tracking_uri": mlflow.get_tracking_uri()}

@@ -19,48 +19,41 @@ from typing import Any
 
 import mlflow
 from prefect import flow, task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from alignflow.config import AlignflowConfig, PmStageConfig
-from alignflow.stages import BASE_MODEL, PMP_MODEL, REWARD_MODEL
 from alignflow.models.reward import score_texts
-from alignflow.tasks import registry, tracking
-from alignflow.tasks.ingest.run import latest_datasets
+from alignflow.stages import BASE_MODEL, PMP_MODEL
+from alignflow.tasks import preference, tracking
 from alignflow.tasks.preference import (
     REWARD_TASK,
     log_reward_eval,
     reliability_figure,
+    select_task_pairs,
     start_reward_model,
     task_pairs,
     train_logged,
 )
 from alignflow.tasks.train.lm import read_demos
 from alignflow.tasks.train.loop import LoopResult
-from alignflow.tasks.train.pairs import PairSelectionError, check_split_hygiene, draw_questions, read_pairs, rows_of_split
+from alignflow.tasks.train.pairs import read_pairs
 from alignflow.tasks.train.reward import evaluate_pairs, normalize_bias
 
-MODEL_NAME = REWARD_MODEL
+from .skeleton import stage_run
+
 CENTRING_DEMOS = 256
-
-
-def select_pairs(rows: list[dict], cfg: PmStageConfig, source: Path) -> tuple[list[dict], list[dict]]:
-    """(training pairs, held-out validation pairs) of the task site, by whole questions."""
-    train = rows_of_split(rows, "train", cfg.site)
-    if not train:
-        sites = sorted({r.get("site") or "" for r in rows})
-        where = f"site {cfg.site!r}" if cfg.site else "any site"
-        raise PairSelectionError(f"{source}: no training pairs for {where}; sites present: {', '.join(sites) or '(none)'}")
-    train = draw_questions(train, cfg.max_train_pairs, cfg.train.seed)
-    held = draw_questions(rows_of_split(rows, "validation", cfg.site), cfg.eval_pairs, cfg.train.seed)
-    check_split_hygiene(train, held)
-    return train, held
 
 
 @task(name="train-reward", cache_policy=NO_CACHE)
 def train(cfg: PmStageConfig, model: Any, tok: Any, train_rows: list[dict], eval_rows: list[dict], ckpt: Path,
-          resume: bool) -> LoopResult:
-    return train_logged("pm", cfg, model, tok, train_rows, eval_rows, ckpt, resume)
+          resume: bool, registered: str) -> LoopResult:
+    return train_logged("pm", cfg, model, tok, train_rows, eval_rows, ckpt, resume, registered=registered)
+
+
+def train_shard(cfg: AlignflowConfig, plan: dict) -> LoopResult:
+    """One process's shard of the training under a launcher (process 0 runs the flow)."""
+    return preference.train_shard(cfg.pm, plan)
 
 
 @task(name="centre-on-demos", cache_policy=NO_CACHE)
@@ -79,22 +72,19 @@ def centre(model: Any, tok: Any, demos: list[dict], cfg: PmStageConfig) -> dict[
 @flow(name="pm", log_prints=True)
 def pm(workdir: str = "./alignflow-work", config: AlignflowConfig | None = None, resume: bool = False) -> dict[str, Any]:
     cfg = config or AlignflowConfig()
-    wd = Path(workdir)
-    tracking.configure(wd, cfg.experiment)
-    with tracking.stage_run("pm", {"pm": cfg.pm.model_dump(mode="json"), "pmp_enabled": cfg.pmp.enabled}) as run:
-        create_link_artifact(key="mlflow-run", link=tracking.run_url(run), link_text="MLflow run of this stage")
-        data = latest_datasets(wd)
-        pairs_path, entry = task_pairs(cfg.pm.pairs_file, data, wd, cfg.ingest)
+    params = {"pm": cfg.pm.model_dump(mode="json"), "pmp_enabled": cfg.pmp.enabled}
+    with stage_run("pm", cfg, workdir, params=params) as st:
+        pairs_path, entry = task_pairs(cfg.pm.pairs_file, st.data, st.workdir, cfg.ingest)
         tracking.log_parquet_input(pairs_path, name="pairs", digest=entry["digest"], context="training",
                                    rows=entry["rows"])
-        train_rows, held = select_pairs(read_pairs(pairs_path), cfg.pm, pairs_path)
+        train_rows, held = select_task_pairs(read_pairs(pairs_path), cfg.pm, pairs_path)
         mlflow.log_metrics({"data/train_pairs": float(len(train_rows)), "data/eval_pairs": float(len(held))})
         start_name = PMP_MODEL if cfg.pmp.enabled else BASE_MODEL
         model, tok, start = start_reward_model(cfg.pm.model, registered=start_name, seed=cfg.pm.train.seed)
-        mlflow.log_param("start_model", start)
-        ckpt, resumed_from = tracking.attach_checkpoints(wd, "pm", run, resume=resume)
+        st.note_start(start)
+        ckpt, resume = st.checkpoints(resume)
         eval_during = held[: cfg.pm.train.eval_batches * cfg.pm.train.batch_size]
-        loop = train(cfg.pm, model, tok, train_rows, eval_during, ckpt, resume and resumed_from is not None)
+        loop = train(cfg.pm, model, tok, train_rows, eval_during, ckpt, resume, start_name)
 
         result = evaluate_pairs(model, tok, held, batch_size=cfg.pm.train.batch_size,
                                 max_length=cfg.pm.model.max_length, n_worst=cfg.pm.worst_pairs)
@@ -103,23 +93,20 @@ def pm(workdir: str = "./alignflow-work", config: AlignflowConfig | None = None,
             figure = reliability_figure(result["r_chosen"], result["r_rejected"], ckpt / "calibration.png")
             mlflow.log_artifact(str(figure), artifact_path="eval")
 
-        demos = read_demos(data / "demos.parquet", "validation")[:CENTRING_DEMOS] if cfg.pm.normalize_on_demos else []
+        demos = read_demos(st.data / "demos.parquet", "validation")[:CENTRING_DEMOS] if cfg.pm.normalize_on_demos else []
         if demos:
             centring = centre(model, tok, demos, cfg.pm)
             mlflow.log_metrics(centring)
             metrics.update(centring)
         elif cfg.pm.normalize_on_demos:
-            print(f"no validation demos in {data}: the score offset is left at 0")
-        version = registry.register_transformers(model, tok, name=MODEL_NAME, task=REWARD_TASK,
-                                                 tags={"start_model": start, "task_site": cfg.pm.site or "*"})
-        summary = {"stage": "pm", "run_id": run.info.run_id, "model": MODEL_NAME, "version": version,
-                   "start_model": start, "train_pairs": len(train_rows), "final_loss": loop.final_loss, **metrics}
+            print(f"no validation demos in {st.data}: the score offset is left at 0")
+        st.register(model, tok, task=REWARD_TASK, tags={"task_site": cfg.pm.site or "*"})
+        summary = st.summary(train_pairs=len(train_rows), final_loss=loop.final_loss, **metrics)
         create_markdown_artifact(key="pm-summary", markdown=_summary_md(summary, result.get("worst_pairs", [])))
         acc = metrics.get("eval/pairwise_accuracy")
         if acc is not None:
             print(f"held-out pairwise accuracy {acc:.3f} (95% CI {metrics['eval/accuracy_ci_low']:.3f}-"
                   f"{metrics['eval/accuracy_ci_high']:.3f}, {len(held)} pairs)")
-        print(f"registered {MODEL_NAME} version {version} (alias challenger)")
         return summary
 
 
@@ -131,3 +118,9 @@ def _summary_md(summary: dict, worst: list[dict]) -> str:
                   "|---|---|---|"]
         lines += [f"| {w['pair_id']} | {w['reward_diff']:.3f} | {w['gap']} |" for w in worst[:10]]
     return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # `python -m alignflow.flows.pm [options]`: the CLI command (also under a launcher)
+    from alignflow.flows.cli import run_module
+
+    run_module("pm")

@@ -11,20 +11,18 @@ Evaluation: held-out (validation-split) ranked pairs of the same sources.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import mlflow
 from prefect import flow, task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from alignflow.config import AlignflowConfig, PmpStageConfig
 from alignflow.stages import BASE_MODEL, PMP_MODEL
-from alignflow.tasks import registry, tracking
-from alignflow.tasks.ingest.run import latest_datasets
-from alignflow.tasks.preference import REWARD_TASK, log_reward_eval, start_reward_model, train_logged
+from alignflow.tasks import preference, tracking
+from alignflow.tasks.preference import REWARD_TASK, log_reward_eval, pmp_sources, start_reward_model, train_logged
 from alignflow.tasks.train.loop import LoopResult
 from alignflow.tasks.train.pairs import (
     MixtureSource,
@@ -36,41 +34,30 @@ from alignflow.tasks.train.pairs import (
 )
 from alignflow.tasks.train.reward import binarize_pairs, evaluate_pairs
 
-MODEL_NAME = PMP_MODEL
+from .skeleton import stage_run
 
-
-def source_data(cfg: PmpStageConfig, workdir: Path) -> dict[Path, dict]:
-    """Each distinct pairs dataset the sources read, with its manifest entry (path -> {digest, rows})."""
-    out: dict[Path, dict] = {}
-    for src in cfg.sources:
-        folder = Path(src.data) if src.data else latest_datasets(workdir)
-        path = folder / "pairs.parquet" if folder.is_dir() else folder
-        manifest_file = path.parent / "manifest.json"
-        entry = {"digest": "", "rows": None}
-        if manifest_file.is_file():
-            entry = json.loads(manifest_file.read_text())["datasets"]["pairs"]
-        out[path.resolve()] = entry
-    return out
 
 
 @task(name="train-pmp", cache_policy=NO_CACHE)
 def train(cfg: PmpStageConfig, model: Any, tok: Any, train_rows: list[dict], eval_rows: list[dict], ckpt: Path,
           resume: bool) -> LoopResult:
-    return train_logged("pmp", cfg, model, tok, train_rows, eval_rows, ckpt, resume,
+    return train_logged("pmp", cfg, model, tok, train_rows, eval_rows, ckpt, resume, registered=BASE_MODEL,
                         group_by_question=cfg.group_by_question)
+
+
+def train_shard(cfg: AlignflowConfig, plan: dict) -> LoopResult:
+    """One process's shard of the training under a launcher (process 0 runs the flow)."""
+    return preference.train_shard(cfg.pmp, plan)
 
 
 @flow(name="pmp", log_prints=True)
 def pmp(workdir: str = "./alignflow-work", config: AlignflowConfig | None = None, resume: bool = False) -> dict[str, Any]:
     cfg = config or AlignflowConfig()
     if not cfg.pmp.enabled:
-        print("pmp.enabled is false: nothing to do (pm starts from alignflow-base)")
-        return {"stage": "pmp", "run_id": None, "model": MODEL_NAME, "version": None, "skipped": "pmp.enabled=false"}
-    wd = Path(workdir)
-    tracking.configure(wd, cfg.experiment)
-    with tracking.stage_run("pmp", {"pmp": cfg.pmp.model_dump(mode="json")}) as run:
-        create_link_artifact(key="mlflow-run", link=tracking.run_url(run), link_text="MLflow run of this stage")
-        datasets = source_data(cfg.pmp, wd)
+        print(f"pmp.enabled is false: nothing to do (pm starts from {BASE_MODEL})")
+        return {"stage": "pmp", "run_id": None, "model": PMP_MODEL, "version": None, "skipped": "pmp.enabled=false"}
+    with stage_run("pmp", cfg, workdir) as st:
+        datasets = pmp_sources(cfg.pmp, st.workdir)
         rows: list[dict] = []
         for path, entry in datasets.items():
             tracking.log_parquet_input(path, name="pairs", digest=entry.get("digest") or path.name,
@@ -87,20 +74,17 @@ def pmp(workdir: str = "./alignflow-work", config: AlignflowConfig | None = None
         mlflow.log_dict({"sources": report.per_source, "total": report.total}, "data/mixture.json")
         train_rows = binarize_pairs(mixture) if cfg.pmp.binarize else mixture
         model, tok, start = start_reward_model(cfg.pmp.model, registered=BASE_MODEL, seed=seed)
-        mlflow.log_param("start_model", start)
-        ckpt, resumed_from = tracking.attach_checkpoints(wd, "pmp", run, resume=resume)
+        st.note_start(start)
+        ckpt, resume = st.checkpoints(resume)
         loop = train(cfg.pmp, model, tok, train_rows, held[: cfg.pmp.train.eval_batches * cfg.pmp.train.batch_size],
-                     ckpt, resume and resumed_from is not None)
+                     ckpt, resume)
         result = evaluate_pairs(model, tok, held, batch_size=cfg.pmp.train.batch_size,
                                 max_length=cfg.pmp.model.max_length, n_worst=20)
         metrics = log_reward_eval(result)
-        version = registry.register_transformers(model, tok, name=MODEL_NAME, task=REWARD_TASK,
-                                                 tags={"start_model": start, "binarized": str(cfg.pmp.binarize)})
-        summary = {"stage": "pmp", "run_id": run.info.run_id, "model": MODEL_NAME, "version": version,
-                   "start_model": start, "train_pairs": len(train_rows), "final_loss": loop.final_loss, **metrics}
+        st.register(model, tok, task=REWARD_TASK, tags={"binarized": str(cfg.pmp.binarize)})
+        summary = st.summary(train_pairs=len(train_rows), final_loss=loop.final_loss, **metrics)
         create_markdown_artifact(key="pmp-summary", markdown=_summary_md(summary, report.per_source))
-        print(f"registered {MODEL_NAME} version {version} (alias challenger); held-out accuracy "
-              f"{metrics.get('eval/pairwise_accuracy', float('nan')):.3f} on {len(held)} pairs")
+        print(f"held-out accuracy {metrics.get('eval/pairwise_accuracy', float('nan')):.3f} on {len(held)} pairs")
         return summary
 
 
@@ -110,3 +94,9 @@ def _summary_md(summary: dict, per_source: dict) -> str:
     lines += ["", "## Mixture", "", "| source | weight | pairs available | pairs drawn |", "|---|---|---|---|"]
     lines += [f"| {s} | {v['weight']:.3f} | {int(v['available'])} | {int(v['drawn'])} |" for s, v in per_source.items()]
     return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # `python -m alignflow.flows.pmp [options]`: the CLI command (also under a launcher)
+    from alignflow.flows.cli import run_module
+
+    run_module("pmp")

@@ -135,3 +135,9 @@ def pmp_transfer(workdir: str = "./alignflow-work", config: AlignflowConfig | No
         print(table)
         return {"stage": "pmp-transfer", "run_id": run.info.run_id, "model": None, "version": None,
                 "eval_pairs": len(held), "results": results, "plot": str(figure)}
+
+
+if __name__ == "__main__":  # `python -m alignflow.flows.pmp_transfer [options]`: the CLI command
+    from alignflow.flows.cli import run_module
+
+    run_module("pmp-transfer")

@@ -21,6 +21,7 @@ of the latest attempt (the killed run is marked KILLED and linked).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from prefect.cache_policies import NO_CACHE
 
 from alignflow.config import AlignflowConfig, PpoStageConfig
 from alignflow.stages import POLICY_MODEL, REWARD_MODEL, SFT_MODEL
-from alignflow.tasks import registry, tracking
+from alignflow.tasks import evaluation, launch, registry, tracking
 from alignflow.tasks.ingest.run import latest_datasets
 from alignflow.tasks.train import ppo as ppo_lib
 
@@ -49,76 +50,83 @@ def read_prompts(path: Path, split: str) -> list[dict]:
     return [r for r in rows if r["split"] == split]
 
 
-def planted_judge(data: Path, rows: list[dict]):
-    """``judge(i, response)``: does the answer to prompt ``i`` have the synthetic dump's planted property?
-
-    None when no prompt has a key term (not a generated dump).
-    """
-    from alignflow.tasks.ingest.synthetic import has_planted_property, key_term
-
-    posts = pd.read_parquet(data / "posts.parquet", columns=["site", "post_id", "kind", "title", "body"])
-    q = posts[posts.kind == "question"].set_index(["site", "post_id"])
-    questions = []
-    for r in rows:
-        key = (r["site"], r["question_id"])
-        questions.append((q.loc[key]["title"], q.loc[key]["body"]) if key in q.index else None)
-    if not any(x is not None and key_term(*x) is not None for x in questions):
-        return None
-
-    def judge(i: int, response: str) -> bool:
-        return questions[i] is not None and has_planted_property(questions[i][0], questions[i][1], response)
-
-    return judge
-
-
-@task(name="load-ppo-models", cache_policy=NO_CACHE)
-def load_models(cfg: PpoStageConfig) -> tuple[Any, Any, str, Any, Any, str]:
-    """(policy, tokenizer, source, reward model, reward tokenizer, source)."""
+def load_sources(policy_source: str | None, reward_source: str | None) -> tuple[Any, Any, str, Any, Any, str]:
+    """(policy, tokenizer, source, reward model, reward tokenizer, source): a folder or hub id, a registered
+    version (``models:/<name>/<version>``), or (None) the registered challenger."""
     from alignflow.models import load_causal_lm, load_sequence_classifier, load_tokenizer
 
-    if cfg.policy_model:
-        tok = load_tokenizer(cfg.policy_model)
-        policy, policy_src = load_causal_lm(cfg.policy_model, tokenizer=tok), cfg.policy_model
-    else:
-        policy, tok, version = registry.load_transformers_components(POLICY_SOURCE, registry.CHALLENGER)
-        policy_src = f"models:/{POLICY_SOURCE}/{version}"
-    if cfg.reward_model:
-        rtok = load_tokenizer(cfg.reward_model)
-        reward, reward_src = load_sequence_classifier(cfg.reward_model, tokenizer=rtok), cfg.reward_model
-    else:
-        reward, rtok, version = registry.load_transformers_components(REWARD_SOURCE, registry.CHALLENGER)
-        reward_src = f"models:/{REWARD_SOURCE}/{version}"
+    def load(source: str | None, registered: str, build: Any) -> tuple[Any, Any, str]:
+        if source is None:
+            model, tok, version = registry.load_transformers_components(registered, registry.CHALLENGER)
+            return model, tok, f"models:/{registered}/{version}"
+        if source.startswith("models:/"):
+            return (*registry.load_version_components(*source.removeprefix("models:/").split("/", 1)), source)
+        tok = load_tokenizer(source)
+        return build(source, tokenizer=tok), tok, source
+
+    policy, tok, policy_src = load(policy_source, POLICY_SOURCE, load_causal_lm)
+    reward, rtok, reward_src = load(reward_source, REWARD_SOURCE, load_sequence_classifier)
     if getattr(reward.config, "num_labels", 1) != 1 or not hasattr(reward, "score"):
         raise ValueError(f"{reward_src} is not a scalar reward model (*ForSequenceClassification, num_labels=1)")
     ppo_lib.check_pad_token(tok)
     return policy, tok, policy_src, reward, rtok, reward_src
 
 
-@task(name="ppo-train", cache_policy=NO_CACHE)
-def optimise(cfg: PpoStageConfig, policy: Any, tok: Any, reward: Any, rtok: Any, prompts: list[str],
-             eval_rows: list[dict], judge: Any, ckpt: Path, resume: bool) -> ppo_lib.PpoResult:
-    logger = tracking.MetricLogger(cfg.total_steps, "ppo")
-    reward_fn = ppo_lib.text_reward_fn(reward, rtok, batch_size=cfg.forward_batch_size,
-                                       max_length=cfg.reward_max_length)
+@task(name="load-ppo-models", cache_policy=NO_CACHE)
+def load_models(cfg: PpoStageConfig) -> tuple[Any, Any, str, Any, Any, str]:
+    return load_sources(cfg.policy_model, cfg.reward_model)
+
+
+def device_of_process() -> torch.device:
+    """This process's accelerator (its local rank's GPU under a launcher), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+
+
+def train_shard(cfg: AlignflowConfig, plan: dict, callbacks: Any = None, models: tuple | None = None
+                ) -> ppo_lib.PpoResult:
+    """The PPO run of one process (all of it, or one process's part of each update under a launcher)."""
+    policy, tok, _, reward, rtok, _ = models or load_sources(plan["policy"], plan["reward"])
+    device = device_of_process()
+    policy.to(device)
+    reward.to(device)
+    p = cfg.ppo
+    reward_fn = ppo_lib.text_reward_fn(reward, rtok, batch_size=p.forward_batch_size, max_length=p.reward_max_length)
     critic = ppo_lib.make_critic(reward, reward_tokenizer=rtok, policy=policy, policy_tokenizer=tok)
+    if callbacks is not None:
+        callbacks = callbacks(tok, reward_fn)
+    return ppo_lib.train_ppo(p, policy=policy, tokenizer=tok, critic=critic, reward_fn=reward_fn,
+                             prompts=plan["prompts"], checkpoint_dir=Path(plan["ckpt"]), resume=plan["resume"],
+                             callbacks=callbacks)
+
+
+@task(name="ppo-train", cache_policy=NO_CACHE)
+def optimise(cfg: AlignflowConfig, models: tuple, prompts: list[str], eval_rows: list[dict], judge: Any,
+             ckpt: Path, resume: bool) -> ppo_lib.PpoResult:
+    p = cfg.ppo
+    plan = {"policy": models[2], "reward": models[5], "prompts": prompts, "ckpt": str(ckpt), "resume": resume}
+    launch.share_plan(plan)
+    logger = tracking.MetricLogger(p.total_steps, "ppo")
     eval_prompts = [r["prompt"] for r in eval_rows]
 
-    def on_generations(rows: list[dict], step: int) -> None:
-        mlflow.log_table(pd.DataFrame(rows), artifact_file=f"ppo/generations_step_{step:06d}.json")
+    def hooks(tok: Any, reward_fn: Any) -> ppo_lib.PpoCallbacks:
+        def on_generations(rows: list[dict], step: int) -> None:
+            mlflow.log_table(pd.DataFrame(rows), artifact_file=f"ppo/generations_step_{step:06d}.json")
 
-    def on_eval(step: int, trained: Any, reference: Any) -> dict[str, float]:
-        if not eval_prompts:
-            return {}
-        metrics, rows = ppo_lib.evaluate_against_reference(trained, reference, tok, reward_fn, eval_prompts, cfg,
-                                                          judge=judge)
-        mlflow.log_table(pd.DataFrame(rows), artifact_file=f"eval/samples_step_{step:06d}.json")
-        return metrics
+        def on_eval(step: int, trained: Any, reference: Any) -> dict[str, float]:
+            if not eval_prompts:
+                return {}
+            metrics, rows = ppo_lib.evaluate_against_reference(trained, reference, tok, reward_fn, eval_prompts, p,
+                                                              judge=judge)
+            mlflow.log_table(pd.DataFrame(rows), artifact_file=f"eval/samples_step_{step:06d}.json")
+            return metrics
+
+        return ppo_lib.PpoCallbacks(on_log=logger.log, on_step=logger.step, on_generations=on_generations,
+                                    on_eval=on_eval)
 
     try:
-        return ppo_lib.train_ppo(cfg, policy=policy, tokenizer=tok, critic=critic, reward_fn=reward_fn,
-                                 prompts=prompts, checkpoint_dir=ckpt, resume=resume,
-                                 callbacks=ppo_lib.PpoCallbacks(on_log=logger.log, on_step=logger.step,
-                                                                on_generations=on_generations, on_eval=on_eval))
+        return train_shard(cfg, plan, hooks, models)
     finally:
         logger.close()
 
@@ -136,21 +144,19 @@ def ppo(workdir: str = "./alignflow-work", config: AlignflowConfig | None = None
     eval_rows = read_prompts(data / "prompts.parquet", "validation")[: p.eval_prompts]
     with tracking.stage_run("ppo", {"ppo": p.model_dump(mode="json")}) as run:
         create_link_artifact(key="mlflow-run", link=tracking.run_url(run), link_text="MLflow run of this stage")
-        policy, tok, policy_src, reward, rtok, reward_src = load_models(p)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        policy.to(device)
-        reward.to(device)
-        mlflow.log_params({"start_model": policy_src, "reward_model": reward_src, "device": str(device)})
+        models = load_models(p)
+        policy_src, reward_src = models[2], models[5]
+        mlflow.log_params({"start_model": policy_src, "reward_model": reward_src, "device": str(device_of_process())})
         manifest = json.loads((data / "manifest.json").read_text())["datasets"]
         tracking.log_parquet_input(data / "prompts.parquet", name="prompts", digest=manifest["prompts"]["digest"],
                                    context="training", rows=manifest["prompts"]["rows"])
         mlflow.log_metrics({"data/train_prompts": float(len(train_rows)), "data/eval_prompts": float(len(eval_rows))})
-        judge = planted_judge(data, eval_rows) if eval_rows else None
+        judge = evaluation.judge_for(data, eval_rows)  # an evaluation hook: the planted rule on a generated dump
         ckpt, resumed_from = tracking.attach_checkpoints(Path(workdir), "ppo", run, resume=resume)
-        out = optimise(p, policy, tok, reward, rtok, [r["prompt"] for r in train_rows], eval_rows, judge, ckpt,
+        out = optimise(cfg, models, [r["prompt"] for r in train_rows], eval_rows, judge, ckpt,
                        resume and resumed_from is not None)
         final = ppo_lib.merged_policy(out.policy).to("cpu").eval()
-        version = registry.register_transformers(final, tok, name=MODEL_NAME,
+        version = registry.register_transformers(final, models[1], name=MODEL_NAME,
                                                  tags={"start_model": policy_src, "reward_model": reward_src})
         summary = {"stage": "ppo", "run_id": run.info.run_id, "model": MODEL_NAME, "version": version,
                    "start_model": policy_src, "reward_model": reward_src, "steps": out.final_step,
@@ -167,5 +173,7 @@ def ppo(workdir: str = "./alignflow-work", config: AlignflowConfig | None = None
         return summary
 
 
-if __name__ == "__main__":
-    ppo()
+if __name__ == "__main__":  # `python -m alignflow.flows.ppo [options]`: the CLI command (also under a launcher)
+    from alignflow.flows.cli import run_module
+
+    run_module("ppo")

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow import MlflowClient
 from prefect import flow
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
@@ -48,10 +47,9 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _record_event(client: MlflowClient, name: str, tags: dict[str, str], stack: list[dict], event: dict) -> None:
-    client.set_registered_model_tag(name, HISTORY_TAG, dump_history(stack))
+def _record_event(name: str, tags: dict[str, str], stack: list[dict], event: dict) -> None:
     events = parse_history(tags.get(EVENTS_TAG))
-    client.set_registered_model_tag(name, EVENTS_TAG, dump_history([*events, event]))
+    registry.set_model_tags(name, {HISTORY_TAG: dump_history(stack), EVENTS_TAG: dump_history([*events, event])})
 
 
 def _figures_markdown(name: str, figs: GateFigures | None, decision: dict, challenger: str, champion: str | None) -> str:
@@ -94,13 +92,9 @@ def promote(
     cfg = config or AlignflowConfig()
     tracking.configure(Path(workdir), cfg.experiment)
     kind = gate_kind(model_name)
-    client = MlflowClient()
-    try:
-        rm_tags = dict(client.get_registered_model(model_name).tags)
-    except mlflow.exceptions.MlflowException:
-        raise LookupError(f"no registered model {model_name} in {mlflow.get_tracking_uri()}; run its stage first")
+    rm_tags = registry.model_tags(model_name)
     if rollback:
-        return _rollback(cfg, model_name, client, rm_tags)
+        return _rollback(cfg, model_name, rm_tags)
 
     challenger = registry.resolve_version(model_name, registry.CHALLENGER)
     if challenger is None:
@@ -135,10 +129,10 @@ def promote(
         mlflow.set_tags({"alignflow.decision": decision.action, "alignflow.gate_passed": str(decision.passed).lower(),
                          "alignflow.override": str(override).lower()})
         if decision.move_champion:
-            client.set_registered_model_alias(model_name, registry.CHAMPION, challenger)
+            registry.set_alias(model_name, registry.CHAMPION, challenger)
             stack = push_champion(parse_history(rm_tags.get(HISTORY_TAG)), challenger, action=decision.action,
                                   at=at, run_id=run.info.run_id)
-            _record_event(client, model_name, rm_tags, stack,
+            _record_event(model_name, rm_tags, stack,
                           {"version": challenger, "action": decision.action, "from": champion, "at": at,
                            "run_id": run.info.run_id})
         if decision.action != "already_champion":
@@ -148,8 +142,7 @@ def promote(
             if figs is not None:
                 vtags.update({f"challenger.{k}": f"{v:.6g}" for k, v in figs.challenger.items()})
                 vtags.update({f"champion.{k}": f"{v:.6g}" for k, v in (figs.champion or {}).items()})
-            for key, value in vtags.items():
-                client.set_model_version_tag(model_name, challenger, TAG_PREFIX + key, value)
+            registry.tag_version(model_name, challenger, {TAG_PREFIX + k: v for k, v in vtags.items()})
         now_champion = registry.resolve_version(model_name, registry.CHAMPION)
         create_markdown_artifact(key=f"promote-{model_name}", markdown=_figures_markdown(
             model_name, figs, d, challenger, champion), description=f"Promotion gate of {model_name}")
@@ -162,7 +155,7 @@ def promote(
                 "champion_figures": (figs.champion or {}) if figs else {}, "reason": decision.reason}
 
 
-def _rollback(cfg: AlignflowConfig, model_name: str, client: MlflowClient, rm_tags: dict[str, str]) -> dict[str, Any]:
+def _rollback(cfg: AlignflowConfig, model_name: str, rm_tags: dict[str, str]) -> dict[str, Any]:
     current = registry.resolve_version(model_name, registry.CHAMPION)
     target, stack = rollback_target(parse_history(rm_tags.get(HISTORY_TAG)), current)
     params = {"model": model_name, "champion_version": current or "", "restored_version": target}
@@ -170,15 +163,15 @@ def _rollback(cfg: AlignflowConfig, model_name: str, client: MlflowClient, rm_ta
                             tags={"alignflow.model": model_name, "alignflow.decision": "rolled_back"}) as run:
         create_link_artifact(key="mlflow-run", link=tracking.run_url(run), link_text="MLflow run of this rollback")
         at = _now()
-        client.set_registered_model_alias(model_name, registry.CHAMPION, target)
-        _record_event(client, model_name, rm_tags, stack,
+        registry.set_alias(model_name, registry.CHAMPION, target)
+        _record_event(model_name, rm_tags, stack,
                       {"version": target, "action": "rolled_back", "from": current, "at": at,
                        "run_id": run.info.run_id})
         if current is not None:
-            client.set_model_version_tag(model_name, current, TAG_PREFIX + "rolled_back",
-                                         json.dumps({"at": at, "run_id": run.info.run_id, "restored": target}))
-        client.set_model_version_tag(model_name, target, TAG_PREFIX + "restored",
-                                     json.dumps({"at": at, "run_id": run.info.run_id, "replaced": current}))
+            registry.tag_version(model_name, current, {TAG_PREFIX + "rolled_back": json.dumps(
+                {"at": at, "run_id": run.info.run_id, "restored": target})})
+        registry.tag_version(model_name, target, {TAG_PREFIX + "restored": json.dumps(
+            {"at": at, "run_id": run.info.run_id, "replaced": current})})
         create_markdown_artifact(
             key=f"promote-{model_name}",
             markdown=f"# Rollback of `{model_name}`\n\nchampion v{current} -> v{target} (previous champion)\n",
@@ -204,3 +197,9 @@ def promote_all(workdir: str = "./alignflow-work", config: AlignflowConfig | Non
                for r in results}
     return {"stage": "promote", "run_id": results[-1]["run_id"] if results else "", "model": ",".join(aliases),
             "version": "", "results": results, "aliases": aliases}
+
+
+if __name__ == "__main__":  # `python -m alignflow.flows.promote [options]`: the CLI command
+    from alignflow.flows.cli import run_module
+
+    run_module("promote")

@@ -49,17 +49,19 @@ def measure_alignment(cfg: AlignflowConfig, workdir: Path, versions: dict[str, s
                       ) -> tuple[dict[str, dict[str, float]], list[dict], dict[str, list[str]]] | None:
     """(figures, questions, answers) of base / SFT / PPO on the held-out prompts (reward figures when ``pm`` ran);
     None without SFT or a synthetic dump."""
-    from alignflow.flows.sft import validation_questions
     from alignflow.models.reward import score_texts
+    from alignflow.tasks import evaluation
     from alignflow.tasks.ingest.run import latest_datasets
-    from alignflow.tasks.ingest.synthetic import has_planted_property, key_term
+    from alignflow.tasks.train.lm import read_demos
 
     if not versions.get("sft"):
         return None
-    questions = [q for q in validation_questions(latest_datasets(workdir), HELD_OUT_PROMPTS)
-                 if key_term(q["title"], q["body"]) is not None]
-    if not questions:
+    data = latest_datasets(workdir)
+    rows = read_demos(data / "demos.parquet", "validation")[:HELD_OUT_PROMPTS]
+    judge = evaluation.judge_for(data, rows)  # the evaluation hook: the planted rule on a generated dump
+    if judge is None:
         return None
+    questions = [{"prompt": rows[i]["prompt"], "row": i} for i in judge.judged]
     names = {"base": stage_registry.BASE_MODEL, "sft": stage_registry.SFT_MODEL, "ppo": stage_registry.POLICY_MODEL}
     policies = {p: load_version(names[p], versions[p]) for p in rep.POLICIES if versions.get(p)}
     score = None
@@ -71,7 +73,7 @@ def measure_alignment(cfg: AlignflowConfig, workdir: Path, versions: dict[str, s
 
     figures, answers = rep.alignment_figures(
         policies, policies["sft"], score, questions,
-        lambda q, a: has_planted_property(q["title"], q["body"], a),
+        lambda q, a: judge(q["row"], a),
         max_new_tokens=cfg.sft.max_new_tokens, max_length=cfg.sft.model.max_length)
     return figures, questions, answers
 

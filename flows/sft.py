@@ -5,87 +5,62 @@
 Starts from ``sft.model.name_or_path`` when set, else from ``alignflow-base@challenger``.
 The loss is on response tokens only. Every evaluation logs validation loss,
 perplexity and a table of greedy answers to fixed validation prompts; at the
-end, the rate of answers with the generator's planted property is measured for
-the policy and for the model it started from.
+end, when an evaluation hook applies to the validation prompts (on a generated
+dump: the planted property, ``tasks/evaluation.py``), the share of greedy
+answers it accepts is measured for the policy and for the model it started from.
 """
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import pandas as pd
 from prefect import flow, task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from alignflow.config import AlignflowConfig, SftStageConfig
-from alignflow.stages import BASE_MODEL, SFT_MODEL
-from alignflow.tasks import registry, tracking
-from alignflow.tasks.ingest.run import latest_datasets
+from alignflow.config import AlignflowConfig
+from alignflow.stages import BASE_MODEL
+from alignflow.tasks import evaluation, launch, registry, tracking
 from alignflow.tasks.train.lm import StageOutput, generate_greedy, read_demos, train_sft
 from alignflow.tasks.train.loop import LoopCallbacks
 
-MODEL_NAME = SFT_MODEL
-PLANTED_EVAL_PROMPTS = 64
+from .skeleton import stage_run
+
+JUDGED_PROMPTS = 64
 
 
-@task(name="load-start-model", cache_policy=NO_CACHE)
-def load_start(cfg: SftStageConfig) -> tuple[Any, Any, str]:
-    if cfg.model.name_or_path:
-        from alignflow.models import load_causal_lm, load_tokenizer
-
-        tok = load_tokenizer(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
-        model = load_causal_lm(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code, tokenizer=tok)
-        return model, tok, cfg.model.name_or_path
-    model, tok, version = registry.load_transformers_components(BASE_MODEL, registry.CHALLENGER)
-    return model, tok, f"models:/{BASE_MODEL}/{version}"
-
-
-def planted_property_rate(model: Any, tokenizer: Any, questions: list[dict], cfg: SftStageConfig) -> float | None:
-    """Share of greedy answers with the synthetic dump's planted property (None when not a synthetic dump)."""
-    from alignflow.tasks.ingest.synthetic import has_planted_property, key_term
-
-    usable = [q for q in questions if key_term(q["title"], q["body"]) is not None]
-    if not usable:
-        return None
-    answers = generate_greedy(model, tokenizer, [q["prompt"] for q in usable], max_new_tokens=cfg.max_new_tokens,
-                              max_prompt_tokens=cfg.model.max_length)
-    hits = sum(has_planted_property(q["title"], q["body"], a) for q, a in zip(usable, answers))
-    return hits / len(usable)
-
-
-def validation_questions(data: Path, limit: int) -> list[dict]:
-    demos = read_demos(data / "demos.parquet", "validation")[:limit]
-    posts = pd.read_parquet(data / "posts.parquet", columns=["site", "post_id", "kind", "title", "body"])
-    q = posts[posts.kind == "question"].set_index(["site", "post_id"])
-    out = []
-    for d in demos:
-        key = (d["site"], d["question_id"])
-        if key in q.index:
-            row = q.loc[key]
-            out.append({"prompt": d["prompt"], "title": row["title"], "body": row["body"]})
-    return out
+def train_shard(cfg: AlignflowConfig, plan: dict, callbacks: LoopCallbacks | None = None, model: Any = None,
+                tok: Any = None) -> StageOutput:
+    """The training of this stage on one process (all of it, or one process's shard under a launcher)."""
+    if model is None:
+        model, tok = registry.load_start_lm(plan["start"], trust_remote_code=cfg.sft.model.trust_remote_code)
+    return train_sft(cfg.sft, model, tok, Path(plan["demos"]), checkpoint_dir=Path(plan["ckpt"]),
+                     resume=plan["resume"], callbacks=callbacks)
 
 
 @task(name="fine-tune-sft", cache_policy=NO_CACHE)
-def fine_tune(cfg: SftStageConfig, model: Any, tok: Any, data: Path, ckpt: Path, resume: bool) -> StageOutput:
-    logger = tracking.MetricLogger(cfg.train.max_steps, "sft")
-    fixed = [d["prompt"] for d in read_demos(data / "demos.parquet", "validation")[: cfg.generation_prompts]]
+def fine_tune(cfg: AlignflowConfig, model: Any, tok: Any, start: str, demos: Path, ckpt: Path,
+              resume: bool) -> StageOutput:
+    plan = {"start": start, "demos": str(demos), "ckpt": str(ckpt), "resume": resume}
+    launch.share_plan(plan)
+    section = cfg.sft
+    logger = tracking.MetricLogger(section.train.max_steps, "sft")
+    fixed = [d["prompt"] for d in read_demos(demos, "validation")[: section.generation_prompts]]
 
     def on_eval(step: int) -> dict[str, float]:
         if fixed:
-            answers = generate_greedy(model, tok, fixed, max_new_tokens=cfg.max_new_tokens,
-                                      max_prompt_tokens=cfg.model.max_length)
+            answers = generate_greedy(model, tok, fixed, max_new_tokens=section.max_new_tokens,
+                                      max_prompt_tokens=section.model.max_length)
             mlflow.log_table(pd.DataFrame({"step": step, "prompt": fixed, "response": answers}),
                              artifact_file=f"eval/generations_step_{step:06d}.json")
         return {}
 
     try:
-        return train_sft(cfg, model, tok, data / "demos.parquet", checkpoint_dir=ckpt, resume=resume,
-                         callbacks=LoopCallbacks(on_log=logger.log, on_step=logger.step, on_eval=on_eval))
+        return train_shard(cfg, plan, LoopCallbacks(on_log=logger.log, on_step=logger.step, on_eval=on_eval),
+                           model=model, tok=tok)
     finally:
         logger.close()
 
@@ -93,32 +68,34 @@ def fine_tune(cfg: SftStageConfig, model: Any, tok: Any, data: Path, ckpt: Path,
 @flow(name="sft", log_prints=True)
 def sft(workdir: str = "./alignflow-work", config: AlignflowConfig | None = None, resume: bool = False) -> dict[str, Any]:
     cfg = config or AlignflowConfig()
-    tracking.configure(Path(workdir), cfg.experiment)
-    data = latest_datasets(Path(workdir))
-    with tracking.stage_run("sft", {"sft": cfg.sft.model_dump(mode="json")}) as run:
-        create_link_artifact(key="mlflow-run", link=tracking.run_url(run), link_text="MLflow run of this stage")
-        model, tok, start = load_start(cfg.sft)
-        mlflow.log_param("start_model", start)
-        import json
+    with stage_run("sft", cfg, workdir) as st:
+        model, tok, start = st.start_model(cfg.sft.model, BASE_MODEL)
+        demos = st.dataset("demos")
+        rows = read_demos(demos, "validation")[:JUDGED_PROMPTS]
+        judge = evaluation.judge_for(st.data, rows)
 
-        manifest = json.loads((data / "manifest.json").read_text())["datasets"]
-        tracking.log_parquet_input(data / "demos.parquet", name="demos", digest=manifest["demos"]["digest"],
-                                   context="training", rows=manifest["demos"]["rows"])
-        questions = validation_questions(data, PLANTED_EVAL_PROMPTS)
-        start_rate = planted_property_rate(model, tok, questions, cfg.sft)
-        ckpt, resumed_from = tracking.attach_checkpoints(Path(workdir), "sft", run, resume=resume)
-        out = fine_tune(cfg.sft, model, tok, data, ckpt, resume and resumed_from is not None)
+        def judged(m: Any, t: Any) -> float:
+            return evaluation.judged_rate(judge, m, t, rows, max_new_tokens=cfg.sft.max_new_tokens,
+                                          max_prompt_tokens=cfg.sft.model.max_length)
+
+        start_rate = judged(model, tok) if judge else None
+        ckpt, resume = st.checkpoints(resume)
+        out = fine_tune(cfg, model, tok, start, demos, ckpt, resume)
         mlflow.log_metrics(out.metrics)
-        rate = planted_property_rate(out.model, out.tokenizer, questions, cfg.sft)
-        if rate is not None:
-            mlflow.log_metrics({"eval/planted_rate": rate, "eval/planted_rate_start": start_rate,
-                                "eval/planted_prompts": float(len(questions))})
-        version = registry.register_transformers(out.model, out.tokenizer, name=MODEL_NAME,
-                                                 tags={"start_model": start})
-        summary = {"stage": "sft", "run_id": run.info.run_id, "model": MODEL_NAME, "version": version,
-                   "start_model": start, "final_loss": out.loop.final_loss, "planted_rate": rate,
-                   "planted_rate_start": start_rate, **out.loop.last_eval}
+        judged_figures = {}
+        if judge:
+            name, rate = judge.name, judged(out.model, out.tokenizer)
+            mlflow.log_metrics({f"eval/{name}_rate": rate, f"eval/{name}_rate_start": start_rate,
+                                f"eval/{name}_prompts": float(len(judge.judged))})
+            judged_figures = {f"{name}_rate": rate, f"{name}_rate_start": start_rate}
+            print(f"{name}-property rate {start_rate:.3f} -> {rate:.3f} on {len(judge.judged)} prompts")
+        st.register(out.model, out.tokenizer)
+        summary = st.summary(final_loss=out.loop.final_loss, **judged_figures, **out.loop.last_eval)
         create_table_artifact(key="sft-summary", table=[{"metric": k, "value": str(v)} for k, v in summary.items()])
-        print(f"registered {MODEL_NAME} version {version} (alias challenger); planted-property rate "
-              f"{start_rate} -> {rate}")
         return summary
+
+
+if __name__ == "__main__":  # `python -m alignflow.flows.sft [options]`: the CLI command (also under a launcher)
+    from alignflow.flows.cli import run_module
+
+    run_module("sft")

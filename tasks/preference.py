@@ -25,9 +25,12 @@ from alignflow.config import IngestConfig, ModelConfig
 __all__ = [
     "REWARD_TASK",
     "train_logged",
+    "train_shard",
     "is_reward_model",
     "log_reward_eval",
     "plot_transfer",
+    "pmp_sources",
+    "select_task_pairs",
     "start_reward_model",
     "task_pairs",
 ]
@@ -73,19 +76,33 @@ def start_reward_model(model_cfg: ModelConfig, *, registered: str, seed: int) ->
     return model, tok, f"models:/{registered}/{version}"
 
 
-def train_logged(stage: str, section: Any, model: Any, tok: Any, train_rows: list[dict], eval_rows: list[dict],
-                 ckpt: Path, resume: bool, *, group_by_question: bool = True) -> Any:
-    """``train_reward`` for a ``pmp``/``pm`` config section, metrics to the active MLflow run and a progress bar."""
-    from alignflow.tasks import tracking
-    from alignflow.tasks.train.loop import LoopCallbacks
+def train_shard(section: Any, plan: dict, model: Any = None, tok: Any = None, callbacks: Any = None) -> Any:
+    """``train_reward`` for a ``pmp``/``pm`` config section and a plan (start model, rows, checkpoints): all of the
+    training on one process, or one process's shard under a launcher (the start model then loaded again)."""
     from alignflow.tasks.train.reward import train_reward
 
+    if model is None:
+        model, tok, _ = start_reward_model(section.model.model_copy(update={"name_or_path": plan["path"]}),
+                                           registered=plan["registered"], seed=section.train.seed)
+    return train_reward(section.train, model, tok, plan["train_rows"], plan["eval_rows"],
+                        max_length=section.model.max_length, use_margin=section.use_margin,
+                        centering=section.centering, group_by_question=plan["group_by_question"],
+                        checkpoint_dir=Path(plan["ckpt"]), resume=plan["resume"], callbacks=callbacks)
+
+
+def train_logged(stage: str, section: Any, model: Any, tok: Any, train_rows: list[dict], eval_rows: list[dict],
+                 ckpt: Path, resume: bool, *, registered: str, group_by_question: bool = True) -> Any:
+    """``train_reward`` for a ``pmp``/``pm`` config section, metrics to the active MLflow run and a progress bar
+    (the other processes of a launched stage get the plan and train with it)."""
+    from alignflow.tasks import launch, tracking
+    from alignflow.tasks.train.loop import LoopCallbacks
+
+    plan = {"path": section.model.name_or_path, "registered": registered, "train_rows": train_rows,
+            "eval_rows": eval_rows, "group_by_question": group_by_question, "ckpt": str(ckpt), "resume": resume}
+    launch.share_plan(plan)
     logger = tracking.MetricLogger(section.train.max_steps, stage)
     try:
-        return train_reward(section.train, model, tok, train_rows, eval_rows, max_length=section.model.max_length,
-                            use_margin=section.use_margin, centering=section.centering,
-                            group_by_question=group_by_question, checkpoint_dir=ckpt, resume=resume,
-                            callbacks=LoopCallbacks(on_log=logger.log, on_step=logger.step))
+        return train_shard(section, plan, model, tok, LoopCallbacks(on_log=logger.log, on_step=logger.step))
     finally:
         logger.close()
 
@@ -115,6 +132,38 @@ def task_pairs(pairs_file: str | None, latest: Path, workdir: Path, ingest_cfg: 
 
         raise PairSelectionError(f"{pairs_file}: no usable pairs after ingest (see {result.out_dir}/ingest_report.json)")
     return Path(pairs["path"]), pairs
+
+
+def select_task_pairs(rows: list[dict], cfg: Any, source: Path) -> tuple[list[dict], list[dict]]:
+    """(training pairs, held-out validation pairs) of the task site (``pm`` section), by whole questions."""
+    from alignflow.tasks.train.pairs import PairSelectionError, check_split_hygiene, draw_questions, rows_of_split
+
+    train = rows_of_split(rows, "train", cfg.site)
+    if not train:
+        sites = sorted({r.get("site") or "" for r in rows})
+        where = f"site {cfg.site!r}" if cfg.site else "any site"
+        raise PairSelectionError(f"{source}: no training pairs for {where}; sites present: {', '.join(sites) or '(none)'}")
+    train = draw_questions(train, cfg.max_train_pairs, cfg.train.seed)
+    held = draw_questions(rows_of_split(rows, "validation", cfg.site), cfg.eval_pairs, cfg.train.seed)
+    check_split_hygiene(train, held)
+    return train, held
+
+
+def pmp_sources(cfg: Any, workdir: Path) -> dict[Path, dict]:
+    """Each distinct pairs dataset the sources of a ``pmp`` section read, with its manifest entry
+    (path -> {digest, rows})."""
+    from alignflow.tasks.ingest.run import latest_datasets
+
+    out: dict[Path, dict] = {}
+    for src in cfg.sources:
+        folder = Path(src.data) if src.data else latest_datasets(workdir)
+        path = folder / "pairs.parquet" if folder.is_dir() else folder
+        manifest_file = path.parent / "manifest.json"
+        entry = {"digest": "", "rows": None}
+        if manifest_file.is_file():
+            entry = json.loads(manifest_file.read_text())["datasets"]["pairs"]
+        out[path.resolve()] = entry
+    return out
 
 
 def _is_pairs_dataset(path: Path) -> bool:

@@ -108,3 +108,51 @@ def download_model_dir(name: str, alias: str = CHALLENGER, dst: Path | None = No
     """Local folder of a registered model's files (MLflow layout)."""
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri(name, alias),
                                                      dst_path=str(dst) if dst else None))
+
+
+def resolve_start_model(name_or_path: str | None, registered: str, *,
+                        trust_remote_code: bool = False) -> tuple[Any, Any, str]:
+    """``(model, tokenizer, source)`` a causal-LM stage starts from: the named model (hub id or folder) when
+    given, else ``registered@challenger``; ``source`` is the path or ``models:/<name>/<version>``."""
+    if name_or_path:
+        model, tok = load_start_lm(name_or_path, trust_remote_code=trust_remote_code)
+        return model, tok, name_or_path
+    model, tok, version = load_transformers_components(registered, CHALLENGER)
+    return model, tok, f"models:/{registered}/{version}"
+
+
+def load_start_lm(source: str, *, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of a ``source`` from :func:`resolve_start_model` (the same weights again, e.g. on
+    another process of a launched stage)."""
+    if source.startswith("models:/"):
+        name, _, version = source.removeprefix("models:/").partition("/")
+        return load_version_components(name, version)
+    from alignflow.models import load_causal_lm, load_tokenizer
+
+    tok = load_tokenizer(source, trust_remote_code=trust_remote_code)
+    return load_causal_lm(source, trust_remote_code=trust_remote_code, tokenizer=tok), tok
+
+
+# -- writes of the promotion gates (aliases and tags); every registry write of alignflow is in this module --
+def model_tags(name: str) -> dict[str, str]:
+    """The registered model's tags; LookupError when it is not registered."""
+    try:
+        return dict(MlflowClient().get_registered_model(name).tags)
+    except mlflow.exceptions.MlflowException:
+        raise LookupError(f"no registered model {name} in {mlflow.get_tracking_uri()}; run its stage first") from None
+
+
+def set_model_tags(name: str, tags: dict[str, str]) -> None:
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_registered_model_tag(name, key, value)
+
+
+def set_alias(name: str, alias: str, version: str) -> None:
+    MlflowClient().set_registered_model_alias(name, alias, version)
+
+
+def tag_version(name: str, version: str, tags: dict[str, str]) -> None:
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))

@@ -123,3 +123,35 @@ def test_ingest_killed_mid_build_then_rerun(tmp_path):
     latest = work / "data" / "ingest" / (work / "data" / "ingest" / "LATEST").read_text().strip()
     rerun = json.loads((latest / "manifest.json").read_text())["datasets"]
     assert {k: v["digest"] for k, v in rerun.items()} == {k: v["digest"] for k, v in straight.datasets.items()}
+
+
+_CREATE_STORE = """
+import sys, time
+from pathlib import Path
+from alignflow.tasks import tracking
+start = float(sys.argv[2])
+while time.time() < start:
+    time.sleep(0.001)
+print(tracking.configure(Path(sys.argv[1]), "race"))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_creating_a_new_store_at_once(tmp_path):
+    """Both first runs on an empty work directory succeed, agree on one experiment and leave a usable store
+    (table creation is serialised by the store's file lock)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "ALIGNFLOW_"))}
+    work = tmp_path / "w"
+    start = time.time() + 8  # both interpreters have imported mlflow by then
+    procs = [subprocess.Popen([sys.executable, "-c", _CREATE_STORE, str(work), str(start)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    ids = {out.strip().splitlines()[-1] for out, _ in outs}
+    assert len(ids) == 1
+    client = mlflow.MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    assert [e.experiment_id for e in client.search_experiments(filter_string="name = 'race'")] == list(ids)
+    run = client.create_run(ids.pop())
+    client.log_metric(run.info.run_id, "m", 1.0)
+    client.set_terminated(run.info.run_id)
+    assert client.get_run(run.info.run_id).data.metrics == {"m": 1.0}

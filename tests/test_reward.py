@@ -347,15 +347,21 @@ def test_evaluate_pairs_uses_scores_and_lists_worst(rm, tok):
 
 
 # -- learning -----------------------------------------------------------------------------------------------------
-# In-budget settings (about 30 s of training on one CPU thread). The planted rule ("mentions the question's key
-# term AND has a ``` block") caps pairwise accuracy at ~0.97 on these held-out pairs. The tiny model learns the
-# code-block half at once; matching the answer's word against the prompt's key term is learned late and by a
-# phase change whose timing is chaotic: the same settings give 0.854 with fused AdamW and 0.921 with the unfused
-# one (the two optimizers agree to 5e-7 after 200 steps on identical gradients), and 1500-2500 steps or 6000
-# questions gave 0.88-0.895. So the bar is 0.83, with separate checks that the code half is learned and that term
-# matching is above chance; 0.90 is not reliably reached by a model this small in this budget.
+# The planted rule ("mentions the question's key term AND has a ``` block") caps pairwise accuracy at 0.96 on these
+# held-out pairs. A code-block-only model gets about 0.79. The key-term half is the hard one: in a third of the pairs
+# the rejected answer mentions another made-up term of the same pool in the same slot, so the model must tell
+# whether the answer's word *repeats the prompt's* key term -- an in-context match. A reward model trained from
+# random weights on pairs alone learns it late or not at all: 0.85-0.88 after 1,000 steps whatever the width
+# (64 or 128), heads (2 or 4), layers (2 or 3), learning rate (1e-3, 3e-3) or vocabulary (800 or 2,000 tokens),
+# with the "real library name vs made-up word" shortcut learned and the matching itself at chance. Pretraining the LM
+# first (next-token prediction on the sequences the reward model reads: prompt tail + answer head) gives the match a
+# copy circuit to start from, but when that circuit forms is itself a seed-dependent phase change: 0.860 / 0.936 /
+# 0.907 (seeds 0-2) after 1,000 pretraining + 600 reward steps, 0.927 / 0.863 / 0.869 after 2,000 + 600, and
+# 0.930 / 0.875 / 0.863 when pretraining on whole prompt + answer texts cut into windows. So 0.90 is reached by some
+# seeds, not reliably; the bar stays where every seed measured so far clears it, and the halves are checked apart.
+LEARN_PRETRAIN = dict(steps=1000, lr=3e-3)
 LEARN_QUESTIONS = 3000
-LEARN = dict(vocab_size=2000, max_length=48, steps=1000, batch_size=16, lr=3e-3)
+LEARN = dict(vocab_size=2000, max_length=48, steps=600, batch_size=16, lr=3e-3)
 
 
 @pytest.fixture(scope="module")
@@ -381,15 +387,35 @@ def _features(row: dict, answer: str) -> str:
     return ("T" if mentions else "-") + ("C" if "```" in answer else "-")
 
 
-def test_reward_model_learns_the_planted_rule(synthetic_pairs):
+def _pretrained_lm(tok, rows, seed):
+    """The base LM of the recipe: next-token prediction on the sequences the reward model will read."""
+    from alignflow.tasks.train.batching import pad_collate
+    from alignflow.tasks.train.lm import causal_lm_loss
+    from alignflow.tasks.train.loop import train_loop
+
+    lm = _lm(tok, max_position=LEARN["max_length"], seed=seed)
+    seqs = sorted({tuple(reward_input_ids(tok, r["prompt"], r[k], LEARN["max_length"]))
+                   for r in rows for k in ("chosen", "rejected")})
+    docs = [{"input_ids": list(s)} for s in seqs]
+    cfg = TrainConfig(max_steps=LEARN_PRETRAIN["steps"], batch_size=LEARN["batch_size"], lr=LEARN_PRETRAIN["lr"],
+                      warmup_steps=10, weight_decay=0.0, eval_every=10**6, log_every=10**6, checkpoint_every=10**6,
+                      seed=seed)
+    train_loop(lm, docs, lambda ex: pad_collate(ex, tok.pad_token_id), causal_lm_loss, cfg,
+               lengths=[len(d["input_ids"]) for d in docs])
+    return lm
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_reward_model_learns_the_planted_rule(synthetic_pairs, seed):
     train = [r for r in synthetic_pairs if r["split"] == "train"]
     held = [r for r in synthetic_pairs if r["split"] in ("validation", "test")]
     assert len(held) >= 150
     tok = train_bpe_tokenizer([r[k] for r in train for k in ("prompt", "chosen", "rejected")],
                               vocab_size=LEARN["vocab_size"], model_max_length=LEARN["max_length"])
-    model = reward_model_from_causal_lm(_lm(tok, max_position=LEARN["max_length"]), tokenizer=tok, seed=0)
+    model = reward_model_from_causal_lm(_pretrained_lm(tok, train, seed), tokenizer=tok, seed=seed)
     cfg = TrainConfig(max_steps=LEARN["steps"], batch_size=LEARN["batch_size"], lr=LEARN["lr"], warmup_steps=10,
-                      weight_decay=0.0, eval_every=10**6, log_every=10**6, checkpoint_every=10**6, seed=0)
+                      weight_decay=0.0, eval_every=10**6, log_every=10**6, checkpoint_every=10**6, seed=seed)
     result = train_reward(cfg, model, tok, train, held[:32], max_length=LEARN["max_length"])
     assert result.final_step == LEARN["steps"] and "eval/pairwise_accuracy" in result.last_eval
     metrics = evaluate_pairs(model, tok, held, batch_size=64, max_length=LEARN["max_length"])

@@ -58,6 +58,12 @@ def test_the_builtin_registry():
         [["ingest"]], [["base"]], [["pmp", "pm"], ["sft"]], [["ppo"]], [["promote"]]]
     # without pmp, pm waits for base only; without ingest, base starts first
     assert stages.schedule(["base", "pm", "sft", "ppo"]) == [[["base"]], [["pm"], ["sft"]], [["ppo"]]]
+    # a stage that trains under --processes has the function its other processes call
+    import importlib
+
+    launched = [n for n, st in stages.REGISTRY.items() if st.distributed]
+    assert launched == ["base", "pmp", "pm", "sft", "ppo"]
+    assert all(callable(getattr(importlib.import_module(stages.get(n).module), "train_shard", None)) for n in launched)
     assert AlignflowConfig().pipeline.stages == stages.pipeline_stages()
     assert AlignflowConfig().promote.models == stages.models()
 
@@ -76,7 +82,7 @@ def test_a_registration_that_does_not_fit_is_refused():
 
 def test_a_registered_stage_is_picked_up_everywhere(toy, tmp_path):
     from alignflow.flows import cli, pipeline
-    from alignflow.tasks import promotion
+    from alignflow.tasks import promotion, stage_cache
 
     # config: its own section (validated, unknown keys refused), the pipeline's stages, the gated models
     cfg = load_config(None, ["toy.scale=2.5"])
@@ -94,7 +100,7 @@ def test_a_registered_stage_is_picked_up_everywhere(toy, tmp_path):
     assert key != pipeline.stage_key("toy", cfg, {"posts": "p2"}, {stages.BASE_MODEL: "1"})
     assert key != pipeline.stage_key("toy", cfg, {"posts": "p1"}, {stages.BASE_MODEL: "2"})
     # summary table: its key metrics only
-    assert pipeline._key_metrics({"stage": "toy", "toy/score": 2.5, "ignored": 1.0}) == "toy/score=2.5"
+    assert stage_cache.key_metrics({"stage": "toy", "toy/score": 2.5, "ignored": 1.0}) == "toy/score=2.5"
     # promotion: its model's gate
     assert promotion.gate_kind(TOY_MODEL) == "lm"
 

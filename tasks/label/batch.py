@@ -25,6 +25,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from alignflow.stages import POLICY_MODEL, SFT_MODEL
+
 __all__ = ["LabelBatchConfig", "PolicySpec", "parse_policy", "read_prompt_file", "spread_samples", "sample_seed",
            "comparison_rows", "items_from_rows", "gold_items", "BatchInputError"]
 
@@ -43,7 +45,7 @@ class LabelBatchConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: str | None = Field(None, description="Batch id (letters, digits, - and _); default: label-<seed>-<time>.")
-    policies: list[str] = Field(default_factory=lambda: ["alignflow-policy@champion", "alignflow-policy-sft@champion"],
+    policies: list[str] = Field(default_factory=lambda: [f"{POLICY_MODEL}@champion", f"{SFT_MODEL}@champion"],
                                 description="Registered policies: name@alias or name/version.")
     prompts: int = Field(20, ge=1, description="Number of prompts.")
     prompts_file: str | None = Field(None, description="JSONL of prompts instead of the ingested prompts dataset.")

@@ -144,6 +144,24 @@ def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     return torch.nn.functional.cross_entropy(logits.float(), target[keep]), {}
 
 
+def global_token_mean(loss_fn: Any) -> Any:
+    """``loss_fn`` (a mean over a micro-batch's labelled tokens) weighted so that, after DDP averages the
+    processes' gradients, a step is the mean over the labelled tokens of the whole global batch, as on one
+    process with that batch (unweighted, processes with fewer tokens would count for more)."""
+    import torch.distributed as dist
+
+    def weighted(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, metrics = loss_fn(model, batch)
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return loss, metrics
+        local = (batch["labels"][:, 1:] != IGNORE).sum().to(torch.float32)
+        total = local.clone()
+        dist.all_reduce(total)
+        return loss * (local * dist.get_world_size() / total.clamp(min=1.0)), metrics
+
+    return weighted
+
+
 @torch.no_grad()
 def evaluate_lm(model: Any, examples: Sequence[dict], pad_token_id: int, *, batch_size: int,
                 max_batches: int) -> dict[str, float]:
@@ -277,6 +295,6 @@ def _run_loop(model: Any, tokenizer: Any, train: list[dict], valid: list[dict], 
         on_step=callbacks.on_step if callbacks else None,
     )
     return train_loop(
-        model, train, lambda examples: pad_collate(examples, pad), causal_lm_loss, tcfg,
+        model, train, lambda examples: pad_collate(examples, pad), global_token_mean(causal_lm_loss), tcfg,
         lengths=[len(e["input_ids"]) for e in train], checkpoint_dir=checkpoint_dir, resume=resume, callbacks=cbs,
     )

@@ -46,6 +46,14 @@ Design choices against the known failure modes of PPO implementations
       KL controller, RNG states, prompt-stream position) is written with
       ``tasks.train.checkpoint`` and restored exactly: on CPU a resumed run
       repeats the uninterrupted one.
+
+Several processes (a torch.distributed process group, e.g. ``alignflow ppo --processes 2``)
+    Every process draws the same rollouts (same seed, weights and prompts), and
+    the update is data-parallel: process ``r`` backpropagates micro-batches
+    ``r, r + n, ...`` of each minibatch and the gradient sums are all-reduced
+    before clipping, so every optimizer step is the one-process step. The
+    micro-batches per minibatch must be a multiple of the process count.
+    Process 0 alone writes checkpoints and calls the hooks' owners' logging.
 """
 
 from __future__ import annotations
@@ -838,6 +846,11 @@ def train_ppo(
     check_critic_reads_policy_ids(critic, tokenizer)
     device = next(policy.parameters()).device
     state = setup_ppo(cfg, policy, critic, reference, n_prompts=len(prompts), device=device)
+    if process_group()[1] > 1:  # every process starts from process 0's weights (a critic's new head included)
+        import torch.distributed as dist
+
+        for t in state.nets.state_dict().values():
+            dist.broadcast(t, src=0)
     if resume and checkpoint_dir is not None:
         resume_ppo(state, checkpoint_dir)
 
@@ -998,11 +1011,40 @@ def ppo_update(state: PpoState, cfg: PpoStageConfig, ro: Rollout, advantages: Te
     return {k: v / counted for k, v in sums.items()} if counted else {}, skipped
 
 
+def process_group() -> tuple[int, int]:
+    """(this process's rank, number of processes); (0, 1) without a process group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _sum_over_processes(state: PpoState, stats: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The minibatch's gradients and stats: each process holds the sums over its micro-batches."""
+    import torch.distributed as dist
+
+    params = [p for net in (state.policy, state.critic) for p in net.parameters() if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads] + [torch.stack([torch.as_tensor(stats[k]).float().to(
+        grads[0].device) for k in sorted(stats)])])
+    dist.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset: offset + g.numel()].view_as(g).to(g.dtype)
+        offset += g.numel()
+    return {k: flat[offset + i] for i, k in enumerate(sorted(stats))}
+
+
 def _minibatch_gradients(state: PpoState, cfg: PpoStageConfig, ro: Rollout, advantages: Tensor, returns: Tensor,
                          minibatch: list[Tensor], device: torch.device) -> dict[str, Tensor]:
     """Accumulate the gradients of one minibatch, micro-batch by micro-batch; its stats (weighted by rows)."""
     stats: dict[str, Tensor] = {}
-    for micro in minibatch:
+    rank, world = process_group()
+    if len(minibatch) % world:
+        raise ValueError(f"{len(minibatch)} micro-batches per minibatch cannot be shared by {world} processes: "
+                         f"make minibatch_size / micro_batch_size a multiple of {world}")
+    for micro in minibatch[rank::world]:
         idx = micro.to(device)
         q, qm, r, rm = trim_padding(ro.query_ids[idx], ro.query_mask[idx], ro.response_ids[idx], ro.response_mask[idx])
         T = r.shape[1]
@@ -1021,7 +1063,7 @@ def _minibatch_gradients(state: PpoState, cfg: PpoStageConfig, ro: Rollout, adva
                            "entropy": masked_mean(entropy_of(logits), rm), **pg_stats, **vf_stats}
         for k, v in micro_stats.items():
             stats[k] = stats.get(k, 0.0) + v * weight
-    return stats
+    return _sum_over_processes(state, stats) if world > 1 else stats
 
 
 def step_metrics(cfg: PpoStageConfig, ro: Rollout, *, kl_mean: float, kl3: Tensor, kl_in_reward: Tensor, beta: float,
@@ -1074,7 +1116,7 @@ def run_step_hooks(state: PpoState, cfg: PpoStageConfig, callbacks: PpoCallbacks
             callbacks.on_generations(rows, step)
     if callbacks.on_eval is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
         _evaluate(state, callbacks)
-    if checkpoint_dir is not None and (step % cfg.checkpoint_every == 0 or step == total):
+    if checkpoint_dir is not None and (step % cfg.checkpoint_every == 0 or step == total) and process_group()[0] == 0:
         state.last_checkpoint = save_ppo_checkpoint(state, cfg, checkpoint_dir, callbacks)
     if callbacks.on_step is not None:
         callbacks.on_step(step, total)

@@ -1,0 +1,112 @@
+"""A stage on several processes: the launcher command, and what the processes say to each other.
+
+``alignflow sft --processes 2`` re-runs itself as ``python -m torch.distributed.run
+--standalone --nproc_per_node 2 -m alignflow.flows.sft <same options>`` (or
+``accelerate launch --config_file FILE -m alignflow.flows.sft ...`` with
+``--launch accelerate``). Under the launcher:
+
+* process 0 runs the stage's flow as on one process: the one MLflow run, the
+  Prefect flow run, evaluation, registration. When it reaches training it
+  hands the other processes a *plan* (:func:`share_plan`: start model, rows,
+  checkpoint folder, resume) and trains with them;
+* every other process waits for that plan (:func:`receive_plan`), trains its
+  shard through the same training function with no tracking hooks, and leaves.
+
+Checkpoints are written by process 0 only (the training loop saves from the
+main process); every process restores from them on ``--resume``. If process 0
+stops before training (a user error, a missing model), it sends an empty plan
+and the others exit without training; if it stops later, it exits and the
+launcher ends the others.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+LAUNCHERS = ("torchrun", "accelerate")
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_distributed() -> bool:
+    return world_size() > 1
+
+
+def launch_command(module: str, argv: list[str], *, processes: int, launcher: str = "torchrun",
+                   accelerate_config: Path | None = None) -> list[str]:
+    """The command that runs ``python -m module argv`` on ``processes`` processes."""
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"--launch must be one of {', '.join(LAUNCHERS)}, not {launcher!r}")
+    if processes < 1:
+        raise ValueError(f"--processes must be at least 1, not {processes}")
+    if launcher == "accelerate":
+        cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+        if accelerate_config is not None:
+            if not Path(accelerate_config).is_file():
+                raise FileNotFoundError(f"accelerate config not found: {accelerate_config}")
+            cmd += ["--config_file", str(accelerate_config)]
+        if processes > 1 or accelerate_config is None:
+            cmd += ["--num_processes", str(processes)]
+        return [*cmd, "-m", module, *argv]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+            "-m", module, *argv]
+
+
+def _group() -> Any:
+    """The process group (made from the launcher's environment on first use)."""
+    import torch
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    # gloo on CPU processes, nccl on GPUs; without cpu=True accelerate sees CPU processes as one
+    PartialState(cpu=not torch.cuda.is_available())
+
+    return dist
+
+
+_shared = False
+
+
+def share_plan(plan: dict[str, Any] | None) -> None:
+    """Process 0: send the training plan (None: nothing to train) to the other processes."""
+    global _shared
+    if not is_distributed():
+        return
+    _group().broadcast_object_list([plan], src=0)
+    _shared = True
+
+
+def plan_shared() -> bool:
+    return _shared
+
+
+def share_plan_once(plan: dict[str, Any] | None) -> None:
+    """Process 0: send ``plan`` unless a plan was sent already."""
+    if not _shared:
+        share_plan(plan)
+
+
+def receive_plan() -> dict[str, Any] | None:
+    """Any other process: the plan process 0 sends (None: process 0 stopped before training)."""
+    box: list[Any] = [None]
+    _group().broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def finish() -> None:
+    """Every process: leave together and close the process group (a peer exiting mid-teardown can abort)."""
+    if not is_distributed():
+        return
+    dist = _group()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
