@@ -67,7 +67,45 @@ def register_transformers(
     client.set_registered_model_alias(name, alias, version)
     for key, value in (tags or {}).items():
         client.set_model_version_tag(name, version, key, str(value))
+    replaced = replace_killed_attempts(client, name, version)
+    if replaced:
+        client.set_model_version_tag(name, version, "alignflow.replaces", ",".join(replaced))
+        print(f"{name}: version {version} replaces version {', '.join(replaced)} of the killed attempt it resumed")
     return version
+
+
+def resumed_attempts(client: MlflowClient, run_id: str) -> list[str]:
+    """The unfinished runs this run resumed, nearest first (tags ``alignflow.resumed_from``)."""
+    chain: list[str] = []
+    current = client.get_run(run_id).data.tags.get("alignflow.resumed_from")
+    while current and current not in chain and current != run_id:
+        try:
+            run = client.get_run(current)
+        except mlflow.exceptions.MlflowException:
+            break
+        if run.info.status == "FINISHED":
+            break
+        chain.append(current)
+        current = run.data.tags.get("alignflow.resumed_from")
+    return chain
+
+
+def replace_killed_attempts(client: MlflowClient, name: str, version: str) -> list[str]:
+    """Delete the versions of ``name`` that the killed attempts resumed by the active run registered (a kill
+    after registering, before the run ended), unless an alias other than ``challenger`` points at them; the
+    resumed attempt's ``version`` is their replacement. Returns the deleted version numbers."""
+    active = mlflow.active_run()
+    if active is None:
+        return []
+    attempts = set(resumed_attempts(client, active.info.run_id))
+    if not attempts:
+        return []
+    deleted = []
+    for old in client.search_model_versions(f"name='{name}'"):
+        if str(old.version) != version and old.run_id in attempts and set(old.aliases or ()) <= {CHALLENGER}:
+            client.delete_model_version(name, str(old.version))
+            deleted.append(str(old.version))
+    return sorted(deleted, key=int)
 
 
 def model_uri(name: str, alias: str = CHALLENGER) -> str:

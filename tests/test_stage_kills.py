@@ -215,3 +215,46 @@ def test_pipeline_killed_in_two_stages_then_rerun(env, tmp_path):
     assert steps_of(work, sft_final.info.run_id, "train/loss") == list(range(left["sft"] + 1, 25))
     base_runs = stage_runs(work, "base", experiment)
     assert base_runs[0].data.tags.get("alignflow.cache_hit") == "true"  # the last run reused base
+
+
+def _versions(db: Path, model: str) -> int:
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+            return con.execute("select count(*) from model_versions where name = ?", (model,)).fetchone()[0]
+    except sqlite3.Error:
+        return -1
+
+
+def test_stage_killed_after_registering_then_resumed(work, env, tmp_path):
+    """The window between the registration and the end of the run: the killed attempt's version is replaced,
+    not kept beside the resumed attempt's."""
+    stage, model = "pm", "alignflow-reward"
+    client = work_client(work)
+    versions_before = {v.version for v in client.search_model_versions(f"name='{model}'")}
+    db = work / "mlflow.db"
+    sets = set_args(TINY)
+    with open(tmp_path / "registering.log", "wb") as err:
+        proc = subprocess.Popen(cli(work, stage, *sets), env=env, stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)
+        deadline, killed = time.monotonic() + 300, False
+        while time.monotonic() < deadline and proc.poll() is None:
+            if _versions(db, model) > len(versions_before):
+                os.killpg(proc.pid, signal.SIGKILL)
+                killed = True
+                break
+            time.sleep(0.005)
+        proc.wait()
+    assert killed, f"{stage} ended before its version was registered: {(tmp_path / 'registering.log').read_text()[-2000:]}"
+    killed_run = stage_runs(work, stage)[0]
+    assert killed_run.info.status == "RUNNING"
+
+    result = CliRunner().invoke(app, [stage, "--workdir", str(work), "--resume", *sets], catch_exceptions=False)
+    assert result.exit_code == 0, result.output[-3000:]
+    final = stage_runs(work, stage)[0]
+    assert final.info.status == "FINISHED" and client.get_run(killed_run.info.run_id).info.status == "KILLED"
+    no_run_left_running(work, "alignflow/demo")
+    new = [v for v in client.search_model_versions(f"name='{model}'") if v.version not in versions_before]
+    assert [v.run_id for v in new] == [final.info.run_id]
+    assert str(client.get_model_version_by_alias(model, "challenger").version) == str(new[0].version)
