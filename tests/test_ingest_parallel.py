@@ -74,7 +74,7 @@ def test_generated_dump_identical_with_three_workers(tmp_path):
     assert one.datasets["posts"]["rows"] > 1000
     profile = json.loads((Path(many.out_dir) / "profile.json").read_text())["seconds"]
     assert profile["read: Posts.xml rows (decode, HTML to text) (worker seconds)"] > 0
-    assert profile["build: contracts"] > 0
+    assert profile["build: waiting for contracts (second process)"] >= 0 and profile["build (wall)"] > 0
 
 
 def _site_with_bad_rows(folder: Path, fixtures_dir: Path) -> Path:
@@ -131,3 +131,20 @@ def test_malformed_xml_deep_in_the_file(fixtures_dir, tmp_path):
         run([site], tmp_path / "w3", "ingest.workers=3", "ingest.range_mb=0.02")
     assert str(one.value) == str(many.value)
     assert "line 151" in str(many.value)
+
+
+def test_contract_rejections_are_the_same_on_the_second_process(tmp_path):
+    """With several workers the contracts run on their own process; what they reject is quarantined the same."""
+    rows = [{"prompt": f"question {i}?", "chosen": f"good answer {i}", "rejected": f"bad answer {i}",
+             "chosen_score": 5, "rejected_score": 1} for i in range(30)]
+    rows[7] = {"prompt": "mislabelled?", "chosen": "worse", "rejected": "better", "chosen_score": 1,
+               "rejected_score": 5}
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    one, many = both([path], tmp_path, "ingest.batch_rows=100", "ingest.contract_rows=100")
+    assert digests(one) == digests(many)
+    assert same_accounting(one.report, many.report)
+    assert many.report["files"][str(path)]["quarantined:contract:pairs"] == 1
+    assert one.report["contracts"]["pairs"]["batches"] == many.report["contracts"]["pairs"]["batches"]
+    profile = json.loads((Path(many.out_dir) / "profile.json").read_text())["seconds"]
+    assert "build: waiting for contracts (second process)" in profile

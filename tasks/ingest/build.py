@@ -56,6 +56,7 @@ class DatasetWriter:
         validate: Callable[..., Any],
         contract_rows: int | None = None,
         contract_bytes: int | None = None,
+        contracts: Any = None,
     ) -> None:
         self.kind = kind
         self.path = path
@@ -76,6 +77,9 @@ class DatasetWriter:
         self.group_bytes = 0
         self.waiting_rows = 0
         self.waiting_bytes = 0
+        self.contracts = contracts  # a ContractService: checks run on another process, one batch behind
+        self.pending: tuple | None = None  # the batch submitted last, not written yet
+        self.submitted = 0
         self.batches = 0
         self.written = 0
         self.writer = pq.ParquetWriter(path, self.schema, compression="zstd")
@@ -100,20 +104,36 @@ class DatasetWriter:
             self.rows, self.group_bytes = [], 0
 
     def flush(self, final: bool = False) -> None:
+        """Send the waiting row groups to their contract check; write the previous batch once it is checked."""
         self._close_group()
-        if not self.groups and not (final and self.batches == 0):
+        if self.groups or (final and self.submitted == 0):
+            sizes = [len(g) for g in self.groups]
+            frame = pd.DataFrame([r for g in self.groups for r in g],
+                                 columns=[*self.schema.names, "_source_file", "_line"])
+            self.groups, self.waiting_rows, self.waiting_bytes = [], 0, 0
+            kwargs = dict(docs_dir=self.docs_dir / self.kind if self.submitted == 0 else None,
+                          batch_name=f"{self.kind}-{self.submitted:05d}", max_chars=self.max_chars)
+            checked = frame.drop(columns=["_source_file", "_line"])
+            if self.contracts is not None:
+                ticket = self.contracts.submit(checked, self.kind, **kwargs)
+                outcome = lambda: self.contracts.result(ticket)  # noqa: E731
+            else:
+                result = self.validate(checked, self.kind, **kwargs)
+                outcome = lambda: result  # noqa: E731
+            del checked
+            self._write_checked()
+            self.pending = (frame, sizes, outcome, self.submitted == 0 and final)
+            self.submitted += 1
+        if final or self.contracts is None:
+            self._write_checked()
+
+    def _write_checked(self) -> None:
+        """Quarantine the rows the pending batch's contract rejected and write the others."""
+        if self.pending is None:
             return
-        sizes = [len(g) for g in self.groups]
-        frame = pd.DataFrame([r for g in self.groups for r in g], columns=[*self.schema.names, "_source_file", "_line"])
-        self.groups, self.waiting_rows, self.waiting_bytes = [], 0, 0
-        docs = self.docs_dir / self.kind if self.batches == 0 else None
-        result = self.validate(
-            frame.drop(columns=["_source_file", "_line"]),
-            self.kind,
-            docs_dir=docs,
-            batch_name=f"{self.kind}-{self.batches:05d}",
-            max_chars=self.max_chars,
-        )
+        frame, sizes, outcome, only_batch = self.pending
+        self.pending = None
+        result = outcome()
         result.raise_for_table_failures()
         if result.docs_index is not None:
             self.summary.docs[self.kind] = str(result.docs_index)
@@ -150,7 +170,7 @@ class DatasetWriter:
         for size in sizes or [0]:
             part = table.slice(start, size).filter(keep.slice(start, size))
             start += size
-            if part.num_rows or (not wrote and final and self.batches == 0 and start >= table.num_rows):
+            if part.num_rows or (not wrote and only_batch and start >= table.num_rows):
                 self.writer.write_table(part)
                 wrote = True
             self.written += part.num_rows
@@ -211,7 +231,7 @@ def score_answer(answer: StoredPost, accepted: bool, score_source: str) -> tuple
 
 class Builder:
     def __init__(self, store: StagingStore, out_dir: Path, cfg: IngestConfig, *, validate: Callable[..., Any],
-                 shp_pairs: Callable[..., Any] | None = None) -> None:
+                 shp_pairs: Callable[..., Any] | None = None, contracts: Any = None) -> None:
         self.store = store
         self.cfg = cfg
         self.summary = BuildSummary()
@@ -221,7 +241,7 @@ class Builder:
             kind: DatasetWriter(
                 kind, out_dir / f"{kind}.parquet", store, self.summary, batch_rows=cfg.batch_rows,
                 batch_bytes=cfg.batch_mb << 20, max_chars=prompt_budget, docs_dir=out_dir / "contracts", validate=validate,
-                contract_rows=cfg.contract_rows, contract_bytes=cfg.contract_mb << 20,
+                contract_rows=cfg.contract_rows, contract_bytes=cfg.contract_mb << 20, contracts=contracts,
             )
             for kind in DATASETS
         }

@@ -288,7 +288,13 @@ def execute_ingest(plan: IngestPlan, cfg: IngestConfig, *, mark: bool = True) ->
     tmp.mkdir()
     store = StagingStore(tmp / "staging.sqlite", batch=min(cfg.batch_rows, 5000))
     phases = Phases()
+    contracts = None
     try:
+        if (cfg.workers or default_workers()) > 1:
+            # contracts on a second process, one batch behind the walk; it loads its libraries while we read
+            from .contract_service import ContractService
+
+            contracts = ContractService()
         with phases("read (wall)"):
             score_sources = read_sources(plan, store, cfg, phases)
         with phases("index and duplicates"):
@@ -296,9 +302,13 @@ def execute_ingest(plan: IngestPlan, cfg: IngestConfig, *, mark: bool = True) ->
         score_warnings = check_votes_against_scores(store, score_sources, cfg)
         with phases("build (wall)"):
             builder = Builder(store, tmp, cfg, validate=phases.timed("build: contracts", validate),
-                              shp_pairs=shp_pairs)
+                              shp_pairs=shp_pairs, contracts=contracts)
             builder.sites_with_votes = {s for s in builder.sites_with_votes if score_sources.get(s) == "votes"}
             summary = builder.run()
+            if contracts is not None:
+                contracts.close()
+                phases.add("build: waiting for contracts (second process)", contracts.wait_seconds)
+                contracts = None
         with phases("quarantine"):
             summary.rows["quarantine"] = write_quarantine(store, tmp / "quarantine.parquet", cfg.batch_rows)
         report = build_report(store, summary, score_sources)
@@ -328,6 +338,8 @@ def execute_ingest(plan: IngestPlan, cfg: IngestConfig, *, mark: bool = True) ->
         else:
             os.replace(tmp, out_dir)
     except BaseException:
+        if contracts is not None:
+            contracts.close(kill=True)
         try:
             store.close()
         except Exception:

@@ -1,0 +1,133 @@
+"""Data-contract checks on a second process, so the walk over questions goes on meanwhile.
+
+The builder hands each batch to :meth:`ContractService.submit` and collects the
+result (in submission order) when it next needs it. One worker process runs
+:func:`alignflow.data_contracts.validate` on every batch; a sender thread and a
+receiver thread move pickled frames and results over its pipes, so neither side
+ever waits on the other's pipe buffer. The result comes back without the
+validated rows (the builder still has them): the valid rows' index, the
+rejected rows' failing expectations, statistics, table failures, Data Docs.
+"""
+
+from __future__ import annotations
+
+import pickle
+import queue
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+
+class ContractService:
+    def __init__(self) -> None:
+        cmd = [sys.executable, "-c", "from alignflow.tasks.ingest.contract_service import serve; serve()"]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self._out: queue.Queue = queue.Queue()
+        self._results: dict[int, Any] = {}
+        self._ready = threading.Condition()
+        self._submitted = 0
+        self._received = 0
+        self._failure: BaseException | None = None
+        self.wait_seconds = 0.0  # time the builder spent waiting for results
+        self._sender = threading.Thread(target=self._send, daemon=True)
+        self._receiver = threading.Thread(target=self._receive, daemon=True)
+        self._sender.start()
+        self._receiver.start()
+
+    def submit(self, frame, kind: str, **kwargs) -> int:
+        ticket = self._submitted
+        self._submitted += 1
+        self._out.put((frame, kind, kwargs))
+        return ticket
+
+    def result(self, ticket: int):
+        started = time.perf_counter()
+        try:
+            return self._result(ticket)
+        finally:
+            self.wait_seconds += time.perf_counter() - started
+
+    def _result(self, ticket: int):
+        with self._ready:
+            while ticket not in self._results and self._failure is None:
+                self._ready.wait()
+            if ticket not in self._results:
+                raise self._failure  # type: ignore[misc]
+            kind, value = self._results.pop(ticket)
+        if kind == "error":
+            raise value
+        return value
+
+    def _send(self) -> None:
+        try:
+            while (item := self._out.get()) is not None:
+                pickle.dump(item, self.proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+                self.proc.stdin.flush()
+            self.proc.stdin.close()
+        except (OSError, ValueError):
+            pass  # the worker died: the receiver reports it
+
+    def _receive(self) -> None:
+        n = 0
+        try:
+            while True:
+                reply = pickle.load(self.proc.stdout)
+                with self._ready:
+                    self._results[n] = reply
+                    self._ready.notify_all()
+                n += 1
+        except EOFError:
+            with self._ready:
+                self._failure = RuntimeError(
+                    f"data-contract worker process {self.proc.pid} exited (code {self.proc.wait()})")
+                self._ready.notify_all()
+
+    def close(self, kill: bool = False) -> None:
+        if kill:
+            self.proc.kill()
+        self._out.put(None)
+        self._sender.join(timeout=30)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._receiver.join(timeout=30)
+
+
+def _slim(result):
+    """The result without the rows the caller already has."""
+    import pandas as pd
+
+    result.valid = pd.DataFrame(index=result.valid.index)
+    result.rejected = result.rejected[["expectation"]] if len(result.rejected) else \
+        pd.DataFrame({"expectation": pd.Series([], dtype=object)})
+    result.result_json = {}
+    return result
+
+
+def serve() -> None:
+    """Worker loop: validate each (frame, kind, kwargs) read from stdin; write each result to stdout."""
+    from alignflow.data_contracts import validate
+
+    import great_expectations  # noqa: F401  loaded now, while the caller is still reading its input
+
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # anything printed must not corrupt the result stream
+    while True:
+        try:
+            frame, kind, kwargs = pickle.load(stdin)
+        except EOFError:
+            return
+        try:
+            reply = ("ok", _slim(validate(frame, kind, **kwargs)))
+        except Exception as exc:  # passed on to the builder as it is (or as its message, if it does not pickle)
+            try:
+                pickle.dumps(exc)
+                reply = ("error", exc)
+            except Exception:
+                reply = ("error", RuntimeError(f"{type(exc).__name__}: {exc}"))
+        pickle.dump(reply, stdout, protocol=pickle.HIGHEST_PROTOCOL)
+        stdout.flush()
