@@ -178,10 +178,16 @@ def _run_stage(stage: str, workdir: Path, config: Path | None, set_: list[str] |
     except BaseException as exc:
         # Stopped before training: the others get an empty plan and leave with us. Stopped in or after it:
         # no goodbye (a peer may be inside a collective); the launcher ends the others when this process exits.
-        if launch.is_distributed() and not launch.plan_shared():
+        before_training = launch.is_distributed() and not launch.plan_shared()
+        if before_training:
             launch.share_plan(None)
             launch.finish()
         if isinstance(exc, (*_user_errors(), NonFiniteLossError, LookupError)):
+            if launch.report_user_error(2) and before_training:
+                try:
+                    _fail(exc)
+                except typer.Exit:
+                    raise typer.Exit(0) from None  # the launching command exits 2 (launch.launched_status)
             _fail(exc)
         raise
     launch.share_plan_once(None)
@@ -203,7 +209,18 @@ def _launch(stage: stages.Stage, argv: list[str], processes: int, launcher: str 
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc)
     typer.echo("launching: " + " ".join(cmd), err=True)
-    raise typer.Exit(subprocess.call(cmd))
+    import os
+    import tempfile
+
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")  # what torchrun sets anyway, without its banner
+    if not debug():  # the processes' consoles as quiet as this one's: warnings and the error line
+        env.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+        env.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    with tempfile.TemporaryDirectory(prefix="alignflow-launch-") as tmp:
+        status = Path(tmp) / "status"
+        rc = subprocess.call(cmd, env={**env, launch.STATUS_ENV: str(status)})
+        raise typer.Exit(launch.launched_status(status, rc))
 
 
 def stage_command(stage: stages.Stage) -> Callable[..., None]:

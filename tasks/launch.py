@@ -41,6 +41,34 @@ def is_distributed() -> bool:
     return world_size() > 1
 
 
+#: Environment variable naming the file where process 0 leaves a user error's exit code for the launching command.
+STATUS_ENV = "ALIGNFLOW_LAUNCH_STATUS"
+
+
+def report_user_error(code: int = 2) -> bool:
+    """Process 0 of a launched stage: record a user error's exit code for the command that launched it.
+
+    Returns whether it was recorded. When the error came before training (no peer inside a collective, the
+    plan told them to leave), the process may then exit 0: the launcher has no failure to summarise, and the
+    launching command turns the recorded code into its own exit code: one error line, exit 2, as without a
+    launcher.
+    """
+    path = os.environ.get(STATUS_ENV)
+    if not path or not is_distributed() or rank() != 0:
+        return False
+    Path(path).write_text(str(code))
+    return True
+
+
+def launched_status(path: Path, returncode: int) -> int:
+    """The launching command's exit code: the recorded user error's, else the launcher's own."""
+    try:
+        recorded = Path(path).read_text().strip()
+    except OSError:
+        return returncode
+    return int(recorded) if recorded.isdigit() else returncode
+
+
 def launch_command(module: str, argv: list[str], *, processes: int, launcher: str = "torchrun",
                    accelerate_config: Path | None = None) -> list[str]:
     """The command that runs ``python -m module argv`` on ``processes`` processes."""

@@ -146,6 +146,20 @@ def test_a_config_error_stops_before_launching(work):
     assert res.stderr.strip().splitlines()[0].startswith("error: invalid config")
 
 
+def test_a_user_error_inside_the_launched_stage_is_one_line_and_exit_2(tmp_path, prefect_harness):
+    """An error the stage finds after launching (here: a start model that does not exist) reads as without a
+    launcher: exit 2, the error line last, no traceback and no launcher failure summary."""
+    missing = tmp_path / "no-such-model"
+    res = subprocess.run(cli(tmp_path / "work", "sft", "--processes", "2", "--set",
+                             f"sft.model.name_or_path={missing}"), capture_output=True, text=True, env=_env(),
+                         timeout=600)
+    assert res.returncode == 2, res.stderr[-3000:]
+    lines = res.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and str(missing) in lines[-1], lines[-5:]
+    assert "Traceback" not in res.stderr and "ChildFailedError" not in res.stderr, res.stderr[-3000:]
+    assert not [ln for ln in lines if "| INFO" in ln], lines
+
+
 def test_each_stage_module_is_its_command():
     from alignflow import stages
 
