@@ -18,18 +18,10 @@ import sys
 import time
 from pathlib import Path
 
+from alignflow.tasks.processes import process_alive
+
 POLL_SECONDS = 0.5
 _SERVER_MARK = b"prefect.server.api.server:create_app"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _children_servers(parent: int) -> dict[int, bytes]:
@@ -59,7 +51,7 @@ def _start_time(pid: int) -> bytes | None:
 
 def run(parent: int) -> None:
     servers: dict[int, bytes] = {}
-    while _alive(parent) and os.getppid() == parent:
+    while process_alive(parent) and os.getppid() == parent:
         servers.update(_children_servers(parent))
         time.sleep(POLL_SECONDS)
     for pid, started in servers.items():

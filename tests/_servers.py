@@ -113,3 +113,32 @@ def wait_for(predicate, timeout: float, every: float = 3, what: str = "condition
         time.sleep(every)
     detail = on_timeout() if on_timeout else ""
     raise TimeoutError(f"{what} not met in {timeout:.0f} s\n{detail}")
+
+
+def headless_chromium(window: str) -> Iterator:
+    """A selenium driver for Debian's headless chromium (skips the test when chromium, its driver or selenium is
+    missing). Background networking is off: the browser talks to the test's loopback servers only."""
+    import shutil
+
+    import pytest
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    chromedriver = shutil.which("chromedriver")
+    if not chromium or not chromedriver:
+        pytest.skip("headless UI test needs Debian's chromium and chromium-driver (apt-get install chromium "
+                    "chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="headless UI test needs selenium (pip install selenium)")
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", f"--window-size={window}",
+                "--no-first-run", "--disable-extensions", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(chromedriver), options=opts)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()

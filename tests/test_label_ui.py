@@ -9,7 +9,6 @@ absent. Also: a server killed mid-batch loses no accepted submission.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -19,14 +18,12 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _servers import BIN, clean_env, free_port, spawn, stop, wait_http  # noqa: E402
+from _servers import BIN, clean_env, free_port, headless_chromium, spawn, stop, wait_http  # noqa: E402
 
 from alignflow.tasks.label.store import LabelStore  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
 XSS = "<script>window.__xss = 1</script><img src=x onerror=\"window.__xss = 2\">"
 
 
@@ -67,21 +64,7 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    if not CHROMIUM or not CHROMEDRIVER:
-        pytest.skip("headless UI test needs Debian's chromium and chromium-driver (apt-get install chromium "
-                    "chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="headless UI test needs selenium (pip install selenium)")
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1300,1000", "--no-first-run", "--disable-extensions"):
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-    driver.set_page_load_timeout(60)
-    yield driver
-    driver.quit()
+    yield from headless_chromium("1300,1000")
 
 
 @pytest.fixture(scope="module")

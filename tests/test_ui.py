@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import urllib.parse
@@ -18,12 +17,10 @@ import mlflow
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _servers import BIN, clean_env, free_port, prefect_server, spawn, stop, wait_http  # noqa: E402
+from _servers import BIN, clean_env, free_port, headless_chromium, prefect_server, spawn, stop, wait_http  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
 TINY = [
     "experiment=alignflow/ui-test", "pipeline.stages=[ingest,base,sft]", "generate.questions=60",
     "base.model.vocab_size=400", "base.model.max_length=64", "base.train.max_steps=4", "base.train.batch_size=4",
@@ -35,21 +32,7 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def browser():
-    if not CHROMIUM or not CHROMEDRIVER:
-        pytest.skip("headless UI test needs Debian's chromium and chromium-driver (apt-get install chromium "
-                    "chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="headless UI test needs selenium (pip install selenium)")
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1600,1000", "--no-first-run", "--disable-extensions"):
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-    driver.set_page_load_timeout(60)
-    yield driver
-    driver.quit()
+    yield from headless_chromium("1600,1000")
 
 
 @pytest.fixture(scope="module")

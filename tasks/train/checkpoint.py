@@ -50,6 +50,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from alignflow.tasks.processes import process_alive
+
 log = logging.getLogger(__name__)
 
 FORMAT = "alignflow-train-checkpoint"
@@ -156,18 +158,6 @@ def _fsync(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _read_state(folder: Path) -> dict[str, Any] | None:
@@ -312,7 +302,7 @@ def _remove_stale_tmp(dir: Path) -> None:
     """Remove temporary folders left by writers that died (pid gone on this host)."""
     for child in dir.iterdir():
         match = _TMP_DIR.match(child.name)
-        if match and not _pid_alive(int(match.group(1))):
+        if match and not process_alive(int(match.group(1))):
             log.info("removing stale partial checkpoint %s", child)
             shutil.rmtree(child, ignore_errors=True)
 
