@@ -321,6 +321,9 @@ def serve(
     """Register and serve the deployments: ingest and pipeline on schedules, training after each ingest."""
     import os
 
+    # A service's console is its log: what each served flow run reports (schedules, triggers, the training it
+    # started) stays visible, unlike one-shot commands, which show warnings and the error line only.
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "INFO")
     wd = prepare(workdir)
     if not os.environ.get("PREFECT_API_URL"):
         _fail(RuntimeError("serve needs a Prefect server: start one (infra/local-up.sh or `prefect server start`) "
