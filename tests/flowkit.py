@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -49,3 +50,26 @@ def generate_in_fresh_process(work: Path, model: str, prompt: str, max_new_token
     )
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{Path(work) / 'mlflow.db'}", "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+
+
+@contextlib.contextmanager
+def tracking_restored():
+    """Leave MLflow's tracking URI, in this process and in the environment its subprocesses inherit, as it was.
+
+    ``mlflow.set_tracking_uri(previous)`` is not that: it writes ``previous`` (perhaps MLflow's default store)
+    into ``MLFLOW_TRACKING_URI``, and every later stage command started by a test would then track there."""
+    import mlflow
+
+    from alignflow.tasks import tracking
+
+    keys = ("MLFLOW_TRACKING_URI", tracking._EMBEDDED_MARK)
+    saved = {k: os.environ.get(k) for k in keys}
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])  # None: unset, in MLflow and in the environment
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -15,6 +15,7 @@ import pytest
 
 from alignflow.tasks import tracking
 from alignflow.tasks.ingest.run import remove_dead_temporaries
+from flowkit import tracking_restored
 
 
 def dead_pid() -> int:
@@ -36,8 +37,7 @@ def test_temporaries_of_dead_processes_are_removed(tmp_path):
 
 
 def test_runs_of_dead_processes_are_marked_killed(tmp_path):
-    previous = mlflow.get_tracking_uri()
-    try:
+    with tracking_restored():
         exp = tracking.configure(tmp_path, "kills")
         client = mlflow.MlflowClient()
         host = {"alignflow.host": __import__("socket").gethostname()}
@@ -47,8 +47,6 @@ def test_runs_of_dead_processes_are_marked_killed(tmp_path):
         assert tracking.configure(tmp_path, "kills") == exp
         status = {r: client.get_run(r.info.run_id).info.status for r in (orphan, alive, elsewhere)}
         assert status == {orphan: "KILLED", alive: "RUNNING", elsewhere: "RUNNING"}
-    finally:
-        mlflow.set_tracking_uri(previous)
 
 
 def _servers_of(parent: int) -> list[int]:

@@ -12,6 +12,7 @@ import pytest
 from alignflow.models import UnsafeArtifactError, check_builtin_artifact, load_builtin_artifact
 from alignflow.tasks import registry
 import _ppo_models as tiny
+from flowkit import tracking_restored
 
 EVIL_CODE = """
 from pathlib import Path
@@ -28,13 +29,12 @@ class EvilForCausalLM(GPT2LMHeadModel):
 def registered(tmp_path_factory):
     """A tiny GPT-2 registered in a fresh SQLite store, and the store's artifact folder."""
     root = tmp_path_factory.mktemp("registry")
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-    exp = mlflow.create_experiment("security", artifact_location=(root / "artifacts").as_uri())
-    with mlflow.start_run(experiment_id=exp):
-        version = registry.register_transformers(tiny.policy(), tiny.tokenizer(), name="tiny-policy")
-    yield root, version
-    mlflow.set_tracking_uri(previous)
+    with tracking_restored():
+        mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+        exp = mlflow.create_experiment("security", artifact_location=(root / "artifacts").as_uri())
+        with mlflow.start_run(experiment_id=exp):
+            version = registry.register_transformers(tiny.policy(), tiny.tokenizer(), name="tiny-policy")
+        yield root, version
 
 
 def _artifact_model_dir(root: Path) -> Path:
