@@ -42,8 +42,7 @@ def scheduler_endpoint(address: str) -> tuple[str, int]:
     except ValueError:
         port = None
     if parts.scheme not in ("tcp", "tls") or not parts.hostname or port is None:
-        raise IngestError(f"not a Dask scheduler address: {address!r} (expected tcp://host:port)",
-                          field="ingest.address")
+        raise IngestError(f"ingest.address: not a Dask scheduler address: {address!r} (expected tcp://host:port)")
     return parts.hostname, port
 
 
@@ -55,10 +54,10 @@ def check_reachable(address: str, timeout: float = CONNECT_SECONDS) -> None:
             pass
     except OSError as exc:
         reason = exc.strerror or str(exc) or type(exc).__name__
-        raise IngestError(f"cannot reach the Dask scheduler at {address}: {reason}", field="ingest.address") from None
+        raise IngestError(f"cannot reach the Dask scheduler at {address} (ingest.address): {reason}") from None
 
 
-def worker_problems(paths: list[str], api_url: str) -> list[str]:
+def worker_problems(paths: list[str], api_url: str | None) -> list[str]:
     """Run on a worker: what stops it from doing range tasks (unreadable SOURCE files, Prefect's API out of reach)."""
     problems = []
     for path in paths:
@@ -89,12 +88,12 @@ def check_workers(client, paths: list[str], api_url: str) -> int:
             client.wait_for_workers(1, timeout=WORKERS_SECONDS)
         except Exception:  # distributed raises TimeoutError (or its own) after the timeout
             raise IngestError(f"no Dask worker joined the scheduler at {client.scheduler.address} within "
-                              f"{WORKERS_SECONDS:.0f} s", field="ingest.address") from None
+                              f"{WORKERS_SECONDS:.0f} s (ingest.address)") from None
         info = client.scheduler_info()
     replies = client.run(worker_problems, paths, api_url)
     for worker, problems in sorted(replies.items()):
         if problems:
-            raise IngestError(f"Dask worker {worker}: {problems[0]}", field="ingest.address")
+            raise IngestError(f"Dask worker {worker}: {problems[0]}")
     return max(1, sum(w.get("nthreads", 1) for w in info["workers"].values()))
 
 
@@ -123,8 +122,7 @@ def task_runner(address: str, workers: int):
     try:
         from prefect_dask import DaskTaskRunner
     except ImportError:
-        raise IngestError("ingest.runner=dask needs prefect-dask: pip install 'alignflow[dask]'",
-                          field="ingest.runner") from None
+        raise IngestError("ingest.runner=dask needs prefect-dask: pip install 'alignflow[dask]'") from None
     if address:
         return DaskTaskRunner(address=address, client_kwargs={"timeout": f"{CONNECT_SECONDS:.0f}s"})
     import logging
@@ -157,8 +155,7 @@ def run_tasks_on_dask(tasks: list[RangeTask], address: str, workers: int) -> Ite
         try:
             client = runner.client
         except OSError as exc:  # the scheduler went away between the check and the connection
-            raise IngestError(f"cannot connect to the Dask scheduler at {address}: {' '.join(str(exc).split())}",
-                              field="ingest.address") from None
+            raise IngestError(f"cannot connect to the Dask scheduler at {address} (ingest.address): {exc}") from None
         threads = check_workers(client, sorted({t.path for t in tasks}), api_url)
         window = 2 * threads
         pending: deque = deque()
