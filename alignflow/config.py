@@ -381,9 +381,9 @@ class PipelineConfig(_Section):
     concurrent: bool = Field(False, description="Run the two independent branches (pmp -> pm) and sft side by side "
                              "(worth it with a device per branch; on a small CPU they only compete for cores).")
     stages: list[str] = Field(
-        default_factory=stage_registry.pipeline_stages,
+        default_factory=stage_registry.default_pipeline_stages,
         description="Stages to run (in pipeline order; `pmp` also follows `pmp.enabled`); default: every "
-        "pipeline stage of the registry (alignflow/stages.py).")
+        "default pipeline stage of the registry (alignflow/stages.py); `pmp-transfer` runs only when named.")
 
     @field_validator("stages")
     @classmethod
