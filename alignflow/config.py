@@ -142,7 +142,7 @@ class ModelConfig(_Section):
         description="Hugging Face model id or local folder for from_pretrained; empty = build the small default "
         "architecture from `arch` (the offline default), or take the previous stage's registered model.",
     )
-    arch: Literal["tiny-gpt2", "small-gpt2", "tiny-llama", "gpt2-125m", "llama-350m"] = Field(
+    arch: Literal["tiny-gpt2", "small-gpt2", "tiny-llama", "small-llama", "gpt2-125m", "llama-350m"] = Field(
         "tiny-gpt2", description="Architecture built from a config when no pretrained model is named."
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the hub/folder to run (off: safer).")
