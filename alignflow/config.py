@@ -54,6 +54,9 @@ class RedditConfig(_Section):
         2.0, ge=1.0, description="Preferred comment's score divided by the other's must reach this ratio."
     )
     max_pairs_per_post: int = Field(5, ge=1, description="Cap on pairs drawn from one post (deterministic choice).")
+    max_comments_per_post: int = Field(
+        200, ge=2, description="Only this many highest-scored comments of one post (or replies to one comment) are "
+        "paired; the others are counted as `not_considered`. Candidate pairs grow with the square of the comments.")
     drop_op_comments: bool = Field(True, description="Drop comments written by the post's own author.")
     drop_distinguished: bool = Field(True, description="Drop moderator/admin (distinguished) comments.")
 
@@ -121,6 +124,12 @@ class IngestConfig(_Section):
     )
     contract_mb: int = Field(8, ge=1, description="Most text (MiB) per data-contract validation.")
     split: SplitConfig = Field(default_factory=SplitConfig, description="How questions are assigned to splits.")
+    reddit_reply_pairs: bool = Field(
+        False,
+        description="Reddit: also pair sibling replies under one parent comment (SHP rules of `ingest.reddit`), with "
+        "the parent comment and its ancestors (and the submission's title and text when its RS_ month is given) as the "
+        "prompt. Lets a comment month without its submissions month (RC_ without RS_) give pairs.",
+    )
     reddit: RedditConfig = Field(default_factory=RedditConfig, description="Rules for Reddit dumps.")
 
 
@@ -143,7 +152,7 @@ class ModelConfig(_Section):
         description="Hugging Face model id or local folder for from_pretrained; empty = build the small default "
         "architecture from `arch` (the offline default), or take the previous stage's registered model.",
     )
-    arch: Literal["tiny-gpt2", "small-gpt2", "tiny-llama", "gpt2-125m", "llama-350m"] = Field(
+    arch: Literal["tiny-gpt2", "small-gpt2", "tiny-llama", "small-llama", "gpt2-125m", "llama-350m"] = Field(
         "tiny-gpt2", description="Architecture built from a config when no pretrained model is named."
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the hub/folder to run (off: safer).")
@@ -382,9 +391,9 @@ class PipelineConfig(_Section):
     concurrent: bool = Field(False, description="Run the two independent branches (pmp -> pm) and sft side by side "
                              "(worth it with a device per branch; on a small CPU they only compete for cores).")
     stages: list[str] = Field(
-        default_factory=stage_registry.pipeline_stages,
+        default_factory=stage_registry.default_pipeline_stages,
         description="Stages to run (in pipeline order; `pmp` also follows `pmp.enabled`); default: every "
-        "pipeline stage of the registry (alignflow/stages.py).")
+        "default pipeline stage of the registry (alignflow/stages.py); `pmp-transfer` runs only when named.")
 
     @field_validator("stages")
     @classmethod
