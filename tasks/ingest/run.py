@@ -152,8 +152,8 @@ def read_stackexchange(paths: list[Path], store, cfg: IngestConfig, phases: Phas
         else:
             store.register_vote_file(site.name, site.votes[0].label)
         score_sources[site.name] = "votes" if use_votes else "score"
-        if workers > 1 and all(m.member is None for m in (*site.votes, *site.posts)):
-            parallel.append(site)  # plain files: read below, cut into ranges
+        if all(m.member is None for m in (*site.votes, *site.posts)):
+            parallel.append(site)  # plain files: read below, cut into ranges (in this process with one worker)
         else:
             read_site(site, store, on_bad_row=cfg.on_bad_row, max_chars=cfg.max_text_chars,
                       max_row_bytes=cfg.max_row_bytes)
