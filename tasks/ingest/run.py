@@ -308,6 +308,7 @@ def execute_ingest(plan: IngestPlan, cfg: IngestConfig, *, mark: bool = True) ->
             if contracts is not None:
                 contracts.close()
                 phases.add("build: waiting for contracts (second process)", contracts.wait_seconds)
+                phases.add("build: contracts CPU (second process)", contracts.cpu_seconds)
                 contracts = None
         with phases("quarantine"):
             summary.rows["quarantine"] = write_quarantine(store, tmp / "quarantine.parquet", cfg.batch_rows)
