@@ -54,6 +54,9 @@ class RedditConfig(_Section):
         2.0, ge=1.0, description="Preferred comment's score divided by the other's must reach this ratio."
     )
     max_pairs_per_post: int = Field(5, ge=1, description="Cap on pairs drawn from one post (deterministic choice).")
+    max_comments_per_post: int = Field(
+        200, ge=2, description="Only this many highest-scored comments of one post (or replies to one comment) are "
+        "paired; the others are counted as `not_considered`. Candidate pairs grow with the square of the comments.")
     drop_op_comments: bool = Field(True, description="Drop comments written by the post's own author.")
     drop_distinguished: bool = Field(True, description="Drop moderator/admin (distinguished) comments.")
 
@@ -111,6 +114,12 @@ class IngestConfig(_Section):
     )
     contract_mb: int = Field(8, ge=1, description="Most text (MiB) per data-contract validation.")
     split: SplitConfig = Field(default_factory=SplitConfig, description="How questions are assigned to splits.")
+    reddit_reply_pairs: bool = Field(
+        False,
+        description="Reddit: also pair sibling replies under one parent comment (SHP rules of `ingest.reddit`), with "
+        "the parent comment and its ancestors (and the submission's title and text when its RS_ month is given) as the "
+        "prompt. Lets a comment month without its submissions month (RC_ without RS_) give pairs.",
+    )
     reddit: RedditConfig = Field(default_factory=RedditConfig, description="Rules for Reddit dumps.")
 
 

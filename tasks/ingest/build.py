@@ -247,6 +247,8 @@ class Builder:
             for kind in DATASETS
         }
         self.sites_with_votes = store.sites_with_votes()
+        # More groups a source builds itself after the questions (Reddit reply pairs): callables of the builder
+        self.extra_steps: list[Callable[[Builder], None]] = []
 
     def score_source_for(self, site: str) -> str:
         if self.cfg.score_source == "score":
@@ -383,6 +385,8 @@ class Builder:
         for _key, rows in self.store.grouped_posts():
             self.add_question(rows)
         self.add_input_pairs()
+        for step in self.extra_steps:
+            step(self)
         for w in self.writers.values():
             w.close()
         return self.summary

@@ -18,7 +18,10 @@ once as ``rows`` and ends in exactly one of:
     cleaning) and, only with ``on_bad_row="quarantine"``, ``not_json``,
     ``not_object``, ``missing_field``, ``bad_value``.
 ``count(file, "skipped:reply")``
-    a comment that answers another comment (``parent_id`` ``t1_...``).
+    a comment that answers another comment (``parent_id`` ``t1_...``). With
+    ``ingest.reddit_reply_pairs`` on, a valid reply goes to the reply store
+    instead and the build counts it (``kept:reply`` / ``skipped:reply_*``, see
+    ``reddit_replies.py``).
 
 so ``rows == posts + quarantined + skipped:*`` for every file.
 
@@ -195,8 +198,13 @@ def read_reddit(
     default_license: str = "unknown",
     on_bad_row: str = "error",
     max_line_bytes: int = MAX_LINE_BYTES,
+    replies=None,
 ) -> None:
     """Stream one Pushshift file (``RS_*`` submissions or ``RC_*`` comments) into ``sink``.
+
+    ``replies`` (a :class:`.reddit_replies.ReplyStore`, for ``ingest.reddit_reply_pairs``) also
+    receives every valid submission and comment; replies then go there instead of being counted
+    ``skipped:reply``, and the build decides their fate.
 
     ``.zst`` (any window up to 2 GiB, multi-frame) or plain ``.jsonl`` /
     ``.json`` / ``.ndjson`` (one JSON object per line). Submissions vs comments
@@ -248,9 +256,9 @@ def read_reddit(
             if isinstance(obj.get("subreddit"), str):
                 site = f"reddit/{obj['subreddit'].strip()}"
             if kind == "submission":
-                _submission(obj, row_id, sink, file, lineno, default_license)
+                _submission(obj, row_id, sink, file, lineno, default_license, replies)
             else:
-                _comment(obj, row_id, sink, file, lineno, default_license, text)
+                _comment(obj, row_id, sink, file, lineno, default_license, text, replies)
         except BadRow as bad:
             if on_bad_row == "error":
                 raise IngestError(bad.message, path=file, line=lineno, row_id=row_id, field=bad.field) from None
@@ -270,7 +278,8 @@ def quarantine_oversized_line(sink: RecordSink, file: str, lineno: int, head: st
                     "(ingest.max_row_bytes); not read", raw=head)
 
 
-def _submission(obj: dict, post_id: str, sink: RecordSink, file: str, lineno: int, license: str) -> None:
+def _submission(obj: dict, post_id: str, sink: RecordSink, file: str, lineno: int, license: str,
+                replies=None) -> None:
     subreddit = _subreddit(obj)
     score = _score(obj)
     created = _created(obj)
@@ -293,6 +302,10 @@ def _submission(obj: dict, post_id: str, sink: RecordSink, file: str, lineno: in
         body = ""  # link posts have no selftext; removed selftext leaves the title as the prompt
     else:
         body = _clean.clean_plain_text(selftext)
+    if replies is not None:
+        from .reddit_replies import Submission
+
+        replies.add_submission(Submission(post_id, site, title, body, score, _author(obj)))
     sink.add_post(
         PostRecord(
             site=site,
@@ -312,21 +325,23 @@ def _submission(obj: dict, post_id: str, sink: RecordSink, file: str, lineno: in
     )
 
 
-def _comment(obj: dict, post_id: str, sink: RecordSink, file: str, lineno: int, license: str, text: str) -> None:
+def _comment(obj: dict, post_id: str, sink: RecordSink, file: str, lineno: int, license: str, text: str,
+             replies=None) -> None:
     parent = _required(obj, "parent_id")
     if not isinstance(parent, str):
         raise BadRow("bad_value", f"`parent_id` is not a string: {parent!r}", "parent_id")
     parent = parent.strip()
-    if parent.startswith("t1_"):
+    is_reply = parent.startswith("t1_")
+    if is_reply and replies is None:
         sink.count(file, "skipped:reply")
         return
-    if not parent.startswith("t3_") or len(parent) <= 3:
+    if len(parent) <= 3 or not (is_reply or parent.startswith("t3_")):
         raise BadRow("bad_value", f"`parent_id` {parent!r} is neither t3_<post> nor t1_<comment>", "parent_id")
     link = obj.get("link_id")
     if isinstance(link, str) and link.strip().startswith("t3_") and len(link.strip()) > 3:
         question_id = link.strip()[3:]
     else:
-        question_id = parent[3:]
+        question_id = "" if is_reply else parent[3:]
     subreddit = _subreddit(obj)
     site = f"reddit/{subreddit}"
     score = _score(obj)
@@ -347,6 +362,13 @@ def _comment(obj: dict, post_id: str, sink: RecordSink, file: str, lineno: int, 
         sink.quarantine(source_file=file, reason="empty_body", line=lineno, row_id=post_id, site=site,
                         detail="empty after cleaning", raw=text[:RAW_KEEP_CHARS])
         return
+    if replies is not None:
+        from .reddit_replies import Node
+
+        replies.add_comment(Node(post_id, parent, question_id, site, body, score, created, _author(obj),
+                                 bool(obj.get("distinguished")), license, file, lineno), reply=is_reply)
+        if is_reply:
+            return
     sink.add_post(
         PostRecord(
             site=site,
@@ -374,6 +396,7 @@ SHP_COUNT_KEYS = (
     "distinguished",  # answers by moderators/admins
     "comment_score_too_low",  # answers scoring below min_comment_score
     "duplicate_answer",  # answers whose post_id was already seen (dumps can repeat a row)
+    "not_considered",  # answers beyond the max_comments_per_post highest-scored ones
     "tie",  # candidate pairs (unordered) with equal scores
     "not_written_later",  # pairs where the higher-scored comment is not strictly newer
     "score_ratio_too_low",  # pairs whose score ratio is below min_score_ratio
@@ -393,7 +416,9 @@ def shp_pairs(
     answers: list[PostRecord],
     cfg: RedditConfig,
     seed: int = 0,
-) -> tuple[list[tuple[PostRecord, PostRecord]], dict[str, int]]:
+    *,
+    with_fates: bool = False,
+):
     """Stanford SHP preference pairs ``(chosen, rejected)`` among a post's top-level comments.
 
     Rules, in order:
@@ -404,7 +429,9 @@ def shp_pairs(
        (``cfg.drop_op_comments``; ``name:[deleted]`` and empty authors never
        match), distinguished (``cfg.drop_distinguished``), or scoring
        ``< cfg.min_comment_score``; a repeated ``post_id`` keeps its first
-       occurrence;
+       occurrence; of the rest only the ``cfg.max_comments_per_post``
+       highest-scored (ties by id) are paired (``not_considered``): the
+       pairs of a post grow with the square of its comments;
     3. of each two remaining answers, the higher-scored ``A`` is preferred to
        ``B`` only if ``A`` was written strictly later
        (``created_ts(A) > created_ts(B)``; a missing timestamp fails) and
@@ -416,8 +443,12 @@ def shp_pairs(
     Independent of the order of ``answers``. The returned dict has every key
     of :data:`SHP_COUNT_KEYS`; answer-level keys count answers, pair-level
     keys (``tie`` .. ``capped``) count unordered pairs of remaining answers.
+    With ``with_fates=True`` a third value maps each answer dropped at step 2
+    to its reason (``op_comment``, ``distinguished``, ``comment_score_too_low``,
+    ``duplicate_answer``, ``not_considered``).
     """
     counts = dict.fromkeys(SHP_COUNT_KEYS, 0)
+    fates: dict[str, str] = {}
     for a in answers:
         if a.question_id != question.post_id:
             raise ValueError(
@@ -425,24 +456,33 @@ def shp_pairs(
             )
     if question.score < cfg.min_post_score:
         counts["post_score_too_low"] = 1
-        return [], counts
+        return ([], counts, fates) if with_fates else ([], counts)
 
     op = question.author
     kept: dict[str, PostRecord] = {}
     for a in answers:
         if a.post_id in kept:
             counts["duplicate_answer"] += 1
-        elif cfg.drop_op_comments and op not in _ANON_AUTHORS and a.author == op:
-            counts["op_comment"] += 1
+            continue
+        if cfg.drop_op_comments and op not in _ANON_AUTHORS and a.author == op:
+            reason = "op_comment"
         elif cfg.drop_distinguished and a.distinguished:
-            counts["distinguished"] += 1
+            reason = "distinguished"
         elif a.score < cfg.min_comment_score:
-            counts["comment_score_too_low"] += 1
+            reason = "comment_score_too_low"
         else:
             kept[a.post_id] = a
+            continue
+        counts[reason] += 1
+        fates.setdefault(a.post_id, reason)
+    ranked = sorted(kept.values(), key=lambda p: (-p.score, p.post_id))
+    for a in ranked[cfg.max_comments_per_post:]:
+        counts["not_considered"] += 1
+        fates[a.post_id] = "not_considered"
+    considered = ranked[: cfg.max_comments_per_post]
 
     candidates: list[tuple[PostRecord, PostRecord]] = []
-    for x, y in combinations(sorted(kept.values(), key=lambda p: p.post_id), 2):
+    for x, y in combinations(sorted(considered, key=lambda p: p.post_id), 2):
         if x.score == y.score:
             counts["tie"] += 1
             continue
@@ -459,4 +499,4 @@ def shp_pairs(
     candidates.sort(key=lambda ab: _pair_key(seed, ab[0], ab[1]))
     cap = cfg.max_pairs_per_post
     counts["capped"] = max(0, len(candidates) - cap)
-    return candidates[:cap], counts
+    return (candidates[:cap], counts, fates) if with_fates else (candidates[:cap], counts)

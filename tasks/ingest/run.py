@@ -244,11 +244,21 @@ def ingest_warnings(plan: IngestPlan, report: dict[str, Any]) -> list[str]:
                 month = re.match(r"RC_(\d{4}-\d{2})", Path(f).name)
                 wanted = f"RS_{month.group(1)}" if month else "its RS_ submissions file"
                 if orphans and not any(n.startswith(wanted) for n in given):
-                    replies = counts.get("skipped:reply", 0)
-                    warnings.append(
-                        f"{f}: {orphans} top-level comment(s) quarantined as orphans and {replies} repl(ies) skipped: "
-                        f"their submissions are not in the input; pass {wanted} too"
-                    )
+                    if plan.config.get("reddit_reply_pairs"):
+                        paired = counts.get("kept:reply", 0)
+                        unpaired = sum(n for k, n in counts.items() if k.startswith("skipped:reply_"))
+                        warnings.append(
+                            f"{f}: {orphans} top-level comment(s) quarantined as orphans: their submissions are not "
+                            f"in the input (pass {wanted} too); of the replies, {paired} are in reply pairs and "
+                            f"{unpaired} in none (ingest.reddit_reply_pairs)"
+                        )
+                    else:
+                        replies = counts.get("skipped:reply", 0)
+                        warnings.append(
+                            f"{f}: {orphans} top-level comment(s) quarantined as orphans and {replies} repl(ies) "
+                            f"skipped: their submissions are not in the input; pass {wanted} too, or set "
+                            "ingest.reddit_reply_pairs=true to pair replies under their parent comments"
+                        )
             kept = sum(n for k, n in counts.items() if k.startswith("kept:"))
             if not kept:
                 why = ", ".join(f"{k}={n}" for k, n in counts.items() if k not in ("rows", "accounted", "adds_up"))
@@ -289,6 +299,7 @@ def execute_ingest(plan: IngestPlan, cfg: IngestConfig, *, mark: bool = True) ->
     store = StagingStore(tmp / "staging.sqlite", batch=min(cfg.batch_rows, 5000))
     phases = Phases()
     contracts = None
+    replies = None
     try:
         if (cfg.workers or default_workers()) > 1:
             # contracts on a second process, one batch behind the walk; it loads its libraries while we read
@@ -304,6 +315,12 @@ def execute_ingest(plan: IngestPlan, cfg: IngestConfig, *, mark: bool = True) ->
             builder = Builder(store, tmp, cfg, validate=phases.timed("build: contracts", validate),
                               shp_pairs=shp_pairs, contracts=contracts)
             builder.sites_with_votes = {s for s in builder.sites_with_votes if score_sources.get(s) == "votes"}
+            replies_path = tmp / "reddit_replies.sqlite"
+            if cfg.reddit_reply_pairs and replies_path.exists():
+                from .reddit_replies import ReplyStore, write_reply_pairs
+
+                replies = ReplyStore(replies_path, create=False)
+                builder.extra_steps.append(lambda b: write_reply_pairs(replies, b, cfg))
             summary = builder.run()
             if contracts is not None:
                 contracts.close()
@@ -316,6 +333,9 @@ def execute_ingest(plan: IngestPlan, cfg: IngestConfig, *, mark: bool = True) ->
         report["warnings"] = score_warnings + ingest_warnings(plan, report)
         store.close()
         (tmp / "staging.sqlite").unlink()
+        if replies is not None:
+            replies.db.close()
+            replies_path.unlink()
         if not report["adds_up"]:
             bad = {f: v for f, v in report["files"].items() if not v["adds_up"]}
             raise RuntimeError(f"ingest accounting does not add up (a bug, please report it): {bad}")
@@ -343,6 +363,8 @@ def execute_ingest(plan: IngestPlan, cfg: IngestConfig, *, mark: bool = True) ->
             contracts.close(kill=True)
         try:
             store.close()
+            if replies is not None:
+                replies.db.close()
         except Exception:
             pass
         shutil.rmtree(tmp, ignore_errors=True)

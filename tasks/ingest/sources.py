@@ -66,10 +66,19 @@ def _se_read(sources, store, cfg, phases) -> dict[str, str]:
 def _reddit_read(sources, store, cfg, phases) -> dict[str, str]:
     from .reddit import read_reddit
 
-    for src in sources:
-        for f in src.files:
-            read_reddit(Path(f), store, default_license=cfg.default_license, on_bad_row=cfg.on_bad_row,
-                        max_line_bytes=cfg.max_row_bytes)
+    replies = None
+    if cfg.reddit_reply_pairs:  # comments and submissions also go to an on-disk store beside the staging one
+        from .reddit_replies import ReplyStore
+
+        replies = ReplyStore(ReplyStore.beside(store.path))
+    try:
+        for src in sources:
+            for f in src.files:
+                read_reddit(Path(f), store, default_license=cfg.default_license, on_bad_row=cfg.on_bad_row,
+                            max_line_bytes=cfg.max_row_bytes, replies=replies)
+    finally:
+        if replies is not None:
+            replies.close()
     return {}
 
 

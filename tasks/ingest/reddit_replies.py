@@ -1,0 +1,393 @@
+"""Reddit reply pairs (``ingest.reddit_reply_pairs``): preferences among sibling replies to one comment.
+
+A comment month without its submissions month (``RC_`` without ``RS_``) gives
+no SHP pairs: top-level comments have no post title to be the prompt. Its
+replies still can. With ``ingest.reddit_reply_pairs`` on, the replies to one
+comment are paired with the SHP rules (:func:`reply_pairs`, the same rules as
+:func:`.reddit.shp_pairs`), and the prompt is the conversation they answer:
+the submission's title and text when the submission is in the input, then the
+ancestors of the parent comment, oldest first, ending with the parent
+(:func:`ancestor_chain`, :func:`render_reply_prompt`).
+
+Out of core
+-----------
+A Pushshift comment month holds tens of millions of comments and a reply may
+come anywhere after (or before) its parent. Comments and submissions are
+written to an on-disk SQLite database (:class:`ReplyStore`) while the month
+is read; the build walks the replies grouped by ``(thread, parent)`` through
+an index and looks ancestors up by id with a bounded cache. Memory is bounded
+by SQLite's page cache, the cache of ancestors, and one parent's replies.
+
+Accounting
+----------
+With the option on, a reply (``parent_id`` ``t1_...``) whose row is valid is no
+longer ``skipped:reply`` at read time; the walk gives it exactly one of:
+
+``kept:reply``                    in at least one kept pair
+``skipped:reply_parent_missing``  its parent comment is not in the input (or was quarantined)
+``skipped:reply_duplicate``       a reply with the same id came earlier in the input
+``skipped:reply_op_comment``      written by the author of the comment it answers
+``skipped:reply_distinguished``   a moderator/admin reply
+``skipped:reply_comment_score_too_low``  scored below ``ingest.reddit.min_comment_score``
+``skipped:reply_not_considered``  beyond ``ingest.reddit.max_comments_per_post`` highest-scored siblings
+``skipped:reply_post_score_too_low``  its thread's submission scored below ``ingest.reddit.min_post_score``
+``skipped:reply_unpaired``        passed the filters, but none of its pairs was kept (no sibling,
+                                  ties, not written later, score ratio, cap)
+
+Replies quarantined by the reader (deleted body, bad rows) stay quarantined.
+Pair-level counts go to the report's ``pairs`` section under ``reply:``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from alignflow.config import IngestConfig, RedditConfig
+
+from .records import PostRecord
+from .scoring import render_prompt, short_id
+
+__all__ = [
+    "MAX_CONTEXT_COMMENTS",
+    "Node",
+    "ReplyStore",
+    "Submission",
+    "ancestor_chain",
+    "render_reply_prompt",
+    "reply_pairs",
+    "write_reply_pairs",
+]
+
+FILE_NAME = "reddit_replies.sqlite"
+MAX_CONTEXT_COMMENTS = 6  # the parent and at most 5 of its ancestors make the prompt
+CACHE_NODES = 20_000  # ancestors kept in memory while walking (a thread's recent comments)
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """A comment as the reply walk sees it. ``parent`` is the fullname (``t1_x`` / ``t3_x``); ``link`` the
+    submission id (without ``t3_``)."""
+
+    id: str
+    parent: str
+    link: str
+    site: str
+    body: str
+    score: int
+    created_ts: float | None
+    author: str
+    distinguished: bool
+    license: str = ""
+    source_file: str = ""
+    line: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    id: str
+    site: str
+    title: str
+    body: str
+    score: int
+    author: str
+
+
+# --------------------------------------------------------------------------- pure logic
+
+
+def ancestor_chain(parent_id: str, lookup: Callable[[str], Node | None],
+                   max_comments: int = MAX_CONTEXT_COMMENTS) -> tuple[list[Node], str]:
+    """The comments a reply answers, oldest first, ending with its parent comment ``parent_id``.
+
+    Walks up through ``lookup`` (comment id -> :class:`Node` or None) until a
+    top-level comment (parent ``t3_``), a missing ancestor, a cycle, or
+    ``max_comments`` comments. Returns ``(chain, stop)`` where ``stop`` says why
+    the walk ended: ``"top"`` (reached the top-level comment), ``"missing"``
+    (an ancestor is not in the input: the context starts below it), ``"depth"``
+    (capped) or ``"no_parent"`` (the parent itself is missing: ``chain == []``).
+    """
+    chain: list[Node] = []
+    seen: set[str] = set()
+    current = parent_id
+    while True:
+        node = lookup(current)
+        if node is None:
+            stop = "missing" if chain else "no_parent"
+            break
+        if node.id in seen:  # a malformed dump could loop; never follow it twice
+            stop = "missing"
+            break
+        seen.add(node.id)
+        chain.append(node)
+        if not node.parent.startswith("t1_"):
+            stop = "top"
+            break
+        if len(chain) >= max_comments:
+            stop = "depth"
+            break
+        current = node.parent[3:]
+    chain.reverse()
+    return chain, stop
+
+
+def render_reply_prompt(template: str, *, site: str, chain: list[str], submission_title: str | None,
+                        submission_body: str = "", max_chars: int = 20_000) -> str:
+    """The prompt of a reply: the thread's title (or, without the submission, a line naming the
+    subreddit), then the submission's text and the comments answered, oldest first, each as
+    ``Comment:``; the last one is the parent. Older comments are left out, oldest first, while the
+    comments exceed ``max_chars`` (the parent always stays)."""
+    kept: list[str] = []
+    used = 0
+    for i, text in enumerate(reversed(chain)):
+        if i and used + len(text) > max_chars:
+            break
+        kept.append(text)
+        used += len(text)
+    kept.reverse()
+    parts = [submission_body] if submission_body.strip() else []
+    parts += [f"Comment: {text}" for text in kept]
+    title = submission_title if submission_title else f"A comment thread in r/{site.removeprefix('reddit/')}"
+    return render_prompt(template, title=title, body="\n\n".join(parts), site=site)
+
+
+REPLY_SKIP_KEYS = ("op_comment", "distinguished", "comment_score_too_low", "not_considered")
+
+
+def reply_pairs(parent: Node, replies: list[Node], cfg: RedditConfig, *, submission_score: int | None = None,
+                seed: int = 0) -> tuple[list[tuple[Node, Node]], dict[str, int], dict[str, str]]:
+    """SHP pairs ``(chosen, rejected)`` among the replies to one comment.
+
+    The rules of :func:`.reddit.shp_pairs`, with the parent comment in the
+    submission's place: replies by the parent's author are dropped
+    (``drop_op_comments``), distinguished ones (``drop_distinguished``) and
+    those under ``min_comment_score``; the higher-scored reply of a pair must
+    be written strictly later and reach ``min_score_ratio`` times the other's
+    score; ties are dropped; at most ``max_pairs_per_post`` pairs per parent,
+    chosen by the same seeded hash. ``min_post_score`` applies to the thread's
+    submission when it is known (``submission_score``); a comment-only month
+    has none, and the rule is not applied.
+
+    Returns ``(pairs, counts, fates)``: ``counts`` has the keys of
+    :data:`.reddit.SHP_COUNT_KEYS`; ``fates`` maps every reply id to
+    ``"kept"`` or the reason it is in no pair (see the module docstring).
+    Independent of the order of ``replies``; duplicate ids must be removed
+    before (the store does).
+    """
+    from .reddit import shp_pairs
+
+    fates: dict[str, str] = {}
+    question = PostRecord(site=parent.site, source="reddit", post_id=parent.id, kind="question",
+                          question_id=parent.id, score=submission_score if submission_score is not None
+                          else cfg.min_post_score, author=parent.author, created_ts=parent.created_ts)
+    answers = [PostRecord(site=r.site, source="reddit", post_id=r.id, kind="answer", question_id=parent.id,
+                          body="", score=r.score, author=r.author, created_ts=r.created_ts,
+                          distinguished=r.distinguished) for r in replies]
+    by_id = {r.id: r for r in replies}
+    pairs, counts, dropped = shp_pairs(question, answers, cfg, seed=seed, with_fates=True)
+    in_pair = {p.post_id for pair in pairs for p in pair}
+    for r in replies:
+        if r.id in in_pair:
+            fates[r.id] = "kept"
+        elif counts["post_score_too_low"]:
+            fates[r.id] = "post_score_too_low"
+        else:
+            fates[r.id] = dropped.get(r.id, "unpaired")
+    return [(by_id[c.post_id], by_id[r.post_id]) for c, r in pairs], counts, fates
+
+
+# --------------------------------------------------------------------------- on-disk store
+
+
+class ReplyStore:
+    """Comments and submissions of the Reddit inputs, on disk, for the reply walk.
+
+    ``add_comment`` takes every valid comment (top-level ones only as possible
+    parents; replies also as candidates), ``add_submission`` every valid
+    submission. Rows are buffered and inserted in batches.
+    """
+
+    def __init__(self, path: Path, *, batch: int = 5000, cache_mb: int = 32, create: bool = True) -> None:
+        self.path = Path(path)
+        if create and self.path.exists():
+            self.path.unlink()
+        self.db = sqlite3.connect(self.path)
+        self.db.executescript(
+            f"""
+            PRAGMA journal_mode=OFF;
+            PRAGMA synchronous=OFF;
+            PRAGMA temp_store=FILE;
+            PRAGMA cache_size=-{cache_mb * 1024};
+            """
+        )
+        if create:
+            self.db.executescript(
+                """
+                CREATE TABLE comments (rid INTEGER PRIMARY KEY, id TEXT, parent TEXT, link TEXT, site TEXT,
+                    body TEXT, score INT, created_ts REAL, author TEXT, distinguished INT, license TEXT,
+                    source_file TEXT, line INT, reply INT);
+                CREATE TABLE submissions (rid INTEGER PRIMARY KEY, id TEXT, site TEXT, title TEXT, body TEXT,
+                    score INT, author TEXT);
+                """
+            )
+        self.batch = batch
+        self._comments: list[tuple] = []
+        self._submissions: list[tuple] = []
+
+    @classmethod
+    def beside(cls, staging_path: Path) -> Path:
+        return Path(staging_path).with_name(FILE_NAME)
+
+    # -- loading ---------------------------------------------------------------
+    def add_comment(self, node: Node, *, reply: bool) -> None:
+        self._comments.append((node.id, node.parent, node.link, node.site, node.body, node.score, node.created_ts,
+                               node.author, int(node.distinguished), node.license, node.source_file, node.line,
+                               int(reply)))
+        if len(self._comments) >= self.batch:
+            self._flush()
+
+    def add_comment_rows(self, rows: list[tuple]) -> None:
+        self._comments.extend(rows)
+        if len(self._comments) >= self.batch:
+            self._flush()
+
+    def add_submission(self, sub: Submission) -> None:
+        self._submissions.append((sub.id, sub.site, sub.title, sub.body, sub.score, sub.author))
+        if len(self._submissions) >= self.batch:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._comments:
+            self.db.executemany(
+                "INSERT INTO comments (id, parent, link, site, body, score, created_ts, author, distinguished, "
+                "license, source_file, line, reply) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", self._comments)
+            self._comments.clear()
+        if self._submissions:
+            self.db.executemany("INSERT INTO submissions (id, site, title, body, score, author) VALUES (?,?,?,?,?,?)",
+                                self._submissions)
+            self._submissions.clear()
+
+    def close(self) -> None:
+        self._flush()
+        self.db.commit()
+        self.db.close()
+
+    # -- walking -----------------------------------------------------------------
+    def finish_loading(self) -> None:
+        self._flush()
+        self.db.execute("CREATE INDEX IF NOT EXISTS comments_by_id ON comments (id, rid)")
+        self.db.execute("CREATE INDEX IF NOT EXISTS submissions_by_id ON submissions (id, rid)")
+        # reply = 2: a reply whose id an earlier row (any comment) already had
+        self.db.execute("UPDATE comments SET reply = 2 WHERE reply = 1 AND EXISTS "
+                        "(SELECT 1 FROM comments o WHERE o.id = comments.id AND o.rid < comments.rid)")
+        self.db.execute("CREATE INDEX IF NOT EXISTS replies_by_parent ON comments (link, parent, id, rid) "
+                        "WHERE reply >= 1")
+        self.db.commit()
+        self._cache: OrderedDict[str, Node | None] = OrderedDict()
+
+    def lookup(self, comment_id: str) -> Node | None:
+        """The first comment with this id (a repeated id keeps its first row)."""
+        cache = self._cache
+        if comment_id in cache:
+            cache.move_to_end(comment_id)
+            return cache[comment_id]
+        row = self.db.execute(
+            "SELECT id, parent, link, site, body, score, created_ts, author, distinguished, license, source_file, "
+            "line FROM comments WHERE id = ? ORDER BY rid LIMIT 1", (comment_id,)).fetchone()
+        node = None if row is None else Node(*row[:8], bool(row[8]), *row[9:])
+        cache[comment_id] = node
+        if len(cache) > CACHE_NODES:
+            cache.popitem(last=False)
+        return node
+
+    def submission(self, link: str) -> Submission | None:
+        row = self.db.execute("SELECT id, site, title, body, score, author FROM submissions WHERE id = ? "
+                              "ORDER BY rid LIMIT 1", (link,)).fetchone()
+        return None if row is None else Submission(*row)
+
+    def reply_groups(self) -> Iterator[tuple[str, list[tuple[Node, bool]]]]:
+        """Yield ``(parent fullname, [(reply, is_duplicate), ...])`` per parent, by thread, parent, reply id."""
+        cursor = self.db.execute(
+            "SELECT id, parent, link, site, body, score, created_ts, author, distinguished, license, source_file, "
+            "line, reply FROM comments INDEXED BY replies_by_parent WHERE reply >= 1 ORDER BY link, parent, id, rid")
+        current = None
+        group: list[tuple[Node, int]] = []
+        for row in cursor:
+            key = (row[2], row[1])
+            if key != current:
+                if group:
+                    yield current[1], group
+                current, group = key, []
+            group.append((Node(*row[:8], bool(row[8]), *row[9:12]), row[12] == 2))
+        if group:
+            yield current[1], group
+
+
+# --------------------------------------------------------------------------- the build step
+
+
+def write_reply_pairs(replies: ReplyStore, builder, cfg: IngestConfig) -> None:
+    """Walk the replies by parent, pair them, and hand pairs and prompts to the builder's writers.
+
+    Every reply's fate goes to the store's per-file counts (``kept:reply`` /
+    ``skipped:reply_*``); pair-level counts go to the report's pairs section
+    under ``reply:``.
+    """
+    store, stats = builder.store, builder.summary.pair_stats
+    rcfg = cfg.reddit
+    prompt_budget = cfg.max_text_chars
+    replies.finish_loading()
+    for parent_name, group in replies.reply_groups():
+        # A repeated reply id: the first row (lowest rid) is the reply; later ones are duplicates.
+        unique: list[Node] = []
+        for node, duplicate in group:
+            if duplicate:
+                store.count(node.source_file, "skipped:reply_duplicate")
+                stats["reply:dropped:duplicate_answer"] += 1
+            else:
+                unique.append(node)
+        if not unique:
+            continue
+        chain, stop = ancestor_chain(parent_name[3:], replies.lookup) if parent_name.startswith("t1_") else ([], "no_parent")
+        if not chain:
+            for node in unique:
+                store.count(node.source_file, "skipped:reply_parent_missing")
+            stats["reply:parent_missing"] += 1
+            continue
+        parent = chain[-1]
+        sub = replies.submission(parent.link) if parent.link else None
+        pairs, counts, fates = reply_pairs(parent, unique, rcfg, submission_score=None if sub is None else sub.score,
+                                           seed=cfg.pair_seed)
+        for node in unique:
+            fate = fates[node.id]
+            store.count(node.source_file, "kept:reply" if fate == "kept" else f"skipped:reply_{fate}")
+        stats.update({f"reply:dropped:{k}": v for k, v in counts.items()})
+        stats["reply:candidates"] += len(unique) * (len(unique) - 1) // 2
+        stats["reply:parents"] += 1
+        if not pairs:
+            continue
+        stats["reply:prompts"] += 1
+        stats[f"reply:context:{stop}"] += 1
+        stats["reply:kept"] += len(pairs)
+        site = parent.site
+        thread = parent.link or parent.id
+        split = builder.split_of(site, thread)
+        prompt = render_reply_prompt(cfg.prompt_template, site=site, chain=[n.body for n in chain],
+                                     submission_title=None if sub is None else sub.title,
+                                     submission_body="" if sub is None else sub.body, max_chars=prompt_budget)
+        builder.writers["prompts"].add(
+            dict(prompt_id=short_id(site, thread, parent_name), prompt=prompt, question_id=thread, site=site,
+                 source="reddit", split=split, _source_file=parent.source_file, _line=parent.line))
+        for c, r in pairs:
+            builder.writers["pairs"].add(
+                dict(pair_id=short_id(site, parent_name, c.id, r.id), prompt=prompt, chosen=c.body, rejected=r.body,
+                     chosen_score=float(c.score), rejected_score=float(r.score), margin=float(c.score - r.score),
+                     question_id=thread, site=site, source="reddit", split=split, chosen_id=c.id,
+                     rejected_id=r.id, chosen_author=c.author, rejected_author=r.author,
+                     license=c.license if c.license == r.license else " + ".join(sorted({c.license, r.license})),
+                     _source_file=c.source_file, _line=c.line))
+        for w in builder.writers.values():
+            w.maybe_flush()
