@@ -142,7 +142,7 @@ class ModelConfig(_Section):
         description="Hugging Face model id or local folder for from_pretrained; empty = build the small default "
         "architecture from `arch` (the offline default), or take the previous stage's registered model.",
     )
-    arch: Literal["tiny-gpt2", "small-gpt2", "tiny-llama", "gpt2-125m", "llama-350m"] = Field(
+    arch: Literal["tiny-gpt2", "small-gpt2", "tiny-llama", "small-llama", "gpt2-125m", "llama-350m"] = Field(
         "tiny-gpt2", description="Architecture built from a config when no pretrained model is named."
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the hub/folder to run (off: safer).")
@@ -381,9 +381,9 @@ class PipelineConfig(_Section):
     concurrent: bool = Field(False, description="Run the two independent branches (pmp -> pm) and sft side by side "
                              "(worth it with a device per branch; on a small CPU they only compete for cores).")
     stages: list[str] = Field(
-        default_factory=stage_registry.pipeline_stages,
+        default_factory=stage_registry.default_pipeline_stages,
         description="Stages to run (in pipeline order; `pmp` also follows `pmp.enabled`); default: every "
-        "pipeline stage of the registry (alignflow/stages.py).")
+        "default pipeline stage of the registry (alignflow/stages.py); `pmp-transfer` runs only when named.")
 
     @field_validator("stages")
     @classmethod
