@@ -109,6 +109,16 @@ class IngestConfig(_Section):
         "0 = every core. The datasets are byte-identical whatever the number."
     )
     range_mb: float = Field(8.0, gt=0, description="Size of the byte ranges (MiB) a dump table is cut into.")
+    runner: Literal["local", "dask"] = Field(
+        "local", description="Where the byte ranges of dump tables are read: `local` (`ingest.workers` processes on "
+        "this machine) or `dask` (Prefect's DaskTaskRunner on the Dask cluster of `ingest.address`; needs "
+        "`pip install alignflow[dask]`). The datasets are byte-identical either way."
+    )
+    address: str = Field(
+        "", description="Dask scheduler of `ingest.runner=dask`, e.g. `tcp://host:8786`; empty = a cluster started "
+        "for the run on this machine (`ingest.workers` processes, one thread each, 127.0.0.1 only, no dashboard). "
+        "Workers elsewhere must see the SOURCE paths under the same names (a shared filesystem)."
+    )
     contract_rows: int = Field(
         200_000, ge=100, description="Most rows per data-contract validation (several row groups checked at once)."
     )
