@@ -239,7 +239,11 @@ def test_comment_month_alone_gives_reply_pairs_with_exact_counts(tmp_path):
     assert any("in reply pairs" in w for w in on.report["warnings"])
 
 
-def test_reply_pairs_are_deterministic_across_reruns_and_workers(tmp_path):
+def test_reply_pairs_are_deterministic_across_reruns_and_workers(tmp_path, monkeypatch):
+    from alignflow.tasks.ingest import reddit_parallel, sources
+
+    monkeypatch.setattr(sources, "REDDIT_WORKERS_MIN_BYTES", 0)  # parse even this tiny file on workers
+    monkeypatch.setattr(reddit_parallel, "CHUNK_BYTES", 300)
     rc = comment_month(tmp_path / "RC_2006-01.jsonl")
     digests = []
     for work, workers in (("w1", 1), ("w1b", 1), ("w2", 2)):
