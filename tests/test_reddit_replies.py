@@ -271,3 +271,15 @@ def test_with_submissions_the_prompt_has_the_title_and_splits_follow_the_thread(
     thread_split = posts.set_index("post_id").loc["p1", "split"]
     assert set(pairs.split) == {thread_split}
     assert result.report["adds_up"]
+
+
+def test_synthetic_month_is_deterministic_and_gives_reply_pairs(tmp_path):
+    from alignflow.tasks.ingest.synthetic_reddit import generate_month
+
+    a = generate_month(tmp_path / "a", rc_bytes=60_000, seed=3)
+    b = generate_month(tmp_path / "b", rc_bytes=60_000, seed=3)
+    assert a.rc.read_bytes() == b.rc.read_bytes() and a.rs.read_bytes() == b.rs.read_bytes()
+    assert a.rc_bytes >= 60_000 and a.comments > 50
+    result = run(tmp_path, [a.rc], "ingest.reddit_reply_pairs=true")  # comments only
+    assert result.report["adds_up"] and result.report["pairs"]["reply:kept"] > 0
+    assert result.datasets["pairs"]["rows"] == result.report["pairs"]["reply:kept"]

@@ -10,7 +10,8 @@ appear at fixed rates: ``[deleted]`` / ``[removed]`` bodies and authors,
 ``&gt;`` / ``&amp;`` entities, ``\\r\\n``, moderators' (distinguished)
 comments, replies to comments of another month (missing parents).
 
-Threads are generated in blocks of :data:`BLOCK_THREADS`; within a block, all
+Threads are generated in blocks of :data:`BLOCK_THREADS` (fewer for a month
+under 4 MB); within a block, all
 comments are written in ``created_utc`` order, so threads interleave as in a
 real month. Replies pick their parent among the thread's earlier comments, so
 sibling replies exist at every depth. Scores are heavy-tailed.
@@ -107,7 +108,7 @@ def _thread(rng: random.Random, post_n: int, comment_start: int, t0: int) -> tup
             "hidden": False, "id": pid, "is_self": True, "link_flair_css_class": None, "link_flair_text": None,
             "name": f"t3_{pid}", "num_comments": n_comments, "over_18": False,
             "permalink": f"/r/{sub}/comments/{pid}/x/", "retrieved_on": t0 + 3_000_000,
-            "score": int(2 ** rng.expovariate(0.25)), "selftext": _body(rng) if rng.random() < 0.6 else "",
+            "score": min(int(2 ** rng.expovariate(0.25)), 1_000_000), "selftext": _body(rng) if rng.random() < 0.6 else "",
             "stickied": False, "subreddit": sub, "subreddit_id": f"t5_{SUBREDDITS.index(sub):05d}", "thumbnail": "self", "title": title,
             "url": f"https://www.reddit.com/r/{sub}/comments/{pid}/x/"}
     post["ups"] = post["score"]
@@ -153,10 +154,11 @@ def generate_month(out_dir: Path, *, rc_bytes: int, seed: int = 0, month: str = 
         wrs = zstandard.ZstdCompressor(compression_params=params).stream_writer(frs, closefd=False)
         wrc = zstandard.ZstdCompressor(compression_params=params).stream_writer(frc, closefd=False)
         t0 = BASE_TS
+        threads = max(1, min(BLOCK_THREADS, rc_bytes // 20_000))  # a small month: small blocks
         while rc_total < rc_bytes:
             block: list[tuple[int, dict]] = []
             posts = []
-            for _ in range(BLOCK_THREADS):
+            for _ in range(threads):
                 t0 += rng.randint(1, 60)
                 post, comments = _thread(rng, n_posts, n_comments, t0)
                 n_posts += 1
