@@ -109,6 +109,16 @@ class IngestConfig(_Section):
         "0 = every core. The datasets are byte-identical whatever the number."
     )
     range_mb: float = Field(8.0, gt=0, description="Size of the byte ranges (MiB) a dump table is cut into.")
+    runner: Literal["local", "dask"] = Field(
+        "local", description="Where the byte ranges of dump tables are read: `local` (`ingest.workers` processes on "
+        "this machine) or `dask` (Prefect's DaskTaskRunner on the Dask cluster of `ingest.address`; needs "
+        "`pip install alignflow[dask]`). The datasets are byte-identical either way."
+    )
+    address: str = Field(
+        "", description="Dask scheduler of `ingest.runner=dask`, e.g. `tcp://host:8786`; empty = a cluster started "
+        "for the run on this machine (`ingest.workers` processes, one thread each, 127.0.0.1 only, no dashboard). "
+        "Workers elsewhere must see the SOURCE paths under the same names (a shared filesystem)."
+    )
     contract_rows: int = Field(
         200_000, ge=100, description="Most rows per data-contract validation (several row groups checked at once)."
     )
@@ -142,7 +152,7 @@ class ModelConfig(_Section):
         description="Hugging Face model id or local folder for from_pretrained; empty = build the small default "
         "architecture from `arch` (the offline default), or take the previous stage's registered model.",
     )
-    arch: Literal["tiny-gpt2", "small-gpt2", "tiny-llama", "gpt2-125m", "llama-350m"] = Field(
+    arch: Literal["tiny-gpt2", "small-gpt2", "tiny-llama", "small-llama", "gpt2-125m", "llama-350m"] = Field(
         "tiny-gpt2", description="Architecture built from a config when no pretrained model is named."
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the hub/folder to run (off: safer).")
@@ -381,9 +391,9 @@ class PipelineConfig(_Section):
     concurrent: bool = Field(False, description="Run the two independent branches (pmp -> pm) and sft side by side "
                              "(worth it with a device per branch; on a small CPU they only compete for cores).")
     stages: list[str] = Field(
-        default_factory=stage_registry.pipeline_stages,
+        default_factory=stage_registry.default_pipeline_stages,
         description="Stages to run (in pipeline order; `pmp` also follows `pmp.enabled`); default: every "
-        "pipeline stage of the registry (alignflow/stages.py).")
+        "default pipeline stage of the registry (alignflow/stages.py); `pmp-transfer` runs only when named.")
 
     @field_validator("stages")
     @classmethod

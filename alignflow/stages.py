@@ -53,6 +53,7 @@ class Stage:
     after: tuple[str, ...] | str = ()  #: stages it runs after (those absent from a run are skipped over)
     key_config: tuple[str, ...] = ()  #: other config values (dotted) that change its result (cache key)
     pipeline: bool = True  #: a step of ``alignflow pipeline``
+    default: bool = True  #: in the pipeline's default stage list (else only when ``pipeline.stages`` names it)
     command: bool = True  #: the generic CLI command (workdir, config, --set, --resume)
     distributed: bool = False  #: trains under ``--processes N`` / ``--launch accelerate``
     config_model: Any = None  #: pydantic model of ``section`` when it is not a field of ``AlignflowConfig``
@@ -115,8 +116,13 @@ def order() -> list[str]:
 
 
 def pipeline_stages() -> list[str]:
-    """The stages of ``alignflow pipeline``, in order."""
+    """The stages ``alignflow pipeline`` can run, in order."""
     return [n for n in order() if REGISTRY[n].pipeline]
+
+
+def default_pipeline_stages() -> list[str]:
+    """The stages ``alignflow pipeline`` runs when ``pipeline.stages`` is not set, in order."""
+    return [n for n in order() if REGISTRY[n].pipeline and REGISTRY[n].default]
 
 
 def models() -> list[str]:
@@ -213,8 +219,10 @@ register(Stage(
     after=("pm", "sft"), distributed=True,
     help=f"Optimise the SFT policy against the reward model with PPO; register {POLICY_MODEL}."))
 register(Stage(
-    "pmp-transfer", "alignflow.flows.pmp_transfer", "pmp_transfer", section="pmp_transfer", pipeline=False,
+    "pmp-transfer", "alignflow.flows.pmp_transfer", "pmp_transfer", section="pmp_transfer", default=False,
     reads=("pairs",), reads_models=(PMP_MODEL, BASE_MODEL), after=("pmp",),
+    key_config=("pm.model.max_length", "pm.use_margin", "pm.centering", "pm.site", "pm.pairs_file"),
+    key_metrics=("n_pairs", "pmp_accuracy", "base_accuracy", "head_start"),
     help="Accuracy vs number of task pairs, fine-tuned from the PMP model and from the base LM."))
 register(Stage(
     "promote", "alignflow.flows.promote", "promote_all", section="promote", command=False,

@@ -50,6 +50,24 @@ def fine_tune(cfg: AlignflowConfig, start_model: Any, tok: Any, train_rows: list
     return metrics
 
 
+def head_start(rows: list[dict]) -> dict[str, float]:
+    """PMP's head start at the smallest N: held-out accuracy from PMP and from the base LM (means over seeds).
+
+    ``{}`` when the smallest N lacks one of the two starts.
+    """
+    if not rows:
+        return {}
+    n = min(r["n_pairs"] for r in rows)
+    acc: dict[str, list[float]] = {}
+    for r in rows:
+        if r["n_pairs"] == n:
+            acc.setdefault(r["start"], []).append(r["accuracy"])
+    if "pmp" not in acc or "base" not in acc:
+        return {}
+    p, b = (sum(acc[k]) / len(acc[k]) for k in ("pmp", "base"))
+    return {"n_pairs": n, "pmp_accuracy": p, "base_accuracy": b, "head_start": p - b}
+
+
 def transfer_table_md(rows: list[dict]) -> str:
     """Markdown table: one line per N with both starts' accuracy (mean over seeds) and the difference."""
     by_n: dict[int, dict[str, list[float]]] = {}
@@ -133,8 +151,11 @@ def pmp_transfer(workdir: str = "./alignflow-work", config: AlignflowConfig | No
             f"# PMP transfer\n\nHeld-out pairs: {len(held)}; steps per fine-tune: {tcfg.train.max_steps}; "
             f"seeds: {tcfg.seeds}.\n\n{table}\n"))
         print(table)
+        first = head_start(results)
+        if first:
+            mlflow.log_metrics({f"head_start/{k}": float(v) for k, v in first.items()})
         return {"stage": "pmp-transfer", "run_id": run.info.run_id, "model": None, "version": None,
-                "eval_pairs": len(held), "results": results, "plot": str(figure)}
+                "eval_pairs": len(held), **first, "results": results, "plot": str(figure)}
 
 
 if __name__ == "__main__":  # `python -m alignflow.flows.pmp_transfer [options]`: the CLI command

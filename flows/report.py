@@ -94,6 +94,23 @@ def alignment_text(figures: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def preference_text(rows: list[dict]) -> str:
+    """Lines on the reward model (held-out accuracy with its interval) and PMP's head start, from the stage rows."""
+    figs = {r["stage"]: r.get("figures") or {} for r in rows}
+    lines = []
+    pm = figs.get("pm", {})
+    if "eval/pairwise_accuracy" in pm:
+        ci = (f" (95% CI {pm['eval/accuracy_ci_low']:.3f}-{pm['eval/accuracy_ci_high']:.3f})"
+              if "eval/accuracy_ci_low" in pm and "eval/accuracy_ci_high" in pm else "")
+        n = f" on {int(pm['eval/pairs'])} held-out task pairs" if "eval/pairs" in pm else ""
+        lines.append(f"  reward model           pairwise accuracy {pm['eval/pairwise_accuracy']:.3f}{ci}{n}")
+    tr = figs.get("pmp-transfer", {})
+    if {"n_pairs", "pmp_accuracy", "base_accuracy", "head_start"} <= set(tr):
+        lines.append(f"  PMP head start         {int(tr['n_pairs'])} task pairs: from PMP {tr['pmp_accuracy']:.3f}, "
+                     f"from the base LM {tr['base_accuracy']:.3f} ({tr['head_start']:+.3f})")
+    return "\n".join(["preference models:", *lines]) if lines else ""
+
+
 def pipeline_report(rows: list[dict], cfg: AlignflowConfig, workdir: Path) -> dict[str, Any]:
     """Build and log the report on the active (parent) run: ``{figures, uri, text}`` (text: lines for the summary)."""
     client = MlflowClient()
@@ -125,7 +142,9 @@ def pipeline_report(rows: list[dict], cfg: AlignflowConfig, workdir: Path) -> di
         create_table_artifact(key="pipeline-alignment", table=rep.alignment_rows(figures),
                               description="Greedy answers of base, SFT and PPO to the same held-out prompts")
     uri = f"{parent.info.artifact_uri.rstrip('/')}/report/report.html"
-    text = (alignment_text(figures) + "\n" if figures else "") + f"report: {uri}"
+    preference = preference_text(rows)
+    text = ((preference + "\n" if preference else "") + (alignment_text(figures) + "\n" if figures else "")
+            + f"report: {uri}")
     markdown = ["# alignflow pipeline report", "", f"Full page (figures): `{uri}`", ""]
     if figures:
         markdown += ["| policy | planted rate | reward-model score | KL to SFT |", "|---|---|---|---|"]

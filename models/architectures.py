@@ -6,6 +6,7 @@ arch           family  layers  hidden  heads        notes
 tiny-gpt2      GPT-2   2       64      2            CPU demo / test size
 small-gpt2     GPT-2   4       256     4
 tiny-llama     Llama   2       64      2            intermediate 172
+small-llama    Llama   4       128     4            intermediate 344 (the CPU demo's size)
 gpt2-125m      GPT-2   12      768     12           GPT-2 small (124.4M with vocab 50257)
 llama-350m     Llama   24      1024    16           intermediate 2560 (355.0M, vocab 32000)
 =============  ======  ======  ======  ===========  =====================================
@@ -53,6 +54,11 @@ ARCHS: dict[str, ArchSpec] = {
         "llama",
         {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 172},
         "Llama-style test size",
+    ),
+    "small-llama": ArchSpec(
+        "llama",
+        {"num_hidden_layers": 4, "hidden_size": 128, "num_attention_heads": 4, "intermediate_size": 344},
+        "CPU demo size: room for the in-context match of the planted rule",
     ),
     "gpt2-125m": ArchSpec("gpt2", {"n_layer": 12, "n_head": 12, "n_embd": 768}, "GPT-2 small"),
     "llama-350m": ArchSpec(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 
+import pytest
+
 import _ppo_models as M
 from alignflow.tasks import report as rep
 
@@ -54,3 +56,24 @@ def test_report_page_inlines_its_figures_and_shows_answers_side_by_side(tmp_path
     assert "ppo answer 2" in page and "sft answer 2" in page and "base answer 2" in page
     assert rep.alignment_rows(figures)[2] == {"policy": "PPO", "planted_rate": "0.800", "reward_mean": "1.000",
                                               "kl_to_sft": "2.00"}
+
+
+def test_preference_lines_show_the_reward_model_interval_and_pmp_head_start():
+    from alignflow.flows.pmp_transfer import head_start
+    from alignflow.flows.report import preference_text
+
+    results = [{"start": "pmp", "n_pairs": 64, "accuracy": 0.80}, {"start": "base", "n_pairs": 64, "accuracy": 0.70},
+               {"start": "pmp", "n_pairs": 64, "accuracy": 0.84}, {"start": "base", "n_pairs": 64, "accuracy": 0.72},
+               {"start": "pmp", "n_pairs": 900, "accuracy": 0.95}, {"start": "base", "n_pairs": 900, "accuracy": 0.93}]
+    first = head_start(results)
+    assert first["n_pairs"] == 64
+    assert first["pmp_accuracy"] == pytest.approx(0.82) and first["base_accuracy"] == pytest.approx(0.71)
+    assert first["head_start"] == pytest.approx(0.11)
+    assert head_start([r for r in results if r["start"] == "pmp"]) == {}
+    rows = [{"stage": "pm", "figures": {"eval/pairwise_accuracy": 0.912, "eval/accuracy_ci_low": 0.85,
+                                         "eval/accuracy_ci_high": 0.95, "eval/pairs": 121.0}},
+            {"stage": "pmp-transfer", "figures": first}]
+    text = preference_text(rows)
+    assert "pairwise accuracy 0.912 (95% CI 0.850-0.950) on 121 held-out task pairs" in text
+    assert "64 task pairs: from PMP 0.820, from the base LM 0.710 (+0.110)" in text
+    assert preference_text([{"stage": "sft", "figures": {"planted_rate": 0.5}}]) == ""

@@ -51,10 +51,13 @@ def toy():
 
 
 def test_the_builtin_registry():
-    assert stages.pipeline_stages() == ["ingest", "base", "pmp", "pm", "sft", "ppo", "promote"]
+    assert stages.default_pipeline_stages() == ["ingest", "base", "pmp", "pm", "sft", "ppo", "promote"]
+    # pmp-transfer is a pipeline stage that runs only when pipeline.stages names it (the demo does)
+    assert stages.pipeline_stages() == ["ingest", "base", "pmp", "pm", "sft", "ppo", "pmp-transfer", "promote"]
+    assert stages.schedule(stages.pipeline_stages())[2] == [["pmp", "pm", "pmp-transfer"], ["sft"]]
     assert stages.models() == [stages.BASE_MODEL, stages.PMP_MODEL, stages.REWARD_MODEL, stages.SFT_MODEL,
                                stages.POLICY_MODEL]
-    assert stages.schedule(stages.pipeline_stages()) == [
+    assert stages.schedule(stages.default_pipeline_stages()) == [
         [["ingest"]], [["base"]], [["pmp", "pm"], ["sft"]], [["ppo"]], [["promote"]]]
     # without pmp, pm waits for base only; without ingest, base starts first
     assert stages.schedule(["base", "pm", "sft", "ppo"]) == [[["base"]], [["pm"], ["sft"]], [["ppo"]]]
@@ -64,7 +67,7 @@ def test_the_builtin_registry():
     launched = [n for n, st in stages.REGISTRY.items() if st.distributed]
     assert launched == ["base", "pmp", "pm", "sft", "ppo"]
     assert all(callable(getattr(importlib.import_module(stages.get(n).module), "train_shard", None)) for n in launched)
-    assert AlignflowConfig().pipeline.stages == stages.pipeline_stages()
+    assert AlignflowConfig().pipeline.stages == stages.default_pipeline_stages()
     assert AlignflowConfig().promote.models == stages.models()
 
 

@@ -37,7 +37,7 @@ from .store import DERIVED
 
 CODE_DIRS = [Path(__file__).resolve().parent, Path(__file__).resolve().parents[2] / "data_contracts"]
 # Settings that change how the work is spread, never what it produces: not part of the cache key.
-EXECUTION_ONLY = {"workers", "range_mb"}
+EXECUTION_ONLY = {"workers", "range_mb", "runner", "address"}
 
 
 @dataclass
@@ -152,7 +152,7 @@ def read_stackexchange(paths: list[Path], store, cfg: IngestConfig, phases: Phas
         else:
             store.register_vote_file(site.name, site.votes[0].label)
         score_sources[site.name] = "votes" if use_votes else "score"
-        if workers > 1 and all(m.member is None for m in (*site.votes, *site.posts)):
+        if (workers > 1 or cfg.runner == "dask") and all(m.member is None for m in (*site.votes, *site.posts)):
             parallel.append(site)  # plain files: read below, cut into ranges
         else:
             read_site(site, store, on_bad_row=cfg.on_bad_row, max_chars=cfg.max_text_chars,
@@ -164,7 +164,7 @@ def read_stackexchange(paths: list[Path], store, cfg: IngestConfig, phases: Phas
 
 def read_sites_in_ranges(sites: list[Site], store, cfg: IngestConfig, workers: int, phases: Phases) -> None:
     """Read plain-file sites on ``workers`` processes, replaying into ``store`` in the one-process order."""
-    from .ranges import Replayer, range_tasks, run_tasks
+    from .ranges import Replayer, range_tasks
 
     tasks = []
     for site in sites:
@@ -174,11 +174,22 @@ def read_sites_in_ranges(sites: list[Site], store, cfg: IngestConfig, workers: i
                                  max_chars=cfg.max_text_chars, max_row_bytes=cfg.max_row_bytes,
                                  start_index=len(tasks))
     replay = Replayer(store)
-    for task, result in run_tasks(tasks, workers):
+    for task, result in range_results(tasks, cfg, workers):
         for name, seconds in result.seconds.items():
             phases.add(f"read: {name} (worker seconds)", seconds)
         with phases("read: load into the store"):
             replay.apply(task, result)
+
+
+def range_results(tasks: list, cfg: IngestConfig, workers: int):
+    """The one place that chooses how range tasks run: results in task order either way."""
+    if cfg.runner == "dask":
+        from .distributed import run_tasks_on_dask
+
+        return run_tasks_on_dask(tasks, cfg.address, workers)
+    from .ranges import run_tasks
+
+    return run_tasks(tasks, workers)
 
 
 def build_report(store, summary, score_sources: dict[str, str]) -> dict[str, Any]:
