@@ -57,6 +57,7 @@ __all__ = [
     "ReplyStore",
     "Submission",
     "ancestor_chain",
+    "comment_row",
     "render_reply_prompt",
     "reply_pairs",
     "write_reply_pairs",
