@@ -75,6 +75,7 @@ def test_generated_dump_identical_with_three_workers(tmp_path):
     profile = json.loads((Path(many.out_dir) / "profile.json").read_text())["seconds"]
     assert profile["read: Posts.xml rows (decode, HTML to text) (worker seconds)"] > 0
     assert profile["build: waiting for contracts (second process)"] >= 0 and profile["build (wall)"] > 0
+    assert profile["build: contracts CPU (second process)"] > 0
 
 
 def _site_with_bad_rows(folder: Path, fixtures_dir: Path) -> Path:
