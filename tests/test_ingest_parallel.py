@@ -75,6 +75,7 @@ def test_generated_dump_identical_with_three_workers(tmp_path):
     profile = json.loads((Path(many.out_dir) / "profile.json").read_text())["seconds"]
     assert profile["read: Posts.xml rows (decode, HTML to text) (worker seconds)"] > 0
     assert profile["build: waiting for contracts (second process)"] >= 0 and profile["build (wall)"] > 0
+    assert profile["build: contracts CPU (second process)"] > 0
 
 
 def _site_with_bad_rows(folder: Path, fixtures_dir: Path) -> Path:
@@ -148,3 +149,90 @@ def test_contract_rejections_are_the_same_on_the_second_process(tmp_path):
     assert one.report["contracts"]["pairs"]["batches"] == many.report["contracts"]["pairs"]["batches"]
     profile = json.loads((Path(many.out_dir) / "profile.json").read_text())["seconds"]
     assert "build: waiting for contracts (second process)" in profile
+
+
+# -- Votes.xml counted from its bytes ---------------------------------------------------------
+from alignflow.tasks.ingest.ranges import RangeTask, count_vote_lines, read_range, scan_votes  # noqa: E402
+
+_HEAD = b'\xef\xbb\xbf<?xml version="1.0" encoding="utf-8"?>\r\n<votes>\r\n'
+_ROWS = (b'  <row Id="1" PostId="7" VoteTypeId="2" CreationDate="2018-02-06T00:00:00.000" />\r\n'
+         b'  <row Id="2" PostId="7" VoteTypeId="3" UserId="4" CreationDate="2018-02-06T00:00:00.000" />\r\n'
+         b'  <row Id="3" PostId="8" VoteTypeId="5" UserId="4" CreationDate="2018-02-06T00:00:00.000" />\r\n'
+         b'  <row Id="4" PostId="7" VoteTypeId="2" CreationDate="2018-02-06T00:00:00.000" />\r\n'
+         b'  <row Id="5" PostId="9" VoteTypeId="1" CreationDate="2018-02-06T00:00:00.000" />\r\n')
+
+
+def _votes_task(path: Path, start: int = 0, end: int | None = None, first=True, last=True) -> RangeTask:
+    return RangeTask(0, "Votes", "s", str(path), "Votes.xml", start, path.stat().st_size if end is None else end,
+                     first, last, "error", 20_000, 1 << 20)
+
+
+def test_count_vote_lines_counts_only_plain_rows():
+    counts, lines = count_vote_lines(_ROWS)
+    assert lines == 5 and counts == {b'7" VoteTypeId="2': 2, b'7" VoteTypeId="3': 1, b'8" VoteTypeId="5': 1,
+                                     b'9" VoteTypeId="1': 1}
+    assert count_vote_lines(b"") == ({}, 0)
+    # anything a parser could read differently: entities, another attribute, spaces, a missing '/>', a blank line
+    for odd in (b'<row Id="1" PostId="&#55;" VoteTypeId="2" />\n', b'<row Id="1" PostId="7" VoteTypeId="2" X="1" />\n',
+                b'<row Id="1" PostId=" 7" VoteTypeId="2" />\n', b'<row Id="1" PostId="7" VoteTypeId="2">\n',
+                b'\n', b'<row Id="1" PostId="\xd9\xa2" VoteTypeId="2" />\n'):
+        assert count_vote_lines(_ROWS + odd) is None, odd
+
+
+def test_scan_votes_equals_the_parser(tmp_path):
+    path = tmp_path / "Votes.xml"
+    path.write_bytes(_HEAD + _ROWS + b"</votes>\r\n")
+    fast = scan_votes(_votes_task(path), chunk=100)
+    assert fast is not None
+    assert fast.votes == {("s", "7"): [2, 1, 0], ("s", "9"): [0, 0, 1]}
+    assert fast.newlines == path.read_bytes().count(b"\n")
+    counts = {(c[2]): c[3] for c in fast.calls}
+    assert counts == {"rows": 5, "skipped:other_vote_type": 1}
+    # the same through lxml (a head the scan does not take)
+    slow_path = tmp_path / "Votes2.xml"
+    slow_path.write_bytes(b"<votes>\n" + _ROWS + b"</votes>\n")
+    assert scan_votes(_votes_task(slow_path)) is None
+    slow = read_range(_votes_task(slow_path))
+    assert slow.votes == fast.votes
+    slow_counts: dict = {}
+    for c in slow.calls:
+        slow_counts[c[2]] = slow_counts.get(c[2], 0) + c[3]
+    assert slow_counts == counts
+
+
+def test_scan_votes_leaves_odd_ranges_to_the_parser(tmp_path):
+    path = tmp_path / "Votes.xml"
+    path.write_bytes(_HEAD + _ROWS + b"</votes>\r\n<!-- after -->\n")
+    assert scan_votes(_votes_task(path)) is None  # bytes after the root
+    path.write_bytes(_HEAD + _ROWS)
+    assert scan_votes(_votes_task(path)) is None  # no closing tag: truncated
+    middle = len(_HEAD) + _ROWS.index(b"  <row Id=\"3\"")
+    path.write_bytes(_HEAD + _ROWS + b"</votes>\n")
+    head = scan_votes(_votes_task(path, 0, middle, first=True, last=False))
+    tail = scan_votes(_votes_task(path, middle, None, first=False, last=True))
+    assert head is not None and tail is not None
+    assert head.votes == {("s", "7"): [1, 1, 0]} and tail.votes == {("s", "7"): [1, 0, 0], ("s", "9"): [0, 0, 1]}
+
+
+def test_scan_votes_matches_lxml_on_the_real_dumps(fixtures_dir, monkeypatch):
+    """The real sites' Votes.xml, cut into ranges and read in small chunks, counted as lxml reads them."""
+    from alignflow.tasks.ingest import ranges
+
+    votes_files = sorted(fixtures_dir.glob("*/Votes.xml"))
+    assert votes_files
+    for path in votes_files:
+        site = path.parent.name
+        tasks = ranges.range_tasks(site, "Votes", path, str(path), range_bytes=7_000, on_bad_row="error",
+                                   max_chars=20_000, max_row_bytes=1 << 20)
+        assert len(tasks) > 3
+        fast = [ranges.scan_votes(t, chunk=1000) for t in tasks]
+        assert all(r is not None for r in fast)
+        with monkeypatch.context() as m:
+            m.setattr(ranges, "scan_votes", lambda task, chunk=0: None)
+            slow = [ranges.read_range(t) for t in tasks]
+        for f, s in zip(fast, slow):
+            assert f.votes == s.votes and f.newlines == s.newlines and f.error is None and s.error is None
+            totals = {}
+            for c in s.calls:
+                totals[c[2]] = totals.get(c[2], 0) + c[3]
+            assert {c[2]: c[3] for c in f.calls} == totals

@@ -31,6 +31,7 @@ class ContractService:
         self._received = 0
         self._failure: BaseException | None = None
         self.wait_seconds = 0.0  # time the builder spent waiting for results
+        self.cpu_seconds = 0.0  # CPU seconds of the worker process, known once it has exited
         self._sender = threading.Thread(target=self._send, daemon=True)
         self._receiver = threading.Thread(target=self._receive, daemon=True)
         self._sender.start()
@@ -89,12 +90,22 @@ class ContractService:
             self.proc.kill()
         self._out.put(None)
         self._sender.join(timeout=30)
+        before = _children_cpu()
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
         self._receiver.join(timeout=30)
+        self.cpu_seconds = _children_cpu() - before
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process's children that have exited (the worker, once waited for)."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def _slim(result):
@@ -111,6 +122,8 @@ def _slim(result):
 def serve() -> None:
     """Worker loop: validate each (frame, kind, kwargs) read from stdin; write each result to stdout."""
     from alignflow.data_contracts import validate
+
+    from .build import release_memory
 
     import great_expectations  # noqa: F401  loaded now, while the caller is still reading its input
 
@@ -131,3 +144,5 @@ def serve() -> None:
                 reply = ("error", RuntimeError(f"{type(exc).__name__}: {exc}"))
         pickle.dump(reply, stdout, protocol=pickle.HIGHEST_PROTOCOL)
         stdout.flush()
+        del frame, reply
+        release_memory()  # each batch churns a few hundred MB of frames and GX objects

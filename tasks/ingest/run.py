@@ -152,8 +152,8 @@ def read_stackexchange(paths: list[Path], store, cfg: IngestConfig, phases: Phas
         else:
             store.register_vote_file(site.name, site.votes[0].label)
         score_sources[site.name] = "votes" if use_votes else "score"
-        if (workers > 1 or cfg.runner == "dask") and all(m.member is None for m in (*site.votes, *site.posts)):
-            parallel.append(site)  # plain files: read below, cut into ranges
+        if all(m.member is None for m in (*site.votes, *site.posts)):
+            parallel.append(site)  # plain files: read below, cut into ranges (in this process with one local worker)
         else:
             read_site(site, store, on_bad_row=cfg.on_bad_row, max_chars=cfg.max_text_chars,
                       max_row_bytes=cfg.max_row_bytes)
@@ -336,6 +336,7 @@ def execute_ingest(plan: IngestPlan, cfg: IngestConfig, *, mark: bool = True) ->
             if contracts is not None:
                 contracts.close()
                 phases.add("build: waiting for contracts (second process)", contracts.wait_seconds)
+                phases.add("build: contracts CPU (second process)", contracts.cpu_seconds)
                 contracts = None
         with phases("quarantine"):
             summary.rows["quarantine"] = write_quarantine(store, tmp / "quarantine.parquet", cfg.batch_rows)
