@@ -3,6 +3,7 @@
 Stages, each its own script (run as a subprocess, in this order):
 
     ingest   bench/ingest/run.py   alignflow ingest       vs  the lxml iterparse floor      MiB/s of Posts.xml
+    reddit   bench/ingest/reddit.py  alignflow ingest     vs  zstd + json.loads floor       MiB/s of RS_ + RC_ (uncompressed)
     base     bench/base/run.py     train_loop (causal LM)  vs  TRL SFTTrainer (LM)           non-pad tokens/s
     sft      bench/sft/run.py      train_sft               vs  TRL SFTTrainer                non-pad tokens/s
     reward   bench/reward/run.py   train_reward            vs  TRL RewardTrainer             pairs/s (+ accuracy)
@@ -37,7 +38,13 @@ sys.path.insert(0, str(BENCH))
 
 import common  # noqa: E402
 
-STAGES = ("ingest", "base", "sft", "reward", "ppo")
+STAGES = ("ingest", "reddit", "base", "sft", "reward", "ppo")
+# A stage's script: bench/<stage>/run.py unless named here.
+SCRIPTS = {"reddit": BENCH / "ingest" / "reddit.py"}
+
+
+def script_of(stage: str) -> Path:
+    return SCRIPTS.get(stage, BENCH / stage / "run.py")
 TRAINING = ("base", "sft", "reward", "ppo")
 BEGIN, END = "<!-- bench:run_all:begin -->", "<!-- bench:run_all:end -->"
 SHARED_SCRATCH = BENCH / "sft" / "results" / "scratch"  # base/sft/reward share one asset cache (same dump/model)
@@ -65,6 +72,17 @@ def extract(stage: str, data: dict) -> dict:
                            "ratio_most_over_one_worker": data.get("ratio_most_over_one_worker"),
                            "by_workers": {w: {"mib_per_s": v.get("mib_per_s"), "peak_rss_mib": v.get("peak_rss_mib")}
                                           for w, v in (data.get("ingest_by_workers") or {}).items()},
+                           "profile": _get(data, "ingest", "profile", "seconds")},
+                "versions": data.get("versions")}
+    if stage == "reddit":
+        ours, floor = data.get("ingest") or {}, data.get("floor") or {}
+        return {"unit": "MiB/s (RS_ + RC_)", "peer": "zstd + json.loads floor", "ours": ours.get("mib_per_s"),
+                "peer_value": floor.get("mib_per_s"), "ratio": data.get("ratio_ours_over_floor"),
+                "target": _get(data, "targets", "ratio_min"), "ours_peak_mib": ours.get("peak_rss_mib"),
+                "peer_peak_mib": floor.get("peak_rss_mib"),
+                "detail": {"input_mib": _get(data, "input", "input_mib"), "load_avg": data.get("load_avg_start"),
+                           "peak_rss_target_mib": _get(data, "targets", "peak_rss_max_mib"),
+                           "meets_targets": data.get("meets_targets"), "pairs": ours.get("pairs"),
                            "profile": _get(data, "ingest", "profile", "seconds")},
                 "versions": data.get("versions")}
     if stage in ("base", "sft"):
@@ -123,9 +141,9 @@ def parse_ppo_log(text: str) -> dict | None:
 
 
 def run_stage(stage: str, args) -> dict:
-    script = BENCH / stage / "run.py"
+    script = script_of(stage)
     suffix = "-quick" if args.quick else ""
-    out = BENCH / stage / "results" / f"{stage}{suffix}-run_all.json"
+    out = script.parent / "results" / f"{stage}{suffix}-run_all.json"
     cmd = [sys.executable, str(script), "--out", str(out)]
     if args.quick:
         cmd.append("--quick")
@@ -136,7 +154,7 @@ def run_stage(stage: str, args) -> dict:
     shown = " ".join([".venv/bin/python", str(script.relative_to(ROOT)), *cmd[2:]]).replace(str(ROOT) + "/", "")
     print(f"\n=== {stage}: {shown}", flush=True)
     t0 = time.perf_counter()
-    log = BENCH / stage / "results" / f"{stage}{suffix}-run_all.log"
+    log = script.parent / "results" / f"{stage}{suffix}-run_all.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     out.unlink(missing_ok=True)
     with open(log, "w") as f:
@@ -245,7 +263,7 @@ def main() -> None:
     ap.add_argument("--markdown", type=Path, default=BENCH / "REPORT.md")
     args = ap.parse_args()
     started = time.perf_counter()
-    stages = [s for s in STAGES if (not args.only or s in args.only) and (BENCH / s / "run.py").is_file()]
+    stages = [s for s in STAGES if (not args.only or s in args.only) and script_of(s).is_file()]
     skipped = [s for s in STAGES if s not in stages and (not args.only or s in args.only)]
     machine = common.machine_info()
     rows = [run_stage(stage, args) for stage in stages]

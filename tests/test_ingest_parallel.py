@@ -75,6 +75,7 @@ def test_generated_dump_identical_with_three_workers(tmp_path):
     profile = json.loads((Path(many.out_dir) / "profile.json").read_text())["seconds"]
     assert profile["read: Posts.xml rows (decode, HTML to text) (worker seconds)"] > 0
     assert profile["build: waiting for contracts (second process)"] >= 0 and profile["build (wall)"] > 0
+    assert profile["build: contracts CPU (second process)"] > 0
 
 
 def _site_with_bad_rows(folder: Path, fixtures_dir: Path) -> Path:
@@ -211,3 +212,27 @@ def test_scan_votes_leaves_odd_ranges_to_the_parser(tmp_path):
     tail = scan_votes(_votes_task(path, middle, None, first=False, last=True))
     assert head is not None and tail is not None
     assert head.votes == {("s", "7"): [1, 1, 0]} and tail.votes == {("s", "7"): [1, 0, 0], ("s", "9"): [0, 0, 1]}
+
+
+def test_scan_votes_matches_lxml_on_the_real_dumps(fixtures_dir, monkeypatch):
+    """The real sites' Votes.xml, cut into ranges and read in small chunks, counted as lxml reads them."""
+    from alignflow.tasks.ingest import ranges
+
+    votes_files = sorted(fixtures_dir.glob("*/Votes.xml"))
+    assert votes_files
+    for path in votes_files:
+        site = path.parent.name
+        tasks = ranges.range_tasks(site, "Votes", path, str(path), range_bytes=7_000, on_bad_row="error",
+                                   max_chars=20_000, max_row_bytes=1 << 20)
+        assert len(tasks) > 3
+        fast = [ranges.scan_votes(t, chunk=1000) for t in tasks]
+        assert all(r is not None for r in fast)
+        with monkeypatch.context() as m:
+            m.setattr(ranges, "scan_votes", lambda task, chunk=0: None)
+            slow = [ranges.read_range(t) for t in tasks]
+        for f, s in zip(fast, slow):
+            assert f.votes == s.votes and f.newlines == s.newlines and f.error is None and s.error is None
+            totals = {}
+            for c in s.calls:
+                totals[c[2]] = totals.get(c[2], 0) + c[3]
+            assert {c[2]: c[3] for c in f.calls} == totals

@@ -239,7 +239,11 @@ def test_comment_month_alone_gives_reply_pairs_with_exact_counts(tmp_path):
     assert any("in reply pairs" in w for w in on.report["warnings"])
 
 
-def test_reply_pairs_are_deterministic_across_reruns_and_workers(tmp_path):
+def test_reply_pairs_are_deterministic_across_reruns_and_workers(tmp_path, monkeypatch):
+    from alignflow.tasks.ingest import reddit_parallel, sources
+
+    monkeypatch.setattr(sources, "REDDIT_WORKERS_MIN_BYTES", 0)  # parse even this tiny file on workers
+    monkeypatch.setattr(reddit_parallel, "CHUNK_BYTES", 300)
     rc = comment_month(tmp_path / "RC_2006-01.jsonl")
     digests = []
     for work, workers in (("w1", 1), ("w1b", 1), ("w2", 2)):
@@ -267,3 +271,15 @@ def test_with_submissions_the_prompt_has_the_title_and_splits_follow_the_thread(
     thread_split = posts.set_index("post_id").loc["p1", "split"]
     assert set(pairs.split) == {thread_split}
     assert result.report["adds_up"]
+
+
+def test_synthetic_month_is_deterministic_and_gives_reply_pairs(tmp_path):
+    from alignflow.tasks.ingest.synthetic_reddit import generate_month
+
+    a = generate_month(tmp_path / "a", rc_bytes=60_000, seed=3)
+    b = generate_month(tmp_path / "b", rc_bytes=60_000, seed=3)
+    assert a.rc.read_bytes() == b.rc.read_bytes() and a.rs.read_bytes() == b.rs.read_bytes()
+    assert a.rc_bytes >= 60_000 and a.comments > 50
+    result = run(tmp_path, [a.rc], "ingest.reddit_reply_pairs=true")  # comments only
+    assert result.report["adds_up"] and result.report["pairs"]["reply:kept"] > 0
+    assert result.datasets["pairs"]["rows"] == result.report["pairs"]["reply:kept"]

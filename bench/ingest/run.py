@@ -75,7 +75,7 @@ def _tree_rss(proc: psutil.Process) -> tuple[int, list]:
     for p in procs:
         try:
             rss = p.memory_info().rss
-            name = " ".join(p.cmdline()[:4])[:120]
+            name = " ".join(p.cmdline()[:8])[:240]
         except psutil.Error:
             continue
         total += rss
@@ -109,7 +109,7 @@ def run_measured(cmd: list[str], log_dir: Path, name: str, env: dict | None = No
 
 def _is_prefect_server(cmd: str) -> bool:
     """The temporary Prefect API server a flow run starts (not part of the ingest's own work)."""
-    return "prefect" in cmd and ("server" in cmd or "uvicorn" in cmd)
+    return "prefect.server" in cmd or ("prefect" in cmd and " server" in cmd)
 
 
 def tail(path: Path, lines: int = 40) -> str:

@@ -62,6 +62,7 @@ from . import clean as _clean
 from .errors import BadRow, IngestError
 from .lines import MAX_LINE_BYTES, OversizedLine, ZstdFramesReader, iter_text_lines, open_binary
 from .records import INT64_MAX, INT64_MIN, PostRecord, RecordSink, has_lone_surrogate
+from .reddit_replies import Node, Submission
 
 __all__ = [
     "JSON_SUFFIXES",
@@ -199,12 +200,16 @@ def read_reddit(
     on_bad_row: str = "error",
     max_line_bytes: int = MAX_LINE_BYTES,
     replies=None,
+    workers: int = 1,
 ) -> None:
     """Stream one Pushshift file (``RS_*`` submissions or ``RC_*`` comments) into ``sink``.
 
     ``replies`` (a :class:`.reddit_replies.ReplyStore`, for ``ingest.reddit_reply_pairs``) also
     receives every valid submission and comment; replies then go there instead of being counted
     ``skipped:reply``, and the build decides their fate.
+
+    ``workers > 1``: rows are parsed on that many worker processes (``reddit_parallel.py``) and
+    handed to ``sink`` in file order, so the result is the same as with one.
 
     ``.zst`` (any window up to 2 GiB, multi-frame) or plain ``.jsonl`` /
     ``.json`` / ``.ndjson`` (one JSON object per line). Submissions vs comments
@@ -222,55 +227,67 @@ def read_reddit(
             f"unsupported file type {path.suffix!r}: expected .zst, .jsonl, .json or .ndjson", path=file
         )
     kind = _kind_from_name(path)
+    if workers > 1 and kind is not None:  # the kind must be known before rows go to other processes
+        from .reddit_parallel import read_in_workers
 
+        read_in_workers(path, kind, sink, replies, workers=workers, default_license=default_license,
+                        on_bad_row=on_bad_row, max_line_bytes=max_line_bytes)
+        return
     for lineno, text in iter_text_lines(path, max_line_bytes):
-        sink.count(file, "rows")
-        if isinstance(text, OversizedLine):
-            quarantine_oversized_line(sink, file, lineno, text, max_line_bytes)
-            continue
-        row_id: str | None = None
-        site = ""
+        kind = read_line(text, lineno, kind, sink, file, default_license, on_bad_row, max_line_bytes, replies)
+
+
+def read_line(text: str, lineno: int, kind: str | None, sink: RecordSink, file: str, default_license: str,
+              on_bad_row: str, max_line_bytes: int, replies=None) -> str | None:
+    """One non-blank line of a Pushshift file into ``sink``; returns the file's kind (known after the first row)."""
+    sink.count(file, "rows")
+    if isinstance(text, OversizedLine):
+        quarantine_oversized_line(sink, file, lineno, text, max_line_bytes)
+        return kind
+    row_id: str | None = None
+    site = ""
+    try:
         try:
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise BadRow("not_json", f"not JSON: {exc.msg} at column {exc.colno}") from None
-            if not isinstance(obj, dict):
-                raise BadRow("not_object", f"JSON value is a {type(obj).__name__}, not an object")
-            if "\\u" in text and has_lone_surrogate(obj):
-                raise BadRow("bad_value", "a string holds an unpaired surrogate escape (\\ud800-\\udfff): not text")
-            rid = obj.get("id")
-            if rid is None or (isinstance(rid, str) and not rid.strip()) or isinstance(rid, (dict, list, bool)):
-                raise BadRow("missing_field", "missing required field `id`", "id")
-            row_id = str(rid).strip()
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise BadRow("not_json", f"not JSON: {exc.msg} at column {exc.colno}") from None
+        if not isinstance(obj, dict):
+            raise BadRow("not_object", f"JSON value is a {type(obj).__name__}, not an object")
+        if "\\u" in text and has_lone_surrogate(obj):
+            raise BadRow("bad_value", "a string holds an unpaired surrogate escape (\\ud800-\\udfff): not text")
+        rid = obj.get("id")
+        if rid is None or (isinstance(rid, str) and not rid.strip()) or isinstance(rid, (dict, list, bool)):
+            raise BadRow("missing_field", "missing required field `id`", "id")
+        row_id = str(rid).strip()
+        if kind is None:
+            kind = _kind_from_keys(obj)
             if kind is None:
-                kind = _kind_from_keys(obj)
-                if kind is None:
-                    raise IngestError(
-                        "cannot tell submissions from comments: the file name does not start with RS_/RC_ "
-                        "and the first object has neither `title` nor `parent_id`/`link_id`",
-                        path=file,
-                        line=lineno,
-                        row_id=row_id,
-                    )
-            if isinstance(obj.get("subreddit"), str):
-                site = f"reddit/{obj['subreddit'].strip()}"
-            if kind == "submission":
-                _submission(obj, row_id, sink, file, lineno, default_license, replies)
-            else:
-                _comment(obj, row_id, sink, file, lineno, default_license, text, replies)
-        except BadRow as bad:
-            if on_bad_row == "error":
-                raise IngestError(bad.message, path=file, line=lineno, row_id=row_id, field=bad.field) from None
-            sink.quarantine(
-                source_file=file,
-                reason=bad.reason,
-                line=lineno,
-                row_id=row_id,
-                site=site,
-                detail=bad.message,
-                raw=text[:RAW_KEEP_CHARS],
-            )
+                raise IngestError(
+                    "cannot tell submissions from comments: the file name does not start with RS_/RC_ "
+                    "and the first object has neither `title` nor `parent_id`/`link_id`",
+                    path=file,
+                    line=lineno,
+                    row_id=row_id,
+                )
+        if isinstance(obj.get("subreddit"), str):
+            site = f"reddit/{obj['subreddit'].strip()}"
+        if kind == "submission":
+            _submission(obj, row_id, sink, file, lineno, default_license, replies)
+        else:
+            _comment(obj, row_id, sink, file, lineno, default_license, text, replies)
+    except BadRow as bad:
+        if on_bad_row == "error":
+            raise IngestError(bad.message, path=file, line=lineno, row_id=row_id, field=bad.field) from None
+        sink.quarantine(
+            source_file=file,
+            reason=bad.reason,
+            line=lineno,
+            row_id=row_id,
+            site=site,
+            detail=bad.message,
+            raw=text[:RAW_KEEP_CHARS],
+        )
+    return kind
 
 
 def quarantine_oversized_line(sink: RecordSink, file: str, lineno: int, head: str, limit: int) -> None:
@@ -303,8 +320,6 @@ def _submission(obj: dict, post_id: str, sink: RecordSink, file: str, lineno: in
     else:
         body = _clean.clean_plain_text(selftext)
     if replies is not None:
-        from .reddit_replies import Submission
-
         replies.add_submission(Submission(post_id, site, title, body, score, _author(obj)))
     sink.add_post(
         PostRecord(
@@ -363,8 +378,6 @@ def _comment(obj: dict, post_id: str, sink: RecordSink, file: str, lineno: int, 
                         detail="empty after cleaning", raw=text[:RAW_KEEP_CHARS])
         return
     if replies is not None:
-        from .reddit_replies import Node
-
         replies.add_comment(Node(post_id, parent, question_id, site, body, score, created, _author(obj),
                                  bool(obj.get("distinguished")), license, file, lineno), reply=is_reply)
         if is_reply:

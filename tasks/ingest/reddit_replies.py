@@ -57,6 +57,7 @@ __all__ = [
     "ReplyStore",
     "Submission",
     "ancestor_chain",
+    "comment_row",
     "render_reply_prompt",
     "reply_pairs",
     "write_reply_pairs",
@@ -202,6 +203,12 @@ def reply_pairs(parent: Node, replies: list[Node], cfg: RedditConfig, *, submiss
 # --------------------------------------------------------------------------- on-disk store
 
 
+def comment_row(node: Node, reply: bool) -> tuple:
+    """A comment as a row of the store's ``comments`` table (the columns ``add_comment`` inserts)."""
+    return (node.id, node.parent, node.link, node.site, node.body, node.score, node.created_ts, node.author,
+            int(node.distinguished), node.license, node.source_file, node.line, int(reply))
+
+
 class ReplyStore:
     """Comments and submissions of the Reddit inputs, on disk, for the reply walk.
 
@@ -243,9 +250,7 @@ class ReplyStore:
 
     # -- loading ---------------------------------------------------------------
     def add_comment(self, node: Node, *, reply: bool) -> None:
-        self._comments.append((node.id, node.parent, node.link, node.site, node.body, node.score, node.created_ts,
-                               node.author, int(node.distinguished), node.license, node.source_file, node.line,
-                               int(reply)))
+        self._comments.append(comment_row(node, reply))
         if len(self._comments) >= self.batch:
             self._flush()
 

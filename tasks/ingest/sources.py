@@ -63,6 +63,9 @@ def _se_read(sources, store, cfg, phases) -> dict[str, str]:
     return read_stackexchange([Path(s.path) for s in sources], store, cfg, phases)
 
 
+REDDIT_WORKERS_MIN_BYTES = 4 << 20  # Reddit files at least this large are parsed on worker processes
+
+
 def _reddit_read(sources, store, cfg, phases) -> dict[str, str]:
     from .reddit import read_reddit
 
@@ -71,11 +74,16 @@ def _reddit_read(sources, store, cfg, phases) -> dict[str, str]:
         from .reddit_replies import ReplyStore
 
         replies = ReplyStore(ReplyStore.beside(store.path))
+    from .ranges import default_workers
+
+    workers = cfg.workers or default_workers()
     try:
         for src in sources:
             for f in src.files:
+                # a file too small to repay starting worker processes is read here
+                big = Path(f).stat().st_size >= REDDIT_WORKERS_MIN_BYTES
                 read_reddit(Path(f), store, default_license=cfg.default_license, on_bad_row=cfg.on_bad_row,
-                            max_line_bytes=cfg.max_row_bytes, replies=replies)
+                            max_line_bytes=cfg.max_row_bytes, replies=replies, workers=workers if big else 1)
     finally:
         if replies is not None:
             replies.close()

@@ -1,0 +1,348 @@
+"""A Pushshift file parsed on worker processes, handed to the sink in file order.
+
+A ``.zst`` month is one compressed stream: it cannot be cut into byte ranges
+the way a plain ``Posts.xml`` is. What costs is not the decompression (a few
+hundred MiB/s) but, per line, JSON parsing, validation and text cleaning. So
+one process (the parent) decompresses and cuts the text into chunks of whole
+lines (:data:`CHUNK_BYTES`), and ``workers`` processes parse them. Each chunk's
+result is the list of calls the one-process reader would have made on the
+sink (``add_post``, ``quarantine``, ``count``) and on the reply store; the
+parent replays them chunk by chunk in file order, so the staging store
+receives exactly what :func:`.reddit.read_reddit` with one process gives, and
+the datasets are byte-identical.
+
+Errors are those of the one-process reader, at the same line: a worker
+decodes each line strictly as UTF-8 and raises on the first bad byte or (with
+``on_bad_row="error"``) the first bad row; the parent replays every earlier
+chunk first, so the first error in file order is the one raised. A truncated or
+corrupt stream raises in the parent after the chunks before it are replayed.
+Lines longer than ``max_line_bytes`` are never held whole: the parent keeps
+their first bytes and skips to the next newline.
+
+Memory: at most ``2 * workers`` chunks in flight, plus one line of at most
+``max_line_bytes``. Workers are plain subprocesses (``python -c``) talking
+pickles over pipes, like ``ranges.py``'s: nothing is forked from a process that
+runs threads. Each worker reads its pipe on a thread of its own, so a large
+chunk being sent never waits on a result being written.
+"""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
+
+import zstandard
+
+from .errors import IngestError
+from .lines import OVERSIZED_HEAD_BYTES, OversizedLine, _TruncatedStream, open_binary
+from .records import PostRecord
+from .reddit_replies import Submission, comment_row
+
+__all__ = ["CHUNK_BYTES", "parse_chunk", "read_in_workers", "serve"]
+
+CHUNK_BYTES = 4 << 20  # decompressed bytes per chunk of lines
+_READ_BYTES = 1 << 20  # at most this much per read (one read of the underlying stream at a time)
+
+
+_POST_FIELDS = PostRecord.__slots__
+
+
+class _Recorder:
+    """Records the calls a reader makes on its sink and reply store, to replay them elsewhere.
+
+    Records travel as plain tuples (pickling dataclasses costs more than parsing them); counts are
+    summed per chunk (their order does not matter); consecutive comments for the reply store go as
+    one batch of its rows."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+        self.counts: dict[str, int] = {}
+        self._nodes: list[tuple] | None = None
+
+    # RecordSink
+    def add_post(self, post) -> None:
+        self._nodes = None
+        self.calls.append(("p", tuple([getattr(post, f) for f in _POST_FIELDS])))
+
+    def quarantine(self, **kw) -> None:
+        self._nodes = None
+        self.calls.append(("q", kw))
+
+    def count(self, source_file: str, key: str, n: int = 1) -> None:
+        self.counts[key] = self.counts.get(key, 0) + n
+
+    def add_pair(self, pair) -> None:  # not made by the Reddit reader; kept for the sink protocol
+        self._nodes = None
+        self.calls.append(("r", pair))
+
+    # ReplyStore
+    def add_comment(self, node, *, reply: bool) -> None:
+        if self._nodes is None:
+            self._nodes = []
+            self.calls.append(("n", self._nodes))
+        self._nodes.append(comment_row(node, reply))
+
+    def add_submission(self, sub) -> None:
+        self._nodes = None
+        self.calls.append(("s", sub.id, sub.site, sub.title, sub.body, sub.score, sub.author))
+
+
+def parse_chunk(task: tuple) -> tuple[list[tuple], str | None, int]:
+    """Parse one chunk of whole lines as the one-process reader would.
+
+    ``task = (file, kind, first_line, pieces, default_license, on_bad_row, max_line_bytes, with_replies)``,
+    ``pieces`` a list of ``bytes`` (whole lines, newline-terminated but maybe the file's last) or
+    :class:`OversizedLine` (a line the parent did not keep). Returns ``(calls, kind, non_blank_lines)``;
+    an :class:`IngestError` ends the list as ``("e", error)``.
+    """
+    from .reddit import read_line
+
+    file, kind, lineno, pieces, default_license, on_bad_row, max_line_bytes, with_replies = task
+    rec = _Recorder()
+    replies = rec if with_replies else None
+    non_blank = 0
+    try:
+        for piece in pieces:
+            if isinstance(piece, OversizedLine):
+                lineno += 1
+                non_blank += 1
+                kind = read_line(piece, lineno, kind, rec, file, default_license, on_bad_row, max_line_bytes, replies)
+                continue
+            for raw in piece.split(b"\n"):
+                lineno += 1
+                if len(raw) > max_line_bytes:
+                    text = OversizedLine(raw[:OVERSIZED_HEAD_BYTES].decode("utf-8", errors="replace"))
+                else:
+                    try:
+                        text = raw.decode("utf-8", errors="strict")
+                    except UnicodeDecodeError as exc:
+                        bad = raw[exc.start : exc.end]
+                        raise IngestError(f"not valid UTF-8: byte(s) {bad.hex(' ')} at byte {exc.start} of the line",
+                                          path=file, line=lineno) from None
+                    if lineno == 1 and text.startswith("\ufeff"):
+                        text = text[1:]
+                    text = text.rstrip("\r\n")
+                    if not text.strip():
+                        continue
+                non_blank += 1
+                kind = read_line(text, lineno, kind, rec, file, default_license, on_bad_row, max_line_bytes, replies)
+    except IngestError as exc:
+        rec.calls.append(("e", exc))
+    return (rec.calls, rec.counts), kind, non_blank
+
+
+def _replay(recorded: tuple[list[tuple], dict[str, int]], file: str, sink, replies) -> None:
+    calls, counts = recorded
+    for call in calls:
+        tag = call[0]
+        if tag == "n":
+            replies.add_comment_rows(call[1])
+        elif tag == "p":
+            sink.add_post(PostRecord(*call[1]))
+        elif tag == "q":
+            sink.quarantine(**call[1])
+        elif tag == "s":
+            replies.add_submission(Submission(*call[1:]))
+        elif tag == "r":
+            sink.add_pair(call[1])
+        elif tag == "e":
+            raise call[1]
+    for key, n in counts.items():
+        sink.count(file, key, n)
+
+
+def _stream_error(exc: Exception, file: str, line: int) -> IngestError:
+    if isinstance(exc, _TruncatedStream):
+        return IngestError(str(exc), path=file, line=line)
+    if isinstance(exc, zstandard.ZstdError):
+        return IngestError(f"corrupt zstd stream: {exc}", path=file, line=line)
+    if isinstance(exc, EOFError):
+        return IngestError(f"truncated compressed stream: {exc}", path=file, line=line)
+    return IngestError(f"cannot read: {exc}", path=file, line=line)
+
+
+def _chunks(path: Path, max_line_bytes: int, chunk_bytes: int):
+    """Yield ``(lines_before, pieces)``: whole lines of the decompressed file, about ``chunk_bytes`` at a time.
+
+    A piece is ``bytes`` of lines joined by ``\\n`` (no final newline), or an :class:`OversizedLine` for a line
+    longer than ``max_line_bytes`` (only its head kept). A truncated or corrupt stream raises
+    :class:`_StreamFailed` carrying the complete lines read before it (the one-process reader reads those
+    too) and an IngestError naming the line after them, as ``lines.iter_text_lines`` does.
+    """
+    file = str(path)
+    lines_done = 0  # lines placed in pieces (an oversized line: once its newline is found)
+    pieces: list = []
+    size = 0
+    first = 0
+    buf = bytearray()
+    last_nl = -1  # position of the last newline in buf
+    skipping = False  # inside an oversized line: drop bytes until its newline
+    try:
+        stream = open_binary(path)
+    except OSError as exc:
+        raise IngestError(f"cannot open: {exc}", path=file) from exc
+    with stream:
+        while True:
+            try:
+                data = stream.read1(_READ_BYTES)
+            except (_TruncatedStream, zstandard.ZstdError, EOFError, OSError) as exc:
+                if last_nl >= 0:
+                    pieces.append(bytes(buf[:last_nl]))
+                    lines_done += buf.count(b"\n", 0, last_nl) + 1
+                raise _StreamFailed(_stream_error(exc, file, lines_done + 1), first, pieces) from None
+            if not data:
+                break
+            if skipping:
+                cut = data.find(b"\n")
+                if cut < 0:
+                    continue
+                data, skipping = data[cut + 1 :], False
+                lines_done += 1
+            nl = data.rfind(b"\n")
+            if nl >= 0:
+                last_nl = len(buf) + nl
+            buf += data
+            if len(buf) >= chunk_bytes and last_nl >= 0:
+                piece = bytes(buf[:last_nl])
+                del buf[: last_nl + 1]
+                last_nl = -1
+                pieces.append(piece)
+                size += len(piece)
+                lines_done += piece.count(b"\n") + 1
+                if size >= chunk_bytes:
+                    yield first, pieces
+                    first, pieces, size = lines_done, [], 0
+            if len(buf) - last_nl - 1 > max_line_bytes:  # the open line is too long to keep: its head stands for it
+                if last_nl >= 0:
+                    piece = bytes(buf[:last_nl])
+                    pieces.append(piece)
+                    size += len(piece)
+                    lines_done += piece.count(b"\n") + 1
+                pieces.append(OversizedLine(bytes(buf[last_nl + 1 : last_nl + 1 + OVERSIZED_HEAD_BYTES])
+                                            .decode("utf-8", errors="replace")))
+                buf.clear()
+                last_nl, skipping = -1, True
+        if buf:
+            pieces.append(bytes(buf[:-1]) if buf.endswith(b"\n") else bytes(buf))
+    if pieces:
+        yield first, pieces
+
+
+class _StreamFailed(Exception):
+    def __init__(self, error: IngestError, first: int, pieces: list) -> None:
+        super().__init__(str(error))
+        self.error, self.first, self.pieces = error, first, pieces
+
+
+def read_in_workers(path: Path, kind: str, sink, replies, *, workers: int, default_license: str, on_bad_row: str,
+                    max_line_bytes: int, chunk_bytes: int = CHUNK_BYTES) -> None:
+    """:func:`.reddit.read_reddit` on ``workers`` processes; see the module docstring."""
+    file = str(path)
+    with_replies = replies is not None
+    pool = _Workers(workers)
+    in_flight: deque[int] = deque()
+    sent = 0
+    non_blank = 0
+    failure: IngestError | None = None
+
+    def receive() -> None:
+        nonlocal non_blank
+        calls, _kind, n = pool.receive(in_flight.popleft())
+        non_blank += n
+        _replay(calls, file, sink, replies)
+
+    def send(first: int, pieces: list) -> None:
+        nonlocal sent
+        while len(in_flight) >= 2 * workers:
+            receive()
+        worker = sent % workers
+        pool.send(worker, (file, kind, first, pieces, default_license, on_bad_row, max_line_bytes, with_replies))
+        in_flight.append(worker)
+        sent += 1
+
+    try:
+        try:
+            for first, pieces in _chunks(path, max_line_bytes, chunk_bytes):
+                send(first, pieces)
+        except _StreamFailed as failed:
+            failure = failed.error
+            if failed.pieces:
+                send(failed.first, failed.pieces)
+        while in_flight:
+            receive()
+    finally:
+        pool.close()
+    if failure is not None:
+        raise failure
+    if not non_blank:
+        raise IngestError("empty file (no non-blank line)", path=file)
+
+
+class _Workers:
+    """``n`` processes running :func:`serve`: chunks in on stdin, results out on stdout (pickles)."""
+
+    def __init__(self, n: int) -> None:
+        cmd = [sys.executable, "-c", "from alignflow.tasks.ingest.reddit_parallel import serve; serve()"]
+        self.procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE) for _ in range(n)]
+
+    def send(self, worker: int, task: tuple) -> None:
+        proc = self.procs[worker]
+        try:
+            pickle.dump(task, proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            proc.stdin.flush()
+        except BrokenPipeError:
+            raise RuntimeError(f"ingest worker process {proc.pid} exited (code {proc.wait()})") from None
+
+    def receive(self, worker: int):
+        proc = self.procs[worker]
+        try:
+            status, value = pickle.load(proc.stdout)
+        except EOFError:
+            raise RuntimeError(f"ingest worker process {proc.pid} exited (code {proc.wait()})") from None
+        if status == "error":
+            raise value
+        return value
+
+    def close(self) -> None:
+        for proc in self.procs:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except Exception:
+                proc.kill()
+                proc.wait()
+
+
+def serve() -> None:
+    """Worker loop: chunks from stdin (read on a thread, so the parent never blocks sending), results to stdout."""
+    import queue
+    import threading
+
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # anything printed must not corrupt the result stream
+    tasks: queue.Queue = queue.Queue(maxsize=2)
+
+    def read() -> None:
+        while True:
+            try:
+                tasks.put(pickle.load(stdin))
+            except EOFError:
+                tasks.put(None)
+                return
+
+    threading.Thread(target=read, daemon=True).start()
+    while (task := tasks.get()) is not None:
+        try:
+            reply = ("ok", parse_chunk(task))
+        except Exception as exc:  # a bug: shown in the parent with its type and message
+            reply = ("error", RuntimeError(f"ingest worker failed on {task[0]} from line {task[2] + 1}: "
+                                           f"{type(exc).__name__}: {exc}"))
+        pickle.dump(reply, stdout, protocol=pickle.HIGHEST_PROTOCOL)
+        stdout.flush()

@@ -1,0 +1,112 @@
+"""Pushshift files parsed on worker processes give exactly what one process gives (rows, order, errors)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from alignflow.tasks.ingest import reddit_parallel
+from alignflow.tasks.ingest.errors import IngestError
+from alignflow.tasks.ingest.reddit import read_reddit
+from alignflow.tasks.ingest.reddit_replies import comment_row
+from alignflow.tasks.ingest.records import ListSink
+
+
+class Replies:
+    """Records what the reply store receives, in one shape for both paths."""
+
+    def __init__(self):
+        self.rows = []
+
+    def add_comment(self, node, *, reply):
+        self.rows.append(comment_row(node, reply))
+
+    def add_comment_rows(self, rows):
+        self.rows.extend(rows)
+
+    def add_submission(self, sub):
+        self.rows.append(sub)
+
+
+def comment(i, **kw):
+    obj = {"id": f"c{i}", "parent_id": "t3_p" if i % 3 else f"t1_c{i - 1}", "link_id": "t3_p", "subreddit": "s",
+           "author": f"u{i % 7}", "body": f"comment {i} " + "x" * (i % 50), "score": i % 11, "created_utc": 1000 + i}
+    obj.update(kw)
+    return json.dumps(obj)
+
+
+def write(path: Path, lines: list[str | bytes], *, zst: bool, end: bytes = b"\n") -> Path:
+    data = b"\n".join(x if isinstance(x, bytes) else x.encode() for x in lines) + end
+    path.write_bytes(zstandard.ZstdCompressor().compress(data) if zst else data)
+    return path
+
+
+def read_both(path: Path, monkeypatch, **kw):
+    """(sink, replies, error) with one process and with two workers cutting tiny chunks."""
+    monkeypatch.setattr(reddit_parallel, "CHUNK_BYTES", 700)
+    monkeypatch.setattr(reddit_parallel, "_READ_BYTES", 97)
+    out = []
+    for workers in (1, 2):
+        sink, replies, error = ListSink(), Replies(), None
+        try:
+            read_reddit(path, sink, replies=replies, workers=workers, **kw)
+        except IngestError as exc:
+            error = str(exc)
+        out.append((sink.posts, sink.quarantined, dict(sink.counts), replies.rows, error))
+    return out
+
+
+@pytest.mark.parametrize("zst", [False, True])
+def test_same_rows_in_the_same_order(tmp_path, monkeypatch, zst):
+    lines = [comment(i) for i in range(1, 120)]
+    lines[5] = ""  # blank lines count as lines, not rows
+    lines[6] = "   "
+    lines[10] = "not json"
+    lines[11] = comment(11, body="[deleted]")
+    lines[12] = comment(12, body="a\r\nb &gt; c")
+    lines[20] = "x" * 3000  # longer than max_line_bytes: quarantined unread
+    lines[21] = comment(21, body="y" * 900)  # shorter than the limit but longer than a chunk
+    lines[0] = "\ufeff" + lines[0]
+    path = write(tmp_path / ("RC_2015-01.zst" if zst else "RC_2015-01.jsonl"), lines, zst=zst, end=b"")
+    one, two = read_both(path, monkeypatch, on_bad_row="quarantine", max_line_bytes=2048)
+    assert one == two
+    posts, quarantined, counts, rows, error = one
+    assert error is None and counts[(str(path), "rows")] == 117
+    assert {q["reason"] for q in quarantined} == {"not_json", "too_large", "deleted_body"}
+    assert [q["line"] for q in quarantined if q["reason"] == "too_large"] == [21]
+    assert len(rows) > 100 and any(r[-1] == 1 for r in rows)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (b"\xff\xfe bad bytes", "not valid UTF-8"),
+    (b'{"id": "x", "parent_id": "t3_p", "subreddit": "s", "score": "many", "created_utc": 1}', "`score`"),
+])
+def test_same_first_error_at_the_same_line(tmp_path, monkeypatch, bad, message):
+    lines = [comment(i).encode() for i in range(1, 60)]
+    lines[40] = bad
+    lines[50] = b"\xff later error"
+    path = write(tmp_path / "RC_2015-01.jsonl", lines, zst=False)
+    one, two = read_both(path, monkeypatch)
+    assert one[4] == two[4] and message in one[4] and "line 41" in one[4]
+
+
+def test_truncated_stream_same_error(tmp_path, monkeypatch):
+    path = write(tmp_path / "RC_2015-01.zst", [comment(i) for i in range(1, 400)], zst=True)
+    path.write_bytes(path.read_bytes()[:-40])
+    one, two = read_both(path, monkeypatch)
+    assert one[4] == two[4] and "truncated" in one[4]
+
+
+def test_empty_file_same_error(tmp_path, monkeypatch):
+    path = write(tmp_path / "RC_2015-01.jsonl", ["", "  ", ""], zst=False)
+    one, two = read_both(path, monkeypatch)
+    assert one[4] == two[4] and "empty file" in one[4]
+
+
+def test_oversized_last_line_without_newline(tmp_path, monkeypatch):
+    path = write(tmp_path / "RC_2015-01.jsonl", [comment(1), "z" * 5000], zst=False, end=b"")
+    one, two = read_both(path, monkeypatch, on_bad_row="quarantine", max_line_bytes=1024)
+    assert one == two and [q["reason"] for q in one[1]] == ["too_large"]
