@@ -241,14 +241,15 @@ def pipeline(
                                 ) from exc
         rows.sort(key=lambda r: order.index(r["stage"]))
         # every stage's results on the parent run too: two pipeline runs compare stage by stage in the UI
-        figures = {f"{r['stage']}/{k}"[:250]: v for r in rows for k, v in r.pop("figures", {}).items()}
+        stage_figures = {r["stage"]: r.pop("figures", {}) for r in rows}
+        figures = {f"{stage}/{k}"[:250]: v for stage, f in stage_figures.items() for k, v in f.items()}
         if figures:
             mlflow.log_metrics(figures)
         aliases = {m: {"challenger": registry.resolve_version(m, registry.CHALLENGER),
                        "champion": registry.resolve_version(m, registry.CHAMPION)} for m in stage_registry.models()}
         table = summary_table(rows, aliases)
         try:  # report/report.html on this run, its figures under the table; a report never fails a pipeline
-            table += "\n\n" + pipeline_report(rows, cfg, wd)["text"]
+            table += "\n\n" + pipeline_report(rows, cfg, wd, stage_figures)["text"]
         except Exception as exc:  # noqa: BLE001
             log.warning("the pipeline report could not be built: %s: %s", type(exc).__name__, exc, exc_info=True)
         mlflow.log_text(table, "pipeline/summary.txt")

@@ -155,7 +155,7 @@ def pmp_transfer(workdir: str = "./alignflow-work", config: AlignflowConfig | No
         if first:
             mlflow.log_metrics({f"head_start/{k}": float(v) for k, v in first.items()})
         return {"stage": "pmp-transfer", "run_id": run.info.run_id, "model": None, "version": None,
-                "eval_pairs": len(held), **first, "results": results, "plot": str(figure)}
+                "eval_pairs": len(held), **first, "transfer": results, "plot": str(figure)}
 
 
 if __name__ == "__main__":  # `python -m alignflow.flows.pmp_transfer [options]`: the CLI command

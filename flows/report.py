@@ -94,9 +94,8 @@ def alignment_text(figures: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def preference_text(rows: list[dict]) -> str:
-    """Lines on the reward model (held-out accuracy with its interval) and PMP's head start, from the stage rows."""
-    figs = {r["stage"]: r.get("figures") or {} for r in rows}
+def preference_text(figs: dict[str, dict[str, float]]) -> str:
+    """Lines on the reward model (held-out accuracy with its interval) and PMP's head start (stage -> figures)."""
     lines = []
     pm = figs.get("pm", {})
     if "eval/pairwise_accuracy" in pm:
@@ -111,7 +110,8 @@ def preference_text(rows: list[dict]) -> str:
     return "\n".join(["preference models:", *lines]) if lines else ""
 
 
-def pipeline_report(rows: list[dict], cfg: AlignflowConfig, workdir: Path) -> dict[str, Any]:
+def pipeline_report(rows: list[dict], cfg: AlignflowConfig, workdir: Path,
+                    stage_figures: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
     """Build and log the report on the active (parent) run: ``{figures, uri, text}`` (text: lines for the summary)."""
     client = MlflowClient()
     run_ids = {r["stage"]: r.get("run_id") for r in rows if r.get("run_id")}
@@ -142,7 +142,7 @@ def pipeline_report(rows: list[dict], cfg: AlignflowConfig, workdir: Path) -> di
         create_table_artifact(key="pipeline-alignment", table=rep.alignment_rows(figures),
                               description="Greedy answers of base, SFT and PPO to the same held-out prompts")
     uri = f"{parent.info.artifact_uri.rstrip('/')}/report/report.html"
-    preference = preference_text(rows)
+    preference = preference_text(stage_figures or {})
     text = ((preference + "\n" if preference else "") + (alignment_text(figures) + "\n" if figures else "")
             + f"report: {uri}")
     markdown = ["# alignflow pipeline report", "", f"Full page (figures): `{uri}`", ""]

@@ -94,7 +94,7 @@ def plain(summary: dict) -> dict:
     for k, v in summary.items():
         if isinstance(v, (str, int, float, bool)) or v is None:
             out[k] = v
-    if "results" in summary:  # promote: one decision per model
+    if summary.get("stage") == "promote" and "results" in summary:  # promote: one decision per model
         out["decisions"] = {r["model"]: r["decision"] for r in summary["results"]}
     return out
 

@@ -70,10 +70,18 @@ def test_preference_lines_show_the_reward_model_interval_and_pmp_head_start():
     assert first["pmp_accuracy"] == pytest.approx(0.82) and first["base_accuracy"] == pytest.approx(0.71)
     assert first["head_start"] == pytest.approx(0.11)
     assert head_start([r for r in results if r["start"] == "pmp"]) == {}
-    rows = [{"stage": "pm", "figures": {"eval/pairwise_accuracy": 0.912, "eval/accuracy_ci_low": 0.85,
-                                         "eval/accuracy_ci_high": 0.95, "eval/pairs": 121.0}},
-            {"stage": "pmp-transfer", "figures": first}]
-    text = preference_text(rows)
+    text = preference_text({"pm": {"eval/pairwise_accuracy": 0.912, "eval/accuracy_ci_low": 0.85,
+                                   "eval/accuracy_ci_high": 0.95, "eval/pairs": 121.0}, "pmp-transfer": first})
     assert "pairwise accuracy 0.912 (95% CI 0.850-0.950) on 121 held-out task pairs" in text
     assert "64 task pairs: from PMP 0.820, from the base LM 0.710 (+0.110)" in text
-    assert preference_text([{"stage": "sft", "figures": {"planted_rate": 0.5}}]) == ""
+    assert preference_text({"sft": {"planted_rate": 0.5}}) == ""
+
+
+def test_stage_summaries_keep_promotion_decisions_and_other_stages_lists_apart():
+    from alignflow.tasks.stage_cache import plain
+
+    transfer = plain({"stage": "pmp-transfer", "head_start": 0.1, "transfer": [{"start": "pmp"}],
+                      "results": [{"start": "pmp"}]})
+    assert transfer == {"stage": "pmp-transfer", "head_start": 0.1}
+    promote = plain({"stage": "promote", "results": [{"model": "alignflow-base", "decision": "promoted"}]})
+    assert promote["decisions"] == {"alignflow-base": "promoted"}
