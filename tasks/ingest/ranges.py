@@ -365,7 +365,7 @@ def run_tasks(tasks: list[RangeTask], workers: int) -> Iterator[tuple[RangeTask,
             yield task, read_range(task)
         return
     n = min(workers, len(tasks))
-    pool = _WorkerProcesses(n)
+    pool = WorkerProcesses(n)
     try:
         sent = 0
         for i, task in enumerate(tasks):
@@ -377,7 +377,7 @@ def run_tasks(tasks: list[RangeTask], workers: int) -> Iterator[tuple[RangeTask,
         pool.close()
 
 
-class _WorkerProcesses:
+class WorkerProcesses:
     """``n`` Python processes running :func:`serve`: tasks in on stdin, results out on stdout (pickles).
 
     Plain subprocesses rather than ``multiprocessing``: they never re-import
@@ -385,21 +385,25 @@ class _WorkerProcesses:
     worker whose parent dies reads end-of-file and exits.
     """
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, module: str = "alignflow.tasks.ingest.ranges") -> None:
+        """``module``: whose ``serve()`` the workers run (this one: range tasks)."""
         import subprocess
         import sys
 
-        cmd = [sys.executable, "-c", "from alignflow.tasks.ingest.ranges import serve; serve()"]
+        cmd = [sys.executable, "-c", f"from {module} import serve; serve()"]
         self.procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE) for _ in range(n)]
 
-    def send(self, worker: int, task: RangeTask) -> None:
+    def send(self, worker: int, task: Any) -> None:
         import pickle
 
         proc = self.procs[worker]
-        pickle.dump(task, proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
-        proc.stdin.flush()
+        try:
+            pickle.dump(task, proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            proc.stdin.flush()
+        except BrokenPipeError:
+            raise RuntimeError(f"ingest worker process {proc.pid} exited (code {proc.wait()})") from None
 
-    def receive(self, worker: int) -> RangeResult:
+    def receive(self, worker: int) -> Any:
         import pickle
 
         proc = self.procs[worker]

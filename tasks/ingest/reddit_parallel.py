@@ -29,7 +29,6 @@ chunk being sent never waits on a result being written.
 from __future__ import annotations
 
 import pickle
-import subprocess
 import sys
 from collections import deque
 from pathlib import Path
@@ -38,6 +37,7 @@ import zstandard
 
 from .errors import IngestError
 from .lines import OVERSIZED_HEAD_BYTES, OversizedLine, _TruncatedStream, open_binary
+from .ranges import WorkerProcesses
 from .records import PostRecord
 from .reddit_replies import Submission, comment_row
 
@@ -242,7 +242,7 @@ def read_in_workers(path: Path, kind: str, sink, replies, *, workers: int, defau
     """:func:`.reddit.read_reddit` on ``workers`` processes; see the module docstring."""
     file = str(path)
     with_replies = replies is not None
-    pool = _Workers(workers)
+    pool = WorkerProcesses(workers, "alignflow.tasks.ingest.reddit_parallel")
     in_flight: deque[int] = deque()
     sent = 0
     non_blank = 0
@@ -279,45 +279,6 @@ def read_in_workers(path: Path, kind: str, sink, replies, *, workers: int, defau
         raise failure
     if not non_blank:
         raise IngestError("empty file (no non-blank line)", path=file)
-
-
-class _Workers:
-    """``n`` processes running :func:`serve`: chunks in on stdin, results out on stdout (pickles)."""
-
-    def __init__(self, n: int) -> None:
-        cmd = [sys.executable, "-c", "from alignflow.tasks.ingest.reddit_parallel import serve; serve()"]
-        self.procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE) for _ in range(n)]
-
-    def send(self, worker: int, task: tuple) -> None:
-        proc = self.procs[worker]
-        try:
-            pickle.dump(task, proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
-            proc.stdin.flush()
-        except BrokenPipeError:
-            raise RuntimeError(f"ingest worker process {proc.pid} exited (code {proc.wait()})") from None
-
-    def receive(self, worker: int):
-        proc = self.procs[worker]
-        try:
-            status, value = pickle.load(proc.stdout)
-        except EOFError:
-            raise RuntimeError(f"ingest worker process {proc.pid} exited (code {proc.wait()})") from None
-        if status == "error":
-            raise value
-        return value
-
-    def close(self) -> None:
-        for proc in self.procs:
-            try:
-                proc.stdin.close()
-            except OSError:
-                pass
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=10)
-            except Exception:
-                proc.kill()
-                proc.wait()
 
 
 def serve() -> None:
