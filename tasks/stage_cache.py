@@ -151,9 +151,10 @@ def default_sources(cfg: AlignflowConfig, workdir: Path) -> list[str]:
 
 
 def summary_table(rows: list[dict], aliases: dict[str, dict[str, str | None]]) -> str:
-    lines = [f"{'stage':<9}{'status':<11}{'mlflow run':<34}{'model':<22}{'version':<8}key metrics"]
+    w = max([9, *(len(r["stage"]) + 1 for r in rows)])  # a long stage name (pmp-transfer) widens the column
+    lines = [f"{'stage':<{w}}{'status':<11}{'mlflow run':<34}{'model':<22}{'version':<8}key metrics"]
     for r in rows:
-        lines.append(f"{r['stage']:<9}{r['status']:<11}{r.get('run_id') or '-':<34}{r.get('model') or '-':<22}"
+        lines.append(f"{r['stage']:<{w}}{r['status']:<11}{r.get('run_id') or '-':<34}{r.get('model') or '-':<22}"
                      f"{str(r.get('version') or '-'):<8}{r.get('metrics', '')}")
     lines += ["", f"{'registered model':<22}{'challenger':<12}{'champion':<10}"]
     for m, a in aliases.items():

@@ -85,3 +85,13 @@ def test_stage_summaries_keep_promotion_decisions_and_other_stages_lists_apart()
     assert transfer == {"stage": "pmp-transfer", "head_start": 0.1}
     promote = plain({"stage": "promote", "results": [{"model": "alignflow-base", "decision": "promoted"}]})
     assert promote["decisions"] == {"alignflow-base": "promoted"}
+
+
+def test_summary_table_widens_the_stage_column_for_long_names():
+    from alignflow.tasks.stage_cache import summary_table
+
+    rows = [{"stage": "pm", "status": "ran", "run_id": "a"}, {"stage": "pmp-transfer", "status": "cache hit", "run_id": "b"}]
+    lines = summary_table(rows, {}).splitlines()
+    assert lines[2].startswith("pmp-transfer cache hit")
+    assert lines[0].index("status") == lines[1].index("ran") == lines[2].index("cache hit")
+    assert summary_table(rows[:1], {}).startswith("stage    status")
