@@ -307,6 +307,76 @@ def test_each_row_rule_rejects_exactly_its_bad_row(kind):
     _assert_json(res)
 
 
+def test_consecutive_batches_of_one_suite_see_only_their_own_rows(tmp_path):
+    # The GX context and suite are built once per process and reused: nothing computed for one batch
+    # (metrics, loaded data) may answer for the next, which has the same shape, index and batch id.
+    bad = pairs_frame()
+    bad.loc[1, "chosen"] = ""
+    bad.loc[3, "margin"] = -1.0
+    clean = pairs_frame()
+    dup = pairs_frame()
+    dup.loc[2, "pair_id"] = "p0"
+    first = validate(bad, "pairs")
+    second = validate(clean, "pairs")
+    documented = validate(bad, "pairs", docs_dir=tmp_path / "docs")  # a file context becomes GX's current one
+    third = validate(dup, "pairs")
+    fourth = validate(bad, "pairs", max_chars=10)  # another suite for the same kind
+    fifth = validate(clean, "pairs")
+    assert first.passed and first.rejected.index.tolist() == [1, 3]
+    assert second.passed and second.rejected.empty and second.statistics["rows_valid"] == 4
+    assert documented.rejected.index.tolist() == [1, 3] and documented.docs_index is not None
+    assert [f.expectation for f in third.table_failures] == ["expect_column_values_to_be_unique(pair_id)"]
+    assert third.rejected.empty
+    assert fourth.rejected.index.tolist() == [0, 1, 2, 3]  # every chosen text is over 10 characters
+    assert fifth.passed and fifth.rejected.empty and fifth.table_failures == []
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_quick_guess_sees_every_bad_row_and_no_clean_frame(kind):
+    # A batch that looks clean is first validated in GX's pass/fail mode: the guess must flag every
+    # row rule (or dirty batches would pay for two GX runs) and no clean frame (or none gets the quick run).
+    from alignflow.data_contracts.contracts import _may_fail_a_row, _prepare
+
+    specs = expectations_for(kind)
+    clean = FRAMES[kind]() if kind != "posts" else posts_frame()
+    assert not _may_fail_a_row(_prepare(clean, kind), specs)
+    cases = _cases(kind)
+    for row, (mutate, name) in cases.items():
+        df = posts_frame() if kind == "posts" else FRAMES[kind](2 * len(cases) + 1)
+        mutate(df, row)
+        assert _may_fail_a_row(_prepare(df, kind), specs), name
+
+
+@pytest.mark.parametrize("guess", [True, False])
+def test_quick_guess_never_changes_the_verdict(monkeypatch, guess):
+    import alignflow.data_contracts.contracts as contracts
+
+    runs = []
+    run_gx = contracts._run_gx
+    monkeypatch.setattr(contracts, "_may_fail_a_row", lambda work, specs: guess)
+    monkeypatch.setattr(contracts, "_run_gx", lambda *a, **kw: runs.append(kw.get("result_format", "COMPLETE"))
+                        or run_gx(*a, **kw))
+    bad = pairs_frame()
+    bad.loc[1, "chosen"] = ""
+    bad.loc[2, "margin"] = -1.0
+    dup = pairs_frame()
+    dup.loc[2, "pair_id"] = "p0"
+    res = validate(bad, "pairs")
+    assert res.passed
+    assert res.rejected["expectation"].to_dict() == {1: "expect_column_values_to_match_regex(chosen)",
+                                                     2: "expect_column_values_to_be_between(margin)"}
+    assert res.valid.index.tolist() == [0, 3]
+    res = validate(dup, "pairs")
+    assert [f.expectation for f in res.table_failures] == ["expect_column_values_to_be_unique(pair_id)"]
+    assert [ex["index"] for ex in res.table_failures[0].examples] == [0, 2]
+    res = validate(pairs_frame(), "pairs")
+    assert res.passed and res.rejected.empty
+    assert res.statistics["successful_expectations"] == len(expectations_for("pairs"))
+    # a batch guessed clean gets the pass/fail run first, and the full run only if something failed
+    quick = ["BOOLEAN_ONLY", "COMPLETE"] if not guess else ["COMPLETE"]
+    assert runs == quick + quick + (["BOOLEAN_ONLY"] if not guess else ["COMPLETE"])
+
+
 def test_posts_empty_question_body_and_empty_answer_title_are_allowed():
     df = posts_frame()
     df.loc[0, "body"] = ""  # a question
