@@ -30,8 +30,9 @@ browser:
 demo: install
 	PREFECT_SERVER_ANALYTICS_ENABLED=false OMP_NUM_THREADS=1 $(BIN)/alignflow demo
 
+# one test file per core (pytest-xdist); the slowest tests' durations are printed at the end
 test: install browser
-	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -n auto --dist loadfile --durations=25
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"

@@ -7,11 +7,13 @@ The loss is on response tokens only. Every evaluation logs validation loss,
 perplexity and a table of greedy answers to fixed validation prompts; at the
 end, when an evaluation hook applies to the validation prompts (on a generated
 dump: the planted property, ``tasks/evaluation.py``), the share of greedy
-answers it accepts is measured for the policy and for the model it started from.
+answers it accepts is measured for the policy and for the model it started from,
+and at every evaluation (``eval/planted_rate``: its learning curve).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +45,7 @@ def train_shard(cfg: AlignflowConfig, plan: dict, callbacks: LoopCallbacks | Non
 
 @task(name="fine-tune-sft", cache_policy=NO_CACHE)
 def fine_tune(cfg: AlignflowConfig, model: Any, tok: Any, start: str, demos: Path, ckpt: Path,
-              resume: bool) -> StageOutput:
+              resume: bool, judged: Callable[[Any, Any], dict[str, float]] | None = None) -> StageOutput:
     plan = {"start": start, "demos": str(demos), "ckpt": str(ckpt), "resume": resume}
     launch.share_plan(plan)
     section = cfg.sft
@@ -56,7 +58,7 @@ def fine_tune(cfg: AlignflowConfig, model: Any, tok: Any, start: str, demos: Pat
                                       max_prompt_tokens=section.model.max_length)
             mlflow.log_table(pd.DataFrame({"step": step, "prompt": fixed, "response": answers}),
                              artifact_file=f"eval/generations_step_{step:06d}.json")
-        return {}
+        return judged(model, tok) if judged else {}
 
     try:
         return train_shard(cfg, plan, LoopCallbacks(on_log=logger.log, on_step=logger.step, on_eval=on_eval),
@@ -78,9 +80,12 @@ def sft(workdir: str = "./alignflow-work", config: AlignflowConfig | None = None
             return evaluation.judged_rate(judge, m, t, rows, max_new_tokens=cfg.sft.max_new_tokens,
                                           max_prompt_tokens=cfg.sft.model.max_length)
 
+        def judged_at_eval(m: Any, t: Any) -> dict[str, float]:  # the rate's learning curve, at every evaluation
+            return {f"eval/{judge.name}_rate": judged(m, t)}
+
         start_rate = judged(model, tok) if judge else None
         ckpt, resume = st.checkpoints(resume)
-        out = fine_tune(cfg, model, tok, start, demos, ckpt, resume)
+        out = fine_tune(cfg, model, tok, start, demos, ckpt, resume, judged_at_eval if judge else None)
         mlflow.log_metrics(out.metrics)
         judged_figures = {}
         if judge:

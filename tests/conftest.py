@@ -17,6 +17,11 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("PREFECT_API_URL", None)
+# One test file per core (pytest-xdist): each process, and the commands it starts, computes on one thread, so that
+# two files training small models side by side do not fight over the same two cores.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
 
 REPO = Path(__file__).resolve().parents[1]
 # Real Stack Exchange dumps, copied with their CC BY-SA attribution (tests/fixtures/README.md).
