@@ -163,9 +163,13 @@ def test_a_user_error_inside_the_launched_stage_is_one_line_and_exit_2(tmp_path,
 def test_each_stage_module_is_its_command():
     from alignflow import stages
 
-    for name, stage in stages.REGISTRY.items():
-        out = subprocess.run([sys.executable, "-m", stage.module, "--help"], capture_output=True, text=True,
-                             timeout=300)
-        assert out.returncode == 0, (name, out.stderr[-2000:])
-        assert f"alignflow {name}" in out.stdout, name
-        assert ("--processes" in out.stdout and "--accelerate-config" in out.stdout) == stage.distributed, name
+    # All at once: each is an interpreter importing the stack, mostly waiting on imports.
+    procs = {name: subprocess.Popen([sys.executable, "-m", stage.module, "--help"], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+             for name, stage in stages.REGISTRY.items()}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        stage = stages.REGISTRY[name]
+        assert proc.returncode == 0, (name, stderr[-2000:])
+        assert f"alignflow {name}" in stdout, name
+        assert ("--processes" in stdout and "--accelerate-config" in stdout) == stage.distributed, name
