@@ -3,8 +3,9 @@
 Called at the end of ``pipeline`` (inside its parent run). It reads the runs
 the pipeline's rows name (a cache hit names the run that did the work), loads
 the registered versions of the base LM, SFT and PPO policies and the reward
-model, and measures them on the same held-out prompts (greedy answers): the
-planted-property rate, the reward model's score and the KL to the SFT policy.
+model, and measures them on the same held-out prompts (greedy answers, and sampled ones
+for the planted rate): the planted-property rate, the reward model's score and
+the KL to the SFT policy.
 Those figures are also logged on the parent run as ``alignment/<policy>/<name>``.
 """
 
@@ -24,6 +25,10 @@ from alignflow.tasks import report as rep
 from alignflow.tasks.promotion_eval import fit_length, load_version
 
 HELD_OUT_PROMPTS = 64  # as the sft stage's planted rate: the same prompts, the same greedy answers
+# Sampled answers per prompt (temperature 1): the planted rate of the policy's distribution, which greedy answers
+# saturate (64 prompts x 4 = 256 answers per policy: a 95% interval of about +-0.06 around 0.7).
+SAMPLES_PER_PROMPT = 4
+SAMPLE_TEMPERATURE = 1.0
 
 
 def _histories(client: MlflowClient, run_ids: dict[str, str]) -> dict[tuple[str, str], list[tuple[int, float]]]:
@@ -74,7 +79,8 @@ def measure_alignment(cfg: AlignflowConfig, workdir: Path, versions: dict[str, s
     figures, answers = rep.alignment_figures(
         policies, policies["sft"], score, questions,
         lambda q, a: judge(q["row"], a),
-        max_new_tokens=cfg.sft.max_new_tokens, max_length=cfg.sft.model.max_length)
+        max_new_tokens=cfg.sft.max_new_tokens, max_length=cfg.sft.model.max_length,
+        samples_per_prompt=SAMPLES_PER_PROMPT, temperature=SAMPLE_TEMPERATURE, seed=0)
     return figures, questions, answers
 
 
@@ -86,8 +92,13 @@ def alignment_text(figures: dict[str, dict[str, float]]) -> str:
     def line(key: str, fmt: str) -> str:
         return " -> ".join(f"{rep.LABELS[p]} {format(figures[p][key], fmt)}" for p in order if key in figures[p])
 
-    lines = [f"alignment (greedy answers to the same {n} held-out prompts):",
+    lines = [f"alignment (answers to the same {n} held-out prompts; greedy unless said):",
              f"  planted-property rate  {line('planted_rate', '.3f')}"]
+    if all("sampled_planted_rate" in figures[p] for p in order):
+        k = int(figures[order[0]]["samples"]) // max(n, 1)
+        cells = " -> ".join(f"{rep.LABELS[p]} {figures[p]['sampled_planted_rate']:.3f} "
+                            f"({figures[p]['sampled_ci_low']:.2f}-{figures[p]['sampled_ci_high']:.2f})" for p in order)
+        lines.append(f"  same, sampled (T={SAMPLE_TEMPERATURE:g}, {k} per prompt, 95% CI)  {cells}")
     if any("reward_mean" in f for f in figures.values()):
         lines.append(f"  reward-model score     {line('reward_mean', '.3f')}")
     lines.append(f"  KL to the SFT policy   {line('kl_to_sft', '.2f')}")
@@ -140,16 +151,17 @@ def pipeline_report(rows: list[dict], cfg: AlignflowConfig, workdir: Path,
     if figures:
         mlflow.log_metrics({f"alignment/{p}/{k}": v for p, f in figures.items() for k, v in f.items()})
         create_table_artifact(key="pipeline-alignment", table=rep.alignment_rows(figures),
-                              description="Greedy answers of base, SFT and PPO to the same held-out prompts")
+                              description="Greedy and sampled answers of base, SFT and PPO to the same held-out prompts")
     uri = f"{parent.info.artifact_uri.rstrip('/')}/report/report.html"
     preference = preference_text(stage_figures or {})
     text = ((preference + "\n" if preference else "") + (alignment_text(figures) + "\n" if figures else "")
             + f"report: {uri}")
     markdown = ["# alignflow pipeline report", "", f"Full page (figures): `{uri}`", ""]
     if figures:
-        markdown += ["| policy | planted rate | reward-model score | KL to SFT |", "|---|---|---|---|"]
-        markdown += [f"| {r['policy']} | {r['planted_rate']} | {r['reward_mean']} | {r['kl_to_sft']} |"
-                     for r in rep.alignment_rows(figures)]
+        markdown += ["| policy | planted rate (greedy) | planted rate (sampled, 95% CI) | reward-model score "
+                     "| KL to SFT |", "|---|---|---|---|---|"]
+        markdown += [f"| {r['policy']} | {r['planted_rate']} | {r['sampled_planted_rate']} | {r['reward_mean']} "
+                     f"| {r['kl_to_sft']} |" for r in rep.alignment_rows(figures)]
     if samples:
         cols = [k for k in samples[0] if k != "prompt"]
         markdown += ["", "## Same prompts, greedy answers", "", "| prompt (end) | " + " | ".join(cols) + " |",

@@ -122,13 +122,14 @@ def kl_per_answer(policy: Any, reference: Any, tokenizer: Any, prompts: Sequence
 
 
 def policy_answers(policy: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int,
-                   max_length: int, batch_size: int) -> list[str]:
+                   max_length: int, batch_size: int, sampling: dict[str, Any] | None = None) -> list[str]:
+    """Answers in batches: greedy, or sampled with ``sampling`` (``generate`` arguments, e.g. ``do_sample``)."""
     from alignflow.tasks.train.lm import generate_greedy
 
     answers: list[str] = []
     for start in range(0, len(prompts), batch_size):
         answers += generate_greedy(policy, tokenizer, list(prompts[start : start + batch_size]),
-                                   max_new_tokens=max_new_tokens, max_prompt_tokens=max_length)
+                                   max_new_tokens=max_new_tokens, max_prompt_tokens=max_length, sampling=sampling)
     return answers
 
 

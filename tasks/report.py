@@ -5,9 +5,14 @@ Pure work, no MLflow or Prefect: histories, figures and answers in, files out.
 
 What the page shows
     * the alignment table: for base LM, SFT and PPO policies, on the same
-      held-out prompts and with greedy answers, the planted-property rate, the
-      reward model's mean score and the KL to the SFT policy (PPO's
-      reference), with :func:`alignment_figures`;
+      held-out prompts, the planted-property rate of greedy answers and of
+      sampled ones (temperature 1, with a 95% interval), the reward model's
+      mean score and the KL to the SFT policy (PPO's reference), with
+      :func:`alignment_figures`. Greedy answers show the policy's most likely
+      answer, which saturates: once SFT puts the property on top for every
+      prompt, greedy cannot tell a policy that writes it 70% of the time from
+      one that writes it 90%. Sampled answers measure the whole distribution,
+      which is what PPO moves;
     * the learning curves of every stage (``train/loss``, held-out figures,
       PPO's reward and KL per step);
     * PPO's reward against its KL to the reference, step by step;
@@ -23,6 +28,8 @@ import html
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
 
 History = Sequence[tuple[int, float]]
 
@@ -48,17 +55,26 @@ def alignment_figures(
     max_new_tokens: int,
     max_length: int,
     batch_size: int = 16,
+    samples_per_prompt: int = 0,
+    temperature: float = 1.0,
+    seed: int = 0,
 ) -> tuple[dict[str, dict[str, float]], dict[str, list[str]]]:
-    """Greedy answers of each policy to the same held-out prompts, and what they show.
+    """Greedy (and sampled) answers of each policy to the same held-out prompts, and what they show.
 
     ``policies``: label -> (model, tokenizer); ``reference``: (model, tokenizer) of the SFT policy;
     ``score(prompts, answers)``: the reward model (None: no reward figure); ``judge(question, answer)``: has the
     planted property.
-    Returns ``({label: {planted_rate, reward_mean, kl_to_sft}}, {label: answers})``. The KL is summed over
-    the answer tokens (full next-token distributions), as the policy gate measures it; it needs the policy
-    to share the reference's tokenizer (else it is left out).
+    Returns ``({label: {planted_rate, reward_mean, kl_to_sft, ...}}, {label: greedy answers})``. The KL is
+    summed over the answer tokens (full next-token distributions), as the policy gate measures it; it needs
+    the policy to share the reference's tokenizer (else it is left out).
+    ``samples_per_prompt`` > 0 also samples that many answers per prompt (``temperature``, no top-k; the
+    generators are seeded with ``seed`` for each policy and restored afterwards) and adds
+    ``sampled_planted_rate`` with its 95% Wilson interval (``sampled_ci_low`` / ``sampled_ci_high``) over
+    ``samples`` answers.
     """
     from alignflow.tasks.promotion_eval import fit_length, kl_per_answer, policy_answers
+    from alignflow.tasks.train.checkpoint import rng_isolated
+    from alignflow.tasks.train.reward import wilson_interval
 
     prompts = [q["prompt"] for q in questions]
     figures: dict[str, dict[str, float]] = {}
@@ -77,6 +93,18 @@ def alignment_figures(
             kl = kl_per_answer(model, ref_model, tok, prompts, out,
                                max_length=min(fit_length(model, max_length), fit_length(ref_model, max_length)))
             row["kl_to_sft"] = sum(kl) / max(len(kl), 1)
+        if samples_per_prompt > 0 and questions:
+            with rng_isolated():
+                torch.manual_seed(seed)
+                sampled = [policy_answers(model, tok, prompts, max_new_tokens=max_new_tokens,
+                                          max_length=fit_length(model, max_length), batch_size=batch_size,
+                                          sampling={"do_sample": True, "temperature": temperature, "top_k": 0})
+                           for _ in range(samples_per_prompt)]
+            hits = sum(judge(q, a) for draw in sampled for q, a in zip(questions, draw))
+            n = len(questions) * samples_per_prompt
+            low, high = wilson_interval(hits, n)
+            row.update({"sampled_planted_rate": hits / n, "sampled_ci_low": low, "sampled_ci_high": high,
+                        "samples": float(n)})
         figures[label] = row
     return figures, answers
 
@@ -134,18 +162,32 @@ def plot_reward_vs_kl(reward: History, kl: History, path: Path) -> Path | None:
 
 
 def plot_planted_rates(figures: Mapping[str, Mapping[str, float]], path: Path) -> Path | None:
+    """Bars per policy: the planted rate of greedy answers and, when measured, of sampled ones (with its interval)."""
     labels = [p for p in POLICIES if p in figures]
     if not labels:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4.2, 3.4))
-    rates = [figures[p]["planted_rate"] for p in labels]
-    bars = ax.bar([LABELS[p] for p in labels], rates, color=["C7", "C0", "C2"][: len(labels)])
-    for bar, rate in zip(bars, rates):
-        ax.text(bar.get_x() + bar.get_width() / 2, rate + 0.02, f"{rate:.2f}", ha="center")
-    ax.set_ylim(0, 1.1)
-    ax.set_ylabel("share of greedy answers with the property")
+    fig, ax = plt.subplots(figsize=(4.8, 3.6))
+    sampled = all("sampled_planted_rate" in figures[p] for p in labels)
+    width = 0.38 if sampled else 0.7
+    xs = range(len(labels))
+    series = [("greedy", "planted_rate", "C0")] + ([("sampled (T=1)", "sampled_planted_rate", "C2")] if sampled else [])
+    for i, (name, key, colour) in enumerate(series):
+        offset = (i - (len(series) - 1) / 2) * width
+        rates = [figures[p][key] for p in labels]
+        err = None
+        if key == "sampled_planted_rate":
+            err = [[r - figures[p]["sampled_ci_low"] for p, r in zip(labels, rates)],
+                   [figures[p]["sampled_ci_high"] - r for p, r in zip(labels, rates)]]
+        bars = ax.bar([x + offset for x in xs], rates, width, color=colour, label=name, yerr=err, capsize=3)
+        for bar, rate in zip(bars, rates):
+            ax.text(bar.get_x() + bar.get_width() / 2, rate + 0.03, f"{rate:.2f}", ha="center", fontsize=8)
+    ax.set_xticks(list(xs), [LABELS[p] for p in labels])
+    ax.set_ylim(0, 1.15)
+    ax.set_ylabel("share of answers with the property")
     ax.set_title(f"Planted property on {int(figures[labels[0]]['prompts'])} held-out prompts")
+    if sampled:
+        ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     return _save(fig, plt, path)
 
@@ -175,6 +217,9 @@ def alignment_rows(figures: Mapping[str, Mapping[str, float]]) -> list[dict[str,
         if p in figures:
             f = figures[p]
             rows.append({"policy": LABELS[p], "planted_rate": f"{f['planted_rate']:.3f}",
+                         "sampled_planted_rate": (f"{f['sampled_planted_rate']:.3f} ({f['sampled_ci_low']:.3f}-"
+                                                  f"{f['sampled_ci_high']:.3f})" if "sampled_planted_rate" in f
+                                                  else "-"),
                          "reward_mean": f"{f['reward_mean']:.3f}" if "reward_mean" in f else "-",
                          "kl_to_sft": f"{f['kl_to_sft']:.2f}" if "kl_to_sft" in f else "-"})
     return rows
@@ -212,7 +257,7 @@ def render_html(*, title: str, summary_rows: Sequence[Mapping[str, str]], figure
         "text-align:left}td{white-space:pre-wrap;font-size:90%}figure{display:inline-block;margin:0.5em}</style>",
         f"</head><body><h1>{html.escape(title)}</h1>",
         "<h2>Stages</h2>", _table(summary_rows),
-        "<h2>Alignment: greedy answers to the same held-out prompts</h2>", _table(alignment_rows(figures)),
+        "<h2>Alignment: greedy and sampled answers to the same held-out prompts</h2>", _table(alignment_rows(figures)),
         *[f"<p>{html.escape(n)}</p>" for n in notes],
         _img(images.get("planted"), "Planted-property rate per stage"),
         "<h2>Learning curves</h2>", _img(images.get("curves"), "Learning curves of each stage"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import torch
 
 import _ppo_models as M
 from alignflow.tasks import report as rep
@@ -35,12 +36,49 @@ def test_alignment_figures_measure_every_policy_on_the_same_prompts():
         assert figures[label]["reward_mean"] == sum(len(a) for a in answers[label]) / 6
 
 
+def test_sampled_planted_rate_is_seeded_counts_every_sample_and_leaves_the_generators_alone():
+    tok = M.tokenizer()
+    sft, base = M.policy(seed=0), M.policy(seed=1)
+    questions = [{"prompt": p} for p in M.prompts(5)]
+    drawn = []
+
+    def judge(q, a):
+        drawn.append(a)
+        return len(a) % 2 == 0
+
+    def measure(seed):
+        drawn.clear()
+        torch.manual_seed(123)
+        figures, _ = rep.alignment_figures({"base": (base, tok), "sft": (sft, tok)}, (sft, tok), None, questions,
+                                           judge, max_new_tokens=6, max_length=64, samples_per_prompt=3, seed=seed)
+        return figures, list(drawn), torch.rand(1).item()
+
+    first, answers, after = measure(0)
+    torch.manual_seed(123)
+    assert after == torch.rand(1).item()  # the caller's generator is where it was
+    again, answers_again, _ = measure(0)
+    assert again == first and answers_again == answers  # same seed: same samples, same figures
+    for label in ("base", "sft"):
+        f = first[label]
+        assert f["samples"] == 15.0 and f["prompts"] == 5.0
+        assert f["sampled_ci_low"] <= f["sampled_planted_rate"] <= f["sampled_ci_high"]
+    # per policy: 5 greedy answers, then 3 x 5 samples; the rate is the share of the 15 samples the judge passed
+    sft_samples = answers[20 + 5:20 + 20]
+    assert first["sft"]["sampled_planted_rate"] == sum(len(a) % 2 == 0 for a in sft_samples) / 15
+    assert len(set(sft_samples)) > 1  # sampled, not greedy
+    other, _, _ = measure(1)
+    assert other != first  # another seed draws other samples
+
+
 def test_report_page_inlines_its_figures_and_shows_answers_side_by_side(tmp_path):
     curves = {("base", "train/loss"): [(1, 3.0), (2, 2.5)], ("ppo", "ppo/reward_mean"): [(1, 0.1), (2, 0.3)],
               ("ppo", "ppo/kl"): [(1, 0.5), (2, 1.5)]}
     figures = {"base": {"planted_rate": 0.1, "reward_mean": -1.0, "kl_to_sft": 9.0, "prompts": 3.0},
                "sft": {"planted_rate": 0.6, "reward_mean": 0.0, "kl_to_sft": 0.0, "prompts": 3.0},
                "ppo": {"planted_rate": 0.8, "reward_mean": 1.0, "kl_to_sft": 2.0, "prompts": 3.0}}
+    for label, rate in (("base", 0.05), ("sft", 0.5), ("ppo", 0.75)):
+        figures[label].update(sampled_planted_rate=rate, sampled_ci_low=rate - 0.05, sampled_ci_high=rate + 0.05,
+                              samples=12.0)
     images = {"curves": rep.plot_learning_curves(curves, tmp_path / "c.png"),
               "reward_kl": rep.plot_reward_vs_kl(curves[("ppo", "ppo/reward_mean")], curves[("ppo", "ppo/kl")],
                                                  tmp_path / "rk.png"),
@@ -54,8 +92,15 @@ def test_report_page_inlines_its_figures_and_shows_answers_side_by_side(tmp_path
                            images=images, samples=samples)
     assert page.count("data:image/png;base64,") == 3 and "not available in this run" in page  # calibration
     assert "ppo answer 2" in page and "sft answer 2" in page and "base answer 2" in page
-    assert rep.alignment_rows(figures)[2] == {"policy": "PPO", "planted_rate": "0.800", "reward_mean": "1.000",
+    assert rep.alignment_rows(figures)[2] == {"policy": "PPO", "planted_rate": "0.800",
+                                              "sampled_planted_rate": "0.750 (0.700-0.800)", "reward_mean": "1.000",
                                               "kl_to_sft": "2.00"}
+    from alignflow.flows.report import alignment_text
+
+    text = alignment_text(figures)
+    assert "planted-property rate  base LM 0.100 -> SFT 0.600 -> PPO 0.800" in text
+    assert ("same, sampled (T=1, 4 per prompt, 95% CI)  base LM 0.050 (0.00-0.10) -> SFT 0.500 (0.45-0.55) -> "
+            "PPO 0.750 (0.70-0.80)") in text
 
 
 def test_preference_lines_show_the_reward_model_interval_and_pmp_head_start():
