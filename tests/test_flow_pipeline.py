@@ -94,6 +94,12 @@ def test_one_parent_run_with_nested_stage_runs(first):
     assert "Learning curves" in page and "data:image/png;base64," in page
     assert f"report: {parent.info.artifact_uri}" in output
     assert "alignment/sft/planted_rate" in parent.data.metrics
+    # sampled answers too (greedy saturates): the rate with its interval, under the summary and on the run
+    assert "same, sampled (T=1, 4 per prompt, 95% CI)  base LM " in output
+    metrics = parent.data.metrics
+    assert metrics["alignment/sft/samples"] == 4 * metrics["alignment/sft/prompts"]
+    assert metrics["alignment/sft/sampled_ci_low"] <= metrics["alignment/sft/sampled_planted_rate"] \
+        <= metrics["alignment/sft/sampled_ci_high"]
 
 
 def test_second_run_is_all_cache_hits(first):

@@ -79,6 +79,14 @@ def test_report_page_inlines_its_figures_and_shows_answers_side_by_side(tmp_path
     for label, rate in (("base", 0.05), ("sft", 0.5), ("ppo", 0.75)):
         figures[label].update(sampled_planted_rate=rate, sampled_ci_low=rate - 0.05, sampled_ci_high=rate + 0.05,
                               samples=12.0)
+    from alignflow.tasks.train.reward import wilson_interval
+
+    for hits in (0, 12):  # the interval's ends at 0 and 1 are the rate itself, not a float rounding away from it
+        low, high = wilson_interval(hits, 12)
+        assert low <= hits / 12 <= high
+    low, high = wilson_interval(0, 256)
+    zero = {"sampled_planted_rate": 0.0, "sampled_ci_low": low, "sampled_ci_high": high}
+    assert rep.plot_planted_rates({"base": {**figures["base"], **zero}}, tmp_path / "p0.png").stat().st_size > 1000
     images = {"curves": rep.plot_learning_curves(curves, tmp_path / "c.png"),
               "reward_kl": rep.plot_reward_vs_kl(curves[("ppo", "ppo/reward_mean")], curves[("ppo", "ppo/kl")],
                                                  tmp_path / "rk.png"),

@@ -251,7 +251,8 @@ def wilson_interval(successes: float, n: int, z: float = WILSON_Z) -> tuple[floa
     denom = 1.0 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z / denom * math.sqrt(max(p * (1.0 - p) / n + z * z / (4 * n * n), 0.0))
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # min/max with p: at 0 or n successes the end equals p, which float rounding can put on the wrong side
+    return (max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half)))
 
 
 def _gap_bucket(gap: float) -> str:
