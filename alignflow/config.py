@@ -375,6 +375,9 @@ class PromoteConfig(_Section):
                                 "answer out-scores the champion's (ties 1/2) must reach this.")
     max_loss_increase: float = Field(0.0, ge=0, description="LM gate (base, policy-sft): challenger held-out loss "
                                      "may exceed the champion's by at most this.")
+    max_judged_drop: float = Field(0.1, ge=0, le=1, description="Policy gate, where the data has a judge (the "
+                                   "planted rule of a generated dump): the share of the challenger's greedy answers "
+                                   "the judge accepts may fall below its reference policy's by at most this.")
     models: list[str] = Field(
         default_factory=stage_registry.models,
         description="Registered models the pipeline's promote stage gates, in this order (default: every model "

@@ -68,8 +68,9 @@ def _questions(data: Path, rows: Sequence[dict]) -> list[tuple[str, str] | None]
 
 @register
 def planted_property(data: Path, rows: Sequence[dict]) -> Judge | None:
-    """The planted rule of generated dumps; None when no row's question has a key term (not a generated dump)."""
-    if not rows:
+    """The planted rule of generated dumps; None when no row's question has a key term (not a generated dump)
+    or the rows do not say which question they come from (no ``site`` / ``question_id``)."""
+    if not rows or not {"site", "question_id"} <= set(rows[0]):
         return None
     from alignflow.tasks.ingest.synthetic import has_planted_property, key_term
 

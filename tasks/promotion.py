@@ -70,6 +70,7 @@ class Thresholds:
     max_kl: float = 10.0
     min_win_rate: float = 0.5
     max_loss_increase: float = 0.0
+    max_judged_drop: float = 0.1
 
     @classmethod
     def from_config(cls, cfg: Any) -> "Thresholds":
@@ -123,6 +124,9 @@ def gate_checks(kind: Kind, challenger: Mapping[str, float], champion: Mapping[s
                                  champion["pairwise_accuracy"] + t.min_accuracy_gain, ">="))
     elif kind == "policy":
         checks.append(_check("kl_to_reference", challenger.get("kl_to_reference"), t.max_kl, "<="))
+        if "judged_rate_reference" in challenger:  # the data has a judge: its rate must not fall much below SFT's
+            checks.append(_check("judged_rate vs reference", challenger.get("judged_rate"),
+                                 challenger["judged_rate_reference"] - t.max_judged_drop, ">="))
         if champion is not None:
             checks.append(_check("reward_mean vs champion", challenger.get("reward_mean"),
                                  champion["reward_mean"] + t.min_reward_gain, ">="))

@@ -192,15 +192,24 @@ def default_evaluator(workdir: Path, cfg: Any) -> Evaluator:
                     info["eval_texts"] = f"{len(texts)} posts"
                 figures.append(lm_figures(model, tok, exs, batch_size=cfg.batch_size))
         else:  # policy
-            rows = heldout_rows(data_dir() / "prompts.parquet", cfg.eval_split, cfg.eval_prompts,
-                                ["prompt", "split"])
+            import pyarrow.parquet as pq
+
+            from alignflow.tasks import evaluation
+
+            data = data_dir()
+            present = set(pq.read_schema(data / "prompts.parquet").names)
+            rows = heldout_rows(data / "prompts.parquet", cfg.eval_split, cfg.eval_prompts,
+                                [c for c in ("prompt", "split", "site", "question_id") if c in present])
             prompts = [r["prompt"] for r in rows]
+            # an external judge where the data has one (the planted rule of a generated dump): a policy that pleases
+            # the reward model while losing what the judge checks is over-optimised, whatever its KL
+            judge = evaluation.judge_for(data, rows)
             reward_version = _alias_version(REWARD_MODEL, "champion", "challenger")
             if reward_version is None:
                 raise LookupError(f"the policy gate needs a reward model: register {REWARD_MODEL} first")
             reward_model, reward_tok = load_version(REWARD_MODEL, reward_version)
             ref_name, ref_version = _reference_of(name, challenger)
-            reference, _ = load_version(ref_name, ref_version)
+            reference, ref_tok = load_version(ref_name, ref_version)
             info.update({"reward_model": f"models:/{REWARD_MODEL}/{reward_version}",
                          "reference_model": f"models:/{ref_name}/{ref_version}", "eval_prompts": str(len(prompts))})
             from alignflow.models.reward import score_texts
@@ -219,6 +228,16 @@ def default_evaluator(workdir: Path, cfg: Any) -> Evaluator:
                 all_answers.append(answers)
                 figures.append({"reward_mean": sum(r) / len(r), "kl_to_reference": sum(kl) / len(kl),
                                 "prompts": float(len(prompts))})
+                if judge is not None:
+                    figures[-1]["judged_rate"] = evaluation.rate(judge, [answers[i] for i in judge.judged],
+                                                                 judge.judged)
+            if judge is not None:
+                ref_answers = policy_answers(reference, ref_tok, [prompts[i] for i in judge.judged],
+                                             max_new_tokens=cfg.max_new_tokens,
+                                             max_length=fit_length(reference, cfg.max_length),
+                                             batch_size=cfg.batch_size)
+                figures[0]["judged_rate_reference"] = evaluation.rate(judge, ref_answers, judge.judged)
+                info.update({"judge": judge.name, "judged_prompts": str(len(judge.judged))})
             if champion is not None:
                 figures[0]["win_rate"] = win_rate(rewards[0], rewards[1])
             for i, p in enumerate(prompts[:8]):

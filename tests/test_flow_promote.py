@@ -219,6 +219,46 @@ def test_preference_and_policy_gates_on_tiny_models(setup):
     assert run.data.params["eval.reward_model"].startswith("models:/alignflow-reward/")
 
 
+def test_policy_gate_rejects_a_policy_the_judge_fails_against_its_reference(setup, monkeypatch):
+    from alignflow.tasks import evaluation
+    from alignflow.tasks.promotion_eval import fit_length, policy_answers
+
+    work, cfg, tok, mcfg = setup
+    if registry.resolve_version("alignflow-reward", "challenger") is None:  # run on its own
+        _register("alignflow-reward", reward_model_from_causal_lm(build_causal_lm(mcfg, seed=1), tokenizer=tok,
+                                                                  seed=0), tok, task="text-classification")
+    sft = build_causal_lm(mcfg, seed=5)
+    sft_version = _register("alignflow-policy-sft", sft, tok)
+    ref_tag = {"reference_model": f"models:/alignflow-policy-sft/{sft_version}"}
+    # a judge that accepts exactly the reference's greedy answers, computed as the gate computes them
+    prompts = [f"Question: {t}\n\nAnswer: " for t in TEXTS[80:]][: cfg.promote.eval_prompts]
+    ref_answers = policy_answers(sft, tok, prompts, max_new_tokens=cfg.promote.max_new_tokens,
+                                 max_length=fit_length(sft, cfg.promote.max_length), batch_size=cfg.promote.batch_size)
+    monkeypatch.setattr(evaluation, "FACTORIES", [
+        lambda data, rows: evaluation.Judge("same-as-sft", lambda i, a: a == ref_answers[i], list(range(len(rows))))])
+    before = registry.resolve_version("alignflow-policy", "champion")
+    # a policy that says one word whatever the prompt: the final norm outputs a constant vector v, and the word's
+    # row of the (tied) output matrix points along it
+    moved = copy.deepcopy(sft)
+    word = tok(" sorted", add_special_tokens=False)["input_ids"][0]
+    with torch.no_grad():
+        v = torch.randn(mcfg.n_embd, generator=torch.Generator().manual_seed(1))
+        moved.transformer.ln_f.weight.zero_()
+        moved.transformer.ln_f.bias.copy_(v)
+        moved.lm_head.weight[word] = 10 * v
+    version = _register("alignflow-policy", moved, tok, tags=ref_tag)
+    out = promote(workdir=str(work), config=cfg, model_name="alignflow-policy", override=False)
+    figs = out["challenger_figures"]
+    assert figs["judged_rate_reference"] == 1.0 and figs["judged_rate"] == 0.0, figs
+    assert out["decision"] == "rejected" and "judged_rate vs reference" in out["reason"], out
+    assert registry.resolve_version("alignflow-policy", "champion") == before
+    # the reference itself, registered as the policy, passes that check
+    assert _register("alignflow-policy", sft, tok, tags=ref_tag) != version
+    out = promote(workdir=str(work), config=cfg, model_name="alignflow-policy")
+    assert out["challenger_figures"]["judged_rate"] == 1.0
+    assert "judged_rate" not in out["reason"], out  # the reason lists the checks that failed
+
+
 def test_win_rate_and_kl_helpers(setup):
     _, _, tok, mcfg = setup
     assert win_rate([1, 2, 3, 4], [0, 2, 5, 1]) == pytest.approx((1 + 0.5 + 0 + 1) / 4)

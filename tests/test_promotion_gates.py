@@ -68,6 +68,20 @@ def test_policy_gate_checks_reward_kl_and_win_rate():
         assert [c.name for c in d.checks if not c.passed] == [name]
 
 
+def test_policy_gate_checks_the_judge_against_the_reference_where_the_data_has_one():
+    figs = {"reward_mean": 0.5, "kl_to_reference": 2.0}
+    assert [c.name for c in decide("policy", figs, None, T).checks] == ["kl_to_reference"]  # no judge, no check
+    kept = {**figs, "judged_rate": 0.95, "judged_rate_reference": 1.0}
+    d = decide("policy", kept, None, T)
+    assert d.action == "first_champion" and "judged_rate vs reference" in [c.name for c in d.checks]
+    # a policy the reward model likes that lost what the judge checks (reward hacking inside the KL limit)
+    hacked = {**figs, "judged_rate": 0.34, "judged_rate_reference": 1.0}
+    d = decide("policy", hacked, None, T)
+    assert d.action == "rejected" and [c.name for c in d.checks if not c.passed] == ["judged_rate vs reference"]
+    assert "judged_rate vs reference = 0.34 FAILS (>= 0.9)" in d.reason
+    assert decide("policy", hacked, None, Thresholds(max_judged_drop=0.7)).passed  # the tolerance is config
+
+
 def test_missing_figure_fails_the_gate():
     d = decide("policy", {"reward_mean": 0.5, "kl_to_reference": 1.0}, {"reward_mean": 0.1}, T)
     assert d.action == "rejected" and "win_rate vs champion = missing" in d.reason
