@@ -171,7 +171,8 @@ def plot_planted_rates(figures: Mapping[str, Mapping[str, float]], path: Path) -
     sampled = all("sampled_planted_rate" in figures[p] for p in labels)
     width = 0.38 if sampled else 0.7
     xs = range(len(labels))
-    series = [("greedy", "planted_rate", "C0")] + ([("sampled (T=1)", "sampled_planted_rate", "C2")] if sampled else [])
+    # the sampling temperature is the caller's (flows/report.py names it in the summary and the table)
+    series = [("greedy", "planted_rate", "C0")] + ([("sampled", "sampled_planted_rate", "C2")] if sampled else [])
     for i, (name, key, colour) in enumerate(series):
         offset = (i - (len(series) - 1) / 2) * width
         rates = [figures[p][key] for p in labels]
