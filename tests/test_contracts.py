@@ -580,3 +580,35 @@ def test_concurrent_validations_share_a_docs_dir(tmp_path):
 def test_import_does_not_import_great_expectations():
     code = "import sys, alignflow.data_contracts; assert 'great_expectations' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_non_empty_rule_is_pythons_non_space_on_every_code_point_and_runs_in_pyarrow():
+    # The non-empty rule is spelled as a character class so that pandas runs it in pyarrow (RE2) rather
+    # than row by row in Python's re; it must still accept and refuse exactly what r"\S" does.
+    from alignflow.data_contracts.contracts import NON_EMPTY_REGEX
+
+    chars = [chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF]
+    values = pd.Series([*chars, "", " \t\n\r\x0b\x0c", "\u3000\u2028 x", "\xa0\x85"], dtype="str")
+    ours = values.str.contains(NON_EMPTY_REGEX)
+    python = values.map(lambda v: not v.isspace() and v != "")
+    assert ours.tolist() == python.tolist()
+    assert int((~ours).sum()) == 29 + 3  # the 29 characters str.isspace() accepts, and three blank texts
+    assert not values.array._needs_python_regex(NON_EMPTY_REGEX)
+    frame = pairs_frame()
+    frame.loc[1, "chosen"] = "\u2003\u3000\n"  # blank in Unicode terms only
+    res = validate(frame, "pairs")
+    assert res.rejected.index.tolist() == [1] and "chosen" in res.rejected.loc[1, "expectation"]
+
+
+def test_batches_are_not_fingerprinted(monkeypatch):
+    # GX's per-batch fingerprint hashes every cell; nothing alignflow reports depends on it, so it is turned off.
+    from great_expectations.execution_engine import pandas_execution_engine
+
+    def refuse(df):
+        raise AssertionError("GX fingerprinted a batch")
+
+    monkeypatch.setattr(pandas_execution_engine, "hash_pandas_dataframe", refuse)
+    frame = pairs_frame(50)
+    frame.loc[3, "chosen"] = " "
+    res = validate(frame, "pairs")
+    assert res.passed and res.rejected.index.tolist() == [3]
