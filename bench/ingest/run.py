@@ -22,6 +22,10 @@ Usage::
     .venv/bin/python bench/ingest/run.py --quick    # 50 MiB
     .venv/bin/python bench/ingest/run.py --mb 200 --floor-only
     .venv/bin/python bench/ingest/run.py --quick --ingest-arg=--some-flag   # note the "="
+    .venv/bin/python bench/ingest/run.py --site /data/dumps/cooking.stackexchange.com   # a dump you have
+
+``--site`` measures an existing site folder (``Posts.xml``, and ``Votes.xml`` if present; not
+a .7z archive) instead of a generated one: the same floor and the same command on that file.
 """
 
 from __future__ import annotations
@@ -167,19 +171,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--scratch", type=Path, default=None, help="where the dump and ingest workdir go")
     ap.add_argument("--out", type=Path, default=RESULTS / "ingest.json")
+    ap.add_argument("--site", type=Path, default=None,
+                    help="an existing Stack Exchange site folder to measure instead of a generated dump")
     ap.add_argument("--floor-only", action="store_true", help="measure the lxml floor only (harness check)")
     ap.add_argument("--ingest-arg", action="append", default=[], help="extra argument for alignflow ingest")
     ap.add_argument("--workers", type=lambda t: [int(x) for x in t.split(",")], default=[1, os.cpu_count() or 1],
                     help="worker counts to measure, comma-separated (default: 1 and every core)")
     args = ap.parse_args(argv)
     mb = 50 if args.quick else args.mb
-    scratch = (args.scratch or RESULTS / f"scratch-{mb}mb-seed{args.seed}").resolve()
+    if args.site is not None:
+        site = args.site.resolve()
+        if not (site / "Posts.xml").is_file():
+            print(f"--site {args.site}: no Posts.xml in that folder (a .7z archive must be extracted first)",
+                  file=sys.stderr)
+            return 2
+        scratch = (args.scratch or RESULTS / f"scratch-site-{site.name}").resolve()
+    else:
+        scratch = (args.scratch or RESULTS / f"scratch-{mb}mb-seed{args.seed}").resolve()
     scratch.mkdir(parents=True, exist_ok=True)
     logs = scratch / "logs"
     logs.mkdir(exist_ok=True)
 
-    info = prepare_dump(scratch, mb, args.seed)
-    site = scratch / SITE
+    if args.site is not None:
+        info = {"questions": None, "reused": True, "given": True}
+    else:
+        info = prepare_dump(scratch, mb, args.seed)
+        site = scratch / SITE
     posts = site / "Posts.xml"
     size = posts.stat().st_size
     size_mib = size / MIB
@@ -269,12 +286,13 @@ def main(argv: list[str] | None = None) -> int:
         "input": {
             "posts_bytes": size,
             "posts_mib": size_mib,
-            "votes_bytes": (site / "Votes.xml").stat().st_size,
+            "votes_bytes": (site / "Votes.xml").stat().st_size if (site / "Votes.xml").exists() else 0,
             "questions": info["questions"],
             "seed": args.seed,
             "site_folder": str(site),
             "generated": {k: info[k] for k in ("generate_seconds", "generate_posts_mib_per_s") if k in info},
             "reused": info["reused"],
+            "given": bool(info.get("given")),  # --site: a dump not made by the generator
         },
         "floor": floor,
         "ingest": ingest,
@@ -324,8 +342,11 @@ def _versions() -> dict:
 def _print_table(r: dict, error: str | None) -> None:
     inp, fl, ing = r["input"], r["floor"], r["ingest"]
     gen = inp["generated"]
-    how = "reused" if inp["reused"] else f"generated at {gen['generate_posts_mib_per_s']:.1f} MiB/s"
-    print(f"\nPosts.xml: {inp['posts_mib']:.1f} MiB, {inp['questions']:,} questions ({how})")
+    if inp.get("given"):
+        print(f"\nPosts.xml: {inp['posts_mib']:.1f} MiB, {fl['rows']:,} rows (given: {inp['site_folder']})")
+    else:
+        how = "reused" if inp["reused"] else f"generated at {gen['generate_posts_mib_per_s']:.1f} MiB/s"
+        print(f"\nPosts.xml: {inp['posts_mib']:.1f} MiB, {inp['questions']:,} questions ({how})")
     print(f"{'pass':<10} {'MiB/s':>9} {'wall s':>9} {'peak RSS MiB':>13}   target")
     print(
         f"{'floor':<10} {fl['mib_per_s']:>9.1f} {fl['wall_seconds']:>9.2f} {fl['peak_rss_mib']:>13.1f}"
