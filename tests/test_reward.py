@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 import re
 import shutil
 
@@ -350,18 +351,32 @@ def test_evaluate_pairs_uses_scores_and_lists_worst(rm, tok):
 # The planted rule ("mentions the question's key term AND has a ``` block") caps pairwise accuracy at 0.96 on these
 # held-out pairs. A code-block-only model gets about 0.79. The key-term half is the hard one: in a third of the pairs
 # the rejected answer mentions another made-up term of the same pool in the same slot, so the model must tell
-# whether the answer's word *repeats the prompt's* key term -- an in-context match. A reward model trained from
-# random weights on pairs alone learns it late or not at all: 0.85-0.88 after 1,000 steps whatever the width
-# (64 or 128), heads (2 or 4), layers (2 or 3), learning rate (1e-3, 3e-3) or vocabulary (800 or 2,000 tokens),
-# with the "real library name vs made-up word" shortcut learned and the matching itself at chance. Pretraining the LM
-# first (next-token prediction on the sequences the reward model reads: prompt tail + answer head) gives the match a
-# copy circuit to start from, but when that circuit forms is itself a seed-dependent phase change: 0.860 / 0.936 /
-# 0.907 (seeds 0-2) after 1,000 pretraining + 600 reward steps, 0.927 / 0.863 / 0.869 after 2,000 + 600, and
-# 0.930 / 0.875 / 0.863 when pretraining on whole prompt + answer texts cut into windows. So 0.90 is reached by some
-# seeds, not reliably; the bar stays where every seed measured so far clears it, and the halves are checked apart.
+# whether the answer's word *repeats the prompt's* key term -- an in-context match.
+#
+# Cause. Two things were missing, and the recipe needs both. (1) A copy circuit: pretrained on every sequence the
+# reward model reads, the LM rarely learns to copy the key term into the answer's mention slot within 1,000 steps (the
+# slot holds the key term in only about half of those answers, a pool distractor or a library name in the rest): its
+# argmax at the slot is the key term for 5% of held-out answers that name it (4 heads, seeds 0, 3, 5; 33% for seed 6;
+# chance is about 6%). Pretrained only on the sequences whose answer names the key term, it copies it in 81-95%
+# (seeds 0-6, 2 or 4 heads). (2) A gradient towards the match: in the real pairs the "real library name vs made-up
+# word" shortcut and the code block explain most of the loss, and the match only shows in the TC>-C pairs whose
+# distractor is a pool term. The training pairs are therefore augmented with
+# synthesized hard negatives, built from the training rows only: each distinct chosen answer that names its key term
+# against the same answer with that term swapped for another term of the pool (the training questions' key terms);
+# the reward model first trains on those alone (a curriculum), then on real + synthesized pairs.
+#
+# Measured on a 2-core CPU (held-out accuracy / term half; 61-66 s a seed, 52 s for the old recipe's seed 0): 0.959 /
+# 0.981, 0.959 / 0.990, 0.965 / 1.000 for seeds 0-2, and, with another draw of the swapped-in terms, 0.962 / 1.000,
+# 0.956 / 0.961, 0.965 / 1.000 for seeds 3-5; with 4 heads of 16 dims instead of 2 of 32, 0.956-0.965 and term half >=
+# 0.99 for every seed 0-6. Each part alone falls short: the old recipe 0.860 for seed 0 (0.936 / 0.907 for seeds 1-2 as
+# measured before); the synthesized pairs alone 0.945 / 0.924 / 0.948 / 0.810 / 0.848 (seeds 0-4); those + curriculum +
+# 4 heads 0.950 / 0.959 / 0.950 / 0.939 / 0.959 / 0.851 / 0.956 (seeds 0-6; seed 5's LM had no copy circuit, 5%); the
+# term-only pretraining corpus alone 0.866 / 0.878 / 0.851 (seeds 0, 3, 5: the copy is there but nothing in the pairs
+# asks for the match); corpus + synthesized pairs without the curriculum 0.945 / 0.918 / 0.860 (seeds 0, 3, 5).
 LEARN_PRETRAIN = dict(steps=1000, lr=3e-3)
 LEARN_QUESTIONS = 3000
 LEARN = dict(vocab_size=2000, max_length=48, steps=600, batch_size=16, lr=3e-3)
+LEARN_CURRICULUM_STEPS = 200  # reward steps on the synthesized hard negatives alone, before the mixed run
 
 
 @pytest.fixture(scope="module")
@@ -378,24 +393,48 @@ def synthetic_pairs(tmp_path_factory):
     return rows
 
 
-def _features(row: dict, answer: str) -> str:
+def _key_term(row: dict) -> str | None:
     from alignflow.tasks.ingest.synthetic import key_term
 
     title = row["prompt"].split("\n", 1)[0].removeprefix("Question: ")
-    term = key_term(title, row["prompt"])
-    mentions = term is not None and re.search(rf"(?<![\w]){re.escape(term)}(?![\w])", answer, re.I) is not None
-    return ("T" if mentions else "-") + ("C" if "```" in answer else "-")
+    return key_term(title, row["prompt"])
+
+
+def _mentions(text: str, term: str | None) -> bool:
+    return term is not None and re.search(rf"(?<![\w]){re.escape(term)}(?![\w])", text, re.I) is not None
+
+
+def _features(row: dict, answer: str) -> str:
+    return ("T" if _mentions(answer, _key_term(row)) else "-") + ("C" if "```" in answer else "-")
+
+
+def _swapped_pairs(rows: list[dict], seed: int) -> list[dict]:
+    """Synthesized hard negatives from these (training) rows only: every distinct chosen answer that names its key
+    term, preferred over the same answer with that term swapped for another key term of the rows' pool."""
+    pool = sorted({_key_term(r) for r in rows} - {None})
+    rng = random.Random(seed + 12345)  # a stream of its own, apart from the loop's seed
+    out, seen = [], set()
+    for r in rows:
+        term = _key_term(r)
+        if (r.get("question_id"), r["chosen"]) in seen or not _mentions(r["chosen"], term):
+            continue
+        seen.add((r.get("question_id"), r["chosen"]))
+        other = rng.choice([t for t in pool if t != term])
+        swapped = re.sub(rf"(?<![\w]){re.escape(term)}(?![\w])", other, r["chosen"], flags=re.I)
+        out.append({**r, "rejected": swapped, "pair_id": f"{r.get('pair_id')}:swap", "margin": None})
+    return out
 
 
 def _pretrained_lm(tok, rows, seed):
-    """The base LM of the recipe: next-token prediction on the sequences the reward model will read."""
+    """The base LM of the recipe: next-token prediction on the sequences the reward model will read whose answer
+    names the key term, so that copying the prompt's key term into the answer's mention slot is always right."""
     from alignflow.tasks.train.batching import pad_collate
     from alignflow.tasks.train.lm import causal_lm_loss
     from alignflow.tasks.train.loop import train_loop
 
     lm = _lm(tok, max_position=LEARN["max_length"], seed=seed)
     seqs = sorted({tuple(reward_input_ids(tok, r["prompt"], r[k], LEARN["max_length"]))
-                   for r in rows for k in ("chosen", "rejected")})
+                   for r in rows for k in ("chosen", "rejected") if _mentions(r[k], _key_term(r))})
     docs = [{"input_ids": list(s)} for s in seqs]
     cfg = TrainConfig(max_steps=LEARN_PRETRAIN["steps"], batch_size=LEARN["batch_size"], lr=LEARN_PRETRAIN["lr"],
                       warmup_steps=10, weight_decay=0.0, eval_every=10**6, log_every=10**6, checkpoint_every=10**6,
@@ -414,12 +453,18 @@ def test_reward_model_learns_the_planted_rule(synthetic_pairs, seed):
     tok = train_bpe_tokenizer([r[k] for r in train for k in ("prompt", "chosen", "rejected")],
                               vocab_size=LEARN["vocab_size"], model_max_length=LEARN["max_length"])
     model = reward_model_from_causal_lm(_pretrained_lm(tok, train, seed), tokenizer=tok, seed=seed)
-    cfg = TrainConfig(max_steps=LEARN["steps"], batch_size=LEARN["batch_size"], lr=LEARN["lr"], warmup_steps=10,
-                      weight_decay=0.0, eval_every=10**6, log_every=10**6, checkpoint_every=10**6, seed=seed)
-    result = train_reward(cfg, model, tok, train, held[:32], max_length=LEARN["max_length"])
+    swapped = _swapped_pairs(train, seed)
+    assert len(swapped) >= 1000 and not {r["question_id"] for r in swapped} & {r["question_id"] for r in held}
+
+    def cfg(steps):
+        return TrainConfig(max_steps=steps, batch_size=LEARN["batch_size"], lr=LEARN["lr"], warmup_steps=10,
+                           weight_decay=0.0, eval_every=10**6, log_every=10**6, checkpoint_every=10**6, seed=seed)
+
+    train_reward(cfg(LEARN_CURRICULUM_STEPS), model, tok, swapped, held[:32], max_length=LEARN["max_length"])
+    result = train_reward(cfg(LEARN["steps"]), model, tok, train + swapped, held[:32], max_length=LEARN["max_length"])
     assert result.final_step == LEARN["steps"] and "eval/pairwise_accuracy" in result.last_eval
     metrics = evaluate_pairs(model, tok, held, batch_size=64, max_length=LEARN["max_length"])
-    assert metrics["eval/pairwise_accuracy"] >= 0.83, metrics
+    assert metrics["eval/pairwise_accuracy"] >= 0.90, metrics
 
     # Which half of the rule is learned: code block (vs term-only / neither) and key term (vs code-only).
     rc = score_texts(model, tok, [r["prompt"] for r in held], [r["chosen"] for r in held], batch_size=64,
@@ -434,4 +479,5 @@ def test_reward_model_learns_the_planted_rule(synthetic_pairs, seed):
     term_half = by_kind.get("TC>-C", [])
     assert len(code_half) >= 100 and len(term_half) >= 50
     assert sum(code_half) / len(code_half) >= 0.97, by_kind
-    assert sum(term_half) / len(term_half) >= 0.6, by_kind  # a code-block-only model gets 0.5 here
+    # the match itself: the shortcut "real library name vs made-up word" alone gets about 0.7 here
+    assert sum(term_half) / len(term_half) >= 0.85, by_kind
