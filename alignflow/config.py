@@ -256,6 +256,9 @@ class PmStageConfig(_Section):
                                    "instead of the ingested pairs; split by question like the ingest does.")
     max_train_pairs: int | None = Field(None, ge=1, description="Use at most this many training pairs (a seeded "
                                         "draw of whole questions).")
+    mismatched_pairs: float = Field(0.0, ge=0, le=4, description="Extra training pairs per drawn pair: a question's "
+                                    "best answer preferred over another question's best answer, under its prompt "
+                                    "(hard negatives: fluent, on topic, wrong in what they refer to). 0 = none.")
     use_margin: bool = Field(False, description="Subtract a margin from the score gap inside the sigmoid "
                              "(the pairs' `margin` column).")
     centering: float = Field(0.0, ge=0, description="Weight of the centring term mean((r_c + r_r)^2).")

@@ -78,7 +78,8 @@ def pm(workdir: str = "./alignflow-work", config: AlignflowConfig | None = None,
         tracking.log_parquet_input(pairs_path, name="pairs", digest=entry["digest"], context="training",
                                    rows=entry["rows"])
         train_rows, held = select_task_pairs(read_pairs(pairs_path), cfg.pm, pairs_path)
-        mlflow.log_metrics({"data/train_pairs": float(len(train_rows)), "data/eval_pairs": float(len(held))})
+        mlflow.log_metrics({"data/train_pairs": float(len(train_rows)), "data/eval_pairs": float(len(held)),
+                            "data/mismatched_pairs": float(sum(1 for r in train_rows if r.get("mismatched")))})
         start_name = PMP_MODEL if cfg.pmp.enabled else BASE_MODEL
         model, tok, start = start_reward_model(cfg.pm.model, registered=start_name, seed=cfg.pm.train.seed)
         st.note_start(start)

@@ -136,7 +136,9 @@ def task_pairs(pairs_file: str | None, latest: Path, workdir: Path, ingest_cfg: 
 
 def select_task_pairs(rows: list[dict], cfg: Any, source: Path) -> tuple[list[dict], list[dict]]:
     """(training pairs, held-out validation pairs) of the task site (``pm`` section), by whole questions."""
-    from alignflow.tasks.train.pairs import PairSelectionError, check_split_hygiene, draw_questions, rows_of_split
+    from alignflow.tasks.train.pairs import (
+        PairSelectionError, check_split_hygiene, draw_questions, mismatched_pairs, rows_of_split,
+    )
 
     train = rows_of_split(rows, "train", cfg.site)
     if not train:
@@ -146,6 +148,8 @@ def select_task_pairs(rows: list[dict], cfg: Any, source: Path) -> tuple[list[di
     train = draw_questions(train, cfg.max_train_pairs, cfg.train.seed)
     held = draw_questions(rows_of_split(rows, "validation", cfg.site), cfg.eval_pairs, cfg.train.seed)
     check_split_hygiene(train, held)
+    if getattr(cfg, "mismatched_pairs", 0):
+        train = train + mismatched_pairs(train, cfg.mismatched_pairs, cfg.train.seed)
     return train, held
 
 

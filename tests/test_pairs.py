@@ -13,6 +13,7 @@ from alignflow.tasks.train.pairs import (
     check_split_hygiene,
     draw_mixture,
     draw_questions,
+    mismatched_pairs,
     read_pairs,
     rows_of_split,
 )
@@ -44,6 +45,65 @@ def test_draw_questions_keeps_questions_whole_and_nests():
     assert draw_questions(rows, 10, seed=3) == small  # deterministic
     assert draw_questions(rows, 10, seed=4) != small
     assert sorted(r["pair_id"] for r in draw_questions(rows, None, seed=1)) == sorted(r["pair_id"] for r in rows)
+
+
+def _scored_rows(questions: int) -> list[dict]:
+    """Question q: answers "q<q>-best" (score 10) > "q<q>-mid" (5) > "q<q>-low" (1), as three ranked pairs."""
+    rows = []
+    for q in range(questions):
+        answers = [(f"q{q}-best", 10.0), (f"q{q}-mid", 5.0), (f"q{q}-low", 1.0)]
+        for (c, cs), (r, rs) in [(answers[1], answers[2]), (answers[0], answers[1]), (answers[0], answers[2])]:
+            rows.append({"pair_id": f"{q}:{c}>{r}", "site": "s", "question_id": str(q), "split": "train",
+                         "source": "stackexchange", "prompt": f"prompt {q}", "chosen": c, "rejected": r,
+                         "chosen_score": cs, "rejected_score": rs, "margin": cs - rs})
+    return rows
+
+
+def test_mismatched_pairs_prefer_a_questions_best_answer_over_other_questions_best():
+    rows = _scored_rows(10)  # 30 pairs
+    extra = mismatched_pairs(rows, 1.0, seed=0)
+    assert len(extra) == 30
+    for r in extra:
+        q = r["question_id"]
+        assert r["prompt"] == f"prompt {q}" and r["chosen"] == f"q{q}-best"  # its own best, not the first chosen
+        assert r["rejected"].endswith("-best") and r["rejected"] != r["chosen"]  # another question's best
+        assert r["mismatched"] and r["pair_id"].startswith("mismatch:") and r["margin"] is None
+        assert r["site"] == "s" and r["split"] == "train" and r["source"] == "stackexchange"
+    # every question gets its share (3 each), from 3 different donors
+    for q in range(10):
+        donors = [r["rejected"] for r in extra if r["question_id"] == str(q)]
+        assert len(donors) == 3 and len(set(donors)) == 3
+    assert mismatched_pairs(list(reversed(rows)), 1.0, seed=0) == extra  # input order does not matter
+    assert len({r["pair_id"] for r in extra}) == 30
+    assert mismatched_pairs(rows, 1.0, seed=1) != extra  # the seed picks the donors
+    assert len(mismatched_pairs(rows, 0.5, seed=0)) == 15
+    assert mismatched_pairs(rows, 0.0, seed=0) == []
+    assert mismatched_pairs(_scored_rows(1), 1.0, seed=0) == []  # no other question to borrow from
+    with pytest.raises(ValueError, match=">= 0"):
+        mismatched_pairs(rows, -1, seed=0)
+
+
+def test_mismatched_pairs_skip_a_donor_with_the_same_answer():
+    rows = _scored_rows(2)
+    for r in rows:
+        r["chosen"] = r["chosen"].replace("q1-", "q0-")  # both questions' best answer is the same text
+    assert mismatched_pairs(rows, 1.0, seed=0) == []
+
+
+def test_task_pairs_add_mismatched_pairs_only_when_asked(tmp_path):
+    from alignflow.config import load_config
+    from alignflow.tasks.preference import select_task_pairs
+
+    rows = _scored_rows(12) + [{**r, "split": "validation", "question_id": f"v{r['question_id']}"}
+                               for r in _scored_rows(3)]
+    cfg = load_config(None, ["pm.site=s"]).pm
+    train, held = select_task_pairs(rows, cfg, tmp_path / "pairs.parquet")
+    assert len(train) == 36 and not any(r.get("mismatched") for r in train)
+    cfg = load_config(None, ["pm.site=s", "pm.mismatched_pairs=0.5"]).pm
+    train2, held2 = select_task_pairs(rows, cfg, tmp_path / "pairs.parquet")
+    assert train2[:36] == train and held2 == held
+    assert sum(1 for r in train2 if r.get("mismatched")) == 18
+    assert all(r["split"] == "train" for r in train2)  # never a held-out answer as a donor
 
 
 def test_mixture_follows_weights_and_upsamples_a_small_source():

@@ -31,6 +31,7 @@ __all__ = [
     "check_split_hygiene",
     "draw_mixture",
     "draw_questions",
+    "mismatched_pairs",
     "read_pairs",
     "rows_of_split",
 ]
@@ -92,6 +93,54 @@ def draw_questions(rows: Sequence[dict], n_pairs: int | None, seed: int) -> list
             out.extend(group)
         if n_pairs and len(out) == n_pairs:
             break
+    return out
+
+
+def mismatched_pairs(rows: Sequence[dict], ratio: float, seed: int) -> list[dict]:
+    """Extra pairs that teach a reward model that an answer must fit its prompt: about ``ratio`` per row.
+
+    Each extra pair takes a question's best answer (the ``chosen`` with the highest ``chosen_score`` among its
+    pairs; the first on ties or without scores) as ``chosen`` and the best answer of another question of
+    ``rows`` as ``rejected``, under the first question's prompt. Well-voted answers to other questions are
+    the hard negatives that ranked pairs rarely hold: fluent, on the site's topics, often of the same form,
+    wrong only in what they refer to. The donors follow a seeded order that does not depend on input order;
+    a donor answer equal to the question's own is skipped. The result does not depend on the order of ``rows``
+    when a question's highest-scored chosen answer is unique. The rows carry the question's ``site``,
+    ``question_id``, ``split`` and ``source``, so question-grouped batches keep them with the question's
+    real pairs; ``pair_id`` starts with ``mismatch:``, scores and margin are None and ``mismatched`` is True.
+    """
+    if ratio < 0:
+        raise ValueError(f"mismatched pairs ratio must be >= 0, got {ratio}")
+    best: dict[str, dict] = {}
+    for r in rows:
+        key = question_key(r)
+        cur = best.get(key)
+        score = r.get("chosen_score")
+        if cur is None or (score is not None and (cur.get("chosen_score") is None or score > cur["chosen_score"])):
+            best[key] = r
+    order = _stable_order(best, seed)
+    want = round(ratio * len(rows))
+    if want == 0 or len(order) < 2:
+        return []
+    per_question, extra = divmod(want, len(order))
+    out: list[dict] = []
+    for i, key in enumerate(order):
+        own = best[key]
+        for j in range(per_question + (1 if i < extra else 0)):
+            # the j-th donor of question i: a fixed non-zero offset in the seeded order, never the question itself
+            offset = 1 + (j * 7919 + seed) % (len(order) - 1)
+            donor_key = order[(i + offset) % len(order)]
+            donor = best[donor_key]
+            if donor["chosen"] == own["chosen"]:
+                continue
+            out.append({
+                **{c: own.get(c) for c in ("prompt", "question_id", "site", "source", "split")},
+                "pair_id": "mismatch:" + hashlib.sha256(f"{key}\x1e{donor_key}".encode()).hexdigest()[:16],
+                "chosen": own["chosen"], "rejected": donor["chosen"],
+                "chosen_score": None, "rejected_score": None, "margin": None,
+                **({"weight": own["weight"]} if "weight" in own else {}),
+                "mismatched": True,
+            })
     return out
 
 
