@@ -259,6 +259,9 @@ class PmStageConfig(_Section):
     mismatched_pairs: float = Field(0.0, ge=0, le=4, description="Extra training pairs per drawn pair: a question's "
                                     "best answer preferred over another question's best answer, under its prompt "
                                     "(hard negatives: fluent, on topic, wrong in what they refer to). 0 = none.")
+    mismatched_donors: Literal["random", "nearest"] = Field(
+        "random", description="Which other questions' best answers the mismatched pairs take: `random` (seeded) "
+        "or `nearest` (the most similar by word overlap: near-duplicates that differ in a few words).")
     use_margin: bool = Field(False, description="Subtract a margin from the score gap inside the sigmoid "
                              "(the pairs' `margin` column).")
     centering: float = Field(0.0, ge=0, description="Weight of the centring term mean((r_c + r_r)^2).")

@@ -149,7 +149,8 @@ def select_task_pairs(rows: list[dict], cfg: Any, source: Path) -> tuple[list[di
     held = draw_questions(rows_of_split(rows, "validation", cfg.site), cfg.eval_pairs, cfg.train.seed)
     check_split_hygiene(train, held)
     if getattr(cfg, "mismatched_pairs", 0):
-        train = train + mismatched_pairs(train, cfg.mismatched_pairs, cfg.train.seed)
+        train = train + mismatched_pairs(train, cfg.mismatched_pairs, cfg.train.seed,
+                                         getattr(cfg, "mismatched_donors", "random"))
     return train, held
 
 

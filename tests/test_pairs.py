@@ -14,6 +14,7 @@ from alignflow.tasks.train.pairs import (
     draw_mixture,
     draw_questions,
     mismatched_pairs,
+    nearest_answers,
     read_pairs,
     rows_of_split,
 )
@@ -88,6 +89,38 @@ def test_mismatched_pairs_skip_a_donor_with_the_same_answer():
     for r in rows:
         r["chosen"] = r["chosen"].replace("q1-", "q0-")  # both questions' best answer is the same text
     assert mismatched_pairs(rows, 1.0, seed=0) == []
+
+
+def test_nearest_answers_rank_by_word_overlap_and_skip_self_and_copies():
+    texts = ["use the foo loader with a cache",       # 0
+             "use the bar loader with a cache",       # 1: 6 of 8 words shared with 0
+             "something else entirely",               # 2: nothing shared with 0
+             "use the foo loader",                    # 3: 4 of 7 words shared with 0
+             "use the foo loader with a cache"]       # 4: a copy of 0
+    near = nearest_answers(texts, 2)
+    assert near[0] == [1, 3]  # never itself nor its copy (4), most similar first
+    assert near[4] == [1, 3]
+    assert near[2][0] != 2 and len(near[2]) == 2  # no overlap at all still gives k donors (ties: lower index)
+    assert nearest_answers(texts, 0) == [[]] * 5 and nearest_answers([], 3) == []
+    assert nearest_answers(texts, 2, block=2) == near  # blocks do not change the result
+    assert nearest_answers(["A b", "a B c", "x"], 1)[0] == [1]  # case-insensitive words
+    with pytest.raises(ValueError, match=">= 0"):
+        nearest_answers(texts, -1)
+
+
+def test_mismatched_pairs_with_nearest_donors_take_the_most_similar_best_answer():
+    rows = []
+    for q, (term, topic) in enumerate([("zorp", "cache"), ("blix", "cache"), ("quav", "socket"), ("drel", "socket")]):
+        rows.append({"pair_id": f"{q}", "site": "s", "question_id": str(q), "split": "train", "source": "se",
+                     "prompt": f"prompt {q}", "chosen": f"call {term} to flush the {topic} before the write",
+                     "rejected": "no idea", "chosen_score": 5.0, "rejected_score": 0.0, "margin": 5.0})
+    extra = mismatched_pairs(rows, 1.0, seed=0, donors="nearest")
+    donor = {r["question_id"]: r["rejected"] for r in extra}
+    assert donor == {"0": rows[1]["chosen"], "1": rows[0]["chosen"], "2": rows[3]["chosen"], "3": rows[2]["chosen"]}
+    assert mismatched_pairs(list(reversed(rows)), 1.0, seed=0, donors="nearest") == extra
+    assert mismatched_pairs(rows, 1.0, seed=0) != extra  # random donors differ
+    with pytest.raises(ValueError, match="random or nearest"):
+        mismatched_pairs(rows, 1.0, seed=0, donors="closest")
 
 
 def test_task_pairs_add_mismatched_pairs_only_when_asked(tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,7 +97,7 @@ def draw_questions(rows: Sequence[dict], n_pairs: int | None, seed: int) -> list
     return out
 
 
-def mismatched_pairs(rows: Sequence[dict], ratio: float, seed: int) -> list[dict]:
+def mismatched_pairs(rows: Sequence[dict], ratio: float, seed: int, donors: str = "random") -> list[dict]:
     """Extra pairs that teach a reward model that an answer must fit its prompt: about ``ratio`` per row.
 
     Each extra pair takes a question's best answer (the ``chosen`` with the highest ``chosen_score`` among its
@@ -108,9 +109,16 @@ def mismatched_pairs(rows: Sequence[dict], ratio: float, seed: int) -> list[dict
     when a question's highest-scored chosen answer is unique. The rows carry the question's ``site``,
     ``question_id``, ``split`` and ``source``, so question-grouped batches keep them with the question's
     real pairs; ``pair_id`` starts with ``mismatch:``, scores and margin are None and ``mismatched`` is True.
+
+    ``donors="random"`` takes the donors at fixed offsets in the seeded order; ``donors="nearest"`` takes the
+    other questions' best answers most similar to the question's own (Jaccard similarity of their lowercased
+    word sets, :func:`nearest_answers`): near-duplicates that differ in a few words, so the pair asks about
+    those words and the prompt they must fit, not about length, form or topic.
     """
     if ratio < 0:
         raise ValueError(f"mismatched pairs ratio must be >= 0, got {ratio}")
+    if donors not in ("random", "nearest"):
+        raise ValueError(f"mismatched pairs donors must be random or nearest, got {donors!r}")
     best: dict[str, dict] = {}
     for r in rows:
         key = question_key(r)
@@ -123,13 +131,21 @@ def mismatched_pairs(rows: Sequence[dict], ratio: float, seed: int) -> list[dict
     if want == 0 or len(order) < 2:
         return []
     per_question, extra = divmod(want, len(order))
+    counts = [per_question + (1 if i < extra else 0) for i in range(len(order))]
+    if donors == "nearest":
+        near = nearest_answers([best[k]["chosen"] for k in order], max(counts))
     out: list[dict] = []
     for i, key in enumerate(order):
         own = best[key]
-        for j in range(per_question + (1 if i < extra else 0)):
-            # the j-th donor of question i: a fixed non-zero offset in the seeded order, never the question itself
-            offset = 1 + (j * 7919 + seed) % (len(order) - 1)
-            donor_key = order[(i + offset) % len(order)]
+        for j in range(counts[i]):
+            if donors == "nearest":
+                if j >= len(near[i]):
+                    break
+                donor_key = order[near[i][j]]
+            else:
+                # the j-th donor of question i: a fixed non-zero offset in the seeded order, never the question
+                offset = 1 + (j * 7919 + seed) % (len(order) - 1)
+                donor_key = order[(i + offset) % len(order)]
             donor = best[donor_key]
             if donor["chosen"] == own["chosen"]:
                 continue
@@ -141,6 +157,55 @@ def mismatched_pairs(rows: Sequence[dict], ratio: float, seed: int) -> list[dict
                 **({"weight": own["weight"]} if "weight" in own else {}),
                 "mismatched": True,
             })
+    return out
+
+
+_WORD = re.compile(r"\w+")
+
+
+def nearest_answers(texts: Sequence[str], k: int, *, block: int = 512) -> list[list[int]]:
+    """For each text, the indices of the ``k`` other texts with the highest Jaccard similarity of word sets.
+
+    Words are ``\\w+`` runs, lowercased. Ties go to the lower index; a text never lists itself, nor a text
+    equal to it. Exact and deterministic: a sparse word-incidence matrix multiplied by its transpose, ``block``
+    rows at a time (memory ``block x len(texts)``; time grows with the square of ``len(texts)``, which suits
+    task-sized pair sets of thousands to tens of thousands of questions).
+    """
+    import numpy as np
+    from scipy import sparse
+
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    n = len(texts)
+    if n == 0 or k == 0:
+        return [[] for _ in range(n)]
+    vocab: dict[str, int] = {}
+    indptr, indices = [0], []
+    for t in texts:
+        ids = sorted({vocab.setdefault(w, len(vocab)) for w in _WORD.findall(t.lower())})
+        indices += ids
+        indptr.append(len(indices))
+    x = sparse.csr_matrix((np.ones(len(indices), dtype=np.float32), indices, indptr), shape=(n, max(len(vocab), 1)))
+    sizes = np.diff(x.indptr).astype(np.float64)
+    xt = x.T.tocsc()
+    out: list[list[int]] = []
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        inter = np.asarray((x[start:stop] @ xt).todense(), dtype=np.float64)
+        union = sizes[start:stop, None] + sizes[None, :] - inter
+        sim = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+        for row in range(stop - start):
+            i = start + row
+            sim[row, i] = -1.0
+            # stable sort on -similarity: ties keep the lower index first
+            ranked = np.argsort(-sim[row], kind="stable")
+            picked: list[int] = []
+            for j in ranked:
+                if len(picked) == k or sim[row, j] < 0:
+                    break
+                if texts[j] != texts[i]:
+                    picked.append(int(j))
+            out.append(picked)
     return out
 
 
