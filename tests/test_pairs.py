@@ -137,6 +137,10 @@ def test_task_pairs_add_mismatched_pairs_only_when_asked(tmp_path):
     assert train2[:36] == train and held2 == held
     assert sum(1 for r in train2 if r.get("mismatched")) == 18
     assert all(r["split"] == "train" for r in train2)  # never a held-out answer as a donor
+    cfg = load_config(None, ["pm.site=s", "pm.mismatched_pairs=0.5", "pm.mismatched_donors=nearest"]).pm
+    train3, _ = select_task_pairs(rows, cfg, tmp_path / "pairs.parquet")
+    assert train3[:36] == train and sum(1 for r in train3 if r.get("mismatched")) == 18
+    assert train3[36:] != train2[36:]  # the setting reaches the donors
 
 
 def test_mixture_follows_weights_and_upsamples_a_small_source():
