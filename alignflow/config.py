@@ -123,10 +123,6 @@ class IngestConfig(_Section):
         200_000, ge=100, description="Most rows per data-contract validation (several row groups checked at once)."
     )
     contract_mb: int = Field(8, ge=1, description="Most text (MiB) per data-contract validation.")
-    staging_mb: int = Field(
-        128, ge=64, description="Memory (MiB) DuckDB may use to sum votes and sort the staged posts by question; "
-        "past it, it spills to disk beside the staging files."
-    )
     split: SplitConfig = Field(default_factory=SplitConfig, description="How questions are assigned to splits.")
     reddit_reply_pairs: bool = Field(
         False,

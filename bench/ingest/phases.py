@@ -73,6 +73,19 @@ def site_for(mb: int, scratch: Path, seed: int = 0) -> Path:
     return site
 
 
+def _role(p: psutil.Process) -> str:
+    """Which part of the ingest a process of the tree is: the parent, a reading worker, the contract process."""
+    try:
+        cmd = " ".join(p.cmdline())
+    except psutil.Error:
+        return "?"
+    if "contract_service" in cmd:
+        return "contracts"
+    if "serve()" in cmd:
+        return "reading workers"
+    return "parent" if "execute_ingest" in cmd else "other"
+
+
 def measure(site: Path, workers: int, overrides: list[str], cprofile: Path | None = None,
             src: Path | None = None, keep: Path | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="af-phases-") as tmp:
@@ -83,7 +96,10 @@ def measure(site: Path, workers: int, overrides: list[str], cprofile: Path | Non
         env = dict(os.environ)
         if src is not None:  # another tree of the package first on the path (e.g. the code before a change)
             env["PYTHONPATH"] = os.pathsep.join([str(src), *filter(None, [env.get("PYTHONPATH")])])
-        popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(Path(tmp) / "stderr", "wb"), env=env)
+        # cwd outside the repository: `python -c` puts the cwd first on sys.path, and the repository's
+        # top-level `alignflow/` folder would shadow the --src tree
+        popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(Path(tmp) / "stderr", "wb"), env=env,
+                                 cwd=tmp)
         proc = psutil.Process(popen.pid)
         peak = 0
         out = b""
@@ -94,17 +110,23 @@ def measure(site: Path, workers: int, overrides: list[str], cprofile: Path | Non
 
         reader = threading.Thread(target=read)
         reader.start()
+        at_peak: dict[str, float] = {}  # MiB per process when the tree peaked
+        started_at = time.perf_counter()
         while popen.poll() is None:
             rss = 0
+            each: dict[str, float] = {}
             try:
                 for p in [proc, *proc.children(recursive=True)]:
                     try:
-                        rss += p.memory_info().rss
+                        one = p.memory_info().rss
+                        rss += one
+                        each[_role(p)] = each.get(_role(p), 0) + one / MIB
                     except psutil.Error:
                         pass
             except psutil.Error:
                 pass
-            peak = max(peak, rss)
+            if rss > peak:
+                peak, at_peak = rss, {**each, "at_second": time.perf_counter() - started_at}
             time.sleep(0.2)
         reader.join()
         wall = time.perf_counter() - t0
@@ -123,6 +145,7 @@ def measure(site: Path, workers: int, overrides: list[str], cprofile: Path | Non
         "wall_seconds": wall,
         "tree_cpu_seconds": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
         "peak_rss_mib": peak / MIB,
+        "peak_rss_by_process_mib": at_peak,
         "posts_mib": (site / "Posts.xml").stat().st_size / MIB,
         "votes_mib": (site / "Votes.xml").stat().st_size / MIB,
         "load_avg_after": psutil.getloadavg(),
@@ -154,6 +177,9 @@ def compare(a: dict, b: dict) -> int:
     print(f"{'tree CPU':<64} {a['tree_cpu_seconds']:>8.1f} {b['tree_cpu_seconds']:>8.1f}")
     print(f"{'child wall':<64} {a['wall_seconds']:>8.1f} {b['wall_seconds']:>8.1f}")
     print(f"{'peak RSS MiB':<64} {a['peak_rss_mib']:>8.0f} {b['peak_rss_mib']:>8.0f}")
+    for role in sorted({*a.get("peak_rss_by_process_mib", {}), *b.get("peak_rss_by_process_mib", {})}):
+        ra, rb = (r.get("peak_rss_by_process_mib", {}).get(role, float("nan")) for r in (a, b))
+        print(f"{'  at the peak: ' + role:<64} {ra:>8.0f} {rb:>8.0f}")
     ca, cb = a["profile"]["parent_cpu_seconds"], b["profile"]["parent_cpu_seconds"]
     for k in dict.fromkeys([*ca, *cb]):
         print(f"{'parent CPU: ' + k:<64} {ca.get(k, float('nan')):>8.2f} {cb.get(k, float('nan')):>8.2f}")

@@ -27,7 +27,7 @@ from typing import Any
 
 from .errors import IngestError
 from .records import PairRecord, PostRecord
-from .store import post_row, posts_table, shift_lines
+from .store import post_row
 
 _ROW_LINE = re.compile(rb"\n[ \t]*<row[ \t\r\n/>]")
 _CUT_WINDOW = 1 << 20
@@ -73,28 +73,21 @@ def cut_points(path: Path, range_bytes: int) -> list[tuple[int, int]]:
 class RangeResult:
     index: int
     newlines: int
-    calls: list[tuple] = field(default_factory=list)  # ("pair", record) | ("q", kwargs) | ("count", ...)
+    calls: list[tuple] = field(default_factory=list)  # ("post", row) | ("pair", record) | ("q", kwargs) | ("count", ...)
     votes: dict[tuple[str, str], list[int]] = field(default_factory=dict)
     error: dict[str, Any] | None = None  # an IngestError, with its line relative to the range
     seconds: dict[str, float] = field(default_factory=dict)  # "parse" (lxml), "rows" (decode, HTML, records)
-    posts: Any = None  # the posts read, in order: a pyarrow Table (store.POST_SCHEMA), built in the worker
 
 
 class RecordingSink:
-    """A :class:`~.records.RecordSink` that keeps the calls for the parent to replay.
-
-    Posts are kept apart, in order, and leave the worker as one Arrow table (cheap to send and to load
-    into the store); the other calls go to tables of their own, so their order relative to the posts
-    does not matter.
-    """
+    """A :class:`~.records.RecordSink` that keeps the calls for the parent to replay."""
 
     def __init__(self) -> None:
         self.calls: list[tuple] = []
         self.votes: dict[tuple[str, str], list[int]] = {}
-        self.posts: list[tuple] = []
 
     def add_post(self, post: PostRecord) -> None:
-        self.posts.append(post_row(post))
+        self.calls.append(("post", post_row(post)))
 
     def add_vote(self, site: str, post_id: str, vote_type: int) -> None:
         entry = self.votes.get((site, post_id))
@@ -281,7 +274,7 @@ def read_range(task: RangeTask) -> RangeResult:
             parser.feed(f"</{root}>".encode())
         parser.close()
     except IngestError as exc:
-        return RangeResult(task.index, newlines, sink.calls, sink.votes, posts=posts_table(sink.posts),
+        return RangeResult(task.index, newlines, sink.calls, sink.votes,
                            error=dict(message=exc.reason, path=exc.path, line=exc.line, row_id=exc.row_id,
                                       field=exc.field))
     total, cpu = time.perf_counter() - started, time.process_time() - cpu_started
@@ -290,7 +283,7 @@ def read_range(task: RangeTask) -> RangeResult:
                    "Posts.xml CPU": cpu}
     else:
         seconds = {"Votes.xml parse and count": total, "Votes.xml CPU": cpu}
-    return RangeResult(task.index, newlines, sink.calls, sink.votes, seconds=seconds, posts=posts_table(sink.posts))
+    return RangeResult(task.index, newlines, sink.calls, sink.votes, seconds=seconds)
 
 
 def plain_head(path: Path, root: str) -> bool:
@@ -326,10 +319,16 @@ class Replayer:
     def apply(self, task: RangeTask, result: RangeResult) -> None:
         off = self.line_offset.get(task.label, 0) if not task.first else 0
         store = self.store
-        if result.posts is not None and result.posts.num_rows:
-            store.add_post_table(shift_lines(result.posts, off))
+        posts: list[tuple] = []
         for call in result.calls:
             kind = call[0]
+            if kind == "post":
+                row = call[1]
+                posts.append(row if not off or row[-1] is None else (*row[:-1], row[-1] + off))
+                continue
+            if posts:
+                store.add_post_rows(posts)
+                posts = []
             if kind == "count":
                 store.count(call[1], call[2], call[3])
             elif kind == "q":
@@ -339,6 +338,8 @@ class Replayer:
                 store.quarantine(**kw)
             elif kind == "pair":
                 store.add_pair(call[1])
+        if posts:
+            store.add_post_rows(posts)
         if result.votes:
             store.add_vote_counts(result.votes)
         if result.error is not None:

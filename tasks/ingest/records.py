@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # what the staging store (BIGINT) holds
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # what the staging store (SQLite INTEGER) holds
 _ASCII_INT = re.compile(r"\s*[+-]?[0-9]+\s*")
 
 

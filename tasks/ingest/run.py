@@ -37,7 +37,7 @@ from .store import DERIVED
 
 CODE_DIRS = [Path(__file__).resolve().parent, Path(__file__).resolve().parents[2] / "data_contracts"]
 # Settings that change how the work is spread, never what it produces: not part of the cache key.
-EXECUTION_ONLY = {"workers", "range_mb", "runner", "address", "staging_mb"}
+EXECUTION_ONLY = {"workers", "range_mb", "runner", "address"}
 
 
 @dataclass
@@ -307,7 +307,7 @@ def execute_ingest(plan: IngestPlan, cfg: IngestConfig, *, mark: bool = True) ->
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    store = StagingStore(tmp / "staging.sqlite", batch=min(cfg.batch_rows, 5000), memory_mb=cfg.staging_mb)
+    store = StagingStore(tmp / "staging.sqlite", batch=min(cfg.batch_rows, 5000))
     phases = Phases()
     contracts = None
     replies = None
