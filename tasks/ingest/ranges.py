@@ -85,6 +85,7 @@ class RecordingSink:
     def __init__(self) -> None:
         self.calls: list[tuple] = []
         self.votes: dict[tuple[str, str], list[int]] = {}
+        self._counts: dict[tuple[str, str], int] = {}
 
     def add_post(self, post: PostRecord) -> None:
         self.calls.append(("post", post_row(post)))
@@ -102,11 +103,13 @@ class RecordingSink:
         self.calls.append(("q", kwargs))
 
     def count(self, source_file: str, key: str, n: int = 1) -> None:
-        if self.calls and self.calls[-1][0] == "count" and self.calls[-1][1] == source_file \
-                and self.calls[-1][2] == key:
-            self.calls[-1] = ("count", source_file, key, self.calls[-1][3] + n)
-        else:
-            self.calls.append(("count", source_file, key, n))
+        # summed here and sent once per key at the end (finish): a count per row between the posts
+        # would double the calls to pickle and replay, and cut the posts into one-row batches
+        self._counts[(source_file, key)] = self._counts.get((source_file, key), 0) + n
+
+    def finish(self) -> list[tuple]:
+        """The calls to replay: the recorded ones, then one ``count`` per key (counts are order-free)."""
+        return [*self.calls, *(("count", src, key, n) for (src, key), n in self._counts.items())]
 
 
 @dataclass(frozen=True)
@@ -274,7 +277,7 @@ def read_range(task: RangeTask) -> RangeResult:
             parser.feed(f"</{root}>".encode())
         parser.close()
     except IngestError as exc:
-        return RangeResult(task.index, newlines, sink.calls, sink.votes,
+        return RangeResult(task.index, newlines, sink.finish(), sink.votes,
                            error=dict(message=exc.reason, path=exc.path, line=exc.line, row_id=exc.row_id,
                                       field=exc.field))
     total, cpu = time.perf_counter() - started, time.process_time() - cpu_started
@@ -283,7 +286,7 @@ def read_range(task: RangeTask) -> RangeResult:
                    "Posts.xml CPU": cpu}
     else:
         seconds = {"Votes.xml parse and count": total, "Votes.xml CPU": cpu}
-    return RangeResult(task.index, newlines, sink.calls, sink.votes, seconds=seconds)
+    return RangeResult(task.index, newlines, sink.finish(), sink.votes, seconds=seconds)
 
 
 def plain_head(path: Path, root: str) -> bool:
