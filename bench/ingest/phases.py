@@ -120,7 +120,8 @@ def measure(site: Path, workers: int, overrides: list[str], cprofile: Path | Non
                     try:
                         one = p.memory_info().rss
                         rss += one
-                        each[_role(p)] = each.get(_role(p), 0) + one / MIB
+                        role = _role(p)
+                        each[role] = each.get(role, 0) + one / MIB
                     except psutil.Error:
                         pass
             except psutil.Error:
@@ -179,7 +180,8 @@ def compare(a: dict, b: dict) -> int:
     print(f"{'peak RSS MiB':<64} {a['peak_rss_mib']:>8.0f} {b['peak_rss_mib']:>8.0f}")
     for role in sorted({*a.get("peak_rss_by_process_mib", {}), *b.get("peak_rss_by_process_mib", {})}):
         ra, rb = (r.get("peak_rss_by_process_mib", {}).get(role, float("nan")) for r in (a, b))
-        print(f"{'  at the peak: ' + role:<64} {ra:>8.0f} {rb:>8.0f}")
+        label = "  peak reached at second" if role == "at_second" else f"  at the peak, MiB: {role}"
+        print(f"{label:<64} {ra:>8.0f} {rb:>8.0f}")
     ca, cb = a["profile"]["parent_cpu_seconds"], b["profile"]["parent_cpu_seconds"]
     for k in dict.fromkeys([*ca, *cb]):
         print(f"{'parent CPU: ' + k:<64} {ca.get(k, float('nan')):>8.2f} {cb.get(k, float('nan')):>8.2f}")
