@@ -10,9 +10,11 @@ temporary folder that the caller renames into place only when all succeeded.
 
 from __future__ import annotations
 
+import gc
 import json
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,9 +177,13 @@ class DatasetWriter:
                 self.writer.write_table(part)
                 wrote = True
             self.written += part.num_rows
+        first = self.batches == 0
         self.batches += 1
         del frame, table, result
-        release_memory()
+        if self.contracts is None:  # validated here: GX's garbage is this process's
+            collect_batch_garbage(new_objects_stay=first)
+        else:
+            release_memory()
 
     def close(self) -> None:
         self.flush(final=True)
@@ -195,6 +201,38 @@ def release_memory() -> None:
     pa.default_memory_pool().release_unused()
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
+
+
+@contextmanager
+def frozen_heap() -> Iterator[None]:
+    """Keep the objects alive on entry out of the cyclic garbage collector's passes while the block runs.
+
+    An ingest allocates millions of short-lived objects (rows, frames, GX results), so the collector
+    runs full passes over everything the process holds, its libraries' objects included (Prefect,
+    MLflow, GX: hundreds of MB of objects that never become garbage). Frozen, they are skipped;
+    on exit they go back to the oldest generation.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def collect_batch_garbage(new_objects_stay: bool = False) -> None:
+    """Free one batch's reference cycles now and give the memory back to the OS.
+
+    GX leaves each validation's objects in reference cycles. Left to the collector, they pile up
+    until the next full pass, which comes only when they reach a quarter of the objects the process
+    holds: over a gigabyte of input that is 150 MB more at the peak. ``new_objects_stay``: what is
+    still alive after the pass (a suite built for the first batch of a dataset) is frozen, so later
+    passes skip it.
+    """
+    gc.collect()
+    if new_objects_stay:
+        gc.freeze()
+    release_memory()
 
 
 def _load_libc():

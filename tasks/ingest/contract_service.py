@@ -123,10 +123,12 @@ def serve() -> None:
     """Worker loop: validate each (frame, kind, kwargs) read from stdin; write each result to stdout."""
     from alignflow.data_contracts import validate
 
-    from .build import release_memory
+    from .build import collect_batch_garbage
 
     import great_expectations  # noqa: F401  loaded now, while the caller is still reading its input
 
+    collect_batch_garbage(new_objects_stay=True)  # the libraries' objects: out of every later pass
+    kinds: set[str] = set()
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # anything printed must not corrupt the result stream
     while True:
@@ -145,4 +147,7 @@ def serve() -> None:
         pickle.dump(reply, stdout, protocol=pickle.HIGHEST_PROTOCOL)
         stdout.flush()
         del frame, reply
-        release_memory()  # each batch churns a few hundred MB of frames and GX objects
+        # each batch churns frames and GX objects, many in reference cycles; the first batch of a
+        # dataset also builds its suite, which stays
+        collect_batch_garbage(new_objects_stay=kind not in kinds)
+        kinds.add(kind)

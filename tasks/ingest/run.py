@@ -296,6 +296,18 @@ def execute_ingest(plan: IngestPlan, cfg: IngestConfig, *, mark: bool = True) ->
         return IngestResult(str(out_dir), True, manifest["datasets"], manifest["report"],
                             time.perf_counter() - started, input_bytes, manifest.get("docs", {}))
 
+    from .build import frozen_heap
+
+    with frozen_heap():  # the libraries' objects stay out of the collector's passes over the build's garbage
+        datasets, report, docs = _build_datasets(plan, cfg, out_dir, started, input_bytes)
+    if mark:
+        mark_latest(out_dir)
+    return IngestResult(str(out_dir), False, datasets, report, time.perf_counter() - started, input_bytes, docs)
+
+
+def _build_datasets(plan: IngestPlan, cfg: IngestConfig, out_dir: Path, started: float,
+                    input_bytes: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
+    """Read, build, validate and write the datasets into a temporary folder, then rename it to ``out_dir``."""
     from alignflow.data_contracts import validate
 
     from .build import Builder, write_json, write_quarantine
@@ -380,9 +392,7 @@ def execute_ingest(plan: IngestPlan, cfg: IngestConfig, *, mark: bool = True) ->
             pass
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if mark:
-        mark_latest(out_dir)
-    return IngestResult(str(out_dir), False, datasets, report, time.perf_counter() - started, input_bytes, docs)
+    return datasets, report, docs
 
 
 _TEMPORARY = re.compile(r"\..+\.tmp-(\d+)")
