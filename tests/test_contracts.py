@@ -307,6 +307,21 @@ def test_each_row_rule_rejects_exactly_its_bad_row(kind):
     _assert_json(res)
 
 
+def test_without_json_the_verdicts_are_the_same_and_result_json_is_empty():
+    kind = "pairs"
+    cases = _cases(kind)
+    df = FRAMES[kind](2 * len(cases) + 1)
+    for row, (mutate, _) in cases.items():
+        mutate(df, row)
+    full, lean = validate(df, kind), validate(df, kind, with_json=False)
+    assert lean.result_json == {} and full.result_json["success"] is False
+    pd.testing.assert_frame_equal(lean.rejected, full.rejected)
+    pd.testing.assert_frame_equal(lean.valid, full.valid)
+    assert lean.passed == full.passed
+    assert {k: v for k, v in lean.statistics.items() if not k.startswith("seconds")} == \
+        {k: v for k, v in full.statistics.items() if not k.startswith("seconds")}
+
+
 def test_consecutive_batches_of_one_suite_see_only_their_own_rows(tmp_path):
     # The GX context and suite are built once per process and reused: nothing computed for one batch
     # (metrics, loaded data) may answer for the next, which has the same shape, index and batch id.

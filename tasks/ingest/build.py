@@ -115,7 +115,8 @@ class DatasetWriter:
                                  columns=[*self.schema.names, "_source_file", "_line"])
             self.groups, self.waiting_rows, self.waiting_bytes = [], 0, 0
             kwargs = dict(docs_dir=self.docs_dir / self.kind if self.submitted == 0 else None,
-                          batch_name=f"{self.kind}-{self.submitted:05d}", max_chars=self.max_chars)
+                          batch_name=f"{self.kind}-{self.submitted:05d}", max_chars=self.max_chars,
+                          with_json=False)
             checked = frame.drop(columns=["_source_file", "_line"])
             if self.contracts is not None:
                 ticket = self.contracts.submit(checked, self.kind, **kwargs)
