@@ -125,14 +125,12 @@ class DatasetWriter:
             kwargs = dict(docs_dir=self.docs_dir / self.kind if self.submitted == 0 else None,
                           batch_name=f"{self.kind}-{self.submitted:05d}", max_chars=self.max_chars,
                           with_json=False)
-            checked = table.to_pandas()
-            if self.contracts is not None:
-                ticket = self.contracts.submit(checked, self.kind, **kwargs)
+            if self.contracts is not None:  # the contract process makes the pandas frame GX needs
+                ticket = self.contracts.submit(table, self.kind, **kwargs)
                 outcome = lambda: self.contracts.result(ticket)  # noqa: E731
             else:
-                result = self.validate(checked, self.kind, **kwargs)
+                result = self.validate(table.to_pandas(), self.kind, **kwargs)
                 outcome = lambda: result  # noqa: E731
-            del checked
             self._write_checked()
             self.pending = (table, origin, sizes, outcome, self.submitted == 0 and final)
             self.submitted += 1

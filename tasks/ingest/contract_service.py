@@ -38,6 +38,7 @@ class ContractService:
         self._receiver.start()
 
     def submit(self, frame, kind: str, **kwargs) -> int:
+        """Queue ``frame`` (a pandas frame, or an Arrow table made into one there) for ``validate``."""
         ticket = self._submitted
         self._submitted += 1
         self._out.put((frame, kind, kwargs))
@@ -137,6 +138,8 @@ def serve() -> None:
         except EOFError:
             return
         try:
+            if not hasattr(frame, "iloc"):  # an Arrow table (the build's batches): GX checks pandas frames
+                frame = frame.to_pandas()
             reply = ("ok", _slim(validate(frame, kind, **kwargs)))
         except Exception as exc:  # passed on to the builder as it is (or as its message, if it does not pickle)
             try:
