@@ -3,8 +3,9 @@
 The builder hands each batch to :meth:`ContractService.submit` and collects the
 result (in submission order) when it next needs it. One worker process runs
 :func:`alignflow.data_contracts.validate` on every batch; a sender thread and a
-receiver thread move pickled frames and results over its pipes, so neither side
-ever waits on the other's pipe buffer. The result comes back without the
+receiver thread move pickled batches (Arrow tables, made into the pandas frames GX
+checks on the worker side) and results over its pipes, so neither side ever
+waits on the other's pipe buffer. The result comes back without the
 validated rows (the builder still has them): the valid rows' index, the
 rejected rows' failing expectations, statistics, table failures, Data Docs.
 """
@@ -37,11 +38,11 @@ class ContractService:
         self._sender.start()
         self._receiver.start()
 
-    def submit(self, frame, kind: str, **kwargs) -> int:
-        """Queue ``frame`` (a pandas frame, or an Arrow table made into one there) for ``validate``."""
+    def submit(self, table, kind: str, **kwargs) -> int:
+        """Queue an Arrow table for ``validate`` (as a pandas frame, made on the worker)."""
         ticket = self._submitted
         self._submitted += 1
-        self._out.put((frame, kind, kwargs))
+        self._out.put((table, kind, kwargs))
         return ticket
 
     def result(self, ticket: int):
@@ -121,7 +122,7 @@ def _slim(result):
 
 
 def serve() -> None:
-    """Worker loop: validate each (frame, kind, kwargs) read from stdin; write each result to stdout."""
+    """Worker loop: validate each (Arrow table, kind, kwargs) read from stdin; write each result to stdout."""
     from alignflow.data_contracts import validate
 
     from .build import collect_batch_garbage
@@ -134,13 +135,11 @@ def serve() -> None:
     sys.stdout = sys.stderr  # anything printed must not corrupt the result stream
     while True:
         try:
-            frame, kind, kwargs = pickle.load(stdin)
+            table, kind, kwargs = pickle.load(stdin)
         except EOFError:
             return
         try:
-            if not hasattr(frame, "iloc"):  # an Arrow table (the build's batches): GX checks pandas frames
-                frame = frame.to_pandas()
-            reply = ("ok", _slim(validate(frame, kind, **kwargs)))
+            reply = ("ok", _slim(validate(table.to_pandas(), kind, **kwargs)))
         except Exception as exc:  # passed on to the builder as it is (or as its message, if it does not pickle)
             try:
                 pickle.dumps(exc)
@@ -149,7 +148,7 @@ def serve() -> None:
                 reply = ("error", RuntimeError(f"{type(exc).__name__}: {exc}"))
         pickle.dump(reply, stdout, protocol=pickle.HIGHEST_PROTOCOL)
         stdout.flush()
-        del frame, reply
+        del table, reply
         # each batch churns frames and GX objects, many in reference cycles; the first batch of a
         # dataset also builds its suite, which stays
         collect_batch_garbage(new_objects_stay=kind not in kinds)
