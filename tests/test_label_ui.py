@@ -220,7 +220,11 @@ def test_killing_the_server_mid_batch_loses_no_accepted_submission(tmp_path):
     t.join(60)
     stop(proc)
     accepted = result["stats"].accepted
-    assert len(accepted) >= 20
     stored = {r["submission_id"] for r in store.export("b")}
+    assert 20 <= len(stored) < 400  # the kill came mid-batch
     assert set(accepted) <= stored  # every answer the server confirmed survived the kill
+    # The server may commit a submission and die before its reply reaches the labeler: each of the
+    # labelers has at most one request in flight, so at most that many stored rows lack a confirmation.
+    assert len(stored - set(accepted)) <= len(tokens)
+    assert len(accepted) >= 20 - len(tokens)
     store.close()
