@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
+	# migrated empty Prefect and MLflow databases, copied into each new work directory (tasks/store_templates.py)
+	$(BIN)/python -m alignflow.tasks.store_templates
 	touch $(STAMP)
 
 # Headless Chromium for the UI tests (Debian packages). Best effort: without it,

@@ -85,6 +85,12 @@ def ingest(
         _fail(ValueError(f"--format must be auto or one of {', '.join(format_names())}, not {format!r}"))
     wd = prepare(workdir)
     cfg = _load(config, set_)
+    from alignflow.tasks.ingest.ranges import default_workers
+
+    if (cfg.ingest.workers or default_workers()) > 1:  # the contract worker loads GX while we start up
+        from alignflow.tasks.ingest.contract_service import prestart
+
+        prestart()
     from .ingest import ingest as ingest_flow
 
     try:

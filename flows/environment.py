@@ -69,13 +69,25 @@ def prepare(workdir: str | Path) -> Path:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow 3 reports usage to its telemetry service unless told not to: nothing leaves this machine
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     if not debug():
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     quiet_expected_errors()
     if not os.environ.get("PREFECT_API_URL"):
         _watch_temporary_server()
+        _seed_prefect_database()
     return workdir
+
+
+def _seed_prefect_database() -> None:
+    """A new Prefect home gets the migrated empty database (tasks/store_templates.py) instead of migrating its own."""
+    from alignflow.tasks.store_templates import prefect_database_file, seed
+
+    path = prefect_database_file()
+    if path is not None:
+        seed("prefect", path)
 
 
 _REAPER = []

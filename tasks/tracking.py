@@ -65,6 +65,10 @@ def configure(workdir: Path, experiment: str) -> str:
     # The first access creates mlflow.db's tables; two processes doing it at once fail ("table already
     # exists"), so the embedded store is created and its experiment looked up under a file lock.
     with _file_lock(workdir / ".mlflow.lock") if embedded else contextlib.nullcontext():
+        if embedded:  # a new work directory: the migrated empty store instead of migrating one here
+            from alignflow.tasks.store_templates import seed
+
+            seed("mlflow", workdir / "mlflow.db")
         experiment_id = _set_experiment(workdir, experiment, embedded)
     end_orphaned_runs(experiment_id)
     return experiment_id

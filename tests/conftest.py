@@ -15,6 +15,7 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("PREFECT_API_URL", None)
 # One test file per core (pytest-xdist): each process, and the commands it starts, computes on one thread, so that
@@ -22,6 +23,11 @@ os.environ.pop("PREFECT_API_URL", None)
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["MKL_NUM_THREADS"] = "1"
+
+# The test process's own Prefect home starts from the migrated empty database, as a command's work directory does.
+from alignflow.tasks.store_templates import seed  # noqa: E402  (no Prefect import: the settings above stay in force)
+
+seed("prefect", Path(_PREFECT_HOME) / "prefect.db")
 
 REPO = Path(__file__).resolve().parents[1]
 # Real Stack Exchange dumps, copied with their CC BY-SA attribution (tests/fixtures/README.md).

@@ -12,6 +12,7 @@ rejected rows' failing expectations, statistics, table failures, Data Docs.
 
 from __future__ import annotations
 
+import atexit
 import pickle
 import queue
 import subprocess
@@ -21,10 +22,43 @@ import time
 from typing import Any
 
 
+_PRESTARTED: list[subprocess.Popen] = []  # a worker started ahead of need by :func:`prestart`
+
+
+def _spawn() -> subprocess.Popen:
+    cmd = [sys.executable, "-c", "from alignflow.tasks.ingest.contract_service import serve; serve()"]
+    return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+
+def prestart() -> None:
+    """Start the worker now, so it loads its libraries (~4-5 s, GX above all) while the command is still
+    starting up (its own imports, Prefect's server). The next :class:`ContractService` adopts it; if none
+    comes (a cache hit), it is stopped when this process exits, and it exits by itself when this process
+    dies (end of its input)."""
+    if not _PRESTARTED:
+        _PRESTARTED.append(_spawn())
+        atexit.register(_stop_prestarted)
+
+
+def _stop_prestarted() -> None:
+    while _PRESTARTED:
+        proc = _PRESTARTED.pop()
+        proc.kill()
+        proc.wait()
+
+
+def _take_worker() -> subprocess.Popen:
+    while _PRESTARTED:
+        proc = _PRESTARTED.pop()
+        if proc.poll() is None:
+            return proc
+        proc.wait()
+    return _spawn()
+
+
 class ContractService:
     def __init__(self) -> None:
-        cmd = [sys.executable, "-c", "from alignflow.tasks.ingest.contract_service import serve; serve()"]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.proc = _take_worker()
         self._out: queue.Queue = queue.Queue()
         self._results: dict[int, Any] = {}
         self._ready = threading.Condition()

@@ -1,0 +1,110 @@
+"""Migrated empty Prefect and MLflow databases copied into new work directories (tasks/store_templates.py)."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+
+import pytest
+
+from alignflow.tasks import store_templates as st
+
+
+def _fake_template(path, revision="abc123"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)  # as the real build does: a new file renamed over the old one
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE alembic_version (version_num TEXT)")
+        db.execute("INSERT INTO alembic_version VALUES (?)", (revision,))
+    return path
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(st.CACHE_ENV, str(tmp_path / "cache"))
+    return st.cache_dir()
+
+
+def test_seed_copies_the_template_once_and_never_replaces_a_database(tmp_path, cache, monkeypatch):
+    template = _fake_template(st.template_path("mlflow"))
+    monkeypatch.setattr(st, "_build_in_child", lambda folder: pytest.fail("a usable template is not rebuilt"))
+    dest = tmp_path / "work" / "mlflow.db"
+    assert st.seed("mlflow", dest)
+    assert dest.read_bytes() == template.read_bytes()
+    with sqlite3.connect(dest) as db:  # the work directory's database goes its own way from here
+        db.execute("CREATE TABLE runs (id TEXT)")
+    assert not st.seed("mlflow", dest)
+    with sqlite3.connect(dest) as db:
+        assert db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'runs'").fetchone()[0] == 1
+    assert not list(dest.parent.glob(".*.tmp")), "no temporary copy left behind"
+
+
+def test_an_unusable_template_is_rebuilt_and_a_failed_build_leaves_the_store_to_migrate_itself(
+        tmp_path, cache, monkeypatch):
+    bad = st.template_path("prefect")
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"half a database")  # an interrupted copy, a full disk
+    assert not st.is_usable(bad)
+    calls = []
+
+    def build_fails(folder):
+        calls.append(folder)
+        raise subprocess.CalledProcessError(1, ["python"], stderr=b"no space left")
+
+    monkeypatch.setattr(st, "_build_in_child", build_fails)
+    dest = tmp_path / "home" / "prefect.db"
+    assert not st.seed("prefect", dest)
+    assert calls == [cache] and not dest.exists()
+
+    monkeypatch.setattr(st, "_build_in_child", lambda folder: _fake_template(st.template_path("prefect", folder)))
+    assert st.seed("prefect", dest) and st.is_usable(dest)
+
+
+def test_template_names_follow_the_installed_library_versions(cache):
+    from importlib.metadata import version
+
+    assert st.template_path("prefect").name == f"prefect-{version('prefect')}.sqlite"
+    assert st.template_path("mlflow").name == f"mlflow-{version('mlflow')}.sqlite"
+    with pytest.raises(ValueError, match="unknown store kind"):
+        st.template_path("postgres")
+
+
+@pytest.mark.slow
+def test_built_templates_are_at_the_libraries_latest_revision(tmp_path):
+    """The real migrations (what make install runs): MLflow opens a copy without migrating it."""
+    import mlflow.store.db.utils as mlflow_db
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    folder = tmp_path / "templates"
+    st._build_in_child(folder)  # a fresh interpreter, as on first need: Prefect reads its settings at import
+    built = {kind: st.template_path(kind, folder) for kind in st.KINDS}
+    assert all(st.is_usable(p) for p in built.values())
+    stamps = {kind: p.stat().st_mtime_ns for kind, p in built.items()}
+    st._build_in_child(folder)
+    assert {kind: p.stat().st_mtime_ns for kind, p in built.items()} == stamps, "usable templates are kept"
+    with sqlite3.connect(built["mlflow"]) as db:
+        assert db.execute("SELECT version_num FROM alembic_version").fetchone()[0] == \
+            mlflow_db._get_latest_schema_revision()
+        assert db.execute("SELECT count(*) FROM experiments").fetchone()[0] == 0  # MLflow makes its default one
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "mlflow.db").write_bytes(built["mlflow"].read_bytes())
+    store = SqlAlchemyStore(f"sqlite:///{work / 'mlflow.db'}", (work / "mlruns").as_uri())
+    exp = store.create_experiment("e", artifact_location=(work / "art").as_uri())
+    assert store.get_experiment(exp).name == "e"
+    store.engine.dispose()
+    with sqlite3.connect(built["prefect"]) as db:
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"flow", "flow_run", "task_run", "deployment"} <= tables
+
+
+def test_a_configured_prefect_server_or_database_gets_no_template(monkeypatch, tmp_path):
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_DATABASE_CONNECTION_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
+        assert st.prefect_database_file() is None
+    with temporary_settings({PREFECT_SERVER_DATABASE_CONNECTION_URL: "postgresql+asyncpg://u@127.0.0.1/db"}):
+        assert st.prefect_database_file() is None
+    db = tmp_path / "home" / "prefect.db"
+    with temporary_settings({PREFECT_SERVER_DATABASE_CONNECTION_URL: f"sqlite+aiosqlite:///{db}"}):
+        assert st.prefect_database_file() == db
