@@ -20,7 +20,8 @@ import typer
 
 from alignflow import stages
 
-from .environment import WorkdirError, debug, is_environment_error, prepare
+from .environment import (WorkdirError, debug, is_environment_error, prepare, start_prefect_server,
+                          wait_for_prefect_server)
 
 WorkdirOpt = Annotated[Path, typer.Option("--workdir", help="Folder for everything a run writes.")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML config (see configs/).")]
@@ -91,8 +92,10 @@ def ingest(
         from alignflow.tasks.ingest.contract_service import prestart
 
         prestart()
+    start_prefect_server()
     from .ingest import ingest as ingest_flow
 
+    wait_for_prefect_server()
     try:
         out = ingest_flow([str(s) for s in sources], workdir=str(wd), config=cfg,
                           format=None if format == "auto" else format)
@@ -179,8 +182,11 @@ def _run_stage(stage: str, workdir: Path, config: Path | None, set_: list[str] |
             importlib.import_module(entry.module).train_shard(cfg, plan)
         launch.finish()
         raise typer.Exit(0)
+    start_prefect_server()
     try:
-        out = entry.load_flow()(workdir=str(wd), config=cfg, resume=resume)
+        flow = entry.load_flow()
+        wait_for_prefect_server()
+        out = flow(workdir=str(wd), config=cfg, resume=resume)
     except BaseException as exc:
         # Stopped before training: the others get an empty plan and leave with us. Stopped in or after it:
         # no goodbye (a peer may be inside a collective); the launcher ends the others when this process exits.
@@ -304,8 +310,10 @@ def pipeline(
     """Every stage in order as one parent MLflow run (cached stages skipped); a summary table at the end."""
     wd = prepare(workdir)
     cfg = _load(config, set_)
+    start_prefect_server()
     from .pipeline import PipelineError, pipeline as pipeline_flow
 
+    wait_for_prefect_server()
     try:
         out = pipeline_flow(workdir=str(wd), config=cfg, resume=resume)
     except (PipelineError, *_user_errors(), LookupError) as exc:

@@ -91,6 +91,103 @@ def _seed_prefect_database() -> None:
 
 
 _REAPER = []
+TEMPORARY_API_ENV = "ALIGNFLOW_TEMPORARY_PREFECT_API"  # the API URL of a temporary server this command started
+_SERVER: list = []  # (process, API URL) of the temporary server started by :func:`start_prefect_server`
+
+
+def start_prefect_server() -> None:
+    """Start Prefect's temporary server now, so it boots while the command imports its flow.
+
+    Without a configured server, Prefect starts a temporary one (``uvicorn ... create_app``) at the
+    first API call, after the command has imported Prefect, MLflow and the flow (~6 s), and then waits
+    for it (~4-5 s). Started here, right after :func:`prepare`, the two overlap. It is the same server,
+    run the way Prefect runs it, on a loopback socket bound here (no port race) and handed to it;
+    child processes get its URL and use it instead of starting servers of their own. It stops when
+    this process exits (``atexit``; the reaper or, on Linux, the parent-death signal if killed).
+    Does nothing when a server or a database other than the work directory's SQLite file is configured.
+    """
+    if _SERVER or os.environ.get("PREFECT_API_URL"):
+        return
+    import atexit
+    import importlib.util
+    import socket
+    import subprocess
+    import sys
+
+    from alignflow.tasks.store_templates import prefect_database_file
+
+    if prefect_database_file() is None:  # a server or a database the user configured (profile, toml)
+        return
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)  # requests made before the server is up wait in the backlog
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/api"
+        app_dir = Path(importlib.util.find_spec("prefect").origin).parent.parent
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+               "PREFECT__SERVER_FINAL": "1"}  # as Prefect's own temporary server
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), "--factory",
+             "prefect.server.api.server:create_app", "--fd", str(sock.fileno()), "--log-level", "error",
+             "--lifespan", "on"],
+            env=env, stdin=subprocess.DEVNULL, pass_fds=(sock.fileno(),), preexec_fn=_die_with_parent)
+    finally:
+        sock.close()
+    _SERVER.append((proc, url))
+    atexit.register(_stop_prefect_server)
+    os.environ["PREFECT_API_URL"] = url
+    os.environ[TEMPORARY_API_ENV] = url
+    from prefect.context import refresh_global_settings_context
+
+    refresh_global_settings_context()  # Prefect read its settings at import: it now sees the URL
+
+
+def wait_for_prefect_server() -> None:
+    """Block until the server of :func:`start_prefect_server` answers (no-op if none was started)."""
+    if not _SERVER:
+        return
+    import time
+    import urllib.request
+
+    proc, url = _SERVER[0]
+    timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"))
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"Prefect's temporary server exited with code {proc.returncode} before it answered "
+                               f"(its messages are above; run with --debug for more)")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise RuntimeError(f"Prefect's temporary server did not answer at {url} within {timeout:.0f} s "
+                               "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=min(left, 10)) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+
+
+def _stop_prefect_server() -> None:
+    while _SERVER:
+        proc, _url = _SERVER.pop()
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except Exception:
+            proc.kill()
+            proc.wait()
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the server gets SIGTERM when this process dies, even by SIGKILL."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _watch_temporary_server() -> None:

@@ -1,9 +1,11 @@
-"""Migrated empty Prefect and MLflow databases copied into new work directories (tasks/store_templates.py)."""
+"""A command's start-up: migrated empty stores copied into new work directories (tasks/store_templates.py),
+Prefect's temporary server started early (flows/environment.py)."""
 
 from __future__ import annotations
 
 import sqlite3
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -108,3 +110,52 @@ def test_a_configured_prefect_server_or_database_gets_no_template(monkeypatch, t
     db = tmp_path / "home" / "prefect.db"
     with temporary_settings({PREFECT_SERVER_DATABASE_CONNECTION_URL: f"sqlite+aiosqlite:///{db}"}):
         assert st.prefect_database_file() == db
+
+
+EARLY_SERVER = r"""
+import json, os, sys
+from alignflow.flows.environment import prepare, start_prefect_server, wait_for_prefect_server, TEMPORARY_API_ENV
+prepare(sys.argv[1])
+start_prefect_server()
+from prefect import flow
+
+@flow
+def hello():
+    return 7
+
+wait_for_prefect_server()
+from prefect.client.orchestration import get_client
+with get_client(sync_client=True) as client:
+    api = str(client.api_url)
+    runs = client.read_flow_runs()
+print(json.dumps({"result": hello(), "api": api, "env": os.environ["PREFECT_API_URL"],
+                  "mark": os.environ[TEMPORARY_API_ENV], "runs_before": len(runs),
+                  "server_modules_here": "prefect.server.api.server" in sys.modules}))
+"""
+
+
+def test_a_command_starts_prefects_server_early_and_stops_it_on_exit(tmp_path):
+    """The server boots while the command imports its flow, on a new home seeded from the template;
+    this process never imports Prefect's server, its children would get the URL, and exit stops it."""
+    import json
+    import os
+    import sys
+
+    from alignflow.flows.reaper import _children_servers
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "ALIGNFLOW_"))}
+    env.update(PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    proc = subprocess.Popen([sys.executable, "-c", EARLY_SERVER, str(tmp_path / "w")], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    servers: set[int] = set()
+    while proc.poll() is None:
+        servers |= set(_children_servers(proc.pid))
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["result"] == 7 and got["runs_before"] == 0
+    assert got["api"].rstrip("/") == got["env"] == got["mark"] and got["env"].startswith("http://127.0.0.1:")
+    assert not got["server_modules_here"], "the command imported Prefect's server instead of only starting it"
+    assert (tmp_path / "w" / "prefect" / "prefect.db").is_file()
+    assert len(servers) == 1, "one temporary server, started by the command"
+    assert not any(Path(f"/proc/{pid}").exists() for pid in servers), "the server outlived the command"
