@@ -93,6 +93,9 @@ def ingest(
 
         prestart()
     start_prefect_server()
+    from alignflow.tasks.ingest.run import prehash
+
+    prehash(sources, cfg.ingest.format if format == "auto" else format)  # the digests of the cache key
     from .ingest import ingest as ingest_flow
 
     wait_for_prefect_server()

@@ -87,3 +87,28 @@ def test_foreign_votes_fall_back_to_score_with_a_warning(tmp_path):
     strict = IngestConfig(score_source="votes")
     with pytest.raises(IngestError, match="Votes.xml disagrees with Score on .* refuses it"):
         execute_ingest(plan_ingest([own], tmp_path / "w3", strict), strict)
+
+
+def test_prehashed_digests_are_the_digests_and_a_changed_file_is_hashed_again(tmp_path):
+    """The ingest command starts hashing its inputs early (run.prehash): the cache key must not change."""
+    import os
+    import time
+
+    from alignflow.tasks.ingest import run
+
+    f = tmp_path / "Posts.xml"
+    f.write_bytes(b"<posts>\n" + b"<row Id='1' />\n" * 1000 + b"</posts>\n")
+    expected = run._sha256(f)
+    run.prehash([f], "stackexchange")
+    assert len(run._PREHASHED) == 1
+    assert run.sha256_file(f) == expected and not run._PREHASHED  # used once, then forgotten
+    run.prehash([f], "stackexchange")
+    while not next(iter(run._PREHASHED.values())).done():
+        time.sleep(0.01)
+    f.write_bytes(b"<posts>\n</posts>\n")  # changed after its digest was started
+    os.utime(f, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert run.sha256_file(f) == run._sha256(f) != expected
+    run._PREHASHED.clear()
+    (tmp_path / "empty").mkdir()
+    run.prehash([tmp_path / "missing", tmp_path / "empty"], "auto")  # what does not resolve is plan_ingest's
+    assert not run._PREHASHED
