@@ -108,7 +108,9 @@ def test_a_configured_prefect_server_or_database_gets_no_template(monkeypatch, t
     with temporary_settings({PREFECT_SERVER_DATABASE_CONNECTION_URL: "postgresql+asyncpg://u@127.0.0.1/db"}):
         assert st.prefect_database_file() is None
     db = tmp_path / "home" / "prefect.db"
-    with temporary_settings({PREFECT_SERVER_DATABASE_CONNECTION_URL: f"sqlite+aiosqlite:///{db}"}):
+    # (an earlier test in this process may have started Prefect's temporary server, which sets the API URL)
+    with temporary_settings({PREFECT_SERVER_DATABASE_CONNECTION_URL: f"sqlite+aiosqlite:///{db}"},
+                            restore_defaults={PREFECT_API_URL}):
         assert st.prefect_database_file() == db
 
 
