@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+from collections.abc import Iterator
+from pathlib import Path
 
 
 def process_alive(pid: int) -> bool:
@@ -22,3 +25,16 @@ def process_alive(pid: int) -> bool:
 def process_tags() -> dict[str, str]:
     """Tags naming this process, so a later process can tell a run whose process was killed."""
     return {"alignflow.host": socket.gethostname(), "alignflow.pid": str(os.getpid())}
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock between processes on this machine (``flock`` on ``path``, created if missing)."""
+    import fcntl
+
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

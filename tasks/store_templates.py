@@ -25,9 +25,10 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+from alignflow.tasks.processes import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def ensure_template(kind: str) -> Path | None:
         return path
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with _lock(path.parent / ".lock"):
+        with file_lock(path.parent / ".lock"):
             if not is_usable(path):  # another process may have built it while we waited
                 _build_in_child(path.parent)
     except (OSError, subprocess.SubprocessError) as exc:
@@ -110,16 +111,6 @@ def ensure_template(kind: str) -> Path | None:
     return path if is_usable(path) else None
 
 
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    import fcntl
-
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _build_in_child(folder: Path) -> None:

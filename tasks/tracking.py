@@ -28,7 +28,7 @@ from typing import Any
 import mlflow
 
 from alignflow.config import flatten
-from alignflow.tasks.processes import process_alive, process_tags
+from alignflow.tasks.processes import file_lock, process_alive, process_tags
 
 MAX_PARAM_CHARS = 6000
 
@@ -64,7 +64,7 @@ def configure(workdir: Path, experiment: str) -> str:
         os.environ[_EMBEDDED_MARK] = uri
     # The first access creates mlflow.db's tables; two processes doing it at once fail ("table already
     # exists"), so the embedded store is created and its experiment looked up under a file lock.
-    with _file_lock(workdir / ".mlflow.lock") if embedded else contextlib.nullcontext():
+    with file_lock(workdir / ".mlflow.lock") if embedded else contextlib.nullcontext():
         if embedded:  # a new work directory: the migrated empty store instead of migrating one here
             from alignflow.tasks.store_templates import seed
 
@@ -94,16 +94,6 @@ def end_orphaned_runs(experiment_id: str) -> list[str]:
     return ended
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    import fcntl
-
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _set_experiment(workdir: Path, experiment: str, embedded: bool) -> str:

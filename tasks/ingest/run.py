@@ -110,9 +110,7 @@ def prehash(sources: list[str | Path], fmt: str | None = None) -> None:
     files = []
     for raw in sources:
         try:
-            path = Path(raw)
-            f = detect_format(path) if (fmt or "auto") == "auto" else reader(fmt).name
-            files += [p for p in reader(f).files(path) if p.is_file()]
+            files += [p for p in source_files(Path(raw), fmt or "auto")[1] if p.is_file()]
         except Exception:  # noqa: BLE001 - any problem is plan_ingest's to report
             continue
     todo = []
@@ -145,6 +143,12 @@ def code_digest() -> str:
     return h.hexdigest()
 
 
+def source_files(path: Path, fmt: str) -> tuple[str, list[Path]]:
+    """The reader of a SOURCE (``fmt``, or detected when ``auto``) and the files it reads."""
+    f = detect_format(path) if fmt == "auto" else reader(fmt).name
+    return f, reader(f).files(path)
+
+
 def plan_ingest(sources: list[str | Path], workdir: Path, cfg: IngestConfig, fmt: str | None = None) -> IngestPlan:
     if not sources:
         raise IngestError("no SOURCE given")
@@ -158,8 +162,7 @@ def plan_ingest(sources: list[str | Path], workdir: Path, cfg: IngestConfig, fmt
         path = Path(raw)
         if not path.exists():
             raise IngestError("no such file or folder", path=str(path))
-        f = detect_format(path) if fmt == "auto" else reader(fmt).name
-        files = reader(f).files(path)
+        f, files = source_files(path, fmt)
         for file in files:
             if not file.is_file():
                 raise IngestError("a folder (or a link to nothing), not a file" if not file.exists() or file.is_dir()
