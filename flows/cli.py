@@ -89,9 +89,10 @@ def ingest(
     from alignflow.tasks.ingest.ranges import default_workers
 
     if (cfg.ingest.workers or default_workers()) > 1:  # the contract worker loads GX while we start up
-        from alignflow.tasks.ingest.contract_service import prestart
+        from alignflow.tasks.ingest.contract_service import input_size, prestart, start_early
 
-        prestart()
+        if start_early(input_size(sources)):
+            prestart()
     start_prefect_server()
     from alignflow.tasks.ingest.run import prehash
 
@@ -424,8 +425,15 @@ app = build_app()
 
 def run_module(stage: str) -> None:
     """``python -m alignflow.flows.<stage> [options]``: the stage's command (what a launcher starts)."""
+    from alignflow.tasks import launch
+
     sys.argv = [f"alignflow {stage}", stage, *sys.argv[1:]]
-    app(prog_name="alignflow")
+    try:
+        app(prog_name="alignflow")
+    except SystemExit as exc:
+        if launch.group_closed():  # a launched process done with its peers: see exit_without_finalization
+            launch.exit_without_finalization(exc.code)
+        raise
 
 
 def main() -> None:  # pragma: no cover

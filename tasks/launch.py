@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 LAUNCHERS = ("torchrun", "accelerate")
 
@@ -134,7 +134,48 @@ def finish() -> None:
     """Every process: leave together and close the process group (a peer exiting mid-teardown can abort)."""
     if not is_distributed():
         return
+    global _closed
     dist = _group()
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        _closed = True
+
+
+_closed = False
+
+
+def group_closed() -> bool:
+    """Whether this process closed its process group with :func:`finish`."""
+    return _closed
+
+
+def exit_without_finalization(code: Any) -> NoReturn:
+    """Leave a launched process that has closed its process group, skipping the interpreter's finalization.
+
+    The exit handlers run (Prefect's and alignflow's: the temporary server stops, logs are flushed) and the
+    standard streams are flushed, as on a normal exit; then the process ends with ``os._exit``. What that
+    skips is the teardown of C++ objects at finalization: gloo's threads and tensors they still hold can be
+    destroyed there and abort the process ("terminate called without an active exception", SIGABRT), rarely,
+    after its work is done and saved; the launcher would then report the stage as failed.
+
+    ``code`` is a ``SystemExit`` code: None is 0; a message is printed and exits 1, as Python does.
+    """
+    import atexit
+    import logging
+
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:
+        print(code, file=sys.stderr)
+        status = 1
+    atexit._run_exitfuncs()  # what the interpreter runs first on exit (atexit handlers, LIFO)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)

@@ -182,15 +182,18 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     print(f"done final_loss {result.final_loss!r} resumed_from {result.resumed_from}", flush=True)
-    import torch.distributed as dist
+    from alignflow.tasks import launch
 
-    if dist.is_available() and dist.is_initialized():
-        # Leave together and close gloo before the interpreter exits: a process that exits while its
-        # peer's gloo threads still run can die with "terminate called without an active exception".
-        dist.barrier()
-        dist.destroy_process_group()
+    # Leave together and close gloo, as a launched stage does (launch.finish); then exit as it does, without the
+    # interpreter's finalization, where gloo's leftovers can abort a process whose work is done.
+    launch.finish()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    from alignflow.tasks import launch
+
+    if launch.group_closed():
+        launch.exit_without_finalization(status)
+    sys.exit(status)

@@ -236,3 +236,36 @@ def test_scan_votes_matches_lxml_on_the_real_dumps(fixtures_dir, monkeypatch):
             for c in s.calls:
                 totals[c[2]] = totals.get(c[2], 0) + c[3]
             assert {c[2]: c[3] for c in f.calls} == totals
+
+
+@pytest.mark.parametrize("early", [True, False])
+def test_the_contract_worker_starts_before_the_read_on_small_inputs_and_with_the_build_on_large(
+        fixtures_dir, tmp_path, monkeypatch, early):
+    """Large inputs keep the idle contract worker out of the read phase (memory); the datasets are the same."""
+    from alignflow.tasks.ingest import contract_service, run as run_module
+
+    source = fixtures_dir / "conlang.meta-2020"
+    size = contract_service.input_size([source])
+    assert size == sum(p.stat().st_size for p in source.iterdir() if p.is_file()) > 0
+    assert contract_service.input_size([source / "Posts.xml", tmp_path / "missing"]) == (source / "Posts.xml").stat().st_size
+    cfg = load_config(None, []).ingest
+    read_bytes = sum(s.bytes for s in plan_ingest([str(source)], tmp_path / "plan", cfg).sources)  # what the run counts
+    monkeypatch.setattr(contract_service, "EARLY_START_MAX_BYTES", read_bytes if early else read_bytes - 1)
+    events: list[str] = []
+    real_read, real_service = run_module.read_sources, contract_service.ContractService
+
+    class Recorded(real_service):
+        def __init__(self):
+            events.append("contract worker")
+            super().__init__()
+
+    def read(*args, **kwargs):
+        events.append("read")
+        return real_read(*args, **kwargs)
+
+    monkeypatch.setattr(contract_service, "ContractService", Recorded)
+    monkeypatch.setattr(run_module, "read_sources", read)
+    result = run([source], tmp_path / "w", "ingest.workers=2")
+    assert events == (["contract worker", "read"] if early else ["read", "contract worker"])
+    reference = run([source], tmp_path / "w1", "ingest.workers=1")
+    assert digests(result) == digests(reference)

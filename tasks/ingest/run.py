@@ -387,12 +387,16 @@ def _build_datasets(plan: IngestPlan, cfg: IngestConfig, out_dir: Path, started:
     replies = None
     try:
         if (cfg.workers or default_workers()) > 1:
-            # contracts on a second process, one batch behind the walk; it loads its libraries while we read
-            from .contract_service import ContractService
+            # contracts on a second process, one batch behind the walk; on small inputs it loads its libraries
+            # while we read, on large ones it starts with the build (memory: see EARLY_START_MAX_BYTES)
+            from .contract_service import ContractService, start_early
 
-            contracts = ContractService()
+            if start_early(input_bytes):
+                contracts = ContractService()
         with phases("read (wall)"):
             score_sources = read_sources(plan, store, cfg, phases)
+        if (cfg.workers or default_workers()) > 1 and contracts is None:
+            contracts = ContractService()
         with phases("index and duplicates"):
             store.finish_loading()
         score_warnings = check_votes_against_scores(store, score_sources, cfg)
