@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser demo test test-fast fuzz bench bench-quick clean
+.PHONY: install browser demo test test-durations test-fast fuzz bench bench-quick clean
 
 install: $(STAMP)
 
@@ -32,9 +32,16 @@ browser:
 demo: install
 	PREFECT_SERVER_ANALYTICS_ENABLED=false OMP_NUM_THREADS=1 $(BIN)/alignflow demo
 
-# one test file per core (pytest-xdist); the slowest tests' durations are printed at the end
+# one test file per core (pytest-xdist), the slowest files first (tests/conftest.py); the slowest tests'
+# durations are printed at the end
 test: install browser
-	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -n auto --dist loadfile --durations=25
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -n auto --dist loadfile --no-loadscope-reorder --durations=25
+
+# the whole suite, then its seconds per file into tests/file_durations.json (the order `make test` starts files in)
+test-durations: install browser
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -n auto --dist loadfile --no-loadscope-reorder \
+	  --junitxml=.pytest_cache/suite.xml
+	$(BIN)/python tests/file_durations.py .pytest_cache/suite.xml
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"

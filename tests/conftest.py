@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -50,3 +51,26 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+# The slowest test files start first. `make test` runs one file per core (pytest-xdist, --dist loadfile, and
+# --no-loadscope-reorder, which keeps this order instead of xdist's own by number of tests): a long file that
+# starts last keeps one core busy while the other has nothing left. Seconds per file come from a recorded run
+# (tests/file_durations.json, refreshed by `make test-durations`); a file not in it counts as a short one.
+FILE_SECONDS = REPO / "tests" / "file_durations.json"
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        seconds = json.loads(FILE_SECONDS.read_text())
+    except (OSError, ValueError):
+        return
+    first: dict[str, int] = {}
+    for item in items:
+        first.setdefault(item.nodeid.split("::")[0], len(first))
+
+    def key(item):
+        path = item.nodeid.split("::")[0]
+        return -float(seconds.get(path, 0.0)), first[path]
+
+    items.sort(key=key)  # stable: a file's tests keep their order
