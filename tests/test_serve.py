@@ -68,6 +68,23 @@ def server(tmp_path_factory):
         yield api
 
 
+def _drop_unstarted_runs(api: str) -> int:
+    """Delete the flow runs no one has started (scheduled, late, pending). The server is shared by the modes, and
+    Prefect keeps a deployment's past-due runs when it is served again: without this, the next mode's serve process
+    first works through this one's backlog (each an ingest and a training run, with this mode's parameters)."""
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+
+    unstarted = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
+        any_=[StateType.SCHEDULED, StateType.PENDING])))
+    with SyncPrefectClient(api) as client:
+        runs = client.read_flow_runs(flow_run_filter=unstarted)
+        for run in runs:
+            client.delete_flow_run(run.id)
+    return len(runs)
+
+
 def _serve(tmp_path: Path, api: str, mode: str):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(TINY)
@@ -130,6 +147,7 @@ def test_scheduled_ingest_runs_and_training_follows(tmp_path, mode, server):
             print(f"auto: {len(by_trigger)} training run(s) by the trigger, {len(by_fallback)} by run_deployment")
     finally:
         stop(proc)
+        _drop_unstarted_runs(api)
 
 
 def test_deployments_built_for_serve(tmp_path):
