@@ -52,14 +52,21 @@ def is_user_error(exc: BaseException) -> bool:
     return isinstance(exc, (*_user_errors(), WorkdirError)) or is_environment_error(exc)
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from alignflow.config import ConfigError
-    from alignflow.data_contracts import ContractViolation
-    from alignflow.models.loading import ModelLoadError
-    from alignflow.tasks.ingest.errors import IngestError
-    from alignflow.tasks.train.pairs import PairSelectionError
+# The error classes a user can fix, by module. Only those of modules already imported are looked up: an error
+# of a class can only have been raised once its module is loaded, and importing the others just to compare
+# would cost a refusal seconds (alignflow.models.loading brings torch and transformers).
+_USER_ERRORS = (
+    ("alignflow.config", "ConfigError"),
+    ("alignflow.tasks.ingest.errors", "IngestError"),
+    ("alignflow.data_contracts.contracts", "ContractViolation"),
+    ("alignflow.tasks.train.pairs", "PairSelectionError"),
+    ("alignflow.models.loading", "ModelLoadError"),
+)
 
-    return (ConfigError, IngestError, ContractViolation, FileNotFoundError, PairSelectionError, ModelLoadError)
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    loaded = [getattr(sys.modules[module], name) for module, name in _USER_ERRORS if module in sys.modules]
+    return (*loaded, FileNotFoundError)
 
 
 def _load(config: Path | None, overrides: list[str] | None):
@@ -86,7 +93,14 @@ def ingest(
         _fail(ValueError(f"--format must be auto or one of {', '.join(format_names())}, not {format!r}"))
     wd = prepare(workdir)
     cfg = _load(config, set_)
+    from alignflow.tasks.ingest.errors import IngestError
     from alignflow.tasks.ingest.ranges import default_workers
+    from alignflow.tasks.ingest.run import check_ingest_config
+
+    try:
+        check_ingest_config(cfg.ingest)  # a config error is reported before anything starts
+    except IngestError as exc:
+        _fail(exc)
 
     if (cfg.ingest.workers or default_workers()) > 1:  # the contract worker loads GX while we start up
         from alignflow.tasks.ingest.contract_service import input_size, prestart, start_early

@@ -108,3 +108,16 @@ def test_debug_shows_the_traceback(tmp_path, api_url):
     proc = run_cli(tmp_path, api_url, "--debug", "ingest", str(s), "--workdir", "w")
     assert proc.returncode == 2 and "Traceback" in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") or "error: " in proc.stderr
+
+
+def test_every_user_error_class_is_named_where_it_lives():
+    """The CLI looks user errors up by module and name (without importing the modules): a wrong name would stop
+    that class from being reported as one line."""
+    import importlib
+
+    from alignflow.flows import cli
+
+    for module, name in cli._USER_ERRORS:
+        cls = getattr(importlib.import_module(module), name)
+        assert isinstance(cls, type) and issubclass(cls, Exception), (module, name)
+    assert len(cli._user_errors()) == len(cli._USER_ERRORS) + 1  # all imported now, and FileNotFoundError

@@ -149,13 +149,18 @@ def source_files(path: Path, fmt: str) -> tuple[str, list[Path]]:
     return f, reader(f).files(path)
 
 
-def plan_ingest(sources: list[str | Path], workdir: Path, cfg: IngestConfig, fmt: str | None = None) -> IngestPlan:
-    if not sources:
-        raise IngestError("no SOURCE given")
+def check_ingest_config(cfg: IngestConfig) -> None:
+    """The checks of ``cfg`` that need no input: the command runs them before it starts anything."""
     try:
         check_template(cfg.prompt_template)
     except ValueError as exc:
         raise IngestError(str(exc), field="ingest.prompt_template") from None
+
+
+def plan_ingest(sources: list[str | Path], workdir: Path, cfg: IngestConfig, fmt: str | None = None) -> IngestPlan:
+    if not sources:
+        raise IngestError("no SOURCE given")
+    check_ingest_config(cfg)
     fmt = fmt or cfg.format
     planned: list[Source] = []
     for raw in sources:
