@@ -103,9 +103,9 @@ def ingest(
         _fail(exc)
 
     if (cfg.ingest.workers or default_workers()) > 1:  # the contract worker loads GX while we start up
-        from alignflow.tasks.ingest.contract_service import input_size, prestart, start_early
+        from alignflow.tasks.ingest.contract_service import prestart, start_early
 
-        if start_early(input_size(sources)):
+        if start_early(sources):
             prestart()
     start_prefect_server()
     from alignflow.tasks.ingest.run import prehash

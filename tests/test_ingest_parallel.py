@@ -248,6 +248,8 @@ def test_the_contract_worker_starts_before_the_read_on_small_inputs_and_with_the
     size = contract_service.input_size([source])
     assert size == sum(p.stat().st_size for p in source.iterdir() if p.is_file()) > 0
     assert contract_service.input_size([source / "Posts.xml", tmp_path / "missing"]) == (source / "Posts.xml").stat().st_size
+    (tmp_path / "RC_2015-01.zst").write_bytes(b"x" * 1000)  # compressed: counted at its estimated size
+    assert contract_service.input_size([tmp_path / "RC_2015-01.zst"]) == 1000 * contract_service.COMPRESSED[".zst"]
     cfg = load_config(None, []).ingest
     read_bytes = sum(s.bytes for s in plan_ingest([str(source)], tmp_path / "plan", cfg).sources)  # what the run counts
     monkeypatch.setattr(contract_service, "EARLY_START_MAX_BYTES", read_bytes if early else read_bytes - 1)

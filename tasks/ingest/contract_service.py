@@ -31,36 +31,37 @@ _PRESTARTED: list[subprocess.Popen] = []  # a worker started ahead of need by :f
 # and the decompressor through the whole read phase, which is where a Pushshift month peaks in memory; the
 # builder keeps walking while the worker loads, since results are collected one batch behind.
 EARLY_START_MAX_BYTES = 256 << 20
+# A compressed file counts as this many times its size (zstd on Pushshift JSON: about 6x; 7z on XML: 5-10x).
+COMPRESSED = {".zst": 8, ".7z": 8, ".gz": 6, ".bz2": 8, ".xz": 8}
+
+
+def start_early(paths: list[str | os.PathLike]) -> bool:
+    """Whether the contract worker should start before the read phase, for the input under ``paths``."""
+    return input_size(paths) <= EARLY_START_MAX_BYTES
+
+
+def input_size(paths: list[str | os.PathLike]) -> int:
+    """The bytes of input under ``paths`` (files, and files in folders), compressed files at their estimated
+    uncompressed size (:data:`COMPRESSED`). Paths that cannot be read count as nothing; the plan reports them."""
+
+    def size(path: str) -> int:
+        try:
+            return os.stat(path).st_size * COMPRESSED.get(os.path.splitext(path)[1].lower(), 1)
+        except OSError:
+            return 0
+
+    total = 0
+    for path in map(os.fspath, paths):
+        if os.path.isdir(path):
+            total += sum(size(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)
+        else:
+            total += size(path)
+    return total
 
 
 def _spawn() -> subprocess.Popen:
     cmd = [sys.executable, "-c", "from alignflow.tasks.ingest.contract_service import serve; serve()"]
     return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-
-
-def start_early(input_bytes: int) -> bool:
-    """Whether the contract worker should start before the read phase, for ``input_bytes`` of input."""
-    return input_bytes <= EARLY_START_MAX_BYTES
-
-
-def input_size(paths: list[str | os.PathLike]) -> int:
-    """The bytes under ``paths`` (files, and files in folders): what decides :func:`start_early` before the
-    ingest plan exists. Paths that cannot be read count as nothing; the plan reports them."""
-    total = 0
-    for path in paths:
-        try:
-            if os.path.isdir(path):
-                for root, _, names in os.walk(path):
-                    for name in names:
-                        try:
-                            total += os.stat(os.path.join(root, name)).st_size
-                        except OSError:
-                            continue
-            else:
-                total += os.stat(path).st_size
-        except OSError:
-            continue
-    return total
 
 
 def prestart() -> None:

@@ -396,7 +396,7 @@ def _build_datasets(plan: IngestPlan, cfg: IngestConfig, out_dir: Path, started:
             # while we read, on large ones it starts with the build (memory: see EARLY_START_MAX_BYTES)
             from .contract_service import ContractService, start_early
 
-            if start_early(input_bytes):
+            if start_early([f for source in plan.sources for f in source.files]):
                 contracts = ContractService()
         with phases("read (wall)"):
             score_sources = read_sources(plan, store, cfg, phases)
