@@ -582,6 +582,47 @@ def _no_batch_fingerprint() -> None:
         pandas_execution_engine.HASH_THRESHOLD = 0
 
 
+_RUN_CONFIGURATIONS = threading.local()  # .memo: id(expectation) -> (expectation, configuration), during a run
+
+
+def _memoize_configurations() -> None:
+    """Within one of alignflow's validation runs, make each expectation's ``configuration`` once.
+
+    GX's ``Expectation.configuration`` is a property that rebuilds an ``ExpectationConfiguration`` from the
+    pydantic model on every access, and building the metric graph reads it ~1,200 times per validation of a
+    posts batch (a third of GX's time on a 4 MiB batch). The memo lives only for the length of one ``_run_gx``
+    call, on its thread (:func:`_configurations_memoized`), where no expectation changes: elsewhere the
+    property is GX's own. The memo keeps each expectation alive (so an id is never reused within the run).
+    """
+    from great_expectations.expectations.expectation import Expectation
+
+    if getattr(Expectation, "_alignflow_memoized", False):
+        return
+    build = Expectation.configuration.fget
+
+    def configuration(self):
+        memo = getattr(_RUN_CONFIGURATIONS, "memo", None)
+        if memo is None:
+            return build(self)
+        entry = memo.get(id(self))
+        if entry is None or entry[0] is not self:
+            entry = memo[id(self)] = (self, build(self))
+        return entry[1]
+
+    Expectation.configuration = property(configuration, doc=Expectation.configuration.__doc__)
+    Expectation._alignflow_memoized = True
+
+
+@contextlib.contextmanager
+def _configurations_memoized() -> Iterator[None]:
+    _memoize_configurations()
+    _RUN_CONFIGURATIONS.memo = {}
+    try:
+        yield
+    finally:
+        _RUN_CONFIGURATIONS.memo = None
+
+
 _EPHEMERAL: dict[tuple[str, str], _EphemeralSuite] = {}
 _EPHEMERAL_LOCK = threading.Lock()
 
@@ -625,8 +666,9 @@ def _run_gx(
         run_id = RunIdentifier(run_name=batch_name, run_time=_dt.datetime.now(_dt.timezone.utc))
         with entry.lock:
             try:
-                vr = entry.definition.run(batch_parameters={"dataframe": work}, result_format=result_format,
-                                          run_id=run_id)
+                with _configurations_memoized():
+                    vr = entry.definition.run(batch_parameters={"dataframe": work}, result_format=result_format,
+                                              run_id=run_id)
             finally:
                 entry.forget_batch()
         return vr, None
