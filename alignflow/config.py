@@ -125,7 +125,9 @@ class IngestConfig(_Section):
     contract_mb: int = Field(
         4, ge=1, description="Most text (MiB) per data-contract validation. Larger batches save contract CPU "
         "(each validation has a fixed cost) and cost memory: at 1 GiB of input with 2 workers, 8 MiB takes "
-        "~35 contract CPU-s and peaks at ~1,080 MiB for the process tree, 4 MiB ~54 CPU-s and ~990 MiB.")
+        "~35 contract CPU-s and peaks at ~1,080 MiB for the process tree, 4 MiB ~54 CPU-s and ~990 MiB (measured "
+        "before the contract worker moved to the build's start and GX's configurations were memoized: now ~50 "
+        "CPU-s and ~960 MiB).")
     split: SplitConfig = Field(default_factory=SplitConfig, description="How questions are assigned to splits.")
     reddit_reply_pairs: bool = Field(
         False,
