@@ -540,8 +540,7 @@ class _EphemeralSuite:
     small batch, so each (kind, expectations) pair gets one, reused by every later batch. Runs of one
     suite are serialised (``lock``); after each run the data source drops its execution engine, so no
     batch data or computed metric of one batch is ever seen by the next (GX keys both by the batch id,
-    which is the same for every batch of an asset), and the run's result is not kept in the context's
-    in-memory store.
+    which is the same for every batch of an asset), and no result is kept in the context's results store.
     """
 
     def __init__(self, kind: str, expectations: list) -> None:
@@ -559,12 +558,29 @@ class _EphemeralSuite:
         )
         self.lock = threading.Lock()
 
+    def run(self, work: pd.DataFrame, result_format: dict[str, Any], run_id: Any):
+        """What ``ValidationDefinition.run`` does for a batch, less its two per-run costs that buy nothing here.
+
+        ``run`` first checks that the definition, suite and batch definition are saved unchanged in the
+        context (``is_fresh``), then stores the result in the context's results store (a serialisation of
+        the whole result); together a sixth of a small batch's validation. This context is built once,
+        holds exactly these objects and is never changed, and no one reads its results store. The batch
+        is loaded once, by the same ``Validator``, and the result carries the same ``meta`` entries.
+        """
+        from great_expectations.constants import DATAFRAME_REPLACEMENT_STR
+        from great_expectations.validator.v1_validator import Validator
+
+        definition = self.definition
+        validator = Validator(batch_definition=definition.batch_definition, batch_parameters={"dataframe": work},
+                              result_format=result_format)
+        vr = validator.validate_expectation_suite(definition.suite)
+        vr.meta.update(validation_id=definition.id, checkpoint_id=None, run_id=run_id,
+                       validation_time=run_id.run_time, batch_parameters={"dataframe": DATAFRAME_REPLACEMENT_STR})
+        return vr
+
     def forget_batch(self) -> None:
         # A fresh PandasExecutionEngine (empty metric cache, no batch data) for the next run.
         self.datasource._execution_engine = None
-        store = self.context.validation_results_store
-        for key in store.list_keys():
-            store.remove_key(key)
 
 
 def _no_batch_fingerprint() -> None:
@@ -582,7 +598,7 @@ def _no_batch_fingerprint() -> None:
         pandas_execution_engine.HASH_THRESHOLD = 0
 
 
-_RUN_CONFIGURATIONS = threading.local()  # .memo: id(expectation) -> (expectation, configuration), during a run
+_RUN = threading.local()  # memos of one of alignflow's validation runs, on its thread (see _memoized_run)
 
 
 def _memoize_configurations() -> None:
@@ -591,8 +607,8 @@ def _memoize_configurations() -> None:
     GX's ``Expectation.configuration`` is a property that rebuilds an ``ExpectationConfiguration`` from the
     pydantic model on every access, and building the metric graph reads it ~1,200 times per validation of a
     posts batch (a third of GX's time on a 4 MiB batch). The memo lives only for the length of one ``_run_gx``
-    call, on its thread (:func:`_configurations_memoized`), where no expectation changes: elsewhere the
-    property is GX's own. The memo keeps each expectation alive (so an id is never reused within the run).
+    call, on its thread (:func:`_memoized_run`), where no expectation changes: elsewhere the property is GX's
+    own. The memo keeps each expectation alive (so an id is never reused within the run).
     """
     from great_expectations.expectations.expectation import Expectation
 
@@ -601,7 +617,7 @@ def _memoize_configurations() -> None:
     build = Expectation.configuration.fget
 
     def configuration(self):
-        memo = getattr(_RUN_CONFIGURATIONS, "memo", None)
+        memo = getattr(_RUN, "configurations", None)
         if memo is None:
             return build(self)
         entry = memo.get(id(self))
@@ -613,14 +629,46 @@ def _memoize_configurations() -> None:
     Expectation._alignflow_memoized = True
 
 
+def _memoize_row_filters() -> None:
+    """Within one of alignflow's validation runs, filter the batch by each row condition once.
+
+    GX's pandas engine applies an expectation's ``row_condition`` with ``DataFrame.query`` for every metric
+    it computes on that domain: a posts batch has two conditions (``kind == 'question'`` / ``'answer'``)
+    and was filtered eight times, each a parse of the expression and a copy of the whole batch (a fifth
+    of a posts validation). Inside a run (:func:`_memoized_run`) the filtered frame of one (frame,
+    condition) is made once and shared by the metrics that ask for it; GX only reads it. Elsewhere
+    the method is GX's own.
+    """
+    from great_expectations.execution_engine.pandas_execution_engine import PandasExecutionEngine
+
+    if getattr(PandasExecutionEngine, "_alignflow_memoized", False):
+        return
+    apply = PandasExecutionEngine._apply_row_condition_filter
+
+    def _apply_row_condition_filter(self, data, row_condition, domain_kwargs):
+        memo = getattr(_RUN, "filters", None)
+        if memo is None:
+            return apply(self, data, row_condition, domain_kwargs)
+        key = (id(data), repr(row_condition), repr(domain_kwargs.get("condition_parser")))
+        entry = memo.get(key)
+        if entry is None or entry[0] is not data:
+            entry = memo[key] = (data, apply(self, data, row_condition, domain_kwargs))
+        return entry[1]
+
+    PandasExecutionEngine._apply_row_condition_filter = _apply_row_condition_filter
+    PandasExecutionEngine._alignflow_memoized = True
+
+
 @contextlib.contextmanager
-def _configurations_memoized() -> Iterator[None]:
+def _memoized_run() -> Iterator[None]:
+    """The scope of one validation run: configurations and row filters made once (see the two memos above)."""
     _memoize_configurations()
-    _RUN_CONFIGURATIONS.memo = {}
+    _memoize_row_filters()
+    _RUN.configurations, _RUN.filters = {}, {}
     try:
         yield
     finally:
-        _RUN_CONFIGURATIONS.memo = None
+        _RUN.configurations = _RUN.filters = None
 
 
 _EPHEMERAL: dict[tuple[str, str], _EphemeralSuite] = {}
@@ -661,14 +709,13 @@ def _run_gx(
 
     if docs_dir is None:
         entry = _ephemeral_suite(kind, specs)
-        # ValidationDefinition.run loads the batch once; Batch.validate would
+        # the definition's Validator loads the batch once; Batch.validate would
         # load (and fingerprint-hash) the dataframe a second time.
         run_id = RunIdentifier(run_name=batch_name, run_time=_dt.datetime.now(_dt.timezone.utc))
         with entry.lock:
             try:
-                with _configurations_memoized():
-                    vr = entry.definition.run(batch_parameters={"dataframe": work}, result_format=result_format,
-                                              run_id=run_id)
+                with _memoized_run():
+                    vr = entry.run(work, result_format, run_id)
             finally:
                 entry.forget_batch()
         return vr, None

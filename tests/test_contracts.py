@@ -630,9 +630,10 @@ def test_batches_are_not_fingerprinted(monkeypatch):
 
 
 @pytest.mark.parametrize("kind", list(FRAMES))
-def test_configurations_made_once_per_run_give_the_same_verdicts(monkeypatch, kind):
-    """Within a validation run GX's expectation configurations are made once (a third of GX's time); outside a
-    run, and without the memo, the verdicts, rejected rows and counts are the same."""
+def test_run_memos_give_the_same_verdicts(monkeypatch, kind):
+    """Within a validation run GX's expectation configurations are made once (a third of GX's time) and the
+    batch is filtered once per row condition; outside a run, and without the memos, the verdicts, rejected
+    rows and counts are the same."""
     import contextlib
 
     import alignflow.data_contracts.contracts as contracts
@@ -645,19 +646,41 @@ def test_configurations_made_once_per_run_give_the_same_verdicts(monkeypatch, ki
             mutate(df, row)
         return df
 
-    memoize = contracts._configurations_memoized
+    memoize = contracts._memoized_run
+    queries = []
+    query = pd.DataFrame.query
+    monkeypatch.setattr(pd.DataFrame, "query", lambda self, expr, **kw: queries.append(expr) or query(self, expr, **kw))
     memoized = validate(frame(), kind)
+    memoized_queries = list(queries)
     assert len(memoized.rejected) == len(_cases(kind))
     assert getattr(Expectation, "_alignflow_memoized", False)
-    monkeypatch.setattr(contracts, "_configurations_memoized", contextlib.nullcontext)
+    monkeypatch.setattr(contracts, "_memoized_run", contextlib.nullcontext)
+    queries.clear()
     plain = validate(frame(), kind)
     assert memoized.rejected.to_dict() == plain.rejected.to_dict()
     assert memoized.valid.index.tolist() == plain.valid.index.tolist()
     keep = lambda st: {k: v for k, v in st.items() if not k.startswith("seconds")}  # noqa: E731
     assert keep(memoized.statistics) == keep(plain.statistics)
     assert memoized.result_json["results"] == plain.result_json["results"]  # meta: the runs' times
+    if kind == "posts":  # two row conditions (kind == question / answer): each filters the batch once per run
+        conditions = sorted(set(queries))
+        assert len(conditions) == 2 and len(queries) >= 8
+        assert sorted(memoized_queries) == conditions  # a batch with bad rows: one GX run
+    else:
+        assert memoized_queries == queries == []
     # outside a run the property is GX's: a new configuration on each access
     exp = contracts._build_gx(expectations_for(kind)[0], 0)
     assert exp.configuration is not exp.configuration
     with memoize():
         assert exp.configuration is exp.configuration
+
+
+def test_a_result_carries_the_meta_of_a_validation_definition_run():
+    """Batches run the validation definition's Validator directly (no freshness check, no results store);
+    the result's meta holds what ``ValidationDefinition.run`` writes there, the dataframe left out."""
+    res = validate(pairs_frame(20), "pairs")
+    meta = res.result_json["meta"]
+    assert meta["validation_id"] and meta["checkpoint_id"] is None
+    assert meta["run_id"]["run_name"] == "batch" and meta["validation_time"]
+    assert meta["batch_parameters"] == {"dataframe": "<DATAFRAME>"}
+    assert meta["active_batch_definition"]["data_asset_name"] == "pairs"

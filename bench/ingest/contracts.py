@@ -4,8 +4,8 @@
 
 For posts, pairs and prompts: batches of about ``--mb`` MiB of text (``ingest.contract_mb``), cut from the
 dataset's first rows, validated as the ingest validates them (no Data Docs, no result JSON), after one warm-up
-run that builds the suite. Prints milliseconds per validation. ``--no-memo`` turns off the per-run memo of GX's
-expectation configurations (``data_contracts/contracts.py``), for an A/B in the same checkout.
+run that builds the suite. Prints milliseconds per validation. ``--no-memo`` turns off the per-run memos of GX's
+expectation configurations and row filters (``data_contracts/contracts.py``), for an A/B in the same checkout.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ def main() -> None:
     ap.add_argument("out_dir", type=Path, help="an ingest's output folder (posts.parquet, pairs.parquet, ...)")
     ap.add_argument("--batches", type=int, default=6)
     ap.add_argument("--mb", type=float, default=4.0, help="text per batch in MiB (ingest.contract_mb)")
-    ap.add_argument("--no-memo", action="store_true", help="GX's configurations made on every access")
+    ap.add_argument("--no-memo", action="store_true", help="no per-run memos (GX configurations made on every access, the batch filtered per metric)")
     args = ap.parse_args()
     if args.no_memo:
-        contracts._configurations_memoized = contextlib.nullcontext
+        contracts._memoized_run = contextlib.nullcontext
     for kind in ("posts", "pairs", "prompts"):
         path = args.out_dir / f"{kind}.parquet"
         if not path.is_file():
