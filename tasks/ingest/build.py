@@ -83,12 +83,14 @@ class DatasetWriter:
         self.group_bytes = 0
         self.waiting_rows = 0
         self.waiting_bytes = 0
-        self.contracts = contracts  # a ContractService: checks run on another process, one batch behind
-        self.pending: tuple | None = None  # the batch submitted last, not written yet
+        # A ContractService: checks run on another process, one batch behind, and that process writes the
+        # checked rows (so this one neither keeps a batch until its verdict nor spends time on Parquet).
+        self.contracts = contracts
+        self.pending: tuple | None = None  # the batch submitted last, its verdict not collected yet
         self.submitted = 0
         self.batches = 0
         self.written = 0
-        self.writer = pq.ParquetWriter(path, self.schema, compression="zstd")
+        self.writer = pq.ParquetWriter(path, self.schema, compression="zstd") if contracts is None else None
         self.stats = Counter()
 
     def add(self, row: dict) -> None:
@@ -125,20 +127,24 @@ class DatasetWriter:
             kwargs = dict(docs_dir=self.docs_dir / self.kind if self.submitted == 0 else None,
                           batch_name=f"{self.kind}-{self.submitted:05d}", max_chars=self.max_chars,
                           with_json=False)
-            if self.contracts is not None:  # the contract process makes the pandas frame GX needs
-                ticket = self.contracts.submit(table, self.kind, **kwargs)
+            only_batch = self.submitted == 0 and final
+            if self.contracts is not None:  # the contract process makes the pandas frame GX needs, and writes
+                ticket = self.contracts.submit(table, self.kind, write=CheckedWrite(str(self.path), sizes, only_batch),
+                                               **kwargs)
                 outcome = lambda: self.contracts.result(ticket)  # noqa: E731
+                table = None
             else:
                 result = self.validate(table.to_pandas(), self.kind, **kwargs)
                 outcome = lambda: result  # noqa: E731
             self._write_checked()
-            self.pending = (table, origin, sizes, outcome, self.submitted == 0 and final)
+            self.pending = (table, origin, sizes, outcome, only_batch)
             self.submitted += 1
         if final or self.contracts is None:
             self._write_checked()
 
     def _write_checked(self) -> None:
-        """Quarantine the rows the pending batch's contract rejected and write the others."""
+        """Quarantine the rows the pending batch's contract rejected; write the others (here, or the contract
+        process already did)."""
         if self.pending is None:
             return
         table, (sources, lines), sizes, outcome, only_batch = self.pending
@@ -151,8 +157,10 @@ class DatasetWriter:
             if isinstance(value, (int, float)) and not key.endswith("percent"):
                 self.stats[key] += value
         if len(result.rejected):
+            positions = list(result.rejected.index)
+            fields = rejected_fields(table, positions, self.kind) if table is not None else result.rejected_fields
             for pos, expectation in result.rejected["expectation"].items():
-                row = table.slice(pos, 1).to_pylist()[0]
+                row = fields[pos]
                 src = sources[pos].as_py()
                 # An input row (a post, a pair read from a pairs file) moves from kept to quarantined;
                 # a row derived from input rows (a Stack Exchange pair, a demo, a prompt) is quarantined
@@ -165,24 +173,15 @@ class DatasetWriter:
                     kept_key = None
                 self.store.quarantine(
                     source_file=src, reason=f"contract:{self.kind}", line=lines[pos].as_py(),
-                    row_id=str(row[_ID_COLUMN[self.kind]]), site=str(row["site"]), detail=str(expectation),
+                    row_id=str(row["id"]), site=str(row["site"]), detail=str(expectation),
                     dataset=self.kind, input_row=kept_key is not None,
                 )
                 if kept_key is not None:
                     self.summary.kept_by_file[(src, kept_key)] -= 1
-        valid = np.zeros(table.num_rows, dtype=bool)
-        valid[result.valid.index.to_numpy()] = True  # the frame's index is the row's position
-        keep = pa.array(valid)
-        start = 0
-        wrote = False
-        # One Parquet row group per filled group (as if each had been checked alone).
-        for size in sizes or [0]:
-            part = table.slice(start, size).filter(keep.slice(start, size))
-            start += size
-            if part.num_rows or (not wrote and only_batch and start >= table.num_rows):
-                self.writer.write_table(part)
-                wrote = True
-            self.written += part.num_rows
+        if table is not None:
+            self.written += write_valid(self.writer, table, result.valid.index.to_numpy(), sizes, only_batch)
+        else:
+            self.written += result.written
         first = self.batches == 0
         self.batches += 1
         del table, result
@@ -193,9 +192,52 @@ class DatasetWriter:
 
     def close(self) -> None:
         self.flush(final=True)
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
+        else:  # the contract process closes the file it wrote, once every batch before is written
+            self.contracts.result(self.contracts.close_file(str(self.path), self.schema))
         self.summary.rows[self.kind] = self.written
         self.summary.contract_stats[self.kind] = {"batches": self.batches, **dict(self.stats)}
+
+
+@dataclass(frozen=True)
+class CheckedWrite:
+    """How the contract process writes a batch once checked: into ``path``, one row group per filled group
+    (``sizes``), its valid rows only; ``only_batch``: the dataset's one batch, written even when empty."""
+
+    path: str
+    sizes: list[int]
+    only_batch: bool
+
+
+def write_valid(writer: pq.ParquetWriter, table: pa.Table, valid_positions: np.ndarray, sizes: list[int],
+                only_batch: bool) -> int:
+    """Write the valid rows of a checked batch, one Parquet row group per filled group (as if each had been
+    checked alone); returns the rows written. The same bytes wherever it runs."""
+    valid = np.zeros(table.num_rows, dtype=bool)
+    valid[valid_positions] = True
+    keep = pa.array(valid)
+    start = written = 0
+    wrote = False
+    for size in sizes or [0]:
+        part = table.slice(start, size).filter(keep.slice(start, size))
+        start += size
+        if part.num_rows or (not wrote and only_batch and start >= table.num_rows):
+            writer.write_table(part)
+            wrote = True
+        written += part.num_rows
+    return written
+
+
+def rejected_fields(table: pa.Table, positions: list[int], kind: str) -> dict[int, dict[str, Any]]:
+    """What the quarantine of a rejected row needs from it: its id, site, kind (posts) and source."""
+    wanted = [c for c in (_ID_COLUMN[kind], "site", "kind", "source") if c in table.column_names]
+    out = {}
+    for pos in positions:
+        row = table.select(wanted).slice(pos, 1).to_pylist()[0]
+        row["id"] = row.pop(_ID_COLUMN[kind])
+        out[pos] = row
+    return out
 
 
 def release_memory() -> None:

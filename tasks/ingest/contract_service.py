@@ -5,9 +5,13 @@ result (in submission order) when it next needs it. One worker process runs
 :func:`alignflow.data_contracts.validate` on every batch; a sender thread and a
 receiver thread move pickled batches (Arrow tables, made into the pandas frames GX
 checks on the worker side) and results over its pipes, so neither side ever
-waits on the other's pipe buffer. The result comes back without the
-validated rows (the builder still has them): the valid rows' index, the
-rejected rows' failing expectations, statistics, table failures, Data Docs.
+waits on the other's pipe buffer. A batch submitted with a :class:`~.build.CheckedWrite`
+is also written by the worker once checked (its valid rows, into the dataset's
+Parquet file, which the worker keeps open until :meth:`ContractService.close_file`),
+so the builder lets go of the batch as soon as it is sent. The result comes back
+without the rows: the valid rows' index, the rejected rows' failing expectations
+and the fields their quarantine needs, the rows written, statistics, table
+failures, Data Docs.
 """
 
 from __future__ import annotations
@@ -106,11 +110,20 @@ class ContractService:
         self._sender.start()
         self._receiver.start()
 
-    def submit(self, table, kind: str, **kwargs) -> int:
-        """Queue an Arrow table for ``validate`` (as a pandas frame, made on the worker)."""
+    def submit(self, table, kind: str, *, write=None, **kwargs) -> int:
+        """Queue an Arrow table for ``validate`` (as a pandas frame, made on the worker); with ``write`` (a
+        :class:`~.build.CheckedWrite`), the worker then writes its valid rows. Returns the result's ticket."""
+        return self._put(("check", table, kind, kwargs, write))
+
+    def close_file(self, path: str, schema) -> int:
+        """Queue the closing of the Parquet file the worker writes at ``path`` (made with ``schema`` if no batch
+        was written to it). Its result (None) comes once the file is complete."""
+        return self._put(("close", path, schema))
+
+    def _put(self, item: tuple) -> int:
         ticket = self._submitted
         self._submitted += 1
-        self._out.put((table, kind, kwargs))
+        self._out.put(item)
         return ticket
 
     def result(self, ticket: int):
@@ -178,10 +191,13 @@ def _children_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def _slim(result):
-    """The result without the rows the caller already has."""
+def _slim(result, table, kind: str):
+    """The result without the rows (the fields a rejected row's quarantine needs stay, in ``rejected_fields``)."""
     import pandas as pd
 
+    from .build import rejected_fields
+
+    result.rejected_fields = rejected_fields(table, list(result.rejected.index), kind) if len(result.rejected) else {}
     result.valid = pd.DataFrame(index=result.valid.index)
     result.rejected = result.rejected[["expectation"]] if len(result.rejected) else \
         pd.DataFrame({"expectation": pd.Series([], dtype=object)})
@@ -189,25 +205,63 @@ def _slim(result):
     return result
 
 
-def serve() -> None:
-    """Worker loop: validate each (Arrow table, kind, kwargs) read from stdin; write each result to stdout."""
+class _Files:
+    """The Parquet files the worker writes, open from their first batch to their ``close`` message."""
+
+    def __init__(self) -> None:
+        self.writers: dict = {}
+
+    def writer(self, path: str, schema):
+        import pyarrow.parquet as pq
+
+        if path not in self.writers:
+            self.writers[path] = pq.ParquetWriter(path, schema, compression="zstd")
+        return self.writers[path]
+
+    def close(self, path: str, schema) -> None:
+        self.writer(path, schema).close()
+        del self.writers[path]
+
+
+def _check(files: _Files, table, kind: str, kwargs: dict, write):
     from alignflow.data_contracts import validate
 
+    from .build import write_valid
+
+    result = validate(table.to_pandas(), kind, **kwargs)
+    result.written = 0
+    if write is not None and result.passed:  # a table-level failure stops the build: nothing of it is written
+        result.written = write_valid(files.writer(write.path, table.schema), table,
+                                     result.valid.index.to_numpy(), write.sizes, write.only_batch)
+    return _slim(result, table, kind)
+
+
+def serve() -> None:
+    """Worker loop: run each message read from stdin (check a batch and maybe write it; close a file); write
+    each one's result to stdout."""
     from .build import collect_batch_garbage
 
     import great_expectations  # noqa: F401  loaded now, while the caller is still reading its input
 
     collect_batch_garbage(new_objects_stay=True)  # the libraries' objects: out of every later pass
     kinds: set[str] = set()
+    files = _Files()
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # anything printed must not corrupt the result stream
     while True:
         try:
-            table, kind, kwargs = pickle.load(stdin)
+            message = pickle.load(stdin)
         except EOFError:
             return
+        kind = None
         try:
-            reply = ("ok", _slim(validate(table.to_pandas(), kind, **kwargs)))
+            if message[0] == "check":
+                _, table, kind, kwargs, write = message
+                reply = ("ok", _check(files, table, kind, kwargs, write))
+            else:
+                _, path, schema = message
+                files.close(path, schema)
+                reply = ("ok", None)
         except Exception as exc:  # passed on to the builder as it is (or as its message, if it does not pickle)
             try:
                 pickle.dumps(exc)
@@ -216,8 +270,9 @@ def serve() -> None:
                 reply = ("error", RuntimeError(f"{type(exc).__name__}: {exc}"))
         pickle.dump(reply, stdout, protocol=pickle.HIGHEST_PROTOCOL)
         stdout.flush()
-        del table, reply
-        # each batch churns frames and GX objects, many in reference cycles; the first batch of a
-        # dataset also builds its suite, which stays
-        collect_batch_garbage(new_objects_stay=kind not in kinds)
-        kinds.add(kind)
+        del message, reply
+        if kind is not None:
+            # each batch churns frames and GX objects, many in reference cycles; the first batch of a
+            # dataset also builds its suite, which stays
+            collect_batch_garbage(new_objects_stay=kind not in kinds)
+            kinds.add(kind)

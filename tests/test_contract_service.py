@@ -1,0 +1,79 @@
+"""The contract worker process: it checks a batch and writes its valid rows as the builder would.
+
+With several ingest workers the builder hands each batch to the contract process and lets go of
+it; that process writes the checked rows into the dataset's Parquet file. These tests run the real
+worker process and compare what it writes with what the builder writes when it checks a batch
+itself (one worker).
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from alignflow.data_contracts import validate
+from alignflow.tasks.ingest import schema
+from alignflow.tasks.ingest.build import CheckedWrite, rejected_fields, write_valid
+from alignflow.tasks.ingest.contract_service import ContractService
+
+
+def pairs_table(n: int = 6) -> pa.Table:
+    rows = [dict(pair_id=f"p{i}", prompt=f"Question {i}?", chosen=f"good answer {i}", rejected=f"bad answer {i}",
+                 chosen_score=3.0, rejected_score=1.0, margin=2.0, question_id=str(i), site="s.stackexchange.com",
+                 source="stackexchange", split="train", chosen_id=f"a{i}", rejected_id=f"b{i}",
+                 chosen_author="user:1", rejected_author="user:2", license="CC BY-SA 4.0") for i in range(n)]
+    return pa.Table.from_pylist(rows, schema=schema.SCHEMAS["pairs"])
+
+
+@pytest.fixture(scope="module")
+def service():
+    svc = ContractService()  # one worker for the module: each test's batches and files are its own
+    yield svc
+    svc.close(kill=True)
+
+
+def test_the_worker_writes_the_checked_rows_as_the_builder_would(service, tmp_path):
+    table = pairs_table()
+    table = table.set_column(table.column_names.index("rejected"), "rejected",
+                             pa.array(["bad answer 0", "bad answer 1", "good answer 2", "bad answer 3",
+                                       "bad answer 4", "bad answer 5"]))  # row 2: chosen == rejected
+    sizes = [4, 2]
+    remote = tmp_path / "remote.parquet"
+    ticket = service.submit(table, "pairs", write=CheckedWrite(str(remote), sizes, False), with_json=False)
+    result = service.result(ticket)
+    assert service.result(service.close_file(str(remote), table.schema)) is None
+
+    local = tmp_path / "local.parquet"
+    here = validate(table.to_pandas(), "pairs", with_json=False)
+    writer = pq.ParquetWriter(local, table.schema, compression="zstd")
+    written = write_valid(writer, table, here.valid.index.to_numpy(), sizes, False)
+    writer.close()
+
+    assert result.written == written == 5
+    assert remote.read_bytes() == local.read_bytes()
+    assert pq.ParquetFile(remote).metadata.num_row_groups == 2  # one per filled group
+    assert result.rejected.index.tolist() == [2]
+    assert result.rejected_fields == rejected_fields(table, [2], "pairs") == {
+        2: {"id": "p2", "site": "s.stackexchange.com", "source": "stackexchange"}}
+
+
+def test_a_batch_failing_a_table_rule_is_checked_but_not_written(service, tmp_path):
+    table = pairs_table(4)
+    table = table.set_column(0, "pair_id", pa.array(["p0", "p0", "p2", "p3"]))  # ids must be unique
+    path = tmp_path / "pairs.parquet"
+    result = service.result(service.submit(table, "pairs", write=CheckedWrite(str(path), [4], True), with_json=False))
+    assert not result.passed and result.written == 0
+    service.result(service.close_file(str(path), table.schema))
+    assert pq.read_table(path).num_rows == 0 and pq.read_schema(path) == table.schema
+
+
+def test_a_file_the_worker_cannot_write_fails_its_batch_with_the_reason(service, tmp_path):
+    path = tmp_path / "no such folder" / "pairs.parquet"
+    ticket = service.submit(pairs_table(3), "pairs", write=CheckedWrite(str(path), [3], True), with_json=False)
+    with pytest.raises(OSError, match="no such folder|No such file"):
+        service.result(ticket)
+    # the worker goes on: a later batch with a writable file is checked and written
+    ok = tmp_path / "pairs.parquet"
+    assert service.result(service.submit(pairs_table(3), "pairs", write=CheckedWrite(str(ok), [3], True),
+                                         with_json=False)).written == 3
