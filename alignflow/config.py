@@ -124,10 +124,9 @@ class IngestConfig(_Section):
     )
     contract_mb: int = Field(
         4, ge=1, description="Most text (MiB) per data-contract validation. Larger batches save contract CPU "
-        "(each validation has a fixed cost) and cost memory: at 1 GiB of input with 2 workers, 8 MiB takes "
-        "~35 contract CPU-s and peaks at ~1,080 MiB for the process tree, 4 MiB ~54 CPU-s and ~990 MiB (measured "
-        "before the contract worker moved to the build's start and GX's configurations were memoized: now ~50 "
-        "CPU-s and ~960 MiB).")
+        "(each validation has a fixed cost, ~25-45 ms) and cost memory: at 1 GiB of input with 2 workers, 4 MiB "
+        "takes ~38 contract CPU-s (writing Parquet included) and peaks at ~945 MiB for the process tree, 8 MiB ~29 "
+        "CPU-s and ~1,005 MiB; 16 MiB took ~21 CPU-s (Parquet written by the parent) and ~1,190 MiB.")
     split: SplitConfig = Field(default_factory=SplitConfig, description="How questions are assigned to splits.")
     reddit_reply_pairs: bool = Field(
         False,
