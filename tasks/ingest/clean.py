@@ -121,25 +121,31 @@ def _inline_code(text: str) -> str:
 def _blocks(el) -> list[str]:
     """Render the content of ``el`` (text and children) as a list of blocks."""
     blocks: list[str] = []
-    inline: list[str] = []
-    if el.text:
-        inline.append(el.text)
-    _children(el, inline, blocks)
-    _flush(inline, blocks)
+    text = el.text
+    inline: list[str] = [text] if text else []
+    if len(el):
+        _children(el, inline, blocks)
+    if inline:
+        _flush(inline, blocks)
     return blocks
 
 
 def _children(el, inline: list[str], blocks: list[str]) -> None:
     for child in el:
         tag = child.tag
-        if isinstance(tag, str):
+        if tag.__class__ is str:  # not a comment or processing instruction (their tag is a function)
             if tag in _BLOCK_TAGS:
-                _flush(inline, blocks)
-                _block(child, tag, blocks)
+                if inline:
+                    _flush(inline, blocks)
+                if tag == "p":  # the most common block: _block's last case, without its tests
+                    blocks.extend(_blocks(child))
+                else:
+                    _block(child, tag, blocks)
             else:
                 _inline(child, tag, inline, blocks)
-        if child.tail:
-            inline.append(child.tail)
+        tail = child.tail
+        if tail:
+            inline.append(tail)
 
 
 def _inline(el, tag: str, inline: list[str], blocks: list[str]) -> None:
