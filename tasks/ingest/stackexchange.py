@@ -244,12 +244,15 @@ def stream_member(member: Member, on_row: Callable[[Any, int | None], None], roo
 class PostRowReader:
     """Turns Posts.xml row attributes into PostRecords (or quarantines/skips them)."""
 
-    def __init__(self, site: str, source_file: str, sink: RecordSink, *, on_bad_row: str, max_chars: int) -> None:
+    def __init__(self, site: str, source_file: str, sink: RecordSink, *, on_bad_row: str, max_chars: int,
+                 render: Callable[[str], str] = html_to_text) -> None:
+        """``render``: body HTML to text (:func:`~.clean.html_to_text`; a timed wrapper of it in a profile)."""
         self.site = site
         self.source_file = source_file
         self.sink = sink
         self.on_bad_row = on_bad_row
         self.max_chars = max_chars
+        self.render = render
 
     def _bad(self, reason: str, line: int | None, row_id: str | None, fieldname: str, attrib: Any) -> None:
         if self.on_bad_row == "error":
@@ -293,7 +296,7 @@ class PostRowReader:
             if ascii_int(question_id, signed=False) is None or question_id != question_id.strip():
                 return self._bad("answer without an integer ParentId", line, post_id, "ParentId", attrib)
             title = ""
-        body = html_to_text(get("Body") or "")
+        body = self.render(get("Body") or "")
         if not is_question and not body:
             return self._quarantine("empty_body", line, post_id, attrib)
         if len(body) > self.max_chars:
