@@ -29,8 +29,10 @@ import json
 import logging
 import math
 import re
+import sys
 import threading
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -598,6 +600,59 @@ def _no_batch_fingerprint() -> None:
         pandas_execution_engine.HASH_THRESHOLD = 0
 
 
+class _DeferredModule(types.ModuleType):
+    """A module that imports itself on first use of one of its attributes (see :func:`defer_unused_imports`)."""
+
+    def __getattr__(self, name: str) -> Any:  # called only for attributes the stub does not have
+        import importlib
+
+        real = self.__dict__.get("_alignflow_real")
+        if real is None:
+            with _DEFER_LOCK:
+                real = self.__dict__.get("_alignflow_real")
+                if real is None:
+                    if sys.modules.get(self.__name__) is self:
+                        del sys.modules[self.__name__]
+                    real = importlib.import_module(self.__name__)
+                    self.__dict__["_alignflow_real"] = real
+        return getattr(real, name)
+
+
+_DEFER_LOCK = threading.Lock()
+# Imported by Great Expectations for expectations alignflow's contracts do not use (KL divergence and
+# Kolmogorov-Smirnov tests): 61 MiB and 0.7 s per process that validates.
+_UNUSED_BY_CONTRACTS = ("scipy.stats",)
+
+
+def defer_unused_imports() -> None:
+    """Let Great Expectations import ``scipy.stats`` without loading it, until something uses it.
+
+    GX's ``import great_expectations`` runs ``from scipy import stats`` in three modules whose
+    expectations no alignflow contract has; loading it costs every validating process 61 MiB (the
+    contract worker is ~270 MiB with GX). Call before GX is first imported: ``scipy.stats`` is then
+    a stub in ``sys.modules`` that imports the real module on the first access to one of its
+    attributes and hands that on, so code that does use it behaves the same. A module already
+    imported, or absent, is left alone.
+    """
+    import importlib.util
+
+    for name in _UNUSED_BY_CONTRACTS:
+        if name in sys.modules:
+            continue
+        try:
+            spec = importlib.util.find_spec(name)
+        except ImportError:
+            continue
+        if spec is None:
+            continue
+        stub = _DeferredModule(name)
+        stub.__spec__, stub.__loader__, stub.__file__ = spec, spec.loader, spec.origin
+        stub.__package__ = name
+        if spec.submodule_search_locations is not None:
+            stub.__path__ = list(spec.submodule_search_locations)
+        sys.modules[name] = stub
+
+
 _RUN = threading.local()  # memos of one of alignflow's validation runs, on its thread (see _memoized_run)
 
 
@@ -778,6 +833,8 @@ def validate(
     full (``COMPLETE``). GX's verdict decides in both cases, so the result is the same.
     """
     t0 = time.perf_counter()
+    if "great_expectations" not in sys.modules:
+        defer_unused_imports()
     if not isinstance(df, pd.DataFrame):
         raise TypeError(f"validate() needs a pandas DataFrame, got {type(df).__name__}")
     all_specs = expectations_for(kind, max_chars)

@@ -684,3 +684,31 @@ def test_a_result_carries_the_meta_of_a_validation_definition_run():
     assert meta["run_id"]["run_name"] == "batch" and meta["validation_time"]
     assert meta["batch_parameters"] == {"dataframe": "<DATAFRAME>"}
     assert meta["active_batch_definition"]["data_asset_name"] == "pairs"
+
+
+def test_scipy_stats_is_loaded_only_when_something_uses_it():
+    """GX imports scipy.stats for expectations no contract has (61 MiB per validating process): a validation
+    leaves it unloaded, and code that uses it afterwards gets the real module."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys
+        import pandas as pd
+        from alignflow.data_contracts import validate
+        frame = pd.DataFrame({"prompt_id": ["a", "b"], "prompt": ["Why?", " "], "question_id": ["1", "2"],
+                              "site": ["s", "s"], "source": ["stackexchange"] * 2, "split": ["train"] * 2})
+        res = validate(frame, "prompts", with_json=False)
+        print(res.rejected.index.tolist(), "great_expectations" in sys.modules)
+        print(type(sys.modules["scipy.stats"]).__name__, sum(m.startswith("scipy.stats.") for m in sys.modules))
+        from scipy import stats
+        from scipy.stats import norm
+        print(stats.norm.cdf(0.0), norm.ppf(0.5), type(sys.modules["scipy.stats"]).__name__)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert lines[0] == "[1] True"  # the blank prompt is rejected: GX ran
+    assert lines[1] == "_DeferredModule 0"  # nothing of scipy.stats was loaded
+    assert lines[2] == "0.5 0.0 module"  # used: the real module, loaded on demand

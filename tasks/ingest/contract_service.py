@@ -239,8 +239,11 @@ def _check(files: _Files, table, kind: str, kwargs: dict, write):
 def serve() -> None:
     """Worker loop: run each message read from stdin (check a batch and maybe write it; close a file); write
     each one's result to stdout."""
+    from alignflow.data_contracts.contracts import defer_unused_imports
+
     from .build import collect_batch_garbage
 
+    defer_unused_imports()
     import great_expectations  # noqa: F401  loaded now, while the caller is still reading its input
 
     collect_batch_garbage(new_objects_stay=True)  # the libraries' objects: out of every later pass
