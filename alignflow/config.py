@@ -125,8 +125,8 @@ class IngestConfig(_Section):
     contract_mb: int = Field(
         4, ge=1, description="Most text (MiB) per data-contract validation. Larger batches save contract CPU "
         "(each validation has a fixed cost, ~25-45 ms) and cost memory: at 1 GiB of input with 2 workers, 4 MiB "
-        "takes ~38 contract CPU-s (writing Parquet included) and peaks at ~945 MiB for the process tree, 8 MiB ~29 "
-        "CPU-s and ~1,005 MiB; 16 MiB took ~21 CPU-s (Parquet written by the parent) and ~1,190 MiB.")
+        "takes ~38 contract CPU-s (writing Parquet included) and peaks at ~890 MiB for the process tree, 8 MiB ~30 "
+        "CPU-s and ~960 MiB.")
     split: SplitConfig = Field(default_factory=SplitConfig, description="How questions are assigned to splits.")
     reddit_reply_pairs: bool = Field(
         False,
