@@ -231,10 +231,10 @@ def write_valid(writer: pq.ParquetWriter, table: pa.Table, valid_positions: np.n
 
 def rejected_fields(table: pa.Table, positions: list[int], kind: str) -> dict[int, dict[str, Any]]:
     """What the quarantine of a rejected row needs from it: its id, site, kind (posts) and source."""
-    wanted = [c for c in (_ID_COLUMN[kind], "site", "kind", "source") if c in table.column_names]
+    fields = table.select([c for c in (_ID_COLUMN[kind], "site", "kind", "source") if c in table.column_names])
     out = {}
     for pos in positions:
-        row = table.select(wanted).slice(pos, 1).to_pylist()[0]
+        row = fields.slice(pos, 1).to_pylist()[0]
         row["id"] = row.pop(_ID_COLUMN[kind])
         out[pos] = row
     return out
