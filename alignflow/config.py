@@ -125,8 +125,9 @@ class IngestConfig(_Section):
     contract_mb: int = Field(
         4, ge=1, description="Most text (MiB) per data-contract validation. Larger batches save contract CPU "
         "(each validation has a fixed cost, ~25-45 ms) and cost memory: at 1 GiB of input with 2 workers, 4 MiB "
-        "takes ~38 contract CPU-s (writing Parquet included) and peaks at ~890 MiB for the process tree, 8 MiB ~30 "
-        "CPU-s and ~960 MiB.")
+        "takes ~36-38 contract CPU-s (writing Parquet included) and peaks at ~890 MiB for the process tree, 6 MiB ~27-30 "
+        "CPU-s and ~925-935 MiB, 8 MiB ~28-30 CPU-s and ~935-960 MiB; with 2 workers the build is then bound by the "
+        "walk, so 4 MiB costs little time there, while with 1 worker 6 MiB saves ~9 s per GiB.")
     split: SplitConfig = Field(default_factory=SplitConfig, description="How questions are assigned to splits.")
     reddit_reply_pairs: bool = Field(
         False,
