@@ -569,8 +569,12 @@ class _EphemeralSuite:
         holds exactly these objects and is never changed, and no one reads its results store. The batch
         is loaded once, by the same ``Validator``, and the result carries the same ``meta`` entries.
         """
-        from great_expectations.constants import DATAFRAME_REPLACEMENT_STR
         from great_expectations.validator.v1_validator import Validator
+
+        try:
+            from great_expectations.constants import DATAFRAME_REPLACEMENT_STR
+        except ImportError:  # older 1.x: the same placeholder, spelled out
+            DATAFRAME_REPLACEMENT_STR = "<DATAFRAME>"
 
         definition = self.definition
         validator = Validator(batch_definition=definition.batch_definition, batch_parameters={"dataframe": work},
@@ -696,9 +700,9 @@ def _memoize_row_filters() -> None:
     """
     from great_expectations.execution_engine.pandas_execution_engine import PandasExecutionEngine
 
-    if getattr(PandasExecutionEngine, "_alignflow_memoized", False):
-        return
-    apply = PandasExecutionEngine._apply_row_condition_filter
+    apply = getattr(PandasExecutionEngine, "_apply_row_condition_filter", None)
+    if apply is None or getattr(PandasExecutionEngine, "_alignflow_memoized", False):
+        return  # a GX that filters elsewhere (older 1.x): left as it is
 
     def _apply_row_condition_filter(self, data, row_condition, domain_kwargs):
         memo = getattr(_RUN, "filters", None)
