@@ -90,7 +90,7 @@ class DatasetWriter:
         self.submitted = 0
         self.batches = 0
         self.written = 0
-        self.writer = pq.ParquetWriter(path, self.schema, compression="zstd") if contracts is None else None
+        self.writer = dataset_writer(path, self.schema) if contracts is None else None
         self.stats = Counter()
 
     def add(self, row: dict) -> None:
@@ -208,6 +208,12 @@ class CheckedWrite:
     path: str
     sizes: list[int]
     only_batch: bool
+
+
+def dataset_writer(path: str | Path, arrow_schema: pa.Schema) -> pq.ParquetWriter:
+    """The Parquet writer of a dataset file: one set of options wherever the file is written (this process
+    or the contract process), so the bytes do not depend on the number of workers."""
+    return pq.ParquetWriter(path, arrow_schema, compression="zstd")
 
 
 def write_valid(writer: pq.ParquetWriter, table: pa.Table, valid_positions: np.ndarray, sizes: list[int],

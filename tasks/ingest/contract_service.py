@@ -212,10 +212,10 @@ class _Files:
         self.writers: dict = {}
 
     def writer(self, path: str, schema):
-        import pyarrow.parquet as pq
+        from .build import dataset_writer
 
         if path not in self.writers:
-            self.writers[path] = pq.ParquetWriter(path, schema, compression="zstd")
+            self.writers[path] = dataset_writer(path, schema)
         return self.writers[path]
 
     def close(self, path: str, schema) -> None:
