@@ -56,6 +56,11 @@ _BR_SPACES = re.compile(" ?\x00 ?")
 _OTHER_SPACE = re.compile("[\x0b\x1c-\x1f\x85\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]")
 _MANY_NEWLINES = re.compile("\n{3,}")
 
+try:  # the common shapes of a body rendered in C, without libxml2 (tasks/ingest/_fasthtml.c); None: built without
+    from ._fasthtml import render as _fast_render
+except ImportError:  # pragma: no cover - an install without a C compiler
+    _fast_render = None
+
 _PARSER_OPTIONS = dict(recover=True, no_network=True, remove_comments=True, remove_pis=True)
 # One parser per thread: its error_log is read after each parse.
 _LOCAL = threading.local()
@@ -323,6 +328,14 @@ def html_to_text(html: str) -> str:
     """Stack Exchange body HTML -> readable text (code blocks, inline code, TeX, lists, link text kept)."""
     if not html or html.isspace():
         return ""
+    if _fast_render is not None:
+        text = _fast_render(html)
+        if text is not None:
+            return text
+    return _render_with_libxml2(html)
+
+
+def _render_with_libxml2(html: str) -> str:
     try:
         root = _parse(html)
     except (etree.LxmlError, ValueError):

@@ -1,0 +1,261 @@
+"""html_to_text's fast path (a tokenizer instead of libxml2) renders exactly what libxml2's tree renders.
+
+Bodies are generated from the subset the fast path accepts, then mutated towards what it must refuse
+(unclosed or misnested tags, stray ``<``, upper case, other entities and characters, tags outside the
+subset). Every body the fast path accepts must render to the same text as through libxml2; the ones it
+refuses go to libxml2 anyway.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from lxml import etree
+
+from alignflow.tasks.ingest import clean
+
+pytestmark = pytest.mark.skipif(
+    clean._fast_render is None,
+    reason="installed without a C compiler: tasks/ingest/_fasthtml.c is not built, every body goes through libxml2",
+)
+
+WORDS = ["alpha", "beta", "x", "y2", "naïve", "日本", "a+b", "f(x)", "x^2", "$a<b$", "→", "don't", "\"q\""]
+SPACES = [" ", " ", " ", "\n", "  ", "\t", " \n ", "\xa0", "&nbsp;", ""]
+ENTITIES = ["&amp;", "&lt;", "&gt;", "&quot;", "&#39;", "&nbsp;"]
+INLINE = ["a", "code", "em", "strong", "b", "i"]
+
+
+def _text(rng: random.Random, n: int | None = None) -> str:
+    out = []
+    for _ in range(n if n is not None else rng.randint(0, 6)):
+        r = rng.random()
+        if r < 0.12:
+            out.append(rng.choice(ENTITIES))
+        else:
+            word = rng.choice(WORDS)
+            out.append(word.replace("&", "&amp;").replace("<", "&lt;"))
+        out.append(rng.choice(SPACES))
+    return "".join(out)
+
+
+def _inline(rng: random.Random, depth: int, open_tags: frozenset[str], subset: bool = True) -> str:
+    """Text and inline tags; ``subset``: a ``<code>`` holds text only (else also tags, 30% of the time)."""
+    parts = [_text(rng)]
+    for _ in range(rng.randint(0, 3)):
+        tag = rng.choice([t for t in INLINE if t not in open_tags] or ["em"])
+        if tag in open_tags or depth > 3:
+            parts.append(_text(rng, 2))
+            continue
+        attrs = ' href="https://example.com/?a=1&amp;b=2" rel="nofollow"' if tag == "a" else ""
+        if tag == "code" and (subset or rng.random() < 0.7):
+            inner = _text(rng, rng.randint(0, 3))
+        else:
+            inner = _inline(rng, depth + 1, open_tags | {tag} | ({"code"} if tag == "code" else set()), subset)
+        parts.append(f"<{tag}{attrs}>{inner}</{tag}>")
+        parts.append(_text(rng, rng.randint(0, 2)))
+    return "".join(parts)
+
+
+def _pre(rng: random.Random) -> str:
+    lines = [rng.choice(["", "  ", "\t"]) + _text(rng, rng.randint(0, 4)) for _ in range(rng.randint(0, 4))]
+    code = rng.choice(["", "\n", "\n\n"]) + "\n".join(lines) + rng.choice(["", "\n", "\n\n", " "])
+    attrs = rng.choice(["", "", ' class="lang-py prettyprint-override"'])
+    if rng.random() < 0.7:
+        return f"<pre{attrs}><code>{code}</code></pre>"
+    return f"<pre{attrs}>{code}</pre>"
+
+
+def _items(rng: random.Random, depth: int, subset: bool) -> str:
+    items = []
+    for _ in range(rng.randint(0, 4)):
+        r = rng.random()
+        if r < 0.55 or depth > 2:
+            content = _inline(rng, 0, frozenset(), subset)
+        elif r < 0.8:  # paragraphs, code, a nested list in an item
+            content = _blocks(rng, depth + 1, rng.randint(1, 2), subset)
+        else:  # text, then a nested list
+            content = _inline(rng, 0, frozenset(), subset) + rng.choice(["\n", ""]) + \
+                f"<ul><li>{_inline(rng, 0, frozenset(), subset)}</li></ul>"
+        items.append(f"<li>{content}</li>")
+    sep = rng.choice(["", "\n", "\n  "])
+    return sep + sep.join(items) + sep
+
+
+def _blocks(rng: random.Random, depth: int, n: int, subset: bool = True) -> str:
+    """``n`` blocks; ``subset``: only the shapes the fast path takes, else also numbered lists with a
+    start, images, line breaks, tables, headings with attributes..."""
+    out = []
+    for _ in range(n):
+        r = rng.random()
+        if r < 0.45 or depth > 2:
+            out.append(f"<p>{_inline(rng, 0, frozenset(), subset)}</p>")
+        elif r < 0.6:
+            out.append(_pre(rng))
+        elif r < 0.78:
+            tag = rng.choice(["ul", "ol"])
+            attrs = f' start="{rng.randint(0, 12)}"' if tag == "ol" and not subset and rng.random() < 0.3 else ""
+            out.append(f"<{tag}{attrs}>{_items(rng, depth, subset)}</{tag}>")
+        elif r < 0.88:
+            inner = _blocks(rng, depth + 1, rng.randint(1, 2), subset)
+            if rng.random() < 0.2:
+                inner = _inline(rng, 0, frozenset(), subset) + inner
+            out.append(f"<blockquote>{rng.choice(['', chr(10)])}{inner}</blockquote>")
+        elif r < 0.95:
+            h = rng.randint(1, 6)
+            attrs = ' id="x"' if not subset and rng.random() < 0.3 else ""
+            out.append(f"<h{h}{attrs}>{_inline(rng, 0, frozenset(), subset)}</h{h}>")
+        else:
+            out.append(rng.choice(["<hr>", "<hr/>", "<hr />"]))
+    if not subset and rng.random() < 0.3:
+        out.insert(rng.randint(0, len(out)), rng.choice(
+            ['<p>a<br>b <br/> c</p>', '<p><img src="u" alt="pic"> <img alt="x"></p>', "<table><tr><td>c</td></tr></table>",
+             "<div><p>d</p></div>", "<p>x<sub>2</sub></p>", "<dl><dt>t</dt><dd>d</dd></dl>"]))
+    return rng.choice(["", "\n", "\n\n"]).join(out) + rng.choice(["", "\n"])
+
+
+def _mutate(rng: random.Random, body: str) -> str:
+    """One change that may (or may not) take the body out of the fast path's subset."""
+    kind = rng.randrange(14)
+    pos = rng.randint(0, len(body))
+    if kind == 0:  # drop a closing tag
+        closers = [i for i in range(len(body)) if body.startswith("</", i)]
+        if closers:
+            i = rng.choice(closers)
+            return body[:i] + body[body.index(">", i) + 1:]
+    if kind == 1:
+        return body.replace("<p>", "<P>", 1)
+    if kind == 2:
+        return body[:pos] + rng.choice(["<", "< ", "a <b", "<3", "<<"]) + body[pos:]
+    if kind == 3:
+        return body[:pos] + rng.choice(["&copy;", "&mdash;", "&#8212;", "&#x41;", "& ", "&amp", "&nbsp"]) + body[pos:]
+    if kind == 4:
+        return body[:pos] + rng.choice(["\r\n", "\r", "\x0c", "\x00", "\x01", "\x85", "\ufeff", "\u2009", "\u3000", "\u200b",
+                                        "\U0001f600", "\ufffd", "\ufdd0"]) + body[pos:]
+    if kind == 5:
+        return body.replace("<p>", "<p><p>", 1)
+    if kind == 6:
+        return body.replace("<p>", "<p><ul><li>x</li></ul>", 1)
+    if kind == 7:
+        return body.replace("<em>", "<em><a href=\"u\"><em>y</em></a>", 1)
+    if kind == 8:
+        return body.replace("<p>", "<p class='q'>", 1)
+    if kind == 9:
+        return "top text " + body
+    if kind == 10:
+        return body[:pos] + rng.choice(["<br>", "<img src=\"u\" alt=\"pic\">", "<sub>2</sub>", "<!-- c -->",
+                                        "<table><tr><td>c</td></tr></table>", "<div>d</div>"]) + body[pos:]
+    if kind == 11:
+        return body.replace("<li>", "", 1)
+    if kind == 12:
+        return body.replace('start="', 'start=" ', 1).replace("<ol>", '<ol start="2" start="7">', 1)
+    return body.replace("</p>", "</p >", 1).replace("<pre>", "<pre >", 1)
+
+
+def _both(body: str) -> tuple[str | None, str]:
+    return clean._fast_render(body), clean._render_with_libxml2(body)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fast_path_renders_what_libxml2_renders(seed):
+    rng = random.Random(seed)
+    n = 1500
+    for _ in range(n):
+        body = _blocks(rng, 0, rng.randint(1, 5))
+        fast, slow = _both(body)
+        # the generator stays inside the subset: if the fast path stopped taking it, this would test nothing
+        assert fast is not None, body
+        assert fast == slow, body
+        for candidate in (_mutate(rng, body), _blocks(rng, 0, rng.randint(1, 5), subset=False)):
+            fast, slow = _both(candidate)
+            if fast is not None:
+                assert fast == slow, candidate
+            assert clean.html_to_text(candidate) == slow
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "<p>a <b>b</b></p><p>c</p>",
+        "plain text &amp; more",
+        "<pre>\ncode</pre>",
+        "<pre><code>\n\nx\n</code></pre>",
+        "<pre><code></code></pre>",
+        "<ol><li>a</li><li></li><li>b</li></ol>",
+        "<ul>\n<li>a <code>x`y</code></li>\n</ul>",
+        "<blockquote>\n<p>q</p>\n<p></p><p>r</p></blockquote>",
+        "<h2>t <code>x</code></h2><hr /><p>y</p><hr><h6></h6><hr/>",
+        "<ul>\n<li>a\n<ul>\n<li>b</li>\n</ul>\n</li>\n<li><p>c</p>\n<pre><code>d\n</code></pre></li><li></li>\n</ul>",
+        "<ol><li><p>a</p><ol><li>b</li></ol><p>c</p></li></ol>",
+        "<blockquote>\n<p>q</p>\n<ul><li>r</li></ul>text<blockquote><p>s</p></blockquote></blockquote>",
+        "<blockquote></blockquote>",
+        '<pre class="lang-py prettyprint-override"><code>x = 1\n</code></pre>',
+        '<p>see <a href="https://example.com/?a=1&b=2">the docs</a>&nbsp;<code> </code></p>',
+    ],
+)
+def test_the_fast_path_takes_the_common_shapes(body):
+    fast, slow = _both(body)
+    assert fast is not None
+    assert fast == slow
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "<p>a<p>b</p>",  # an unclosed paragraph: libxml2 closes it
+        "<p>a<ul><li>b</li></ul></p>",  # a list libxml2 moves out of the paragraph
+        "<P>a</P>",
+        "<p>a &copy; b</p>",
+        "<p>a\r\nb</p>",
+        "<p>a < b</p>",
+        "<p>a\u2009b</p>",  # a Unicode space the renderer treats apart
+        "text <b>x</b>",  # text at the top level next to tags
+        "<ul>x<li>a</li></ul>",
+        "<p><a href='u'>x</a></p>",
+        "<p>x<br>y</p>",
+        "<a>x</a>",
+        "<p><code><b>x</b></code></p>",
+        '<ol start="3"><li>a</li></ol>',
+        "<blockquote><ul><li>x</li></ul>y</blockquote><li>z</li>",  # an item outside a list
+        "<ul><li><ul><li><ul><li>" * 12 + "deep",  # unclosed, and deeper than the fast path goes
+        '<h2 id="t">t</h2>',
+        "<h7>t</h7>",
+        "<hr>x</hr>",
+        "<pre class='x'>y</pre>",
+    ],
+)
+def test_the_fast_path_leaves_the_rest_to_libxml2(body):
+    assert clean._fast_render(body) is None
+    assert clean.html_to_text(body) == clean._render_with_libxml2(body)
+
+
+def test_the_fast_path_on_real_bodies():
+    """The fixtures' bodies (real Stack Exchange posts): the same text either way, most of them fast."""
+    bodies = []
+    for posts in sorted((Path(__file__).parent / "fixtures" / "stackexchange").glob("*/Posts.xml")):
+        bodies += [row.get("Body") for row in etree.parse(str(posts)).getroot() if row.get("Body")]
+    assert len(bodies) > 500
+    fast = 0
+    for body in bodies:
+        text, slow = _both(body)
+        if text is not None:
+            fast += 1
+            assert text == slow, body
+    assert fast > 0.6 * len(bodies), f"{fast} of {len(bodies)}"
+
+
+PIECES = ["<p>", "</p>", "<pre>", "</pre>", "<code>", "</code>", "<ul>", "</ul>", "<ol>", "</ol>", "<li>", "</li>",
+          "<blockquote>", "</blockquote>", "<a", "</a>", "<b>", "<em ", ">", "<", "/", "=", '"', "&", "&amp;", "&lt",
+          ";", " ", "\n", "\t", "\xa0", "x", "`", "é", "\u2009", "\x00", "\ud800", "\U0001f600", "href", "<a href=\"u\">"]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_fast_path_on_fragments(seed):
+    """Random sequences of tag and entity fragments: never a crash, and the same text whenever it renders."""
+    rng = random.Random(seed)
+    for _ in range(4000):
+        body = "".join(rng.choice(PIECES) for _ in range(rng.randint(1, 40)))
+        fast, slow = _both(body)
+        if fast is not None:
+            assert fast == slow, body
