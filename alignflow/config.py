@@ -123,11 +123,10 @@ class IngestConfig(_Section):
         200_000, ge=100, description="Most rows per data-contract validation (several row groups checked at once)."
     )
     contract_mb: int = Field(
-        4, ge=1, description="Most text (MiB) per data-contract validation. Larger batches save contract CPU "
+        8, ge=1, description="Most text (MiB) per data-contract validation. Larger batches save contract CPU "
         "(each validation has a fixed cost, ~25-45 ms) and cost memory: at 1 GiB of input with 2 workers, 4 MiB "
-        "takes ~36-38 contract CPU-s (writing Parquet included) and peaks at ~890 MiB for the process tree, 6 MiB ~27-30 "
-        "CPU-s and ~925-935 MiB, 8 MiB ~28-30 CPU-s and ~935-960 MiB; with 2 workers the build is then bound by the "
-        "walk, so 4 MiB costs little time there, while with 1 worker 6 MiB saves ~9 s per GiB.")
+        "takes ~30 contract CPU-s (writing Parquet included) and the command ~67-70 s with its process tree at "
+        "~880 MiB; 8 MiB ~25 CPU-s, ~64 s, ~935 MiB; 16 MiB ~21 CPU-s, ~63 s, ~1,050 MiB (over 1 GiB).")
     split: SplitConfig = Field(default_factory=SplitConfig, description="How questions are assigned to splits.")
     reddit_reply_pairs: bool = Field(
         False,
