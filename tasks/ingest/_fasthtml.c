@@ -114,7 +114,93 @@ static int check_chars(const Src *src) {
     return OK;
 }
 
-/* Append the text s[i:end] (no '<' in it) with its entities decoded. */
+/* A character a decoded entity may give: one the subset would accept written as it is. */
+static int entity_char_ok(unsigned long cp) {
+    if (cp == '\t' || cp == '\n' || (cp >= 0x20 && cp <= 0x7E))
+        return 1;
+    if (cp < 0xA0 || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
+        return 0;
+    if (cp == 0x1680 || (cp >= 0x2000 && cp <= 0x200A) || cp == 0x2028 || cp == 0x2029 || cp == 0x202F ||
+        cp == 0x205F || cp == 0x3000 || cp == 0xFEFF || (cp >= 0xFDD0 && cp <= 0xFDEF) || (cp & 0xFFFE) == 0xFFFE)
+        return 0;
+    return 1;
+}
+
+static int put_utf8(Buf *out, unsigned long cp) {
+    char u[4];
+    int n;
+    if (cp < 0x80) {
+        u[0] = (char)cp;
+        n = 1;
+    } else if (cp < 0x800) {
+        u[0] = (char)(0xC0 | (cp >> 6));
+        u[1] = (char)(0x80 | (cp & 0x3F));
+        n = 2;
+    } else if (cp < 0x10000) {
+        u[0] = (char)(0xE0 | (cp >> 12));
+        u[1] = (char)(0x80 | ((cp >> 6) & 0x3F));
+        u[2] = (char)(0x80 | (cp & 0x3F));
+        n = 3;
+    } else {
+        u[0] = (char)(0xF0 | (cp >> 18));
+        u[1] = (char)(0x80 | ((cp >> 12) & 0x3F));
+        u[2] = (char)(0x80 | ((cp >> 6) & 0x3F));
+        u[3] = (char)(0x80 | (cp & 0x3F));
+        n = 4;
+    }
+    return buf_put(out, u, n);
+}
+
+/* The named references the subset decodes (HTML 4 names; their code points are the same in HTML 5). */
+static const struct {
+    const char *name;
+    unsigned long cp;
+} NAMED[] = {
+    {"amp", '&'}, {"lt", '<'}, {"gt", '>'}, {"quot", '"'}, {"nbsp", 0xA0},
+    {"mdash", 0x2014}, {"ndash", 0x2013}, {"lsquo", 0x2018}, {"rsquo", 0x2019}, {"ldquo", 0x201C},
+    {"rdquo", 0x201D}, {"hellip", 0x2026}, {"bull", 0x2022}, {"middot", 0xB7}, {"copy", 0xA9}, {"reg", 0xAE},
+    {"trade", 0x2122}, {"deg", 0xB0}, {"plusmn", 0xB1}, {"times", 0xD7}, {"divide", 0xF7}, {"laquo", 0xAB},
+    {"raquo", 0xBB}, {"larr", 0x2190}, {"rarr", 0x2192}, {"uarr", 0x2191}, {"darr", 0x2193}, {"harr", 0x2194},
+    {"lArr", 0x21D0}, {"rArr", 0x21D2}, {"hArr", 0x21D4}, {"le", 0x2264}, {"ge", 0x2265}, {"ne", 0x2260},
+    {"asymp", 0x2248}, {"infin", 0x221E}, {"sup2", 0xB2}, {"sup3", 0xB3}, {"frac12", 0xBD}, {"frac14", 0xBC},
+    {"frac34", 0xBE}, {"micro", 0xB5}, {"para", 0xB6}, {"sect", 0xA7}, {"euro", 0x20AC}, {"pound", 0xA3},
+    {"cent", 0xA2}, {"yen", 0xA5}, {"iexcl", 0xA1}, {"iquest", 0xBF},
+};
+
+/* The character reference at s[i] ('&'): its code point and length, or 0 when it is outside the subset
+ * (no ';', a name not in NAMED, a number out of range or for a character the subset refuses). */
+static Py_ssize_t entity_at(const char *s, Py_ssize_t i, Py_ssize_t end, unsigned long *cp) {
+    Py_ssize_t j = i + 1;
+    if (j < end && s[j] == '#') {
+        int hex = j + 1 < end && (s[j + 1] == 'x' || s[j + 1] == 'X');
+        j += hex ? 2 : 1;
+        Py_ssize_t digits = 0;
+        unsigned long value = 0;
+        for (; j < end && digits < 7; j++, digits++) {
+            char c = s[j];
+            int d = (c >= '0' && c <= '9') ? c - '0'
+                    : hex && c >= 'a' && c <= 'f' ? c - 'a' + 10
+                    : hex && c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+            if (d < 0)
+                break;
+            value = value * (hex ? 16 : 10) + (unsigned long)d;
+        }
+        if (digits == 0 || j >= end || s[j] != ';' || !entity_char_ok(value))
+            return 0;
+        *cp = value;
+        return j + 1 - i;
+    }
+    for (size_t k = 0; k < sizeof NAMED / sizeof NAMED[0]; k++) {
+        Py_ssize_t len = (Py_ssize_t)strlen(NAMED[k].name);
+        if (j + len < end && memcmp(s + j, NAMED[k].name, (size_t)len) == 0 && s[j + len] == ';') {
+            *cp = NAMED[k].cp;
+            return len + 2;
+        }
+    }
+    return 0;
+}
+
+/* Append the text s[i:end] (no '<' in it) with its character references decoded. */
 static int put_text(Buf *out, const Src *src, Py_ssize_t i, Py_ssize_t end) {
     const char *s = src->s;
     while (i < end) {
@@ -124,23 +210,13 @@ static int put_text(Buf *out, const Src *src, Py_ssize_t i, Py_ssize_t end) {
             return ERROR;
         if (!amp)
             return OK;
-        i = stop;
-        static const struct { const char *name; const char *value; } entities[] = {
-            {"&amp;", "&"}, {"&lt;", "<"}, {"&gt;", ">"}, {"&quot;", "\""}, {"&#39;", "'"}, {"&nbsp;", "\xc2\xa0"},
-        };
-        int found = 0;
-        for (size_t k = 0; k < sizeof entities / sizeof entities[0]; k++) {
-            Py_ssize_t len = (Py_ssize_t)strlen(entities[k].name);
-            if (i + len <= end && memcmp(s + i, entities[k].name, (size_t)len) == 0) {
-                if (buf_put(out, entities[k].value, (Py_ssize_t)strlen(entities[k].value)) < 0)
-                    return ERROR;
-                i += len;
-                found = 1;
-                break;
-            }
-        }
-        if (!found)
+        unsigned long cp;
+        Py_ssize_t len = entity_at(s, stop, end, &cp);
+        if (len == 0)
             return OUTSIDE;
+        if (put_utf8(out, cp) < 0)
+            return ERROR;
+        i = stop + len;
     }
     return OK;
 }
@@ -222,9 +298,11 @@ done:
     return rc;
 }
 
-/* Attributes from s[j] (just after a tag name) to the tag's '>': ([ \t\n]+ name="value")* [ \t\n]* '>'.
- * Returns the index after '>', or -1 when they are not of that form. */
-static Py_ssize_t attrs_end(const Src *src, Py_ssize_t j) {
+/* Attributes from s[j] (just after a tag name) to the tag's end: ([ \t\n]+ name="value")* [ \t\n]* then '>'
+ * (or "/>" where `void_ok`). Returns the index after the tag, or -1 when it is not of that form. The value
+ * of `alt` is reported in [*alt_a, *alt_b), and *alts counts the alt attributes. */
+static Py_ssize_t attrs_end(const Src *src, Py_ssize_t j, int void_ok, Py_ssize_t *alt_a, Py_ssize_t *alt_b,
+                            int *alts) {
     const char *s = src->s;
     Py_ssize_t n = src->n;
     for (;;) {
@@ -233,17 +311,27 @@ static Py_ssize_t attrs_end(const Src *src, Py_ssize_t j) {
             k++;
         if (k < n && s[k] == '>')
             return k + 1;
+        if (void_ok && k + 1 < n && s[k] == '/' && s[k + 1] == '>')
+            return k + 2;
         if (k == j || k >= n || !(s[k] >= 'a' && s[k] <= 'z'))
             return -1;
+        Py_ssize_t name = k;
         while (k < n && ((s[k] >= 'a' && s[k] <= 'z') || (s[k] >= '0' && s[k] <= '9') || s[k] == '-'))
             k++;
+        int is_alt = k - name == 3 && memcmp(s + name, "alt", 3) == 0;
         if (k + 1 >= n || s[k] != '=' || s[k + 1] != '"')
             return -1;
         k += 2;
+        Py_ssize_t value = k;
         while (k < n && s[k] != '"' && s[k] != '<' && s[k] != '>')
             k++;
         if (k >= n || s[k] != '"')
             return -1;
+        if (is_alt && alts != NULL) {
+            *alt_a = value;
+            *alt_b = k;
+            (*alts)++;
+        }
         j = k + 1;
     }
 }
@@ -253,23 +341,59 @@ static Py_ssize_t tag_end(const Src *src, Py_ssize_t i, const char *name) {
     Py_ssize_t len = (Py_ssize_t)strlen(name);
     if (i + len < src->n && memcmp(src->s + i, name, (size_t)len) == 0 &&
         (is_ws(src->s[i + len]) || src->s[i + len] == '>'))
-        return attrs_end(src, i + len);
+        return attrs_end(src, i + len, 0, NULL, NULL, NULL);
     return -1;
 }
 
-/* A tag of the inline set (a em strong b i) at s[i], just after '<' or '</': the index after '>', or -1. */
-static Py_ssize_t inline_tag_end(const Src *src, Py_ssize_t i) {
-    static const char *names[] = {"strong", "em", "a", "b", "i"};
-    for (size_t k = 0; k < sizeof names / sizeof names[0]; k++) {
-        Py_ssize_t end = tag_end(src, i, names[k]);
-        if (end >= 0)
-            return end;
+/* Inline tags that only carry text (the renderer's default case): open or close, with attributes. */
+static const char *TRANSPARENT[] = {"a", "em", "strong", "b", "i", "span", "sub", "sup", "s", "strike", "del",
+                                    "ins", "kbd", "u", "small", "big", "abbr", "mark", "cite"};
+
+/* One inline element at s[*pos] ('<'): its text into `raw` (a <code>'s rendered, an image's alt, '\0' for a
+ * line break), *pos moved past it. OUTSIDE for any other tag. */
+static int inline_element(const Src *src, Py_ssize_t *pos, Buf *raw) {
+    const char *s = src->s;
+    Py_ssize_t n = src->n, i = *pos;
+    if (starts(src, i, "<code>")) {
+        Py_ssize_t c = i + 6;
+        const char *lt = memchr(s + c, '<', (size_t)(n - c));
+        Py_ssize_t e = lt ? (Py_ssize_t)(lt - s) : -1;
+        if (e < 0 || !starts(src, e, "</code>"))
+            return OUTSIDE;
+        Buf code = {0};
+        int rc = put_text(&code, src, c, e);
+        if (rc == OK)
+            rc = put_inline_code(raw, code.data ? code.data : "", code.len);
+        PyMem_Free(code.data);
+        *pos = e + 7;
+        return rc;
     }
-    return -1;
+    if (starts(src, i, "<br>") || starts(src, i, "<br/>") || starts(src, i, "<br />")) {
+        *pos = i + (s[i + 3] == '>' ? 4 : s[i + 3] == '/' ? 5 : 6);
+        return buf_char(raw, '\0') < 0 ? ERROR : OK; /* _BR: flush_inline turns it into a line break */
+    }
+    if (starts(src, i, "<img") && i + 4 < n && (is_ws(s[i + 4]) || s[i + 4] == '>' || s[i + 4] == '/')) {
+        Py_ssize_t alt_a = 0, alt_b = 0;
+        int alts = 0;
+        Py_ssize_t end = attrs_end(src, i + 4, 1, &alt_a, &alt_b, &alts);
+        if (end < 0 || alts > 1)
+            return OUTSIDE;
+        *pos = end;
+        return alts ? put_text(raw, src, alt_a, alt_b) : OK;
+    }
+    int closing = i + 1 < n && s[i + 1] == '/';
+    for (size_t k = 0; k < sizeof TRANSPARENT / sizeof TRANSPARENT[0]; k++) {
+        Py_ssize_t end = tag_end(src, i + 1 + closing, TRANSPARENT[k]);
+        if (end >= 0) {
+            *pos = end;
+            return OK;
+        }
+    }
+    return OUTSIDE;
 }
 
-/* Inline content from s[*pos] up to the closing literal `close` (e.g. "</p>"): rendered into `raw`
- * (text decoded, inline code rendered), *pos moved past `close`. */
+/* Inline content from s[*pos] up to the closing literal `close` (e.g. "</p>"): rendered into `raw`,
+ * *pos moved past `close`. */
 static int parse_inline(const Src *src, Py_ssize_t *pos, const char *close, Buf *raw) {
     const char *s = src->s;
     Py_ssize_t n = src->n, i = *pos;
@@ -286,28 +410,8 @@ static int parse_inline(const Src *src, Py_ssize_t *pos, const char *close, Buf 
             *pos = i + (Py_ssize_t)strlen(close);
             return OK;
         }
-        if (starts(src, i, "<code>")) {
-            Py_ssize_t c = i + 6;
-            const char *lt2 = memchr(s + c, '<', (size_t)(n - c));
-            if (!lt2)
-                return OUTSIDE;
-            Py_ssize_t e = (Py_ssize_t)(lt2 - s);
-            if (!starts(src, e, "</code>"))
-                return OUTSIDE;
-            Buf code = {0};
-            rc = put_text(&code, src, c, e);
-            if (rc == OK)
-                rc = put_inline_code(raw, code.data ? code.data : "", code.len);
-            PyMem_Free(code.data);
-            if (rc != OK)
-                return rc;
-            i = e + 7;
-            continue;
-        }
-        Py_ssize_t end = inline_tag_end(src, i + 1 + (i + 1 < n && s[i + 1] == '/'));
-        if (end < 0)
-            return OUTSIDE;
-        i = end;
+        if ((rc = inline_element(src, &i, raw)) != OK)
+            return rc;
     }
     return OUTSIDE;
 }
@@ -357,12 +461,51 @@ static void blocks_drop_last(Blocks *b) {
     PyMem_Free(b->v[b->n].text.data);
 }
 
-/* _flush: the pending inline text, whitespace collapsed, as one more block (none if it is empty). */
+/* _flush on raw[0:len] into `text`: whitespace collapsed; then, where there are line breaks ('\0'), each
+ * with a space on either side becomes "\n", newlines and spaces go at both ends, and runs of three or more
+ * newlines become two. */
+static int paragraph_text(const Buf *raw, Buf *text) {
+    if (collapse_ws(text, raw->data ? raw->data : "", raw->len) < 0)
+        return ERROR;
+    if (text->len == 0 || memchr(text->data, '\0', (size_t)text->len) == NULL)
+        return OK;
+    Buf out = {0};
+    Py_ssize_t n = text->len;
+    const char *t = text->data;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        if (t[k] == ' ' && k + 1 < n && t[k + 1] == '\0')
+            continue; /* " ?\0 ?": the space before */
+        if (t[k] == '\0') {
+            if (buf_char(&out, '\n') < 0) { PyMem_Free(out.data); return ERROR; }
+            if (k + 1 < n && t[k + 1] == ' ')
+                k++; /* the space after */
+            continue;
+        }
+        if (buf_char(&out, t[k]) < 0) { PyMem_Free(out.data); return ERROR; }
+    }
+    Py_ssize_t a = 0, b = out.len;
+    while (a < b && (out.data[a] == '\n' || out.data[a] == ' '))
+        a++;
+    while (b > a && (out.data[b - 1] == '\n' || out.data[b - 1] == ' '))
+        b--;
+    text->len = 0;
+    int newlines = 0;
+    for (Py_ssize_t k = a; k < b; k++) {
+        newlines = out.data[k] == '\n' ? newlines + 1 : 0;
+        if (newlines > 2)
+            continue;
+        if (buf_char(text, out.data[k]) < 0) { PyMem_Free(out.data); return ERROR; }
+    }
+    PyMem_Free(out.data);
+    return OK;
+}
+
+/* _flush: the pending inline text as one more block (none if it is empty). */
 static int flush_inline(Buf *raw, Blocks *out) {
     if (raw->len == 0)
         return OK;
     Block *block = blocks_push(out, 0);
-    if (block == NULL || collapse_ws(&block->text, raw->data, raw->len) < 0)
+    if (block == NULL || paragraph_text(raw, &block->text) < 0)
         return ERROR;
     if (block->text.len == 0)
         blocks_drop_last(out);
@@ -509,8 +652,11 @@ static int render_quote(const Src *src, Py_ssize_t *pos, int depth, Blocks *out)
 static int render_heading(const Src *src, Py_ssize_t *pos, const char *close, int level, Blocks *out) {
     Buf raw = {0}, text = {0};
     int rc = parse_inline(src, pos, close, &raw);
-    if (rc == OK && collapse_ws(&text, raw.data ? raw.data : "", raw.len) < 0)
+    if (rc == OK && paragraph_text(&raw, &text) < 0)
         rc = ERROR;
+    for (Py_ssize_t k = 0; rc == OK && k < text.len; k++)
+        if (text.data[k] == '\n') /* a line break in a heading is a space */
+            text.data[k] = ' ';
     if (rc == OK && text.len) {
         static const char hashes[] = "###### ";
         Block *block = blocks_push(out, 0);
@@ -602,25 +748,9 @@ static int parse_flow(const Src *src, Py_ssize_t *pos, const char *close, int al
             continue;
         }
         if (!allow_inline) { rc = OUTSIDE; goto done; }
-        /* inline content between blocks: <code>text</code>, or an inline tag */
-        if (starts(src, i, "<code>")) {
-            Py_ssize_t c = i + 6;
-            const char *lt2 = memchr(s + c, '<', (size_t)(n - c));
-            Py_ssize_t e = lt2 ? (Py_ssize_t)(lt2 - s) : -1;
-            if (e < 0 || !starts(src, e, "</code>")) { rc = OUTSIDE; goto done; }
-            Buf code = {0};
-            rc = put_text(&code, src, c, e);
-            if (rc == OK)
-                rc = put_inline_code(&raw, code.data ? code.data : "", code.len);
-            PyMem_Free(code.data);
-            if (rc != OK)
-                goto done;
-            i = e + 7;
-            continue;
-        }
-        Py_ssize_t end = inline_tag_end(src, i + 1 + (i + 1 < n && s[i + 1] == '/'));
-        if (end < 0) { rc = OUTSIDE; goto done; }
-        i = end;
+        /* inline content between blocks */
+        if ((rc = inline_element(src, &i, &raw)) != OK)
+            goto done;
     }
 done:
     PyMem_Free(raw.data);
