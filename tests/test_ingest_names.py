@@ -112,3 +112,22 @@ def test_prehashed_digests_are_the_digests_and_a_changed_file_is_hashed_again(tm
     (tmp_path / "empty").mkdir()
     run.prehash([tmp_path / "missing", tmp_path / "empty"], "auto")  # what does not resolve is plan_ingest's
     assert not run._PREHASHED
+
+
+def test_a_change_to_the_c_renderer_changes_the_cache_key(fixtures_dir, tmp_path, monkeypatch):
+    """html_to_text's fast path (tasks/ingest/_fasthtml.c) shapes the datasets as much as the Python does."""
+    from alignflow.tasks.ingest import run
+
+    code = tmp_path / "code"
+    code.mkdir()
+    for folder in run.CODE_DIRS:
+        for f in [*folder.glob("*.py"), *folder.glob("*.c")]:
+            shutil.copy(f, code / f.name)
+    assert (code / "_fasthtml.c").exists()
+    monkeypatch.setattr(run, "CODE_DIRS", [code])
+    cfg = IngestConfig()
+    before = plan_ingest([fixtures_dir / "conlang.meta-2020"], tmp_path / "work", cfg).key
+    with open(code / "_fasthtml.c", "a") as fh:
+        fh.write("\n/* a change */\n")
+    after = plan_ingest([fixtures_dir / "conlang.meta-2020"], tmp_path / "work", cfg).key
+    assert before != after

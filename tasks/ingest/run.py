@@ -134,12 +134,17 @@ def prehash(sources: list[str | Path], fmt: str | None = None) -> None:
         threading.Thread(target=run, name="alignflow-prehash", daemon=True).start()
 
 
+def code_files() -> list[Path]:
+    """The source files whose contents are part of every ingest's cache key: the ingest's and the data
+    contracts' Python, and the C of html_to_text's fast path."""
+    return [f for folder in CODE_DIRS for f in sorted([*folder.glob("*.py"), *folder.glob("*.c")])]
+
+
 def code_digest() -> str:
     h = hashlib.sha256()
-    for folder in CODE_DIRS:
-        for f in sorted(folder.glob("*.py")):
-            h.update(f.name.encode())
-            h.update(f.read_bytes())
+    for f in code_files():
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
     return h.hexdigest()
 
 
