@@ -810,6 +810,12 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fasthtml", NULL, -1, methods};
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "_fasthtml",
+    .m_doc = "html_to_text for the common shapes of a post body, without libxml2 (see the top of _fasthtml.c).",
+    .m_size = -1,
+    .m_methods = methods,
+};
 
 PyMODINIT_FUNC PyInit__fasthtml(void) { return PyModule_Create(&module); }
