@@ -243,6 +243,7 @@ class ReplyStore:
         self.batch = batch
         self._comments: list[tuple] = []
         self._submissions: list[tuple] = []
+        self._last_submission: tuple[str, Submission | None] | None = None
 
     @classmethod
     def beside(cls, staging_path: Path) -> Path:
@@ -292,6 +293,7 @@ class ReplyStore:
                         "WHERE reply >= 1")
         self.db.commit()
         self._cache: OrderedDict[str, Node | None] = OrderedDict()
+        self._last_submission = None
 
     def lookup(self, comment_id: str) -> Node | None:
         """The first comment with this id (a repeated id keeps its first row)."""
@@ -309,9 +311,16 @@ class ReplyStore:
         return node
 
     def submission(self, link: str) -> Submission | None:
+        """The first submission with this id. The walk asks for one thread's submission parent after parent
+        (groups come by thread), so the last answer is kept."""
+        last = self._last_submission
+        if last is not None and last[0] == link:
+            return last[1]
         row = self.db.execute("SELECT id, site, title, body, score, author FROM submissions WHERE id = ? "
                               "ORDER BY rid LIMIT 1", (link,)).fetchone()
-        return None if row is None else Submission(*row)
+        sub = None if row is None else Submission(*row)
+        self._last_submission = (link, sub)
+        return sub
 
     def reply_groups(self) -> Iterator[tuple[str, list[tuple[Node, bool]]]]:
         """Yield ``(parent fullname, [(reply, is_duplicate), ...])`` per parent, by thread, parent, reply id."""
