@@ -1,8 +1,10 @@
-"""html_to_text's fast path (a tokenizer instead of libxml2) renders exactly what libxml2's tree renders.
+"""html_to_text's fast path (tasks/ingest/_fasthtml.c, one pass over the string) renders exactly what the
+renderer makes of libxml2's tree.
 
-Bodies are generated from the subset the fast path accepts, then mutated towards what it must refuse
+Bodies are generated from the subset the fast path takes, then mutated towards what it must refuse
 (unclosed or misnested tags, stray ``<``, upper case, other entities and characters, tags outside the
-subset). Every body the fast path accepts must render to the same text as through libxml2; the ones it
+subset), and widened with shapes outside it; random tag and entity fragments and the fixtures' real bodies
+come on top. Every body the fast path takes must render to the same text as through libxml2; the ones it
 refuses go to libxml2 anyway.
 """
 
