@@ -77,45 +77,10 @@ static int starts(const Src *src, Py_ssize_t i, const char *lit) {
 
 static int is_ws(char c) { return c == ' ' || c == '\t' || c == '\n'; }
 
-/* Check every character once: controls, C1, non-characters and the Unicode spaces the renderer treats
- * apart are outside the subset. UTF-8 from CPython is valid, so lead bytes tell the length. */
-static int check_chars(const Src *src) {
-    const unsigned char *s = (const unsigned char *)src->s;
-    Py_ssize_t n = src->n;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        unsigned char c = s[i];
-        if (c < 0x80) {
-            if ((c < 0x20 && c != '\t' && c != '\n') || c == 0x7f)
-                return OUTSIDE;
-        } else if (c == 0xC2) {
-            if (i + 1 < n && s[i + 1] < 0xA0) /* U+0080..U+009F: C1 controls (U+0085 among them) */
-                return OUTSIDE;
-        } else if (c == 0xE1) {
-            if (i + 2 < n && s[i + 1] == 0x9A && s[i + 2] == 0x80) /* U+1680 */
-                return OUTSIDE;
-        } else if (c == 0xE2) {
-            if (i + 2 < n && s[i + 1] == 0x80 && (s[i + 2] <= 0x8A || s[i + 2] == 0xA8 || s[i + 2] == 0xA9 ||
-                                                   s[i + 2] == 0xAF)) /* U+2000..200A, 2028, 2029, 202F */
-                return OUTSIDE;
-            if (i + 2 < n && s[i + 1] == 0x81 && s[i + 2] == 0x9F) /* U+205F */
-                return OUTSIDE;
-        } else if (c == 0xE3) {
-            if (i + 2 < n && s[i + 1] == 0x80 && s[i + 2] == 0x80) /* U+3000 */
-                return OUTSIDE;
-        } else if (c == 0xEF) {
-            if (i + 2 < n && s[i + 1] == 0xBB && s[i + 2] == 0xBF) /* U+FEFF, which libxml2 may take for a BOM */
-                return OUTSIDE;
-            if (i + 2 < n && s[i + 1] == 0xB7 && s[i + 2] >= 0x90 && s[i + 2] <= 0xAF) /* U+FDD0..FDEF */
-                return OUTSIDE;
-            if (i + 2 < n && s[i + 1] == 0xBF && (s[i + 2] == 0xBE || s[i + 2] == 0xBF)) /* U+FFFE, U+FFFF */
-                return OUTSIDE;
-        }
-    }
-    return OK;
-}
-
-/* A character a decoded entity may give: one the subset would accept written as it is. */
-static int entity_char_ok(unsigned long cp) {
+/* A character the subset takes, written or from a character reference: not a control (C0 but \t and \n,
+ * DEL, C1), a surrogate, a non-character, U+FEFF (libxml2 may take it for a BOM), or a Unicode space the
+ * renderer treats apart (its slower branch); U+00A0 is fine. */
+static int char_ok(unsigned long cp) {
     if (cp == '\t' || cp == '\n' || (cp >= 0x20 && cp <= 0x7E))
         return 1;
     if (cp < 0xA0 || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
@@ -125,6 +90,39 @@ static int entity_char_ok(unsigned long cp) {
         return 0;
     return 1;
 }
+
+/* Check every character once with char_ok. UTF-8 from CPython is valid, so lead bytes tell the length. */
+static int check_chars(const Src *src) {
+    const unsigned char *s = (const unsigned char *)src->s;
+    Py_ssize_t n = src->n;
+    for (Py_ssize_t i = 0; i < n;) {
+        unsigned char c = s[i];
+        unsigned long cp;
+        int len;
+        if (c < 0x80) {
+            cp = c;
+            len = 1;
+        } else if (c < 0xE0) {
+            cp = c & 0x1F;
+            len = 2;
+        } else if (c < 0xF0) {
+            cp = c & 0x0F;
+            len = 3;
+        } else {
+            cp = c & 0x07;
+            len = 4;
+        }
+        if (i + len > n)
+            return OUTSIDE;
+        for (int k = 1; k < len; k++)
+            cp = (cp << 6) | (s[i + k] & 0x3F);
+        if (!char_ok(cp))
+            return OUTSIDE;
+        i += len;
+    }
+    return OK;
+}
+
 
 static int put_utf8(Buf *out, unsigned long cp) {
     char u[4];
@@ -185,7 +183,7 @@ static Py_ssize_t entity_at(const char *s, Py_ssize_t i, Py_ssize_t end, unsigne
                 break;
             value = value * (hex ? 16 : 10) + (unsigned long)d;
         }
-        if (digits == 0 || j >= end || s[j] != ';' || !entity_char_ok(value))
+        if (digits == 0 || j >= end || s[j] != ';' || !char_ok(value))
             return 0;
         *cp = value;
         return j + 1 - i;
