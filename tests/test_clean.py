@@ -14,7 +14,6 @@ from alignflow.tasks.ingest.clean import clean_plain_text, html_to_text
 FIXTURE_DIR = Path(__file__).resolve().parent / "fixtures" / "stackexchange" / "datascience.meta-2024"
 
 
-
 @pytest.fixture(autouse=True, params=["as installed", "libxml2 only"])
 def renderer(request, monkeypatch):
     """Every test twice: as installed (the C fast path where it applies) and as without a C compiler."""

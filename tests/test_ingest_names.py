@@ -120,9 +120,8 @@ def test_a_change_to_the_c_renderer_changes_the_cache_key(fixtures_dir, tmp_path
 
     code = tmp_path / "code"
     code.mkdir()
-    for folder in run.CODE_DIRS:
-        for f in [*folder.glob("*.py"), *folder.glob("*.c")]:
-            shutil.copy(f, code / f.name)
+    for f in run.code_files():
+        shutil.copy(f, code / f.name)
     assert (code / "_fasthtml.c").exists()
     monkeypatch.setattr(run, "CODE_DIRS", [code])
     cfg = IngestConfig()
