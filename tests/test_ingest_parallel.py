@@ -272,3 +272,56 @@ def test_the_contract_worker_starts_before_the_read_on_small_inputs_and_with_the
     assert events == (["contract worker", "read"] if early else ["read", "contract worker"])
     reference = run([source], tmp_path / "w1", "ingest.workers=1")
     assert digests(result) == digests(reference)
+
+
+# -- what a worker hands the parent: posts and votes as an SQLite image ---------------------------
+def _store_rows(store) -> tuple[list, list]:
+    store.flush()
+    posts = store.db.execute("SELECT * FROM posts ORDER BY rid").fetchall()
+    votes = store.db.execute("SELECT * FROM votes ORDER BY site, post_id").fetchall()
+    return posts, votes
+
+
+def test_packed_ranges_load_the_same_store_as_replayed_calls(fixtures_dir, tmp_path):
+    """Every range of a real site (posts with line numbers, quarantined rows, votes of several ranges on
+    one post), replayed as calls and as packed images: the same rows, in the same order, the same sums."""
+    from alignflow.tasks.ingest import ranges
+    from alignflow.tasks.ingest.store import StagingStore
+
+    site = fixtures_dir / "conlang.meta-2020"
+    tasks = []
+    for table in ("Votes", "Posts"):
+        tasks += ranges.range_tasks(site.name, table, site / f"{table}.xml", f"{table}.xml", range_bytes=9_000,
+                                    on_bad_row="quarantine", max_chars=20_000, max_row_bytes=1 << 20,
+                                    start_index=len(tasks))
+    assert sum(t.table == "Posts" for t in tasks) > 3 and sum(t.table == "Votes" for t in tasks) > 3
+    stores = {}
+    for mode in ("calls", "packed"):
+        store = stores[mode] = StagingStore(tmp_path / f"{mode}.sqlite")
+        replay = ranges.Replayer(store)
+        for task in tasks:
+            result = ranges.read_range(task)
+            if mode == "packed":
+                result = ranges.pack(result)
+                assert result.shard is not None and not result.votes
+                assert not [c for c in result.calls if c[0] == "post"]
+            replay.apply(task, result)
+    calls, packed = _store_rows(stores["calls"]), _store_rows(stores["packed"])
+    assert len(calls[0]) > 100 and len(calls[1]) > 100
+    second = next(t for t in tasks if t.table == "Posts" and not t.first)
+    first_range_lines = (site / "Posts.xml").read_bytes()[:second.start].count(b"\n")
+    assert max(r[-1] for r in calls[0]) > first_range_lines  # lines of later ranges, moved by their offset
+    assert packed == calls
+    assert stores["packed"].counts == stores["calls"].counts
+
+
+def test_ingest_without_sqlite_images_gives_the_same_datasets(fixtures_dir, tmp_path, monkeypatch):
+    """A Python whose SQLite cannot serialise a database replays the posts as calls: the same datasets."""
+    from alignflow.tasks.ingest import store
+
+    sources = [fixtures_dir / "conlang.meta-2020"]
+    packed = run(sources, tmp_path / "a", "ingest.workers=1", "ingest.range_mb=0.02")
+    monkeypatch.setattr(store, "SHARDS", False)
+    plain = run(sources, tmp_path / "b", "ingest.workers=1", "ingest.range_mb=0.02")
+    assert digests(plain) == digests(packed) and same_accounting(plain.report, packed.report)
+    assert packed.datasets["posts"]["rows"] > 100

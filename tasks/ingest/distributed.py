@@ -27,7 +27,7 @@ from contextlib import ExitStack
 from urllib.parse import urlsplit
 
 from .errors import IngestError
-from .ranges import RangeResult, RangeTask, read_range
+from .ranges import RangeResult, RangeTask, read_packed
 
 CONNECT_SECONDS = 10.0  # reaching the scheduler
 WORKERS_SECONDS = 60.0  # waiting for a first worker to join a scheduler that has none
@@ -104,7 +104,7 @@ def _prefect_task():
     @task(name="read-range", task_run_name="read {task.label} bytes {task.start}-{task.end}",
           cache_policy=NO_CACHE, persist_result=False)
     def read_range_task(task: RangeTask) -> RangeResult:
-        return read_range(task)
+        return read_packed(task)
 
     return read_range_task
 

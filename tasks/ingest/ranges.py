@@ -5,9 +5,10 @@ values are written as ``&#xA;``), so a table can be cut at the starts of row
 lines into ranges that parse on their own: each worker wraps its range in the
 table's root element and runs the same :class:`~.xmlstream.RowParser` and row
 readers as the one-process path, with every check they make. A worker keeps
-what it read as a list of sink calls; the parent replays the lists into the
+what it read as a list of sink calls, its posts and per-post vote sums packed
+into an SQLite image (:func:`pack`); the parent replays the results into the
 staging store in file order, adding each range's line offset, so the store
-sees exactly the calls of a one-process read and the datasets are
+holds exactly the rows of a one-process read and the datasets are
 byte-identical whatever the number of workers. Votes are summed per post in the
 worker (their order does not matter).
 
@@ -76,6 +77,7 @@ class RangeResult:
     calls: list[tuple] = field(default_factory=list)  # ("post", row) | ("pair", record) | ("q", kwargs) | ("count", ...)
     votes: dict[tuple[str, str], list[int]] = field(default_factory=dict)
     error: dict[str, Any] | None = None  # an IngestError, with its line relative to the range
+    shard: bytes | None = None  # the posts and votes as an SQLite image (pack), instead of "post" calls and votes
     seconds: dict[str, float] = field(default_factory=dict)  # "parse" (lxml), "HTML to text", "rows" (the rest)
 
 
@@ -299,6 +301,31 @@ def read_range(task: RangeTask) -> RangeResult:
     return RangeResult(task.index, newlines, sink.finish(), sink.votes, seconds=seconds)
 
 
+def pack(result: RangeResult) -> RangeResult:
+    """Move a range's posts and vote counts into an SQLite image (:func:`~.store.shard_image`), which the
+    parent copies into the store in one statement per table.
+
+    Posts are most of what a range holds: pickled row by row, then unpickled and inserted, they cost the
+    parent (which replays every range, in order) more CPU than parsing costs each worker. As an image they
+    cost the worker one insert and the parent one copy. Left as it is when this Python's SQLite cannot
+    serialise a database.
+    """
+    from .store import SHARDS, shard_image
+
+    posts = [call[1] for call in result.calls if call[0] == "post"]
+    if not SHARDS or not (posts or result.votes):
+        return result
+    result.shard = shard_image(posts, result.votes)
+    result.calls = [call for call in result.calls if call[0] != "post"]
+    result.votes = {}
+    return result
+
+
+def read_packed(task: RangeTask) -> RangeResult:
+    """:func:`read_range`, its result packed for the parent (:func:`pack`): what task runners run."""
+    return pack(read_range(task))
+
+
 def plain_head(path: Path, root: str) -> bool:
     """True when the table starts with an optional XML declaration and its root element, nothing else."""
     with open(path, "rb") as fh:
@@ -332,6 +359,8 @@ class Replayer:
     def apply(self, task: RangeTask, result: RangeResult) -> None:
         off = self.line_offset.get(task.label, 0) if not task.first else 0
         store = self.store
+        if result.shard is not None:
+            store.add_shard(result.shard, off)
         posts: list[tuple] = []
         for call in result.calls:
             kind = call[0]
@@ -375,7 +404,7 @@ def run_tasks(tasks: list[RangeTask], workers: int) -> Iterator[tuple[RangeTask,
     """
     if workers <= 1 or len(tasks) <= 1:
         for task in tasks:
-            yield task, read_range(task)
+            yield task, read_packed(task)
         return
     n = min(workers, len(tasks))
     pool = WorkerProcesses(n)
@@ -455,7 +484,7 @@ def serve() -> None:
         except EOFError:
             return
         try:
-            reply = ("ok", read_range(task))
+            reply = ("ok", read_packed(task))
         except Exception as exc:  # a bug: shown in the parent with its type and message
             reply = ("error", RuntimeError(f"ingest worker failed on {task.label} bytes {task.start}-{task.end}: "
                                            f"{type(exc).__name__}: {exc}"))

@@ -19,10 +19,14 @@ from pathlib import Path
 from .records import PairRecord, PostRecord
 from .scoring import numeric_key
 
-_POST_COLUMNS = (
-    "site, source, post_id, pkey, kind, kind_order, question_id, qkey, title, body, tags, score, "
-    "accepted_answer_id, author, license, created_at, created_ts, distinguished, source_file, line"
+# the posts table's columns and their types: the store's table and a reading worker's shard (shard_image) alike
+_POST_TYPES = (
+    "site TEXT, source TEXT, post_id TEXT, pkey TEXT, kind TEXT, kind_order INT, question_id TEXT, qkey TEXT, "
+    "title TEXT, body TEXT, tags TEXT, score INT, accepted_answer_id TEXT, author TEXT, license TEXT, "
+    "created_at TEXT, created_ts REAL, distinguished INT, source_file TEXT, line INT"
 )
+_POST_COLUMNS = ", ".join(column.split()[0] for column in _POST_TYPES.split(", "))
+_VOTE_TYPES = "site TEXT, post_id TEXT, up INT, down INT, acc INT"
 _PAIR_COLUMNS = (
     "site, source, question_id, qkey, prompt, chosen, rejected, chosen_score, rejected_score, license, "
     "source_file, line"
@@ -66,6 +70,29 @@ def post_row(post: PostRecord) -> tuple:
     )
 
 
+# votes of a post already in the table add up
+_VOTE_UPSERT = ("ON CONFLICT(site, post_id) DO UPDATE SET "
+                "up = up + excluded.up, down = down + excluded.down, acc = acc + excluded.acc")
+SHARDS = hasattr(sqlite3.Connection, "serialize")  # Python 3.11+ with an SQLite that can (de)serialize
+
+
+def shard_image(posts: list[tuple], votes: dict[tuple[str, str], list[int]]) -> bytes:
+    """Posts (rows of :func:`post_row`) and per-post vote counts ``(site, post_id) -> [up, down, accept]`` as
+    the bytes of an SQLite database with the store's ``posts`` and ``votes`` columns: how a reading worker
+    hands the parent what it read (:meth:`StagingStore.add_shard`)."""
+    db = sqlite3.connect(":memory:")
+    try:
+        db.executescript(f"PRAGMA page_size=65536; CREATE TABLE posts ({_POST_TYPES}); "
+                         f"CREATE TABLE votes ({_VOTE_TYPES});")
+        db.executemany(f"INSERT INTO posts VALUES ({','.join('?' * 20)})", posts)
+        db.executemany("INSERT INTO votes VALUES (?,?,?,?,?)",
+                       [(s, p, u, d, a) for (s, p), (u, d, a) in votes.items()])
+        db.commit()
+        return db.serialize()
+    finally:
+        db.close()
+
+
 class StagingStore:
     """A scratch SQLite database that is also a :class:`RecordSink`."""
 
@@ -86,12 +113,8 @@ class StagingStore:
             PRAGMA synchronous=OFF;
             PRAGMA temp_store=FILE;
             PRAGMA cache_size=-{cache_mb * 1024};
-            CREATE TABLE posts (rid INTEGER PRIMARY KEY, site TEXT, source TEXT, post_id TEXT, pkey TEXT,
-                kind TEXT, kind_order INT, question_id TEXT, qkey TEXT, title TEXT, body TEXT, tags TEXT,
-                score INT, accepted_answer_id TEXT, author TEXT, license TEXT, created_at TEXT, created_ts REAL,
-                distinguished INT, source_file TEXT, line INT);
-            CREATE TABLE votes (site TEXT, post_id TEXT, up INT, down INT, acc INT, PRIMARY KEY (site, post_id))
-                WITHOUT ROWID;
+            CREATE TABLE posts (rid INTEGER PRIMARY KEY, {_POST_TYPES});
+            CREATE TABLE votes ({_VOTE_TYPES}, PRIMARY KEY (site, post_id)) WITHOUT ROWID;
             CREATE TABLE vote_sites (site TEXT PRIMARY KEY, source_file TEXT);
             CREATE TABLE pairs_in (rid INTEGER PRIMARY KEY, {_PAIR_COLUMNS.replace(',', ' ,')});
             CREATE TABLE quarantine (source_file TEXT, line INT, row_id TEXT, site TEXT, dataset TEXT,
@@ -118,6 +141,25 @@ class StagingStore:
         self._posts.extend(rows)
         if len(self._posts) >= self.batch:
             self._flush_posts()
+
+    def add_shard(self, image: bytes, line_offset: int = 0) -> None:
+        """Copy a reading worker's posts and vote counts (:func:`shard_image`) into the store, the posts after
+        those already added and their line numbers moved by ``line_offset`` (where the worker's range starts
+        in its file). The rows go from one SQLite database to the other in SQLite's own code: no Python
+        object is made per row, as ``add_post_rows`` would after unpickling them."""
+        self._flush_posts()  # the posts added before come first
+        self.db.commit()  # ATTACH and DETACH need no open transaction
+        self.db.execute("ATTACH ':memory:' AS shard")
+        try:
+            self.db.deserialize(image, name="shard")
+            moved = _POST_COLUMNS.removesuffix("line") + "line + ?"
+            self.db.execute(f"INSERT INTO posts ({_POST_COLUMNS}) SELECT {moved} FROM shard.posts ORDER BY rowid",
+                            (line_offset,))
+            self.db.execute(f"INSERT INTO votes SELECT site, post_id, up, down, acc FROM shard.votes WHERE true "
+                            f"{_VOTE_UPSERT}")
+            self.db.commit()
+        finally:
+            self.db.execute("DETACH shard")
 
     def add_vote(self, site: str, post_id: str, vote_type: int) -> None:
         entry = self._votes.get((site, post_id))
@@ -185,8 +227,7 @@ class StagingStore:
     def _flush_votes(self) -> None:
         if self._votes:
             self.db.executemany(
-                "INSERT INTO votes VALUES (?,?,?,?,?) ON CONFLICT(site, post_id) DO UPDATE SET "
-                "up = up + excluded.up, down = down + excluded.down, acc = acc + excluded.acc",
+                f"INSERT INTO votes VALUES (?,?,?,?,?) {_VOTE_UPSERT}",
                 [(s, p, u, d, a) for (s, p), (u, d, a) in self._votes.items()],
             )
             self._votes.clear()
