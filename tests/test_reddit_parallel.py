@@ -110,3 +110,52 @@ def test_oversized_last_line_without_newline(tmp_path, monkeypatch):
     path = write(tmp_path / "RC_2015-01.jsonl", [comment(1), "z" * 5000], zst=False, end=b"")
     one, two = read_both(path, monkeypatch, on_bad_row="quarantine", max_line_bytes=1024)
     assert one == two and [q["reason"] for q in one[1]] == ["too_large"]
+
+
+def submission(i, **kw):
+    obj = {"id": f"p{i}", "subreddit": "s", "title": f"title {i}", "selftext": f"text {i}", "author": f"a{i % 5}",
+           "score": i % 13, "created_utc": 900 + i, "num_comments": 3}
+    obj.update(kw)
+    return json.dumps(obj)
+
+
+def test_workers_hand_rows_to_the_stores_as_sqlite_images(tmp_path, monkeypatch):
+    """Into the real staging and reply stores, two workers hand posts, comments and submissions over as SQLite
+    images (not row by row): the tables hold the same rows in the same order as with one process."""
+    from alignflow.tasks.ingest.reddit_replies import ReplyStore
+    from alignflow.tasks.ingest.store import StagingStore
+
+    monkeypatch.setattr(reddit_parallel, "CHUNK_BYTES", 700)
+    monkeypatch.setattr(reddit_parallel, "_READ_BYTES", 97)
+    comments = [comment(i) for i in range(1, 150)]
+    comments[30] = comment(7, body="the same id again")  # a repeated id: the first row keeps it (rid order)
+    comments[40] = "not json"
+    files = [write(tmp_path / "RS_2015-01.jsonl", [submission(i) for i in range(1, 60)], zst=False),
+             write(tmp_path / "RC_2015-01.zst", comments, zst=True)]
+    packed = []
+    real = reddit_parallel._replay
+
+    def replay(recorded, *args):
+        packed.append(recorded[2] != (None, None))
+        return real(recorded, *args)
+
+    monkeypatch.setattr(reddit_parallel, "_replay", replay)
+    tables = []
+    for workers in (1, 2):
+        store = StagingStore(tmp_path / f"w{workers}" / "staging.sqlite")
+        replies = ReplyStore(tmp_path / f"w{workers}" / "replies.sqlite")
+        for path in files:
+            read_reddit(path, store, replies=replies, workers=workers, on_bad_row="quarantine")
+        store.flush()
+        replies.close()
+        replies = ReplyStore(tmp_path / f"w{workers}" / "replies.sqlite", create=False)
+        tables.append([store.db.execute("SELECT * FROM posts ORDER BY rid").fetchall(),
+                       store.db.execute("SELECT * FROM quarantine ORDER BY line").fetchall(), dict(store.counts),
+                       replies.db.execute("SELECT * FROM comments ORDER BY rid").fetchall(),
+                       replies.db.execute("SELECT * FROM submissions ORDER BY rid").fetchall()])
+    assert packed and all(packed)  # two workers: every chunk came as images
+    one, two = tables
+    assert one == two
+    posts, quarantined, _counts, comment_rows, submission_rows = one
+    assert len(posts) > 100 and len(comment_rows) > 100 and len(submission_rows) == 59 and len(quarantined) == 1
+    assert [r[1] for r in comment_rows].count("c7") == 2

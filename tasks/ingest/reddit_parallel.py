@@ -39,7 +39,8 @@ from .errors import IngestError
 from .lines import OVERSIZED_HEAD_BYTES, OversizedLine, _TruncatedStream, open_binary
 from .ranges import WorkerProcesses
 from .records import PostRecord
-from .reddit_replies import Submission, comment_row
+from .reddit_replies import Submission, comment_row, replies_image
+from .store import SHARDS, post_row, shard_image
 
 __all__ = ["CHUNK_BYTES", "parse_chunk", "read_in_workers", "serve"]
 
@@ -57,13 +58,28 @@ class _Recorder:
     summed per chunk (their order does not matter); consecutive comments for the reply store go as
     one batch of its rows."""
 
-    def __init__(self) -> None:
+    def __init__(self, pack: bool = False) -> None:
         self.calls: list[tuple] = []
         self.counts: dict[str, int] = {}
         self._nodes: list[tuple] | None = None
+        # pack: posts, comments and submissions kept as rows of their tables, for SQLite images (see images())
+        self.pack = pack
+        self.posts: list[tuple] = []
+        self.comments: list[tuple] = []
+        self.submissions: list[tuple] = []
+
+    def images(self) -> tuple[bytes | None, bytes | None]:
+        """(posts for the staging store, comments and submissions for the reply store) as SQLite images, which
+        the parent copies in one statement per table instead of unpickling and inserting row by row."""
+        posts = shard_image(self.posts, {}) if self.posts else None
+        replies = replies_image(self.comments, self.submissions) if self.comments or self.submissions else None
+        return posts, replies
 
     # RecordSink
     def add_post(self, post) -> None:
+        if self.pack:
+            self.posts.append(post_row(post))
+            return
         self._nodes = None
         self.calls.append(("p", tuple([getattr(post, f) for f in _POST_FIELDS])))
 
@@ -80,12 +96,18 @@ class _Recorder:
 
     # ReplyStore
     def add_comment(self, node, *, reply: bool) -> None:
+        if self.pack:
+            self.comments.append(comment_row(node, reply))
+            return
         if self._nodes is None:
             self._nodes = []
             self.calls.append(("n", self._nodes))
         self._nodes.append(comment_row(node, reply))
 
     def add_submission(self, sub) -> None:
+        if self.pack:
+            self.submissions.append((sub.id, sub.site, sub.title, sub.body, sub.score, sub.author))
+            return
         self._nodes = None
         self.calls.append(("s", sub.id, sub.site, sub.title, sub.body, sub.score, sub.author))
 
@@ -93,15 +115,16 @@ class _Recorder:
 def parse_chunk(task: tuple) -> tuple[list[tuple], str | None, int]:
     """Parse one chunk of whole lines as the one-process reader would.
 
-    ``task = (file, kind, first_line, pieces, default_license, on_bad_row, max_line_bytes, with_replies)``,
+    ``task = (file, kind, first_line, pieces, default_license, on_bad_row, max_line_bytes, with_replies, pack)``,
     ``pieces`` a list of ``bytes`` (whole lines, newline-terminated but maybe the file's last) or
-    :class:`OversizedLine` (a line the parent did not keep). Returns ``(calls, kind, non_blank_lines)``;
-    an :class:`IngestError` ends the list as ``("e", error)``.
+    :class:`OversizedLine` (a line the parent did not keep). Returns ``((calls, counts, images), kind,
+    non_blank_lines)``; an :class:`IngestError` ends the calls as ``("e", error)``. With ``pack``, posts,
+    comments and submissions are in ``images`` (:meth:`_Recorder.images`) rather than in the calls.
     """
     from .reddit import read_line
 
-    file, kind, lineno, pieces, default_license, on_bad_row, max_line_bytes, with_replies = task
-    rec = _Recorder()
+    file, kind, lineno, pieces, default_license, on_bad_row, max_line_bytes, with_replies, pack = task
+    rec = _Recorder(pack)
     replies = rec if with_replies else None
     non_blank = 0
     try:
@@ -131,11 +154,16 @@ def parse_chunk(task: tuple) -> tuple[list[tuple], str | None, int]:
                 kind = read_line(text, lineno, kind, rec, file, default_license, on_bad_row, max_line_bytes, replies)
     except IngestError as exc:
         rec.calls.append(("e", exc))
-    return (rec.calls, rec.counts), kind, non_blank
+    return (rec.calls, rec.counts, rec.images() if pack else (None, None)), kind, non_blank
 
 
-def _replay(recorded: tuple[list[tuple], dict[str, int]], file: str, sink, replies) -> None:
-    calls, counts = recorded
+def _replay(recorded: tuple, file: str, sink, replies) -> None:
+    calls, counts, (posts, comments) = recorded
+    # the rows before an error are in the images too: the one-process reader stored them before raising
+    if posts is not None:
+        sink.add_shard(posts)
+    if comments is not None:
+        replies.add_shard(comments)
     for call in calls:
         tag = call[0]
         if tag == "n":
@@ -242,6 +270,8 @@ def read_in_workers(path: Path, kind: str, sink, replies, *, workers: int, defau
     """:func:`.reddit.read_reddit` on ``workers`` processes; see the module docstring."""
     file = str(path)
     with_replies = replies is not None
+    # posts, comments and submissions as SQLite images, when the parent's stores can take them
+    pack = SHARDS and hasattr(sink, "add_shard") and (replies is None or hasattr(replies, "add_shard"))
     pool = WorkerProcesses(workers, "alignflow.tasks.ingest.reddit_parallel")
     in_flight: deque[int] = deque()
     sent = 0
@@ -259,7 +289,7 @@ def read_in_workers(path: Path, kind: str, sink, replies, *, workers: int, defau
         while len(in_flight) >= 2 * workers:
             receive()
         worker = sent % workers
-        pool.send(worker, (file, kind, first, pieces, default_license, on_bad_row, max_line_bytes, with_replies))
+        pool.send(worker, (file, kind, first, pieces, default_license, on_bad_row, max_line_bytes, with_replies, pack))
         in_flight.append(worker)
         sent += 1
 

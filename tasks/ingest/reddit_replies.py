@@ -50,6 +50,7 @@ from alignflow.config import IngestConfig, RedditConfig
 
 from .records import PostRecord
 from .scoring import render_prompt, short_id
+from .store import attached, sqlite_image
 
 __all__ = [
     "MAX_CONTEXT_COMMENTS",
@@ -209,6 +210,21 @@ def comment_row(node: Node, reply: bool) -> tuple:
             int(node.distinguished), node.license, node.source_file, node.line, int(reply))
 
 
+# the columns of the reply store's tables (after rid), in the order of comment_row and of a submission's row
+_COMMENT_TYPES = ("id TEXT, parent TEXT, link TEXT, site TEXT, body TEXT, score INT, created_ts REAL, author TEXT, "
+                  "distinguished INT, license TEXT, source_file TEXT, line INT, reply INT")
+_SUBMISSION_TYPES = "id TEXT, site TEXT, title TEXT, body TEXT, score INT, author TEXT"
+
+
+def _names(types: str) -> str:
+    return ", ".join(column.split()[0] for column in types.split(", "))
+
+
+def replies_image(comments: list[tuple], submissions: list[tuple]) -> bytes:
+    """Rows of :func:`comment_row` and submission rows as an SQLite image (:meth:`ReplyStore.add_shard`)."""
+    return sqlite_image({"comments": (_COMMENT_TYPES, comments), "submissions": (_SUBMISSION_TYPES, submissions)})
+
+
 class ReplyStore:
     """Comments and submissions of the Reddit inputs, on disk, for the reply walk.
 
@@ -232,12 +248,9 @@ class ReplyStore:
         )
         if create:
             self.db.executescript(
-                """
-                CREATE TABLE comments (rid INTEGER PRIMARY KEY, id TEXT, parent TEXT, link TEXT, site TEXT,
-                    body TEXT, score INT, created_ts REAL, author TEXT, distinguished INT, license TEXT,
-                    source_file TEXT, line INT, reply INT);
-                CREATE TABLE submissions (rid INTEGER PRIMARY KEY, id TEXT, site TEXT, title TEXT, body TEXT,
-                    score INT, author TEXT);
+                f"""
+                CREATE TABLE comments (rid INTEGER PRIMARY KEY, {_COMMENT_TYPES});
+                CREATE TABLE submissions (rid INTEGER PRIMARY KEY, {_SUBMISSION_TYPES});
                 """
             )
         self.batch = batch
@@ -260,6 +273,14 @@ class ReplyStore:
         if len(self._comments) >= self.batch:
             self._flush()
 
+    def add_shard(self, image: bytes) -> None:
+        """Copy a reading worker's comments and submissions (:func:`replies_image`) in, after those added before."""
+        self._flush()
+        with attached(self.db, image):
+            for table, types in (("comments", _COMMENT_TYPES), ("submissions", _SUBMISSION_TYPES)):
+                self.db.execute(f"INSERT INTO {table} ({_names(types)}) SELECT {_names(types)} FROM shard.{table} "
+                                "ORDER BY rowid")
+
     def add_submission(self, sub: Submission) -> None:
         self._submissions.append((sub.id, sub.site, sub.title, sub.body, sub.score, sub.author))
         if len(self._submissions) >= self.batch:
@@ -268,11 +289,10 @@ class ReplyStore:
     def _flush(self) -> None:
         if self._comments:
             self.db.executemany(
-                "INSERT INTO comments (id, parent, link, site, body, score, created_ts, author, distinguished, "
-                "license, source_file, line, reply) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", self._comments)
+                f"INSERT INTO comments ({_names(_COMMENT_TYPES)}) VALUES ({','.join('?' * 13)})", self._comments)
             self._comments.clear()
         if self._submissions:
-            self.db.executemany("INSERT INTO submissions (id, site, title, body, score, author) VALUES (?,?,?,?,?,?)",
+            self.db.executemany(f"INSERT INTO submissions ({_names(_SUBMISSION_TYPES)}) VALUES (?,?,?,?,?,?)",
                                 self._submissions)
             self._submissions.clear()
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import sqlite3
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,21 +77,39 @@ _VOTE_UPSERT = ("ON CONFLICT(site, post_id) DO UPDATE SET "
 SHARDS = hasattr(sqlite3.Connection, "serialize")  # Python 3.11+ with an SQLite that can (de)serialize
 
 
-def shard_image(posts: list[tuple], votes: dict[tuple[str, str], list[int]]) -> bytes:
-    """Posts (rows of :func:`post_row`) and per-post vote counts ``(site, post_id) -> [up, down, accept]`` as
-    the bytes of an SQLite database with the store's ``posts`` and ``votes`` columns: how a reading worker
-    hands the parent what it read (:meth:`StagingStore.add_shard`)."""
+def sqlite_image(tables: dict[str, tuple[str, list[tuple]]]) -> bytes:
+    """The bytes of an SQLite database holding ``tables``: name -> (column definitions, rows in order)."""
     db = sqlite3.connect(":memory:")
     try:
-        db.executescript(f"PRAGMA page_size=65536; CREATE TABLE posts ({_POST_TYPES}); "
-                         f"CREATE TABLE votes ({_VOTE_TYPES});")
-        db.executemany(f"INSERT INTO posts VALUES ({','.join('?' * 20)})", posts)
-        db.executemany("INSERT INTO votes VALUES (?,?,?,?,?)",
-                       [(s, p, u, d, a) for (s, p), (u, d, a) in votes.items()])
+        db.execute("PRAGMA page_size=65536")
+        for name, (columns, rows) in tables.items():
+            db.execute(f"CREATE TABLE {name} ({columns})")
+            db.executemany(f"INSERT INTO {name} VALUES ({','.join('?' * (columns.count(',') + 1))})", rows)
         db.commit()
         return db.serialize()
     finally:
         db.close()
+
+
+@contextmanager
+def attached(db: sqlite3.Connection, image: bytes) -> Iterator[None]:
+    """``image`` (:func:`sqlite_image`) attached to ``db`` as schema ``shard`` while the block runs."""
+    db.commit()  # ATTACH and DETACH need no open transaction
+    db.execute("ATTACH ':memory:' AS shard")
+    try:
+        db.deserialize(image, name="shard")
+        yield
+        db.commit()
+    finally:
+        db.execute("DETACH shard")
+
+
+def shard_image(posts: list[tuple], votes: dict[tuple[str, str], list[int]]) -> bytes:
+    """Posts (rows of :func:`post_row`) and per-post vote counts ``(site, post_id) -> [up, down, accept]`` as
+    the bytes of an SQLite database with the store's ``posts`` and ``votes`` columns: how a reading worker
+    hands the parent what it read (:meth:`StagingStore.add_shard`)."""
+    return sqlite_image({"posts": (_POST_TYPES, posts),
+                         "votes": (_VOTE_TYPES, [(s, p, u, d, a) for (s, p), (u, d, a) in votes.items()])})
 
 
 class StagingStore:
@@ -148,18 +167,12 @@ class StagingStore:
         in its file). The rows go from one SQLite database to the other in SQLite's own code: no Python
         object is made per row, as ``add_post_rows`` would after unpickling them."""
         self._flush_posts()  # the posts added before come first
-        self.db.commit()  # ATTACH and DETACH need no open transaction
-        self.db.execute("ATTACH ':memory:' AS shard")
-        try:
-            self.db.deserialize(image, name="shard")
+        with attached(self.db, image):
             moved = _POST_COLUMNS.removesuffix("line") + "line + ?"
             self.db.execute(f"INSERT INTO posts ({_POST_COLUMNS}) SELECT {moved} FROM shard.posts ORDER BY rowid",
                             (line_offset,))
             self.db.execute(f"INSERT INTO votes SELECT site, post_id, up, down, acc FROM shard.votes WHERE true "
                             f"{_VOTE_UPSERT}")
-            self.db.commit()
-        finally:
-            self.db.execute("DETACH shard")
 
     def add_vote(self, site: str, post_id: str, vote_type: int) -> None:
         entry = self._votes.get((site, post_id))
