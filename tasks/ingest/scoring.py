@@ -27,7 +27,7 @@ def pm_score(upvotes: int, vote_score: int, accepted: bool) -> int:
 
 def stable_unit(*parts: object) -> float:
     """A number in [0, 1) from the SHA-256 of the parts: the same on every machine and Python."""
-    digest = hashlib.sha256(":".join(str(p) for p in parts).encode("utf-8")).digest()
+    digest = hashlib.sha256(":".join(map(str, parts)).encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
@@ -42,7 +42,7 @@ def assign_split(site: str, question_id: str, *, train: float, validation: float
 
 
 def short_id(*parts: object, length: int = 20) -> str:
-    return hashlib.sha256("\x1f".join(str(p) for p in parts).encode("utf-8")).hexdigest()[:length]
+    return hashlib.sha256("\x1f".join(map(str, parts)).encode("utf-8")).hexdigest()[:length]
 
 
 def numeric_key(post_id: str) -> str:
