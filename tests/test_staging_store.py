@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import random
+import sqlite3
+
+import pytest
 
 from alignflow.tasks.ingest.records import PostRecord
 from alignflow.tasks.ingest.scoring import numeric_key
-from alignflow.tasks.ingest.store import StagingStore
+from alignflow.tasks.ingest.store import _POST_TYPES, StagingStore, post_row, shard_image, sqlite_image
 
 
 def _post(site: str, pid: str, qid: str, *, body: str = "b", line: int | None = None, score: int = 0) -> PostRecord:
@@ -84,3 +87,29 @@ def test_odd_ids_sort_after_numeric_ones_and_ties_keep_input_order(tmp_path):
     store.finish_loading()
     assert _walk(store) == [(("s", "5"), ["5", "007", "7", "10", "x9"]), (("s", "é"), ["é"])]
     store.close()
+
+
+def test_worker_images_land_in_order_between_the_rows_added_around_them(tmp_path):
+    """Posts added row by row, then images (line numbers moved by their range's offset), then rows again:
+    the store keeps that order and sums the votes."""
+    store = StagingStore(tmp_path / "s.sqlite", batch=1000)
+    store.add_post(_post("s", "1", "1", line=1))
+    image = shard_image([post_row(_post("s", "2", "1", line=1)), post_row(_post("s", "3", "1", line=2))],
+                        {("s", "2"): [2, 1, 0]})
+    store.add_shard(image, line_offset=10)
+    store.add_shard(shard_image([post_row(_post("s", "4", "1", line=3))], {("s", "2"): [1, 0, 1]}), line_offset=20)
+    store.add_post(_post("s", "5", "1", line=99))
+    store.flush()
+    rows = store.db.execute("SELECT post_id, line FROM posts ORDER BY rid").fetchall()
+    assert rows == [("1", 1), ("2", 11), ("3", 12), ("4", 23), ("5", 99)]
+    assert store.db.execute("SELECT up, down, acc FROM votes WHERE post_id = '2'").fetchone() == (3, 1, 1)
+    store.close()
+
+
+def test_an_image_that_fails_halfway_reports_its_own_error(tmp_path):
+    """An image without a votes table: its posts are copied, then the votes copy fails. The error raised is
+    that one, not the one detaching the image inside the failed transaction would give."""
+    store = StagingStore(tmp_path / "s.sqlite")
+    posts_only = sqlite_image({"posts": (_POST_TYPES, [post_row(_post("s", "1", "1", line=1))])})
+    with pytest.raises(sqlite3.OperationalError, match="no such table: shard.votes"):
+        store.add_shard(posts_only)

@@ -10,10 +10,10 @@ by its page cache (``cache_mb``), not by the input size.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,7 +91,7 @@ def sqlite_image(tables: dict[str, tuple[str, list[tuple]]]) -> bytes:
         db.close()
 
 
-@contextmanager
+@contextlib.contextmanager
 def attached(db: sqlite3.Connection, image: bytes) -> Iterator[None]:
     """``image`` (:func:`sqlite_image`) attached to ``db`` as schema ``shard`` while the block runs."""
     db.commit()  # ATTACH and DETACH need no open transaction
@@ -99,9 +99,14 @@ def attached(db: sqlite3.Connection, image: bytes) -> Iterator[None]:
     try:
         db.deserialize(image, name="shard")
         yield
-        db.commit()
-    finally:
-        db.execute("DETACH shard")
+    except BaseException:
+        # DETACH fails inside the failed statement's transaction (and ROLLBACK is undefined without a journal):
+        # the error to report is the first one, and the store is dropped with the failed ingest
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("DETACH shard")
+        raise
+    db.commit()
+    db.execute("DETACH shard")
 
 
 def shard_image(posts: list[tuple], votes: dict[tuple[str, str], list[int]]) -> bytes:
