@@ -5,11 +5,12 @@ the way a plain ``Posts.xml`` is. What costs is not the decompression (a few
 hundred MiB/s) but, per line, JSON parsing, validation and text cleaning. So
 one process (the parent) decompresses and cuts the text into chunks of whole
 lines (:data:`CHUNK_BYTES`), and ``workers`` processes parse them. Each chunk's
-result is the list of calls the one-process reader would have made on the
-sink (``add_post``, ``quarantine``, ``count``) and on the reply store; the
-parent replays them chunk by chunk in file order, so the staging store
-receives exactly what :func:`.reddit.read_reddit` with one process gives, and
-the datasets are byte-identical.
+result is what the one-process reader would have handed the sink and the
+reply store: its posts, comments and submissions as SQLite images (rows of
+those stores' tables, copied in one statement per table), the rest as a list
+of calls (``quarantine``, ``count``). The parent replays them chunk by chunk
+in file order, so the stores receive exactly what :func:`.reddit.read_reddit`
+with one process gives, and the datasets are byte-identical.
 
 Errors are those of the one-process reader, at the same line: a worker
 decodes each line strictly as UTF-8 and raises on the first bad byte or (with
