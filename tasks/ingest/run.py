@@ -395,8 +395,9 @@ def _build_datasets(plan: IngestPlan, cfg: IngestConfig, out_dir: Path, started:
     phases = Phases()
     contracts = None
     replies = None
+    workers = cfg.workers or default_workers()
     try:
-        if (cfg.workers or default_workers()) > 1:
+        if workers > 1:
             # contracts on a second process, one batch behind the walk; on small inputs it loads its libraries
             # while we read, on large ones it starts with the build (memory: see EARLY_START_MAX_BYTES)
             from .contract_service import ContractService, start_early
@@ -405,7 +406,7 @@ def _build_datasets(plan: IngestPlan, cfg: IngestConfig, out_dir: Path, started:
                 contracts = ContractService()
         with phases("read (wall)"):
             score_sources = read_sources(plan, store, cfg, phases)
-        if (cfg.workers or default_workers()) > 1 and contracts is None:
+        if workers > 1 and contracts is None:
             contracts = ContractService()
         with phases("index and duplicates"):
             store.finish_loading()
@@ -447,7 +448,7 @@ def _build_datasets(plan: IngestPlan, cfg: IngestConfig, out_dir: Path, started:
         phases.add("total", time.perf_counter() - started)
         write_json(tmp / "profile.json", {"seconds": phases.table(), "parent_cpu_seconds": phases.cpu_table(),
                                           "input_bytes": input_bytes,
-                                          "workers": cfg.workers or default_workers()})
+                                          "workers": workers})
         docs = {k: v.replace(str(tmp), str(out_dir)) for k, v in summary.docs.items()}
         write_json(tmp / "ingest_report.json", report)
         write_json(tmp / "manifest.json",
