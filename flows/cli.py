@@ -101,11 +101,12 @@ def ingest(
     cfg = _load(config, set_)
     from alignflow.tasks.ingest.errors import IngestError
     from alignflow.tasks.ingest.ranges import default_workers
-    from alignflow.tasks.ingest.run import check_ingest_config
+    from alignflow.tasks.ingest.run import check_ingest_config, check_sources
 
-    try:
-        check_ingest_config(cfg.ingest)  # a config error is reported before anything starts
-    except IngestError as exc:
+    try:  # a config error or a missing or empty SOURCE is reported before anything starts
+        check_ingest_config(cfg.ingest)
+        check_sources(sources, cfg.ingest.format if format == "auto" else format)
+    except (IngestError, OSError) as exc:
         _fail(exc)
 
     if (cfg.ingest.workers or default_workers()) > 1:  # the contract worker loads GX while we start up

@@ -162,12 +162,13 @@ def check_ingest_config(cfg: IngestConfig) -> None:
         raise IngestError(str(exc), field="ingest.prompt_template") from None
 
 
-def plan_ingest(sources: list[str | Path], workdir: Path, cfg: IngestConfig, fmt: str | None = None) -> IngestPlan:
+def check_sources(sources: list[str | Path], fmt: str) -> list[tuple[Path, str, list[Path]]]:
+    """The checks of SOURCE paths that read no contents: each exists, has a reader (``fmt``, or one detected
+    when ``auto``), and its files are non-empty regular files. Returns (path, format, files) per SOURCE.
+    The command runs them before it starts anything, so a mistyped path is refused at once."""
     if not sources:
         raise IngestError("no SOURCE given")
-    check_ingest_config(cfg)
-    fmt = fmt or cfg.format
-    planned: list[Source] = []
+    checked = []
     for raw in sources:
         path = Path(raw)
         if not path.exists():
@@ -179,6 +180,14 @@ def plan_ingest(sources: list[str | Path], workdir: Path, cfg: IngestConfig, fmt
                                   else "not a regular file", path=str(file))
             if file.stat().st_size == 0:
                 raise IngestError("empty file", path=str(file))
+        checked.append((path, f, files))
+    return checked
+
+
+def plan_ingest(sources: list[str | Path], workdir: Path, cfg: IngestConfig, fmt: str | None = None) -> IngestPlan:
+    check_ingest_config(cfg)
+    planned: list[Source] = []
+    for path, f, files in check_sources(sources, fmt or cfg.format):
         digest = hashlib.sha256()
         for file in files:
             digest.update(file.name.encode() + b"\0" + sha256_file(file).encode())
