@@ -99,15 +99,9 @@ def ingest(
         _fail(ValueError(f"--format must be auto or one of {', '.join(format_names())}, not {format!r}"))
     wd = prepare(workdir)
     cfg = _load(config, set_)
-    from alignflow.tasks.ingest.errors import IngestError
     from alignflow.tasks.ingest.ranges import default_workers
-    from alignflow.tasks.ingest.run import check_ingest_config, check_sources
 
-    try:  # a config error or a missing or empty SOURCE is reported before anything starts
-        check_ingest_config(cfg.ingest)
-        check_sources(sources, cfg.ingest.format if format == "auto" else format)
-    except (IngestError, OSError) as exc:
-        _fail(exc)
+    _check_ingest_input(cfg, sources, cfg.ingest.format if format == "auto" else format)
 
     if (cfg.ingest.workers or default_workers()) > 1:  # the contract worker loads GX while we start up
         from alignflow.tasks.ingest.contract_service import prestart, start_early
@@ -132,6 +126,18 @@ def ingest(
     if not out["datasets"]["pairs"]["rows"] and not allow_empty:
         _fail(ValueError("the ingest produced no preference pairs (see the warnings above); "
                          "pass --allow-empty to accept an empty result"))
+
+
+def _check_ingest_input(cfg, sources: list, fmt: str) -> None:
+    """Refuse a config error or a missing or empty SOURCE before anything starts (Prefect's server, the flow)."""
+    from alignflow.tasks.ingest.errors import IngestError
+    from alignflow.tasks.ingest.run import check_ingest_config, check_sources
+
+    try:
+        check_ingest_config(cfg.ingest)
+        check_sources(sources, fmt)
+    except (IngestError, OSError) as exc:
+        _fail(exc)
 
 
 def _print_ingest(out: dict) -> None:
@@ -335,6 +341,8 @@ def pipeline(
     """Every stage in order as one parent MLflow run (cached stages skipped); a summary table at the end."""
     wd = prepare(workdir)
     cfg = _load(config, set_)
+    if cfg.pipeline.sources:  # (none: the flow generates its dump)
+        _check_ingest_input(cfg, cfg.pipeline.sources, cfg.ingest.format)
     start_prefect_server()
     from .pipeline import PipelineError, pipeline as pipeline_flow
 

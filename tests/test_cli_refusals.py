@@ -62,14 +62,16 @@ def test_score_beyond_64_bits(tmp_path, api_url):
     assert_one_line(run_cli(tmp_path, api_url, "ingest", str(s), "--workdir", "w"), "line 3", "field Score")
 
 
+@pytest.mark.parametrize("command", ["ingest", "pipeline"])
 @pytest.mark.parametrize("case", ["missing", "empty"])
-def test_bad_source_is_refused_before_anything_starts(tmp_path, case):
+def test_bad_source_is_refused_before_anything_starts(tmp_path, case, command):
     """Checked before Prefect or the flow start: with an API that nobody serves, a command that got as far
     as its flow would fail on the connection (a traceback) instead of naming the SOURCE."""
     source = tmp_path / "pairs.jsonl"
     if case == "empty":
         source.touch()
-    proc = run_cli(tmp_path, "http://127.0.0.1:9/api", "ingest", str(source), "--workdir", "w")
+    args = [str(source)] if command == "ingest" else ["--set", f'pipeline.sources=["{source}"]']
+    proc = run_cli(tmp_path, "http://127.0.0.1:9/api", command, *args, "--workdir", "w")
     assert_one_line(proc, f"{source}: {'no such file or folder' if case == 'missing' else 'empty file'}")
 
 
