@@ -50,7 +50,7 @@ from alignflow.config import IngestConfig, RedditConfig
 
 from .records import PostRecord
 from .scoring import render_prompt, short_id
-from .store import attached, sqlite_image
+from .store import attached, column_names, sqlite_image
 
 __all__ = [
     "MAX_CONTEXT_COMMENTS",
@@ -214,10 +214,8 @@ def comment_row(node: Node, reply: bool) -> tuple:
 _COMMENT_TYPES = ("id TEXT, parent TEXT, link TEXT, site TEXT, body TEXT, score INT, created_ts REAL, author TEXT, "
                   "distinguished INT, license TEXT, source_file TEXT, line INT, reply INT")
 _SUBMISSION_TYPES = "id TEXT, site TEXT, title TEXT, body TEXT, score INT, author TEXT"
-
-
-def _names(types: str) -> str:
-    return ", ".join(column.split()[0] for column in types.split(", "))
+_COMMENT_COLUMNS = ", ".join(column_names(_COMMENT_TYPES))
+_SUBMISSION_COLUMNS = ", ".join(column_names(_SUBMISSION_TYPES))
 
 
 def replies_image(comments: list[tuple], submissions: list[tuple]) -> bytes:
@@ -277,8 +275,8 @@ class ReplyStore:
         """Copy a reading worker's comments and submissions (:func:`replies_image`) in, after those added before."""
         self._flush()
         with attached(self.db, image):
-            for table, types in (("comments", _COMMENT_TYPES), ("submissions", _SUBMISSION_TYPES)):
-                self.db.execute(f"INSERT INTO {table} ({_names(types)}) SELECT {_names(types)} FROM shard.{table} "
+            for table, names in (("comments", _COMMENT_COLUMNS), ("submissions", _SUBMISSION_COLUMNS)):
+                self.db.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM shard.{table} "
                                 "ORDER BY rowid")
 
     def add_submission(self, sub: Submission) -> None:
@@ -289,10 +287,10 @@ class ReplyStore:
     def _flush(self) -> None:
         if self._comments:
             self.db.executemany(
-                f"INSERT INTO comments ({_names(_COMMENT_TYPES)}) VALUES ({','.join('?' * 13)})", self._comments)
+                f"INSERT INTO comments ({_COMMENT_COLUMNS}) VALUES ({','.join('?' * 13)})", self._comments)
             self._comments.clear()
         if self._submissions:
-            self.db.executemany(f"INSERT INTO submissions ({_names(_SUBMISSION_TYPES)}) VALUES (?,?,?,?,?,?)",
+            self.db.executemany(f"INSERT INTO submissions ({_SUBMISSION_COLUMNS}) VALUES (?,?,?,?,?,?)",
                                 self._submissions)
             self._submissions.clear()
 

@@ -26,7 +26,14 @@ _POST_TYPES = (
     "title TEXT, body TEXT, tags TEXT, score INT, accepted_answer_id TEXT, author TEXT, license TEXT, "
     "created_at TEXT, created_ts REAL, distinguished INT, source_file TEXT, line INT"
 )
-_POST_COLUMNS = ", ".join(column.split()[0] for column in _POST_TYPES.split(", "))
+
+
+def column_names(types: str) -> list[str]:
+    """The names of a table's columns, from their definitions (``"site TEXT, line INT"`` -> site, line)."""
+    return [column.split()[0] for column in types.split(", ")]
+
+
+_POST_COLUMNS = ", ".join(column_names(_POST_TYPES))
 _VOTE_TYPES = "site TEXT, post_id TEXT, up INT, down INT, acc INT"
 _PAIR_COLUMNS = (
     "site, source, question_id, qkey, prompt, chosen, rejected, chosen_score, rejected_score, license, "
@@ -173,7 +180,7 @@ class StagingStore:
         object is made per row, as ``add_post_rows`` would after unpickling them."""
         self._flush_posts()  # the posts added before come first
         with attached(self.db, image):
-            moved = _POST_COLUMNS.removesuffix("line") + "line + ?"
+            moved = ", ".join("line + ?" if name == "line" else name for name in column_names(_POST_TYPES))
             self.db.execute(f"INSERT INTO posts ({_POST_COLUMNS}) SELECT {moved} FROM shard.posts ORDER BY rowid",
                             (line_offset,))
             self.db.execute(f"INSERT INTO votes SELECT site, post_id, up, down, acc FROM shard.votes WHERE true "
