@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,43 @@ def test_workers_hand_rows_to_the_stores_as_sqlite_images(tmp_path, monkeypatch)
     posts, quarantined, _counts, comment_rows, submission_rows = one
     assert len(posts) > 100 and len(comment_rows) > 100 and len(submission_rows) == 59 and len(quarantined) == 1
     assert [r[1] for r in comment_rows].count("c7") == 2
+
+
+def test_eager_workers_go_on_while_their_results_wait(tmp_path):
+    """With ``eager=True`` a thread reads each worker's results off its pipe as they come: a worker given two
+    chunks parses both before the parent asks for the first (results far larger than a pipe's buffer would
+    otherwise hold it at its first write), and the results come back in order, equal to those read without."""
+    from alignflow.tasks.ingest.ranges import WorkerProcesses
+
+    path = write(tmp_path / "RC_2015-01", [comment(i, body="y" * 4000) for i in range(400)], zst=False)
+    lines = path.read_bytes().rstrip(b"\n").split(b"\n")
+    tasks = [(str(path), "comments", first, [b"\n".join(lines[first:first + 200])], "unknown", "error", 1 << 20,
+              True, True) for first in (0, 200)]
+    results = {}
+    for eager in (False, True):
+        pool = WorkerProcesses(1, "alignflow.tasks.ingest.reddit_parallel", eager=eager)
+        try:
+            for task in tasks:
+                pool.send(0, task)
+            if eager:
+                deadline = time.monotonic() + 120
+                while pool.results[0].qsize() < 2 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert pool.results[0].qsize() == 2  # both parsed, neither received yet
+            results[eager] = [pool.receive(0) for _ in tasks]
+        finally:
+            pool.close()
+    assert results[True] == results[False]
+    assert sum(len(image) for image in results[True][0][0][2]) > 1 << 20  # each result: over a MiB of images
+
+
+def test_eager_worker_that_dies_is_reported(tmp_path):
+    from alignflow.tasks.ingest.ranges import WorkerProcesses
+
+    pool = WorkerProcesses(1, "alignflow.tasks.ingest.reddit_parallel", eager=True)
+    try:
+        pool.procs[0].kill()
+        with pytest.raises(RuntimeError, match=r"ingest worker process \d+ exited"):
+            pool.receive(0)
+    finally:
+        pool.close()

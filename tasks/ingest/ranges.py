@@ -19,7 +19,9 @@ not a plain ``<?xml?>`` prolog plus root element are read in one range, in order
 from __future__ import annotations
 
 import os
+import queue
 import re
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -427,13 +429,35 @@ class WorkerProcesses:
     worker whose parent dies reads end-of-file and exits.
     """
 
-    def __init__(self, n: int, module: str = "alignflow.tasks.ingest.ranges") -> None:
-        """``module``: whose ``serve()`` the workers run (this one: range tasks)."""
+    def __init__(self, n: int, module: str = "alignflow.tasks.ingest.ranges", *, eager: bool = False) -> None:
+        """``module``: whose ``serve()`` the workers run (this one: range tasks). ``eager``: a thread per worker
+        reads its results as soon as they are written, so a worker whose result waits for its turn goes on
+        with its next task instead of blocking on its pipe (the results wait here, as many as are in flight)."""
         import subprocess
         import sys
 
         cmd = [sys.executable, "-c", f"from {module} import serve; serve()"]
         self.procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE) for _ in range(n)]
+        self.results: list[queue.SimpleQueue] | None = None
+        if eager:
+            self.results = [queue.SimpleQueue() for _ in self.procs]
+            self.readers = [threading.Thread(target=self._read, args=(proc, results), daemon=True)
+                            for proc, results in zip(self.procs, self.results)]
+            for reader in self.readers:
+                reader.start()
+
+    @staticmethod
+    def _read(proc, results: queue.SimpleQueue) -> None:
+        """Reader thread: every (kind, value) result of one worker into ``results``; None at its end."""
+        import pickle
+
+        try:
+            while True:
+                results.put(pickle.load(proc.stdout))
+        except EOFError:
+            results.put(None)
+        except BaseException as exc:  # noqa: BLE001  a result that does not unpickle: raised in receive()
+            results.put(("error", exc))
 
     def send(self, worker: int, task: Any) -> None:
         import pickle
@@ -449,10 +473,16 @@ class WorkerProcesses:
         import pickle
 
         proc = self.procs[worker]
-        try:
-            kind, value = pickle.load(proc.stdout)
-        except EOFError:
-            raise RuntimeError(f"ingest worker process {proc.pid} exited (code {proc.wait()})") from None
+        if self.results is not None:
+            reply = self.results[worker].get()
+            if reply is None:
+                raise RuntimeError(f"ingest worker process {proc.pid} exited (code {proc.wait()})")
+            kind, value = reply
+        else:
+            try:
+                kind, value = pickle.load(proc.stdout)
+            except EOFError:
+                raise RuntimeError(f"ingest worker process {proc.pid} exited (code {proc.wait()})") from None
         if kind == "error":
             raise value
         return value
@@ -469,6 +499,8 @@ class WorkerProcesses:
             except Exception:
                 proc.kill()
                 proc.wait()
+        for reader in getattr(self, "readers", []):
+            reader.join(timeout=10)
 
 
 def serve() -> None:

@@ -273,7 +273,8 @@ def read_in_workers(path: Path, kind: str, sink, replies, *, workers: int, defau
     with_replies = replies is not None
     # posts, comments and submissions as SQLite images, when the parent's stores can take them
     pack = SHARDS and hasattr(sink, "add_shard") and (replies is None or hasattr(replies, "add_shard"))
-    pool = WorkerProcesses(workers, "alignflow.tasks.ingest.reddit_parallel")
+    # eager: a worker done with a chunk goes on with its next one while its result waits for the in-order replay
+    pool = WorkerProcesses(workers, "alignflow.tasks.ingest.reddit_parallel", eager=True)
     in_flight: deque[int] = deque()
     sent = 0
     non_blank = 0
