@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from alignflow.config import IngestConfig
 
 from . import schema
+from .heap import trim_heap
 from .scoring import Candidate, assign_split, best_answer, pm_score, rank_pairs, render_prompt, short_id
 from .store import StagingStore, StoredPost
 
@@ -253,8 +254,7 @@ def release_memory() -> None:
     buffers; without this glibc and Arrow's allocator keep the high-water mark.
     """
     pa.default_memory_pool().release_unused()
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
+    trim_heap()
 
 
 @contextmanager
@@ -287,21 +287,6 @@ def collect_batch_garbage(new_objects_stay: bool = False) -> None:
     if new_objects_stay:
         gc.freeze()
     release_memory()
-
-
-def _load_libc():
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim  # glibc only
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-_LIBC = _load_libc()
 
 
 _ID_COLUMN = {"posts": "post_id", "pairs": "pair_id", "demos": "demo_id", "prompts": "prompt_id"}

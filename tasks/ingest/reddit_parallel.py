@@ -37,6 +37,7 @@ from pathlib import Path
 import zstandard
 
 from .errors import IngestError
+from .heap import trim_heap
 from .lines import OVERSIZED_HEAD_BYTES, OversizedLine, _TruncatedStream, open_binary
 from .ranges import WorkerProcesses
 from .records import PostRecord
@@ -285,6 +286,8 @@ def read_in_workers(path: Path, kind: str, sink, replies, *, workers: int, defau
         calls, _kind, n = pool.receive(in_flight.popleft())
         non_blank += n
         _replay(calls, file, sink, replies)
+        del calls
+        trim_heap()  # the result was read on a reader thread, into that thread's malloc arena
 
     def send(first: int, pieces: list) -> None:
         nonlocal sent
