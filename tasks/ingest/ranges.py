@@ -438,7 +438,8 @@ class WorkerProcesses:
 
         cmd = [sys.executable, "-c", f"from {module} import serve; serve()"]
         self.procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE) for _ in range(n)]
-        self.results: list[queue.SimpleQueue] | None = None
+        self.results: list[queue.SimpleQueue] | None = None  # eager: each worker's results, in order
+        self.readers: list[threading.Thread] = []
         if eager:
             self.results = [queue.SimpleQueue() for _ in self.procs]
             self.readers = [threading.Thread(target=self._read, args=(proc, results), daemon=True)
@@ -499,7 +500,7 @@ class WorkerProcesses:
             except Exception:
                 proc.kill()
                 proc.wait()
-        for reader in getattr(self, "readers", []):
+        for reader in self.readers:
             reader.join(timeout=10)
 
 
