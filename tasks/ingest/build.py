@@ -21,14 +21,17 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from alignflow.config import IngestConfig
 
 from . import schema
 from .heap import trim_heap
-from .scoring import Candidate, assign_split, best_answer, pm_score, rank_pairs, render_prompt, short_id
-from .store import StagingStore, StoredPost
+from .scoring import (Candidate, assign_split, best_answer, combined_license, pm_score, rank_pairs, render_prompt,
+                      short_id)
+from .columnar import add_questions, is_stackexchange
+from .store import StagingStore, StoredPost, stored_groups
 
 DATASETS = ("posts", "pairs", "demos", "prompts")
 _IS_STR = str.__instancecheck__  # isinstance(v, str), called from C by filter()
@@ -79,9 +82,13 @@ class DatasetWriter:
         # the rows as they wait for their check: the dataset's columns, then where each row came from
         self.batch_schema = self.schema.append(pa.field("_source_file", pa.string())).append(
             pa.field("_line", pa.int64()))
-        self.rows: list[dict] = []  # the row group being filled
-        self.groups: list[list[dict]] = []  # full row groups waiting for their contract check
+        # The row group being filled: whole tables of rows (add_table), then rows one at a time (add). Full
+        # groups wait for their contract check as Arrow tables, about their text's size (a row dict is ~4x).
+        self.pieces: list[pa.Table] = []
+        self.rows: list[dict] = []
+        self.group_rows = 0
         self.group_bytes = 0
+        self.groups: list[pa.Table] = []
         self.waiting_rows = 0
         self.waiting_bytes = 0
         # A ContractService: checks run on another process, one batch behind, and that process writes the
@@ -95,36 +102,70 @@ class DatasetWriter:
         self.stats = Counter()
 
     def add(self, row: dict) -> None:
+        """One row (keys: ``batch_schema``'s names); :meth:`maybe_flush` after the rows of one question."""
         self.rows.append(row)
+        self.group_rows += 1
         self.group_bytes += sum(map(len, filter(_IS_STR, row.values())))  # the text of the row, in characters
 
     def maybe_flush(self) -> None:
         # A row group is bounded by rows and by text size: a batch of long answers must not grow memory.
-        if len(self.rows) >= self.batch_rows or self.group_bytes >= self.batch_bytes:
+        if self.group_rows >= self.batch_rows or self.group_bytes >= self.batch_bytes:
             self._close_group()
             if self.waiting_rows >= self.contract_rows or self.waiting_bytes >= self.contract_bytes:
                 self.flush()
 
-    def _close_group(self) -> None:
+    def add_table(self, table: pa.Table, ends: np.ndarray) -> None:
+        """The rows of several questions at once, as a table of ``batch_schema``; ``ends[k]``: the row where the
+        k-th question's rows end (ascending, the last one ``table.num_rows``; a question without rows here
+        repeats the end before it). Row groups and contract batches are cut exactly where :meth:`add` and
+        :meth:`maybe_flush` per question would cut them, so the files do not depend on the path the rows took."""
+        n = table.num_rows
+        if n == 0:
+            return
+        chars = np.zeros(n, dtype=np.int64)
+        for column, f in zip(table.columns, self.batch_schema):
+            if pa.types.is_string(f.type):
+                chars += pc.utf8_length(column).fill_null(0).to_numpy()
+        total = np.concatenate(([0], np.cumsum(chars)))  # total[i]: the text of rows [0, i)
+        start = 0
+        while start < n:
+            self._rows_to_piece()
+            # the first row at which the open group is full, by rows or by text
+            by_rows = start + self.batch_rows - self.group_rows - 1
+            by_text = int(np.searchsorted(total, self.batch_bytes - self.group_bytes + total[start])) - 1
+            full = max(min(by_rows, by_text), start)
+            end = n if full >= n else int(ends[np.searchsorted(ends, full, side="right")])  # its question's end
+            self.pieces.append(table.slice(start, end - start))
+            self.group_rows += end - start
+            self.group_bytes += int(total[end] - total[start])
+            start = end
+            if full < n:
+                self.maybe_flush()
+
+    def _rows_to_piece(self) -> None:
         if self.rows:
-            self.groups.append(self.rows)
-            self.waiting_rows += len(self.rows)
+            self.pieces.append(rows_to_table(self.rows, self.batch_schema))
+            self.rows = []
+
+    def _close_group(self) -> None:
+        self._rows_to_piece()
+        if self.pieces:
+            self.groups.append(pa.concat_tables(self.pieces).combine_chunks())
+            self.waiting_rows += self.group_rows
             self.waiting_bytes += self.group_bytes
-            self.rows, self.group_bytes = [], 0
+            self.pieces, self.group_rows, self.group_bytes = [], 0, 0
 
     def flush(self, final: bool = False) -> None:
         """Send the waiting row groups to their contract check; write the previous batch once it is checked."""
         self._close_group()
         if self.groups or (final and self.submitted == 0):
-            sizes = [len(g) for g in self.groups]
-            rows = [r for g in self.groups for r in g]
+            sizes = [g.num_rows for g in self.groups]
+            # Arrow is what is written; GX gets it as a pandas frame
+            table = (pa.concat_tables(self.groups).combine_chunks() if self.groups
+                     else self.batch_schema.empty_table())
             self.groups, self.waiting_rows, self.waiting_bytes = [], 0, 0
-            # Rows straight to Arrow (what is written; GX gets it as a pandas frame): about half the cost
-            # of building a pandas frame from the row dicts and converting it back.
-            table = rows_to_table(rows, self.batch_schema)
             origin = (table.column("_source_file"), table.column("_line"))
             table = pa.Table.from_arrays(table.columns[: len(self.schema)], schema=self.schema)
-            del rows
             kwargs = dict(docs_dir=self.docs_dir / self.kind if self.submitted == 0 else None,
                           batch_name=f"{self.kind}-{self.submitted:05d}", max_chars=self.max_chars,
                           with_json=False)
@@ -310,6 +351,10 @@ def score_answer(answer: StoredPost, accepted: bool, score_source: str) -> tuple
 
 
 class Builder:
+    # Stack Exchange questions are built a chunk at a time as columns (.columnar), the others one question at a
+    # time as rows (add_question). Off: every question as rows, the reference the columns are tested against.
+    columnar = True
+
     def __init__(self, store: StagingStore, out_dir: Path, cfg: IngestConfig, *, validate: Callable[..., Any],
                  shp_pairs: Callable[..., Any] | None = None, contracts: Any = None) -> None:
         self.store = store
@@ -401,7 +446,7 @@ class Builder:
                     rejected=r.body, chosen_score=pair_scores[ci], rejected_score=pair_scores[ri],
                     margin=pair_scores[ci] - pair_scores[ri], question_id=qid, site=site, source=question.source,
                     split=split, chosen_id=c.post_id, rejected_id=r.post_id, chosen_author=c.author,
-                    rejected_author=r.author, license=_combined_license(c.license, r.license),
+                    rejected_author=r.author, license=combined_license(c.license, r.license),
                     _source_file=question.source_file, _line=question.line,
                 )
             )
@@ -461,18 +506,18 @@ class Builder:
                 w.maybe_flush()
 
     def run(self) -> BuildSummary:
-        for _key, rows in self.store.grouped_posts():
-            self.add_question(rows)
+        for chunk in self.store.walk_chunks(self.cfg.batch_rows):
+            if self.columnar and is_stackexchange(chunk):
+                add_questions(self, chunk)
+            else:
+                for _key, rows in stored_groups(chunk):
+                    self.add_question(rows)
         self.add_input_pairs()
         for step in self.extra_steps:
             step(self)
         for w in self.writers.values():
             w.close()
         return self.summary
-
-
-def _combined_license(a: str, b: str) -> str:
-    return a if a == b else " + ".join(sorted({x for x in (a, b) if x}))
 
 
 def write_quarantine(store: StagingStore, path: Path, batch_rows: int) -> int:

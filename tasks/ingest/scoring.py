@@ -45,6 +45,11 @@ def short_id(*parts: object, length: int = 20) -> str:
     return hashlib.sha256("\x1f".join(map(str, parts)).encode("utf-8")).hexdigest()[:length]
 
 
+def combined_license(a: str, b: str) -> str:
+    """The licence of a pair of texts: theirs when they share one, else both (``CC BY-SA 3.0 + CC BY-SA 4.0``)."""
+    return a if a == b else " + ".join(sorted({x for x in (a, b) if x}))
+
+
 def numeric_key(post_id: str) -> str:
     """Sort key that orders numeric ids numerically and other ids after them, as strings."""
     return post_id.zfill(20) if post_id.isdigit() and len(post_id) <= 20 else "~" + post_id

@@ -67,6 +67,48 @@ class StoredPost:
 
 DERIVED = "derived_quarantined"  # count prefix of quarantined rows that are not input rows
 
+# The builder's walk: every post with its vote counts, one question after another (question row first, then its
+# answers by id), in a fixed order. ``has_votes``: the post's site has a votes table (its counts are 0, not
+# unknown, when a post got no vote).
+WALK_COLUMNS = (
+    "site", "source", "post_id", "kind", "question_id", "title", "body", "tags", "score", "accepted_answer_id",
+    "author", "license", "created_at", "created_ts", "distinguished", "source_file", "line", "up", "down", "acc",
+    "qkey", "has_votes",
+)
+_WALK = (
+    "SELECT " + ", ".join(f"v.{c}" if c in ("up", "down", "acc") else f"p.{c}" for c in WALK_COLUMNS[:-1])
+    + ", EXISTS (SELECT 1 FROM vote_sites s WHERE s.site = p.site) "
+    "FROM posts p INDEXED BY posts_by_question "
+    "LEFT JOIN votes v ON v.site = p.site AND v.post_id = p.post_id "
+    "ORDER BY p.site, p.qkey, p.kind_order, p.pkey"
+)
+
+
+def stored_groups(chunk: list[tuple]) -> Iterator[tuple[tuple[str, str], list[StoredPost]]]:
+    """A chunk of :meth:`StagingStore.walk_chunks` as ((site, question_id), rows) per question."""
+    current: tuple[str, str] | None = None
+    group: list[StoredPost] = []
+    for row in chunk:
+        key = (row[0], row[20])
+        if key != current:
+            if group:
+                yield (group[0].site, group[0].question_id), group
+            current, group = key, []
+        has_votes = bool(row[21])
+        group.append(
+            StoredPost(
+                site=row[0], source=row[1], post_id=row[2], kind=row[3], question_id=row[4], title=row[5],
+                body=row[6], tags=row[7], score=row[8], accepted_answer_id=row[9] or "", author=row[10],
+                license=row[11], created_at=row[12], created_ts=row[13], distinguished=bool(row[14]),
+                source_file=row[15], line=row[16],
+                upvotes=(row[17] or 0) if has_votes else None,
+                downvotes=(row[18] or 0) if has_votes else None,
+                accept_votes=row[19] or 0,
+            )
+        )
+    if group:
+        yield (group[0].site, group[0].question_id), group
+
 
 def post_row(post: PostRecord) -> tuple:
     """A post as a row of the store's ``posts`` table (columns ``_POST_COLUMNS``)."""
@@ -309,39 +351,31 @@ class StagingStore:
             out[source_file] = {"kept:votes_on_posts_read": int(on_read), "dropped:votes_on_posts_not_kept": int(on_absent)}
         return out
 
+    def walk_chunks(self, rows: int = 20_000) -> Iterator[list[tuple]]:
+        """The posts in walk order (columns ``WALK_COLUMNS``: question row first, then its answers by id), in
+        chunks of about ``rows`` rows that each end where a question's rows end. A chunk is SQLite's own tuples:
+        the builder turns a chunk into columns (Stack Exchange) or into :class:`StoredPost` groups (the rest)."""
+        cursor = self.db.execute(_WALK)
+        site, qkey = WALK_COLUMNS.index("site"), WALK_COLUMNS.index("qkey")
+        carry: list[tuple] = []
+        while batch := cursor.fetchmany(rows):
+            batch = carry + batch if carry else batch
+            last = batch[-1]
+            cut = len(batch) - 1
+            while cut > 0 and batch[cut - 1][qkey] == last[qkey] and batch[cut - 1][site] == last[site]:
+                cut -= 1
+            # the last question may go on in the next fetch: it waits for it (a question longer than a chunk
+            # makes the chunk longer)
+            carry = batch[cut:]
+            if cut:
+                yield batch[:cut]
+        if carry:
+            yield carry
+
     def grouped_posts(self) -> Iterator[tuple[tuple[str, str], list[StoredPost]]]:
         """Yield ((site, question_id), rows) per question, question row first, answers by id."""
-        cursor = self.db.execute(
-            "SELECT p.site, p.source, p.post_id, p.kind, p.question_id, p.title, p.body, p.tags, p.score, "
-            "p.accepted_answer_id, p.author, p.license, p.created_at, p.created_ts, p.distinguished, "
-            "p.source_file, p.line, v.up, v.down, v.acc, p.qkey, "
-            "EXISTS (SELECT 1 FROM vote_sites s WHERE s.site = p.site) "
-            "FROM posts p INDEXED BY posts_by_question "
-            "LEFT JOIN votes v ON v.site = p.site AND v.post_id = p.post_id "
-            "ORDER BY p.site, p.qkey, p.kind_order, p.pkey"
-        )
-        current: tuple[str, str] | None = None
-        group: list[StoredPost] = []
-        for row in cursor:
-            key = (row[0], row[20])
-            if key != current:
-                if group:
-                    yield (group[0].site, group[0].question_id), group
-                current, group = key, []
-            has_votes = bool(row[21])
-            group.append(
-                StoredPost(
-                    site=row[0], source=row[1], post_id=row[2], kind=row[3], question_id=row[4], title=row[5],
-                    body=row[6], tags=row[7], score=row[8], accepted_answer_id=row[9] or "", author=row[10],
-                    license=row[11], created_at=row[12], created_ts=row[13], distinguished=bool(row[14]),
-                    source_file=row[15], line=row[16],
-                    upvotes=(row[17] or 0) if has_votes else None,
-                    downvotes=(row[18] or 0) if has_votes else None,
-                    accept_votes=row[19] or 0,
-                )
-            )
-        if group:
-            yield (group[0].site, group[0].question_id), group
+        for chunk in self.walk_chunks():
+            yield from stored_groups(chunk)
 
     def input_pairs(self) -> Iterator[tuple]:
         yield from self.db.execute(

@@ -1,0 +1,205 @@
+"""The builder's walk over Stack Exchange questions, a chunk of questions at a time, as columns.
+
+:meth:`.build.Builder.add_question` makes the rows of one question as Python dicts: each body is
+decoded into a Python string, copied into a dict per dataset it appears in, and encoded back into
+Arrow. Here a chunk of the walk (:meth:`.store.StagingStore.walk_chunks`, some thousands of whole
+questions) becomes Arrow columns once; the per-row work (scores, acceptance, titles, splits) is
+NumPy and Arrow compute over those columns, and a pair's or a demonstration's text is an Arrow
+``take`` of the bodies. What stays in Python is per question or per pair and never touches text:
+the split's and the ids' hashes, :func:`.scoring.rank_pairs` and :func:`.scoring.best_answer`.
+
+The rows, their order and the row groups are exactly those of ``add_question`` (a test builds the
+same inputs both ways and compares the files byte for byte).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from string import Formatter
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .scoring import Candidate, best_answer, combined_license, rank_pairs, short_id
+from .store import WALK_COLUMNS
+
+if TYPE_CHECKING:
+    from .build import Builder
+
+_COL = {name: i for i, name in enumerate(WALK_COLUMNS)}
+_TEXT = ("site", "source", "post_id", "kind", "question_id", "title", "body", "tags", "accepted_answer_id",
+         "author", "license", "created_at", "source_file")
+_INTS = ("score", "line", "up", "down", "acc", "has_votes")
+
+
+def is_stackexchange(chunk: list[tuple]) -> bool:
+    """Whether every post of the chunk comes from a Stack Exchange dump (the rows this walk builds)."""
+    source = _COL["source"]
+    return all(row[source] == "stackexchange" for row in chunk)
+
+
+def render_prompts(template: str, fields: dict[str, pa.Array], n: int) -> pa.Array:
+    """``template.format(**row)`` for ``n`` rows of string columns, in Arrow: the template's literal text and
+    its fields joined (:func:`.scoring.check_template` has made sure fields carry no format spec)."""
+    parts: list[pa.Array | str] = []
+    for literal, name, _spec, _conversion in Formatter().parse(template):
+        if literal:
+            parts.append(literal)
+        if name is not None:
+            parts.append(fields[name])
+    if not any(isinstance(p, (pa.Array, pa.ChunkedArray)) for p in parts):
+        return pa.array(["".join(parts)] * n, pa.string())  # type: ignore[arg-type]
+    return pc.binary_join_element_wise(*parts, "")
+
+
+def pm_scores(up: np.ndarray, vote_score: np.ndarray, accepted: np.ndarray) -> np.ndarray:
+    """:func:`.scoring.pm_score` over arrays: ``round(log2(1 + up))`` (+1 accepted), -1 for a negative net score.
+    (``log2`` of an integer is never halfway between two integers, so NumPy's rounding is Python's.)"""
+    score = np.rint(np.log2(1 + np.maximum(up, 0))).astype(np.int64) + accepted
+    return np.where(vote_score < 0, -1, score)
+
+
+def add_questions(builder: Builder, chunk: list[tuple]) -> None:
+    """Build the rows of a chunk of whole Stack Exchange questions into the builder's dataset writers."""
+    columns = list(zip(*chunk))
+    kind = columns[_COL["kind"]]
+    site_col, qkey_col = columns[_COL["site"]], columns[_COL["qkey"]]
+    n = len(chunk)
+    # the first row of each question (rows of one question share site and qkey)
+    starts = [0] + [i for i in range(1, n) if qkey_col[i] != qkey_col[i - 1] or site_col[i] != site_col[i - 1]]
+    ends = starts[1:] + [n]
+    keep = np.ones(n, dtype=bool)
+    for s, e in zip(starts, ends):
+        if kind[s] != "question":  # answers whose question is not in the input
+            keep[s:e] = False
+            for i in range(s, e):
+                builder.store.quarantine(
+                    source_file=columns[_COL["source_file"]][i], reason="orphan_answer", line=columns[_COL["line"]][i],
+                    row_id=columns[_COL["post_id"]][i], site=site_col[i],
+                    detail=f"question {columns[_COL['question_id']][i]} is not in the input (deleted, or in another file)",
+                )
+    qstarts = np.array([s for s in starts if keep[s]], dtype=np.int64)
+    if not len(qstarts):
+        return
+    rows = np.flatnonzero(keep)
+    if len(rows) < n:
+        qstarts = np.searchsorted(rows, qstarts)  # positions among the kept rows
+        columns = [[c[i] for i in rows] for c in columns]
+    n = len(rows)
+    text = {name: pa.array(columns[_COL[name]], pa.string()) for name in _TEXT}
+    ints = {name: pa.array(columns[_COL[name]], pa.int64()).fill_null(0).to_numpy() for name in _INTS}
+    line = pa.array(columns[_COL["line"]], pa.int64())
+    post_ids: list[str] = list(columns[_COL["post_id"]])
+    del columns
+
+    nq = len(qstarts)
+    qends = np.append(qstarts[1:], n)
+    group = np.repeat(np.arange(nq), qends - qstarts)  # the question of each row
+    is_answer = np.ones(n, dtype=bool)
+    is_answer[qstarts] = False
+
+    # per question: split, prompt id, score source
+    q = {name: text[name].take(qstarts) for name in ("site", "question_id", "source", "source_file")}
+    q_site: list[str] = q["site"].to_pylist()
+    q_id: list[str] = q["question_id"].to_pylist()
+    split_q = pa.array([builder.split_of(s, i) for s, i in zip(q_site, q_id)], pa.string())
+    votes_sites = {s for s in set(q_site) if builder.score_source_for(s) == "votes"}
+    q_by_votes = np.array([s in votes_sites for s in q_site], dtype=bool)
+    prompts = render_prompts(builder.cfg.prompt_template, {
+        "title": text["title"].take(qstarts), "body": text["body"].take(qstarts),
+        "site": q["site"], "tags": text["tags"].take(qstarts)}, nq)
+
+    # per row: the question's title and split, acceptance, scores
+    qrow = qstarts[group]  # each row's question row
+    title = text["title"].take(qrow)
+    split = split_q.take(group)
+    accepted_id = pc.fill_null(text["accepted_answer_id"], "").take(qrow)
+    accepted = is_answer & (pc.fill_null(pc.equal(text["post_id"], accepted_id), False).to_numpy(zero_copy_only=False)
+                            | (ints["acc"] > 0))
+    has_votes = ints["has_votes"].astype(bool)
+    by_votes = has_votes & q_by_votes[group]  # scored from Votes.xml (else from Score)
+    score = ints["score"]
+    up = np.where(by_votes, ints["up"], np.maximum(score, 0))
+    pm = pm_scores(up, np.where(by_votes, ints["up"] - ints["down"], score), accepted.astype(np.int64))
+    upvotes = pa.array(ints["up"], pa.int64(), mask=~(has_votes & is_answer))
+    pm_col = pa.array(pm, pa.int64(), mask=~is_answer)
+
+    kept = builder.summary.kept_by_file
+    for source_file, count in Counter(q["source_file"].to_pylist()).items():
+        kept[(source_file, "kept:question")] += count
+    for source_file, count in Counter(text["source_file"].filter(pa.array(is_answer)).to_pylist()).items():
+        kept[(source_file, "kept:answer")] += count
+
+    writers = builder.writers
+    writers["posts"].add_table(pa.Table.from_arrays([
+        text["site"], text["source"], text["post_id"], text["kind"], text["question_id"], title, text["body"],
+        text["tags"], pa.array(score), upvotes, pa.array(accepted), pm_col, text["author"], text["license"],
+        text["created_at"], split, text["source_file"], line], schema=writers["posts"].batch_schema), qends)
+
+    qline = line.take(qstarts)
+    writers["prompts"].add_table(pa.Table.from_arrays([
+        pa.array([short_id(s, i) for s, i in zip(q_site, q_id)], pa.string()), prompts, q["question_id"], q["site"],
+        q["source"], split_q, q["source_file"], qline], schema=writers["prompts"].batch_schema),
+        np.arange(1, nq + 1))
+
+    # pairs and demonstrations: per question, over (post id, pm_score) only
+    cfg = builder.cfg
+    stats = builder.summary.pair_stats
+    pm_list: list[int] = pm.tolist()
+    acc_list: list[bool] = accepted.tolist()
+    chosen: list[int] = []
+    rejected: list[int] = []
+    pair_q: list[int] = []
+    pair_ids: list[str] = []
+    pair_ends = np.zeros(nq, dtype=np.int64)
+    demo: list[int] = []
+    demo_q: list[int] = []
+    demo_ends = np.zeros(nq, dtype=np.int64)
+    min_pairs = max(cfg.min_answers, 2)  # fewer than 2 answers make no candidate pair
+    for g in range(nq):
+        a0, a1 = int(qstarts[g]) + 1, int(qends[g])
+        if a1 > a0:
+            candidates = [Candidate(post_ids[i], pm_list[i]) for i in range(a0, a1)]
+            site, qid = q_site[g], q_id[g]
+            if a1 - a0 >= min_pairs:
+                pair_idx, ps = rank_pairs(candidates, max_pairs=cfg.max_pairs_per_question, seed=cfg.pair_seed,
+                                          key=f"{site}:{qid}")
+                stats["candidates"] += ps.candidates
+                stats["dropped:tie"] += ps.ties
+                stats["dropped:capped"] += ps.capped
+                stats["kept"] += len(pair_idx)
+                for ci, ri in pair_idx:
+                    chosen.append(a0 + ci)
+                    rejected.append(a0 + ri)
+                    pair_ids.append(short_id(site, qid, post_ids[a0 + ci], post_ids[a0 + ri]))
+                pair_q.extend([g] * len(pair_idx))
+            best = best_answer(candidates, acc_list[a0:a1], cfg.min_demo_pm_score)
+            if best is not None:
+                demo.append(a0 + best)
+                demo_q.append(g)
+        pair_ends[g] = len(chosen)
+        demo_ends[g] = len(demo)
+
+    if chosen:
+        c, r, pq = (np.array(x, dtype=np.int64) for x in (chosen, rejected, pair_q))
+        cs, rs = pm[c].astype(np.float64), pm[r].astype(np.float64)
+        lc, lr = text["license"].take(c), text["license"].take(r)
+        if not pc.all(pc.fill_null(pc.equal(lc, lr), False)).as_py():  # answers under different licences
+            lc = pa.array([combined_license(a, b) for a, b in zip(lc.to_pylist(), lr.to_pylist())], pa.string())
+        qr = qstarts[pq]
+        writers["pairs"].add_table(pa.Table.from_arrays([
+            pa.array(pair_ids, pa.string()), prompts.take(pq), text["body"].take(c), text["body"].take(r),
+            pa.array(cs), pa.array(rs), pa.array(cs - rs), q["question_id"].take(pq), q["site"].take(pq),
+            q["source"].take(pq), split_q.take(pq), text["post_id"].take(c), text["post_id"].take(r),
+            text["author"].take(c), text["author"].take(r), lc, q["source_file"].take(pq),
+            line.take(qr)], schema=writers["pairs"].batch_schema), pair_ends)
+    if demo:
+        d, dq = np.array(demo, dtype=np.int64), np.array(demo_q, dtype=np.int64)
+        writers["demos"].add_table(pa.Table.from_arrays([
+            pa.array([short_id(q_site[g], q_id[g], post_ids[i]) for g, i in zip(demo_q, demo)], pa.string()),
+            prompts.take(dq), text["body"].take(d), q["question_id"].take(dq), text["post_id"].take(d),
+            q["site"].take(dq), q["source"].take(dq), split_q.take(dq), pa.array(pm[d]), text["author"].take(d),
+            text["license"].take(d), text["source_file"].take(d), line.take(d)],
+            schema=writers["demos"].batch_schema), demo_ends)

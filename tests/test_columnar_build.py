@@ -1,0 +1,154 @@
+"""The columnar walk over Stack Exchange questions builds exactly what the row walk builds.
+
+``Builder.columnar`` off builds every question as rows (``Builder.add_question``), the reference;
+on, Stack Exchange questions are built a chunk at a time as Arrow columns (``tasks/ingest/columnar.py``).
+Both must give the same files, byte for byte, and the same report, on inputs that exercise every
+branch the columns take: several sites in one chunk, a site without Votes.xml (scores from Score),
+orphan answers, answers under different licences, capped pairs and ties, a template with every
+field and literal braces, and row groups and contract batches cut in the middle of chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from alignflow.config import load_config
+from alignflow.data_contracts import validate
+from alignflow.tasks.ingest.build import Builder, BuildSummary, DatasetWriter, rows_to_table
+from alignflow.tasks.ingest.columnar import pm_scores, render_prompts
+from alignflow.tasks.ingest.run import execute_ingest, plan_ingest
+from alignflow.tasks.ingest.scoring import pm_score
+from alignflow.tasks.ingest.store import StagingStore
+from alignflow.tasks.ingest.synthetic import generate_dump
+
+SMALL_BATCHES = ("ingest.batch_rows=100", "ingest.batch_mb=1", "ingest.contract_rows=300")
+TEMPLATE = "ingest.prompt_template={{{site}}} [{tags}] {title}\\n\\n{body}"
+
+
+def ingest(sources, workdir: Path, *overrides: str):
+    cfg = load_config(None, list(overrides)).ingest
+    return execute_ingest(plan_ingest([str(s) for s in sources], workdir, cfg), cfg)
+
+
+def without_timings(report: dict) -> str:
+    report = json.loads(json.dumps(report, default=str))
+    for stats in report.get("contracts", {}).values():
+        stats.pop("seconds", None)
+        stats.pop("seconds_gx", None)
+    return json.dumps(report, sort_keys=True)
+
+
+def _sources(tmp_path: Path, fixtures_dir: Path) -> list[Path]:
+    conlang = tmp_path / "conlang.meta.stackexchange.com"
+    shutil.copytree(fixtures_dir / "conlang.meta-2020", conlang)
+    lines = (conlang / "Posts.xml").read_text(encoding="utf-8").splitlines(keepends=True)
+    answer = next(line for line in lines if 'PostTypeId="2"' in line)
+    orphans = [answer.replace('Id="2"', f'Id="{9000 + i}"', 1).replace('ParentId="1"', 'ParentId="8888"', 1)
+               for i in range(3)]
+    lines[30:30] = orphans  # answers whose question is not in the input
+    (conlang / "Posts.xml").write_text("".join(lines), encoding="utf-8")
+    # another site's Votes.xml: its counts are read (upvotes) but the scores come from Score
+    foreign = tmp_path / "datascience.meta.stackexchange.com"
+    shutil.copytree(fixtures_dir / "datascience.meta-2024", foreign)
+    shutil.copy(conlang / "Votes.xml", foreign / "Votes.xml")
+    generated = generate_dump(tmp_path / "generated", questions=300, seed=5)
+    (generated / "Votes.xml").unlink()  # no Votes.xml: scored from Score, no upvotes
+    return [conlang, foreign, generated]
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_columns_and_rows_build_the_same_files(fixtures_dir, tmp_path, monkeypatch, workers):
+    sources = _sources(tmp_path, fixtures_dir)
+    overrides = (f"ingest.workers={workers}", "ingest.max_pairs_per_question=2", TEMPLATE, *SMALL_BATCHES)
+    monkeypatch.setattr(Builder, "columnar", False)
+    rows = ingest(sources, tmp_path / "rows", *overrides)
+    monkeypatch.setattr(Builder, "columnar", True)
+    columns = ingest(sources, tmp_path / "columns", *overrides)
+
+    assert {k: (v["rows"], v["digest"]) for k, v in columns.datasets.items()} == \
+        {k: (v["rows"], v["digest"]) for k, v in rows.datasets.items()}
+    assert without_timings(columns.report) == without_timings(rows.report)
+    assert columns.report["adds_up"]
+    # the inputs did take the branches they are here for
+    quarantine = pd.read_parquet(columns.datasets["quarantine"]["path"])
+    assert (quarantine.reason == "orphan_answer").sum() == 3
+    pairs = pd.read_parquet(columns.datasets["pairs"]["path"])
+    assert pairs.license.str.contains(" + ", regex=False).any()
+    assert pairs.prompt.str.startswith("{conlang.meta.stackexchange.com} [").any()
+    assert columns.report["pairs"]["dropped:capped"] > 0 and columns.report["pairs"]["dropped:tie"] > 0
+    posts = pd.read_parquet(columns.datasets["posts"]["path"])
+    answers = posts[posts.kind == "answer"]
+    assert answers[answers.site == "synthetic.stackexchange.com"].upvotes.isna().all()
+    assert answers[answers.site != "synthetic.stackexchange.com"].upvotes.notna().all()
+    assert columns.report["score_source"] == {"conlang.meta.stackexchange.com": "votes",
+                                              "datascience.meta.stackexchange.com": "score",
+                                              "synthetic.stackexchange.com": "score"}
+    assert columns.report["contracts"]["posts"]["batches"] > 3
+
+
+def _writer(kind: str, path: Path, store, summary, **sizes) -> DatasetWriter:
+    path.parent.mkdir()
+    return DatasetWriter(kind, path, store, summary, max_chars=10_000, docs_dir=path.parent / "docs",
+                         validate=validate, **sizes)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_table_of_questions_is_cut_where_rows_one_by_one_are(tmp_path, seed):
+    """Row groups and contract batches close at the end of the question where the rows, or their text, first
+    reach the bound, whether the questions come as rows (add + maybe_flush) or as tables (add_table)."""
+    rng = np.random.default_rng(seed)
+    questions = [rng.integers(0, 6) for _ in range(400)]  # rows per question, some none
+    rows, n = [], 0
+    for q, k in enumerate(questions):
+        for _ in range(k):
+            rows.append(dict(prompt_id=f"p{n}", prompt="x" * int(rng.integers(1, 400)), question_id=str(q),
+                             site="s.com", source="stackexchange", split="train", _source_file="f", _line=n))
+            n += 1
+    ends = np.cumsum(questions)
+    sizes = dict(batch_rows=100, batch_bytes=3_000, contract_rows=250, contract_bytes=9_000)
+    store = StagingStore(tmp_path / "store.sqlite")
+    one = _writer("prompts", tmp_path / "one" / "prompts.parquet", store, BuildSummary(), **sizes)
+    start = 0
+    for end in ends:
+        for row in rows[start:end]:
+            one.add(row)
+        one.maybe_flush()
+        start = end
+    one.close()
+    many = _writer("prompts", tmp_path / "many" / "prompts.parquet", store, BuildSummary(), **sizes)
+    table = rows_to_table(rows, many.batch_schema)
+    cuts = sorted(set(rng.choice(len(questions), 12, replace=False).tolist()) | {0, len(questions)})
+    for a, b in zip(cuts, cuts[1:]):  # questions a..b-1 as one table, then one question as rows
+        first, last = (ends[a - 1] if a else 0), ends[b - 1]
+        many.add_table(table.slice(first, last - first), ends[a:b] - first)
+    many.close()
+    assert one.batches == many.batches > 5
+    assert pq.ParquetFile(one.path).metadata.num_row_groups > 20
+    assert (tmp_path / "one" / "prompts.parquet").read_bytes() == (tmp_path / "many" / "prompts.parquet").read_bytes()
+
+
+def test_pm_scores_are_the_scalar_rule():
+    rng = np.random.default_rng(0)
+    up = rng.integers(-3, 5000, 2000)
+    vote_score = rng.integers(-50, 5000, 2000)
+    accepted = rng.integers(0, 2, 2000)
+    expected = [pm_score(int(u), int(v), bool(a)) for u, v, a in zip(up, vote_score, accepted)]
+    assert pm_scores(up, vote_score, accepted).tolist() == expected
+
+
+@pytest.mark.parametrize("template", ["{title}\n\n{body}", "Q: {body}", "{{literal}} {site}|{tags}|{title}",
+                                      "no fields at all", "{body}"])
+def test_prompts_render_as_str_format(template):
+    fields = {"title": pa.array(["t1", "ü {x}", ""]), "body": pa.array(["b1", "b2\n", "b3"]),
+              "site": pa.array(["a.com", "b.com", "c.com"]), "tags": pa.array(["x|y", "", "z"])}
+    rendered = render_prompts(template, fields, 3).to_pylist()
+    rows = [{k: v[i].as_py() for k, v in fields.items()} for i in range(3)]
+    assert rendered == [template.format(**row) for row in rows]
