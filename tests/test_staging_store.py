@@ -42,6 +42,30 @@ def test_the_walk_groups_every_question_in_site_and_id_order(tmp_path):
     store.close()
 
 
+def test_the_walk_comes_in_chunks_of_whole_questions(tmp_path):
+    """Chunks end where a question ends; a question longer than a chunk is one longer chunk; nothing is read
+    twice or lost, and columns without a value in a chunk keep their types."""
+    store = StagingStore(tmp_path / "s.sqlite")
+    sizes = [1, 3, 2, 9, 1, 4, 3, 3, 1, 2]  # rows per question (question + answers)
+    for q, size in enumerate(sizes, start=1):
+        qid = str(q * 100)
+        store.add_post(_post("s", qid, qid, line=q))
+        for k in range(1, size):
+            store.add_post(_post("s", str(q * 100 + k), qid))  # line None: a column of nulls in some chunks
+    store.finish_loading()
+    whole = [post_id for _, rows in store.grouped_posts() for post_id in (p.post_id for p in rows)]
+    chunks = list(store.walk_chunks(rows=3))
+    assert [pid for c in chunks for pid in c.column("post_id").to_pylist()] == whole
+    assert len(chunks) >= 5
+    for chunk in chunks:
+        assert len(chunk) <= 2 * 9  # the limit doubles until the long question fits
+        assert chunk.schema.field("line").type == "int64" and chunk.schema.field("author").type == "string"
+        assert chunk.schema.field("created_ts").type == "double"  # no value in the store: read as integers, cast
+    for before, after in zip(chunks, chunks[1:]):  # no question is cut between two chunks
+        assert before.column("question_id")[-1] != after.column("question_id")[0]
+    store.close()
+
+
 def test_duplicate_ids_are_quarantined_and_left_out_of_the_walk_and_the_votes(tmp_path):
     store = StagingStore(tmp_path / "s.sqlite", batch=2)
     store.register_vote_file("s", "s/Votes.xml")

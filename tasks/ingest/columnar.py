@@ -1,15 +1,16 @@
 """The builder's walk over Stack Exchange questions, a chunk of questions at a time, as columns.
 
-:meth:`.build.Builder.add_question` makes the rows of one question as Python dicts: each body is
-decoded into a Python string, copied into a dict per dataset it appears in, and encoded back into
-Arrow. Here a chunk of the walk (:meth:`.store.StagingStore.walk_chunks`, some thousands of whole
-questions) becomes Arrow columns once; the per-row work (scores, acceptance, titles, splits) is
-NumPy and Arrow compute over those columns, and a pair's or a demonstration's text is an Arrow
-``take`` of the bodies. What stays in Python is per question or per pair and never touches text:
-the split's and the ids' hashes, :func:`.scoring.rank_pairs` and :func:`.scoring.best_answer`.
+:meth:`.build.Builder.add_question` makes the rows of one question as Python dicts: each body becomes
+a Python string, is copied into a dict for every dataset it appears in, and is encoded back into
+Arrow. Here a chunk of the walk (:meth:`.store.StagingStore.walk_chunks`: some thousands of whole
+questions, read from SQLite into Arrow in C) stays in Arrow. The per-row work (scores, acceptance,
+titles, splits) is NumPy and Arrow compute over its columns, and the text of a pair or a
+demonstration is an Arrow ``take`` of the bodies. What stays in Python runs per question or per pair
+and never touches text: the hashes of splits and ids, :func:`.scoring.rank_pairs` and
+:func:`.scoring.best_answer`.
 
-The rows, their order and the row groups are exactly those of ``add_question`` (a test builds the
-same inputs both ways and compares the files byte for byte).
+The rows, their order and the row groups are exactly those of ``add_question``: a test builds the
+same inputs both ways and compares the files byte for byte.
 """
 
 from __future__ import annotations
@@ -23,21 +24,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .scoring import Candidate, best_answer, combined_license, rank_pairs, short_id
-from .store import WALK_COLUMNS
 
 if TYPE_CHECKING:
     from .build import Builder
 
-_COL = {name: i for i, name in enumerate(WALK_COLUMNS)}
 _TEXT = ("site", "source", "post_id", "kind", "question_id", "title", "body", "tags", "accepted_answer_id",
          "author", "license", "created_at", "source_file")
 _INTS = ("score", "line", "up", "down", "acc", "has_votes")
 
 
-def is_stackexchange(chunk: list[tuple]) -> bool:
+def is_stackexchange(chunk: pa.Table) -> bool:
     """Whether every post of the chunk comes from a Stack Exchange dump (the rows this walk builds)."""
-    source = _COL["source"]
-    return all(row[source] == "stackexchange" for row in chunk)
+    return bool(pc.all(pc.equal(chunk.column("source"), "stackexchange")).as_py())
 
 
 def render_prompts(template: str, fields: dict[str, pa.Array], n: int) -> pa.Array:
@@ -61,38 +59,35 @@ def pm_scores(up: np.ndarray, vote_score: np.ndarray, accepted: np.ndarray) -> n
     return np.where(vote_score < 0, -1, score)
 
 
-def add_questions(builder: Builder, chunk: list[tuple]) -> None:
+def add_questions(builder: Builder, chunk: pa.Table) -> None:
     """Build the rows of a chunk of whole Stack Exchange questions into the builder's dataset writers."""
-    columns = list(zip(*chunk))
-    kind = columns[_COL["kind"]]
-    site_col, qkey_col = columns[_COL["site"]], columns[_COL["qkey"]]
-    n = len(chunk)
+    chunk = chunk.combine_chunks()
+    n = chunk.num_rows
+    site, qkey = chunk.column("site"), chunk.column("qkey")
     # the first row of each question (rows of one question share site and qkey)
-    starts = [0] + [i for i in range(1, n) if qkey_col[i] != qkey_col[i - 1] or site_col[i] != site_col[i - 1]]
-    ends = starts[1:] + [n]
-    keep = np.ones(n, dtype=bool)
-    for s, e in zip(starts, ends):
-        if kind[s] != "question":  # answers whose question is not in the input
-            keep[s:e] = False
-            for i in range(s, e):
-                builder.store.quarantine(
-                    source_file=columns[_COL["source_file"]][i], reason="orphan_answer", line=columns[_COL["line"]][i],
-                    row_id=columns[_COL["post_id"]][i], site=site_col[i],
-                    detail=f"question {columns[_COL['question_id']][i]} is not in the input (deleted, or in another file)",
-                )
-    qstarts = np.array([s for s in starts if keep[s]], dtype=np.int64)
-    if not len(qstarts):
-        return
-    rows = np.flatnonzero(keep)
-    if len(rows) < n:
-        qstarts = np.searchsorted(rows, qstarts)  # positions among the kept rows
-        columns = [[c[i] for i in rows] for c in columns]
-    n = len(rows)
-    text = {name: pa.array(columns[_COL[name]], pa.string()) for name in _TEXT}
-    ints = {name: pa.array(columns[_COL[name]], pa.int64()).fill_null(0).to_numpy() for name in _INTS}
-    line = pa.array(columns[_COL["line"]], pa.int64())
-    post_ids: list[str] = list(columns[_COL["post_id"]])
-    del columns
+    new = np.ones(n, dtype=bool)
+    new[1:] = ~pc.and_(pc.equal(site[1:], site[:-1]), pc.equal(qkey[1:], qkey[:-1])).to_numpy(zero_copy_only=False)
+    starts = np.flatnonzero(new)
+    first_is_question = pc.equal(chunk.column("kind").take(starts), "question").to_numpy(zero_copy_only=False)
+    if not first_is_question.all():  # answers whose question is not in the input
+        keep = np.repeat(first_is_question, np.diff(np.append(starts, n)))
+        orphans = chunk.filter(pa.array(~keep)).select(["source_file", "line", "post_id", "site", "question_id"])
+        for row in orphans.to_pylist():
+            builder.store.quarantine(
+                source_file=row["source_file"], reason="orphan_answer", line=row["line"], row_id=row["post_id"],
+                site=row["site"],
+                detail=f"question {row['question_id']} is not in the input (deleted, or in another file)",
+            )
+        chunk = chunk.filter(pa.array(keep))
+        starts = np.flatnonzero(new[keep])
+        if not chunk.num_rows:
+            return
+    qstarts = starts.astype(np.int64)
+    n = chunk.num_rows
+    text = {name: chunk.column(name) for name in _TEXT}
+    ints = {name: chunk.column(name).fill_null(0).to_numpy() for name in _INTS}
+    line = chunk.column("line")
+    post_ids: list[str] = text["post_id"].to_pylist()
 
     nq = len(qstarts)
     qends = np.append(qstarts[1:], n)

@@ -70,25 +70,29 @@ DERIVED = "derived_quarantined"  # count prefix of quarantined rows that are not
 # The builder's walk: every post with its vote counts, one question after another (question row first, then its
 # answers by id), in a fixed order. ``has_votes``: the post's site has a votes table (its counts are 0, not
 # unknown, when a post got no vote).
-WALK_COLUMNS = (
-    "site", "source", "post_id", "kind", "question_id", "title", "body", "tags", "score", "accepted_answer_id",
-    "author", "license", "created_at", "created_ts", "distinguished", "source_file", "line", "up", "down", "acc",
-    "qkey", "has_votes",
+# (name, Arrow type): pyarrow is imported where the walk runs, not in the reading workers that import this module
+_WALK_TYPES = (
+    ("site", "string"), ("source", "string"), ("post_id", "string"), ("kind", "string"), ("question_id", "string"),
+    ("title", "string"), ("body", "string"), ("tags", "string"), ("score", "int64"),
+    ("accepted_answer_id", "string"), ("author", "string"), ("license", "string"), ("created_at", "string"),
+    ("created_ts", "float64"), ("distinguished", "int64"), ("source_file", "string"), ("line", "int64"),
+    ("up", "int64"), ("down", "int64"), ("acc", "int64"), ("qkey", "string"), ("has_votes", "int64"),
 )
-_WALK = (
+WALK_COLUMNS = tuple(name for name, _ in _WALK_TYPES)
+_WALK_SELECT = (
     "SELECT " + ", ".join(f"v.{c}" if c in ("up", "down", "acc") else f"p.{c}" for c in WALK_COLUMNS[:-1])
-    + ", EXISTS (SELECT 1 FROM vote_sites s WHERE s.site = p.site) "
+    + ", EXISTS (SELECT 1 FROM vote_sites s WHERE s.site = p.site) AS has_votes "
     "FROM posts p INDEXED BY posts_by_question "
     "LEFT JOIN votes v ON v.site = p.site AND v.post_id = p.post_id "
-    "ORDER BY p.site, p.qkey, p.kind_order, p.pkey"
 )
+_WALK_ORDER = " ORDER BY p.site, p.qkey, p.kind_order, p.pkey LIMIT ?"
 
 
-def stored_groups(chunk: list[tuple]) -> Iterator[tuple[tuple[str, str], list[StoredPost]]]:
+def stored_groups(chunk) -> Iterator[tuple[tuple[str, str], list[StoredPost]]]:
     """A chunk of :meth:`StagingStore.walk_chunks` as ((site, question_id), rows) per question."""
     current: tuple[str, str] | None = None
     group: list[StoredPost] = []
-    for row in chunk:
+    for row in zip(*(chunk.column(name).to_pylist() for name in WALK_COLUMNS)):
         key = (row[0], row[20])
         if key != current:
             if group:
@@ -351,26 +355,50 @@ class StagingStore:
             out[source_file] = {"kept:votes_on_posts_read": int(on_read), "dropped:votes_on_posts_not_kept": int(on_absent)}
         return out
 
-    def walk_chunks(self, rows: int = 20_000) -> Iterator[list[tuple]]:
-        """The posts in walk order (columns ``WALK_COLUMNS``: question row first, then its answers by id), in
-        chunks of about ``rows`` rows that each end where a question's rows end. A chunk is SQLite's own tuples:
-        the builder turns a chunk into columns (Stack Exchange) or into :class:`StoredPost` groups (the rest)."""
-        cursor = self.db.execute(_WALK)
+    def walk_chunks(self, rows: int = 20_000) -> Iterator:
+        """The posts in walk order (columns ``WALK_COLUMNS``: question row first, then its answers by id), as Arrow tables
+        of about ``rows`` rows that each end where a question's rows end (a question longer than that is one
+        longer chunk).
+
+        Read through ADBC's SQLite driver, which fills Arrow columns in C: the texts never become Python
+        objects. Each chunk is one query that starts after the last question of the chunk before, through the
+        walk's index, so the reading connection holds no lock between chunks (the builder writes quarantined
+        rows through this store's own connection meanwhile).
+        """
+        import adbc_driver_sqlite.dbapi as adbc
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in _WALK_TYPES])
+        self.flush()
         site, qkey = WALK_COLUMNS.index("site"), WALK_COLUMNS.index("qkey")
-        carry: list[tuple] = []
-        while batch := cursor.fetchmany(rows):
-            batch = carry + batch if carry else batch
-            last = batch[-1]
-            cut = len(batch) - 1
-            while cut > 0 and batch[cut - 1][qkey] == last[qkey] and batch[cut - 1][site] == last[site]:
-                cut -= 1
-            # the last question may go on in the next fetch: it waits for it (a question longer than a chunk
-            # makes the chunk longer)
-            carry = batch[cut:]
-            if cut:
-                yield batch[:cut]
-        if carry:
-            yield carry
+        with contextlib.closing(adbc.connect(str(self.path))) as conn:
+            after: tuple[str, str] | None = None
+            limit = rows
+            while True:
+                with conn.cursor() as cursor:
+                    # one Arrow batch per chunk: the driver infers a column's type from the batch's values
+                    cursor.adbc_statement.set_options(**{"adbc.sqlite.query.batch_rows": str(limit + 1)})
+                    if after is None:
+                        cursor.execute(_WALK_SELECT + _WALK_ORDER, (limit,))
+                    else:
+                        cursor.execute(_WALK_SELECT + "WHERE (p.site, p.qkey) > (?, ?)" + _WALK_ORDER, (*after, limit))
+                    # a column without a value in the chunk comes back as integers: cast says what it is
+                    chunk = cursor.fetch_arrow_table().cast(schema)
+                if chunk.num_rows < limit:  # the walk's end
+                    if chunk.num_rows:
+                        yield chunk
+                    return
+                # the last question may go on after the limit: it starts the next chunk
+                last = (chunk.column(site)[-1].as_py(), chunk.column(qkey)[-1].as_py())
+                in_last = pc.and_(pc.equal(chunk.column(site), last[0]), pc.equal(chunk.column(qkey), last[1]))
+                cut = chunk.num_rows - pc.sum(in_last).as_py()
+                if cut == 0:  # one question fills the chunk: read it again, whole
+                    limit *= 2
+                    continue
+                yield chunk.slice(0, cut)
+                after = (chunk.column(site)[cut - 1].as_py(), chunk.column(qkey)[cut - 1].as_py())
+                limit = rows
 
     def grouped_posts(self) -> Iterator[tuple[tuple[str, str], list[StoredPost]]]:
         """Yield ((site, question_id), rows) per question, question row first, answers by id."""
