@@ -1,8 +1,9 @@
 """Build the datasets from the staging store: score, pair, split, validate, write.
 
-The walk goes one question at a time in a fixed order, so every output is
-deterministic and memory is bounded by one question plus one batch per
-dataset. Each batch is checked against its data contract before it is
+The walk goes over the questions in a fixed order, so every output is
+deterministic, and memory is bounded by one chunk of questions plus one batch
+per dataset. Stack Exchange questions are built a chunk at a time as Arrow
+columns (:mod:`.columnar`), the others one question at a time as rows. Each batch is checked against its data contract before it is
 written; rows a contract rejects are quarantined with the expectation's name,
 and a table-level failure stops the build. Everything is written under a
 temporary folder that the caller renames into place only when all succeeded.
@@ -27,10 +28,10 @@ import pyarrow.parquet as pq
 from alignflow.config import IngestConfig
 
 from . import schema
+from .columnar import add_questions, is_stackexchange
 from .heap import trim_heap
 from .scoring import (Candidate, assign_split, best_answer, combined_license, pm_score, rank_pairs, render_prompt,
                       short_id)
-from .columnar import add_questions, is_stackexchange
 from .store import StagingStore, StoredPost, stored_groups
 
 DATASETS = ("posts", "pairs", "demos", "prompts")
