@@ -59,31 +59,34 @@ def pm_scores(up: np.ndarray, vote_score: np.ndarray, accepted: np.ndarray) -> n
     return np.where(vote_score < 0, -1, score)
 
 
-def add_questions(builder: Builder, chunk: pa.Table) -> None:
-    """Build the rows of a chunk of whole Stack Exchange questions into the builder's dataset writers."""
-    chunk = chunk.combine_chunks()
+def _questions(builder: Builder, chunk: pa.Table) -> tuple[pa.Table, np.ndarray]:
+    """The chunk without its orphan answers (quarantined), and the row where each question starts."""
     n = chunk.num_rows
     site, qkey = chunk.column("site"), chunk.column("qkey")
-    # the first row of each question (rows of one question share site and qkey)
+    # the first row of each group (the rows of one question share site and qkey)
     new = np.ones(n, dtype=bool)
     new[1:] = ~pc.and_(pc.equal(site[1:], site[:-1]), pc.equal(qkey[1:], qkey[:-1])).to_numpy(zero_copy_only=False)
     starts = np.flatnonzero(new)
     first_is_question = pc.equal(chunk.column("kind").take(starts), "question").to_numpy(zero_copy_only=False)
-    if not first_is_question.all():  # answers whose question is not in the input
-        keep = np.repeat(first_is_question, np.diff(np.append(starts, n)))
-        orphans = chunk.filter(pa.array(~keep)).select(["source_file", "line", "post_id", "site", "question_id"])
-        for row in orphans.to_pylist():
-            builder.store.quarantine(
-                source_file=row["source_file"], reason="orphan_answer", line=row["line"], row_id=row["post_id"],
-                site=row["site"],
-                detail=f"question {row['question_id']} is not in the input (deleted, or in another file)",
-            )
-        chunk = chunk.filter(pa.array(keep))
-        starts = np.flatnonzero(new[keep])
-        if not chunk.num_rows:
-            return
-    qstarts = starts.astype(np.int64)
+    if first_is_question.all():
+        return chunk, starts
+    # answers whose question is not in the input
+    keep = np.repeat(first_is_question, np.diff(np.append(starts, n)))
+    orphans = chunk.filter(pa.array(~keep)).select(["source_file", "line", "post_id", "site", "question_id"])
+    for row in orphans.to_pylist():
+        builder.store.quarantine(
+            source_file=row["source_file"], reason="orphan_answer", line=row["line"], row_id=row["post_id"],
+            site=row["site"], detail=f"question {row['question_id']} is not in the input (deleted, or in another file)",
+        )
+    return chunk.filter(pa.array(keep)), np.flatnonzero(new[keep])
+
+
+def add_questions(builder: Builder, chunk: pa.Table) -> None:
+    """Build the rows of a chunk of whole Stack Exchange questions into the builder's dataset writers."""
+    chunk, qstarts = _questions(builder, chunk.combine_chunks())
     n = chunk.num_rows
+    if not n:
+        return
     text = {name: chunk.column(name) for name in _TEXT}
     ints = {name: chunk.column(name).fill_null(0).to_numpy() for name in _INTS}
     line = chunk.column("line")
@@ -140,10 +143,39 @@ def add_questions(builder: Builder, chunk: pa.Table) -> None:
         np.arange(1, nq + 1))
 
     # pairs and demonstrations: per question, over (post id, pm_score) only
+    (chosen, rejected, pair_q, pair_ids, pair_ends), (demo, demo_q, demo_ends) = _pairs_and_demos(
+        builder, qstarts, qends, q_site, q_id, post_ids, pm.tolist(), accepted.tolist())
+    if chosen:
+        c, r, pq = (np.array(x, dtype=np.int64) for x in (chosen, rejected, pair_q))
+        cs, rs = pm[c].astype(np.float64), pm[r].astype(np.float64)
+        lc, lr = text["license"].take(c), text["license"].take(r)
+        if not pc.all(pc.fill_null(pc.equal(lc, lr), False)).as_py():  # answers under different licences
+            lc = pa.array([combined_license(a, b) for a, b in zip(lc.to_pylist(), lr.to_pylist())], pa.string())
+        qr = qstarts[pq]
+        writers["pairs"].add_table(pa.Table.from_arrays([
+            pa.array(pair_ids, pa.string()), prompts.take(pq), text["body"].take(c), text["body"].take(r),
+            pa.array(cs), pa.array(rs), pa.array(cs - rs), q["question_id"].take(pq), q["site"].take(pq),
+            q["source"].take(pq), split_q.take(pq), text["post_id"].take(c), text["post_id"].take(r),
+            text["author"].take(c), text["author"].take(r), lc, q["source_file"].take(pq),
+            line.take(qr)], schema=writers["pairs"].batch_schema), pair_ends)
+    if demo:
+        d, dq = np.array(demo, dtype=np.int64), np.array(demo_q, dtype=np.int64)
+        writers["demos"].add_table(pa.Table.from_arrays([
+            pa.array([short_id(q_site[g], q_id[g], post_ids[i]) for g, i in zip(demo_q, demo)], pa.string()),
+            prompts.take(dq), text["body"].take(d), q["question_id"].take(dq), text["post_id"].take(d),
+            q["site"].take(dq), q["source"].take(dq), split_q.take(dq), pa.array(pm[d]), text["author"].take(d),
+            text["license"].take(d), text["source_file"].take(d), line.take(d)],
+            schema=writers["demos"].batch_schema), demo_ends)
+
+
+def _pairs_and_demos(builder: Builder, qstarts: np.ndarray, qends: np.ndarray, q_site: list[str], q_id: list[str],
+                     post_ids: list[str], pm_list: list[int], acc_list: list[bool]) -> tuple[tuple, tuple]:
+    """Per question, its pairs (:func:`.scoring.rank_pairs`) and its demonstration (:func:`.scoring.best_answer`)
+    as rows of the chunk: (chosen, rejected, question, pair id, ends), (answer, question, ends); ``ends[g]``:
+    how many there are up to question ``g`` included."""
     cfg = builder.cfg
     stats = builder.summary.pair_stats
-    pm_list: list[int] = pm.tolist()
-    acc_list: list[bool] = accepted.tolist()
+    nq = len(qstarts)
     chosen: list[int] = []
     rejected: list[int] = []
     pair_q: list[int] = []
@@ -176,25 +208,4 @@ def add_questions(builder: Builder, chunk: pa.Table) -> None:
                 demo_q.append(g)
         pair_ends[g] = len(chosen)
         demo_ends[g] = len(demo)
-
-    if chosen:
-        c, r, pq = (np.array(x, dtype=np.int64) for x in (chosen, rejected, pair_q))
-        cs, rs = pm[c].astype(np.float64), pm[r].astype(np.float64)
-        lc, lr = text["license"].take(c), text["license"].take(r)
-        if not pc.all(pc.fill_null(pc.equal(lc, lr), False)).as_py():  # answers under different licences
-            lc = pa.array([combined_license(a, b) for a, b in zip(lc.to_pylist(), lr.to_pylist())], pa.string())
-        qr = qstarts[pq]
-        writers["pairs"].add_table(pa.Table.from_arrays([
-            pa.array(pair_ids, pa.string()), prompts.take(pq), text["body"].take(c), text["body"].take(r),
-            pa.array(cs), pa.array(rs), pa.array(cs - rs), q["question_id"].take(pq), q["site"].take(pq),
-            q["source"].take(pq), split_q.take(pq), text["post_id"].take(c), text["post_id"].take(r),
-            text["author"].take(c), text["author"].take(r), lc, q["source_file"].take(pq),
-            line.take(qr)], schema=writers["pairs"].batch_schema), pair_ends)
-    if demo:
-        d, dq = np.array(demo, dtype=np.int64), np.array(demo_q, dtype=np.int64)
-        writers["demos"].add_table(pa.Table.from_arrays([
-            pa.array([short_id(q_site[g], q_id[g], post_ids[i]) for g, i in zip(demo_q, demo)], pa.string()),
-            prompts.take(dq), text["body"].take(d), q["question_id"].take(dq), text["post_id"].take(d),
-            q["site"].take(dq), q["source"].take(dq), split_q.take(dq), pa.array(pm[d]), text["author"].take(d),
-            text["license"].take(d), text["source_file"].take(d), line.take(d)],
-            schema=writers["demos"].batch_schema), demo_ends)
+    return (chosen, rejected, pair_q, pair_ids, pair_ends), (demo, demo_q, demo_ends)
