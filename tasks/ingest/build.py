@@ -3,9 +3,10 @@
 The walk goes over the questions in a fixed order, so every output is
 deterministic, and memory is bounded by one chunk of questions plus one batch
 per dataset. Stack Exchange questions are built a chunk at a time as Arrow
-columns (:mod:`.columnar`), the others one question at a time as rows. Each batch is checked against its data contract before it is
-written; rows a contract rejects are quarantined with the expectation's name,
-and a table-level failure stops the build. Everything is written under a
+columns (:mod:`.columnar`), the others one question at a time as rows. Each
+batch is checked against its data contract before it is written; rows a
+contract rejects are quarantined with the expectation's name, and a
+table-level failure stops the build. Everything is written under a
 temporary folder that the caller renames into place only when all succeeded.
 """
 

@@ -3,8 +3,8 @@
 Grouping answers under their question cannot happen in a dict: Stack
 Overflow's Posts.xml is ~100 GB and answers may come long after their question.
 Rows go to a scratch SQLite database in batches; after loading, an index on
-(site, question, kind, post) lets the builder walk one question at a time in a
-deterministic order. SQLite sorts and indexes on disk, so memory stays bounded
+(site, question, kind, post) lets the builder walk the questions in a
+deterministic order, a chunk of whole questions at a time. SQLite sorts and indexes on disk, so memory stays bounded
 by its page cache (``cache_mb``), not by the input size.
 """
 
