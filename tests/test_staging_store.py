@@ -44,8 +44,9 @@ def test_the_walk_groups_every_question_in_site_and_id_order(tmp_path):
 
 def test_the_walk_comes_in_chunks_of_whole_questions(tmp_path):
     """Chunks end where a question ends; a question longer than a chunk is one longer chunk; nothing is read
-    twice or lost, and columns without a value in a chunk keep their types."""
-    store = StagingStore(tmp_path / "s.sqlite")
+    twice or lost, and columns without a value in a chunk keep their types. The store's folder name is a
+    path, whatever it holds."""
+    store = StagingStore(tmp_path / "a ?#%é folder" / "s.sqlite")
     sizes = [1, 3, 2, 9, 1, 4, 3, 3, 1, 2]  # rows per question (question + answers)
     for q, size in enumerate(sizes, start=1):
         qid = str(q * 100)

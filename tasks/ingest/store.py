@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import urllib.parse
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -372,7 +373,9 @@ class StagingStore:
         schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in _WALK_TYPES])
         self.flush()
         site, qkey = WALK_COLUMNS.index("site"), WALK_COLUMNS.index("qkey")
-        with contextlib.closing(adbc.connect(str(self.path))) as conn:
+        # read-only, by URI: any folder name (spaces, ?, #, %) is a path, never URI syntax
+        uri = "file:" + urllib.parse.quote(str(self.path.resolve())) + "?mode=ro"
+        with contextlib.closing(adbc.connect(uri)) as conn:
             after: tuple[str, str] | None = None
             limit = rows
             while True:
