@@ -58,12 +58,37 @@ def test_the_walk_comes_in_chunks_of_whole_questions(tmp_path):
     chunks = list(store.walk_chunks(rows=3))
     assert [pid for c in chunks for pid in c.column("post_id").to_pylist()] == whole
     assert len(chunks) >= 5
+    assert [c.column("post_id").to_pylist() for c in chunks if "400" in c.column("post_id").to_pylist()] == \
+        [["400", *(str(400 + k) for k in range(1, 9))]]  # longer than a chunk: a chunk of its own
     for chunk in chunks:
-        assert len(chunk) <= 2 * 9  # the limit doubles until the long question fits
+        assert len(chunk) <= 3 or len(set(chunk.column("question_id").to_pylist())) == 1
         assert chunk.schema.field("line").type == "int64" and chunk.schema.field("author").type == "string"
         assert chunk.schema.field("created_ts").type == "double"  # no value in the store: read as integers, cast
     for before, after in zip(chunks, chunks[1:]):  # no question is cut between two chunks
         assert before.column("question_id")[-1] != after.column("question_id")[0]
+    store.close()
+
+
+def test_chunks_are_bounded_by_their_text_too(tmp_path):
+    """Long texts make short chunks: a chunk holds about ``text_bytes`` of titles and bodies (more only when one
+    question alone is larger, then it is that question alone)."""
+    store = StagingStore(tmp_path / "s.sqlite")
+    rnd = random.Random(3)
+    for q in range(1, 60):
+        qid = str(q * 100)
+        store.add_post(_post("s", qid, qid, body="q" * rnd.randrange(1, 3000)))
+        for k in range(1, rnd.randrange(1, 6)):
+            store.add_post(_post("s", str(q * 100 + k), qid, body="é" * rnd.randrange(1, 3000)))
+    store.add_post(_post("s", "9900", "9900", body="x" * 50_000))  # one question over the budget
+    store.finish_loading()
+    whole = [p.post_id for _, rows in store.grouped_posts() for p in rows]
+    chunks = list(store.walk_chunks(rows=1000, text_bytes=10_000))
+    assert [pid for c in chunks for pid in c.column("post_id").to_pylist()] == whole
+    assert len(chunks) > 10
+    for chunk in chunks:
+        size = sum(len(t.encode()) for col in ("title", "body") for t in chunk.column(col).to_pylist())
+        assert size <= 10_000 or len(set(chunk.column("question_id").to_pylist())) == 1
+    assert chunks[-1].column("post_id").to_pylist() == ["9900"]
     store.close()
 
 

@@ -517,7 +517,7 @@ class Builder:
                 w.maybe_flush()
 
     def run(self) -> BuildSummary:
-        for chunk in self.store.walk_chunks(self.cfg.batch_rows):
+        for chunk in self.store.walk_chunks(self.cfg.batch_rows, self.cfg.batch_mb << 20):
             if self.columnar and is_stackexchange(chunk):
                 add_questions(self, chunk)
             else:

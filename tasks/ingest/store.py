@@ -87,6 +87,11 @@ _WALK_SELECT = (
     "LEFT JOIN votes v ON v.site = p.site AND v.post_id = p.post_id "
 )
 _WALK_ORDER = " ORDER BY p.site, p.qkey, p.kind_order, p.pkey LIMIT ?"
+# the size of the titles and bodies the walk will read next, to cut its chunks by size (bytes, read without
+# decoding the texts)
+_QUESTION_ROWS = "SELECT COUNT(*) FROM posts p INDEXED BY posts_by_question WHERE p.site = ? AND p.qkey = ?"
+_SIZES_SELECT = ("SELECT length(CAST(p.title AS BLOB)) + length(CAST(p.body AS BLOB)) "
+                 "FROM posts p INDEXED BY posts_by_question ")
 
 
 def stored_groups(chunk) -> Iterator[tuple[tuple[str, str], list[StoredPost]]]:
@@ -356,52 +361,62 @@ class StagingStore:
             out[source_file] = {"kept:votes_on_posts_read": int(on_read), "dropped:votes_on_posts_not_kept": int(on_absent)}
         return out
 
-    def walk_chunks(self, rows: int = 20_000) -> Iterator:
-        """The posts in walk order (columns ``WALK_COLUMNS``: question row first, then its answers by id), as Arrow tables
-        of about ``rows`` rows that each end where a question's rows end (a question longer than that is one
-        longer chunk).
+    def walk_chunks(self, rows: int = 5_000, text_bytes: int = 4 << 20) -> Iterator:
+        """The posts in walk order (columns ``WALK_COLUMNS``: question row first, then its answers by id), as
+        Arrow tables of at most ``rows`` rows and about ``text_bytes`` of titles and bodies, each ending where a
+        question's rows end. A question larger than that is a chunk of its own, whole: memory is bounded by
+        the larger of the two, whatever the input holds.
 
         Read through ADBC's SQLite driver, which fills Arrow columns in C: the texts never become Python
-        objects. Each chunk is one query that starts after the last question of the chunk before, through the
-        walk's index, so the reading connection holds no lock between chunks (the builder writes quarantined
-        rows through this store's own connection meanwhile).
+        objects. Each chunk is a query for its sizes, then one for its rows, that start after the last
+        question of the chunk before, through the walk's index; the reading connection holds no lock between
+        chunks (the builder writes quarantined rows through this store's own connection meanwhile).
         """
         import adbc_driver_sqlite.dbapi as adbc
+        import numpy as np
         import pyarrow as pa
         import pyarrow.compute as pc
 
         schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in _WALK_TYPES])
         self.flush()
-        site, qkey = WALK_COLUMNS.index("site"), WALK_COLUMNS.index("qkey")
         # read-only, by URI: any folder name (spaces, ?, #, %) is a path, never URI syntax
         uri = "file:" + urllib.parse.quote(str(self.path.resolve())) + "?mode=ro"
         with contextlib.closing(adbc.connect(uri)) as conn:
-            after: tuple[str, str] | None = None
-            limit = rows
-            while True:
+
+            def query(select: str, after: tuple[str, str] | None, limit: int):
                 with conn.cursor() as cursor:
-                    # one Arrow batch per chunk: the driver infers a column's type from the batch's values
+                    # one Arrow batch per query: the driver infers a column's type from the batch's values
                     cursor.adbc_statement.set_options(**{"adbc.sqlite.query.batch_rows": str(limit + 1)})
-                    if after is None:
-                        cursor.execute(_WALK_SELECT + _WALK_ORDER, (limit,))
-                    else:
-                        cursor.execute(_WALK_SELECT + "WHERE (p.site, p.qkey) > (?, ?)" + _WALK_ORDER, (*after, limit))
-                    # a column without a value in the chunk comes back as integers: cast says what it is
-                    chunk = cursor.fetch_arrow_table().cast(schema)
+                    where = "" if after is None else "WHERE (p.site, p.qkey) > (?, ?)"
+                    cursor.execute(select + where + _WALK_ORDER, (*(after or ()), limit))
+                    return cursor.fetch_arrow_table()
+
+            after: tuple[str, str] | None = None
+            while True:
+                sizes = query(_SIZES_SELECT, after, rows).column(0).to_numpy(zero_copy_only=False)
+                if not len(sizes):
+                    return
+                # the rows that fit in the text budget (at least one), then whole questions only
+                limit = max(1, int(np.searchsorted(np.cumsum(sizes), text_bytes, side="right")))
+                # a column without a value in the chunk comes back as integers: cast says what it is
+                chunk = query(_WALK_SELECT, after, limit).cast(schema)
                 if chunk.num_rows < limit:  # the walk's end
                     if chunk.num_rows:
                         yield chunk
                     return
                 # the last question may go on after the limit: it starts the next chunk
-                last = (chunk.column(site)[-1].as_py(), chunk.column(qkey)[-1].as_py())
-                in_last = pc.and_(pc.equal(chunk.column(site), last[0]), pc.equal(chunk.column(qkey), last[1]))
+                site, qkey = chunk.column("site"), chunk.column("qkey")
+                in_last = pc.and_(pc.equal(site, site[-1]), pc.equal(qkey, qkey[-1]))
                 cut = chunk.num_rows - pc.sum(in_last).as_py()
-                if cut == 0:  # one question fills the chunk: read it again, whole
-                    limit *= 2
-                    continue
+                if cut == 0:  # the first question alone is over the budget: it is the chunk, whole
+                    key = (site[0].as_py(), qkey[0].as_py())
+                    with conn.cursor() as cursor:
+                        cursor.execute(_QUESTION_ROWS, key)
+                        cut = cursor.fetchone()[0]
+                    chunk = query(_WALK_SELECT, after, cut).cast(schema)
+                    site, qkey = chunk.column("site"), chunk.column("qkey")
                 yield chunk.slice(0, cut)
-                after = (chunk.column(site)[cut - 1].as_py(), chunk.column(qkey)[cut - 1].as_py())
-                limit = rows
+                after = (site[cut - 1].as_py(), qkey[cut - 1].as_py())
 
     def grouped_posts(self) -> Iterator[tuple[tuple[str, str], list[StoredPost]]]:
         """Yield ((site, question_id), rows) per question, question row first, answers by id."""
