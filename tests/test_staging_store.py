@@ -55,7 +55,13 @@ def test_the_walk_comes_in_chunks_of_whole_questions(tmp_path):
             store.add_post(_post("s", str(q * 100 + k), qid))  # line None: a column of nulls in some chunks
     store.finish_loading()
     whole = [post_id for _, rows in store.grouped_posts() for post_id in (p.post_id for p in rows)]
-    chunks = list(store.walk_chunks(rows=3))
+    store.db.execute("PRAGMA cache_size=-64")  # a 64 KiB page cache: the writes below spill to the file
+    chunks = []
+    for chunk in store.walk_chunks(rows=3):  # the builder quarantines rows between two chunks
+        chunks.append(chunk)
+        for i in range(300):
+            store.quarantine(source_file="f", reason="test", line=i, detail="x" * 1000)
+        store.flush()
     assert [pid for c in chunks for pid in c.column("post_id").to_pylist()] == whole
     assert len(chunks) >= 5
     assert [c.column("post_id").to_pylist() for c in chunks if "400" in c.column("post_id").to_pylist()] == \

@@ -4,8 +4,9 @@ Grouping answers under their question cannot happen in a dict: Stack
 Overflow's Posts.xml is ~100 GB and answers may come long after their question.
 Rows go to a scratch SQLite database in batches; after loading, an index on
 (site, question, kind, post) lets the builder walk the questions in a
-deterministic order, a chunk of whole questions at a time. SQLite sorts and indexes on disk, so memory stays bounded
-by its page cache (``cache_mb``), not by the input size.
+deterministic order, a chunk of whole questions at a time. SQLite sorts and
+indexes on disk, so memory stays bounded by its page cache (``cache_mb``), not
+by the input size.
 """
 
 from __future__ import annotations
@@ -87,9 +88,9 @@ _WALK_SELECT = (
     "LEFT JOIN votes v ON v.site = p.site AND v.post_id = p.post_id "
 )
 _WALK_ORDER = " ORDER BY p.site, p.qkey, p.kind_order, p.pkey LIMIT ?"
+_QUESTION_ROWS = "SELECT COUNT(*) FROM posts p INDEXED BY posts_by_question WHERE p.site = ? AND p.qkey = ?"
 # the size of the titles and bodies the walk will read next, to cut its chunks by size (bytes, read without
 # decoding the texts)
-_QUESTION_ROWS = "SELECT COUNT(*) FROM posts p INDEXED BY posts_by_question WHERE p.site = ? AND p.qkey = ?"
 _SIZES_SELECT = ("SELECT length(CAST(p.title AS BLOB)) + length(CAST(p.body AS BLOB)) "
                  "FROM posts p INDEXED BY posts_by_question ")
 
@@ -379,9 +380,10 @@ class StagingStore:
 
         schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in _WALK_TYPES])
         self.flush()
-        # read-only, by URI: any folder name (spaces, ?, #, %) is a path, never URI syntax
+        # read-only, by URI: any folder name (spaces, ?, #, %) is a path, never URI syntax; autocommit: no
+        # transaction, so no lock, is held between two queries
         uri = "file:" + urllib.parse.quote(str(self.path.resolve())) + "?mode=ro"
-        with contextlib.closing(adbc.connect(uri)) as conn:
+        with contextlib.closing(adbc.connect(uri, autocommit=True)) as conn:
 
             def query(select: str, after: tuple[str, str] | None, limit: int):
                 with conn.cursor() as cursor:
