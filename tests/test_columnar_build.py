@@ -64,10 +64,12 @@ def _sources(tmp_path: Path, fixtures_dir: Path) -> list[Path]:
     return [conlang, foreign, generated]
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])
-def test_columns_and_rows_build_the_same_files(fixtures_dir, tmp_path, monkeypatch, workers):
+@pytest.mark.parametrize(("workers", "cap"), [("1", 2), ("2", 2), ("1", 10)])
+def test_columns_and_rows_build_the_same_files(fixtures_dir, tmp_path, monkeypatch, workers, cap):
+    """With a cap of 2 pairs most questions go through rank_pairs' seeded choice; with 10 (the default) most
+    are paired as arrays."""
     sources = _sources(tmp_path, fixtures_dir)
-    overrides = (f"ingest.workers={workers}", "ingest.max_pairs_per_question=2", TEMPLATE, *SMALL_BATCHES)
+    overrides = (f"ingest.workers={workers}", f"ingest.max_pairs_per_question={cap}", TEMPLATE, *SMALL_BATCHES)
     monkeypatch.setattr(Builder, "columnar", False)
     rows = ingest(sources, tmp_path / "rows", *overrides)
     monkeypatch.setattr(Builder, "columnar", True)
@@ -83,7 +85,7 @@ def test_columns_and_rows_build_the_same_files(fixtures_dir, tmp_path, monkeypat
     pairs = pd.read_parquet(columns.datasets["pairs"]["path"])
     assert pairs.license.str.contains(" + ", regex=False).any()
     assert pairs.prompt.str.startswith("{conlang.meta.stackexchange.com} [").any()
-    assert columns.report["pairs"]["dropped:capped"] > 0 and columns.report["pairs"]["dropped:tie"] > 0
+    assert columns.report["pairs"]["dropped:tie"] > 0 and columns.report["pairs"]["dropped:capped"] > 0
     posts = pd.read_parquet(columns.datasets["posts"]["path"])
     answers = posts[posts.kind == "answer"]
     assert answers[answers.site == "synthetic.stackexchange.com"].upvotes.isna().all()

@@ -4,10 +4,11 @@
 a Python string, is copied into a dict for every dataset it appears in, and is encoded back into
 Arrow. Here a chunk of the walk (:meth:`.store.StagingStore.walk_chunks`: some thousands of whole
 questions, read from SQLite into Arrow in C) stays in Arrow. The per-row work (scores, acceptance,
-titles, splits) is NumPy and Arrow compute over its columns, and the text of a pair or a
-demonstration is an Arrow ``take`` of the bodies. What stays in Python runs per question or per pair
-and never touches text: the hashes of splits and ids, :func:`.scoring.rank_pairs` and
-:func:`.scoring.best_answer`.
+titles, splits) is NumPy and Arrow compute over its columns, and so are the rules of
+:func:`.scoring.rank_pairs` and :func:`.scoring.best_answer` (over answers' positions and scores).
+The text of a pair or a demonstration is an Arrow ``take`` of the bodies. What stays in Python runs
+per question or per pair and never touches text: the hashes of splits and ids, and ``rank_pairs``
+itself for a question with more pairs than the cap.
 
 The rows, their order and the row groups are exactly those of ``add_question``: a test builds the
 same inputs both ways and compares the files byte for byte.
@@ -23,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .scoring import Candidate, best_answer, combined_license, rank_pairs, short_id
+from .scoring import Candidate, combined_license, rank_pairs, short_id
 
 if TYPE_CHECKING:
     from .build import Builder
@@ -142,11 +143,12 @@ def add_questions(builder: Builder, chunk: pa.Table) -> None:
         q["source"], split_q, q["source_file"], qline], schema=writers["prompts"].batch_schema),
         np.arange(1, nq + 1))
 
-    # pairs and demonstrations: per question, over (post id, pm_score) only
-    (chosen, rejected, pair_q, pair_ids, pair_ends), (demo, demo_q, demo_ends) = _pairs_and_demos(
-        builder, qstarts, qends, q_site, q_id, post_ids, pm.tolist(), accepted.tolist())
-    if chosen:
-        c, r, pq = (np.array(x, dtype=np.int64) for x in (chosen, rejected, pair_q))
+    # pairs and demonstrations: over (position, pm_score, accepted) only
+    c, r, pq, pair_ends = _pairs(builder, qstarts, qends, q_site, q_id, post_ids, pm)
+    d, dq, demo_ends = _demos(builder.cfg.min_demo_pm_score, qstarts, group, is_answer, accepted, pm)
+    if len(c):
+        pair_ids = [short_id(q_site[g], q_id[g], post_ids[i], post_ids[j]) for g, i, j in zip(pq.tolist(), c.tolist(),
+                                                                                             r.tolist())]
         cs, rs = pm[c].astype(np.float64), pm[r].astype(np.float64)
         lc, lr = text["license"].take(c), text["license"].take(r)
         if not pc.all(pc.fill_null(pc.equal(lc, lr), False)).as_py():  # answers under different licences
@@ -158,54 +160,76 @@ def add_questions(builder: Builder, chunk: pa.Table) -> None:
             q["source"].take(pq), split_q.take(pq), text["post_id"].take(c), text["post_id"].take(r),
             text["author"].take(c), text["author"].take(r), lc, q["source_file"].take(pq),
             line.take(qr)], schema=writers["pairs"].batch_schema), pair_ends)
-    if demo:
-        d, dq = np.array(demo, dtype=np.int64), np.array(demo_q, dtype=np.int64)
+    if len(d):
         writers["demos"].add_table(pa.Table.from_arrays([
-            pa.array([short_id(q_site[g], q_id[g], post_ids[i]) for g, i in zip(demo_q, demo)], pa.string()),
+            pa.array([short_id(q_site[g], q_id[g], post_ids[i]) for g, i in zip(dq.tolist(), d.tolist())],
+                     pa.string()),
             prompts.take(dq), text["body"].take(d), q["question_id"].take(dq), text["post_id"].take(d),
             q["site"].take(dq), q["source"].take(dq), split_q.take(dq), pa.array(pm[d]), text["author"].take(d),
             text["license"].take(d), text["source_file"].take(d), line.take(d)],
             schema=writers["demos"].batch_schema), demo_ends)
 
 
-def _pairs_and_demos(builder: Builder, qstarts: np.ndarray, qends: np.ndarray, q_site: list[str], q_id: list[str],
-                     post_ids: list[str], pm_list: list[int], acc_list: list[bool]) -> tuple[tuple, tuple]:
-    """Per question, its pairs (:func:`.scoring.rank_pairs`) and its demonstration (:func:`.scoring.best_answer`)
-    as rows of the chunk: (chosen, rejected, question, pair id, ends), (answer, question, ends); ``ends[g]``:
-    how many there are up to question ``g`` included."""
+def _pairs(builder: Builder, qstarts: np.ndarray, qends: np.ndarray, q_site: list[str], q_id: list[str],
+           post_ids: list[str], pm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`.scoring.rank_pairs` for every question of the chunk: (chosen row, rejected row, question, ends),
+    in walk order; ``ends[g]``: the pairs up to question ``g`` included.
+
+    Every two answers with different scores make a pair, so the questions with k answers are done at once
+    as k*(k-1)/2 pairs of positions. A question's answers come by id in the walk, so ordering its pairs by
+    (chosen, rejected) position is ``rank_pairs``' order. A question with more pairs than the cap goes through
+    ``rank_pairs`` itself (its seeded choice of the pairs kept).
+    """
     cfg = builder.cfg
     stats = builder.summary.pair_stats
     nq = len(qstarts)
-    chosen: list[int] = []
-    rejected: list[int] = []
-    pair_q: list[int] = []
-    pair_ids: list[str] = []
-    pair_ends = np.zeros(nq, dtype=np.int64)
-    demo: list[int] = []
-    demo_q: list[int] = []
-    demo_ends = np.zeros(nq, dtype=np.int64)
-    min_pairs = max(cfg.min_answers, 2)  # fewer than 2 answers make no candidate pair
-    for g in range(nq):
-        a0, a1 = int(qstarts[g]) + 1, int(qends[g])
-        if a1 > a0:
-            candidates = [Candidate(post_ids[i], pm_list[i]) for i in range(a0, a1)]
-            site, qid = q_site[g], q_id[g]
-            if a1 - a0 >= min_pairs:
-                pair_idx, ps = rank_pairs(candidates, max_pairs=cfg.max_pairs_per_question, seed=cfg.pair_seed,
-                                          key=f"{site}:{qid}")
-                stats["candidates"] += ps.candidates
-                stats["dropped:tie"] += ps.ties
-                stats["dropped:capped"] += ps.capped
-                stats["kept"] += len(pair_idx)
-                for ci, ri in pair_idx:
-                    chosen.append(a0 + ci)
-                    rejected.append(a0 + ri)
-                    pair_ids.append(short_id(site, qid, post_ids[a0 + ci], post_ids[a0 + ri]))
-                pair_q.extend([g] * len(pair_idx))
-            best = best_answer(candidates, acc_list[a0:a1], cfg.min_demo_pm_score)
-            if best is not None:
-                demo.append(a0 + best)
-                demo_q.append(g)
-        pair_ends[g] = len(chosen)
-        demo_ends[g] = len(demo)
-    return (chosen, rejected, pair_q, pair_ids, pair_ends), (demo, demo_q, demo_ends)
+    answers = qends - qstarts - 1
+    eligible = np.flatnonzero(answers >= max(cfg.min_answers, 2))  # fewer than 2 answers make no pair
+    chosen, rejected, question = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    candidates = ties = capped = 0
+    for k in np.unique(answers[eligible]).tolist():
+        qs = eligible[answers[eligible] == k]
+        i, j = np.triu_indices(k, 1)
+        first = (qstarts[qs] + 1)[:, None]
+        a, b = first + i, first + j  # one row per question, one column per pair of its answers
+        differ = pm[a] != pm[b]
+        over = differ.sum(axis=1) > cfg.max_pairs_per_question
+        for g in qs[over].tolist():  # more pairs than the cap: the seeded choice of rank_pairs
+            a0 = int(qstarts[g]) + 1
+            pairs, ps = rank_pairs([Candidate(post_ids[x], int(pm[x])) for x in range(a0, int(qends[g]))],
+                                   max_pairs=cfg.max_pairs_per_question, seed=cfg.pair_seed,
+                                   key=f"{q_site[g]}:{q_id[g]}")
+            candidates, ties, capped = candidates + ps.candidates, ties + ps.ties, capped + ps.capped
+            chosen.append(np.array([a0 + x for x, _ in pairs], np.int64))
+            rejected.append(np.array([a0 + y for _, y in pairs], np.int64))
+            question.append(np.full(len(pairs), g, np.int64))
+        a, b, differ = a[~over], b[~over], differ[~over]
+        candidates += a.size
+        ties += int((~differ).sum())
+        higher = pm[a] > pm[b]
+        chosen.append(np.where(higher, a, b)[differ])
+        rejected.append(np.where(higher, b, a)[differ])
+        question.append(np.broadcast_to(qs[~over][:, None], a.shape)[differ])
+    c, r, q = np.concatenate(chosen), np.concatenate(rejected), np.concatenate(question)
+    order = np.lexsort((r, c, q))
+    c, r, q = c[order], r[order], q[order]
+    if len(eligible):
+        stats["candidates"] += candidates
+        stats["dropped:tie"] += ties
+        stats["dropped:capped"] += capped
+    stats["kept"] += len(c)
+    return c, r, q, np.searchsorted(q, np.arange(nq), side="right")
+
+
+def _demos(min_pm_score: int, qstarts: np.ndarray, group: np.ndarray, is_answer: np.ndarray, accepted: np.ndarray,
+           pm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`.scoring.best_answer` for every question of the chunk: (answer row, question, ends). The best
+    answer has the highest score, then is the accepted one, then comes first (the lowest id)."""
+    rows = np.flatnonzero(is_answer)
+    order = np.lexsort((rows, ~accepted[rows], -pm[rows], group[rows]))
+    by_question = group[rows][order]
+    first = np.flatnonzero(np.r_[True, by_question[1:] != by_question[:-1]]) if len(order) else order
+    best, question = rows[order[first]], by_question[first]
+    keep = pm[best] >= min_pm_score
+    best, question = best[keep], question[keep]
+    return best, question, np.searchsorted(question, np.arange(len(qstarts)), side="right")
