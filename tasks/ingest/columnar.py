@@ -91,7 +91,6 @@ def add_questions(builder: Builder, chunk: pa.Table) -> None:
     text = {name: chunk.column(name) for name in _TEXT}
     ints = {name: chunk.column(name).fill_null(0).to_numpy() for name in _INTS}
     line = chunk.column("line")
-    post_ids: list[str] = text["post_id"].to_pylist()
 
     nq = len(qstarts)
     qends = np.append(qstarts[1:], n)
@@ -144,11 +143,12 @@ def add_questions(builder: Builder, chunk: pa.Table) -> None:
         np.arange(1, nq + 1))
 
     # pairs and demonstrations: over (position, pm_score, accepted) only
-    c, r, pq, pair_ends = _pairs(builder, qstarts, qends, q_site, q_id, post_ids, pm)
+    c, r, pq, pair_ends = _pairs(builder, qstarts, qends, q_site, q_id, text["post_id"], pm)
     d, dq, demo_ends = _demos(builder.cfg.min_demo_pm_score, qstarts, group, is_answer, accepted, pm)
     if len(c):
-        pair_ids = [short_id(q_site[g], q_id[g], post_ids[i], post_ids[j]) for g, i, j in zip(pq.tolist(), c.tolist(),
-                                                                                             r.tolist())]
+        chosen_ids, rejected_ids = text["post_id"].take(c), text["post_id"].take(r)
+        pair_ids = [short_id(q_site[g], q_id[g], i, j) for g, i, j in zip(pq.tolist(), chosen_ids.to_pylist(),
+                                                                          rejected_ids.to_pylist())]
         cs, rs = pm[c].astype(np.float64), pm[r].astype(np.float64)
         lc, lr = text["license"].take(c), text["license"].take(r)
         if not pc.all(pc.fill_null(pc.equal(lc, lr), False)).as_py():  # answers under different licences
@@ -157,13 +157,13 @@ def add_questions(builder: Builder, chunk: pa.Table) -> None:
         writers["pairs"].add_table(pa.Table.from_arrays([
             pa.array(pair_ids, pa.string()), prompts.take(pq), text["body"].take(c), text["body"].take(r),
             pa.array(cs), pa.array(rs), pa.array(cs - rs), q["question_id"].take(pq), q["site"].take(pq),
-            q["source"].take(pq), split_q.take(pq), text["post_id"].take(c), text["post_id"].take(r),
+            q["source"].take(pq), split_q.take(pq), chosen_ids, rejected_ids,
             text["author"].take(c), text["author"].take(r), lc, q["source_file"].take(pq),
             line.take(qr)], schema=writers["pairs"].batch_schema), pair_ends)
     if len(d):
         writers["demos"].add_table(pa.Table.from_arrays([
-            pa.array([short_id(q_site[g], q_id[g], post_ids[i]) for g, i in zip(dq.tolist(), d.tolist())],
-                     pa.string()),
+            pa.array([short_id(q_site[g], q_id[g], i)
+                      for g, i in zip(dq.tolist(), text["post_id"].take(d).to_pylist())], pa.string()),
             prompts.take(dq), text["body"].take(d), q["question_id"].take(dq), text["post_id"].take(d),
             q["site"].take(dq), q["source"].take(dq), split_q.take(dq), pa.array(pm[d]), text["author"].take(d),
             text["license"].take(d), text["source_file"].take(d), line.take(d)],
@@ -171,7 +171,7 @@ def add_questions(builder: Builder, chunk: pa.Table) -> None:
 
 
 def _pairs(builder: Builder, qstarts: np.ndarray, qends: np.ndarray, q_site: list[str], q_id: list[str],
-           post_ids: list[str], pm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+           post_ids: pa.ChunkedArray, pm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """:func:`.scoring.rank_pairs` for every question of the chunk: (chosen row, rejected row, question, ends),
     in walk order; ``ends[g]``: the pairs up to question ``g`` included.
 
@@ -196,7 +196,8 @@ def _pairs(builder: Builder, qstarts: np.ndarray, qends: np.ndarray, q_site: lis
         over = differ.sum(axis=1) > cfg.max_pairs_per_question
         for g in qs[over].tolist():  # more pairs than the cap: the seeded choice of rank_pairs
             a0 = int(qstarts[g]) + 1
-            pairs, ps = rank_pairs([Candidate(post_ids[x], int(pm[x])) for x in range(a0, int(qends[g]))],
+            ids = post_ids.slice(a0, int(qends[g]) - a0).to_pylist()
+            pairs, ps = rank_pairs([Candidate(i, int(x)) for i, x in zip(ids, pm[a0:int(qends[g])].tolist())],
                                    max_pairs=cfg.max_pairs_per_question, seed=cfg.pair_seed,
                                    key=f"{q_site[g]}:{q_id[g]}")
             candidates, ties, capped = candidates + ps.candidates, ties + ps.ties, capped + ps.capped

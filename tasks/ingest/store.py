@@ -394,12 +394,18 @@ class StagingStore:
                     return cursor.fetch_arrow_table()
 
             after: tuple[str, str] | None = None
-            while True:
-                sizes = query(_SIZES_SELECT, after, rows).column(0).to_numpy(zero_copy_only=False)
+            probe = rows  # how many sizes to read: about twice the last chunk's rows, so long texts are not
+            while True:   # read thousands of sizes for every chunk of a few rows
+                sizes = query(_SIZES_SELECT, after, probe).column(0).to_numpy(zero_copy_only=False)
                 if not len(sizes):
                     return
+                total = np.cumsum(sizes)
+                if total[-1] < text_bytes and probe == len(sizes) < rows:  # more may fit: read the sizes again
+                    probe = rows
+                    continue
                 # the rows that fit in the text budget (at least one), then whole questions only
-                limit = max(1, int(np.searchsorted(np.cumsum(sizes), text_bytes, side="right")))
+                limit = max(1, int(np.searchsorted(total, text_bytes, side="right")))
+                probe = min(rows, 2 * limit + 16)
                 # a column without a value in the chunk comes back as integers: cast says what it is
                 chunk = query(_WALK_SELECT, after, limit).cast(schema)
                 if chunk.num_rows < limit:  # the walk's end
