@@ -9,6 +9,7 @@ one error line a user sees.
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -178,6 +179,67 @@ def test_count_vote_lines_counts_only_plain_rows():
                 b'<row Id="1" PostId=" 7" VoteTypeId="2" />\n', b'<row Id="1" PostId="7" VoteTypeId="2">\n',
                 b'\n', b'<row Id="1" PostId="\xd9\xa2" VoteTypeId="2" />\n'):
         assert count_vote_lines(_ROWS + odd) is None, odd
+
+
+def _vote_line(rng) -> bytes:
+    """A vote row as the dumps write it, or close to it (lengths at and past the limits, odd types)."""
+    def num(low=1, high=18):
+        n = high + 1 if rng.random() < 0.02 else rng.choice([low, high, rng.randint(low, high)])
+        return "".join(rng.choice("0123456789") for _ in range(n))
+
+    parts = [rng.choice(["", "  ", "\t", " \t "]), f'<row Id="{num()}" PostId="{num()}"',
+             f' VoteTypeId="{rng.choice(["1", "2", "3", "5", "02", "10", num()])}"']
+    if rng.random() < 0.5:
+        parts.append(f' UserId="{rng.choice(["", "-"])}{num()}"')
+    if rng.random() < 0.7:
+        n = 41 if rng.random() < 0.03 else rng.choice([1, 23, 40])
+        parts.append(' CreationDate="' + "".join(rng.choice("0123456789T:.-") for _ in range(n)) + '"')
+    if rng.random() < 0.2:
+        parts.append(f' BountyAmount="{num()}"')
+    parts.append(rng.choice([" />", "/>"]) if rng.random() < 0.97 else rng.choice(["  />", " >"]))
+    return "".join(parts).encode() + (rng.choice([b"\n", b"\r\n"]) if rng.random() < 0.97 else b"\r\r\n")
+
+
+def _mutated(rng, data: bytes) -> bytes:
+    data = bytearray(data)
+    for _ in range(rng.randint(1, 3)):
+        i = rng.randrange(len(data) + 1)
+        op = rng.random()
+        if op < 0.4 and i < len(data):
+            del data[i]
+        elif op < 0.8:
+            data[i:i] = bytes([rng.choice(b' "<>/=\r\n\t-0123456789TIdPostVyxe\xc3\xa9')])
+        elif i < len(data):
+            data[i] = rng.randrange(256)
+    return bytes(data)
+
+
+def test_tally_votes_in_c_counts_what_the_regular_expression_counts(monkeypatch):
+    """tasks/ingest/_fastvotes.c against count_vote_lines on generated and mutated lines (same counts, same
+    refusals), with votes already in the table."""
+    from alignflow.tasks.ingest import ranges
+
+    if ranges._count_votes is None:
+        pytest.skip("installed without a C compiler: tasks/ingest/_fastvotes.c is not built")
+    rng = random.Random(12)
+    refused = counted = 0
+    for case in range(3000):
+        data = b"".join(_vote_line(rng) for _ in range(rng.randint(0, 6)))
+        if case % 2:
+            data = _mutated(rng, data)
+        if rng.random() < 0.2 and data.endswith(b"\n"):
+            data = data[:-1]
+        start = {("s", "7"): [1, 2, 3]}
+        fast_votes, slow_votes = {k: list(v) for k, v in start.items()}, {k: list(v) for k, v in start.items()}
+        fast = ranges.tally_votes(data, "s", fast_votes)
+        with monkeypatch.context() as m:
+            m.setattr(ranges, "_count_votes", None)
+            slow = ranges.tally_votes(data, "s", slow_votes)
+        assert fast == slow, data
+        assert fast_votes == slow_votes, data
+        refused += fast is None
+        counted += fast is not None and fast[0] > 0
+    assert refused > 500 and counted > 500  # both branches are exercised
 
 
 def test_scan_votes_equals_the_parser(tmp_path):

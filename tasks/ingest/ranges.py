@@ -146,6 +146,11 @@ _VOTES_PROLOG = re.compile(rb'(?:\xef\xbb\xbf)?<\?xml version="1\.0" encoding="u
 _VOTES_END = re.compile(rb'</votes>[ \t\r\n]*\Z')
 _VOTE_TYPE_SLOT = {b"2": 0, b"3": 1, b"1": 2}
 
+try:  # tally_votes in C (tasks/ingest/_fastvotes.c); None: built without a C compiler
+    from ._fastvotes import count_votes as _count_votes
+except ImportError:  # pragma: no cover - an install without a C compiler
+    _count_votes = None
+
 
 def count_vote_lines(data: bytes) -> tuple[dict[bytes, int], int] | None:
     """Votes per ``b'<PostId>" VoteTypeId="<type>'`` in ``data`` (whole lines), and the number of lines;
@@ -157,6 +162,30 @@ def count_vote_lines(data: bytes) -> tuple[dict[bytes, int], int] | None:
     if len(keys) != lines:
         return None
     return Counter(keys), lines
+
+
+def tally_votes(data: bytes, site: str, votes: dict[tuple[str, str], list[int]]) -> tuple[int, int] | None:
+    """Add the votes of ``data`` (whole lines) to ``votes``: ``(site, post_id) -> [up, down, accepted]``.
+    Returns the lines and the votes of other types, or None (``votes`` untouched) unless every line is a
+    plain vote row. Counted in C (tasks/ingest/_fastvotes.c) where built, else by :func:`count_vote_lines`."""
+    if _count_votes is not None:
+        return _count_votes(data, site, votes)
+    counted = count_vote_lines(data)
+    if counted is None:
+        return None
+    other = 0
+    for key, n in counted[0].items():
+        post_id, _, vote_type = key.partition(b'" VoteTypeId="')
+        slot = _VOTE_TYPE_SLOT.get(vote_type)
+        if slot is None:
+            other += n
+            continue
+        k = (site, post_id.decode("ascii"))
+        entry = votes.get(k)
+        if entry is None:
+            entry = votes[k] = [0, 0, 0]
+        entry[slot] += n
+    return counted[1], other
 
 
 def _vote_chunks(task: RangeTask, chunk: int) -> Iterator[bytes]:
@@ -180,11 +209,9 @@ def _vote_chunks(task: RangeTask, chunk: int) -> Iterator[bytes]:
 
 def scan_votes(task: RangeTask, chunk: int = 8 << 20) -> RangeResult | None:
     """The result of a Votes.xml range counted from its bytes; None when it needs the XML parser."""
-    from collections import Counter
-
     started, cpu_started = time.perf_counter(), time.process_time()
-    counts: Counter = Counter()
-    rows = newlines = 0
+    votes: dict[tuple[str, str], list[int]] = {}
+    rows = newlines = other = 0
     head_done = not task.first
     ended = False
     try:
@@ -203,29 +230,15 @@ def scan_votes(task: RangeTask, chunk: int = 8 << 20) -> RangeResult | None:
                     if m.start() and data[m.start() - 1:m.start()] != b"\n":
                         return None
                     data, ended = data[:m.start()], True
-            counted = count_vote_lines(data)
+            counted = tally_votes(data, task.site, votes)
             if counted is None:
                 return None
-            counts.update(counted[0])
-            rows += counted[1]
+            rows += counted[0]
+            other += counted[1]
     except EOFError:
         return None
     if not head_done or (task.last and not ended):
         return None
-    votes: dict[tuple[str, str], list[int]] = {}
-    other = 0
-    site = task.site
-    for key, n in counts.items():
-        post_id, _, vote_type = key.partition(b'" VoteTypeId="')
-        slot = _VOTE_TYPE_SLOT.get(vote_type)
-        if slot is None:
-            other += n
-            continue
-        k = (site, post_id.decode("ascii"))
-        entry = votes.get(k)
-        if entry is None:
-            entry = votes[k] = [0, 0, 0]
-        entry[slot] += n
     calls: list[tuple] = []
     if rows:
         calls.append(("count", task.label, "rows", rows))
