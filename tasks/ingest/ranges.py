@@ -12,6 +12,14 @@ holds exactly the rows of a one-process read and the datasets are
 byte-identical whatever the number of workers. Votes are summed per post in the
 worker (their order does not matter).
 
+A range whose every line is a row in the dumps' plain form (one ``<row .../>``
+per line, double-quoted attributes, only the predefined and numeric character
+references: what every dump writes) is read from its bytes in C instead of by
+libxml2: Votes.xml rows are counted (tasks/ingest/_fastvotes.c, :func:`scan_votes`)
+and Posts.xml rows become store rows (tasks/ingest/_fastposts.c, :func:`scan_posts`),
+with the rows the reader would quarantine handed to it. Any other line, anywhere
+in the range, sends the whole range to the parser, which decides what it means.
+
 Files too small to cut, tables inside .7z archives and tables whose head is
 not a plain ``<?xml?>`` prolog plus root element are read in one range, in order.
 """
@@ -76,7 +84,8 @@ def cut_points(path: Path, range_bytes: int) -> list[tuple[int, int]]:
 class RangeResult:
     index: int
     newlines: int
-    calls: list[tuple] = field(default_factory=list)  # ("post", row) | ("pair", record) | ("q", kwargs) | ("count", ...)
+    # ("post", row) | ("posts", [row, ...]) | ("pair", record) | ("q", kwargs) | ("count", ...)
+    calls: list[tuple] = field(default_factory=list)
     votes: dict[tuple[str, str], list[int]] = field(default_factory=dict)
     error: dict[str, Any] | None = None  # an IngestError, with its line relative to the range
     shard: bytes | None = None  # the posts and votes as an SQLite image (pack), instead of "post" calls and votes
@@ -142,14 +151,20 @@ _VOTE_LINE = re.compile(
     rb'(?: UserId="-?[0-9]{1,18}")?(?: CreationDate="[0-9T:.-]{1,40}")?(?: BountyAmount="[0-9]{1,18}")? ?/>\r?$',
     re.M,
 )
-_VOTES_PROLOG = re.compile(rb'(?:\xef\xbb\xbf)?<\?xml version="1\.0" encoding="utf-8"\?>\r?\n<votes>\r?\n')
-_VOTES_END = re.compile(rb'</votes>[ \t\r\n]*\Z')
+# A table's head and end as the dumps write them: a range that starts or ends otherwise goes to the parser.
+_PLAIN_HEAD = {table: re.compile(rb'(?:\xef\xbb\xbf)?<\?xml version="1\.0" encoding="utf-8"\?>\r?\n<'
+                                 + table.lower().encode() + rb'>\r?\n') for table in ("Posts", "Votes")}
+_PLAIN_END = {table: re.compile(rb'</' + table.lower().encode() + rb'>[ \t\r\n]*\Z') for table in ("Posts", "Votes")}
 _VOTE_TYPE_SLOT = {b"2": 0, b"3": 1, b"1": 2}
 
 try:  # tally_votes in C (tasks/ingest/_fastvotes.c); None: built without a C compiler
     from ._fastvotes import count_votes as _count_votes
 except ImportError:  # pragma: no cover - an install without a C compiler
     _count_votes = None
+try:  # scan_posts's reader in C (tasks/ingest/_fastposts.c); None: built without a C compiler
+    from ._fastposts import scan_posts as _scan_posts
+except ImportError:  # pragma: no cover - an install without a C compiler
+    _scan_posts = None
 
 
 def count_vote_lines(data: bytes) -> tuple[dict[bytes, int], int] | None:
@@ -188,7 +203,7 @@ def tally_votes(data: bytes, site: str, votes: dict[tuple[str, str], list[int]])
     return counted[1], other
 
 
-def _vote_chunks(task: RangeTask, chunk: int) -> Iterator[bytes]:
+def _line_chunks(task: RangeTask, chunk: int) -> Iterator[bytes]:
     """The range's bytes in pieces of about ``chunk`` bytes that end at line ends (the last: at the range's end)."""
     with open(task.path, "rb") as fh:
         fh.seek(task.start)
@@ -207,37 +222,61 @@ def _vote_chunks(task: RangeTask, chunk: int) -> Iterator[bytes]:
             yield carry
 
 
+class _NotPlain(Exception):
+    """The range holds something only the XML parser decides."""
+
+
+class _PlainRows:
+    """Iterating gives a range's row lines, in pieces of whole lines, each with the number of its first line
+    (the range's first line is 1), without the table's head (first range) or end (last range). Raises
+    :class:`_NotPlain` when its head or end is not the dumps' plain form. ``newlines``: those of the whole range,
+    once iterated."""
+
+    def __init__(self, task: RangeTask, chunk: int) -> None:
+        self.task, self.chunk, self.newlines = task, chunk, 0
+
+    def __iter__(self) -> Iterator[tuple[bytes, int]]:
+        task = self.task
+        head_done, ended = not task.first, False
+        try:
+            for data in _line_chunks(task, self.chunk):
+                if ended:  # bytes after the closing tag
+                    raise _NotPlain
+                line = 1 + self.newlines
+                self.newlines += data.count(b"\n")
+                if not head_done:
+                    m = _PLAIN_HEAD[task.table].match(data)
+                    if m is None:
+                        raise _NotPlain
+                    line += data.count(b"\n", 0, m.end())
+                    data, head_done = data[m.end():], True
+                if task.last:
+                    m = _PLAIN_END[task.table].search(data)
+                    if m is not None:
+                        if m.start() and data[m.start() - 1:m.start()] != b"\n":
+                            raise _NotPlain
+                        data, ended = data[:m.start()], True
+                yield data, line
+        except EOFError:
+            raise _NotPlain from None
+        if not head_done or (task.last and not ended):
+            raise _NotPlain
+
+
 def scan_votes(task: RangeTask, chunk: int = 8 << 20) -> RangeResult | None:
     """The result of a Votes.xml range counted from its bytes; None when it needs the XML parser."""
     started, cpu_started = time.perf_counter(), time.process_time()
     votes: dict[tuple[str, str], list[int]] = {}
-    rows = newlines = other = 0
-    head_done = not task.first
-    ended = False
+    rows = other = 0
+    plain = _PlainRows(task, chunk)
     try:
-        for data in _vote_chunks(task, chunk):
-            if ended:  # bytes after the closing tag
-                return None
-            newlines += data.count(b"\n")
-            if not head_done:
-                m = _VOTES_PROLOG.match(data)
-                if m is None:
-                    return None
-                data, head_done = data[m.end():], True
-            if task.last:
-                m = _VOTES_END.search(data)
-                if m is not None:
-                    if m.start() and data[m.start() - 1:m.start()] != b"\n":
-                        return None
-                    data, ended = data[:m.start()], True
+        for data, _ in plain:
             counted = tally_votes(data, task.site, votes)
             if counted is None:
                 return None
             rows += counted[0]
             other += counted[1]
-    except EOFError:
-        return None
-    if not head_done or (task.last and not ended):
+    except _NotPlain:
         return None
     calls: list[tuple] = []
     if rows:
@@ -246,15 +285,66 @@ def scan_votes(task: RangeTask, chunk: int = 8 << 20) -> RangeResult | None:
         calls.append(("count", task.label, "skipped:other_vote_type", other))
     seconds = {"Votes.xml parse and count": time.perf_counter() - started,
                "Votes.xml CPU": time.process_time() - cpu_started}
-    return RangeResult(task.index, newlines, calls, votes, seconds=seconds)
+    return RangeResult(task.index, plain.newlines, calls, votes, seconds=seconds)
+
+
+def scan_posts(task: RangeTask, chunk: int = 8 << 20) -> RangeResult | None:
+    """The result of a Posts.xml range read from its bytes in C (tasks/ingest/_fastposts.c): rows in the dumps'
+    plain form become store rows there, and the rows :class:`~.stackexchange.PostRowReader` would quarantine or
+    refuse go to it. None when the range needs the XML parser (a line that is not a plain row, a row the reader
+    refuses with ``on_bad_row="error"``) or the extension is not built."""
+    if _scan_posts is None:
+        return None
+    from .clean import html_to_text
+    from .stackexchange import POST_TYPE_NAMES, PostRowReader
+
+    started, cpu_started = time.perf_counter(), time.process_time()
+    sink = RecordingSink()
+    reader = PostRowReader(task.site, task.label, sink, on_bad_row=task.on_bad_row, max_chars=task.max_chars)
+    posts: list[tuple] = []
+    rows, render_seconds = 0, 0.0
+    skipped: dict[str, int] = {}
+    plain = _PlainRows(task, chunk)
+    try:
+        for data, line in plain:
+            got = _scan_posts(data, line, task.site, task.label, task.max_chars, task.max_row_bytes, html_to_text)
+            if got is None:
+                return None
+            found, odd, odd_skipped, n, seconds = got
+            rows += n
+            render_seconds += seconds
+            for post_type, k in odd_skipped.items():
+                skipped[post_type] = skipped.get(post_type, 0) + k
+            if odd:  # the reader decides these rows; their posts (if any) take their places in order
+                read = []
+                for attrib, row_line in odd:
+                    before = len(sink.calls)
+                    reader(attrib, row_line)
+                    read.append(sink.calls.pop()[1] if len(sink.calls) > before and sink.calls[-1][0] == "post"
+                                else None)
+                places = iter(read)
+                found = [post for post in (p if p is not None else next(places) for p in found) if post is not None]
+            posts.extend(found)
+    except _NotPlain:
+        return None
+    except IngestError:  # a refused row: the parser's path reports it, with everything read before it
+        return None
+    if rows:
+        sink.count(task.label, "rows", rows)
+    for post_type, k in skipped.items():
+        sink.count(task.label, f"skipped:{POST_TYPE_NAMES.get(post_type, 'post_type_' + post_type)}", k)
+    total, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    seconds = {"Posts.xml rows read in C (parse, decode, checks, records)": total - render_seconds,
+               "Posts.xml HTML to text": render_seconds, "Posts.xml CPU": cpu}
+    calls = [("posts", posts), *sink.finish()] if posts else sink.finish()
+    return RangeResult(task.index, plain.newlines, calls, sink.votes, seconds=seconds)
 
 
 def read_range(task: RangeTask) -> RangeResult:
     """Parse one byte range of a dump table (runs in a worker process)."""
-    if task.table == "Votes":
-        fast = scan_votes(task)
-        if fast is not None:
-            return fast
+    fast = scan_votes(task) if task.table == "Votes" else scan_posts(task)
+    if fast is not None:
+        return fast
     from .clean import html_to_text
     from .stackexchange import PostRowReader, VoteRowReader
     from .xmlstream import RowParser
@@ -327,11 +417,12 @@ def pack(result: RangeResult) -> RangeResult:
     """
     from .store import SHARDS, shard_image
 
-    posts = [call[1] for call in result.calls if call[0] == "post"]
+    posts = [row for call in result.calls if call[0] in ("post", "posts")
+             for row in (call[1] if call[0] == "posts" else (call[1],))]
     if not SHARDS or not (posts or result.votes):
         return result
     result.shard = shard_image(posts, result.votes)
-    result.calls = [call for call in result.calls if call[0] != "post"]
+    result.calls = [call for call in result.calls if call[0] not in ("post", "posts")]
     result.votes = {}
     return result
 
@@ -382,6 +473,10 @@ class Replayer:
             if kind == "post":
                 row = call[1]
                 posts.append(row if not off or row[-1] is None else (*row[:-1], row[-1] + off))
+                continue
+            if kind == "posts":  # many at once (scan_posts)
+                posts.extend(call[1] if not off else
+                             [row if row[-1] is None else (*row[:-1], row[-1] + off) for row in call[1]])
                 continue
             if posts:
                 store.add_post_rows(posts)

@@ -1,0 +1,191 @@
+"""Posts.xml rows read from their bytes in C (tasks/ingest/_fastposts.c) give exactly what libxml2 and
+PostRowReader give: the same store rows in the same order, the same quarantined rows, the same counts.
+A range the C reader does not take (a line that is not a plain row) goes to libxml2 whole."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from alignflow.tasks.ingest import ranges
+
+pytestmark = pytest.mark.skipif(ranges._scan_posts is None,
+                                reason="installed without a C compiler: tasks/ingest/_fastposts.c is not built")
+
+HEAD = b'\xef\xbb\xbf<?xml version="1.0" encoding="utf-8"?>\r\n<posts>\r\n'
+TAIL = b"</posts>\r\n"
+
+
+def _escape(text: str) -> str:
+    return (text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+            .replace("\n", "&#xA;").replace("\r", "&#xD;").replace("\t", "&#x9;"))
+
+
+def _row(attrs: list[tuple[str, str]], rng: random.Random) -> bytes:
+    lead = rng.choice(["  ", "  ", "", "\t"])
+    end = rng.choice([" />", " />", "/>", "   />"])
+    return (lead + "<row" + "".join(f' {k}="{v}"' for k, v in attrs) + end).encode() + rng.choice([b"\r\n", b"\n"])
+
+
+_TEXTS = ["plain words", "  spaced\u00a0out  ", "tabs\there", "ünïcödé ✓ 𝄞", "thin\u2009space", "ideo\u3000space",
+          "line\nbreak", "", "   ", "<p>para &amp; more</p>", "x" * 50, "&lt;b&gt;", "zero\u200bwidth", "\u0085next"]
+_BODIES = ["<p>Hello <b>world</b></p>", "<p>a</p>\n<pre><code>x = 1\n</code></pre>", "", "   ", "plain text body",
+           "<ul><li>one</li><li>two</li></ul>", "<p>" + "long " * 30 + "</p>", "<p>caf\u00e9 &amp; \u2603</p>",
+           "<div><p>nested</p></div>", "<p>broken <b>tag</p>", "<p>\u00a0</p>", "<br>"]
+
+
+def _attrs(rng: random.Random, next_id: list[int]) -> list[tuple[str, str]]:
+    """Attributes of a row as a dump writes them, with odd values now and then."""
+    next_id[0] += 1
+    pid = str(next_id[0])
+    kind = rng.choices(["1", "2", "3", "5", "01", "x", None], [40, 45, 4, 3, 2, 2, 1])[0]
+    attrs: list[tuple[str, str]] = []
+    if rng.random() > 0.01:
+        attrs.append(("Id", rng.choice([pid] * 20 + [" " + pid, "0" + pid, "-" + pid, "1" * 19, "abc"])))
+    if kind is not None:
+        attrs.append(("PostTypeId", kind))
+    if kind in ("2", "3") or rng.random() < 0.05:
+        attrs.append(("ParentId", rng.choice([str(max(1, next_id[0] - rng.randint(1, 5)))] * 10 + ["", "q", "+3"])))
+    if rng.random() < 0.3:
+        attrs.append(("AcceptedAnswerId", str(next_id[0] + 1)))
+    attrs.append(("CreationDate", "2020-01-02T03:04:05.678"))
+    if rng.random() > 0.02:
+        attrs.append(("Score", rng.choice([str(rng.randint(-5, 50))] * 10 + ["+4", " 3", "9" * 19, "1.5", "", "-0"])))
+    attrs.append(("Body", _escape(rng.choice(_BODIES))))
+    if rng.random() < 0.5:
+        attrs.append(("OwnerUserId", rng.choice(["7", "", "-1"])))
+    if rng.random() < 0.3:
+        attrs.append(("OwnerDisplayName", _escape(rng.choice(_TEXTS))))
+    if kind == "1" or rng.random() < 0.05:
+        attrs.append(("Title", _escape(rng.choice(_TEXTS[:8] * 3 + _TEXTS))))
+        attrs.append(("Tags", _escape(rng.choice(["<a><b-c>", "|x|y|", "", "<<>>", "one"]))))
+    attrs.append(("ContentLicense", rng.choice(["CC BY-SA 4.0", "CC BY-SA 3.0"])))
+    rng.shuffle(attrs) if rng.random() < 0.1 else None
+    return attrs
+
+
+def _mutate(rng: random.Random, line: bytes) -> bytes:
+    data = bytearray(line)
+    for _ in range(rng.randint(1, 2)):
+        i = rng.randrange(len(data))
+        op = rng.random()
+        if op < 0.3:
+            del data[i]
+        elif op < 0.8:
+            data[i:i] = rng.choice([b'"', b"<", b">", b"&", b"&#0;", b"&#x10FFFF;", b"&bogus;", b"\t", b"\x01",
+                                    b"\xc3", b"\xef\xbf\xbe", b" xmlns=\"u\"", b" Id=\"9\"", b"=", b"/", b"\r"])
+        else:
+            data[i] = rng.randrange(256)
+    return bytes(data)
+
+
+def _calls(result: ranges.RangeResult) -> tuple[list, list, dict]:
+    posts = [row for c in result.calls if c[0] in ("post", "posts") for row in (c[1] if c[0] == "posts" else (c[1],))]
+    others = [c for c in result.calls if c[0] not in ("post", "posts", "count")]
+    counts: dict = {}
+    for c in result.calls:
+        if c[0] == "count":
+            counts[c[1:3]] = counts.get(c[1:3], 0) + c[3]
+    return posts, others, counts
+
+
+def _both(path: Path, monkeypatch, *, range_bytes: int, chunk: int, on_bad_row: str = "quarantine",
+          max_chars: int = 300):
+    tasks = ranges.range_tasks("s", "Posts", path, "Posts.xml", range_bytes=range_bytes, on_bad_row=on_bad_row,
+                               max_chars=max_chars, max_row_bytes=1 << 20)
+    for task in tasks:
+        fast = ranges.scan_posts(task, chunk=chunk)
+        with monkeypatch.context() as m:
+            m.setattr(ranges, "scan_posts", lambda task, chunk=0: None)
+            slow = ranges.read_range(task)
+        yield task, fast, slow
+
+
+def _same(fast: ranges.RangeResult, slow: ranges.RangeResult) -> None:
+    assert slow.error is None and fast.error is None
+    fast_posts, fast_others, fast_counts = _calls(fast)
+    slow_posts, slow_others, slow_counts = _calls(slow)
+    assert fast_posts == slow_posts
+    assert fast_others == slow_others
+    assert fast_counts == slow_counts
+    assert fast.newlines == slow.newlines
+
+
+def test_generated_rows_read_as_libxml2_and_the_reader_read_them(tmp_path, monkeypatch):
+    rng = random.Random(5)
+    next_id = [0]
+    lines = [_row(_attrs(rng, next_id), rng) for _ in range(1500)]
+    path = tmp_path / "Posts.xml"
+    path.write_bytes(HEAD + b"".join(lines) + TAIL)
+    taken = 0
+    for _, fast, slow in _both(path, monkeypatch, range_bytes=6_000, chunk=2_000):
+        if fast is not None:
+            _same(fast, slow)
+            taken += 1
+    posts, others, counts = _calls(ranges.read_range(ranges.range_tasks(
+        "s", "Posts", path, "Posts.xml", range_bytes=1 << 30, on_bad_row="quarantine", max_chars=300,
+        max_row_bytes=1 << 20)[0]))
+    # every branch is exercised: posts, quarantines, skipped types, rows refused by the plain form (tabs)
+    assert len(posts) > 600 and len(others) > 100
+    assert any(k[1].startswith("skipped:") for k in counts)
+    assert 10 < taken < 120
+
+
+def test_mutated_rows_either_match_or_go_to_libxml2(tmp_path, monkeypatch):
+    """One mutated row per file: whatever the C reader takes, it reads as libxml2 does; the rest it leaves."""
+    rng = random.Random(9)
+    taken = left = 0
+    for case in range(250):
+        next_id = [0]
+        rows = [_row(_attrs(rng, next_id), rng).replace(b"\t", b" ") for _ in range(6)]
+        k = rng.randrange(len(rows))
+        rows[k] = _mutate(rng, rows[k])
+        path = tmp_path / f"Posts{case}.xml"
+        path.write_bytes(HEAD + b"".join(rows) + TAIL)
+        for _, fast, slow in _both(path, monkeypatch, range_bytes=1 << 20, chunk=1 << 20):
+            if fast is None:
+                left += 1
+                continue
+            _same(fast, slow)
+            taken += 1
+    assert taken > 50 and left > 50
+
+
+def test_the_real_dumps_are_read_in_c_as_libxml2_reads_them(fixtures_dir, monkeypatch):
+    for path in sorted(fixtures_dir.glob("*/Posts.xml")):
+        results = list(_both(path, monkeypatch, range_bytes=1 << 15, chunk=1 << 13, max_chars=20_000))
+        assert len(results) > 3
+        for _, fast, slow in results:
+            assert fast is not None, path  # every line of the real dumps is a plain row
+            _same(fast, slow)
+
+
+def test_a_refused_row_sends_the_range_to_libxml2(tmp_path, monkeypatch):
+    """With on_bad_row="error", a row the reader refuses is reported by the parser's path, as before."""
+    path = tmp_path / "Posts.xml"
+    good = b'  <row Id="1" PostTypeId="1" Score="2" Title="t" Body="&lt;p&gt;b&lt;/p&gt;" />\r\n'
+    bad = b'  <row Id="2" PostTypeId="2" Score="many" ParentId="1" Body="b" />\r\n'
+    path.write_bytes(HEAD + good + bad + TAIL)
+    task = ranges.range_tasks("s", "Posts", path, "Posts.xml", range_bytes=1 << 20, on_bad_row="error",
+                              max_chars=100, max_row_bytes=1 << 20)[0]
+    assert ranges.scan_posts(task) is None
+    result = ranges.read_range(task)
+    assert result.error is not None and result.error["line"] == 4 and result.error["field"] == "Score"
+    path.write_bytes(HEAD + good + TAIL)
+    fast = ranges.scan_posts(task.__class__(**{**task.__dict__, "end": path.stat().st_size}))
+    assert fast is not None and _calls(fast)[0][0][2] == "1" and _calls(fast)[0][0][-1] == 3
+
+
+def test_lines_the_plain_form_leaves_out_go_to_libxml2(tmp_path):
+    row = '  <row Id="1" PostTypeId="1" Score="2" Title="t" Body="b"{} />\r\n'
+    for odd in ('\tTags="x"', ' Tags=\'x\'', ' xmlns="urn:x"', ' Title="again"', ' Tags="a\tb"', ' Tags="&nbsp;"',
+                ' Tags="&#1;"', ' Tags="\ufffe"', ' Tags = "x"'):
+        path = tmp_path / "Posts.xml"
+        path.write_bytes(HEAD + row.format(odd).encode() + TAIL)
+        task = ranges.range_tasks("s", "Posts", path, "Posts.xml", range_bytes=1 << 20, on_bad_row="quarantine",
+                                  max_chars=100, max_row_bytes=1 << 20)[0]
+        assert ranges.scan_posts(task) is None, odd
+    path.write_bytes(HEAD + row.format(' Tags="&#xA;&#38;&apos;\u00e9"').encode() + TAIL)
+    assert ranges.scan_posts(task.__class__(**{**task.__dict__, "end": path.stat().st_size})) is not None
