@@ -5,14 +5,16 @@ A range the C reader does not take (a line that is not a plain row) goes to libx
 from __future__ import annotations
 
 import random
+import sqlite3
 from pathlib import Path
 
 import pytest
 
 from alignflow.tasks.ingest import ranges
 
-pytestmark = pytest.mark.skipif(ranges._scan_posts is None,
-                                reason="installed without a C compiler: tasks/ingest/_fastposts.c is not built")
+pytestmark = pytest.mark.skipif(ranges._fastposts is None or not ranges.SHARDS,
+                                reason="installed without a C compiler or libsqlite3: tasks/ingest/_fastposts.c is "
+                                       "not built")
 
 HEAD = b'\xef\xbb\xbf<?xml version="1.0" encoding="utf-8"?>\r\n<posts>\r\n'
 TAIL = b"</posts>\r\n"
@@ -82,8 +84,16 @@ def _mutate(rng: random.Random, line: bytes) -> bytes:
 
 
 def _calls(result: ranges.RangeResult) -> tuple[list, list, dict]:
-    posts = [row for c in result.calls if c[0] in ("post", "posts") for row in (c[1] if c[0] == "posts" else (c[1],))]
-    others = [c for c in result.calls if c[0] not in ("post", "posts", "count")]
+    """A range's posts (as the parent loads them: from its SQLite image), other calls, and counts."""
+    result = ranges.pack(result)  # the parser's path: its posts into an image, as workers hand them over
+    posts: list = []
+    if result.shard is not None:
+        db = sqlite3.connect(":memory:")
+        db.deserialize(result.shard)
+        posts = db.execute("SELECT * FROM posts ORDER BY rowid").fetchall()
+        assert db.execute("SELECT count(*) FROM votes").fetchone()[0] == 0
+        db.close()
+    others = [c for c in result.calls if c[0] not in ("post", "count")]
     counts: dict = {}
     for c in result.calls:
         if c[0] == "count":

@@ -76,7 +76,7 @@ def test_generated_dump_identical_with_three_workers(tmp_path):
     profile = json.loads((Path(many.out_dir) / "profile.json").read_text())["seconds"]
     from alignflow.tasks.ingest import ranges
 
-    rows = ("Posts.xml rows read in C (parse, decode, checks, records)" if ranges._scan_posts is not None
+    rows = ("Posts.xml rows read in C (parse, decode, checks, store rows)" if ranges._fastposts is not None
             else "Posts.xml rows (decode, checks, records)")  # tasks/ingest/_fastposts.c, or libxml2 and Python
     assert profile[f"read: {rows} (worker seconds)"] > 0
     assert profile["read: Posts.xml HTML to text (worker seconds)"] > 0

@@ -9,7 +9,7 @@ import pytest
 
 from alignflow.tasks.ingest.records import PostRecord
 from alignflow.tasks.ingest.scoring import numeric_key
-from alignflow.tasks.ingest.store import _POST_TYPES, StagingStore, post_row, shard_image, sqlite_image
+from alignflow.tasks.ingest.store import POST_TYPES, StagingStore, post_row, shard_image, sqlite_image
 
 
 def _post(site: str, pid: str, qid: str, *, body: str = "b", line: int | None = None, score: int = 0) -> PostRecord:
@@ -166,6 +166,6 @@ def test_an_image_that_fails_halfway_reports_its_own_error(tmp_path):
     """An image without a votes table: its posts are copied, then the votes copy fails. The error raised is
     that one, not the one detaching the image inside the failed transaction would give."""
     store = StagingStore(tmp_path / "s.sqlite")
-    posts_only = sqlite_image({"posts": (_POST_TYPES, [post_row(_post("s", "1", "1", line=1))])})
+    posts_only = sqlite_image({"posts": (POST_TYPES, [post_row(_post("s", "1", "1", line=1))])})
     with pytest.raises(sqlite3.OperationalError, match="no such table: shard.votes"):
         store.add_shard(posts_only)

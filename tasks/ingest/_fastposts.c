@@ -1,8 +1,10 @@
 /*
- * alignflow.tasks.ingest._fastposts: Posts.xml rows read from their bytes, without libxml2.
+ * alignflow.tasks.ingest._fastposts: Posts.xml rows read from their bytes, without libxml2, into the SQLite
+ * image a reading worker hands the parent (store.shard_image's tables, filled without a Python object per row).
  *
- * scan_posts(data, line, site, label, max_chars, max_row_bytes, render)
- *     -> (posts, odd, skipped, rows, render_seconds) | None
+ * shard = open_shard(posts_columns, votes_columns)     an in-memory database with the store's two tables
+ * scan_posts(shard, data, line, site, label, max_chars, max_row_bytes, render, odd) -> (skipped, rows, secs) | None
+ * image = finish_shard(shard)                           its bytes (sqlite3_serialize)
  *
  * ``data`` holds whole lines of a Posts.xml range (after its prolog, before its closing tag); ``line`` is
  * the number of its first line. Every line must be a row in the plain form the dumps write:
@@ -16,17 +18,17 @@
  * Such a line is well formed and means the same to any XML parser: its attributes are exactly the
  * values above with their references replaced. If one line is not plain (or is longer than
  * max_row_bytes), None comes back and the whole range goes to libxml2 (ranges.read_range), which
- * decides what the line means or which error it is.
+ * decides what the line means or which error it is; the shard is then dropped.
  *
- * A plain row becomes what stackexchange.PostRowReader makes of it, as a row of the staging store
- * (store.post_row), when it takes none of the reader's checks' other branches:
+ * A plain row is inserted as stackexchange.PostRowReader and store.post_row make it, when it takes none
+ * of the reader's checks' other branches:
  *   Id and (answers) ParentId: 1 to 18 ASCII digits; PostTypeId 1 or 2; Score: -?[0-9]{1,18};
  *   a question's title not empty once its whitespace runs are collapsed, without a non-ASCII space;
  *   an answer's body not empty once rendered; a body of at most max_chars characters once rendered.
  * A row with another PostTypeId of ASCII digits is counted in ``skipped`` (by its PostTypeId) and
- * ``rows``. Any other row is "odd": its attributes (a dict, in document order) and its line go to
- * ``odd`` for the reader itself, and None holds its place in ``posts``. Bodies are rendered by calling
- * ``render`` (clean.html_to_text); ``render_seconds`` is the time spent in it.
+ * ``rows``. Any other row is "odd": ``odd(attributes, line)`` (a dict, in document order) runs the reader
+ * itself and returns the store row to insert in its place, or None. Bodies are rendered by calling
+ * ``render`` (clean.html_to_text); ``secs`` is the time spent in it.
  * tests/test_fast_posts.py reads generated, mutated and real rows both ways and requires the same result.
  */
 #define PY_SSIZE_T_CLEAN
@@ -34,6 +36,8 @@
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
+
+#include <sqlite3.h>
 
 #define MAX_ATTRS 64
 
@@ -267,14 +271,6 @@ static PyObject *str_of(const Row *row, const Attr *a) {
     return a ? PyUnicode_DecodeUTF8(value(row, a), a->len, "strict") : PyUnicode_FromStringAndSize("", 0);
 }
 
-/* "0...0" + id, 20 characters (scoring.numeric_key of an id of at most 18 digits). */
-static PyObject *key_of(const char *s, Py_ssize_t n) {
-    char text[20];
-    memset(text, '0', 20);
-    memcpy(text + 20 - n, s, (size_t)n);
-    return PyUnicode_FromStringAndSize(text, 20);
-}
-
 static int ascii_space(unsigned char c) {
     return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f' || (c >= 0x1C && c <= 0x1F);
 }
@@ -347,15 +343,157 @@ static double now(void) {
     return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
+/* -- the shard: an in-memory SQLite database, its posts inserted in order ----------------------------- */
+
 typedef struct {
-    PyObject *site, *label, *render, *source, *question, *answer, *empty, *zero, *one, *none;
-    Py_ssize_t max_chars;
+    sqlite3 *db;
+    sqlite3_stmt *insert;
+    int columns;
+} Shard;
+
+static const char *SHARD = "alignflow.tasks.ingest._fastposts.Shard";
+
+static void shard_free(Shard *s) {
+    if (s == NULL)
+        return;
+    sqlite3_finalize(s->insert);
+    sqlite3_close(s->db);
+    PyMem_Free(s);
+}
+
+static void shard_capsule_free(PyObject *capsule) {
+    shard_free(PyCapsule_GetPointer(capsule, SHARD));
+}
+
+static PyObject *sqlite_error(sqlite3 *db, const char *what) {
+    PyErr_Format(PyExc_RuntimeError, "%s: %s", what, db ? sqlite3_errmsg(db) : "out of memory");
+    return NULL;
+}
+
+static PyObject *open_shard(PyObject *module, PyObject *args) {
+    (void)module;
+    const char *posts_types, *votes_types;
+    if (!PyArg_ParseTuple(args, "ss:open_shard", &posts_types, &votes_types))
+        return NULL;
+    Shard *s = PyMem_Calloc(1, sizeof(Shard));
+    if (s == NULL)
+        return PyErr_NoMemory();
+    if (sqlite3_open(":memory:", &s->db) != SQLITE_OK) {
+        sqlite_error(s->db, "open_shard");
+        shard_free(s);
+        return NULL;
+    }
+    s->columns = 1;
+    for (const char *c = posts_types; *c; c++)
+        s->columns += *c == ',';
+    PyObject *sql = PyUnicode_FromFormat("PRAGMA page_size=65536; CREATE TABLE posts (%s); CREATE TABLE votes (%s); "
+                                         "BEGIN",
+                                         posts_types, votes_types);
+    PyObject *insert = PyUnicode_FromString("INSERT INTO posts VALUES (?");
+    for (int i = 1; insert && i < s->columns; i++)
+        PyUnicode_AppendAndDel(&insert, PyUnicode_FromString(",?"));
+    if (insert)
+        PyUnicode_AppendAndDel(&insert, PyUnicode_FromString(")"));
+    if (sql == NULL || insert == NULL) {
+        Py_XDECREF(sql);
+        Py_XDECREF(insert);
+        shard_free(s);
+        return NULL;
+    }
+    int rc = sqlite3_exec(s->db, PyUnicode_AsUTF8(sql), NULL, NULL, NULL);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_prepare_v2(s->db, PyUnicode_AsUTF8(insert), -1, &s->insert, NULL);
+    Py_DECREF(sql);
+    Py_DECREF(insert);
+    if (rc != SQLITE_OK) {
+        sqlite_error(s->db, "open_shard");
+        shard_free(s);
+        return NULL;
+    }
+    PyObject *capsule = PyCapsule_New(s, SHARD, shard_capsule_free);
+    if (capsule == NULL)
+        shard_free(s);
+    return capsule;
+}
+
+static PyObject *finish_shard(PyObject *module, PyObject *capsule) {
+    (void)module;
+    Shard *s = PyCapsule_GetPointer(capsule, SHARD);
+    if (s == NULL)
+        return NULL;
+    if (sqlite3_exec(s->db, "COMMIT", NULL, NULL, NULL) != SQLITE_OK)
+        return sqlite_error(s->db, "finish_shard");
+    sqlite3_int64 size = 0;
+    unsigned char *image = sqlite3_serialize(s->db, "main", &size, 0);
+    if (image == NULL)
+        return sqlite_error(s->db, "finish_shard");
+    PyObject *bytes = PyBytes_FromStringAndSize((const char *)image, (Py_ssize_t)size);
+    sqlite3_free(image);
+    return bytes;
+}
+
+static int bind_text(Shard *s, int i, const char *text, Py_ssize_t n) {
+    return sqlite3_bind_text(s->insert, i, text ? text : "", (int)n, SQLITE_TRANSIENT) == SQLITE_OK ? 0 : -1;
+}
+
+static int step(Shard *s) {
+    int rc = sqlite3_step(s->insert);
+    sqlite3_reset(s->insert);
+    sqlite3_clear_bindings(s->insert);
+    if (rc != SQLITE_DONE) {
+        sqlite_error(s->db, "scan_posts: insert");
+        return -1;
+    }
+    return 0;
+}
+
+/* A store row made in Python (the reader's, for an odd row): its values bound as executemany binds them. */
+static int insert_tuple(Shard *s, PyObject *row) {
+    if (!PyTuple_Check(row) || PyTuple_GET_SIZE(row) != s->columns) {
+        PyErr_SetString(PyExc_TypeError, "scan_posts: odd() must return a store row (a tuple) or None");
+        return -1;
+    }
+    for (int i = 0; i < s->columns; i++) {
+        PyObject *v = PyTuple_GET_ITEM(row, i);
+        int rc;
+        if (v == Py_None) {
+            rc = sqlite3_bind_null(s->insert, i + 1);
+        } else if (PyLong_Check(v)) {
+            long long x = PyLong_AsLongLong(v);
+            if (x == -1 && PyErr_Occurred())
+                return -1;
+            rc = sqlite3_bind_int64(s->insert, i + 1, x);
+        } else if (PyFloat_Check(v)) {
+            rc = sqlite3_bind_double(s->insert, i + 1, PyFloat_AS_DOUBLE(v));
+        } else if (PyUnicode_Check(v)) {
+            Py_ssize_t n;
+            const char *text = PyUnicode_AsUTF8AndSize(v, &n);
+            if (text == NULL)
+                return -1;
+            rc = sqlite3_bind_text(s->insert, i + 1, text, (int)n, SQLITE_TRANSIENT);
+        } else {
+            PyErr_Format(PyExc_TypeError, "scan_posts: a store row holds a %s", Py_TYPE(v)->tp_name);
+            return -1;
+        }
+        if (rc != SQLITE_OK) {
+            sqlite_error(s->db, "scan_posts: bind");
+            return -1;
+        }
+    }
+    return step(s);
+}
+
+typedef struct {
+    Shard *shard;
+    const char *site, *label;
+    Py_ssize_t site_len, label_len, max_chars;
+    PyObject *render;
     Buf title, tags, author;
     double render_seconds;
 } Ctx;
 
-/* The row's store tuple in *out, or NULL with *out untouched for an odd row; -1 on error. */
-static int post_of(Ctx *cx, const Row *row, long long line, PyObject **out, PyObject *skipped, int *counted) {
+/* Insert the row's store row; *counted = 0 (nothing inserted) for an odd row. -1 on error. */
+static int post_of(Ctx *cx, const Row *row, long long line, PyObject *skipped, int *counted) {
     *counted = 0;
     const Attr *id = get(row, "Id"), *type = get(row, "PostTypeId");
     if (!id || !plain_digits(value(row, id), id->len) || !type || !plain_digits(value(row, type), type->len))
@@ -415,46 +553,62 @@ static int post_of(Ctx *cx, const Row *row, long long line, PyObject **out, PyOb
         PyErr_SetString(PyExc_TypeError, "scan_posts: render() must return a str");
         return -1;
     }
-    Py_ssize_t chars = PyUnicode_GET_LENGTH(body);
+    Py_ssize_t chars = PyUnicode_GET_LENGTH(body), body_len;
     if ((is_answer && chars == 0) || chars > cx->max_chars) {
         Py_DECREF(body);
         return 0;
     }
+    const char *body_text = PyUnicode_AsUTF8AndSize(body, &body_len);
+    if (body_text == NULL)
+        goto fail;
     /* author: user:<OwnerUserId>, else name:<OwnerDisplayName>, else empty */
     const Attr *owner = get(row, "OwnerUserId"), *display = get(row, "OwnerDisplayName");
     cx->author.len = 0;
     if (owner && owner->len) {
         if (buf_put(&cx->author, "user:", 5) < 0 || buf_put(&cx->author, value(row, owner), owner->len) < 0)
-            goto fail_body;
+            goto fail;
     } else if (display && display->len) {
         if (buf_put(&cx->author, "name:", 5) < 0 || buf_put(&cx->author, value(row, display), display->len) < 0)
-            goto fail_body;
+            goto fail;
     }
     const Attr *tags = get(row, "Tags");
     if (join_tags(tags ? value(row, tags) : "", tags ? tags->len : 0, &cx->tags) < 0)
-        goto fail_body;
+        goto fail;
     const char *qid = is_question ? value(row, id) : value(row, parent);
     Py_ssize_t qid_len = is_question ? id->len : parent->len;
-    PyObject *accepted = is_question ? str_of(row, get(row, "AcceptedAnswerId")) : Py_NewRef(cx->empty);
-    PyObject *tuple = Py_BuildValue(
-        "(OONNOONNNNNLNNNNOOOL)",
-        cx->site, cx->source, PyUnicode_FromStringAndSize(value(row, id), id->len),
-        key_of(value(row, id), id->len), is_question ? cx->question : cx->answer, is_question ? cx->zero : cx->one,
-        PyUnicode_FromStringAndSize(qid, qid_len), key_of(qid, qid_len),
-        is_question ? PyUnicode_DecodeUTF8(cx->title.data, cx->title.len, "strict") : Py_NewRef(cx->empty),
-        body,
-        PyUnicode_DecodeUTF8(cx->tags.data ? cx->tags.data : "", cx->tags.len, "strict"),
-        score_of(sv, score->len),
-        accepted,
-        PyUnicode_DecodeUTF8(cx->author.data ? cx->author.data : "", cx->author.len, "strict"),
-        str_of(row, get(row, "ContentLicense")), str_of(row, get(row, "CreationDate")),
-        cx->none, cx->zero, cx->label, line);
-    if (tuple == NULL)
+    char pkey[20], qkey[20];
+    memset(pkey, '0', 20);
+    memcpy(pkey + 20 - id->len, value(row, id), (size_t)id->len);
+    memset(qkey, '0', 20);
+    memcpy(qkey + 20 - qid_len, qid, (size_t)qid_len);
+    const Attr *accepted = is_question ? get(row, "AcceptedAnswerId") : NULL;
+    const Attr *license = get(row, "ContentLicense"), *created = get(row, "CreationDate");
+    Shard *s = cx->shard;
+    sqlite3_stmt *st = s->insert;
+    int bad = bind_text(s, 1, cx->site, cx->site_len) || bind_text(s, 2, "stackexchange", 13) ||
+              bind_text(s, 3, value(row, id), id->len) || bind_text(s, 4, pkey, 20) ||
+              bind_text(s, 5, is_question ? "question" : "answer", is_question ? 8 : 6) ||
+              sqlite3_bind_int64(st, 6, is_question ? 0 : 1) != SQLITE_OK || bind_text(s, 7, qid, qid_len) ||
+              bind_text(s, 8, qkey, 20) ||
+              bind_text(s, 9, is_question ? cx->title.data : "", is_question ? cx->title.len : 0) ||
+              bind_text(s, 10, body_text, body_len) || bind_text(s, 11, cx->tags.data, cx->tags.len) ||
+              sqlite3_bind_int64(st, 12, score_of(sv, score->len)) != SQLITE_OK ||
+              bind_text(s, 13, accepted ? value(row, accepted) : "", accepted ? accepted->len : 0) ||
+              bind_text(s, 14, cx->author.data, cx->author.len) ||
+              bind_text(s, 15, license ? value(row, license) : "", license ? license->len : 0) ||
+              bind_text(s, 16, created ? value(row, created) : "", created ? created->len : 0) ||
+              sqlite3_bind_null(st, 17) != SQLITE_OK || sqlite3_bind_int64(st, 18, 0) != SQLITE_OK ||
+              bind_text(s, 19, cx->label, cx->label_len) || sqlite3_bind_int64(st, 20, line) != SQLITE_OK;
+    Py_DECREF(body);
+    if (bad) {
+        sqlite_error(s->db, "scan_posts: bind");
         return -1;
-    *out = tuple;
+    }
+    if (step(s) < 0)
+        return -1;
     *counted = 1;
     return 0;
-fail_body:
+fail:
     Py_DECREF(body);
     return -1;
 }
@@ -479,27 +633,26 @@ static PyObject *attrib_of(const Row *row) {
 
 static PyObject *scan_posts(PyObject *module, PyObject *args) {
     (void)module;
+    PyObject *capsule, *site, *label, *odd;
     Py_buffer data;
     long long line;
     Ctx cx = {0};
     Py_ssize_t max_row_bytes;
-    if (!PyArg_ParseTuple(args, "y*LUUnnO:scan_posts", &data, &line, &cx.site, &cx.label, &cx.max_chars,
-                          &max_row_bytes, &cx.render))
+    if (!PyArg_ParseTuple(args, "Oy*LUUnnOO:scan_posts", &capsule, &data, &line, &site, &label, &cx.max_chars,
+                          &max_row_bytes, &cx.render, &odd))
         return NULL;
-    PyObject *posts = PyList_New(0), *odd = PyList_New(0), *skipped = PyDict_New(), *result = NULL;
-    cx.source = PyUnicode_FromString("stackexchange");
-    cx.question = PyUnicode_FromString("question");
-    cx.answer = PyUnicode_FromString("answer");
-    cx.empty = PyUnicode_FromString("");
-    cx.zero = PyLong_FromLong(0);
-    cx.one = PyLong_FromLong(1);
-    cx.none = Py_None;
+    PyObject *skipped = PyDict_New(), *result = NULL;
     Row *row = PyMem_Calloc(1, sizeof(Row));
     Py_ssize_t rows = 0;
     int plain = 1;
-    if (!posts || !odd || !skipped || !cx.source || !cx.question || !cx.answer || !cx.empty || !cx.zero || !cx.one ||
-        !row)
+    cx.shard = PyCapsule_GetPointer(capsule, SHARD);
+    cx.site = PyUnicode_AsUTF8AndSize(site, &cx.site_len);
+    cx.label = PyUnicode_AsUTF8AndSize(label, &cx.label_len);
+    if (!skipped || !row || !cx.shard || !cx.site || !cx.label) {
+        if (!row)
+            PyErr_NoMemory();
         goto done;
+    }
     const char *p = data.buf, *end = p + data.len;
     while (p < end) {
         const char *nl = memchr(p, '\n', (size_t)(end - p));
@@ -513,39 +666,29 @@ static PyObject *scan_posts(PyObject *module, PyObject *args) {
             plain = 0;
             break;
         }
-        PyObject *post = NULL;
         int counted;
-        if (post_of(&cx, row, line, &post, skipped, &counted) < 0)
+        if (post_of(&cx, row, line, skipped, &counted) < 0)
             goto done;
-        if (post != NULL) {
-            rc = PyList_Append(posts, post);
-            Py_DECREF(post);
+        if (counted) {
+            rows++;
+        } else { /* the reader decides: its store row, if any, takes the row's place */
+            PyObject *attrib = attrib_of(row);
+            PyObject *stored = attrib ? PyObject_CallFunction(odd, "OL", attrib, line) : NULL;
+            Py_XDECREF(attrib);
+            if (stored == NULL)
+                goto done;
+            rc = stored == Py_None ? 0 : insert_tuple(cx.shard, stored);
+            Py_DECREF(stored);
             if (rc < 0)
                 goto done;
-        } else if (!counted) {
-            PyObject *attrib = attrib_of(row);
-            PyObject *item = attrib ? Py_BuildValue("(NL)", attrib, line) : NULL;
-            rc = item ? PyList_Append(odd, item) : -1;
-            Py_XDECREF(item);
-            if (rc < 0 || PyList_Append(posts, Py_None) < 0)
-                goto done;
         }
-        rows += counted;
         line++;
         p = nl ? nl + 1 : end;
     }
-    result = plain ? Py_BuildValue("(OOOnd)", posts, odd, skipped, rows, cx.render_seconds) : Py_NewRef(Py_None);
+    result = plain ? Py_BuildValue("(Ond)", skipped, rows, cx.render_seconds) : Py_NewRef(Py_None);
 done:
     PyBuffer_Release(&data);
-    Py_XDECREF(posts);
-    Py_XDECREF(odd);
     Py_XDECREF(skipped);
-    Py_XDECREF(cx.source);
-    Py_XDECREF(cx.question);
-    Py_XDECREF(cx.answer);
-    Py_XDECREF(cx.empty);
-    Py_XDECREF(cx.zero);
-    Py_XDECREF(cx.one);
     if (row)
         PyMem_Free(row->values.data);
     PyMem_Free(row);
@@ -556,9 +699,12 @@ done:
 }
 
 static PyMethodDef methods[] = {
+    {"open_shard", open_shard, METH_VARARGS,
+     "open_shard(posts_columns, votes_columns) -> shard: an in-memory SQLite database with the two tables."},
     {"scan_posts", scan_posts, METH_VARARGS,
-     "scan_posts(data, line, site, label, max_chars, max_row_bytes, render) -> (posts, odd, skipped, rows, "
-     "render_seconds) | None: plain Posts.xml rows as store rows (see the top of _fastposts.c)."},
+     "scan_posts(shard, data, line, site, label, max_chars, max_row_bytes, render, odd) -> (skipped, rows, "
+     "render_seconds) | None: plain Posts.xml rows into the shard's posts (see the top of _fastposts.c)."},
+    {"finish_shard", finish_shard, METH_O, "finish_shard(shard) -> bytes: the shard's SQLite image."},
     {NULL, NULL, 0, NULL},
 };
 

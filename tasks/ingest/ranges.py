@@ -38,7 +38,7 @@ from typing import Any
 
 from .errors import IngestError
 from .records import PairRecord, PostRecord
-from .store import post_row
+from .store import SHARDS, post_row
 
 _ROW_LINE = re.compile(rb"\n[ \t]*<row[ \t\r\n/>]")
 _CUT_WINDOW = 1 << 20
@@ -84,8 +84,7 @@ def cut_points(path: Path, range_bytes: int) -> list[tuple[int, int]]:
 class RangeResult:
     index: int
     newlines: int
-    # ("post", row) | ("posts", [row, ...]) | ("pair", record) | ("q", kwargs) | ("count", ...)
-    calls: list[tuple] = field(default_factory=list)
+    calls: list[tuple] = field(default_factory=list)  # ("post", row) | ("pair", record) | ("q", kwargs) | ("count", ...)
     votes: dict[tuple[str, str], list[int]] = field(default_factory=dict)
     error: dict[str, Any] | None = None  # an IngestError, with its line relative to the range
     shard: bytes | None = None  # the posts and votes as an SQLite image (pack), instead of "post" calls and votes
@@ -161,10 +160,10 @@ try:  # tally_votes in C (tasks/ingest/_fastvotes.c); None: built without a C co
     from ._fastvotes import count_votes as _count_votes
 except ImportError:  # pragma: no cover - an install without a C compiler
     _count_votes = None
-try:  # scan_posts's reader in C (tasks/ingest/_fastposts.c); None: built without a C compiler
-    from ._fastposts import scan_posts as _scan_posts
+try:  # scan_posts's reader in C (tasks/ingest/_fastposts.c); None: built without a C compiler or libsqlite3
+    from . import _fastposts
 except ImportError:  # pragma: no cover - an install without a C compiler
-    _scan_posts = None
+    _fastposts = None
 
 
 def count_vote_lines(data: bytes) -> tuple[dict[bytes, int], int] | None:
@@ -289,55 +288,55 @@ def scan_votes(task: RangeTask, chunk: int = 8 << 20) -> RangeResult | None:
 
 
 def scan_posts(task: RangeTask, chunk: int = 8 << 20) -> RangeResult | None:
-    """The result of a Posts.xml range read from its bytes in C (tasks/ingest/_fastposts.c): rows in the dumps'
-    plain form become store rows there, and the rows :class:`~.stackexchange.PostRowReader` would quarantine or
-    refuse go to it. None when the range needs the XML parser (a line that is not a plain row, a row the reader
-    refuses with ``on_bad_row="error"``) or the extension is not built."""
-    if _scan_posts is None:
+    """The result of a Posts.xml range read from its bytes in C (tasks/ingest/_fastposts.c), its posts already
+    in the SQLite image the parent loads (:func:`pack`'s form): rows in the dumps' plain form are inserted
+    there, and the rows :class:`~.stackexchange.PostRowReader` would quarantine or refuse go to it. None when
+    the range needs the XML parser (a line that is not a plain row, a row the reader refuses with
+    ``on_bad_row="error"``), or the extension is not built."""
+    if _fastposts is None or not SHARDS:
         return None
     from .clean import html_to_text
     from .stackexchange import POST_TYPE_NAMES, PostRowReader
+    from .store import POST_TYPES, VOTE_TYPES
 
     started, cpu_started = time.perf_counter(), time.process_time()
     sink = RecordingSink()
     reader = PostRowReader(task.site, task.label, sink, on_bad_row=task.on_bad_row, max_chars=task.max_chars)
-    posts: list[tuple] = []
+
+    def odd(attrib: dict, line: int) -> tuple | None:
+        """The reader's store row for a row the C reader leaves to it (None: quarantined or skipped)."""
+        before = len(sink.calls)
+        reader(attrib, line)
+        return sink.calls.pop()[1] if len(sink.calls) > before and sink.calls[-1][0] == "post" else None
+
+    shard = _fastposts.open_shard(POST_TYPES, VOTE_TYPES)
     rows, render_seconds = 0, 0.0
     skipped: dict[str, int] = {}
     plain = _PlainRows(task, chunk)
     try:
         for data, line in plain:
-            got = _scan_posts(data, line, task.site, task.label, task.max_chars, task.max_row_bytes, html_to_text)
+            got = _fastposts.scan_posts(shard, data, line, task.site, task.label, task.max_chars,
+                                        task.max_row_bytes, html_to_text, odd)
             if got is None:
                 return None
-            found, odd, odd_skipped, n, seconds = got
+            found_skipped, n, seconds = got
             rows += n
             render_seconds += seconds
-            for post_type, k in odd_skipped.items():
+            for post_type, k in found_skipped.items():
                 skipped[post_type] = skipped.get(post_type, 0) + k
-            if odd:  # the reader decides these rows; their posts (if any) take their places in order
-                read = []
-                for attrib, row_line in odd:
-                    before = len(sink.calls)
-                    reader(attrib, row_line)
-                    read.append(sink.calls.pop()[1] if len(sink.calls) > before and sink.calls[-1][0] == "post"
-                                else None)
-                places = iter(read)
-                found = [post for post in (p if p is not None else next(places) for p in found) if post is not None]
-            posts.extend(found)
     except _NotPlain:
         return None
     except IngestError:  # a refused row: the parser's path reports it, with everything read before it
         return None
+    image = _fastposts.finish_shard(shard)
     if rows:
         sink.count(task.label, "rows", rows)
     for post_type, k in skipped.items():
         sink.count(task.label, f"skipped:{POST_TYPE_NAMES.get(post_type, 'post_type_' + post_type)}", k)
     total, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-    seconds = {"Posts.xml rows read in C (parse, decode, checks, records)": total - render_seconds,
+    seconds = {"Posts.xml rows read in C (parse, decode, checks, store rows)": total - render_seconds,
                "Posts.xml HTML to text": render_seconds, "Posts.xml CPU": cpu}
-    calls = [("posts", posts), *sink.finish()] if posts else sink.finish()
-    return RangeResult(task.index, plain.newlines, calls, sink.votes, seconds=seconds)
+    return RangeResult(task.index, plain.newlines, sink.finish(), sink.votes, shard=image, seconds=seconds)
 
 
 def read_range(task: RangeTask) -> RangeResult:
@@ -417,12 +416,11 @@ def pack(result: RangeResult) -> RangeResult:
     """
     from .store import SHARDS, shard_image
 
-    posts = [row for call in result.calls if call[0] in ("post", "posts")
-             for row in (call[1] if call[0] == "posts" else (call[1],))]
+    posts = [call[1] for call in result.calls if call[0] == "post"]
     if not SHARDS or not (posts or result.votes):
         return result
     result.shard = shard_image(posts, result.votes)
-    result.calls = [call for call in result.calls if call[0] not in ("post", "posts")]
+    result.calls = [call for call in result.calls if call[0] != "post"]
     result.votes = {}
     return result
 
@@ -473,10 +471,6 @@ class Replayer:
             if kind == "post":
                 row = call[1]
                 posts.append(row if not off or row[-1] is None else (*row[:-1], row[-1] + off))
-                continue
-            if kind == "posts":  # many at once (scan_posts)
-                posts.extend(call[1] if not off else
-                             [row if row[-1] is None else (*row[:-1], row[-1] + off) for row in call[1]])
                 continue
             if posts:
                 store.add_post_rows(posts)

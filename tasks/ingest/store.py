@@ -22,8 +22,9 @@ from pathlib import Path
 from .records import PairRecord, PostRecord
 from .scoring import numeric_key
 
-# the posts table's columns and their types: the store's table and a reading worker's shard (shard_image) alike
-_POST_TYPES = (
+# the posts table's columns and their types: the store's table and a reading worker's shard alike (shard_image, and
+# tasks/ingest/_fastposts.c)
+POST_TYPES = (
     "site TEXT, source TEXT, post_id TEXT, pkey TEXT, kind TEXT, kind_order INT, question_id TEXT, qkey TEXT, "
     "title TEXT, body TEXT, tags TEXT, score INT, accepted_answer_id TEXT, author TEXT, license TEXT, "
     "created_at TEXT, created_ts REAL, distinguished INT, source_file TEXT, line INT"
@@ -35,8 +36,8 @@ def column_names(types: str) -> list[str]:
     return [column.split()[0] for column in types.split(", ")]
 
 
-_POST_COLUMNS = ", ".join(column_names(_POST_TYPES))
-_VOTE_TYPES = "site TEXT, post_id TEXT, up INT, down INT, acc INT"
+_POST_COLUMNS = ", ".join(column_names(POST_TYPES))
+VOTE_TYPES = "site TEXT, post_id TEXT, up INT, down INT, acc INT"
 _PAIR_COLUMNS = (
     "site, source, question_id, qkey, prompt, chosen, rejected, chosen_score, rejected_score, license, "
     "source_file, line"
@@ -173,8 +174,8 @@ def shard_image(posts: list[tuple], votes: dict[tuple[str, str], list[int]]) -> 
     """Posts (rows of :func:`post_row`) and per-post vote counts ``(site, post_id) -> [up, down, accept]`` as
     the bytes of an SQLite database with the store's ``posts`` and ``votes`` columns: how a reading worker
     hands the parent what it read (:meth:`StagingStore.add_shard`)."""
-    return sqlite_image({"posts": (_POST_TYPES, posts),
-                         "votes": (_VOTE_TYPES, [(s, p, u, d, a) for (s, p), (u, d, a) in votes.items()])})
+    return sqlite_image({"posts": (POST_TYPES, posts),
+                         "votes": (VOTE_TYPES, [(s, p, u, d, a) for (s, p), (u, d, a) in votes.items()])})
 
 
 class StagingStore:
@@ -197,8 +198,8 @@ class StagingStore:
             PRAGMA synchronous=OFF;
             PRAGMA temp_store=FILE;
             PRAGMA cache_size=-{cache_mb * 1024};
-            CREATE TABLE posts (rid INTEGER PRIMARY KEY, {_POST_TYPES});
-            CREATE TABLE votes ({_VOTE_TYPES}, PRIMARY KEY (site, post_id)) WITHOUT ROWID;
+            CREATE TABLE posts (rid INTEGER PRIMARY KEY, {POST_TYPES});
+            CREATE TABLE votes ({VOTE_TYPES}, PRIMARY KEY (site, post_id)) WITHOUT ROWID;
             CREATE TABLE vote_sites (site TEXT PRIMARY KEY, source_file TEXT);
             CREATE TABLE pairs_in (rid INTEGER PRIMARY KEY, {_PAIR_COLUMNS.replace(',', ' ,')});
             CREATE TABLE quarantine (source_file TEXT, line INT, row_id TEXT, site TEXT, dataset TEXT,
@@ -233,7 +234,7 @@ class StagingStore:
         object is made per row, as ``add_post_rows`` would after unpickling them."""
         self._flush_posts()  # the posts added before come first
         with attached(self.db, image):
-            moved = ", ".join("line + ?" if name == "line" else name for name in column_names(_POST_TYPES))
+            moved = ", ".join("line + ?" if name == "line" else name for name in column_names(POST_TYPES))
             self.db.execute(f"INSERT INTO posts ({_POST_COLUMNS}) SELECT {moved} FROM shard.posts ORDER BY rowid",
                             (line_offset,))
             self.db.execute(f"INSERT INTO votes SELECT site, post_id, up, down, acc FROM shard.votes WHERE true "
