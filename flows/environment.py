@@ -150,6 +150,13 @@ def wait_for_prefect_server() -> None:
     import urllib.request
 
     proc, url = _SERVER[0]
+    # the server takes seconds to boot: meanwhile load the MLflow store every flow logs to next (its SQL store
+    # imports SQLAlchemy and its models, ~1 s, which would otherwise come after the wait, inside the flow)
+    from alignflow.tasks.tracking import user_tracking_uri
+
+    uri = user_tracking_uri()  # None: the work directory's SQLite file
+    if uri is None or uri.split(":", 1)[0].split("+", 1)[0] in ("sqlite", "postgresql", "mysql", "mssql"):
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
     timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"))
     deadline = time.monotonic() + timeout
     while True:
