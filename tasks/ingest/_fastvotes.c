@@ -44,9 +44,10 @@ static uint64_t mix(uint64_t v, uint32_t len) {
     return v;
 }
 
+/* The raw allocator: the table grows while the GIL is released. */
 static int table_grow(Table *t) {
     size_t cap = t->slots ? (t->mask + 1) * 2 : 1024;
-    Entry *slots = PyMem_Calloc(cap, sizeof(Entry));
+    Entry *slots = PyMem_RawCalloc(cap, sizeof(Entry));
     if (slots == NULL)
         return -1;
     if (t->slots) {
@@ -59,7 +60,7 @@ static int table_grow(Table *t) {
                 j = (j + 1) & (cap - 1);
             slots[j] = *e;
         }
-        PyMem_Free(t->slots);
+        PyMem_RawFree(t->slots);
     }
     t->slots = slots;
     t->mask = cap - 1;
@@ -243,7 +244,7 @@ static PyObject *count_votes(PyObject *module, PyObject *args) {
         if (ok)
             result = Py_BuildValue("(nn)", rows, other);
     }
-    PyMem_Free(table.slots);
+    PyMem_RawFree(table.slots);
     return result;
 }
 
