@@ -136,7 +136,7 @@ def prehash(sources: list[str | Path], fmt: str | None = None) -> None:
 
 def code_files() -> list[Path]:
     """The source files whose contents are part of every ingest's cache key: the ingest's and the data
-    contracts' Python, and the C of its fast paths (html_to_text, vote counting)."""
+    contracts' Python, and the C of its fast paths (HTML to text, Votes.xml and Posts.xml rows)."""
     return [f for folder in CODE_DIRS for f in sorted([*folder.glob("*.py"), *folder.glob("*.c")])]
 
 
