@@ -79,6 +79,35 @@ def test_xml_reader_reads_or_refuses(data, chunk):
     assert rows == whole  # chunking changes nothing
 
 
+@given(data=xml_mutation(), on_bad_row=st.sampled_from(["quarantine", "error"]))
+def test_the_c_readers_read_a_table_as_libxml2_does_or_leave_it(tmp_path_factory, data, on_bad_row):
+    """tasks/ingest/_fastposts.c and _fastvotes.c on mutated tables: what they take, they read as libxml2 and
+    the row reader do (store rows, quarantined rows, counts); the rest they leave to them. Never an error."""
+    from unittest import mock
+
+    from alignflow.tasks.ingest import ranges
+    from test_fast_posts import _calls  # the posts a range hands the parent, its other calls and its counts
+
+    if ranges._fastposts is None or ranges._count_votes is None:
+        pytest.skip("installed without a C compiler: the C readers are not built")
+    for table in ("Posts", "Votes"):
+        path = tmp_path_factory.mktemp("c") / f"{table}.xml"
+        path.write_bytes(data.replace(b"posts>", table.lower().encode() + b">"))
+        task = ranges.RangeTask(0, table, "s", str(path), f"{table}.xml", 0, path.stat().st_size, True, True,
+                                on_bad_row, 50, 1 << 20)
+        fast = ranges.scan_posts(task) if table == "Posts" else ranges.scan_votes(task)
+        if fast is None:
+            continue
+        with mock.patch.object(ranges, "scan_posts", return_value=None), \
+                mock.patch.object(ranges, "scan_votes", return_value=None):
+            slow = ranges.read_range(task)
+        assert slow.error is None and fast.error is None
+        assert _calls(fast) == _calls(slow) and fast.votes == slow.votes and fast.newlines == slow.newlines
+    with mock.patch.object(ranges, "_count_votes", None):
+        by_regex = ranges.tally_votes(data, "s", {})
+    assert ranges.tally_votes(data, "s", {}) == by_regex
+
+
 @given(data=xml_mutation(), cap=st.integers(1024, 4096), chunk=st.sampled_from([1, 3, 97, 4096]))
 def test_xml_row_cap_never_changes_short_rows(data, cap, chunk):
     try:
