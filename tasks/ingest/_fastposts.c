@@ -271,6 +271,26 @@ static PyObject *str_of(const Row *row, const Attr *a) {
     return a ? PyUnicode_DecodeUTF8(value(row, a), a->len, "strict") : PyUnicode_FromStringAndSize("", 0);
 }
 
+/* The runs of text between separators (``is_sep``), the non-empty ones joined by ``joiner``, after out. */
+static int split_join(const char *text, Py_ssize_t n, int (*is_sep)(unsigned char), char joiner, Buf *out) {
+    const unsigned char *s = (const unsigned char *)text;
+    Py_ssize_t i = 0;
+    while (i < n) {
+        while (i < n && is_sep(s[i]))
+            i++;
+        Py_ssize_t start = i;
+        while (i < n && !is_sep(s[i]))
+            i++;
+        if (i > start) {
+            if (out->len && buf_put(out, &joiner, 1) < 0)
+                return -1;
+            if (buf_put(out, text + start, i - start) < 0)
+                return -1;
+        }
+    }
+    return 0;
+}
+
 static int ascii_space(unsigned char c) {
     return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f' || (c >= 0x1C && c <= 0x1F);
 }
@@ -300,41 +320,15 @@ static int collapse_title(const char *text, Py_ssize_t n, Buf *out, int *ok) {
             return 0;
         }
     }
-    Py_ssize_t i = 0;
-    while (i < n) {
-        while (i < n && ascii_space(s[i]))
-            i++;
-        Py_ssize_t start = i;
-        while (i < n && !ascii_space(s[i]))
-            i++;
-        if (i > start) {
-            if (out->len && buf_put(out, " ", 1) < 0)
-                return -1;
-            if (buf_put(out, text + start, i - start) < 0)
-                return -1;
-        }
-    }
-    return 0;
+    return split_join(text, n, ascii_space, ' ', out);
 }
+
+static int tag_separator(unsigned char c) { return c == '<' || c == '>' || c == '|'; }
 
 /* tags split on runs of '<', '>' and '|', the non-empty parts joined by '|'. */
 static int join_tags(const char *s, Py_ssize_t n, Buf *out) {
     out->len = 0;
-    Py_ssize_t i = 0;
-    while (i < n) {
-        while (i < n && (s[i] == '<' || s[i] == '>' || s[i] == '|'))
-            i++;
-        Py_ssize_t start = i;
-        while (i < n && s[i] != '<' && s[i] != '>' && s[i] != '|')
-            i++;
-        if (i > start) {
-            if (out->len && buf_put(out, "|", 1) < 0)
-                return -1;
-            if (buf_put(out, s + start, i - start) < 0)
-                return -1;
-        }
-    }
-    return 0;
+    return split_join(s, n, tag_separator, '|', out);
 }
 
 static double now(void) {
