@@ -559,6 +559,7 @@ class _EphemeralSuite:
             gx.ValidationDefinition(name=suite_name, data=bd, suite=suite)
         )
         self.lock = threading.Lock()
+        self.graphs: dict = {}  # this suite's metric graphs, kept across its runs (see _memoize_metric_graphs)
 
     def run(self, work: pd.DataFrame, result_format: dict[str, Any], run_id: Any):
         """What ``ValidationDefinition.run`` does for a batch, less its two per-run costs that buy nothing here.
@@ -718,16 +719,102 @@ def _memoize_row_filters() -> None:
     PandasExecutionEngine._alignflow_memoized = True
 
 
+def _memoize_metric_graphs() -> None:
+    """Across the runs of one ephemeral suite, build each expectation's metric graph once.
+
+    Before it computes anything, GX's validator builds, for every expectation of the suite, the graph of
+    metrics it needs (``get_validation_dependencies``, then each metric's own dependencies), and makes a
+    new ``Expectation`` object from each configuration; about half of a small batch's validation. None of
+    it reads the batch's data: it depends on the suite (an :class:`_EphemeralSuite` never changes), the
+    batch id (the same for every batch of the suite's asset), the engine's class and the run's
+    ``result_format``. Inside a run of a suite (:func:`_memoized_run` with the suite's ``graphs``), the
+    graphs and expectation objects built on that suite's first run with this key are handed out again,
+    each graph bound to the new run's engine; the metrics are computed afresh by that engine, on that
+    batch. A build that failed for some expectation (an error result) is never remembered. Elsewhere the
+    method is GX's own.
+    """
+    from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
+    from great_expectations.validator.validation_graph import ExpectationValidationGraph, ValidationGraph
+    from great_expectations.validator.validator import Validator
+
+    generate = getattr(Validator, "_generate_metric_dependency_subgraphs_for_each_expectation_configuration", None)
+    if generate is None or getattr(Validator, "_alignflow_memoized", False):
+        return  # a GX that builds its graphs elsewhere: left as it is
+    to_domain_obj = ExpectationConfiguration.to_domain_obj
+
+    def _generate(self, expectation_configurations, processed_configurations, catch_exceptions,
+                  runtime_configuration=None):
+        memo = getattr(_RUN, "graphs", None)
+        if memo is None or processed_configurations:
+            return generate(self, expectation_configurations, processed_configurations, catch_exceptions,
+                            runtime_configuration)
+        key = (self.active_batch_id, type(self._execution_engine), repr(runtime_configuration), catch_exceptions,
+               len(expectation_configurations))
+        built = memo.get(key)
+        if built is None:
+            graphs, evrs, processed = generate(self, expectation_configurations, processed_configurations,
+                                               catch_exceptions, runtime_configuration)
+            if evrs:
+                return graphs, evrs, processed
+            built = memo[key] = [(g.configuration, list(g.graph.edges), to_domain_obj(g.configuration))
+                                 for g in graphs]
+            memo.setdefault("expectations", {}).update((id(c), (c, e)) for c, _, e in built)
+            memo.setdefault("remembered", {}).update((id(e), e) for _, _, e in built)
+            for _, _, expectation in built:
+                _memoize_dependencies(type(expectation))
+            return graphs, evrs, processed
+        processed_configurations.extend(c for c, _, _ in built)
+        graphs = [ExpectationValidationGraph(configuration=c, graph=ValidationGraph(self._execution_engine, list(edges)))
+                  for c, edges, _ in built]
+        return graphs, [], processed_configurations
+
+    def _to_domain_obj(self):
+        memo = getattr(_RUN, "graphs", None)
+        entry = memo.get("expectations", {}).get(id(self)) if memo is not None else None
+        if entry is None or entry[0] is not self:
+            return to_domain_obj(self)
+        return entry[1]
+
+    def _memoize_dependencies(cls) -> None:
+        # The expectation objects above are asked for their metrics again when their results are made
+        # (``metrics_validate``): the same answer, remembered per object. Only the class's outermost
+        # method is wrapped, so its own ``super()`` calls stay GX's.
+        if "_alignflow_dependencies" in cls.__dict__:
+            return
+        dependencies = cls.get_validation_dependencies
+
+        def get_validation_dependencies(self, execution_engine=None, runtime_configuration=None, **kwargs):
+            memo = getattr(_RUN, "graphs", None)
+            remembered = memo.get("remembered", {}).get(id(self)) if memo is not None and not kwargs else None
+            if remembered is not self:
+                return dependencies(self, execution_engine=execution_engine,
+                                    runtime_configuration=runtime_configuration, **kwargs)
+            key = ("dependencies", id(self), type(execution_engine), repr(runtime_configuration))
+            if key not in memo:
+                memo[key] = dependencies(self, execution_engine=execution_engine,
+                                         runtime_configuration=runtime_configuration)
+            return memo[key]
+
+        cls.get_validation_dependencies = get_validation_dependencies
+        cls._alignflow_dependencies = True
+
+    Validator._generate_metric_dependency_subgraphs_for_each_expectation_configuration = _generate
+    ExpectationConfiguration.to_domain_obj = _to_domain_obj
+    Validator._alignflow_memoized = True
+
+
 @contextlib.contextmanager
-def _memoized_run() -> Iterator[None]:
-    """The scope of one validation run: configurations and row filters made once (see the two memos above)."""
+def _memoized_run(graphs: dict | None = None) -> Iterator[None]:
+    """The scope of one validation run: configurations and row filters made once (see the memos above);
+    with ``graphs`` (a suite's, kept across its runs), metric graphs made once per suite."""
     _memoize_configurations()
     _memoize_row_filters()
-    _RUN.configurations, _RUN.filters = {}, {}
+    _memoize_metric_graphs()
+    _RUN.configurations, _RUN.filters, _RUN.graphs = {}, {}, graphs
     try:
         yield
     finally:
-        _RUN.configurations = _RUN.filters = None
+        _RUN.configurations = _RUN.filters = _RUN.graphs = None
 
 
 _EPHEMERAL: dict[tuple[str, str], _EphemeralSuite] = {}
@@ -773,7 +860,7 @@ def _run_gx(
         run_id = RunIdentifier(run_name=batch_name, run_time=_dt.datetime.now(_dt.timezone.utc))
         with entry.lock:
             try:
-                with _memoized_run():
+                with _memoized_run(entry.graphs):
                     vr = entry.run(work, result_format, run_id)
             finally:
                 entry.forget_batch()

@@ -675,6 +675,50 @@ def test_run_memos_give_the_same_verdicts(monkeypatch, kind):
         assert exp.configuration is exp.configuration
 
 
+@pytest.mark.parametrize("kind", list(FRAMES))
+def test_a_suites_metric_graphs_are_built_once_and_serve_its_later_batches(monkeypatch, kind):
+    """A suite's metric graphs (one set per result format) are built on its first run and handed to its
+    later runs: no graph is built again, and a later batch's verdicts, rejected rows, counts and results
+    are those of a fresh suite, whose run builds its own graphs (GX's code path)."""
+    import alignflow.data_contracts.contracts as contracts
+    from great_expectations.validator.validation_graph import ValidationGraph
+
+    def bad():  # every row rule of the kind broken once
+        cases = _cases(kind)
+        df = posts_frame() if kind == "posts" else FRAMES[kind](2 * len(cases) + 1)
+        for row, (mutate, _) in cases.items():
+            mutate(df, row)
+        return df
+
+    clean = FRAMES[kind]()
+    contracts._EPHEMERAL.clear()
+    validate(clean, kind)  # pass/fail mode: its graphs
+    validate(bad(), kind)  # then every failing row listed: the graphs of that format
+    builds = []
+    build = ValidationGraph.build_metric_dependency_graph
+    monkeypatch.setattr(ValidationGraph, "build_metric_dependency_graph",
+                        lambda self, *a, **k: builds.append(1) or build(self, *a, **k))
+    later_clean, later = validate(clean, kind), validate(bad(), kind)
+    assert builds == []
+    assert later_clean.passed and later_clean.rejected.empty and len(later_clean.valid) == len(clean)
+    contracts._EPHEMERAL.clear()
+    fresh = validate(bad(), kind)
+    assert builds  # the fresh suite built its graphs
+    assert len(later.rejected) == len(_cases(kind))
+    assert later.rejected.to_dict() == fresh.rejected.to_dict()
+    assert later.valid.index.tolist() == fresh.valid.index.tolist()
+    keep = lambda st: {k: v for k, v in st.items() if not k.startswith("seconds")}  # noqa: E731
+    assert keep(later.statistics) == keep(fresh.statistics)
+
+    def results(res):  # a fresh suite's expectations have ids of their own
+        out = json.loads(json.dumps(res.result_json["results"]))
+        for r in out:
+            r["expectation_config"].pop("id")
+        return out
+
+    assert results(later) == results(fresh)
+
+
 def test_a_result_carries_the_meta_of_a_validation_definition_run():
     """Batches run the validation definition's Validator directly (no freshness check, no results store);
     the result's meta holds what ``ValidationDefinition.run`` writes there, the dataframe left out."""
