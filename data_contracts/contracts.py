@@ -39,6 +39,8 @@ from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 KINDS: tuple[str, ...] = ("posts", "pairs", "demos", "prompts", "comparisons")
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
@@ -339,6 +341,37 @@ def _prepare(df: pd.DataFrame, kind: str, max_chars: int = DEFAULT_MAX_CHARS) ->
     return work
 
 
+_TEXT_RULES = ("ExpectColumnValuesToMatchRegex", "ExpectColumnValueLengthsToBeBetween")
+
+
+def _arrow_text(col: pd.Series):
+    """The Arrow strings behind a ``str`` column (no copy), or None for any other column."""
+    if not isinstance(col.dtype, pd.StringDtype) or getattr(col.dtype, "storage", None) != "pyarrow":
+        return None
+    try:
+        text = col.array.__arrow_array__()
+    except Exception:
+        return None
+    return text if pa.types.is_string(text.type) or pa.types.is_large_string(text.type) else None
+
+
+def _text_rule_may_fail(text, cls: str, kw: dict[str, Any]) -> bool:
+    """Whether a non-null value of ``text`` (Arrow strings) breaks a text rule, as GX's pandas rule decides it.
+
+    A string has at most as many characters as bytes, so a column whose longest value has no more bytes
+    than ``max_value`` has no value too long, without counting characters; a minimum is counted."""
+    if not len(text) or text.null_count == len(text):
+        return False
+    if cls == "ExpectColumnValuesToMatchRegex":
+        return bool(pc.any(pc.invert(pc.match_substring_regex(text, kw["regex"]))).as_py())
+    lo, hi = kw.get("min_value"), kw.get("max_value")
+    if hi is not None and lo is None and (pc.max(pc.binary_length(text)).as_py() or 0) <= hi:
+        return False
+    chars = pc.utf8_length(text)
+    return bool((hi is not None and (pc.max(chars).as_py() or 0) > hi)
+                or (lo is not None and (pc.min(chars).as_py() or 0) < lo))
+
+
 def _may_fail_a_row(work: pd.DataFrame, specs: list[ExpectationSpec]) -> bool:
     """Whether some row of ``work`` looks like it breaks a row-level expectation (a vectorised guess).
 
@@ -366,6 +399,12 @@ def _may_fail_a_row(work: pd.DataFrame, specs: list[ExpectationSpec]) -> bool:
                     bad = a == b
                 else:
                     bad = ~((a >= b) if kw.get("or_equal") else (a > b))
+            elif cls in _TEXT_RULES and (text := _arrow_text(work[kw["column"]])) is not None:
+                if spec.condition is not None:
+                    text = text.filter(pa.array(rows.to_numpy(dtype=bool)))
+                if _text_rule_may_fail(text, cls, kw):
+                    return True
+                continue
             else:
                 col = work[kw["column"]]
                 rows &= col.notna()
