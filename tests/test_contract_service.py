@@ -8,6 +8,8 @@ itself (one worker).
 
 from __future__ import annotations
 
+import sys
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -77,3 +79,18 @@ def test_a_file_the_worker_cannot_write_fails_its_batch_with_the_reason(service,
     ok = tmp_path / "pairs.parquet"
     assert service.result(service.submit(pairs_table(3), "pairs", write=CheckedWrite(str(ok), [3], True),
                                          with_json=False)).written == 3
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pipe buffer sizes are set with Linux's fcntl")
+def test_batches_go_through_a_widened_pipe(service):
+    # 8 MiB batches through Linux's default 64 KiB pipe cost about twice the CPU on both sides
+    import fcntl
+
+    from alignflow.tasks.ingest.contract_service import PIPE_BYTES
+
+    limit = int(open("/proc/sys/fs/pipe-max-size").read())
+    size = fcntl.fcntl(service.proc.stdin.fileno(), getattr(fcntl, "F_GETPIPE_SZ", 1032))
+    if limit >= PIPE_BYTES:
+        assert size == PIPE_BYTES
+    else:  # the system allows less: the default buffer stays
+        assert size >= 1 << 16

@@ -63,9 +63,33 @@ def input_size(paths: list[str | os.PathLike]) -> int:
     return total
 
 
+# Pipe buffer for the batches sent to the worker: with Linux's default 64 KiB, an 8 MiB batch is 128 writes
+# and as many wake-ups of the reader; 1 MiB (the most an unprivileged process may ask by default) about
+# halves the CPU both sides spend moving batches (a 1.6 GiB stream of pickled Arrow tables on this 2-core
+# machine: 2.5-3.4 CPU-s in all at 64 KiB, 1.3-2.6 at 1 MiB).
+PIPE_BYTES = 1 << 20
+
+
 def _spawn() -> subprocess.Popen:
     cmd = [sys.executable, "-c", "from alignflow.tasks.ingest.contract_service import serve; serve()"]
-    return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    _widen_pipe(proc.stdin)
+    return proc
+
+
+def _widen_pipe(pipe) -> None:
+    """Ask for a :data:`PIPE_BYTES` buffer on ``pipe`` (Linux); elsewhere, or if refused, it stays as it is."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return
+    set_size = getattr(fcntl, "F_SETPIPE_SZ", 1031 if sys.platform.startswith("linux") else None)
+    if set_size is None:
+        return
+    try:
+        fcntl.fcntl(pipe.fileno(), set_size, PIPE_BYTES)
+    except OSError:
+        pass  # over /proc/sys/fs/pipe-max-size, or not a pipe: the default buffer works, a little slower
 
 
 def prestart() -> None:
