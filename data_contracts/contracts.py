@@ -355,21 +355,27 @@ def _arrow_text(col: pd.Series):
     return text if pa.types.is_string(text.type) or pa.types.is_large_string(text.type) else None
 
 
-def _text_rule_may_fail(text, cls: str, kw: dict[str, Any]) -> bool:
-    """Whether a non-null value of ``text`` (Arrow strings) breaks a text rule, as GX's pandas rule decides it.
+def _text_rule_may_fail(text, cls: str, kw: dict[str, Any], rows: np.ndarray | None = None) -> bool:
+    """Whether a non-null value of ``text`` (Arrow strings; with ``rows``, only where it is True) breaks a
+    text rule, as GX's pandas rule decides it.
 
-    A string has at most as many characters as bytes, so a column whose longest value has no more bytes
-    than ``max_value`` has no value too long, without counting characters; a minimum is counted."""
+    The rule is computed over the whole column and then masked: filtering first would copy the texts. A
+    string has at most as many characters as bytes, so a column whose longest value has no more bytes than
+    ``max_value`` has no value too long, without counting characters; a minimum is counted."""
     if not len(text) or text.null_count == len(text):
         return False
     if cls == "ExpectColumnValuesToMatchRegex":
-        return bool(pc.any(pc.invert(pc.match_substring_regex(text, kw["regex"]))).as_py())
-    lo, hi = kw.get("min_value"), kw.get("max_value")
-    if hi is not None and lo is None and (pc.max(pc.binary_length(text)).as_py() or 0) <= hi:
-        return False
-    chars = pc.utf8_length(text)
-    return bool((hi is not None and (pc.max(chars).as_py() or 0) > hi)
-                or (lo is not None and (pc.min(chars).as_py() or 0) < lo))
+        bad = pc.invert(pc.match_substring_regex(text, kw["regex"]))
+    else:
+        lo, hi = kw.get("min_value"), kw.get("max_value")
+        if hi is not None and lo is None and (pc.max(pc.binary_length(text)).as_py() or 0) <= hi:
+            return False
+        chars = pc.utf8_length(text)
+        bad = pc.or_(pc.greater(chars, hi) if hi is not None else pc.equal(chars, -1),
+                     pc.less(chars, lo) if lo is not None else pc.equal(chars, -1))
+    if rows is None:
+        return bool(pc.any(bad).as_py())  # nulls (null texts) skipped
+    return bool((bad.fill_null(False).to_numpy(zero_copy_only=False) & rows).any())
 
 
 def _may_fail_a_row(work: pd.DataFrame, specs: list[ExpectationSpec]) -> bool:
@@ -400,9 +406,8 @@ def _may_fail_a_row(work: pd.DataFrame, specs: list[ExpectationSpec]) -> bool:
                 else:
                     bad = ~((a >= b) if kw.get("or_equal") else (a > b))
             elif cls in _TEXT_RULES and (text := _arrow_text(work[kw["column"]])) is not None:
-                if spec.condition is not None:
-                    text = text.filter(pa.array(rows.to_numpy(dtype=bool)))
-                if _text_rule_may_fail(text, cls, kw):
+                mask = rows.to_numpy(dtype=bool) if spec.condition is not None else None
+                if _text_rule_may_fail(text, cls, kw, mask):
                     return True
                 continue
             else:
