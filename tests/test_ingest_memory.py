@@ -50,3 +50,54 @@ def test_frozen_heap_freezes_for_the_block_only_and_unfreezes_on_error():
         pass
     assert gc.get_freeze_count() == 0
     del held
+
+
+class _FakeLibc:
+    def __init__(self) -> None:
+        self.trims = 0
+
+    def malloc_trim(self, pad: int) -> int:
+        self.trims += 1
+        return 1
+
+
+def test_trim_heap_gives_memory_back_only_past_its_threshold(monkeypatch):
+    from alignflow.tasks.ingest import heap
+
+    libc = _FakeLibc()
+    free = {"bytes": 4 << 20}
+    monkeypatch.setattr(heap, "_LIBC", libc)
+    monkeypatch.setattr(heap, "_MALLINFO2", lambda: heap._MallInfo2(fordblks=free["bytes"]))
+    heap.trim_heap(min_free=16 << 20)
+    assert libc.trims == 0  # 4 MiB free: kept for the next batch
+    free["bytes"] = 16 << 20
+    heap.trim_heap(min_free=16 << 20)
+    assert libc.trims == 1
+    heap.trim_heap()  # no threshold: always
+    assert libc.trims == 2
+    monkeypatch.setattr(heap, "_MALLINFO2", None)  # a glibc without statistics: every trim is done
+    heap.trim_heap(min_free=16 << 20)
+    assert libc.trims == 3
+
+
+def test_the_heap_statistics_are_read_from_glibc():
+    import ctypes
+
+    import pytest
+
+    from alignflow.tasks.ingest import heap
+
+    if heap._MALLINFO2 is None:
+        pytest.skip("this C library has no mallinfo2 (glibc before 2.33, or not glibc)")
+    libc = heap._LIBC
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    blocks = [libc.malloc(32 << 10) for _ in range(256)]  # 8 MiB in blocks below the mmap threshold
+    guard = libc.malloc(32 << 10)  # keeps the freed blocks inside the heap, not at its top
+    before = heap.free_heap_bytes()
+    for block in blocks:
+        libc.free(block)
+    try:
+        assert heap.free_heap_bytes() - before >= 8 << 20
+    finally:
+        libc.free(guard)

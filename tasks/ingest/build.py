@@ -293,6 +293,13 @@ def rejected_fields(table: pa.Table, positions: list[int], kind: str) -> dict[in
     return out
 
 
+# A batch's freed malloc memory is given back to the OS only once the arenas hold this much free: trimming
+# after every batch gave back a few MB each time, to be faulted in again by the next batch (at 1 GiB with 2
+# workers: 2.6 million page faults and 13.9 s of system time, against 1.9 million and 10.1 s without trimming,
+# peak RSS the same).
+TRIM_MIN_FREE = 16 << 20
+
+
 def release_memory() -> None:
     """Give freed batch memory back to the OS, so peak RSS stays flat across batches.
 
@@ -300,7 +307,7 @@ def release_memory() -> None:
     buffers; without this glibc and Arrow's allocator keep the high-water mark.
     """
     pa.default_memory_pool().release_unused()
-    trim_heap()
+    trim_heap(min_free=TRIM_MIN_FREE)
 
 
 @contextmanager
