@@ -345,8 +345,11 @@ def collect_batch_garbage(new_objects_stay: bool = False) -> None:
 # With contracts on a second process, the datasets whose checked rows the builder writes itself; the contract
 # process writes the others. This balances the two processes' CPU in the build. At 1 GiB with 2 workers
 # (bench/REPORT.md), the contract process writing all four took 25.5 CPU-s against the builder's 19.6, and the
-# build took 26.7 s. With the builder writing posts and pairs, the two took 20.8 and 21.8, and the build 23.6 s.
-WRITTEN_BY_THE_BUILDER = frozenset({"posts", "pairs"})
+# build took 26.7 s; with the builder writing posts and pairs, 20.8 and 21.8, and 23.6 s. Once each suite's
+# metric graphs were built once (data_contracts), the contract process needed less: with the builder writing
+# posts and pairs it took 20.4-21.1 CPU-s against the builder's 19.3-19.5 (build 21.7-22.1 s), with the builder
+# writing posts only 22.0-22.9 against 17.2-17.3 (build 21.1-21.3 s), alternating runs in the same hour.
+WRITTEN_BY_THE_BUILDER = frozenset({"posts"})
 
 _ID_COLUMN = {"posts": "post_id", "pairs": "pair_id", "demos": "demo_id", "prompts": "prompt_id"}
 
