@@ -124,9 +124,11 @@ class IngestConfig(_Section):
     )
     contract_mb: int = Field(
         8, ge=1, description="Most text (MiB) per data-contract validation. Larger batches save contract CPU "
-        "(each validation has a fixed cost, ~25-45 ms) and cost memory: at 1 GiB of input with 2 workers, 4 MiB "
-        "takes ~30 contract CPU-s (writing Parquet included) and the command ~67-70 s with its process tree at "
-        "~880 MiB; 8 MiB ~25 CPU-s, ~64 s, ~935 MiB; 16 MiB ~21 CPU-s, ~63 s, ~1,050 MiB (over 1 GiB).")
+        "(each validation has a fixed cost: ~12-27 ms on this 2-core machine once a suite's metric graphs are "
+        "built, ~25-45 ms before) and cost memory: at 1 GiB of input with 2 workers (measured before the graphs "
+        "were kept), 4 MiB took ~30 contract CPU-s (writing Parquet included) and the command ~67-70 s with its "
+        "process tree at ~880 MiB; 8 MiB ~25 CPU-s, ~64 s, ~935 MiB; 16 MiB ~21 CPU-s, ~63 s, ~1,050 MiB "
+        "(over 1 GiB).")
     split: SplitConfig = Field(default_factory=SplitConfig, description="How questions are assigned to splits.")
     reddit_reply_pairs: bool = Field(
         False,
