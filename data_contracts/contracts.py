@@ -371,8 +371,11 @@ def _text_rule_may_fail(text, cls: str, kw: dict[str, Any], rows: np.ndarray | N
         if hi is not None and lo is None and (pc.max(pc.binary_length(text)).as_py() or 0) <= hi:
             return False
         chars = pc.utf8_length(text)
-        bad = pc.or_(pc.greater(chars, hi) if hi is not None else pc.equal(chars, -1),
-                     pc.less(chars, lo) if lo is not None else pc.equal(chars, -1))
+        bounds = [pc.greater(chars, hi)] if hi is not None else []
+        bounds += [pc.less(chars, lo)] if lo is not None else []
+        if not bounds:
+            return False
+        bad = bounds[0] if len(bounds) == 1 else pc.or_(*bounds)
     if rows is None:
         return bool(pc.any(bad).as_py())  # nulls (null texts) skipped
     return bool((bad.fill_null(False).to_numpy(zero_copy_only=False) & rows).any())
