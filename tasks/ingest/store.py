@@ -95,6 +95,22 @@ _QUESTION_ROWS = "SELECT COUNT(*) FROM posts p INDEXED BY posts_by_question WHER
 _SIZES_SELECT = ("SELECT length(CAST(p.title AS BLOB)) + length(CAST(p.body AS BLOB)) "
                  "FROM posts p INDEXED BY posts_by_question ")
 
+# After loading, duplicate ids and the vote checks read the index ``posts_by_id`` (site, post_id, score) alone,
+# never the posts table, which holds every text (at 1 GiB of input each pass over it read ~0.9 GB of pages):
+# the ids seen more than once, then every row of such an id after its first...
+_DUPLICATES_SELECT = (
+    "SELECT p.rid, p.source_file, p.line, p.post_id, p.site FROM "
+    "(SELECT site, post_id, MIN(rid) AS first FROM posts INDEXED BY posts_by_id "
+    " GROUP BY site, post_id HAVING COUNT(*) > 1) d "
+    "JOIN posts p INDEXED BY posts_by_id ON p.site = d.site AND p.post_id = d.post_id AND p.rid > d.first "
+    "ORDER BY p.rid"
+)
+# ...and a site's posts, those whose score is their up minus down votes, and the votes on them (one pass)
+_VOTE_SUMMARY_SELECT = (
+    "SELECT COUNT(*), COALESCE(SUM(p.score = COALESCE(v.up, 0) - COALESCE(v.down, 0)), 0), "
+    "COALESCE(SUM(v.up + v.down + v.acc), 0) FROM posts p INDEXED BY posts_by_id "
+    "LEFT JOIN votes v ON v.site = p.site AND v.post_id = p.post_id WHERE p.site = ?"
+)
 
 def stored_groups(chunk) -> Iterator[tuple[tuple[str, str], list[StoredPost]]]:
     """A chunk of :meth:`StagingStore.walk_chunks` as ((site, question_id), rows) per question."""
@@ -213,6 +229,7 @@ class StagingStore:
         self._quarantine: list[tuple] = []
         self._votes: dict[tuple[str, str], list[int]] = {}
         self.counts: Counter[tuple[str, str]] = Counter()
+        self._vote_summaries: dict[str, tuple[int, int, int]] = {}  # site -> vote_summary(site)
         self.vote_files: dict[str, str] = {}
 
     # -- RecordSink -----------------------------------------------------------
@@ -233,6 +250,7 @@ class StagingStore:
         in its file). The rows go from one SQLite database to the other in SQLite's own code: no Python
         object is made per row, as ``add_post_rows`` would after unpickling them."""
         self._flush_posts()  # the posts added before come first
+        self._vote_summaries.clear()
         with attached(self.db, image):
             moved = ", ".join("line + ?" if name == "line" else name for name in column_names(POST_TYPES))
             self.db.execute(f"INSERT INTO posts ({_POST_COLUMNS}) SELECT {moved} FROM shard.posts ORDER BY rowid",
@@ -290,6 +308,7 @@ class StagingStore:
     # -- flushing ---------------------------------------------------------------
     def _flush_posts(self) -> None:
         if self._posts:
+            self._vote_summaries.clear()
             self.db.executemany(f"INSERT INTO posts ({_POST_COLUMNS}) VALUES ({','.join('?' * 20)})", self._posts)
             self._posts.clear()
 
@@ -305,6 +324,7 @@ class StagingStore:
 
     def _flush_votes(self) -> None:
         if self._votes:
+            self._vote_summaries.clear()
             self.db.executemany(
                 f"INSERT INTO votes VALUES (?,?,?,?,?) {_VOTE_UPSERT}",
                 [(s, p, u, d, a) for (s, p), (u, d, a) in self._votes.items()],
@@ -322,17 +342,15 @@ class StagingStore:
     def finish_loading(self) -> None:
         """Flush, drop duplicate post ids (quarantined) and index for the grouped walk."""
         self.flush()
-        self.db.execute("CREATE INDEX posts_by_id ON posts (site, post_id)")
-        dupes = self.db.execute(
-            "SELECT p.rid, p.source_file, p.line, p.post_id, p.site FROM posts p "
-            "WHERE EXISTS (SELECT 1 FROM posts o WHERE o.site = p.site AND o.post_id = p.post_id AND o.rid < p.rid)"
-        ).fetchall()
+        self.db.execute("CREATE INDEX posts_by_id ON posts (site, post_id, score)")
+        dupes = self.db.execute(_DUPLICATES_SELECT).fetchall()
         for rid, source_file, line, post_id, site in dupes:
             self.quarantine(
                 source_file=source_file, reason="duplicate_id", line=line, row_id=post_id, site=site,
                 detail="a row with the same Id came earlier in the input",
             )
             self.db.execute("DELETE FROM posts WHERE rid = ?", (rid,))
+            self._vote_summaries.clear()
         self.flush()
         self.db.execute("CREATE INDEX posts_by_question ON posts (site, qkey, kind_order, pkey)")
         self.db.commit()
@@ -340,27 +358,29 @@ class StagingStore:
     def sites_with_votes(self) -> set[str]:
         return {row[0] for row in self.db.execute("SELECT site FROM vote_sites")}
 
+    def vote_summary(self, site: str) -> tuple[int, int, int]:
+        """(posts of ``site``, posts whose ``Score`` equals their up minus down votes, votes on those posts),
+        in one pass over the ``posts_by_id`` index (:meth:`finish_loading`), which holds every post's score;
+        kept for the later questions about the same site (the tables do not change once loaded)."""
+        summary = self._vote_summaries.get(site)
+        if summary is None:
+            posts, agree, on_posts = self.db.execute(_VOTE_SUMMARY_SELECT, (site,)).fetchone()
+            summary = self._vote_summaries[site] = (int(posts), int(agree), int(on_posts))
+        return summary
+
     def vote_score_agreement(self, site: str) -> tuple[int, int]:
         """(posts of ``site``, posts whose ``Score`` equals their up minus down votes): a dump's own
         Votes.xml agrees with its scores on every post; a foreign one does not."""
-        posts, agree = self.db.execute(
-            "SELECT COUNT(*), COALESCE(SUM(p.score = COALESCE(v.up, 0) - COALESCE(v.down, 0)), 0) FROM posts p "
-            "LEFT JOIN votes v ON v.site = p.site AND v.post_id = p.post_id WHERE p.site = ?",
-            (site,),
-        ).fetchone()
-        return int(posts), int(agree)
+        return self.vote_summary(site)[:2]
 
     def vote_accounting(self) -> dict[str, dict[str, int]]:
         """Per votes file: votes on posts that were read vs votes on posts absent from Posts.xml (deleted) or not kept (tag wikis, quarantined rows)."""
         out: dict[str, dict[str, int]] = {}
         for site, source_file in self.db.execute("SELECT site, source_file FROM vote_sites").fetchall():
-            on_read, on_absent = self.db.execute(
-                "SELECT COALESCE(SUM(CASE WHEN e THEN n ELSE 0 END), 0), COALESCE(SUM(CASE WHEN e THEN 0 ELSE n END), 0) "
-                "FROM (SELECT up + down + acc AS n, EXISTS (SELECT 1 FROM posts p WHERE p.site = v.site "
-                "AND p.post_id = v.post_id) AS e FROM votes v WHERE v.site = ?)",
-                (site,),
-            ).fetchone()
-            out[source_file] = {"kept:votes_on_posts_read": int(on_read), "dropped:votes_on_posts_not_kept": int(on_absent)}
+            total = self.db.execute("SELECT COALESCE(SUM(up + down + acc), 0) FROM votes WHERE site = ?",
+                                    (site,)).fetchone()[0]
+            on_read = self.vote_summary(site)[2]
+            out[source_file] = {"kept:votes_on_posts_read": on_read, "dropped:votes_on_posts_not_kept": int(total) - on_read}
         return out
 
     def walk_chunks(self, rows: int = 5_000, text_bytes: int = 4 << 20) -> Iterator:
