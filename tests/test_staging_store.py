@@ -223,3 +223,24 @@ def test_duplicates_and_vote_checks_match_a_row_by_row_count_and_read_the_id_ind
         assert on_posts and all("INDEX posts_by_id" in step for step in on_posts), steps
     assert any("COVERING INDEX posts_by_id" in step for step in plan(_VOTE_SUMMARY_SELECT, "a"))
     store.close()
+
+
+def test_the_walks_size_probe_reads_its_index_not_the_table_of_texts(tmp_path):
+    """The walk cuts its chunks by the size of the texts it will read next. That size is the last column
+    of the walk's index, so the probe reads the index alone: every column it reads comes from the index's
+    cursor (SQLite's program says so), and the sizes are the UTF-8 bytes of title and body."""
+    from alignflow.tasks.ingest.store import _SIZES_SELECT, _WALK_ORDER
+
+    store = StagingStore(tmp_path / "s.sqlite")
+    store.add_post(_post("s", "1", "1", body="héllo"))
+    store.add_post(_post("s", "2", "1", body="ü" * 10))
+    store.finish_loading()
+    sql = _SIZES_SELECT + "WHERE (p.site, p.qkey) > (?, ?)" + _WALK_ORDER
+    root = dict(store.db.execute("SELECT name, rootpage FROM sqlite_master WHERE type IN ('table', 'index')"))
+    program = list(store.db.execute("EXPLAIN " + sql, ("", "", 10)))
+    cursors = {row[2]: row[3] for row in program if row[1] == "OpenRead"}  # cursor -> root page
+    read_from = {cursors[row[2]] for row in program if row[1] == "Column"}
+    assert read_from == {root["posts_by_question"]}, (read_from, root)
+    sizes = [n for (n,) in store.db.execute(sql, ("", "", 10))]
+    assert sizes == [len("t1".encode()) + len("héllo".encode()), len("t1".encode()) + len(("ü" * 10).encode())]
+    store.close()

@@ -90,10 +90,10 @@ _WALK_SELECT = (
 )
 _WALK_ORDER = " ORDER BY p.site, p.qkey, p.kind_order, p.pkey LIMIT ?"
 _QUESTION_ROWS = "SELECT COUNT(*) FROM posts p INDEXED BY posts_by_question WHERE p.site = ? AND p.qkey = ?"
-# the size of the titles and bodies the walk will read next, to cut its chunks by size (bytes, read without
-# decoding the texts)
-_SIZES_SELECT = ("SELECT length(CAST(p.title AS BLOB)) + length(CAST(p.body AS BLOB)) "
-                 "FROM posts p INDEXED BY posts_by_question ")
+# the size of the titles and bodies the walk will read next, to cut its chunks by size (UTF-8 bytes): the walk's
+# index holds it as its last column, so this query reads the index alone, not the table of texts
+_TEXT_BYTES = "length(CAST(title AS BLOB)) + length(CAST(body AS BLOB))"
+_SIZES_SELECT = f"SELECT {_TEXT_BYTES} FROM posts p INDEXED BY posts_by_question "
 
 # After loading, duplicate ids and the vote checks read the index ``posts_by_id`` (site, post_id, score) alone,
 # never the posts table, which holds every text (at 1 GiB of input each pass over it read ~0.9 GB of pages):
@@ -352,7 +352,7 @@ class StagingStore:
             self.db.execute("DELETE FROM posts WHERE rid = ?", (rid,))
             self._vote_summaries.clear()
         self.flush()
-        self.db.execute("CREATE INDEX posts_by_question ON posts (site, qkey, kind_order, pkey)")
+        self.db.execute(f"CREATE INDEX posts_by_question ON posts (site, qkey, kind_order, pkey, {_TEXT_BYTES})")
         self.db.commit()
 
     def sites_with_votes(self) -> set[str]:
