@@ -25,9 +25,9 @@ os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 import typer  # noqa: E402
 
 from alignflow import stages
+from alignflow.startup import imports_without_gc
 
-from .environment import (WorkdirError, debug, is_environment_error, prepare, start_prefect_server,
-                          wait_for_prefect_server)
+from .environment import WorkdirError, debug, is_environment_error, prepare, wait_for_prefect_server
 
 WorkdirOpt = Annotated[Path, typer.Option("--workdir", help="Folder for everything a run writes.")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML config (see configs/).")]
@@ -97,24 +97,24 @@ def ingest(
 
     if format != "auto" and format not in format_names():
         _fail(ValueError(f"--format must be auto or one of {', '.join(format_names())}, not {format!r}"))
-    wd = prepare(workdir)
-    cfg = _load(config, set_)
-    from alignflow.tasks.ingest.ranges import default_workers
+    with imports_without_gc():  # everything up to the flow: checks, servers and workers started, imports
+        wd = prepare(workdir, server=True)
+        cfg = _load(config, set_)
+        from alignflow.tasks.ingest.ranges import default_workers
 
-    _check_ingest_input(cfg, sources, cfg.ingest.format if format == "auto" else format)
+        _check_ingest_input(cfg, sources, cfg.ingest.format if format == "auto" else format)
 
-    if (cfg.ingest.workers or default_workers()) > 1:  # the contract worker loads GX while we start up
-        from alignflow.tasks.ingest.contract_service import prestart, start_early
+        if (cfg.ingest.workers or default_workers()) > 1:  # the contract worker loads GX while we start up
+            from alignflow.tasks.ingest.contract_service import prestart, start_early
 
-        if start_early(sources):
-            prestart()
-    start_prefect_server()
-    from alignflow.tasks.ingest.run import prehash
+            if start_early(sources):
+                prestart()
+        from alignflow.tasks.ingest.run import prehash
 
-    prehash(sources, cfg.ingest.format if format == "auto" else format)  # the digests of the cache key
-    from .ingest import ingest as ingest_flow
+        prehash(sources, cfg.ingest.format if format == "auto" else format)  # the digests of the cache key
+        from .ingest import ingest as ingest_flow
 
-    wait_for_prefect_server()
+        wait_for_prefect_server()
     try:
         out = ingest_flow([str(s) for s in sources], workdir=str(wd), config=cfg,
                           format=None if format == "auto" else format)
@@ -197,12 +197,13 @@ AccelerateConfigOpt = Annotated[Optional[Path], typer.Option("--accelerate-confi
 def _run_stage(stage: str, workdir: Path, config: Path | None, set_: list[str] | None, resume: bool) -> dict:
     from alignflow.tasks import launch
 
-    wd = prepare(workdir)
+    helper = launch.is_distributed() and launch.rank() != 0  # a helper process of a launched stage
+    wd = prepare(workdir, server=not helper)
     cfg = _load(config, set_)
     entry = stages.get(stage)
     from alignflow.tasks.train.loop import NonFiniteLossError
 
-    if launch.is_distributed() and launch.rank() != 0:  # a helper process of a launched stage: train, leave
+    if helper:  # a helper process of a launched stage: train, leave
         import importlib
 
         plan = launch.receive_plan()
@@ -213,10 +214,10 @@ def _run_stage(stage: str, workdir: Path, config: Path | None, set_: list[str] |
             importlib.import_module(entry.module).train_shard(cfg, plan)
         launch.finish()
         raise typer.Exit(0)
-    start_prefect_server()
     try:
-        flow = entry.load_flow()
-        wait_for_prefect_server()
+        with imports_without_gc():
+            flow = entry.load_flow()
+            wait_for_prefect_server()
         out = flow(workdir=str(wd), config=cfg, resume=resume)
     except BaseException as exc:
         # Stopped before training: the others get an empty plan and leave with us. Stopped in or after it:
@@ -339,14 +340,14 @@ def pipeline(
     resume: ResumeOpt = False,
 ) -> None:
     """Every stage in order as one parent MLflow run (cached stages skipped); a summary table at the end."""
-    wd = prepare(workdir)
-    cfg = _load(config, set_)
-    if cfg.pipeline.sources:  # (none: the flow generates its dump)
-        _check_ingest_input(cfg, cfg.pipeline.sources, cfg.ingest.format)
-    start_prefect_server()
-    from .pipeline import PipelineError, pipeline as pipeline_flow
+    with imports_without_gc():  # up to the flow: checks, the server started, imports
+        wd = prepare(workdir, server=True)
+        cfg = _load(config, set_)
+        if cfg.pipeline.sources:  # (none: the flow generates its dump)
+            _check_ingest_input(cfg, cfg.pipeline.sources, cfg.ingest.format)
+        from .pipeline import PipelineError, pipeline as pipeline_flow
 
-    wait_for_prefect_server()
+        wait_for_prefect_server()
     try:
         out = pipeline_flow(workdir=str(wd), config=cfg, resume=resume)
     except (PipelineError, *_user_errors(), LookupError) as exc:

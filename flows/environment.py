@@ -58,7 +58,10 @@ def is_environment_error(exc: BaseException) -> bool:
     return cause is not None and cause is not exc and is_environment_error(cause)
 
 
-def prepare(workdir: str | Path) -> Path:
+def prepare(workdir: str | Path, *, server: bool = False) -> Path:
+    """Check the work directory and set the process environment for it (Prefect's home, MLflow, offline
+    hubs). ``server``: the command runs flows, so Prefect's temporary server is started here
+    (:func:`start_prefect_server`), before anything imports Prefect (~2 CPU-s), so that the two overlap."""
     workdir = check_workdir(Path(workdir).expanduser().resolve())
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The temporary server can take longer than the default 20 s to start on a busy 2-core machine.
@@ -74,10 +77,12 @@ def prepare(workdir: str | Path) -> Path:
     if not debug():
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    quiet_expected_errors()
     if not os.environ.get("PREFECT_API_URL"):
         _watch_temporary_server()
         _seed_prefect_database()
+        if server:
+            start_prefect_server()
+    quiet_expected_errors()
     return workdir
 
 
@@ -101,9 +106,10 @@ def start_prefect_server() -> None:
     Without a configured server, Prefect starts a temporary one (``uvicorn ... create_app``) at the
     first API call, after the command has imported Prefect, MLflow and the flow (~6 s), and then waits
     for it (~4-5 s). Started here, right after :func:`prepare`, the two overlap. It is the same server,
-    run the way Prefect runs it, on a loopback socket bound here (no port race) and handed to it;
-    child processes get its URL and use it instead of starting servers of their own. It stops when
-    this process exits (``atexit``; the reaper or, on Linux, the parent-death signal if killed).
+    run the way Prefect runs it (its app built by :mod:`.prefect_server`), on a loopback socket bound here
+    (no port race) and handed to it; child processes get its URL and use it instead of starting servers of
+    their own. It stops when this process exits (``atexit``; the reaper or, on Linux, the parent-death
+    signal if killed).
     Does nothing when a server or a database other than the work directory's SQLite file is configured.
     """
     if _SERVER or os.environ.get("PREFECT_API_URL"):
@@ -128,7 +134,7 @@ def start_prefect_server() -> None:
                "PREFECT__SERVER_FINAL": "1"}  # as Prefect's own temporary server
         proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), "--factory",
-             "prefect.server.api.server:create_app", "--fd", str(sock.fileno()), "--log-level", "error",
+             "alignflow.flows.prefect_server:create_app", "--fd", str(sock.fileno()), "--log-level", "error",
              "--lifespan", "on"],
             env=env, stdin=subprocess.DEVNULL, pass_fds=(sock.fileno(),), preexec_fn=_die_with_parent)
     finally:

@@ -1,7 +1,8 @@
 """Stops the Prefect temporary server of a command that was killed.
 
 Prefect's temporary server is a child process (``uvicorn ...
-prefect.server.api.server:create_app``) stopped by an ``atexit`` hook, which
+prefect.server.api.server:create_app``, or ``alignflow.flows.prefect_server:create_app``
+when the command starts it early) stopped by an ``atexit`` hook, which
 a SIGKILL skips: the server would run on forever. :func:`watch` starts this
 module as a small process that notes the servers its parent starts and
 terminates them once the parent is gone, then exits.
@@ -21,7 +22,8 @@ from pathlib import Path
 from alignflow.tasks.processes import process_alive
 
 POLL_SECONDS = 0.5
-_SERVER_MARK = b"prefect.server.api.server:create_app"
+# the app in a temporary server's command line: Prefect's own, or the same built by alignflow.flows.prefect_server
+_SERVER_MARKS = (b"prefect.server.api.server:create_app", b"alignflow.flows.prefect_server:create_app")
 
 
 def _children_servers(parent: int) -> dict[int, bytes]:
@@ -33,7 +35,7 @@ def _children_servers(parent: int) -> dict[int, bytes]:
         try:
             stat = (proc / "stat").read_bytes()
             fields = stat[stat.rindex(b")") + 2:].split()
-            if int(fields[1]) != parent or _SERVER_MARK not in (proc / "cmdline").read_bytes():
+            if int(fields[1]) != parent or not any(mark in (proc / "cmdline").read_bytes() for mark in _SERVER_MARKS):
                 continue
             found[int(proc.name)] = fields[19]
         except (OSError, ValueError, IndexError):

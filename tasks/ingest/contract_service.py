@@ -267,8 +267,11 @@ def serve() -> None:
 
     from .build import collect_batch_garbage
 
+    from alignflow.startup import imports_without_gc
+
     defer_unused_imports()
-    import great_expectations  # noqa: F401  loaded now, while the caller is still reading its input
+    with imports_without_gc():
+        import great_expectations  # noqa: F401  loaded now, while the caller is still reading its input
 
     collect_batch_garbage(new_objects_stay=True)  # the libraries' objects: out of every later pass
     kinds: set[str] = set()

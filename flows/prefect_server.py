@@ -1,0 +1,16 @@
+"""The app of Prefect's temporary server, which :func:`alignflow.flows.environment.start_prefect_server` runs:
+Prefect's own ``create_app``, loaded and built with the garbage collector off (:mod:`alignflow.startup`),
+which takes ~1 CPU-s off the server's start, the part of the command's start-up everything else waits for."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def create_app() -> Any:
+    from alignflow.startup import imports_without_gc
+
+    with imports_without_gc():
+        from prefect.server.api.server import create_app as prefect_app
+
+        return prefect_app()
