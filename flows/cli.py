@@ -467,7 +467,14 @@ def run_module(stage: str) -> None:
 
 
 def main() -> None:  # pragma: no cover
-    app()
+    """The ``alignflow`` command. A command that ends (sys.exit, as typer does) leaves without the
+    interpreter's finalization (:func:`~alignflow.tasks.launch.exit_without_finalization`: 1.7-2 s)."""
+    from alignflow.tasks import launch
+
+    try:
+        app()
+    except SystemExit as exc:
+        launch.exit_without_finalization(exc.code)
 
 
 if __name__ == "__main__":  # pragma: no cover
