@@ -112,8 +112,9 @@ def run_measured(cmd: list[str], log_dir: Path, name: str, env: dict | None = No
 
 
 def _is_prefect_server(cmd: str) -> bool:
-    """The temporary Prefect API server a flow run starts (not part of the ingest's own work)."""
-    return "prefect.server" in cmd or ("prefect" in cmd and " server" in cmd)
+    """The temporary Prefect API server a flow run starts (not part of the ingest's own work): Prefect's app,
+    or the same built by alignflow.flows.prefect_server."""
+    return "prefect.server" in cmd or "prefect_server:" in cmd or ("prefect" in cmd and " server" in cmd)
 
 
 def tail(path: Path, lines: int = 40) -> str:
