@@ -61,7 +61,8 @@ def is_environment_error(exc: BaseException) -> bool:
 def prepare(workdir: str | Path, *, server: bool = False) -> Path:
     """Check the work directory and set the process environment for it (Prefect's home, MLflow, offline
     hubs). ``server``: the command runs flows, so Prefect's temporary server is started here
-    (:func:`start_prefect_server`), before anything imports Prefect (~2 CPU-s), so that the two overlap."""
+    (:func:`start_prefect_server`), as soon as its database is seeded: it boots while the command sets up
+    Prefect's logging and imports its flow."""
     workdir = check_workdir(Path(workdir).expanduser().resolve())
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The temporary server can take longer than the default 20 s to start on a busy 2-core machine.
