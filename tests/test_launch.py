@@ -32,3 +32,20 @@ def test_a_process_that_never_closed_a_group_says_so():
     assert launch.group_closed() is False
     launch.finish()  # not launched: nothing to close
     assert launch.group_closed() is False
+
+
+THREADED = """
+import atexit, sys, threading, time
+from alignflow.tasks import launch
+atexit.register(lambda: print("exit handler ran"))
+threading.Thread(target=lambda: (time.sleep(0.3), print("thread done", end=" "))).start()  # not a daemon
+launch.exit_without_finalization(0)
+"""
+
+
+def test_exit_without_finalization_waits_for_threads_before_the_exit_handlers():
+    """As the interpreter does on exit: a thread that is not a daemon finishes first, then the handlers run
+    (Prefect's log worker drains there while its server is up; the server stops in a handler)."""
+    done = subprocess.run([sys.executable, "-c", THREADED], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "thread done exit handler ran\n"
