@@ -123,6 +123,8 @@ def start_prefect_server() -> None:
 
     from alignflow.tasks.store_templates import prefect_database_file
 
+    from .prefect_server import APP as SERVER_APP
+
     if prefect_database_file() is None:  # a server or a database the user configured (profile, toml)
         return
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -135,7 +137,7 @@ def start_prefect_server() -> None:
                "PREFECT__SERVER_FINAL": "1"}  # as Prefect's own temporary server
         proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), "--factory",
-             "alignflow.flows.prefect_server:create_app", "--fd", str(sock.fileno()), "--log-level", "error",
+             SERVER_APP, "--fd", str(sock.fileno()), "--log-level", "error",
              "--lifespan", "on"],
             env=env, stdin=subprocess.DEVNULL, pass_fds=(sock.fileno(),), preexec_fn=_die_with_parent)
     finally:

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
+# how the server's command line names its app (uvicorn --factory); the reaper finds the server by it
+APP = "alignflow.flows.prefect_server:create_app"
+
 
 def create_app() -> Any:
     from alignflow.startup import imports_without_gc

@@ -21,9 +21,11 @@ from pathlib import Path
 
 from alignflow.tasks.processes import process_alive
 
+from .prefect_server import APP as SERVER_APP
+
 POLL_SECONDS = 0.5
 # the app in a temporary server's command line: Prefect's own, or the same built by alignflow.flows.prefect_server
-_SERVER_MARKS = (b"prefect.server.api.server:create_app", b"alignflow.flows.prefect_server:create_app")
+_SERVER_MARKS = (b"prefect.server.api.server:create_app", SERVER_APP.encode())
 
 
 def _children_servers(parent: int) -> dict[int, bytes]:
@@ -35,7 +37,10 @@ def _children_servers(parent: int) -> dict[int, bytes]:
         try:
             stat = (proc / "stat").read_bytes()
             fields = stat[stat.rindex(b")") + 2:].split()
-            if int(fields[1]) != parent or not any(mark in (proc / "cmdline").read_bytes() for mark in _SERVER_MARKS):
+            if int(fields[1]) != parent:
+                continue
+            cmdline = (proc / "cmdline").read_bytes()
+            if not any(mark in cmdline for mark in _SERVER_MARKS):
                 continue
             found[int(proc.name)] = fields[19]
         except (OSError, ValueError, IndexError):

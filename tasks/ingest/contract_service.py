@@ -264,10 +264,9 @@ def serve() -> None:
     """Worker loop: run each message read from stdin (check a batch and maybe write it; close a file); write
     each one's result to stdout."""
     from alignflow.data_contracts.contracts import defer_unused_imports
+    from alignflow.startup import imports_without_gc
 
     from .build import collect_batch_garbage
-
-    from alignflow.startup import imports_without_gc
 
     defer_unused_imports()
     with imports_without_gc():

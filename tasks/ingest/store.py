@@ -112,6 +112,7 @@ _VOTE_SUMMARY_SELECT = (
     "LEFT JOIN votes v ON v.site = p.site AND v.post_id = p.post_id WHERE p.site = ?"
 )
 
+
 def stored_groups(chunk) -> Iterator[tuple[tuple[str, str], list[StoredPost]]]:
     """A chunk of :meth:`StagingStore.walk_chunks` as ((site, question_id), rows) per question."""
     current: tuple[str, str] | None = None
@@ -229,7 +230,7 @@ class StagingStore:
         self._quarantine: list[tuple] = []
         self._votes: dict[tuple[str, str], list[int]] = {}
         self.counts: Counter[tuple[str, str]] = Counter()
-        self._vote_summaries: dict[str, tuple[int, int, int]] = {}  # site -> vote_summary(site)
+        self._vote_summaries: dict[str, tuple[int, int, int]] = {}  # site -> vote_summary(site), once loaded
         self.vote_files: dict[str, str] = {}
 
     # -- RecordSink -----------------------------------------------------------
@@ -250,7 +251,6 @@ class StagingStore:
         in its file). The rows go from one SQLite database to the other in SQLite's own code: no Python
         object is made per row, as ``add_post_rows`` would after unpickling them."""
         self._flush_posts()  # the posts added before come first
-        self._vote_summaries.clear()
         with attached(self.db, image):
             moved = ", ".join("line + ?" if name == "line" else name for name in column_names(POST_TYPES))
             self.db.execute(f"INSERT INTO posts ({_POST_COLUMNS}) SELECT {moved} FROM shard.posts ORDER BY rowid",
@@ -308,7 +308,6 @@ class StagingStore:
     # -- flushing ---------------------------------------------------------------
     def _flush_posts(self) -> None:
         if self._posts:
-            self._vote_summaries.clear()
             self.db.executemany(f"INSERT INTO posts ({_POST_COLUMNS}) VALUES ({','.join('?' * 20)})", self._posts)
             self._posts.clear()
 
@@ -324,7 +323,6 @@ class StagingStore:
 
     def _flush_votes(self) -> None:
         if self._votes:
-            self._vote_summaries.clear()
             self.db.executemany(
                 f"INSERT INTO votes VALUES (?,?,?,?,?) {_VOTE_UPSERT}",
                 [(s, p, u, d, a) for (s, p), (u, d, a) in self._votes.items()],
@@ -350,18 +348,19 @@ class StagingStore:
                 detail="a row with the same Id came earlier in the input",
             )
             self.db.execute("DELETE FROM posts WHERE rid = ?", (rid,))
-            self._vote_summaries.clear()
         self.flush()
         self.db.execute(f"CREATE INDEX posts_by_question ON posts (site, qkey, kind_order, pkey, {_TEXT_BYTES})")
         self.db.commit()
+        self._vote_summaries.clear()  # the posts and votes are final from here on
 
     def sites_with_votes(self) -> set[str]:
         return {row[0] for row in self.db.execute("SELECT site FROM vote_sites")}
 
     def vote_summary(self, site: str) -> tuple[int, int, int]:
         """(posts of ``site``, posts whose ``Score`` equals their up minus down votes, votes on those posts),
-        in one pass over the ``posts_by_id`` index (:meth:`finish_loading`), which holds every post's score;
-        kept for the later questions about the same site (the tables do not change once loaded)."""
+        in one pass over the ``posts_by_id`` index, which holds every post's score. Asked once loading is
+        finished (:meth:`finish_loading` makes the index), when the tables no longer change: kept for the later
+        questions about the same site."""
         summary = self._vote_summaries.get(site)
         if summary is None:
             posts, agree, on_posts = self.db.execute(_VOTE_SUMMARY_SELECT, (site,)).fetchone()
