@@ -852,18 +852,111 @@ def _memoize_metric_graphs() -> None:
     Validator._alignflow_memoized = True
 
 
+def _memoize_config_variables() -> None:
+    """Within one of alignflow's validation runs, read a file context's config variables once.
+
+    A run with Data Docs asks the file context for its variables ~70 times (every store, site builder and
+    data-context variable is substituted), and each time GX reads and parses ``config_variables.yml`` with
+    ruamel: about a seventh of a Data Docs run. Nothing writes that file during a run, so inside one
+    (:func:`_memoized_run`) the values of a (file, root) are read once and each caller gets its own copy.
+    Elsewhere the method is GX's own.
+    """
+    try:
+        from great_expectations.core.config_provider import _ConfigurationVariablesConfigurationProvider as Provider
+    except ImportError:  # pragma: no cover - a GX that reads its variables elsewhere: left as it is
+        return
+    if getattr(Provider, "_alignflow_memoized", False):
+        return
+    read = Provider.get_values
+
+    def get_values(self):
+        memo = getattr(_RUN, "config_variables", None)
+        if memo is None:
+            return read(self)
+        key = (self._config_variables_file_path, self._root_directory)
+        if key not in memo:
+            memo[key] = read(self)
+        return dict(memo[key])
+
+    Provider.get_values = get_values
+    Provider._alignflow_memoized = True
+
+
+class _TemplateCode:
+    """Jinja's compiled templates, shared by the environments of one class of GX view (see
+    :func:`_cache_template_code`). Jinja files each one under its name and path and checks the source's
+    checksum before using it, so a changed template is compiled again."""
+
+    def __init__(self) -> None:
+        import jinja2
+
+        class Cache(jinja2.BytecodeCache):
+            def __init__(self) -> None:
+                self.code: dict[str, tuple[str, Any]] = {}
+
+            def load_bytecode(self, bucket) -> None:
+                entry = self.code.get(bucket.key)
+                if entry is not None and entry[0] == bucket.checksum:
+                    bucket.code = entry[1]
+
+            def dump_bytecode(self, bucket) -> None:
+                self.code[bucket.key] = (bucket.checksum, bucket.code)
+
+        self.by_class: dict[type, Any] = {}
+        self.cache_class = Cache
+
+    def for_view(self, view: Any) -> Any:
+        cache = self.by_class.get(type(view))
+        if cache is None:
+            cache = self.by_class.setdefault(type(view), self.cache_class())
+        return cache
+
+
+_TEMPLATE_CODE: dict[str, _TemplateCode] = {}  # the process's compiled Data Docs templates, once cached
+
+
+def _cache_template_code() -> None:
+    """Compile each Data Docs template once per process instead of once per page.
+
+    GX makes a new view, with a new Jinja environment, for every page of Data Docs it renders, so every
+    template (~50 for the pages of one run) is parsed and compiled again each time: about a third of a
+    Data Docs run. Here each view's environment gets a bytecode cache (Jinja's own mechanism) shared by
+    the views of its class, which are all made with the same environment settings; the templates are
+    still loaded through each view's own loaders, rendered in its own environment with its own filters.
+    """
+    try:
+        from great_expectations.render.view.view import DefaultJinjaView
+    except ImportError:  # pragma: no cover - a GX without the view: nothing to cache
+        return
+    get_template = getattr(DefaultJinjaView, "_get_template", None)
+    if get_template is None or getattr(DefaultJinjaView, "_alignflow_memoized", False):
+        return
+    code = _TEMPLATE_CODE.setdefault("code", _TemplateCode())
+
+    def _get_template(self, template_str):
+        if self.env.bytecode_cache is None:
+            self.env.bytecode_cache = code.for_view(self)
+        return get_template(self, template_str)
+
+    DefaultJinjaView._get_template = _get_template
+    DefaultJinjaView._alignflow_memoized = True
+
+
 @contextlib.contextmanager
 def _memoized_run(graphs: dict | None = None) -> Iterator[None]:
-    """The scope of one validation run: configurations and row filters made once (see the memos above);
-    with ``graphs`` (a suite's, kept across its runs), metric graphs made once per suite."""
+    """The scope of one validation run: configurations, row filters and a file context's config variables
+    made once (see the memos above); with ``graphs`` (a suite's, kept across its runs), metric graphs made
+    once per suite. Data Docs templates are compiled once per process (:func:`_cache_template_code`)."""
     _memoize_configurations()
     _memoize_row_filters()
     _memoize_metric_graphs()
-    _RUN.configurations, _RUN.filters, _RUN.graphs = {}, {}, graphs
+    _memoize_config_variables()
+    _cache_template_code()
+    _RUN.configurations, _RUN.filters, _RUN.graphs, _RUN.config_variables = {}, {}, graphs, {}
     try:
         yield
     finally:
-        _RUN.configurations = _RUN.filters = _RUN.graphs = None
+        _RUN.configurations = _RUN.filters = _RUN.graphs = _RUN.config_variables = None
 
 
 _EPHEMERAL: dict[tuple[str, str], _EphemeralSuite] = {}
@@ -940,7 +1033,8 @@ def _run_gx(
         )
     )
     run_id = RunIdentifier(run_name=batch_name, run_time=_dt.datetime.now(_dt.timezone.utc))
-    cp_result = checkpoint.run(batch_parameters={"dataframe": work}, run_id=run_id)
+    with _memoized_run():  # the suite and its definitions are saved above: nothing changes them from here
+        cp_result = checkpoint.run(batch_parameters={"dataframe": work}, run_id=run_id)
     (vr,) = cp_result.run_results.values()
     index = Path(ctx.root_directory) / "uncommitted" / "data_docs" / "local_site" / "index.html"
     return vr, index

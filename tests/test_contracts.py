@@ -582,6 +582,78 @@ def test_data_docs_written_and_rerun_is_fine(tmp_path):
     assert "must have a single" in suite_page and "must never equal" in suite_page
 
 
+# Renders Data Docs twice from the same frames in a fresh process: first with GX's own code (no memo of
+# alignflow's is ever installed: ``_memoized_run`` does nothing), then with the memos of a validation run.
+_DOCS_WITH_AND_WITHOUT_MEMOS = r"""
+import contextlib, pickle, sys
+import alignflow.data_contracts.contracts as c
+frames = pickle.loads(open(sys.argv[1], "rb").read())
+memoized = c._memoized_run
+c._memoized_run = lambda graphs=None: contextlib.nullcontext()
+for kind, name, df in frames:
+    c.validate(df, kind, docs_dir=sys.argv[2], batch_name=name)
+c._memoized_run = memoized
+for kind, name, df in frames:
+    c.validate(df, kind, docs_dir=sys.argv[3], batch_name=name)
+code = c._TEMPLATE_CODE["code"]
+print(sum(len(cache.code) for cache in code.by_class.values()))
+"""
+
+
+def _docs_pages(root) -> dict[str, str]:
+    """Every file of a Data Docs folder, with what differs between two renderings of the same runs (the
+    run times, ids and the folder itself) replaced by placeholders."""
+    import re
+
+    def same(text: str) -> str:
+        text = text.replace(str(root), "ROOT")
+        text = re.sub(r"\d{8}T\d{6}\.\d+Z", "TIME", text)
+        text = re.sub(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(\.\d+)?(\+00:00|Z)?", "TIME", text)
+        text = re.sub(r"'_run_time_sort': [\d.]+", "'_run_time_sort': TIME", text)
+        return re.sub(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", "UUID", text)
+
+    return {same(str(p.relative_to(root))): same(p.read_text(errors="replace"))
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_data_docs_are_the_same_with_the_run_memos(tmp_path):
+    """Compiled templates shared between pages, config variables read once per run and the configuration
+    and row-filter memos (``_memoized_run``) change nothing in the pages GX writes: a page that failed to
+    render, a missing style or a stale value would differ."""
+    import pickle
+
+    bad = pairs_frame()
+    bad.loc[0, "pair_id"] = "p1"
+    bad.loc[2, "chosen"] = ""
+    frames = [("pairs", "run-1", pairs_frame()), ("pairs", "run-2", bad), ("prompts", "run-1", prompts_frame())]
+    (tmp_path / "frames.pkl").write_bytes(pickle.dumps(frames))
+    gx_own, memoized = tmp_path / "gx-own", tmp_path / "memoized"
+    out = subprocess.run([sys.executable, "-c", _DOCS_WITH_AND_WITHOUT_MEMOS, str(tmp_path / "frames.pkl"),
+                          str(gx_own), str(memoized)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "unexpected Exception occurred during data docs rendering" not in out.stderr
+    assert int(out.stdout.split()[-1]) >= 10  # the templates were compiled once and then served from the cache
+    pages, expected = _docs_pages(memoized), _docs_pages(gx_own)
+    assert sorted(pages) == sorted(expected)
+    assert sum(name.endswith(".html") for name in pages) >= 6  # index, suites and one page per run
+    assert [name for name in pages if pages[name] != expected[name]] == []
+
+
+def test_config_variables_are_read_once_per_run_and_handed_out_as_copies(tmp_path):
+    from great_expectations.core.config_provider import _ConfigurationVariablesConfigurationProvider
+
+    from alignflow.data_contracts.contracts import _memoized_run
+
+    (tmp_path / "variables.yml").write_text("token: abc\n")
+    provider = _ConfigurationVariablesConfigurationProvider("variables.yml", root_directory=str(tmp_path))
+    with _memoized_run():
+        first = provider.get_values()
+        first["token"] = "changed by a caller"
+        (tmp_path / "variables.yml").write_text("token: xyz\n")
+        assert provider.get_values() == {"token": "abc"}  # read once in a run; each caller its own copy
+    assert provider.get_values() == {"token": "xyz"}  # outside a run, GX reads the file as before
+
+
 def test_concurrent_validations_share_a_docs_dir(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
