@@ -28,6 +28,7 @@ import datetime as _dt
 import json
 import logging
 import math
+import os
 import re
 import sys
 import threading
@@ -853,13 +854,13 @@ def _memoize_metric_graphs() -> None:
 
 
 def _memoize_config_variables() -> None:
-    """Within one of alignflow's validation runs, read a file context's config variables once.
+    """Within a scope of :func:`_config_variables_read_once`, read a file context's config variables once.
 
-    A run with Data Docs asks the file context for its variables ~70 times (every store, site builder and
+    A validation with Data Docs asks its file context for variables ~70 times (every store, site builder and
     data-context variable is substituted), and each time GX reads and parses ``config_variables.yml`` with
-    ruamel: about a seventh of a Data Docs run. Nothing writes that file during a run, so inside one
-    (:func:`_memoized_run`) the values of a (file, root) are read once and each caller gets its own copy.
-    Elsewhere the method is GX's own.
+    ruamel: a sixth of such a validation. Inside the scope, the values of a file are read again only when
+    the file changed (its size, time or inode; a missing file is asked every time), and each caller gets
+    its own copy. Elsewhere the method is GX's own.
     """
     try:
         from great_expectations.core.config_provider import _ConfigurationVariablesConfigurationProvider as Provider
@@ -873,13 +874,30 @@ def _memoize_config_variables() -> None:
         memo = getattr(_RUN, "config_variables", None)
         if memo is None:
             return read(self)
-        key = (self._config_variables_file_path, self._root_directory)
+        try:  # the file GX reads: its path with ${VARIABLES} substituted, relative to the root
+            path = self._substitutor.substitute_config_variable(self._config_variables_file_path, dict(os.environ))
+            st = os.stat(path if os.path.isabs(path) else os.path.join(self._root_directory or os.curdir, path))
+        except Exception:  # noqa: BLE001 - no such file, or a path GX itself cannot make: GX's own read decides
+            return read(self)
+        key = (self._config_variables_file_path, self._root_directory, st.st_ino, st.st_size, st.st_mtime_ns)
         if key not in memo:
             memo[key] = read(self)
         return dict(memo[key])
 
     Provider.get_values = get_values
     Provider._alignflow_memoized = True
+
+
+@contextlib.contextmanager
+def _config_variables_read_once() -> Iterator[None]:
+    """The scope of :func:`_memoize_config_variables` (one validation with Data Docs, on this thread)."""
+    _memoize_config_variables()
+    outer = getattr(_RUN, "config_variables", None)
+    _RUN.config_variables = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _RUN.config_variables = outer
 
 
 class _TemplateCode:
@@ -944,19 +962,18 @@ def _cache_template_code() -> None:
 
 @contextlib.contextmanager
 def _memoized_run(graphs: dict | None = None) -> Iterator[None]:
-    """The scope of one validation run: configurations, row filters and a file context's config variables
-    made once (see the memos above); with ``graphs`` (a suite's, kept across its runs), metric graphs made
-    once per suite. Data Docs templates are compiled once per process (:func:`_cache_template_code`)."""
+    """The scope of one validation run: configurations and row filters made once (see the memos above);
+    with ``graphs`` (a suite's, kept across its runs), metric graphs made once per suite. Data Docs
+    templates are compiled once per process (:func:`_cache_template_code`)."""
     _memoize_configurations()
     _memoize_row_filters()
     _memoize_metric_graphs()
-    _memoize_config_variables()
     _cache_template_code()
-    _RUN.configurations, _RUN.filters, _RUN.graphs, _RUN.config_variables = {}, {}, graphs, {}
+    _RUN.configurations, _RUN.filters, _RUN.graphs = {}, {}, graphs
     try:
         yield
     finally:
-        _RUN.configurations = _RUN.filters = _RUN.graphs = _RUN.config_variables = None
+        _RUN.configurations = _RUN.filters = _RUN.graphs = None
 
 
 _EPHEMERAL: dict[tuple[str, str], _EphemeralSuite] = {}
@@ -1008,36 +1025,37 @@ def _run_gx(
                 entry.forget_batch()
         return vr, None
 
-    expectations = [_build_gx(s, i) for i, s in enumerate(specs)]
-    ctx = gx.get_context(mode="file", project_root_dir=str(docs_dir))
-    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
-    ds = ctx.data_sources.add_or_update_pandas("alignflow")
-    try:
-        asset = ds.get_asset(kind)
-    except LookupError:
-        asset = ds.add_dataframe_asset(kind)
-    try:
-        bd = asset.get_batch_definition(kind)
-    except KeyError:
-        bd = asset.add_batch_definition_whole_dataframe(kind)
-    suite = ctx.suites.add_or_update(gx.ExpectationSuite(name=suite_name, expectations=expectations))
-    vd = ctx.validation_definitions.add_or_update(
-        gx.ValidationDefinition(name=suite_name, data=bd, suite=suite)
-    )
-    checkpoint = ctx.checkpoints.add_or_update(
-        gx.Checkpoint(
-            name=suite_name,
-            validation_definitions=[vd],
-            actions=[gx.checkpoint.UpdateDataDocsAction(name="update_data_docs")],
-            result_format=result_format,
+    with _config_variables_read_once():  # GX reads config_variables.yml once here, not ~70 times
+        expectations = [_build_gx(s, i) for i, s in enumerate(specs)]
+        ctx = gx.get_context(mode="file", project_root_dir=str(docs_dir))
+        ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+        ds = ctx.data_sources.add_or_update_pandas("alignflow")
+        try:
+            asset = ds.get_asset(kind)
+        except LookupError:
+            asset = ds.add_dataframe_asset(kind)
+        try:
+            bd = asset.get_batch_definition(kind)
+        except KeyError:
+            bd = asset.add_batch_definition_whole_dataframe(kind)
+        suite = ctx.suites.add_or_update(gx.ExpectationSuite(name=suite_name, expectations=expectations))
+        vd = ctx.validation_definitions.add_or_update(
+            gx.ValidationDefinition(name=suite_name, data=bd, suite=suite)
         )
-    )
-    run_id = RunIdentifier(run_name=batch_name, run_time=_dt.datetime.now(_dt.timezone.utc))
-    with _memoized_run():  # the suite and its definitions are saved above: nothing changes them from here
-        cp_result = checkpoint.run(batch_parameters={"dataframe": work}, run_id=run_id)
-    (vr,) = cp_result.run_results.values()
-    index = Path(ctx.root_directory) / "uncommitted" / "data_docs" / "local_site" / "index.html"
-    return vr, index
+        checkpoint = ctx.checkpoints.add_or_update(
+            gx.Checkpoint(
+                name=suite_name,
+                validation_definitions=[vd],
+                actions=[gx.checkpoint.UpdateDataDocsAction(name="update_data_docs")],
+                result_format=result_format,
+            )
+        )
+        run_id = RunIdentifier(run_name=batch_name, run_time=_dt.datetime.now(_dt.timezone.utc))
+        with _memoized_run():  # the suite and its definitions are saved above: nothing changes them from here
+            cp_result = checkpoint.run(batch_parameters={"dataframe": work}, run_id=run_id)
+        (vr,) = cp_result.run_results.values()
+        index = Path(ctx.root_directory) / "uncommitted" / "data_docs" / "local_site" / "index.html"
+        return vr, index
 
 
 def validate(

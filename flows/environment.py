@@ -101,6 +101,18 @@ TEMPORARY_API_ENV = "ALIGNFLOW_TEMPORARY_PREFECT_API"  # the API URL of a tempor
 _SERVER: list = []  # (process, API URL) of the temporary server started by :func:`start_prefect_server`
 
 
+# Settings of the temporary server (a user's own environment wins). On start, Prefect's server registers
+# every block type it knows (the library's and its collections') in its database unless it remembers having
+# done so for that database, which a new work directory never is: about 3 s of the ~8 s the server took to
+# answer on this 2-core machine, while the command waited. The types are the catalogue of the UI, which the
+# temporary server does not serve; saving a block registers its own type and schema (``Block.save``), so
+# skipping the registration leaves every use of blocks as it was (tests/test_command_startup.py).
+SERVER_SETTINGS = {
+    "PREFECT_API_BLOCKS_REGISTER_ON_START": "false",
+    "PREFECT_MEMOIZE_BLOCK_AUTO_REGISTRATION": "false",  # nothing to remember (and no registry to hash)
+}
+
+
 def start_prefect_server() -> None:
     """Start Prefect's temporary server now, so it boots while the command imports its flow.
 
@@ -135,6 +147,8 @@ def start_prefect_server() -> None:
         app_dir = Path(importlib.util.find_spec("prefect").origin).parent.parent
         env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
                "PREFECT__SERVER_FINAL": "1"}  # as Prefect's own temporary server
+        for name, value in SERVER_SETTINGS.items():
+            env.setdefault(name, value)
         proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), "--factory",
              SERVER_APP, "--fd", str(sock.fileno()), "--log-level", "error",

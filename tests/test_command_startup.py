@@ -126,13 +126,21 @@ def hello():
     return 7
 
 wait_for_prefect_server()
+from prefect.blocks.system import Secret
 from prefect.client.orchestration import get_client
 with get_client(sync_client=True) as client:
     api = str(client.api_url)
     runs = client.read_flow_runs()
-print(json.dumps({"result": hello(), "api": api, "env": os.environ["PREFECT_API_URL"],
+    types_at_start = len(client.read_block_types())
+result = hello()
+Secret(value="s3cr3t").save("alignflow-test")  # a block saved and loaded back through the temporary server
+loaded = Secret.load("alignflow-test").get()
+with get_client(sync_client=True) as client:
+    types_after = [t.slug for t in client.read_block_types()]
+print(json.dumps({"result": result, "api": api, "env": os.environ["PREFECT_API_URL"],
                   "mark": os.environ[TEMPORARY_API_ENV], "runs_before": len(runs),
-                  "server_modules_here": "prefect.server.api.server" in sys.modules}))
+                  "server_modules_here": "prefect.server.api.server" in sys.modules,
+                  "types_at_start": types_at_start, "types_after": types_after, "loaded": loaded}))
 """
 
 
@@ -156,6 +164,8 @@ def test_a_command_starts_prefects_server_early_and_stops_it_on_exit(tmp_path):
     assert proc.returncode == 0, err[-3000:]
     got = json.loads(out.strip().splitlines()[-1])
     assert got["result"] == 7 and got["runs_before"] == 0
+    # the server registered no block type on start (SERVER_SETTINGS); saving a block registered its own
+    assert got["types_at_start"] == 0 and got["types_after"] == ["secret"] and got["loaded"] == "s3cr3t"
     assert got["api"].rstrip("/") == got["env"] == got["mark"] and got["env"].startswith("http://127.0.0.1:")
     assert not got["server_modules_here"], "the command imported Prefect's server instead of only starting it"
     assert (tmp_path / "w" / "prefect" / "prefect.db").is_file()

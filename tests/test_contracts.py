@@ -639,19 +639,26 @@ def test_data_docs_are_the_same_with_the_run_memos(tmp_path):
     assert [name for name in pages if pages[name] != expected[name]] == []
 
 
-def test_config_variables_are_read_once_per_run_and_handed_out_as_copies(tmp_path):
+def test_config_variables_are_read_once_per_file_version_and_handed_out_as_copies(tmp_path, monkeypatch):
+    from great_expectations.core import config_provider
     from great_expectations.core.config_provider import _ConfigurationVariablesConfigurationProvider
 
-    from alignflow.data_contracts.contracts import _memoized_run
+    from alignflow.data_contracts.contracts import _config_variables_read_once
 
-    (tmp_path / "variables.yml").write_text("token: abc\n")
+    variables = tmp_path / "variables.yml"
+    variables.write_text("token: abc\n")
     provider = _ConfigurationVariablesConfigurationProvider("variables.yml", root_directory=str(tmp_path))
-    with _memoized_run():
+    parse, parsed = config_provider.yaml.load, []
+    monkeypatch.setattr(config_provider.yaml, "load", lambda text: parsed.append(text) or parse(text))
+    with _config_variables_read_once():
         first = provider.get_values()
         first["token"] = "changed by a caller"
-        (tmp_path / "variables.yml").write_text("token: xyz\n")
-        assert provider.get_values() == {"token": "abc"}  # read once in a run; each caller its own copy
-    assert provider.get_values() == {"token": "xyz"}  # outside a run, GX reads the file as before
+        assert provider.get_values() == {"token": "abc"}  # the same file: parsed once; a copy each time
+        assert len(parsed) == 1
+        variables.write_text("token: a longer value\n")
+        assert provider.get_values() == {"token": "a longer value"}  # the file changed: parsed again
+        assert len(parsed) == 2
+    assert provider.get_values() == {"token": "a longer value"} and len(parsed) == 3  # outside: GX's own read
 
 
 def test_concurrent_validations_share_a_docs_dir(tmp_path):
