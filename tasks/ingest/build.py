@@ -31,6 +31,7 @@ from alignflow.config import IngestConfig
 from . import schema
 from .columnar import add_questions, is_stackexchange
 from .heap import trim_heap
+from .ids import splits
 from .scoring import (Candidate, assign_split, best_answer, combined_license, pm_score, rank_pairs, render_prompt,
                       short_id)
 from .store import StagingStore, StoredPost, stored_groups
@@ -405,6 +406,11 @@ class Builder:
     def split_of(self, site: str, question_id: str) -> str:
         s = self.cfg.split
         return assign_split(site, question_id, train=s.train, validation=s.validation, salt=s.salt)
+
+    def splits_of(self, site: pa.Array, question_id: pa.Array) -> pa.Array:
+        """:meth:`split_of` of every row of two string columns at once."""
+        s = self.cfg.split
+        return splits(site, question_id, train=s.train, validation=s.validation, salt=s.salt)
 
     # -- one question -------------------------------------------------------------
     def add_question(self, rows: list[StoredPost]) -> None:

@@ -24,7 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .scoring import Candidate, combined_license, rank_pairs, short_id
+from .ids import short_ids
+from .scoring import Candidate, combined_license, rank_pairs
 
 if TYPE_CHECKING:
     from .build import Builder
@@ -102,7 +103,7 @@ def add_questions(builder: Builder, chunk: pa.Table) -> None:
     q = {name: text[name].take(qstarts) for name in ("site", "question_id", "source", "source_file")}
     q_site: list[str] = q["site"].to_pylist()
     q_id: list[str] = q["question_id"].to_pylist()
-    split_q = pa.array([builder.split_of(s, i) for s, i in zip(q_site, q_id)], pa.string())
+    split_q = builder.splits_of(q["site"], q["question_id"])
     votes_sites = {s for s in set(q_site) if builder.score_source_for(s) == "votes"}
     q_by_votes = np.array([s in votes_sites for s in q_site], dtype=bool)
     prompts = render_prompts(builder.cfg.prompt_template, {
@@ -138,7 +139,7 @@ def add_questions(builder: Builder, chunk: pa.Table) -> None:
 
     qline = line.take(qstarts)
     writers["prompts"].add_table(pa.Table.from_arrays([
-        pa.array([short_id(s, i) for s, i in zip(q_site, q_id)], pa.string()), prompts, q["question_id"], q["site"],
+        short_ids(q["site"], q["question_id"]), prompts, q["question_id"], q["site"],
         q["source"], split_q, q["source_file"], qline], schema=writers["prompts"].batch_schema),
         np.arange(1, nq + 1))
 
@@ -147,23 +148,21 @@ def add_questions(builder: Builder, chunk: pa.Table) -> None:
     d, dq, demo_ends = _demos(builder.cfg.min_demo_pm_score, qstarts, group, is_answer, accepted, pm)
     if len(c):
         chosen_ids, rejected_ids = text["post_id"].take(c), text["post_id"].take(r)
-        pair_ids = [short_id(q_site[g], q_id[g], i, j) for g, i, j in zip(pq.tolist(), chosen_ids.to_pylist(),
-                                                                          rejected_ids.to_pylist())]
+        pair_ids = short_ids(q["site"].take(pq), q["question_id"].take(pq), chosen_ids, rejected_ids)
         cs, rs = pm[c].astype(np.float64), pm[r].astype(np.float64)
         lc, lr = text["license"].take(c), text["license"].take(r)
         if not pc.all(pc.fill_null(pc.equal(lc, lr), False)).as_py():  # answers under different licences
             lc = pa.array([combined_license(a, b) for a, b in zip(lc.to_pylist(), lr.to_pylist())], pa.string())
         qr = qstarts[pq]
         writers["pairs"].add_table(pa.Table.from_arrays([
-            pa.array(pair_ids, pa.string()), prompts.take(pq), text["body"].take(c), text["body"].take(r),
+            pair_ids, prompts.take(pq), text["body"].take(c), text["body"].take(r),
             pa.array(cs), pa.array(rs), pa.array(cs - rs), q["question_id"].take(pq), q["site"].take(pq),
             q["source"].take(pq), split_q.take(pq), chosen_ids, rejected_ids,
             text["author"].take(c), text["author"].take(r), lc, q["source_file"].take(pq),
             line.take(qr)], schema=writers["pairs"].batch_schema), pair_ends)
     if len(d):
         writers["demos"].add_table(pa.Table.from_arrays([
-            pa.array([short_id(q_site[g], q_id[g], i)
-                      for g, i in zip(dq.tolist(), text["post_id"].take(d).to_pylist())], pa.string()),
+            short_ids(q["site"].take(dq), q["question_id"].take(dq), text["post_id"].take(d)),
             prompts.take(dq), text["body"].take(d), q["question_id"].take(dq), text["post_id"].take(d),
             q["site"].take(dq), q["source"].take(dq), split_q.take(dq), pa.array(pm[d]), text["author"].take(d),
             text["license"].take(d), text["source_file"].take(d), line.take(d)],
