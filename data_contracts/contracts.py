@@ -900,37 +900,28 @@ def _config_variables_read_once() -> Iterator[None]:
         _RUN.config_variables = outer
 
 
-class _TemplateCode:
-    """Jinja's compiled templates, shared by the environments of one class of GX view (see
-    :func:`_cache_template_code`). Jinja files each one under its name and path and checks the source's
-    checksum before using it, so a changed template is compiled again."""
-
-    def __init__(self) -> None:
-        import jinja2
-
-        class Cache(jinja2.BytecodeCache):
-            def __init__(self) -> None:
-                self.code: dict[str, tuple[str, Any]] = {}
-
-            def load_bytecode(self, bucket) -> None:
-                entry = self.code.get(bucket.key)
-                if entry is not None and entry[0] == bucket.checksum:
-                    bucket.code = entry[1]
-
-            def dump_bytecode(self, bucket) -> None:
-                self.code[bucket.key] = (bucket.checksum, bucket.code)
-
-        self.by_class: dict[type, Any] = {}
-        self.cache_class = Cache
-
-    def for_view(self, view: Any) -> Any:
-        cache = self.by_class.get(type(view))
-        if cache is None:
-            cache = self.by_class.setdefault(type(view), self.cache_class())
-        return cache
+_TEMPLATE_CODE: dict[type, Any] = {}  # a GX view class -> the Jinja bytecode cache its environments share
 
 
-_TEMPLATE_CODE: dict[str, _TemplateCode] = {}  # the process's compiled Data Docs templates, once cached
+def _template_code_cache() -> Any:
+    """A Jinja bytecode cache in memory (made on first use: jinja2 comes with GX, not with this module).
+    Jinja files each template under its name and path and checks the source's checksum before using the
+    code, so a changed template is compiled again."""
+    import jinja2
+
+    class TemplateCode(jinja2.BytecodeCache):
+        def __init__(self) -> None:
+            self.code: dict[str, tuple[str, Any]] = {}
+
+        def load_bytecode(self, bucket) -> None:
+            entry = self.code.get(bucket.key)
+            if entry is not None and entry[0] == bucket.checksum:
+                bucket.code = entry[1]
+
+        def dump_bytecode(self, bucket) -> None:
+            self.code[bucket.key] = (bucket.checksum, bucket.code)
+
+    return TemplateCode()
 
 
 def _cache_template_code() -> None:
@@ -949,11 +940,13 @@ def _cache_template_code() -> None:
     get_template = getattr(DefaultJinjaView, "_get_template", None)
     if get_template is None or getattr(DefaultJinjaView, "_alignflow_memoized", False):
         return
-    code = _TEMPLATE_CODE.setdefault("code", _TemplateCode())
 
     def _get_template(self, template_str):
         if self.env.bytecode_cache is None:
-            self.env.bytecode_cache = code.for_view(self)
+            cache = _TEMPLATE_CODE.get(type(self))
+            if cache is None:
+                cache = _TEMPLATE_CODE.setdefault(type(self), _template_code_cache())
+            self.env.bytecode_cache = cache
         return get_template(self, template_str)
 
     DefaultJinjaView._get_template = _get_template

@@ -595,8 +595,7 @@ for kind, name, df in frames:
 c._memoized_run = memoized
 for kind, name, df in frames:
     c.validate(df, kind, docs_dir=sys.argv[3], batch_name=name)
-code = c._TEMPLATE_CODE["code"]
-print(sum(len(cache.code) for cache in code.by_class.values()))
+print(sum(len(cache.code) for cache in c._TEMPLATE_CODE.values()))
 """
 
 
