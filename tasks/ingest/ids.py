@@ -2,8 +2,8 @@
 give row by row, hashed in one call per column.
 
 The walk names ~1.3 million prompts, pairs and demonstrations per GiB of Posts.xml and splits ~0.4 million
-questions, each a SHA-256 of a few joined strings; through ``hashlib`` one at a time that was ~3 CPU-s of the
-build, most of it Python's per-call overhead. Here the parts are joined by Arrow and hashed by
+questions, each a SHA-256 of a few joined strings; through ``hashlib`` one at a time that was 3.4-4.5 CPU-s of the
+build (1.0-2.0 now), most of it Python's per-call overhead. Here the parts are joined by Arrow and hashed by
 ``_fastids`` (C, libcrypto), with ``hashlib`` row by row as the fallback when the extension is not built or
 a part is null (``short_id`` then spells it ``None``, as before).
 """
