@@ -170,8 +170,49 @@ def _migrate_mlflow(db: Path) -> None:
 _MIGRATE = {"prefect": _migrate_prefect, "mlflow": _migrate_mlflow}
 
 
+# Environment variables alignflow sets itself, or that say nothing about where Prefect's API or database is.
+_NEUTRAL_PREFECT_ENV = frozenset({
+    "PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
+    "PREFECT_LOCAL_STORAGE_PATH", "PREFECT_LOGGING_LEVEL", "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL",
+})
+
+
+def default_database_file() -> Path | None:
+    """Prefect's database file when nothing but ``PREFECT_HOME`` configures Prefect, found without importing
+    Prefect; None when something else might (then only Prefect's settings can say).
+
+    Importing Prefect's settings imports Prefect (~1.5 s on this 2-core machine), and the command's temporary
+    server can only start once its database is known: with nothing configured, the file is Prefect's default,
+    ``$PREFECT_HOME/prefect.db``. Anything that could say otherwise sends the question to Prefect: another
+    ``PREFECT_*`` variable, a profiles file in the home, a ``.env`` or ``prefect.toml`` in the working folder,
+    a ``[tool.prefect]`` table in its ``pyproject.toml``, or Prefect's settings already loaded in this process
+    (which may hold temporary settings). tests/test_command_startup.py compares the answer with Prefect's.
+    """
+    home = os.environ.get("PREFECT_HOME")
+    if not home or "prefect.settings" in sys.modules:
+        return None
+    if any(name.startswith("PREFECT_") and name not in _NEUTRAL_PREFECT_ENV for name in os.environ):
+        return None
+    home_path = Path(home).expanduser()
+    if not home_path.is_absolute() or (home_path / "profiles.toml").exists():
+        return None
+    if Path(".env").exists() or Path("prefect.toml").exists():
+        return None
+    try:
+        if "tool.prefect" in Path("pyproject.toml").read_text(encoding="utf-8", errors="replace"):
+            return None
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return None
+    return home_path / "prefect.db"
+
+
 def prefect_database_file() -> Path | None:
     """The SQLite file Prefect's temporary server will use, or None (a configured server or database)."""
+    default = default_database_file()
+    if default is not None:
+        return default
     from prefect.settings import get_current_settings
 
     settings = get_current_settings()

@@ -114,6 +114,52 @@ def test_a_configured_prefect_server_or_database_gets_no_template(monkeypatch, t
         assert st.prefect_database_file() == db
 
 
+DEFAULT_DATABASE = r"""
+import json
+from alignflow.tasks import store_templates as st
+without_prefect = st.default_database_file()
+import prefect.settings  # noqa: F401  loaded: prefect_database_file now asks Prefect's settings
+print(json.dumps({"without_prefect": str(without_prefect) if without_prefect else None,
+                  "prefect": str(st.prefect_database_file() or "")}))
+"""
+
+
+@pytest.mark.parametrize("setup", ["nothing", "api_url", "profiles", "dotenv", "prefect_toml", "pyproject"])
+def test_the_database_file_found_without_prefect_is_prefects_own(tmp_path, setup):
+    """With nothing but PREFECT_HOME configured, the file is found without importing Prefect and is the one
+    Prefect's settings give; each other source of Prefect settings sends the question to Prefect, which
+    indeed answers differently for it."""
+    import json
+    import os
+    import sys
+
+    home, cwd, other = tmp_path / "home", tmp_path / "cwd", tmp_path / "other.db"
+    home.mkdir()
+    cwd.mkdir()
+    url = f"sqlite+aiosqlite:///{other}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "ALIGNFLOW_"))}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    if setup == "api_url":
+        env["PREFECT_API_URL"] = "http://127.0.0.1:4200/api"
+    elif setup == "profiles":
+        (home / "profiles.toml").write_text(f'active = "x"\n\n[profiles.x]\nPREFECT_SERVER_DATABASE_CONNECTION_URL = "{url}"\n')
+    elif setup == "dotenv":
+        (cwd / ".env").write_text(f"PREFECT_SERVER_DATABASE_CONNECTION_URL={url}\n")
+    elif setup == "prefect_toml":
+        (cwd / "prefect.toml").write_text(f'[server.database]\nconnection_url = "{url}"\n')
+    elif setup == "pyproject":
+        (cwd / "pyproject.toml").write_text(f'[tool.prefect.server.database]\nconnection_url = "{url}"\n')
+    out = subprocess.run([sys.executable, "-c", DEFAULT_DATABASE], cwd=cwd, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    if setup == "nothing":
+        assert got == {"without_prefect": str(home / "prefect.db"), "prefect": str(home / "prefect.db")}
+    else:
+        assert got["without_prefect"] is None
+        assert got["prefect"] == ("" if setup == "api_url" else str(other))
+
+
 EARLY_SERVER = r"""
 import json, os, sys
 from alignflow.flows.environment import prepare, start_prefect_server, wait_for_prefect_server, TEMPORARY_API_ENV
