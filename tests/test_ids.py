@@ -55,6 +55,9 @@ def test_short_ids_take_slices_chunks_large_strings_shared_values_and_nulls(path
     assert ids.short_ids(with_null, pa.array(["1", "2", "3"])).to_pylist() == [
         short_id("a", "1"), short_id(None, "2"), short_id("c", "3")]  # spelled "None", as row by row
     assert ids.short_ids(pa.array([], pa.string()), pa.array([], pa.string())).to_pylist() == []
+    numbers = pa.array([1.5, 2.0, 3.0])  # not text: spelled by str(), as row by row ("2.0", not Arrow's "2")
+    assert ids.short_ids(numbers, pa.array(["a", "b", "c"])).to_pylist() == [
+        short_id(1.5, "a"), short_id(2.0, "b"), short_id(3.0, "c")]
 
 
 @pytest.mark.parametrize("train,validation", [(0.8, 0.1), (0.5, 0.5), (1.0, 0.0), (0.0, 0.0), (0.333, 0.333)])

@@ -25,6 +25,17 @@ typedef struct {
     int width;
 } Strings;
 
+static int64_t offset_at(const Strings *s, Py_ssize_t i) {
+    if (s->width == 4) {
+        int32_t v;
+        memcpy(&v, (const char *)s->offsets.buf + i * 4, 4);
+        return v;
+    }
+    int64_t v;
+    memcpy(&v, (const char *)s->offsets.buf + i * 8, 8);
+    return v;
+}
+
 static int strings_open(Strings *s, PyObject *data, PyObject *offsets, int width) {
     if (width != 4 && width != 8) {
         PyErr_SetString(PyExc_ValueError, "offset_bytes must be 4 or 8");
@@ -42,6 +53,14 @@ static int strings_open(Strings *s, PyObject *data, PyObject *offsets, int width
         PyErr_SetString(PyExc_ValueError, "offsets must hold n + 1 offsets of offset_bytes each");
         goto fail;
     }
+    for (Py_ssize_t i = 0; i < s->n; i++) { /* checked once here: the loops below only read */
+        int64_t start = offset_at(s, i), end = offset_at(s, i + 1);
+        if (start < 0 || end < start || end > (int64_t)s->data.len) {
+            PyErr_Format(PyExc_ValueError, "string %zd has offsets [%lld, %lld) outside the %zd bytes of data",
+                         i, (long long)start, (long long)end, s->data.len);
+            goto fail;
+        }
+    }
     return 0;
 fail:
     PyBuffer_Release(&s->data);
@@ -54,27 +73,10 @@ static void strings_close(Strings *s) {
     PyBuffer_Release(&s->offsets);
 }
 
-static int64_t offset_at(const Strings *s, Py_ssize_t i) {
-    if (s->width == 4) {
-        int32_t v;
-        memcpy(&v, (const char *)s->offsets.buf + i * 4, 4);
-        return v;
-    }
-    int64_t v;
-    memcpy(&v, (const char *)s->offsets.buf + i * 8, 8);
-    return v;
-}
-
-/* The digest of string i, or -1 with an exception set if its offsets fall outside the data. */
-static int digest_of(const Strings *s, Py_ssize_t i, unsigned char out[SHA256_DIGEST_LENGTH]) {
+/* The SHA-256 of string i (its offsets were checked by strings_open). */
+static void digest_of(const Strings *s, Py_ssize_t i, unsigned char out[SHA256_DIGEST_LENGTH]) {
     int64_t start = offset_at(s, i), end = offset_at(s, i + 1);
-    if (start < 0 || end < start || end > (int64_t)s->data.len) {
-        PyErr_Format(PyExc_ValueError, "string %zd has offsets [%lld, %lld) outside the %zd bytes of data", i,
-                     (long long)start, (long long)end, s->data.len);
-        return -1;
-    }
     SHA256((const unsigned char *)s->data.buf + start, (size_t)(end - start), out);
-    return 0;
 }
 
 static PyObject *hex_digests(PyObject *Py_UNUSED(self), PyObject *args) {
@@ -96,27 +98,15 @@ static PyObject *hex_digests(PyObject *Py_UNUSED(self), PyObject *args) {
         return NULL;
     }
     char *out = PyBytes_AS_STRING(result);
-    int failed = 0;
     Py_BEGIN_ALLOW_THREADS
     unsigned char digest[SHA256_DIGEST_LENGTH];
-    for (Py_ssize_t i = 0; i < s.n && !failed; i++) {
-        int64_t start = offset_at(&s, i), end = offset_at(&s, i + 1);
-        if (start < 0 || end < start || end > (int64_t)s.data.len) {
-            failed = 1;
-            break;
-        }
-        SHA256((const unsigned char *)s.data.buf + start, (size_t)(end - start), digest);
+    for (Py_ssize_t i = 0; i < s.n; i++) {
+        digest_of(&s, i, digest);
         char *o = out + i * length;
         for (int k = 0; k < length; k++)
             o[k] = hex[(k & 1) ? (digest[k >> 1] & 15) : (digest[k >> 1] >> 4)];
     }
     Py_END_ALLOW_THREADS
-    if (failed) {
-        Py_DECREF(result);
-        PyErr_SetString(PyExc_ValueError, "a string's offsets fall outside the data");
-        strings_close(&s);
-        return NULL;
-    }
     strings_close(&s);
     return result;
 }
@@ -135,18 +125,16 @@ static PyObject *first_words(PyObject *Py_UNUSED(self), PyObject *args) {
         return NULL;
     }
     char *out = PyBytes_AS_STRING(result);
+    Py_BEGIN_ALLOW_THREADS
+    unsigned char digest[SHA256_DIGEST_LENGTH];
     for (Py_ssize_t i = 0; i < s.n; i++) {
-        unsigned char digest[SHA256_DIGEST_LENGTH];
-        if (digest_of(&s, i, digest) < 0) {
-            Py_DECREF(result);
-            strings_close(&s);
-            return NULL;
-        }
+        digest_of(&s, i, digest);
         uint64_t word = 0;
         for (int k = 0; k < 8; k++)
             word = (word << 8) | digest[k];
         memcpy(out + i * 8, &word, 8);
     }
+    Py_END_ALLOW_THREADS
     strings_close(&s);
     return result;
 }

@@ -27,16 +27,19 @@ _MAX_BYTES = (1 << 31) - 1  # an Arrow ``string`` array holds at most this many 
 def _column(part, n: int) -> pa.Array:
     if isinstance(part, pa.ChunkedArray):
         part = part.combine_chunks()
-    if isinstance(part, pa.Array):
-        return part if pa.types.is_string(part.type) or pa.types.is_large_string(part.type) else part.cast(pa.string())
-    return pa.array([part] * n, pa.string()) if isinstance(part, str) else pa.array(part, pa.string())
+    return pa.array([part] * n, pa.string()) if isinstance(part, str) else part
+
+
+def _is_text(column: pa.Array) -> bool:
+    return pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
 
 
 def _joined(parts: tuple, separator: str) -> pa.Array | None:
-    """The parts joined row by row (as ``separator.join(map(str, row))``), or None when a part is null."""
+    """The parts joined row by row (as ``separator.join(map(str, row))``), or None when a part is null or
+    not text (Arrow would spell a number otherwise than ``str``): those go row by row."""
     n = max((len(p) for p in parts if not isinstance(p, str)), default=1)
     columns = [_column(p, n) for p in parts]
-    if any(c.null_count for c in columns):
+    if any(not _is_text(c) or c.null_count for c in columns):
         return None
     if any(pa.types.is_large_string(c.type) for c in columns):  # one string type for the join
         columns = [c.cast(pa.large_string()) for c in columns]
