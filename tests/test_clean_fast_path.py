@@ -92,7 +92,7 @@ def _items(rng: random.Random, depth: int, subset: bool) -> str:
 
 def _blocks(rng: random.Random, depth: int, n: int, subset: bool = True) -> str:
     """``n`` blocks; ``subset``: only the shapes the fast path takes, else also numbered lists with a
-    start, images, line breaks, tables, headings with attributes..."""
+    start that is not plain digits, tables, headings with attributes..."""
     out = []
     for _ in range(n):
         r = rng.random()
@@ -102,7 +102,12 @@ def _blocks(rng: random.Random, depth: int, n: int, subset: bool = True) -> str:
             out.append(_pre(rng))
         elif r < 0.78:
             tag = rng.choice(["ul", "ol"])
-            attrs = f' start="{rng.randint(0, 12)}"' if tag == "ol" and not subset and rng.random() < 0.3 else ""
+            attrs = ""
+            if tag == "ol" and rng.random() < 0.3:  # digits only in the subset; a sign or spaces outside it
+                attrs = f' start="{rng.choice(["0", "00", "2", "007", "10", "99", "000000001", "999999999"])}"'
+                if not subset and rng.random() < 0.5:
+                    attrs = rng.choice([' start="-3"', ' start=" 4 "', ' start=""', ' start="12345678901"', ' start="x"',
+                                        ' start="5" type="a"', " start='6'"])
             out.append(f"<{tag}{attrs}>{_items(rng, depth, subset)}</{tag}>")
         elif r < 0.88:
             inner = _blocks(rng, depth + 1, rng.randint(1, 2), subset)
@@ -196,6 +201,8 @@ def test_fast_path_renders_what_libxml2_renders(seed):
         "<h2>t <code>x</code></h2><hr /><p>y</p><hr><h6></h6><hr/>",
         "<ul>\n<li>a\n<ul>\n<li>b</li>\n</ul>\n</li>\n<li><p>c</p>\n<pre><code>d\n</code></pre></li><li></li>\n</ul>",
         "<ol><li><p>a</p><ol><li>b</li></ol><p>c</p></li></ol>",
+        '<ol start="3"><li>a</li><li>b</li></ol><ol start="0"><li>c</li></ol><ol start="007"><li>d</li></ol>',
+        '<ol start="999999999"><li>a</li><li><p>b</p><p>c</p></li></ol>',  # 1000000000. b: wider than int32
         "<blockquote>\n<p>q</p>\n<ul><li>r</li></ul>text<blockquote><p>s</p></blockquote></blockquote>",
         "<blockquote></blockquote>",
         '<pre class="lang-py prettyprint-override"><code>x = 1\n</code></pre>',
@@ -227,7 +234,11 @@ def test_the_fast_path_takes_the_common_shapes(body):
         "<p>&apos;</p>",
         "<a>x</a>",
         "<p><code><b>x</b></code></p>",
-        '<ol start="3"><li>a</li></ol>',
+        '<ol start=" 3"><li>a</li></ol>',  # int(start.strip()) in the renderer: outside the subset
+        '<ol start="-1"><li>a</li></ol>',
+        '<ol start=""><li>a</li></ol>',
+        '<ol start="1234567890"><li>a</li></ol>',
+        '<ol start="3" reversed><li>a</li></ol>',
         "<blockquote><ul><li>x</li></ul>y</blockquote><li>z</li>",  # an item outside a list
         "<ul><li><ul><li><ul><li>" * 12 + "deep",  # unclosed, and deeper than the fast path goes
         '<h2 id="t">t</h2>',

@@ -1,6 +1,7 @@
 """CPU seconds per phase of one ingest of a generated Stack Exchange site, without the command's fixed costs.
 
-Generates (or reuses) a site whose Posts.xml has about ``--mb`` MiB (``generate_dump``, seed 0), then
+Generates (or reuses) a site whose Posts.xml has about ``--mb`` MiB (``generate_dump``, seed 0), or takes
+the site folder ``--site``, then
 runs ``plan_ingest`` + ``execute_ingest`` in a child process with ``ingest.workers=N`` and a fresh work
 directory, and reports
 
@@ -148,7 +149,7 @@ def measure(site: Path, workers: int, overrides: list[str], cprofile: Path | Non
         "peak_rss_mib": peak / MIB,
         "peak_rss_by_process_mib": at_peak,
         "posts_mib": (site / "Posts.xml").stat().st_size / MIB,
-        "votes_mib": (site / "Votes.xml").stat().st_size / MIB,
+        "votes_mib": (site / "Votes.xml").stat().st_size / MIB if (site / "Votes.xml").exists() else 0.0,
         "load_avg_after": psutil.getloadavg(),
     })
     return result
@@ -195,6 +196,8 @@ def compare(a: dict, b: dict) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mb", type=int, default=48, help="size of Posts.xml in MiB (default 48)")
+    ap.add_argument("--site", type=Path, help="an existing site folder (Posts.xml, maybe Votes.xml) instead of a "
+                    "generated one, e.g. a real dump")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()) / "alignflow-bench-phases")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override, e.g. ingest.contract_mb=32")
@@ -207,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare:
         a, b = (json.loads(p.read_text()) for p in args.compare)
         return compare(a, b)
-    site = site_for(args.mb, args.scratch)
+    site = args.site.resolve() if args.site else site_for(args.mb, args.scratch)
     r = measure(site, args.workers, args.overrides, args.cprofile and args.cprofile.resolve(), args.src,
                 args.keep)
     if args.out:

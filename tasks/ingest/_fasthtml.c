@@ -12,10 +12,12 @@
  *   body       := ws* (block ws*)*            or text without any '<' (one paragraph)
  *   block      := <p> inline </p> | <hN> inline </hN> (N 1..6) | <hr> | <hr/> | <hr />
  *               | <pre attrs><code> code </code></pre> | <pre attrs> code </pre>
- *               | <ul> ws* (<li> flow </li> ws*)* </ul>    (<ol> likewise, numbered from 1)
+ *               | <ul> ws* (<li> flow </li> ws*)* </ul>    (<ol> likewise, numbered from 1;
+ *                                                          <ol start="D"> from D, 1 to 9 ASCII digits)
  *               | <blockquote> flow </blockquote>
  *   flow       := (block | inline)*           (each run of inline content is a paragraph)
- *   inline     := (text | <code> code </code> | <T attrs> | </T attrs>)*   T in a em strong b i
+ *   inline     := (text | <code> code </code> | <br> | <br/> | <br /> | <img attrs> (at most one alt)
+ *                  | <T attrs> | </T attrs>)*   T in TRANSPARENT (a em strong b i span sub sup ...)
  *   attrs      := ([ \t\n]+ name="value")* [ \t\n]*    name [a-z][a-z0-9-]*, value without " < >
  *   text, code := characters other than '<', with the entities &amp; &lt; &gt; &quot; &#39; &nbsp;
  *   ws         := [ \t\n]
@@ -589,8 +591,25 @@ done:
     return rc;
 }
 
-/* <ul>/<ol>: each <li>'s blocks joined as an item, prefixed by its marker; the items one per line. */
-static int render_list(const Src *src, Py_ssize_t *pos, int ordered, int depth, Blocks *out) {
+/* <ol start="D"> at s[i], D 1 to 9 ASCII digits and nothing else in the tag: the index after its '>' and D in
+ * *first, or -1. The renderer numbers from int(start.strip()); any other value (a sign, spaces, other
+ * digits, a second attribute) goes to libxml2. */
+static Py_ssize_t ol_start(const Src *src, Py_ssize_t i, long long *first) {
+    if (!starts(src, i, "<ol start=\""))
+        return -1;
+    Py_ssize_t j = i + 11, k = j;
+    long long value = 0;
+    while (k < src->n && k - j < 9 && src->s[k] >= '0' && src->s[k] <= '9')
+        value = value * 10 + (src->s[k++] - '0');
+    if (k == j || !starts(src, k, "\">"))
+        return -1;
+    *first = value;
+    return k + 2;
+}
+
+/* <ul>/<ol>: each <li>'s blocks joined as an item, prefixed by its marker (an <ol>'s numbered from `first`);
+ * the items one per line. */
+static int render_list(const Src *src, Py_ssize_t *pos, int ordered, long long first, int depth, Blocks *out) {
     const char *close = ordered ? "</ol>" : "</ul>";
     Py_ssize_t i = skip_ws(src, *pos);
     Buf items = {0};
@@ -603,7 +622,7 @@ static int render_list(const Src *src, Py_ssize_t *pos, int ordered, int depth, 
         rc = parse_flow(src, &i, "</li>", 1, depth + 1, &sub);
         if (rc == OK) {
             char marker[32];
-            int mlen = ordered ? snprintf(marker, sizeof marker, "%d. ", nitems + 1) : snprintf(marker, sizeof marker, "- ");
+            int mlen = ordered ? snprintf(marker, sizeof marker, "%lld. ", first + nitems) : snprintf(marker, sizeof marker, "- ");
             if (nitems > 0 && buf_char(&items, '\n') < 0) {
                 rc = ERROR;
             } else if (sub.n == 0) {
@@ -700,6 +719,7 @@ static int parse_flow(const Src *src, Py_ssize_t *pos, const char *close, int al
             goto done;
         }
         int block = 1;
+        long long first;
         if (starts(src, i, "<p>")) {
             if ((rc = flush_inline(&raw, out)) != OK)
                 goto done;
@@ -712,12 +732,17 @@ static int parse_flow(const Src *src, Py_ssize_t *pos, const char *close, int al
                 goto done;
             i = tag_end(src, i + 1, "pre");
             rc = render_pre(src, &i, out);
-        } else if (starts(src, i, "<ul>") || starts(src, i, "<ol>")) {
+        } else if (starts(src, i, "<ul>") || starts(src, i, "<ol>") || ol_start(src, i, &first) >= 0) {
             if ((rc = flush_inline(&raw, out)) != OK)
                 goto done;
             int ordered = s[i + 1] == 'o';
-            i += 4;
-            rc = render_list(src, &i, ordered, depth, out);
+            if (starts(src, i, "<ol start=")) {
+                i = ol_start(src, i, &first);
+            } else {
+                first = 1;
+                i += 4;
+            }
+            rc = render_list(src, &i, ordered, first, depth, out);
         } else if (starts(src, i, "<blockquote>")) {
             if ((rc = flush_inline(&raw, out)) != OK)
                 goto done;
