@@ -308,7 +308,8 @@ def test_scan_votes_matches_lxml_on_the_real_dumps(fixtures_dir, monkeypatch):
 @pytest.mark.parametrize("early", [True, False])
 def test_the_contract_worker_starts_before_the_read_on_small_inputs_and_with_the_build_on_large(
         fixtures_dir, tmp_path, monkeypatch, early):
-    """Large inputs keep the idle contract worker out of the read phase (memory); the datasets are the same."""
+    """Large inputs keep the idle contract worker out of the read phase (memory; plain dump XML has its own,
+    larger limit); the datasets are the same."""
     from alignflow.tasks.ingest import contract_service, run as run_module
 
     source = fixtures_dir / "conlang.meta-2020"
@@ -318,8 +319,19 @@ def test_the_contract_worker_starts_before_the_read_on_small_inputs_and_with_the
     (tmp_path / "RC_2015-01.zst").write_bytes(b"x" * 1000)  # compressed: counted at its estimated size
     assert contract_service.input_size([tmp_path / "RC_2015-01.zst"]) == 1000 * contract_service.COMPRESSED[".zst"]
     cfg = load_config(None, []).ingest
-    read_bytes = sum(s.bytes for s in plan_ingest([str(source)], tmp_path / "plan", cfg).sources)  # what the run counts
-    monkeypatch.setattr(contract_service, "EARLY_START_MAX_BYTES", read_bytes if early else read_bytes - 1)
+    plan = plan_ingest([str(source)], tmp_path / "plan", cfg)
+    read_bytes = sum(s.bytes for s in plan.sources)  # what the run counts
+    read_files = [f for s in plan.sources for f in s.files]
+    # a site of plain XML files: the XML limit decides; the other one is for compressed and other inputs
+    monkeypatch.setattr(contract_service, "EARLY_START_MAX_XML_BYTES", read_bytes if early else read_bytes - 1)
+    monkeypatch.setattr(contract_service, "EARLY_START_MAX_BYTES", 0)
+    assert contract_service.start_early(read_files) is early
+    with monkeypatch.context() as limits:  # an input that is not all XML files: the other limit decides
+        limits.setattr(contract_service, "EARLY_START_MAX_BYTES", 8 * 1000)
+        limits.setattr(contract_service, "EARLY_START_MAX_XML_BYTES", 1 << 40)
+        assert contract_service.start_early([tmp_path / "RC_2015-01.zst"])  # 8,000 estimated bytes
+        assert not contract_service.start_early([tmp_path / "RC_2015-01.zst", *read_files])
+        assert contract_service.start_early(read_files)
     events: list[str] = []
     real_read, real_service = run_module.read_sources, contract_service.ContractService
 

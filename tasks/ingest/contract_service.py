@@ -35,32 +35,45 @@ _PRESTARTED: list[subprocess.Popen] = []  # a worker started ahead of need by :f
 # and the decompressor through the whole read phase, which is where a Pushshift month peaks in memory; the
 # builder keeps walking while the worker loads, since results are collected one batch behind.
 EARLY_START_MAX_BYTES = 256 << 20
+# Dump XML in plain files (Stack Exchange sites) is read with little memory: at 1 GiB with 2 workers the tree
+# holds ~640 MiB while reading (~830 MiB with the idle worker beside it) against ~910 MiB in the build. Up to this
+# much of it, the worker starts early too. On 301 MiB of real rows (bench/REPORT.md) the command took 28.5 and 29.1 s
+# against 30.5 and 30.2 s, alternating, the builder waiting 3.3-4.2 s for its first verdicts instead of 6.6-6.7 s.
+# Past it, the worker's ~3 CPU-s of imports slow the busy start-up for nothing: the phase between the read and the
+# build (indexes), where it loads otherwise, grows with the input (~3.7 s at 1 GiB).
+EARLY_START_MAX_XML_BYTES = 512 << 20
 # A compressed file counts as this many times its size (zstd on Pushshift JSON: about 6x; 7z on XML: 5-10x).
 COMPRESSED = {".zst": 8, ".7z": 8, ".gz": 6, ".bz2": 8, ".xz": 8}
 
 
 def start_early(paths: list[str | os.PathLike]) -> bool:
     """Whether the contract worker should start before the read phase, for the input under ``paths``."""
-    return input_size(paths) <= EARLY_START_MAX_BYTES
+    files = _input_files(paths)
+    xml = bool(files) and all(f.lower().endswith(".xml") for f in files)
+    return sum(map(_input_bytes, files)) <= (EARLY_START_MAX_XML_BYTES if xml else EARLY_START_MAX_BYTES)
 
 
 def input_size(paths: list[str | os.PathLike]) -> int:
     """The bytes of input under ``paths`` (files, and files in folders), compressed files at their estimated
     uncompressed size (:data:`COMPRESSED`). Paths that cannot be read count as nothing; the plan reports them."""
+    return sum(map(_input_bytes, _input_files(paths)))
 
-    def size(path: str) -> int:
-        try:
-            return os.stat(path).st_size * COMPRESSED.get(os.path.splitext(path)[1].lower(), 1)
-        except OSError:
-            return 0
 
-    total = 0
+def _input_files(paths: list[str | os.PathLike]) -> list[str]:
+    files = []
     for path in map(os.fspath, paths):
         if os.path.isdir(path):
-            total += sum(size(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)
+            files += [os.path.join(root, name) for root, _, names in os.walk(path) for name in names]
         else:
-            total += size(path)
-    return total
+            files.append(path)
+    return files
+
+
+def _input_bytes(path: str) -> int:
+    try:
+        return os.stat(path).st_size * COMPRESSED.get(os.path.splitext(path)[1].lower(), 1)
+    except OSError:
+        return 0
 
 
 # Pipe buffer for the batches sent to the worker: with Linux's default 64 KiB, an 8 MiB batch is 128 writes
