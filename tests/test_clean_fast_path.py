@@ -90,6 +90,38 @@ def _items(rng: random.Random, depth: int, subset: bool) -> str:
     return sep + sep.join(items) + sep
 
 
+def _table(rng: random.Random, depth: int, subset: bool) -> str:
+    """A table as Stack Exchange renders Markdown tables (sections, alignment attributes), or rows without a
+    section; cells of text or of blocks (no table inside a cell: outside the subset)."""
+    ws = lambda: rng.choice(["", "\n", " "])  # noqa: E731
+
+    def rows(n: int) -> str:
+        out = []
+        for _ in range(n):
+            cells = []
+            for _ in range(rng.randint(0, 3)):
+                tag = rng.choice(["td", "th"])
+                attrs = rng.choice(["", ' style="text-align: left;"', ' colspan="2"'])
+                r = rng.random()
+                if r < 0.7:
+                    inner = _inline(rng, 0, frozenset(), subset)
+                elif r < 0.85:  # paragraphs (no table: one in a cell is outside the subset)
+                    inner = _blocks(rng, 3, rng.randint(1, 2), subset)
+                else:
+                    inner = f"<ul>{_items(rng, 3, subset)}</ul>" + rng.choice(["", _pre(rng)])
+                cells.append(f"<{tag}{attrs}>{inner}</{tag}>")
+            out.append(f"<tr>{ws()}{ws().join(cells)}{ws()}</tr>")
+        return ws().join(out)
+
+    parts = []
+    for _ in range(rng.randint(0, 3)):
+        section = rng.choice(["thead", "tbody", "tfoot", None])
+        body = rows(rng.randint(0, 3))
+        parts.append(f"<{section}>{ws()}{body}{ws()}</{section}>" if section else body)
+    attrs = rng.choice(["", ' class="s-table"'])
+    return f"<table{attrs}>{ws()}{ws().join(parts)}{ws()}</table>"
+
+
 def _blocks(rng: random.Random, depth: int, n: int, subset: bool = True) -> str:
     """``n`` blocks; ``subset``: only the shapes the fast path takes, else also numbered lists with a
     start that is not plain digits, tables, headings with attributes..."""
@@ -113,8 +145,12 @@ def _blocks(rng: random.Random, depth: int, n: int, subset: bool = True) -> str:
             inner = _blocks(rng, depth + 1, rng.randint(1, 2), subset)
             if rng.random() < 0.2:
                 inner = _inline(rng, 0, frozenset(), subset) + inner
-            out.append(f"<blockquote>{rng.choice(['', chr(10)])}{inner}</blockquote>")
-        elif r < 0.95:
+            tag = rng.choice(["blockquote", "blockquote", "div", 'div class="snippet" data-lang="js"'])
+            out.append(f"<{tag}>{rng.choice(['', chr(10)])}{inner}</{tag.split()[0]}>")
+        elif r < 0.91:
+            table = _table(rng, depth, subset)
+            out.append(f'<div class="s-table-container">{table}</div>' if rng.random() < 0.5 else table)
+        elif r < 0.96:
             h = rng.randint(1, 6)
             attrs = ' id="x"' if not subset and rng.random() < 0.3 else ""
             out.append(f"<h{h}{attrs}>{_inline(rng, 0, frozenset(), subset)}</h{h}>")
@@ -123,7 +159,11 @@ def _blocks(rng: random.Random, depth: int, n: int, subset: bool = True) -> str:
     if not subset and rng.random() < 0.3:
         out.insert(rng.randint(0, len(out)), rng.choice(
             ['<p>a<br>b <br/> c</p>', '<p><img src="u" alt="pic"> <img alt="x"></p>', "<table><tr><td>c</td></tr></table>",
-             "<div><p>d</p></div>", "<p>x<sub>2</sub></p>", "<dl><dt>t</dt><dd>d</dd></dl>"]))
+             "<div>d<p>e</p></div>", "<p>x<sub>2</sub></p>", "<dl><dt>t</dt><dd>d</dd></dl>", "<p>a<div>b</div>c</p>",
+             "<div/>", "<div class='x'>y</div>", "<div>unclosed", "<table><tr><td>a<table><tr><td>b</td></tr></table></td></tr></table>",
+             "<table>t<tr><td>c</td></tr></table>", "<table><caption>c</caption><tr><td>d</td></tr></table>",
+             "<table><tr><td>e</tr></table>", "<table><tr>x<td>f</td></tr></table>", "<p>a<table><tr><td>g</td></tr></table></p>",
+             "<table><tbody><thead><tr><td>h</td></tr></thead></tbody></table>", "<table><tr><td>i</td></tr>"]))
     return rng.choice(["", "\n", "\n\n"]).join(out) + rng.choice(["", "\n"])
 
 
@@ -203,6 +243,14 @@ def test_fast_path_renders_what_libxml2_renders(seed):
         "<ol><li><p>a</p><ol><li>b</li></ol><p>c</p></li></ol>",
         '<ol start="3"><li>a</li><li>b</li></ol><ol start="0"><li>c</li></ol><ol start="007"><li>d</li></ol>',
         '<ol start="999999999"><li>a</li><li><p>b</p><p>c</p></li></ol>',  # 1000000000. b: wider than int32
+        '<div class="snippet" data-lang="js" data-hide="false">\n<div class="snippet-code">\n'
+        '<pre class="snippet-code-js lang-js"><code>x = 1;\n</code></pre>\n</div>\n</div>\n<p>after</p>',
+        "<ul><li>a<div><ul><li>b</li></ul></div></li><li><div>c</div>d</li></ul>",
+        "<blockquote><div>q <b>r</b></div></blockquote><div></div>",
+        '<div class="s-table-container">\n<table class="s-table">\n<thead>\n<tr>\n<th style="text-align: left;">A</th>\n'
+        '<th>B</th>\n</tr>\n</thead>\n<tbody>\n<tr>\n<td></td>\n<td>2</td>\n</tr>\n<tr><td></td><td></td></tr>\n'
+        "<tr><td><p>x</p><p>y</p></td><td><ul><li>l</li><li>m</li></ul></td></tr>\n</tbody>\n</table>\n</div>",
+        "<table><tbody><tr><td>a</td></tr></tbody><tr><td>b</td></tr></table><table></table><table><tr></tr></table>",
         "<blockquote>\n<p>q</p>\n<ul><li>r</li></ul>text<blockquote><p>s</p></blockquote></blockquote>",
         "<blockquote></blockquote>",
         '<pre class="lang-py prettyprint-override"><code>x = 1\n</code></pre>',
@@ -245,6 +293,9 @@ def test_the_fast_path_takes_the_common_shapes(body):
         "<h7>t</h7>",
         "<hr>x</hr>",
         "<pre class='x'>y</pre>",
+        "<table><tr><td>a<table><tr><td>n</td></tr></table></td></tr></table>",  # the inner rows count twice
+        "<table>x<tr><td>a</td></tr></table>",
+        "<table><tr><td>a</td></tr>",
     ],
 )
 def test_the_fast_path_leaves_the_rest_to_libxml2(body):
@@ -253,7 +304,7 @@ def test_the_fast_path_leaves_the_rest_to_libxml2(body):
 
 
 def test_the_fast_path_on_real_bodies():
-    """The fixtures' bodies (real Stack Exchange posts): the same text either way, most of them fast."""
+    """The fixtures' bodies (real Stack Exchange posts): the same text either way, nearly all of them fast."""
     bodies = []
     for posts in sorted((Path(__file__).parent / "fixtures" / "stackexchange").glob("*/Posts.xml")):
         bodies += [row.get("Body") for row in etree.parse(str(posts)).getroot() if row.get("Body")]
@@ -264,7 +315,8 @@ def test_the_fast_path_on_real_bodies():
         if text is not None:
             fast += 1
             assert text == slow, body
-    assert fast > 0.6 * len(bodies), f"{fast} of {len(bodies)}"
+    # 794 of 796: tables, divs and numbered lists with a start are in the subset; an unclosed paragraph is not
+    assert fast >= 0.99 * len(bodies), f"{fast} of {len(bodies)}"
 
 
 PIECES = ["<p>", "</p>", "<pre>", "</pre>", "<code>", "</code>", "<ul>", "</ul>", "<ol>", "</ol>", "<li>", "</li>",

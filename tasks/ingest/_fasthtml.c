@@ -14,7 +14,11 @@
  *               | <pre attrs><code> code </code></pre> | <pre attrs> code </pre>
  *               | <ul> ws* (<li> flow </li> ws*)* </ul>    (<ol> likewise, numbered from 1;
  *                                                          <ol start="D"> from D, 1 to 9 ASCII digits)
- *               | <blockquote> flow </blockquote>
+ *               | <blockquote> flow </blockquote> | <div attrs> flow </div>
+ *               | <table attrs> ws* ((<thead attrs> | <tbody attrs> | <tfoot attrs>) ws* row* </tsection> ws*
+ *                                   | row)* </table>
+ *   row        := <tr attrs> ws* ((<td attrs> flow </td> | <th attrs> flow </th>) ws*)* </tr> ws*
+ *                 (no <table inside a cell)
  *   flow       := (block | inline)*           (each run of inline content is a paragraph)
  *   inline     := (text | <code> code </code> | <br> | <br/> | <br /> | <img attrs> (at most one alt)
  *                  | <T attrs> | </T attrs>)*   T in TRANSPARENT (a em strong b i span sub sup ...)
@@ -665,6 +669,124 @@ static int render_quote(const Src *src, Py_ssize_t *pos, int depth, Blocks *out)
     return rc;
 }
 
+/* The tag `name` with attributes at s[i] ('<'): the index after its '>', or -1. */
+static Py_ssize_t open_tag(const Src *src, Py_ssize_t i, const char *name) {
+    return i < src->n && src->s[i] == '<' ? tag_end(src, i + 1, name) : -1;
+}
+
+static int has_table(const Src *src, Py_ssize_t a, Py_ssize_t b) {
+    for (Py_ssize_t k = a; k + 6 <= b; k++)
+        if (src->s[k] == '<' && memcmp(src->s + k, "<table", 6) == 0)
+            return 1;
+    return 0;
+}
+
+/* One <tr> from s[*pos] (after its start tag): its cells (<td>/<th>, each a flow of blocks put on one line,
+ * the blocks joined by spaces) joined by " | ", spaces stripped at both ends, as one line of `rows`; nothing if
+ * every cell is empty. Only whitespace between the cells, and no table inside one. */
+static int render_row(const Src *src, Py_ssize_t *pos, int depth, Buf *rows, int *nrows) {
+    Py_ssize_t i = *pos;
+    Buf line = {0};
+    int ncells = 0, any = 0, rc = OK;
+    for (;;) {
+        i = skip_ws(src, i);
+        if (starts(src, i, "</tr>")) {
+            i += 5;
+            break;
+        }
+        const char *close = "</td>";
+        Py_ssize_t e = open_tag(src, i, "td");
+        if (e < 0) {
+            close = "</th>";
+            e = open_tag(src, i, "th");
+        }
+        if (e < 0) { rc = OUTSIDE; goto done; }
+        i = e;
+        Blocks sub = {0};
+        rc = parse_flow(src, &i, close, 1, depth + 1, &sub);
+        if (rc == OK && has_table(src, e, i))
+            rc = OUTSIDE;
+        if (rc == OK && ncells > 0 && buf_put(&line, " | ", 3) < 0)
+            rc = ERROR;
+        for (int k = 0; rc == OK && k < sub.n; k++) {
+            const Buf *t = &sub.v[k].text;
+            if (k > 0 && buf_char(&line, ' ') < 0) {
+                rc = ERROR;
+            } else if (buf_put(&line, t->data, t->len) < 0) {
+                rc = ERROR;
+            } else { /* a cell is one line */
+                for (Py_ssize_t c = line.len - t->len; c < line.len; c++)
+                    if (line.data[c] == '\n')
+                        line.data[c] = ' ';
+            }
+        }
+        any |= sub.n > 0;
+        ncells++;
+        blocks_free(&sub);
+        if (rc != OK)
+            goto done;
+    }
+    if (any) {
+        Py_ssize_t a = 0, b = line.len;
+        while (a < b && line.data[a] == ' ')
+            a++;
+        while (b > a && line.data[b - 1] == ' ')
+            b--;
+        if ((*nrows > 0 && buf_char(rows, '\n') < 0) || buf_put(rows, line.data + a, b - a) < 0)
+            rc = ERROR;
+        (*nrows)++;
+    }
+    *pos = i;
+done:
+    PyMem_Free(line.data);
+    return rc;
+}
+
+/* <table> from s[*pos] (after its start tag): one line per row that has a non-empty cell (render_row), as the
+ * renderer's _table. Rows sit in the table itself or in <thead>, <tbody> or <tfoot>, with only whitespace
+ * between the tags. */
+static int render_table(const Src *src, Py_ssize_t *pos, int depth, Blocks *out) {
+    static const char *SECTIONS[] = {"thead", "tbody", "tfoot"};
+    static const char *SECTION_ENDS[] = {"</thead>", "</tbody>", "</tfoot>"};
+    Py_ssize_t i = *pos;
+    const char *section_end = NULL;
+    Buf rows = {0};
+    int nrows = 0, rc = OK;
+    for (;;) {
+        i = skip_ws(src, i);
+        if (section_end == NULL && starts(src, i, "</table>")) {
+            i += 8;
+            break;
+        }
+        if (section_end != NULL && starts(src, i, section_end)) {
+            i += (Py_ssize_t)strlen(section_end);
+            section_end = NULL;
+            continue;
+        }
+        Py_ssize_t e = -1;
+        for (int k = 0; section_end == NULL && e < 0 && k < 3; k++)
+            if ((e = open_tag(src, i, SECTIONS[k])) >= 0)
+                section_end = SECTION_ENDS[k];
+        if (e >= 0) {
+            i = e;
+            continue;
+        }
+        if ((e = open_tag(src, i, "tr")) < 0) { rc = OUTSIDE; goto done; }
+        i = e;
+        if ((rc = render_row(src, &i, depth, &rows, &nrows)) != OK)
+            goto done;
+    }
+    *pos = i;
+    if (nrows) {
+        Block *block = blocks_push(out, 0);
+        if (block == NULL || buf_put(&block->text, rows.data, rows.len) < 0)
+            rc = ERROR;
+    }
+done:
+    PyMem_Free(rows.data);
+    return rc;
+}
+
 /* <hN>: _HEADINGS[tag] + its text ("## " for <h2>); nothing for an empty heading. */
 static int render_heading(const Src *src, Py_ssize_t *pos, const char *close, int level, Blocks *out) {
     Buf raw = {0}, text = {0};
@@ -762,6 +884,16 @@ static int parse_flow(const Src *src, Py_ssize_t *pos, const char *close, int al
             Block *rule = blocks_push(out, 0);
             if (rule == NULL || buf_put(&rule->text, "---", 3) < 0)
                 rc = ERROR;
+        } else if (open_tag(src, i, "table") >= 0) { /* <table class="s-table"> */
+            if ((rc = flush_inline(&raw, out)) != OK)
+                goto done;
+            i = open_tag(src, i, "table");
+            rc = render_table(src, &i, depth + 1, out);
+        } else if (starts(src, i, "<div") && tag_end(src, i + 1, "div") >= 0) { /* <div class="snippet"> */
+            if ((rc = flush_inline(&raw, out)) != OK)
+                goto done;
+            i = tag_end(src, i + 1, "div");
+            rc = parse_flow(src, &i, "</div>", 1, depth + 1, out); /* its blocks, as the parent's own */
         } else {
             block = 0;
         }
