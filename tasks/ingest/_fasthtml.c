@@ -66,7 +66,13 @@ static int buf_put(Buf *b, const char *s, Py_ssize_t n) {
     return 0;
 }
 
-static int buf_char(Buf *b, char c) { return buf_put(b, &c, 1); }
+static inline int buf_char(Buf *b, char c) {
+    if (b->len < b->cap) { /* the common case: room left, no call */
+        b->data[b->len++] = c;
+        return 0;
+    }
+    return buf_put(b, &c, 1);
+}
 
 /* Result of a parsing step: OK, OUTSIDE (not in the subset: return None), ERROR (MemoryError). */
 enum { OK = 0, OUTSIDE = 1, ERROR = -1 };
@@ -81,7 +87,7 @@ static int starts(const Src *src, Py_ssize_t i, const char *lit) {
     return i + k <= src->n && memcmp(src->s + i, lit, (size_t)k) == 0;
 }
 
-static int is_ws(char c) { return c == ' ' || c == '\t' || c == '\n'; }
+static inline int is_ws(char c) { return c == ' ' || c == '\t' || c == '\n'; }
 
 /* A character the subset takes, written or from a character reference: not a control (C0 but \t and \n,
  * DEL, C1), a surrogate, a non-character, U+FEFF (libxml2 may take it for a BOM), or a Unicode space the
@@ -105,9 +111,12 @@ static int check_chars(const Src *src) {
         unsigned char c = s[i];
         unsigned long cp;
         int len;
-        if (c < 0x80) {
-            cp = c;
-            len = 1;
+        if (c < 0x80) { /* ASCII, most of a body: printable, tab or newline */
+            if ((c >= 0x20 && c < 0x7F) || c == '\t' || c == '\n') {
+                i++;
+                continue;
+            }
+            return OUTSIDE;
         } else if (c < 0xE0) {
             cp = c & 0x1F;
             len = 2;
@@ -227,7 +236,7 @@ static int put_text(Buf *out, const Src *src, Py_ssize_t i, Py_ssize_t end) {
 
 /* Whitespace as the renderer collapses it: ' ', '\t', '\n' and U+00A0 (the other Unicode spaces are
  * outside the subset). Returns the length of the whitespace character at s[i], 0 if none. */
-static Py_ssize_t ws_len(const char *s, Py_ssize_t i, Py_ssize_t n) {
+static inline Py_ssize_t ws_len(const char *s, Py_ssize_t i, Py_ssize_t n) {
     if (is_ws(s[i]))
         return 1;
     if ((unsigned char)s[i] == 0xC2 && i + 1 < n && (unsigned char)s[i + 1] == 0xA0)
@@ -237,7 +246,11 @@ static Py_ssize_t ws_len(const char *s, Py_ssize_t i, Py_ssize_t n) {
 
 /* _flush's whitespace rule: runs of whitespace in raw[0:len] become one space, none at either end. */
 static int collapse_ws(Buf *dst, const char *raw, Py_ssize_t len) {
-    Py_ssize_t body = dst->len;
+    /* the result is never longer than raw (a space written stands for at least one byte of whitespace read) */
+    if (buf_reserve(dst, len) < 0)
+        return ERROR;
+    char *const body = dst->data + dst->len;
+    char *o = body;
     int pending_space = 0;
     for (Py_ssize_t i = 0; i < len;) {
         Py_ssize_t w = ws_len(raw, i, len);
@@ -246,13 +259,12 @@ static int collapse_ws(Buf *dst, const char *raw, Py_ssize_t len) {
             i += w;
             continue;
         }
-        if (pending_space && dst->len > body && buf_char(dst, ' ') < 0)
-            return ERROR;
+        if (pending_space && o > body)
+            *o++ = ' ';
         pending_space = 0;
-        if (buf_char(dst, raw[i]) < 0)
-            return ERROR;
-        i++;
+        *o++ = raw[i++];
     }
+    dst->len = o - dst->data;
     return OK;
 }
 
