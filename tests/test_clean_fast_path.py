@@ -323,7 +323,9 @@ PIECES = ["<p>", "</p>", "<pre>", "</pre>", "<code>", "</code>", "<ul>", "</ul>"
           "<blockquote>", "</blockquote>", "<a", "</a>", "<b>", "<em ", ">", "<", "/", "=", '"', "&", "&amp;", "&lt",
           ";", " ", "\n", "\t", "\xa0", "x", "`", "é", "\u2009", "\x00", "\ud800", "\U0001f600", "href", "<a href=\"u\">",
           "<br>", "<br/>", '<img alt="x">', "<img", 'alt="', "&mdash;", "&#8212;", "&#", "&#x", "<span>", "</sub>",
-          "<h2>", "</h2>", "<hr>"]
+          "<h2>", "</h2>", "<hr>", "<div>", "</div>", '<div class="s-table-container">', "<table>", "</table>", "<thead>",
+          "</thead>", "<tbody>", "</tbody>", "<tr>", "</tr>", "<td>", "</td>", "<th>", "</th>", '<td style="x">',
+          '<ol start="', '3">', '<ol start="12">', "0"]
 
 
 @pytest.mark.parametrize("seed", range(3))
