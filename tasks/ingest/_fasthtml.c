@@ -472,6 +472,18 @@ static Block *blocks_push(Blocks *b, int is_list) {
     return block;
 }
 
+/* `text` as a new block, moved there (it is left empty); nothing when it is empty. */
+static int blocks_take(Blocks *b, int is_list, Buf *text) {
+    if (text->len == 0)
+        return OK;
+    Block *block = blocks_push(b, is_list);
+    if (block == NULL)
+        return ERROR;
+    block->text = *text;
+    *text = (Buf){0};
+    return OK;
+}
+
 static void blocks_drop_last(Blocks *b) {
     b->n--;
     PyMem_Free(b->v[b->n].text.data);
@@ -656,11 +668,8 @@ static int render_list(const Src *src, Py_ssize_t *pos, int ordered, long long f
         i = skip_ws(src, i);
     }
     *pos = i + 5;
-    if (nitems) {
-        Block *block = blocks_push(out, 1);
-        if (block == NULL || buf_put(&block->text, items.data, items.len) < 0)
-            rc = ERROR;
-    }
+    if (nitems && blocks_take(out, 1, &items) != OK)
+        rc = ERROR;
 done:
     PyMem_Free(items.data);
     return rc;
@@ -789,11 +798,8 @@ static int render_table(const Src *src, Py_ssize_t *pos, int depth, Blocks *out)
             goto done;
     }
     *pos = i;
-    if (nrows) {
-        Block *block = blocks_push(out, 0);
-        if (block == NULL || buf_put(&block->text, rows.data, rows.len) < 0)
-            rc = ERROR;
-    }
+    if (nrows && blocks_take(out, 0, &rows) != OK)
+        rc = ERROR;
 done:
     PyMem_Free(rows.data);
     return rc;
@@ -853,7 +859,8 @@ static int parse_flow(const Src *src, Py_ssize_t *pos, const char *close, int al
             goto done;
         }
         int block = 1;
-        long long first;
+        long long first = 1;  /* an <ol>'s first number */
+        Py_ssize_t after = -1; /* the index after a block's start tag */
         if (starts(src, i, "<p>")) {
             if ((rc = flush_inline(&raw, out)) != OK)
                 goto done;
@@ -866,16 +873,13 @@ static int parse_flow(const Src *src, Py_ssize_t *pos, const char *close, int al
                 goto done;
             i = tag_end(src, i + 1, "pre");
             rc = render_pre(src, &i, out);
-        } else if (starts(src, i, "<ul>") || starts(src, i, "<ol>") || ol_start(src, i, &first) >= 0) {
+        } else if (starts(src, i, "<ul>") || starts(src, i, "<ol>") || (after = ol_start(src, i, &first)) >= 0) {
             if ((rc = flush_inline(&raw, out)) != OK)
                 goto done;
             int ordered = s[i + 1] == 'o';
-            if (starts(src, i, "<ol start=")) {
-                i = ol_start(src, i, &first);
-            } else {
-                first = 1;
-                i += 4;
-            }
+            if (s[i + 3] == '>') /* <ul> or <ol> */
+                after = i + 4;
+            i = after;
             rc = render_list(src, &i, ordered, first, depth, out);
         } else if (starts(src, i, "<blockquote>")) {
             if ((rc = flush_inline(&raw, out)) != OK)
@@ -896,15 +900,15 @@ static int parse_flow(const Src *src, Py_ssize_t *pos, const char *close, int al
             Block *rule = blocks_push(out, 0);
             if (rule == NULL || buf_put(&rule->text, "---", 3) < 0)
                 rc = ERROR;
-        } else if (open_tag(src, i, "table") >= 0) { /* <table class="s-table"> */
+        } else if ((after = open_tag(src, i, "table")) >= 0) { /* <table class="s-table"> */
             if ((rc = flush_inline(&raw, out)) != OK)
                 goto done;
-            i = open_tag(src, i, "table");
+            i = after;
             rc = render_table(src, &i, depth + 1, out);
-        } else if (starts(src, i, "<div") && tag_end(src, i + 1, "div") >= 0) { /* <div class="snippet"> */
+        } else if ((after = open_tag(src, i, "div")) >= 0) { /* <div class="snippet"> */
             if ((rc = flush_inline(&raw, out)) != OK)
                 goto done;
-            i = tag_end(src, i + 1, "div");
+            i = after;
             rc = parse_flow(src, &i, "</div>", 1, depth + 1, out); /* its blocks, as the parent's own */
         } else {
             block = 0;
