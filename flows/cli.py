@@ -27,7 +27,9 @@ import typer  # noqa: E402
 from alignflow import stages
 from alignflow.startup import imports_without_gc
 
-from .environment import WorkdirError, debug, is_environment_error, prepare, wait_for_prefect_server
+from .environment import (
+    WorkdirError, debug, flow_run_settings, is_environment_error, prepare, wait_for_prefect_server,
+)
 
 WorkdirOpt = Annotated[Path, typer.Option("--workdir", help="Folder for everything a run writes.")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML config (see configs/).")]
@@ -116,8 +118,9 @@ def ingest(
 
         wait_for_prefect_server()
     try:
-        out = ingest_flow([str(s) for s in sources], workdir=str(wd), config=cfg,
-                          format=None if format == "auto" else format)
+        with flow_run_settings():
+            out = ingest_flow([str(s) for s in sources], workdir=str(wd), config=cfg,
+                              format=None if format == "auto" else format)
     except _user_errors() as exc:
         _fail(exc)
     _print_ingest(out)
@@ -218,7 +221,8 @@ def _run_stage(stage: str, workdir: Path, config: Path | None, set_: list[str] |
         with imports_without_gc():
             flow = entry.load_flow()
             wait_for_prefect_server()
-        out = flow(workdir=str(wd), config=cfg, resume=resume)
+        with flow_run_settings():
+            out = flow(workdir=str(wd), config=cfg, resume=resume)
     except BaseException as exc:
         # Stopped before training: the others get an empty plan and leave with us. Stopped in or after it:
         # no goodbye (a peer may be inside a collective); the launcher ends the others when this process exits.
@@ -323,7 +327,8 @@ def promote(
     from .promote import promote as promote_flow
 
     try:
-        out = promote_flow(workdir=str(wd), config=cfg, model_name=model, override=override, rollback=rollback)
+        with flow_run_settings():
+            out = promote_flow(workdir=str(wd), config=cfg, model_name=model, override=override, rollback=rollback)
     except (*_user_errors(), LookupError, ValueError) as exc:
         _fail(exc)
     _print_stage({k: v for k, v in out.items() if not isinstance(v, dict)})
@@ -349,7 +354,8 @@ def pipeline(
 
         wait_for_prefect_server()
     try:
-        out = pipeline_flow(workdir=str(wd), config=cfg, resume=resume)
+        with flow_run_settings():
+            out = pipeline_flow(workdir=str(wd), config=cfg, resume=resume)
     except (PipelineError, *_user_errors(), LookupError) as exc:
         _fail(exc)
     typer.echo("\n" + out["table"] + "\n\n" + out["ui"])

@@ -17,6 +17,8 @@ import errno
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 DEBUG_ENV = "ALIGNFLOW_DEBUG"
@@ -196,6 +198,33 @@ def wait_for_prefect_server() -> None:
                     return
         except OSError:
             time.sleep(0.1)
+
+
+def on_temporary_server() -> bool:
+    """Whether this command's flows report to a temporary server: the one :func:`start_prefect_server` started
+    (here or in the command that started this process), or the one Prefect starts when no server is configured."""
+    api = os.environ.get("PREFECT_API_URL")
+    return not api or api == os.environ.get(TEMPORARY_API_ENV)
+
+
+@contextmanager
+def flow_run_settings() -> Iterator[None]:
+    """Prefect settings for the flow run the command makes (``with flow_run_settings(): flow(...)``).
+
+    On a temporary server the run sends no heartbeats. A heartbeat lets a server that outlives the run mark
+    it crashed when they stop; a temporary server stops with the command, so nothing could ever read one.
+    Sending them is not free either: at the end of every flow run, Prefect's engine joins its heartbeat
+    thread, which sleeps in 1 s steps (0.5 s of wall on average, up to 1 s, for each command). Prefect's
+    setting cannot be unset from the environment (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` must be >= 30), so
+    it is unset here, for this run only. On a server the user runs, heartbeats stay as configured.
+    """
+    if not on_temporary_server():
+        yield
+        return
+    from prefect.settings import temporary_settings
+
+    with temporary_settings(updates={"flows.heartbeat_frequency": None}):
+        yield
 
 
 def _stop_prefect_server() -> None:

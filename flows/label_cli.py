@@ -26,7 +26,7 @@ from typing import Annotated, Optional
 import typer
 
 from .cli import DEFAULT_WORKDIR, ConfigOpt, SetOpt, WorkdirOpt, _fail, _load, _user_errors
-from .environment import prepare
+from .environment import flow_run_settings, prepare
 
 label_app = typer.Typer(add_completion=False, no_args_is_help=True,
                         help="Human feedback: the labeling app, simulated labelers, scores, pairs for `pm`.")
@@ -106,7 +106,8 @@ def label_batch(
         _check_batch_inputs(wd, cfg, bc, db)
         from .label import label_batch as flow
 
-        out = flow(workdir=str(wd), config=cfg, batch=bc, db_url=db)
+        with flow_run_settings():
+            out = flow(workdir=str(wd), config=cfg, batch=bc, db_url=db)
     typer.echo("")
     for key in ("batch", "items", "gold_items", "responses", "quarantined", "dropped_items", "dataset", "run_id"):
         typer.echo(f"{key:<16}{out[key]}")
@@ -290,7 +291,8 @@ def scores(
         _check_batch(wd, db, batch)
         from .label import label_scores
 
-        out = label_scores(workdir=str(wd), batch_id=batch, config=cfg, db_url=db, rounds=rounds)
+        with flow_run_settings():
+            out = label_scores(workdir=str(wd), batch_id=batch, config=cfg, db_url=db, rounds=rounds)
     typer.echo(f"mlflow run {out['run_id']}")
 
 
@@ -310,8 +312,9 @@ def pairs(
         _check_batch(wd, db, batch)
         from .label import label_pairs
 
-        out = label_pairs(workdir=str(wd), batch_id=batch, config=cfg, db_url=db,
-                          validation_fraction=validation_fraction)
+        with flow_run_settings():
+            out = label_pairs(workdir=str(wd), batch_id=batch, config=cfg, db_url=db,
+                              validation_fraction=validation_fraction)
     typer.echo(f"pairs  {out['rows']} rows  {out['pairs']}")
     if out["demos"]:
         typer.echo(f"demos  {out['demos']}")
@@ -338,8 +341,9 @@ def train(
         from .label import label_train
 
         try:
-            out = label_train(workdir=str(wd), batch_id=batch, config=cfg, db_url=db,
-                              validation_fraction=validation_fraction)
+            with flow_run_settings():
+                out = label_train(workdir=str(wd), batch_id=batch, config=cfg, db_url=db,
+                                  validation_fraction=validation_fraction)
         except NonFiniteLossError as exc:
             raise ValueError(str(exc)) from exc
     typer.echo("")

@@ -46,10 +46,13 @@ def fixtures_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def prefect_harness():
-    """One Prefect test server for the whole session (starting one costs ~10 s)."""
+    """One Prefect test server for the whole session (starting one costs ~10 s). Its flow runs send no
+    heartbeats, as a command's on its temporary server (``flow_run_settings``)."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
+    from alignflow.flows.environment import flow_run_settings
+
+    with prefect_test_harness(server_startup_timeout=120), flow_run_settings():
         yield
 
 

@@ -162,14 +162,16 @@ def test_the_database_file_found_without_prefect_is_prefects_own(tmp_path, setup
 
 EARLY_SERVER = r"""
 import json, os, sys
-from alignflow.flows.environment import prepare, start_prefect_server, wait_for_prefect_server, TEMPORARY_API_ENV
+from alignflow.flows.environment import (
+    prepare, start_prefect_server, wait_for_prefect_server, TEMPORARY_API_ENV, flow_run_settings)
 prepare(sys.argv[1])
 start_prefect_server()
 from prefect import flow
+from prefect.settings import get_current_settings
 
 @flow
 def hello():
-    return 7
+    return 7, get_current_settings().flows.heartbeat_frequency
 
 wait_for_prefect_server()
 from prefect.blocks.system import Secret
@@ -178,12 +180,14 @@ with get_client(sync_client=True) as client:
     api = str(client.api_url)
     runs = client.read_flow_runs()
     types_at_start = len(client.read_block_types())
-result = hello()
+with flow_run_settings():
+    result, heartbeat = hello()
 Secret(value="s3cr3t").save("alignflow-test")  # a block saved and loaded back through the temporary server
 loaded = Secret.load("alignflow-test").get()
 with get_client(sync_client=True) as client:
     types_after = [t.slug for t in client.read_block_types()]
-print(json.dumps({"result": result, "api": api, "env": os.environ["PREFECT_API_URL"],
+print(json.dumps({"result": result, "heartbeat": heartbeat,
+                  "heartbeat_after": get_current_settings().flows.heartbeat_frequency, "api": api, "env": os.environ["PREFECT_API_URL"],
                   "mark": os.environ[TEMPORARY_API_ENV], "runs_before": len(runs),
                   "server_modules_here": "prefect.server.api.server" in sys.modules,
                   "types_at_start": types_at_start, "types_after": types_after, "loaded": loaded}))
@@ -210,6 +214,8 @@ def test_a_command_starts_prefects_server_early_and_stops_it_on_exit(tmp_path):
     assert proc.returncode == 0, err[-3000:]
     got = json.loads(out.strip().splitlines()[-1])
     assert got["result"] == 7 and got["runs_before"] == 0
+    # the flow run on the temporary server sent no heartbeats; the setting is back afterwards
+    assert got["heartbeat"] is None and got["heartbeat_after"] == 180
     # the server registered no block type on start (SERVER_SETTINGS); saving a block registered its own
     assert got["types_at_start"] == 0 and got["types_after"] == ["secret"] and got["loaded"] == "s3cr3t"
     assert got["api"].rstrip("/") == got["env"] == got["mark"] and got["env"].startswith("http://127.0.0.1:")
@@ -217,3 +223,26 @@ def test_a_command_starts_prefects_server_early_and_stops_it_on_exit(tmp_path):
     assert (tmp_path / "w" / "prefect" / "prefect.db").is_file()
     assert len(servers) == 1, "one temporary server, started by the command"
     assert not any(Path(f"/proc/{pid}").exists() for pid in servers), "the server outlived the command"
+
+
+def test_flow_runs_send_heartbeats_only_to_a_server_the_user_runs(monkeypatch):
+    """A temporary server (Prefect's own, or the command's) stops with the command: its runs send no
+    heartbeats. A server the user runs gets them as configured."""
+    from prefect.settings import get_current_settings
+
+    from alignflow.flows.environment import TEMPORARY_API_ENV, flow_run_settings, on_temporary_server
+
+    configured = get_current_settings().flows.heartbeat_frequency
+    assert configured is not None
+    ours, users = "http://127.0.0.1:9/api", "http://127.0.0.1:4200/api"
+    cases = [({}, True), ({TEMPORARY_API_ENV: ours, "PREFECT_API_URL": ours}, True),
+             ({"PREFECT_API_URL": users}, False), ({TEMPORARY_API_ENV: ours, "PREFECT_API_URL": users}, False)]
+    for env, temporary in cases:
+        for name in ("PREFECT_API_URL", TEMPORARY_API_ENV):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        assert on_temporary_server() is temporary, env
+        with flow_run_settings():
+            assert get_current_settings().flows.heartbeat_frequency == (None if temporary else configured), env
+        assert get_current_settings().flows.heartbeat_frequency == configured
