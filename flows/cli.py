@@ -106,14 +106,17 @@ def ingest(
 
         _check_ingest_input(cfg, sources, cfg.ingest.format if format == "auto" else format)
 
-        if (cfg.ingest.workers or default_workers()) > 1:  # the contract worker loads GX while we start up
+        from alignflow.tasks.ingest.run import prehash, read_ahead
+
+        fmt = cfg.ingest.format if format == "auto" else format
+        if (cfg.ingest.workers or default_workers()) > 1:
             from alignflow.tasks.ingest.contract_service import prestart, start_early
 
             if start_early(sources):
-                prestart()
-        from alignflow.tasks.ingest.run import prehash
-
-        prehash(sources, cfg.ingest.format if format == "auto" else format)  # the digests of the cache key
+                prestart()  # the contract worker loads GX while we start up
+            else:
+                read_ahead(sources, wd, cfg.ingest, fmt)  # a large input: its first ranges are read meanwhile
+        prehash(sources, fmt)  # the digests of the cache key
         from .ingest import ingest as ingest_flow
 
         wait_for_prefect_server()

@@ -504,23 +504,84 @@ def run_tasks(tasks: list[RangeTask], workers: int) -> Iterator[tuple[RangeTask,
 
     Task ``i`` goes to worker ``i % n``; each worker has at most two tasks in
     flight, so results waiting for the parent never hold more than a few
-    ranges in memory.
+    ranges in memory (beyond the first tasks, if :func:`read_ahead` sent them).
     """
     if workers <= 1 or len(tasks) <= 1:
+        drop_read_ahead()
         for task in tasks:
             yield task, read_packed(task)
         return
     n = min(workers, len(tasks))
-    pool = WorkerProcesses(n)
+    pool, sent = adopt_read_ahead(tasks, n) or (WorkerProcesses(n), 0)
+    received = 0
     try:
-        sent = 0
         for i, task in enumerate(tasks):
             while sent < len(tasks) and sent < i + 2 * n:
                 pool.send(sent % n, tasks[sent])
                 sent += 1
-            yield task, pool.receive(i % n)
+            result = pool.receive(i % n)
+            received += 1
+            yield task, result
     finally:
-        pool.close()
+        pool.close(kill=received < sent)  # stopped early (an error): the tasks still queued are not wanted
+
+
+# -- reading ahead while the command starts -------------------------------------------------------------------
+# While ``alignflow ingest`` starts (imports, Prefect's server booting) the machine is not busy all the time.
+# The first range tasks of a large read can go to the workers then (:func:`read_ahead`), at the lowest priority
+# (nice 19), so that they take only the time the start-up leaves: at equal priority they slowed the server's boot
+# and the cache key's hashing, which the flow waits for, by more than they read. :func:`run_tasks` adopts them,
+# and their results, if its tasks begin with the same ones on as many workers, over the same unchanged files, and
+# gives them back normal priority where it may; otherwise they are dropped (workers killed, results thrown away)
+# and the read starts as if none had been sent.
+READ_AHEAD_NICE = 19
+_AHEAD: list[tuple[list[RangeTask], int, WorkerProcesses, list[tuple[int, int]]]] = []
+
+
+def _stamps(tasks: list[RangeTask]) -> list[tuple[int, int]]:
+    """Size and modification time of each task's file: a file changed after its tasks were sent voids them."""
+    out = []
+    for task in tasks:
+        try:
+            st = os.stat(task.path)
+            out.append((st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append((-1, -1))
+    return out
+
+
+def read_ahead(tasks: list[RangeTask], workers: int) -> None:
+    """Send ``tasks`` (the first ones of a read on ``workers`` processes, task ``i`` to worker ``i % workers``,
+    as :func:`run_tasks` deals them) to new worker processes now. Their results wait in this process
+    (``eager``): keep ``tasks`` to what may wait in memory. Workers not adopted are killed at exit."""
+    import atexit
+
+    if workers <= 1 or not tasks:
+        return
+    drop_read_ahead()
+    pool = WorkerProcesses(workers, eager=True, nice=READ_AHEAD_NICE)
+    _AHEAD.append((list(tasks), workers, pool, _stamps(tasks)))
+    atexit.register(drop_read_ahead)
+    for i, task in enumerate(tasks):
+        pool.send(i % workers, task)
+
+
+def adopt_read_ahead(tasks: list[RangeTask], workers: int) -> tuple[WorkerProcesses, int] | None:
+    """The workers of :func:`read_ahead` and how many of ``tasks`` they already have, if they were sent the
+    first of ``tasks`` on ``workers`` processes and the files are unchanged; else None (any are dropped)."""
+    while _AHEAD:
+        sent, n, pool, stamps = _AHEAD.pop()
+        if n == workers and tasks[: len(sent)] == sent and _stamps(sent) == stamps:
+            pool.renice(os.getpriority(os.PRIO_PROCESS, 0))  # as this process, if permitted (root, RLIMIT_NICE)
+            return pool, len(sent)
+        pool.close(kill=True)
+    return None
+
+
+def drop_read_ahead() -> None:
+    """Kill the workers of a read-ahead nobody adopted (a cache hit, another plan, a failure before reading)."""
+    while _AHEAD:
+        _AHEAD.pop()[2].close(kill=True)
 
 
 class WorkerProcesses:
@@ -531,15 +592,19 @@ class WorkerProcesses:
     worker whose parent dies reads end-of-file and exits.
     """
 
-    def __init__(self, n: int, module: str = "alignflow.tasks.ingest.ranges", *, eager: bool = False) -> None:
+    def __init__(self, n: int, module: str = "alignflow.tasks.ingest.ranges", *, eager: bool = False,
+                 nice: int = 0) -> None:
         """``module``: whose ``serve()`` the workers run (this one: range tasks). ``eager``: a thread per worker
         reads its results as soon as they are written, so a worker whose result waits for its turn goes on
-        with its next task instead of blocking on its pipe (the results wait here, as many as are in flight)."""
+        with its next task instead of blocking on its pipe (the results wait here, as many as are in flight).
+        ``nice``: the workers' scheduling priority (``nice(1)``; 19: they run on what other processes leave)."""
         import subprocess
         import sys
 
         cmd = [sys.executable, "-c", f"from {module} import serve; serve()"]
         self.procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE) for _ in range(n)]
+        if nice:
+            self.renice(nice)
         self.results: list[queue.SimpleQueue] | None = None  # eager: each worker's results, in order
         self.readers: list[threading.Thread] = []
         if eager:
@@ -548,6 +613,15 @@ class WorkerProcesses:
                             for proc, results in zip(self.procs, self.results)]
             for reader in self.readers:
                 reader.start()
+
+    def renice(self, nice: int) -> bool:
+        """Set the workers' priority; False where this process may not (raising it back needs privileges)."""
+        try:
+            for proc in self.procs:
+                os.setpriority(os.PRIO_PROCESS, proc.pid, nice)
+        except (OSError, AttributeError):  # not permitted, a worker gone, or not POSIX
+            return False
+        return True
 
     @staticmethod
     def _read(proc, results: queue.SimpleQueue) -> None:
@@ -590,8 +664,11 @@ class WorkerProcesses:
             raise value
         return value
 
-    def close(self) -> None:
+    def close(self, *, kill: bool = False) -> None:
+        """Let the workers finish the tasks sent and exit; ``kill``: stop them now, their tasks unread."""
         for proc in self.procs:
+            if kill:
+                proc.kill()
             try:
                 proc.stdin.close()
             except OSError:

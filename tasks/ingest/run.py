@@ -134,6 +134,66 @@ def prehash(sources: list[str | Path], fmt: str | None = None) -> None:
         threading.Thread(target=run, name="alignflow-prehash", daemon=True).start()
 
 
+# What a read-ahead (:func:`read_ahead`) may leave waiting in memory for the read phase: this many bytes of Posts.xml
+# ranges, whose results hold the posts' texts. A Votes.xml range counts a quarter of its bytes: its result is a
+# few counts per post, and it reads about 4x faster.
+READ_AHEAD_BYTES = 192 << 20
+
+
+def read_ahead(sources: list[str | Path], workdir: Path, cfg: IngestConfig, fmt: str | None = None) -> bool:
+    """Send the first byte ranges of the input to the read phase's worker processes now, while the command
+    starts up (imports, Prefect's server booting), when a core is mostly idle; the read phase adopts them
+    (:func:`.ranges.adopt_read_ahead`). Returns whether any were sent.
+
+    Only for Stack Exchange sites in plain files, read locally on several workers, and not when a dataset in
+    ``workdir`` came from the same files with the same sizes: that ingest may be a cache hit, which reads
+    nothing. Sources that do not resolve are left alone: :func:`plan_ingest` reports them."""
+    workers = cfg.workers or default_workers()
+    if workers <= 1 or cfg.runner != "local":
+        return False
+    try:
+        checked = check_sources(sources, fmt or cfg.format)
+        if any(f != "stackexchange" for _, f, _ in checked) or _maybe_cached(workdir, checked):
+            return False
+        sites = resolve_sites([path for path, _, _ in checked])
+        for site in sites:
+            if not _site_reads_votes(site, cfg):
+                site.votes = []
+        if not all(map(_plain_files, sites)):
+            return False
+        tasks = site_range_tasks(sites, cfg)
+    except Exception:  # noqa: BLE001 - any problem is plan_ingest's to report
+        return False
+    ahead, budget = [], READ_AHEAD_BYTES
+    for task in tasks:
+        cost = (task.end - task.start) // (4 if task.table == "Votes" else 1)
+        if cost > budget:
+            break
+        budget -= cost
+        ahead.append(task)
+    workers = min(workers, len(tasks))  # as the read phase deals them (ranges.run_tasks)
+    if workers <= 1 or not ahead:
+        return False
+    from .ranges import read_ahead as send_ahead
+
+    send_ahead(ahead, workers)
+    return True
+
+
+def _maybe_cached(workdir: Path, checked: list[tuple[Path, str, list[Path]]]) -> bool:
+    """Whether a finished ingest in ``workdir`` read the same files with the same sizes (its manifest's
+    sources), so that this one may find its datasets (the cache key also hashes the contents)."""
+    ours = sorted(([str(p) for p in files], sum(p.stat().st_size for p in files)) for _, _, files in checked)
+    for manifest in (Path(workdir).resolve() / "data" / "ingest").glob("*/manifest.json"):
+        try:
+            theirs = sorted((s["files"], s["bytes"]) for s in json.loads(manifest.read_text())["sources"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return True  # unreadable: it might be the one
+        if theirs == ours:
+            return True
+    return False
+
+
 def code_files() -> list[Path]:
     """The source files whose contents are part of every ingest's cache key: the ingest's and the data
     contracts' Python, and the C of its fast paths (HTML to text, Votes.xml and Posts.xml rows)."""
@@ -222,18 +282,13 @@ def read_stackexchange(paths: list[Path], store, cfg: IngestConfig, phases: Phas
     from .stackexchange import read_site
 
     for site in sites:
-        if len(site.votes) > 1:
-            raise IngestError(f"site {site.name} has more than one Votes table", path=site.name)
-        use_votes = bool(site.votes) and cfg.score_source != "score"
-        if cfg.score_source == "votes" and not site.votes:
-            raise IngestError(f"ingest.score_source=votes but site {site.name} has no Votes.xml",
-                              path=site.posts[0].label)
+        use_votes = _site_reads_votes(site, cfg)
         if not use_votes:
             site.votes = []
         else:
             store.register_vote_file(site.name, site.votes[0].label)
         score_sources[site.name] = "votes" if use_votes else "score"
-        if all(m.member is None for m in (*site.votes, *site.posts)):
+        if _plain_files(site):
             parallel.append(site)  # plain files: read below, cut into ranges (in this process with one local worker)
         else:
             read_site(site, store, on_bad_row=cfg.on_bad_row, max_chars=cfg.max_text_chars,
@@ -243,9 +298,24 @@ def read_stackexchange(paths: list[Path], store, cfg: IngestConfig, phases: Phas
     return score_sources
 
 
-def read_sites_in_ranges(sites: list[Site], store, cfg: IngestConfig, workers: int, phases: Phases) -> None:
-    """Read plain-file sites on ``workers`` processes, replaying into ``store`` in the one-process order."""
-    from .ranges import Replayer, range_tasks
+def _site_reads_votes(site: Site, cfg: IngestConfig) -> bool:
+    """Whether the site's Votes table is read (``ingest.score_source``); refuses a site it cannot score."""
+    if len(site.votes) > 1:
+        raise IngestError(f"site {site.name} has more than one Votes table", path=site.name)
+    if cfg.score_source == "votes" and not site.votes:
+        raise IngestError(f"ingest.score_source=votes but site {site.name} has no Votes.xml",
+                          path=site.posts[0].label)
+    return bool(site.votes) and cfg.score_source != "score"
+
+
+def _plain_files(site: Site) -> bool:
+    """The site's tables are plain files (not members of archives): they are read in byte ranges."""
+    return all(m.member is None for m in (*site.votes, *site.posts))
+
+
+def site_range_tasks(sites: list[Site], cfg: IngestConfig) -> list:
+    """The range tasks of plain-file sites (their tables already chosen), in the order they are read."""
+    from .ranges import range_tasks
 
     tasks = []
     for site in sites:
@@ -254,6 +324,14 @@ def read_sites_in_ranges(sites: list[Site], store, cfg: IngestConfig, workers: i
                                  range_bytes=max(int(cfg.range_mb * (1 << 20)), 1), on_bad_row=cfg.on_bad_row,
                                  max_chars=cfg.max_text_chars, max_row_bytes=cfg.max_row_bytes,
                                  start_index=len(tasks))
+    return tasks
+
+
+def read_sites_in_ranges(sites: list[Site], store, cfg: IngestConfig, workers: int, phases: Phases) -> None:
+    """Read plain-file sites on ``workers`` processes, replaying into ``store`` in the one-process order."""
+    from .ranges import Replayer
+
+    tasks = site_range_tasks(sites, cfg)
     replay = Replayer(store)
     for task, result in range_results(tasks, cfg, workers):
         for name, seconds in result.seconds.items():
@@ -371,6 +449,9 @@ def execute_ingest(plan: IngestPlan, cfg: IngestConfig, *, mark: bool = True) ->
     input_bytes = sum(s.bytes for s in plan.sources)
     manifest_path = out_dir / "manifest.json"
     if manifest_path.is_file():
+        from .ranges import drop_read_ahead
+
+        drop_read_ahead()  # nothing to read
         manifest = json.loads(manifest_path.read_text())
         if mark:
             mark_latest(out_dir)
