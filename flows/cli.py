@@ -106,16 +106,19 @@ def ingest(
 
         _check_ingest_input(cfg, sources, cfg.ingest.format if format == "auto" else format)
 
-        from alignflow.tasks.ingest.run import prehash, read_ahead
+        from alignflow.tasks.ingest.run import (
+            READ_AHEAD_BYTES, READ_AHEAD_BYTES_BESIDE_CONTRACTS, prehash, read_ahead,
+        )
 
         fmt = cfg.ingest.format if format == "auto" else format
         if (cfg.ingest.workers or default_workers()) > 1:
             from alignflow.tasks.ingest.contract_service import prestart, start_early
 
-            if start_early(sources):
+            early = start_early(sources)
+            if early:
                 prestart()  # the contract worker loads GX while we start up
-            else:
-                read_ahead(sources, wd, cfg.ingest, fmt)  # a large input: its first ranges are read meanwhile
+            read_ahead(sources, wd, cfg.ingest, fmt, budget=READ_AHEAD_BYTES_BESIDE_CONTRACTS if early
+                       else READ_AHEAD_BYTES)  # the first ranges are read meanwhile
         prehash(sources, fmt)  # the digests of the cache key
         from .ingest import ingest as ingest_flow
 

@@ -60,17 +60,19 @@ def _dead(pool: ranges.WorkerProcesses) -> bool:
     return all(proc.poll() is not None for proc in pool.procs)
 
 
-def test_the_read_phase_adopts_the_ranges_read_ahead_and_builds_the_same_datasets(
-        fixtures_dir, tmp_path, monkeypatch, pools):
+def test_the_read_phase_adopts_the_ranges_read_ahead_and_builds_the_same_datasets(fixtures_dir, tmp_path, pools):
     sources = _sites(tmp_path, fixtures_dir)
     one = _ingest(sources, tmp_path / "w1", "ingest.workers=1")
     # part of the ranges ahead (~120 KB of Posts.xml), the rest sent by the read phase to the same workers
-    monkeypatch.setattr(ingest_run, "READ_AHEAD_BYTES", 120_000)
     cfg = _cfg(*SMALL)
-    assert read_ahead(sources, tmp_path / "w2", cfg)
+    assert read_ahead(sources, tmp_path / "w2", cfg, budget=120_000)
     [(sent, n, pool, _)] = ranges._AHEAD
     everything = site_range_tasks(resolve_sites(sources), cfg)
     assert n == 2 and 3 <= len(sent) < len(everything) and everything[: len(sent)] == sent
+    # as many first ranges as fit in the budget, a Votes.xml range counting a quarter of its bytes
+    assert {t.table for t in sent} == {"Votes", "Posts"}
+    cost = [(t.end - t.start) // (4 if t.table == "Votes" else 1) for t in everything]
+    assert sum(cost[: len(sent)]) <= 120_000 < sum(cost[: len(sent) + 1])
     assert all(os.getpriority(os.PRIO_PROCESS, proc.pid) == ranges.READ_AHEAD_NICE for proc in pool.procs)
     many = _ingest(sources, tmp_path / "w2", *SMALL)
     assert pools == [pool], "the read phase started workers of its own instead of adopting the read-ahead's"
