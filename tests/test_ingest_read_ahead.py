@@ -114,6 +114,14 @@ def test_no_read_ahead_where_it_would_be_wasted_or_cannot_apply(fixtures_dir, tm
     assert read_ahead(sources[:1], workdir, _cfg(*SMALL))  # another input
     ranges.drop_read_ahead()
     assert len(pools) == 1 and _dead(pools[0]) and not ranges._AHEAD
+    # tiny ranges: no more tasks than the workers' input pipes hold are sent ahead, and they are still adopted
+    pools.clear()
+    cfg = _cfg("ingest.workers=2", "ingest.range_mb=0.001")
+    assert read_ahead(sources[:1], tmp_path / "tiny", cfg)
+    [(sent, _, pool, _)] = ranges._AHEAD
+    assert len(sent) == ranges.READ_AHEAD_MAX_TASKS < len(site_range_tasks(resolve_sites(sources[:1]), cfg))
+    assert not _ingest(sources[:1], tmp_path / "tiny", "ingest.workers=2", "ingest.range_mb=0.001").cache_hit
+    assert pools == [pool] and _dead(pool)
 
 
 def test_a_cache_hit_drops_the_read_ahead(fixtures_dir, tmp_path, monkeypatch, pools):

@@ -535,7 +535,11 @@ def run_tasks(tasks: list[RangeTask], workers: int) -> Iterator[tuple[RangeTask,
 # gives them back normal priority where it may; otherwise they are dropped (workers killed, results thrown away)
 # and the read starts as if none had been sent.
 READ_AHEAD_NICE = 19
+# At most this many tasks are sent ahead: they wait, pickled, in the workers' input pipes (64 KiB on Linux, a few
+# hundred bytes a task), and a full pipe would hold the command's start until a worker reads on (tiny ranges).
+READ_AHEAD_MAX_TASKS = 64
 _AHEAD: list[tuple[list[RangeTask], int, WorkerProcesses, list[tuple[int, int]]]] = []
+_AT_EXIT: list[bool] = []  # drop_read_ahead is registered to run at exit
 
 
 def _stamps(tasks: list[RangeTask]) -> list[tuple[int, int]]:
@@ -552,16 +556,20 @@ def _stamps(tasks: list[RangeTask]) -> list[tuple[int, int]]:
 
 def read_ahead(tasks: list[RangeTask], workers: int) -> None:
     """Send ``tasks`` (the first ones of a read on ``workers`` processes, task ``i`` to worker ``i % workers``,
-    as :func:`run_tasks` deals them) to new worker processes now. Their results wait in this process
-    (``eager``): keep ``tasks`` to what may wait in memory. Workers not adopted are killed at exit."""
+    as :func:`run_tasks` deals them; the first ``READ_AHEAD_MAX_TASKS``) to new worker processes now. Their
+    results wait in this process (``eager``): keep ``tasks`` to what may wait in memory. Workers not adopted
+    are killed at exit."""
     import atexit
 
+    tasks = list(tasks[:READ_AHEAD_MAX_TASKS])
     if workers <= 1 or not tasks:
         return
     drop_read_ahead()
     pool = WorkerProcesses(workers, eager=True, nice=READ_AHEAD_NICE)
-    _AHEAD.append((list(tasks), workers, pool, _stamps(tasks)))
-    atexit.register(drop_read_ahead)
+    _AHEAD.append((tasks, workers, pool, _stamps(tasks)))
+    if not _AT_EXIT:
+        atexit.register(drop_read_ahead)
+        _AT_EXIT.append(True)
     for i, task in enumerate(tasks):
         pool.send(i % workers, task)
 
