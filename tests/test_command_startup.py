@@ -228,21 +228,21 @@ def test_a_command_starts_prefects_server_early_and_stops_it_on_exit(tmp_path):
 def test_flow_runs_send_heartbeats_only_to_a_server_the_user_runs(monkeypatch):
     """A temporary server (Prefect's own, or the command's) stops with the command: its runs send no
     heartbeats. A server the user runs gets them as configured."""
-    from prefect.settings import get_current_settings
+    from prefect.settings import get_current_settings, temporary_settings
 
     from alignflow.flows.environment import TEMPORARY_API_ENV, flow_run_settings, on_temporary_server
 
-    configured = get_current_settings().flows.heartbeat_frequency
-    assert configured is not None
     ours, users = "http://127.0.0.1:9/api", "http://127.0.0.1:4200/api"
     cases = [({}, True), ({TEMPORARY_API_ENV: ours, "PREFECT_API_URL": ours}, True),
              ({"PREFECT_API_URL": users}, False), ({TEMPORARY_API_ENV: ours, "PREFECT_API_URL": users}, False)]
-    for env, temporary in cases:
-        for name in ("PREFECT_API_URL", TEMPORARY_API_ENV):
-            monkeypatch.delenv(name, raising=False)
-        for name, value in env.items():
-            monkeypatch.setenv(name, value)
-        assert on_temporary_server() is temporary, env
-        with flow_run_settings():
-            assert get_current_settings().flows.heartbeat_frequency == (None if temporary else configured), env
-        assert get_current_settings().flows.heartbeat_frequency == configured
+    # a configured frequency (this process may be inside the tests' shared server's settings, which have none)
+    with temporary_settings(updates={"flows.heartbeat_frequency": 120}):
+        for env, temporary in cases:
+            for name in ("PREFECT_API_URL", TEMPORARY_API_ENV):
+                monkeypatch.delenv(name, raising=False)
+            for name, value in env.items():
+                monkeypatch.setenv(name, value)
+            assert on_temporary_server() is temporary, env
+            with flow_run_settings():
+                assert get_current_settings().flows.heartbeat_frequency == (None if temporary else 120), env
+            assert get_current_settings().flows.heartbeat_frequency == 120
