@@ -218,7 +218,7 @@ def flow_run_settings() -> Iterator[None]:
     setting cannot be unset from the environment (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` must be >= 30), so
     it is unset here, for this run only. On a server the user runs, heartbeats stay as configured.
     """
-    if not on_temporary_server() or os.environ.get("TMP_HB"):
+    if not on_temporary_server():
         yield
         return
     from prefect.settings import temporary_settings
