@@ -380,3 +380,30 @@ def test_plain_mojibake_fixed_only_in_broken_runs() -> None:
 @pytest.mark.parametrize("text", ["", "   ", "\r\n\r\n", "\x00\x01"])
 def test_plain_empty_or_blank(text: str) -> None:
     assert clean_plain_text(text) == ""
+
+
+def test_plain_text_skips_only_rules_that_cannot_match() -> None:
+    """clean_plain_text runs the trailing-space and blank-line rules only where a string search says they can
+    match; on random strings of the characters those rules and the others act on, it gives what running
+    every rule always gives."""
+    import html
+    import random
+
+    def every_rule(text: str) -> str:
+        if not text:
+            return ""
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        text = clean._ENTITY.sub(lambda m: html.unescape(m.group()), text)
+        if not text.isascii():
+            text = clean._fix_mojibake(text)
+        text = clean._CONTROL.sub("", text)
+        text = re.sub("[ \t]+$", "", text, flags=re.MULTILINE)
+        text = re.sub("\n{3,}", "\n\n", text)
+        return text.strip()
+
+    alphabet = ["a", "b", " ", "\t", "\n", "\r", "\x0b", "\x0c", "\x85", "&amp;", "é", "Ã©", "\x00"]
+    rng = random.Random(0)
+    for _ in range(20_000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 14)))
+        assert clean_plain_text(text) == every_rule(text), repr(text)
+    assert clean_plain_text("a \t\n\n\n\nb  ") == "a\n\nb"

@@ -548,3 +548,32 @@ def test_iter_lines_streams_without_reading_whole(tmp_path, monkeypatch):
     read_reddit(path, sink)
     assert len(sink.posts) == 3000
     assert sizes and all(0 < n <= 1 << 20 for n in sizes) and len(sizes) > 1
+
+
+@pytest.mark.parametrize("text", [
+    '{"id": "a", "score": 3, "body": "x"}',
+    '{"a": 1, "a": 2}',  # a repeated key: the last one
+    '{"score": 18446744073709551615}',  # the largest integer orjson reads as one
+    '{"score": 18446744073709551616}',  # one more: orjson reads a float, json.loads an int
+    '{"score": -9223372036854775809}',
+    '{"x": {"deep": 123456789012345678901234567890}}',
+    '{"score": 1e400}', '{"score": NaN}', '{"x": -Infinity}',
+    '{"body": "\\ud800"}',  # a lone surrogate escape: json.loads reads it, the reader then quarantines it
+    '{"body": "caf\\u00e9"}', ' [1, 2.5, true, null] ', '"text"', '-0', '1.5e-7',
+])
+def test_parse_json_line_answers_as_json_loads(text):
+    from alignflow.tasks.ingest.reddit import parse_json_line
+
+    # repr: NaN is not equal to itself, and an int must stay an int (1 == 1.0)
+    assert repr(parse_json_line(text)) == repr(json.loads(text))
+
+
+@pytest.mark.parametrize("text", ['{"a": 1', '{"a": 01}', "{'a': 1}", '{"a": "\x01"}', '\ufeff{"a": 1}', "", "nul"])
+def test_parse_json_line_raises_as_json_loads(text):
+    from alignflow.tasks.ingest.reddit import parse_json_line
+
+    with pytest.raises(json.JSONDecodeError) as ours:
+        parse_json_line(text)
+    with pytest.raises(json.JSONDecodeError) as theirs:
+        json.loads(text)
+    assert (ours.value.msg, ours.value.pos) == (theirs.value.msg, theirs.value.pos)

@@ -41,9 +41,9 @@ import json, sys
 from pathlib import Path
 from alignflow.config import load_config
 from alignflow.tasks.ingest.run import execute_ingest, plan_ingest
-site, workdir, workers, cprofile = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+sources, workdir, workers, cprofile = json.loads(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
 cfg = load_config(None, [f"ingest.workers={workers}", *sys.argv[5:]]).ingest
-plan = plan_ingest([site], workdir, cfg)
+plan = plan_ingest(sources, workdir, cfg)
 if cprofile:
     import cProfile
     prof = cProfile.Profile()
@@ -74,6 +74,14 @@ def site_for(mb: int, scratch: Path, seed: int = 0) -> Path:
     return site
 
 
+def sources_of(site: Path) -> list[str]:
+    """What ``--site`` names as the ingest's sources: a Stack Exchange site folder itself, else the files in the
+    folder (e.g. a Pushshift month's ``RS_``/``RC_`` files side by side)."""
+    if site.is_file() or (site / "Posts.xml").exists():
+        return [str(site)]
+    return sorted(str(p) for p in site.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
 def _role(p: psutil.Process) -> str:
     """Which part of the ingest a process of the tree is: the parent, a reading worker, the contract process."""
     try:
@@ -90,7 +98,7 @@ def _role(p: psutil.Process) -> str:
 def measure(site: Path, workers: int, overrides: list[str], cprofile: Path | None = None,
             src: Path | None = None, keep: Path | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="af-phases-") as tmp:
-        cmd = [sys.executable, "-c", CHILD, str(site), str(Path(tmp) / "work"), str(workers),
+        cmd = [sys.executable, "-c", CHILD, json.dumps(sources_of(site)), str(Path(tmp) / "work"), str(workers),
                str(cprofile or ""), *overrides]
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
@@ -148,7 +156,7 @@ def measure(site: Path, workers: int, overrides: list[str], cprofile: Path | Non
         "tree_cpu_seconds": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
         "peak_rss_mib": peak / MIB,
         "peak_rss_by_process_mib": at_peak,
-        "posts_mib": (site / "Posts.xml").stat().st_size / MIB,
+        "posts_mib": (site / "Posts.xml").stat().st_size / MIB if (site / "Posts.xml").exists() else 0.0,
         "votes_mib": (site / "Votes.xml").stat().st_size / MIB if (site / "Votes.xml").exists() else 0.0,
         "load_avg_after": psutil.getloadavg(),
     })
@@ -196,7 +204,8 @@ def compare(a: dict, b: dict) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mb", type=int, default=48, help="size of Posts.xml in MiB (default 48)")
-    ap.add_argument("--site", type=Path, help="an existing site folder (Posts.xml, maybe Votes.xml) instead of a "
+    ap.add_argument("--site", type=Path, help="an existing site folder (Posts.xml, maybe Votes.xml), or a folder of "
+                    "other inputs (e.g. a Pushshift month's RS_/RC_ files), instead of a "
                     "generated one, e.g. a real dump")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()) / "alignflow-bench-phases")

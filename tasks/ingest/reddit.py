@@ -56,6 +56,8 @@ import math
 from itertools import combinations
 from pathlib import Path
 
+import orjson
+
 from alignflow.config import RedditConfig
 
 from . import clean as _clean
@@ -237,6 +239,47 @@ def read_reddit(
         kind = read_line(text, lineno, kind, sink, file, default_license, on_bad_row, max_line_bytes, replies)
 
 
+_FLOAT_OF_A_WIDE_INT = 2.0 ** 63  # orjson reads an integer past 64 bits as a float of at least this size
+
+
+def _has_wide_float(values) -> bool:
+    """Whether a float of at least 2**63 in magnitude is among ``values`` or inside them (dicts, lists)."""
+    stack = [values]
+    while stack:
+        for value in stack.pop():
+            kind = type(value)
+            if kind is float:
+                if not -_FLOAT_OF_A_WIDE_INT < value < _FLOAT_OF_A_WIDE_INT:
+                    return True
+            elif kind is dict:
+                if value:
+                    stack.append(value.values())
+            elif kind is list and value:
+                stack.append(value)
+    return False
+
+
+def parse_json_line(text: str):
+    """``json.loads(text)``, about twice as fast on a Pushshift line: orjson parses, and the standard parser
+    is asked again wherever orjson's answer could differ from its own. orjson refuses all that
+    ``json.loads`` refuses and a few things it accepts (NaN, 1e400, lone surrogate escapes): those go to
+    ``json.loads``, which raises or answers as it always did. orjson reads an integer beyond 64 bits as a
+    float: a value holding a float that large is parsed again."""
+    try:
+        obj = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+    if type(obj) is dict:
+        if _has_wide_float(obj.values()):
+            return json.loads(text)
+    elif type(obj) is list:
+        if _has_wide_float(obj):
+            return json.loads(text)
+    elif type(obj) is float and not -_FLOAT_OF_A_WIDE_INT < obj < _FLOAT_OF_A_WIDE_INT:
+        return json.loads(text)
+    return obj
+
+
 def read_line(text: str, lineno: int, kind: str | None, sink: RecordSink, file: str, default_license: str,
               on_bad_row: str, max_line_bytes: int, replies=None) -> str | None:
     """One non-blank line of a Pushshift file into ``sink``; returns the file's kind (known after the first row)."""
@@ -248,7 +291,7 @@ def read_line(text: str, lineno: int, kind: str | None, sink: RecordSink, file: 
     site = ""
     try:
         try:
-            obj = json.loads(text)
+            obj = parse_json_line(text)
         except json.JSONDecodeError as exc:
             raise BadRow("not_json", f"not JSON: {exc.msg} at column {exc.colno}") from None
         if not isinstance(obj, dict):
