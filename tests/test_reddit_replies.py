@@ -174,8 +174,8 @@ def test_store_groups_replies_by_parent_and_flags_repeated_ids(tmp_path):
     store.close()
     store = ReplyStore(tmp_path / "r.sqlite", create=False)
     store.finish_loading()
-    groups = [(parent, [(n.id, dup) for n, dup in g]) for parent, g in store.reply_groups()]
-    assert groups == [("t1_top", [("a", False), ("a", True), ("b", False)]), ("t1_b", [("x", False)])]
+    groups = [(parent, [(n.id, dup) for n, dup in g], p and p.id) for parent, g, p in store.reply_groups()]
+    assert groups == [("t1_top", [("a", False), ("a", True), ("b", False)], "top"), ("t1_b", [("x", False)], "b")]
     assert store.lookup("top").body == "body top" and store.lookup("nope") is None
     assert store.submission("p").title == "T" and store.submission("q") is None
 
@@ -283,3 +283,27 @@ def test_synthetic_month_is_deterministic_and_gives_reply_pairs(tmp_path):
     result = run(tmp_path, [a.rc], "ingest.reddit_reply_pairs=true")  # comments only
     assert result.report["adds_up"] and result.report["pairs"]["reply:kept"] > 0
     assert result.datasets["pairs"]["rows"] == result.report["pairs"]["reply:kept"]
+
+
+def test_a_lone_reply_gets_the_fate_the_shp_rules_give_it():
+    """A parent with one reply (most parents) skips shp_pairs: the reply's fate and the counts are those the
+    general path gives, over authors, flags, scores and submission scores around each rule's edge."""
+    from alignflow.tasks.ingest.reddit_replies import _reply_pairs
+
+    configs = [CFG, RedditConfig(drop_op_comments=False, drop_distinguished=False, min_comment_score=-5)]
+    authors = ["name:u", "name:v", "", "name:[deleted]"]
+    seen = set()
+    for cfg in configs:
+        for parent_author in authors:
+            for author in authors:
+                for distinguished in (False, True):
+                    for score in (-6, cfg.min_comment_score - 1, cfg.min_comment_score, 50):
+                        for sub_score in (None, cfg.min_post_score - 1, cfg.min_post_score):
+                            parent = node("p1", author=parent_author)
+                            reply = node("r1", parent="t1_p1", score=score, author=author,
+                                         distinguished=distinguished)
+                            fast = reply_pairs(parent, [reply], cfg, submission_score=sub_score)
+                            general = _reply_pairs(parent, [reply], cfg, submission_score=sub_score)
+                            assert fast == general, (cfg, parent_author, author, distinguished, score, sub_score)
+                            seen.add(fast[2]["r1"])
+    assert seen == {"post_score_too_low", "op_comment", "distinguished", "comment_score_too_low", "unpaired"}

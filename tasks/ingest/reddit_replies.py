@@ -180,6 +180,36 @@ def reply_pairs(parent: Node, replies: list[Node], cfg: RedditConfig, *, submiss
     Independent of the order of ``replies``; duplicate ids must be removed
     before (the store does).
     """
+    if len(replies) == 1:
+        return _lone_reply(parent, replies[0], cfg, submission_score)
+    return _reply_pairs(parent, replies, cfg, submission_score=submission_score, seed=seed)
+
+
+def _lone_reply(parent: Node, reply: Node, cfg: RedditConfig, submission_score: int | None,
+                ) -> tuple[list[tuple[Node, Node]], dict[str, int], dict[str, str]]:
+    """:func:`reply_pairs` for a parent with one reply (most parents): no pair, and the reply's fate from the
+    rules of :func:`.reddit.shp_pairs`, without building its records."""
+    from .reddit import _ANON_AUTHORS, SHP_COUNT_KEYS
+
+    counts = dict.fromkeys(SHP_COUNT_KEYS, 0)
+    if submission_score is not None and submission_score < cfg.min_post_score:
+        counts["post_score_too_low"] = 1
+        return [], counts, {reply.id: "post_score_too_low"}
+    if cfg.drop_op_comments and parent.author not in _ANON_AUTHORS and reply.author == parent.author:
+        reason = "op_comment"
+    elif cfg.drop_distinguished and reply.distinguished:
+        reason = "distinguished"
+    elif reply.score < cfg.min_comment_score:
+        reason = "comment_score_too_low"
+    else:
+        return [], counts, {reply.id: "unpaired"}  # max_comments_per_post >= 2: it is considered, and alone
+    counts[reason] = 1
+    return [], counts, {reply.id: reason}
+
+
+def _reply_pairs(parent: Node, replies: list[Node], cfg: RedditConfig, *, submission_score: int | None = None,
+                 seed: int = 0) -> tuple[list[tuple[Node, Node]], dict[str, int], dict[str, str]]:
+    """:func:`reply_pairs` through :func:`.reddit.shp_pairs`, for any number of replies."""
     from .reddit import shp_pairs
 
     fates: dict[str, str] = {}
@@ -216,6 +246,7 @@ _COMMENT_TYPES = ("id TEXT, parent TEXT, link TEXT, site TEXT, body TEXT, score 
                   "distinguished INT, license TEXT, source_file TEXT, line INT, reply INT")
 _SUBMISSION_TYPES = "id TEXT, site TEXT, title TEXT, body TEXT, score INT, author TEXT"
 _COMMENT_COLUMNS = ", ".join(column_names(_COMMENT_TYPES))
+_NODE_COLUMNS = "id, parent, link, site, body, score, created_ts, author, distinguished, license, source_file, line"
 _SUBMISSION_COLUMNS = ", ".join(column_names(_SUBMISSION_TYPES))
 
 
@@ -321,8 +352,7 @@ class ReplyStore:
             cache.move_to_end(comment_id)
             return cache[comment_id]
         row = self.db.execute(
-            "SELECT id, parent, link, site, body, score, created_ts, author, distinguished, license, source_file, "
-            "line FROM comments WHERE id = ? ORDER BY rid LIMIT 1", (comment_id,)).fetchone()
+            f"SELECT {_NODE_COLUMNS} FROM comments WHERE id = ? ORDER BY rid LIMIT 1", (comment_id,)).fetchone()
         node = None if row is None else Node(*row[:8], bool(row[8]), *row[9:])
         cache[comment_id] = node
         if len(cache) > CACHE_NODES:
@@ -341,22 +371,36 @@ class ReplyStore:
         self._last_submission = (link, sub)
         return sub
 
-    def reply_groups(self) -> Iterator[tuple[str, list[tuple[Node, bool]]]]:
-        """Yield ``(parent fullname, [(reply, is_duplicate), ...])`` per parent, by thread, parent, reply id."""
+    def reply_groups(self) -> Iterator[tuple[str, list[tuple[Node, bool]], Node | None]]:
+        """Yield ``(parent fullname, [(reply, is_duplicate), ...], parent comment)`` per parent, by thread,
+        parent, reply id. The parent comment is :meth:`lookup`'s answer (None: not in the input), read by a
+        second query beside the first, in the same order: one SQLite statement instead of one per parent."""
         cursor = self.db.execute(
-            "SELECT id, parent, link, site, body, score, created_ts, author, distinguished, license, source_file, "
-            "line, reply FROM comments INDEXED BY replies_by_parent WHERE reply >= 1 ORDER BY link, parent, id, rid")
+            f"SELECT {_NODE_COLUMNS}, reply FROM comments INDEXED BY replies_by_parent WHERE reply >= 1 "
+            "ORDER BY link, parent, id, rid")
+        parents = self.db.execute(
+            f"SELECT g.link, g.parent, {', '.join('c.' + c for c in _NODE_COLUMNS.split(', '))} FROM "
+            "(SELECT DISTINCT link, parent FROM comments INDEXED BY replies_by_parent WHERE reply >= 1) g "
+            "LEFT JOIN comments c ON c.rid = (SELECT rid FROM comments WHERE id = substr(g.parent, 4) "
+            "AND substr(g.parent, 1, 3) = 't1_' ORDER BY rid LIMIT 1) ORDER BY g.link, g.parent")
         current = None
         group: list[tuple[Node, int]] = []
         for row in cursor:
             key = (row[2], row[1])
             if key != current:
                 if group:
-                    yield current[1], group
+                    yield current[1], group, self._parent_row(parents, current)
                 current, group = key, []
             group.append((Node(*row[:8], bool(row[8]), *row[9:12]), row[12] == 2))
         if group:
-            yield current[1], group
+            yield current[1], group, self._parent_row(parents, current)
+
+    @staticmethod
+    def _parent_row(parents, key: tuple[str, str]) -> Node | None:
+        row = next(parents)
+        if (row[0], row[1]) != key:  # both queries walk the same index in the same order
+            raise RuntimeError(f"reply store: parent rows out of step at {key!r} (got {row[:2]!r})")
+        return None if row[2] is None else Node(*row[2:10], bool(row[10]), *row[11:])
 
 
 # --------------------------------------------------------------------------- the build step
@@ -380,7 +424,7 @@ def write_reply_pairs(replies: ReplyStore, builder, cfg: IngestConfig) -> None:
     fates_by_file: Counter = Counter()  # (source_file, accounting key) -> replies
     walk: Counter = Counter()  # the report's reply:... keys
     dropped_keys = [(k, f"reply:dropped:{k}") for k in SHP_COUNT_KEYS]
-    for parent_name, group in replies.reply_groups():
+    for parent_name, group, parent in replies.reply_groups():
         # A repeated reply id: the first row (lowest rid) is the reply; later ones are duplicates.
         unique: list[Node] = []
         for node, duplicate in group:
@@ -393,7 +437,6 @@ def write_reply_pairs(replies: ReplyStore, builder, cfg: IngestConfig) -> None:
             continue
         # Only the parent decides the pairs (its author, its thread's submission); the ancestors above it are
         # looked up for the prompt, when a pair is kept.
-        parent = replies.lookup(parent_name[3:]) if parent_name.startswith("t1_") else None
         if parent is None:
             for node in unique:
                 fates_by_file[(node.source_file, "skipped:reply_parent_missing")] += 1
