@@ -87,6 +87,7 @@ class Node:
     license: str = ""
     source_file: str = ""
     line: int | None = None
+    rid: int | None = None  # its row in the reply store (the walk reads body and license from there when needed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +248,8 @@ _COMMENT_TYPES = ("id TEXT, parent TEXT, link TEXT, site TEXT, body TEXT, score 
 _SUBMISSION_TYPES = "id TEXT, site TEXT, title TEXT, body TEXT, score INT, author TEXT"
 _COMMENT_COLUMNS = ", ".join(column_names(_COMMENT_TYPES))
 _NODE_COLUMNS = "id, parent, link, site, body, score, created_ts, author, distinguished, license, source_file, line"
+# what the reply walk reads of a reply besides its keys (the replies index carries them)
+_REPLY_FIELDS = "site, score, created_ts, author, distinguished, source_file, line"
 _SUBMISSION_COLUMNS = ", ".join(column_names(_SUBMISSION_TYPES))
 
 
@@ -334,13 +337,16 @@ class ReplyStore:
     # -- walking -----------------------------------------------------------------
     def finish_loading(self) -> None:
         self._flush()
-        self.db.execute("CREATE INDEX IF NOT EXISTS comments_by_id ON comments (id, rid)")
+        # Both indexes carry what the walk's rules read, so the walk never reads the table (every comment's
+        # text) out of order: the parent's link and author here, a reply's fields but its text below. Texts are
+        # read by row for the replies in kept pairs and the comments of their prompts (a few in a hundred).
+        self.db.execute("CREATE INDEX IF NOT EXISTS comments_by_id ON comments (id, rid, link, author)")
         self.db.execute("CREATE INDEX IF NOT EXISTS submissions_by_id ON submissions (id, rid)")
         # reply = 2: a reply whose id an earlier row (any comment) already had
         self.db.execute("UPDATE comments SET reply = 2 WHERE reply = 1 AND EXISTS "
                         "(SELECT 1 FROM comments o WHERE o.id = comments.id AND o.rid < comments.rid)")
-        self.db.execute("CREATE INDEX IF NOT EXISTS replies_by_parent ON comments (link, parent, id, rid) "
-                        "WHERE reply >= 1")
+        self.db.execute(f"CREATE INDEX IF NOT EXISTS replies_by_parent ON comments (link, parent, id, rid, "
+                        f"{_REPLY_FIELDS}, reply) WHERE reply >= 1")
         self.db.commit()
         self._cache: OrderedDict[str, Node | None] = OrderedDict()
         self._last_submission = None
@@ -352,7 +358,7 @@ class ReplyStore:
             cache.move_to_end(comment_id)
             return cache[comment_id]
         row = self.db.execute(
-            f"SELECT {_NODE_COLUMNS} FROM comments WHERE id = ? ORDER BY rid LIMIT 1", (comment_id,)).fetchone()
+            f"SELECT {_NODE_COLUMNS}, rid FROM comments WHERE id = ? ORDER BY rid LIMIT 1", (comment_id,)).fetchone()
         node = None if row is None else Node(*row[:8], bool(row[8]), *row[9:])
         cache[comment_id] = node
         if len(cache) > CACHE_NODES:
@@ -373,34 +379,45 @@ class ReplyStore:
 
     def reply_groups(self) -> Iterator[tuple[str, list[tuple[Node, bool]], Node | None]]:
         """Yield ``(parent fullname, [(reply, is_duplicate), ...], parent comment)`` per parent, by thread,
-        parent, reply id. The parent comment is :meth:`lookup`'s answer (None: not in the input), read by a
-        second query beside the first, in the same order: one SQLite statement instead of one per parent."""
+        parent, reply id, read from the indexes alone. The replies come without their ``body`` and ``license``
+        (None; :meth:`fill_texts`). The parent comment is the first row with the parent's id (None: not in
+        the input), with its ``id``, ``link``, ``author`` and ``rid`` only: what the rules read. It comes from
+        a second query beside the first, in the same order: one statement instead of one per parent."""
         cursor = self.db.execute(
-            f"SELECT {_NODE_COLUMNS}, reply FROM comments INDEXED BY replies_by_parent WHERE reply >= 1 "
-            "ORDER BY link, parent, id, rid")
+            f"SELECT link, parent, id, rid, {_REPLY_FIELDS}, reply FROM comments INDEXED BY replies_by_parent "
+            "WHERE reply >= 1 ORDER BY link, parent, id, rid")
         parents = self.db.execute(
-            f"SELECT g.link, g.parent, {', '.join('c.' + c for c in _NODE_COLUMNS.split(', '))} FROM "
+            "SELECT g.link, g.parent, c.rid, c.link, c.author FROM "
             "(SELECT DISTINCT link, parent FROM comments INDEXED BY replies_by_parent WHERE reply >= 1) g "
-            "LEFT JOIN comments c ON c.rid = (SELECT rid FROM comments WHERE id = substr(g.parent, 4) "
-            "AND substr(g.parent, 1, 3) = 't1_' ORDER BY rid LIMIT 1) ORDER BY g.link, g.parent")
+            "LEFT JOIN comments c INDEXED BY comments_by_id ON substr(g.parent, 1, 3) = 't1_' "
+            "AND c.id = substr(g.parent, 4) AND c.rid = (SELECT min(rid) FROM comments WHERE id = substr(g.parent, 4)) "
+            "ORDER BY g.link, g.parent")
         current = None
         group: list[tuple[Node, int]] = []
-        for row in cursor:
-            key = (row[2], row[1])
-            if key != current:
+        for link, parent, cid, rid, site, score, created, author, distinguished, source_file, line, reply in cursor:
+            if (link, parent) != current:
                 if group:
-                    yield current[1], group, self._parent_row(parents, current)
-                current, group = key, []
-            group.append((Node(*row[:8], bool(row[8]), *row[9:12]), row[12] == 2))
+                    yield current[1], group, self._parent_row(parents, current, group[0][0].site)
+                current, group = (link, parent), []
+            group.append((Node(cid, parent, link, site, None, score, created, author, bool(distinguished), None,
+                               source_file, line, rid), reply == 2))
         if group:
-            yield current[1], group, self._parent_row(parents, current)
+            yield current[1], group, self._parent_row(parents, current, group[0][0].site)
 
     @staticmethod
-    def _parent_row(parents, key: tuple[str, str]) -> Node | None:
-        row = next(parents)
-        if (row[0], row[1]) != key:  # both queries walk the same index in the same order
-            raise RuntimeError(f"reply store: parent rows out of step at {key!r} (got {row[:2]!r})")
-        return None if row[2] is None else Node(*row[2:10], bool(row[10]), *row[11:])
+    def _parent_row(parents, key: tuple[str, str], site: str) -> Node | None:
+        link, name, rid, parent_link, author = next(parents)
+        if (link, name) != key:  # both queries walk the same index in the same order
+            raise RuntimeError(f"reply store: parent rows out of step at {key!r} (got {(link, name)!r})")
+        return None if rid is None else Node(name[3:], "", parent_link, site, None, 0, None, author, False, None,
+                                             "", None, rid)
+
+    def fill_texts(self, nodes: list[Node]) -> None:
+        """Read the ``body`` and ``license`` of nodes that came without them (:meth:`reply_groups`)."""
+        for node in nodes:
+            if node.body is None:
+                node.body, node.license = self.db.execute(
+                    "SELECT body, license FROM comments WHERE rid = ?", (node.rid,)).fetchone()
 
 
 # --------------------------------------------------------------------------- the build step
@@ -455,6 +472,8 @@ def write_reply_pairs(replies: ReplyStore, builder, cfg: IngestConfig) -> None:
         if not pairs:
             continue
         chain, stop = ancestor_chain(parent_name[3:], replies.lookup)
+        parent = chain[-1]  # the whole row: the one above had what the rules read
+        replies.fill_texts([node for pair in pairs for node in pair])
         walk["reply:prompts"] += 1
         walk[f"reply:context:{stop}"] += 1
         walk["reply:kept"] += len(pairs)
