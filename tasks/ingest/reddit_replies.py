@@ -343,8 +343,11 @@ class ReplyStore:
         self.db.execute("CREATE INDEX IF NOT EXISTS comments_by_id ON comments (id, rid, link, author)")
         self.db.execute("CREATE INDEX IF NOT EXISTS submissions_by_id ON submissions (id, rid)")
         # reply = 2: a reply whose id an earlier row (any comment) already had
-        self.db.execute("UPDATE comments SET reply = 2 WHERE reply = 1 AND EXISTS "
-                        "(SELECT 1 FROM comments o WHERE o.id = comments.id AND o.rid < comments.rid)")
+        # Found in the ids' index (no pass over the table and its texts), then set on those rows alone.
+        self.db.execute("UPDATE comments SET reply = 2 WHERE reply = 1 AND rid IN (SELECT c.rid FROM "
+                        "(SELECT id, min(rid) AS first FROM comments INDEXED BY comments_by_id GROUP BY id "
+                        "HAVING count(*) > 1) d JOIN comments c INDEXED BY comments_by_id ON c.id = d.id "
+                        "AND c.rid > d.first)")
         self.db.execute(f"CREATE INDEX IF NOT EXISTS replies_by_parent ON comments (link, parent, id, rid, "
                         f"{_REPLY_FIELDS}, reply) WHERE reply >= 1")
         self.db.commit()
