@@ -154,3 +154,46 @@ def test_prompts_render_as_str_format(template):
     rendered = render_prompts(template, fields, 3).to_pylist()
     rows = [{k: v[i].as_py() for k, v in fields.items()} for i in range(3)]
     assert rendered == [template.format(**row) for row in rows]
+
+
+def _reddit_month(tmp_path: Path) -> list[Path]:
+    """A generated Pushshift month, plus a comments file whose submissions are not in the input (orphans)."""
+    import io
+
+    import zstandard
+
+    from alignflow.tasks.ingest.synthetic_reddit import generate_month
+
+    month = generate_month(tmp_path / "month", rc_bytes=1_500_000, seed=11)
+    rc = tmp_path / "month" / "RC_2015-01.zst"
+    lines = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(rc.open("rb")), encoding="utf-8").readlines()
+    top = [json.loads(line) for line in lines if '"parent_id":"t3_' in line][:4]
+    for i, c in enumerate(top):
+        c.update(id=f"orph{i}", parent_id="t3_gone", link_id="t3_gone")
+    extra = tmp_path / "RC_2015-02.zst"
+    extra.write_bytes(zstandard.ZstdCompressor().compress("".join(json.dumps(c) + "\n" for c in top).encode()))
+    assert month is not None
+    return [tmp_path / "month" / "RS_2015-01.zst", rc, extra]
+
+
+@pytest.mark.parametrize(("workers", "cap", "replies"), [("1", 2, "false"), ("2", 5, "true")])
+def test_reddit_columns_and_rows_build_the_same_files(tmp_path, monkeypatch, workers, cap, replies):
+    """Reddit submissions, built as columns with the SHP rules called per submission, give the files and the
+    report of the row walk: with a cap of 2 most submissions are capped; reply pairs (built apart) on or off."""
+    sources = _reddit_month(tmp_path)
+    overrides = (f"ingest.workers={workers}", f"ingest.reddit.max_pairs_per_post={cap}",
+                 f"ingest.reddit_reply_pairs={replies}", TEMPLATE, *SMALL_BATCHES)
+    monkeypatch.setattr(Builder, "columnar", False)
+    rows = ingest(sources, tmp_path / "rows", *overrides)
+    monkeypatch.setattr(Builder, "columnar", True)
+    columns = ingest(sources, tmp_path / "columns", *overrides)
+
+    assert {k: (v["rows"], v["digest"]) for k, v in columns.datasets.items()} == \
+        {k: (v["rows"], v["digest"]) for k, v in rows.datasets.items()}
+    assert without_timings(columns.report) == without_timings(rows.report)
+    assert columns.report["adds_up"]
+    pairs = columns.report["pairs"]
+    assert pairs["kept"] > 40 and pairs["dropped:capped"] > 0 and pairs["dropped:not_written_later"] > 0
+    quarantine = pd.read_parquet(columns.datasets["quarantine"]["path"])
+    assert (quarantine.reason == "orphan_answer").sum() == 4
+    assert columns.report["contracts"]["posts"]["batches"] > 3

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from alignflow.config import IngestConfig
 
 from . import schema
-from .columnar import add_questions, is_stackexchange
+from .columnar import COLUMNAR_SOURCES, add_questions, chunk_source
 from .heap import trim_heap
 from .ids import splits
 from .scoring import (Candidate, assign_split, best_answer, combined_license, pm_score, rank_pairs, render_prompt,
@@ -377,8 +377,9 @@ def score_answer(answer: StoredPost, accepted: bool, score_source: str) -> tuple
 
 
 class Builder:
-    # Stack Exchange questions are built a chunk at a time as columns (.columnar), the others one question at a
-    # time as rows (add_question). Off: every question as rows, the reference the columns are tested against.
+    # Stack Exchange questions and Reddit submissions are built a chunk at a time as columns (.columnar), the
+    # others (and chunks of mixed sources) one question at a time as rows (add_question). Off: every question
+    # as rows, the reference the columns are tested against.
     columnar = True
 
     def __init__(self, store: StagingStore, out_dir: Path, cfg: IngestConfig, *, validate: Callable[..., Any],
@@ -538,8 +539,8 @@ class Builder:
 
     def run(self) -> BuildSummary:
         for chunk in self.store.walk_chunks(self.cfg.batch_rows, self.cfg.batch_mb << 20):
-            if self.columnar and is_stackexchange(chunk):
-                add_questions(self, chunk)
+            if self.columnar and (source := chunk_source(chunk)) in COLUMNAR_SOURCES:
+                add_questions(self, chunk, source)
             else:
                 for _key, rows in stored_groups(chunk):
                     self.add_question(rows)

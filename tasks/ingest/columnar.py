@@ -35,9 +35,14 @@ _TEXT = ("site", "source", "post_id", "kind", "question_id", "title", "body", "t
 _INTS = ("score", "line", "up", "down", "acc", "has_votes")
 
 
-def is_stackexchange(chunk: pa.Table) -> bool:
-    """Whether every post of the chunk comes from a Stack Exchange dump (the rows this walk builds)."""
-    return bool(pc.all(pc.equal(chunk.column("source"), "stackexchange")).as_py())
+COLUMNAR_SOURCES = ("stackexchange", "reddit")
+
+
+def chunk_source(chunk: pa.Table) -> str | None:
+    """The source every post of the chunk comes from, if one (``stackexchange``, ``reddit``), else None."""
+    source = chunk.column("source")
+    first = source[0].as_py() if len(source) else None
+    return first if first is not None and pc.all(pc.equal(source, first)).as_py() else None
 
 
 def render_prompts(template: str, fields: dict[str, pa.Array], n: int) -> pa.Array:
@@ -83,8 +88,13 @@ def _questions(builder: Builder, chunk: pa.Table) -> tuple[pa.Table, np.ndarray]
     return chunk.filter(pa.array(keep)), np.flatnonzero(new[keep])
 
 
-def add_questions(builder: Builder, chunk: pa.Table) -> None:
-    """Build the rows of a chunk of whole Stack Exchange questions into the builder's dataset writers."""
+def add_questions(builder: Builder, chunk: pa.Table, source: str = "stackexchange") -> None:
+    """Build the rows of a chunk of whole questions of one ``source`` into the builder's dataset writers: Stack
+    Exchange questions, or Reddit submissions with their top-level comments (paired by the SHP rules of
+    :func:`.reddit.shp_pairs`, one submission at a time; no demonstrations, as :meth:`.build.Builder.add_question`)."""
+    reddit = source == "reddit"
+    if reddit and builder.shp_pairs is None:
+        raise RuntimeError("Reddit input needs the SHP pairing rules")
     chunk, qstarts = _questions(builder, chunk.combine_chunks())
     n = chunk.num_rows
     if not n:
@@ -104,7 +114,7 @@ def add_questions(builder: Builder, chunk: pa.Table) -> None:
     q_site: list[str] = q["site"].to_pylist()
     q_id: list[str] = q["question_id"].to_pylist()
     split_q = builder.splits_of(q["site"], q["question_id"])
-    votes_sites = {s for s in set(q_site) if builder.score_source_for(s) == "votes"}
+    votes_sites = set() if reddit else {s for s in set(q_site) if builder.score_source_for(s) == "votes"}
     q_by_votes = np.array([s in votes_sites for s in q_site], dtype=bool)
     prompts = render_prompts(builder.cfg.prompt_template, {
         "title": text["title"].take(qstarts), "body": text["body"].take(qstarts),
@@ -143,13 +153,19 @@ def add_questions(builder: Builder, chunk: pa.Table) -> None:
         q["source"], split_q, q["source_file"], qline], schema=writers["prompts"].batch_schema),
         np.arange(1, nq + 1))
 
-    # pairs and demonstrations: over (position, pm_score, accepted) only
-    c, r, pq, pair_ends = _pairs(builder, qstarts, qends, q_site, q_id, text["post_id"], pm)
-    d, dq, demo_ends = _demos(builder.cfg.min_demo_pm_score, qstarts, group, is_answer, accepted, pm)
+    # pairs and demonstrations: over (position, pm_score, accepted) only; Reddit's pairs by the SHP rules
+    if reddit:
+        c, r, pq, pair_ends = _shp_pairs(builder, chunk, qstarts, qends)
+        d = dq = demo_ends = np.zeros(0, np.int64)
+        pair_scores = score.astype(np.float64)
+    else:
+        c, r, pq, pair_ends = _pairs(builder, qstarts, qends, q_site, q_id, text["post_id"], pm)
+        d, dq, demo_ends = _demos(builder.cfg.min_demo_pm_score, qstarts, group, is_answer, accepted, pm)
+        pair_scores = pm.astype(np.float64)
     if len(c):
         chosen_ids, rejected_ids = text["post_id"].take(c), text["post_id"].take(r)
         pair_ids = short_ids(q["site"].take(pq), q["question_id"].take(pq), chosen_ids, rejected_ids)
-        cs, rs = pm[c].astype(np.float64), pm[r].astype(np.float64)
+        cs, rs = pair_scores[c], pair_scores[r]
         lc, lr = text["license"].take(c), text["license"].take(r)
         if not pc.all(pc.fill_null(pc.equal(lc, lr), False)).as_py():  # answers under different licences
             lc = pa.array([combined_license(a, b) for a, b in zip(lc.to_pylist(), lr.to_pylist())], pa.string())
@@ -219,6 +235,47 @@ def _pairs(builder: Builder, qstarts: np.ndarray, qends: np.ndarray, q_site: lis
         stats["dropped:capped"] += capped
     stats["kept"] += len(c)
     return c, r, q, np.searchsorted(q, np.arange(nq), side="right")
+
+
+class _ShpPost:
+    """What :func:`.reddit.shp_pairs` reads of a post, and the post's row in the chunk."""
+
+    __slots__ = ("post_id", "question_id", "author", "distinguished", "score", "created_ts", "row")
+
+    def __init__(self, post_id, question_id, author, distinguished, score, created_ts, row):
+        self.post_id, self.question_id, self.author = post_id, question_id, author
+        self.distinguished, self.score, self.created_ts, self.row = distinguished, score, created_ts, row
+
+
+def _shp_pairs(builder: Builder, chunk: pa.Table, qstarts: np.ndarray, qends: np.ndarray,
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`.reddit.shp_pairs` for every submission of the chunk: (chosen row, rejected row, question, ends), in
+    the order it returns them, with the counts :meth:`.build.Builder.add_question` keeps."""
+    cfg = builder.cfg
+    stats = builder.summary.pair_stats
+    columns = [chunk.column(name).to_pylist()
+               for name in ("post_id", "question_id", "author", "distinguished", "score", "created_ts")]
+    posts = [_ShpPost(*fields, row) for row, fields in enumerate(zip(*columns))]
+    chosen: list[int] = []
+    rejected: list[int] = []
+    question: list[int] = []
+    drops: Counter = Counter()
+    candidates = 0
+    for g, (start, end) in enumerate(zip(qstarts.tolist(), qends.tolist())):
+        answers = posts[start + 1:end]
+        pairs, dropped = builder.shp_pairs(posts[start], answers, cfg.reddit, seed=cfg.pair_seed)
+        drops.update(dropped)
+        candidates += len(answers) * (len(answers) - 1) // 2
+        for a, b in pairs:
+            chosen.append(a.row)
+            rejected.append(b.row)
+            question.append(g)
+    stats.update({f"dropped:{k}": v for k, v in drops.items()})
+    stats["candidates"] += candidates
+    stats["kept"] += len(chosen)
+    q = np.array(question, np.int64)
+    return (np.array(chosen, np.int64), np.array(rejected, np.int64), q,
+            np.searchsorted(q, np.arange(len(qstarts)), side="right"))
 
 
 def _demos(min_pm_score: int, qstarts: np.ndarray, group: np.ndarray, is_answer: np.ndarray, accepted: np.ndarray,
