@@ -190,22 +190,29 @@ def _lone_reply(parent: Node, reply: Node, cfg: RedditConfig, submission_score: 
                 ) -> tuple[list[tuple[Node, Node]], dict[str, int], dict[str, str]]:
     """:func:`reply_pairs` for a parent with one reply (most parents): no pair, and the reply's fate from the
     rules of :func:`.reddit.shp_pairs`, without building its records."""
-    from .reddit import _ANON_AUTHORS, SHP_COUNT_KEYS
+    from .reddit import SHP_COUNT_KEYS
 
     counts = dict.fromkeys(SHP_COUNT_KEYS, 0)
+    fate = lone_reply_fate(parent, reply, cfg, submission_score)
+    if fate != "unpaired":
+        counts[fate] = 1
+    return [], counts, {reply.id: fate}
+
+
+def lone_reply_fate(parent: Node, reply: Node, cfg: RedditConfig, submission_score: int | None) -> str:
+    """The fate of the one reply to ``parent`` (:func:`reply_pairs`' ``fates``); a fate other than ``unpaired``
+    is also the one count of its ``counts``."""
+    from .reddit import _ANON_AUTHORS
+
     if submission_score is not None and submission_score < cfg.min_post_score:
-        counts["post_score_too_low"] = 1
-        return [], counts, {reply.id: "post_score_too_low"}
+        return "post_score_too_low"
     if cfg.drop_op_comments and parent.author not in _ANON_AUTHORS and reply.author == parent.author:
-        reason = "op_comment"
-    elif cfg.drop_distinguished and reply.distinguished:
-        reason = "distinguished"
-    elif reply.score < cfg.min_comment_score:
-        reason = "comment_score_too_low"
-    else:
-        return [], counts, {reply.id: "unpaired"}  # max_comments_per_post >= 2: it is considered, and alone
-    counts[reason] = 1
-    return [], counts, {reply.id: reason}
+        return "op_comment"
+    if cfg.drop_distinguished and reply.distinguished:
+        return "distinguished"
+    if reply.score < cfg.min_comment_score:
+        return "comment_score_too_low"
+    return "unpaired"  # max_comments_per_post >= 2: it is considered, and alone
 
 
 def _reply_pairs(parent: Node, replies: list[Node], cfg: RedditConfig, *, submission_score: int | None = None,
@@ -444,6 +451,9 @@ def write_reply_pairs(replies: ReplyStore, builder, cfg: IngestConfig) -> None:
     fates_by_file: Counter = Counter()  # (source_file, accounting key) -> replies
     walk: Counter = Counter()  # the report's reply:... keys
     dropped_keys = [(k, f"reply:dropped:{k}") for k in SHP_COUNT_KEYS]
+    lone_keys = {fate: (f"skipped:reply_{fate}", None if fate == "unpaired" else f"reply:dropped:{fate}")
+                 for fate in ("post_score_too_low", "op_comment", "distinguished", "comment_score_too_low", "unpaired")}
+    paired_any = False  # the counts' keys exist (at 0) once a parent's replies were put to the rules
     for parent_name, group, parent in replies.reply_groups():
         # A repeated reply id: the first row (lowest rid) is the reply; later ones are duplicates.
         unique: list[Node] = []
@@ -463,6 +473,16 @@ def write_reply_pairs(replies: ReplyStore, builder, cfg: IngestConfig) -> None:
             walk["reply:parent_missing"] += 1
             continue
         sub = replies.submission(parent.link) if parent.link else None
+        if not paired_any:
+            paired_any = True
+            walk.update(dict.fromkeys([reply_key for _, reply_key in dropped_keys] + ["reply:candidates"], 0))
+        if len(unique) == 1:  # most parents: no pair, and one count (reply_pairs' answer without its dicts)
+            file_key, walk_key = lone_keys[lone_reply_fate(parent, unique[0], rcfg, None if sub is None else sub.score)]
+            fates_by_file[(unique[0].source_file, file_key)] += 1
+            if walk_key is not None:
+                walk[walk_key] += 1
+            walk["reply:parents"] += 1
+            continue
         pairs, counts, fates = reply_pairs(parent, unique, rcfg, submission_score=None if sub is None else sub.score,
                                            seed=cfg.pair_seed)
         for node in unique:
