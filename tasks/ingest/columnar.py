@@ -1,4 +1,4 @@
-"""The builder's walk over Stack Exchange questions, a chunk of questions at a time, as columns.
+"""The builder's walk over Stack Exchange questions and Reddit submissions, a chunk at a time, as columns.
 
 :meth:`.build.Builder.add_question` makes the rows of one question as Python dicts: each body becomes
 a Python string, is copied into a dict for every dataset it appears in, and is encoded back into
@@ -9,6 +9,10 @@ titles, splits) is NumPy and Arrow compute over its columns, and so are the rule
 The text of a pair or a demonstration is an Arrow ``take`` of the bodies. What stays in Python runs
 per question or per pair and never touches text: the hashes of splits and ids, and ``rank_pairs``
 itself for a question with more pairs than the cap.
+
+A chunk of Reddit submissions (each with its top-level comments) is built the same way: scores from
+``score``, no demonstrations. Its pairs come from :func:`.reddit.shp_pairs`, called per submission on
+slim records of the fields it reads (ids, authors, flags, scores, times), never on the texts.
 
 The rows, their order and the row groups are exactly those of ``add_question``: a test builds the
 same inputs both ways and compares the files byte for byte.
