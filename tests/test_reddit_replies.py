@@ -307,3 +307,33 @@ def test_a_lone_reply_gets_the_fate_the_shp_rules_give_it():
                             assert fast == general, (cfg, parent_author, author, distinguished, score, sub_score)
                             seen.add(fast[2]["r1"])
     assert seen == {"post_score_too_low", "op_comment", "distinguished", "comment_score_too_low", "unpaired"}
+
+
+def test_indexes_built_in_the_background_give_the_same_walk_and_their_error(tmp_path):
+    """index_in_background builds finish_loading's indexes on a thread; finish_loading waits for it, and an
+    error there is raised in the caller."""
+    import sqlite3
+
+    def walk(background: bool, name: str):
+        store = ReplyStore(tmp_path / name)
+        store.add_comment(node("top"), reply=False)
+        for n in [node("b", "t1_top"), node("a", "t1_top"), node("a", "t1_top"), node("x", "t1_gone", link="q")]:
+            store.add_comment(n, reply=True)
+        store.close()
+        store = ReplyStore(tmp_path / name, create=False)
+        if background:
+            store.index_in_background()
+        store.finish_loading()
+        return [(parent, [(n.id, dup) for n, dup in g], p and p.id) for parent, g, p in store.reply_groups()]
+
+    assert walk(True, "bg.sqlite") == walk(False, "fg.sqlite") == [
+        ("t1_top", [("a", False), ("a", True), ("b", False)], "top"), ("t1_gone", [("x", False)], None)]
+
+    broken = ReplyStore(tmp_path / "broken.sqlite")
+    broken.close()
+    with sqlite3.connect(tmp_path / "broken.sqlite") as db:
+        db.execute("DROP TABLE comments")
+    broken = ReplyStore(tmp_path / "broken.sqlite", create=False)
+    broken.index_in_background()
+    with pytest.raises(sqlite3.OperationalError, match="comments"):
+        broken.finish_loading()

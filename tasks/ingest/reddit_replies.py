@@ -41,6 +41,7 @@ Pair-level counts go to the report's ``pairs`` section under ``reply:``.
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -342,22 +343,39 @@ class ReplyStore:
         self.db.close()
 
     # -- walking -----------------------------------------------------------------
-    def finish_loading(self) -> None:
+    def index_in_background(self, cache_mb: int = 16) -> None:
+        """Start :meth:`finish_loading`'s SQL on a thread, on a connection of its own (SQLite runs it without
+        the GIL), so the indexes are built while this process walks the submissions; ``finish_loading`` then
+        waits for it. Nothing may be added after this call."""
         self._flush()
-        # Both indexes carry what the walk's rules read, so the walk never reads the table (every comment's
-        # text) out of order: the parent's link and author here, a reply's fields but its text below. Texts are
-        # read by row for the replies in kept pairs and the comments of their prompts (a few in a hundred).
-        self.db.execute("CREATE INDEX IF NOT EXISTS comments_by_id ON comments (id, rid, link, author)")
-        self.db.execute("CREATE INDEX IF NOT EXISTS submissions_by_id ON submissions (id, rid)")
-        # reply = 2: a reply whose id an earlier row (any comment) already had
-        # Found in the ids' index (no pass over the table and its texts), then set on those rows alone.
-        self.db.execute("UPDATE comments SET reply = 2 WHERE reply = 1 AND rid IN (SELECT c.rid FROM "
-                        "(SELECT id, min(rid) AS first FROM comments INDEXED BY comments_by_id GROUP BY id "
-                        "HAVING count(*) > 1) d JOIN comments c INDEXED BY comments_by_id ON c.id = d.id "
-                        "AND c.rid > d.first)")
-        self.db.execute(f"CREATE INDEX IF NOT EXISTS replies_by_parent ON comments (link, parent, id, rid, "
-                        f"{_REPLY_FIELDS}, reply) WHERE reply >= 1")
         self.db.commit()
+        self._indexing_error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                db = sqlite3.connect(self.path)
+                try:
+                    db.executescript(f"PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA temp_store=FILE; "
+                                     f"PRAGMA cache_size=-{cache_mb * 1024};")
+                    _build_indexes(db)
+                finally:
+                    db.close()
+            except BaseException as exc:  # noqa: BLE001 - raised again by finish_loading, in the caller's thread
+                self._indexing_error = exc
+
+        self._indexing = threading.Thread(target=run, name="alignflow-reply-indexes", daemon=True)
+        self._indexing.start()
+
+    def finish_loading(self) -> None:
+        indexing = getattr(self, "_indexing", None)
+        if indexing is not None:
+            indexing.join()
+            self._indexing = None
+            if self._indexing_error is not None:
+                raise self._indexing_error
+        else:
+            self._flush()
+            _build_indexes(self.db)
         self._cache: OrderedDict[str, Node | None] = OrderedDict()
         self._last_submission = None
 
@@ -428,6 +446,24 @@ class ReplyStore:
             if node.body is None:
                 node.body, node.license = self.db.execute(
                     "SELECT body, license FROM comments WHERE rid = ?", (node.rid,)).fetchone()
+
+
+def _build_indexes(db: sqlite3.Connection) -> None:
+    """The reply walk's indexes, and its repeated replies marked (``reply = 2``)."""
+    # Both indexes carry what the walk's rules read, so the walk never reads the table (every comment's
+    # text) out of order: the parent's link and author here, a reply's fields but its text below. Texts are
+    # read by row for the replies in kept pairs and the comments of their prompts (a few in a hundred).
+    db.execute("CREATE INDEX IF NOT EXISTS comments_by_id ON comments (id, rid, link, author)")
+    db.execute("CREATE INDEX IF NOT EXISTS submissions_by_id ON submissions (id, rid)")
+    # reply = 2: a reply whose id an earlier row (any comment) already had; found in the ids' index (no pass
+    # over the table and its texts), then set on those rows alone
+    db.execute("UPDATE comments SET reply = 2 WHERE reply = 1 AND rid IN (SELECT c.rid FROM "
+               "(SELECT id, min(rid) AS first FROM comments INDEXED BY comments_by_id GROUP BY id "
+               "HAVING count(*) > 1) d JOIN comments c INDEXED BY comments_by_id ON c.id = d.id "
+               "AND c.rid > d.first)")
+    db.execute(f"CREATE INDEX IF NOT EXISTS replies_by_parent ON comments (link, parent, id, rid, "
+               f"{_REPLY_FIELDS}, reply) WHERE reply >= 1")
+    db.commit()
 
 
 # --------------------------------------------------------------------------- the build step

@@ -505,6 +505,12 @@ def _build_datasets(plan: IngestPlan, cfg: IngestConfig, out_dir: Path, started:
             score_sources = read_sources(plan, store, cfg, phases)
         if workers > 1 and contracts is None:
             contracts = ContractService()
+        replies_path = tmp / "reddit_replies.sqlite"
+        if cfg.reddit_reply_pairs and replies_path.exists():
+            from .reddit_replies import ReplyStore, write_reply_pairs
+
+            replies = ReplyStore(replies_path, create=False)
+            replies.index_in_background()  # its indexes are built while the submissions are walked
         with phases("index and duplicates"):
             store.finish_loading()
         score_warnings = check_votes_against_scores(store, score_sources, cfg)
@@ -512,11 +518,7 @@ def _build_datasets(plan: IngestPlan, cfg: IngestConfig, out_dir: Path, started:
             builder = Builder(store, tmp, cfg, validate=phases.timed("build: contracts", validate),
                               shp_pairs=shp_pairs, contracts=contracts)
             builder.sites_with_votes = {s for s in builder.sites_with_votes if score_sources.get(s) == "votes"}
-            replies_path = tmp / "reddit_replies.sqlite"
-            if cfg.reddit_reply_pairs and replies_path.exists():
-                from .reddit_replies import ReplyStore, write_reply_pairs
-
-                replies = ReplyStore(replies_path, create=False)
+            if replies is not None:
                 builder.extra_steps.append(lambda b: write_reply_pairs(replies, b, cfg))
             summary = builder.run()
             if contracts is not None:
