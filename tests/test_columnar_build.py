@@ -46,6 +46,19 @@ def without_timings(report: dict) -> str:
     return json.dumps(report, sort_keys=True)
 
 
+def build_both_ways(sources, tmp_path: Path, monkeypatch, overrides):
+    """Ingest ``sources`` as rows, then as columns; assert the same files and report; return the columns' result."""
+    monkeypatch.setattr(Builder, "columnar", False)
+    rows = ingest(sources, tmp_path / "rows", *overrides)
+    monkeypatch.setattr(Builder, "columnar", True)
+    columns = ingest(sources, tmp_path / "columns", *overrides)
+    assert {k: (v["rows"], v["digest"]) for k, v in columns.datasets.items()} == \
+        {k: (v["rows"], v["digest"]) for k, v in rows.datasets.items()}
+    assert without_timings(columns.report) == without_timings(rows.report)
+    assert columns.report["adds_up"]
+    return columns
+
+
 def _sources(tmp_path: Path, fixtures_dir: Path) -> list[Path]:
     conlang = tmp_path / "conlang.meta.stackexchange.com"
     shutil.copytree(fixtures_dir / "conlang.meta-2020", conlang)
@@ -70,15 +83,7 @@ def test_columns_and_rows_build_the_same_files(fixtures_dir, tmp_path, monkeypat
     are paired as arrays."""
     sources = _sources(tmp_path, fixtures_dir)
     overrides = (f"ingest.workers={workers}", f"ingest.max_pairs_per_question={cap}", TEMPLATE, *SMALL_BATCHES)
-    monkeypatch.setattr(Builder, "columnar", False)
-    rows = ingest(sources, tmp_path / "rows", *overrides)
-    monkeypatch.setattr(Builder, "columnar", True)
-    columns = ingest(sources, tmp_path / "columns", *overrides)
-
-    assert {k: (v["rows"], v["digest"]) for k, v in columns.datasets.items()} == \
-        {k: (v["rows"], v["digest"]) for k, v in rows.datasets.items()}
-    assert without_timings(columns.report) == without_timings(rows.report)
-    assert columns.report["adds_up"]
+    columns = build_both_ways(sources, tmp_path, monkeypatch, overrides)
     # the inputs did take the branches they are here for
     quarantine = pd.read_parquet(columns.datasets["quarantine"]["path"])
     assert (quarantine.reason == "orphan_answer").sum() == 3
@@ -183,15 +188,7 @@ def test_reddit_columns_and_rows_build_the_same_files(tmp_path, monkeypatch, wor
     sources = _reddit_month(tmp_path)
     overrides = (f"ingest.workers={workers}", f"ingest.reddit.max_pairs_per_post={cap}",
                  f"ingest.reddit_reply_pairs={replies}", TEMPLATE, *SMALL_BATCHES)
-    monkeypatch.setattr(Builder, "columnar", False)
-    rows = ingest(sources, tmp_path / "rows", *overrides)
-    monkeypatch.setattr(Builder, "columnar", True)
-    columns = ingest(sources, tmp_path / "columns", *overrides)
-
-    assert {k: (v["rows"], v["digest"]) for k, v in columns.datasets.items()} == \
-        {k: (v["rows"], v["digest"]) for k, v in rows.datasets.items()}
-    assert without_timings(columns.report) == without_timings(rows.report)
-    assert columns.report["adds_up"]
+    columns = build_both_ways(sources, tmp_path, monkeypatch, overrides)
     pairs = columns.report["pairs"]
     assert pairs["kept"] > 40 and pairs["dropped:capped"] > 0 and pairs["dropped:not_written_later"] > 0
     quarantine = pd.read_parquet(columns.datasets["quarantine"]["path"])
