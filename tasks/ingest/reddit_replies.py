@@ -298,6 +298,8 @@ class ReplyStore:
         self._comments: list[tuple] = []
         self._submissions: list[tuple] = []
         self._last_submission: tuple[str, Submission | None] | None = None
+        self._indexing: threading.Thread | None = None  # index_in_background's thread, until finish_loading
+        self._indexing_error: BaseException | None = None
 
     @classmethod
     def beside(cls, staging_path: Path) -> Path:
@@ -349,7 +351,6 @@ class ReplyStore:
         waits for it. Nothing may be added after this call."""
         self._flush()
         self.db.commit()
-        self._indexing_error: BaseException | None = None
 
         def run() -> None:
             try:
@@ -367,7 +368,7 @@ class ReplyStore:
         self._indexing.start()
 
     def finish_loading(self) -> None:
-        indexing = getattr(self, "_indexing", None)
+        indexing = self._indexing
         if indexing is not None:
             indexing.join()
             self._indexing = None
