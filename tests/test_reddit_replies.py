@@ -286,9 +286,11 @@ def test_synthetic_month_is_deterministic_and_gives_reply_pairs(tmp_path):
 
 
 def test_a_lone_reply_gets_the_fate_the_shp_rules_give_it():
-    """A parent with one reply (most parents) skips shp_pairs: the reply's fate and the counts are those the
-    general path gives, over authors, flags, scores and submission scores around each rule's edge."""
-    from alignflow.tasks.ingest.reddit_replies import _reply_pairs
+    """The walk gives a parent with one reply (most parents) its fate by lone_reply_fate, without shp_pairs: the
+    fate and the one count are reply_pairs', over authors, flags, scores and submission scores around each
+    rule's edge."""
+    from alignflow.tasks.ingest.reddit import SHP_COUNT_KEYS
+    from alignflow.tasks.ingest.reddit_replies import lone_reply_fate
 
     configs = [CFG, RedditConfig(drop_op_comments=False, drop_distinguished=False, min_comment_score=-5)]
     authors = ["name:u", "name:v", "", "name:[deleted]"]
@@ -302,10 +304,13 @@ def test_a_lone_reply_gets_the_fate_the_shp_rules_give_it():
                             parent = node("p1", author=parent_author)
                             reply = node("r1", parent="t1_p1", score=score, author=author,
                                          distinguished=distinguished)
-                            fast = reply_pairs(parent, [reply], cfg, submission_score=sub_score)
-                            general = _reply_pairs(parent, [reply], cfg, submission_score=sub_score)
-                            assert fast == general, (cfg, parent_author, author, distinguished, score, sub_score)
-                            seen.add(fast[2]["r1"])
+                            fate = lone_reply_fate(parent, reply, cfg, sub_score)
+                            counts = dict.fromkeys(SHP_COUNT_KEYS, 0)
+                            if fate != "unpaired":
+                                counts[fate] = 1
+                            assert reply_pairs(parent, [reply], cfg, submission_score=sub_score) == \
+                                ([], counts, {"r1": fate}), (cfg, parent_author, author, distinguished, score, sub_score)
+                            seen.add(fate)
     assert seen == {"post_score_too_low", "op_comment", "distinguished", "comment_score_too_low", "unpaired"}
 
 

@@ -269,15 +269,7 @@ def parse_json_line(text: str):
         obj = orjson.loads(text)
     except orjson.JSONDecodeError:
         return json.loads(text)
-    if type(obj) is dict:
-        if _has_wide_float(obj.values()):
-            return json.loads(text)
-    elif type(obj) is list:
-        if _has_wide_float(obj):
-            return json.loads(text)
-    elif type(obj) is float and not -_FLOAT_OF_A_WIDE_INT < obj < _FLOAT_OF_A_WIDE_INT:
-        return json.loads(text)
-    return obj
+    return json.loads(text) if _has_wide_float((obj,)) else obj
 
 
 def read_line(text: str, lineno: int, kind: str | None, sink: RecordSink, file: str, default_license: str,

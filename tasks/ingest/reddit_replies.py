@@ -182,43 +182,6 @@ def reply_pairs(parent: Node, replies: list[Node], cfg: RedditConfig, *, submiss
     Independent of the order of ``replies``; duplicate ids must be removed
     before (the store does).
     """
-    if len(replies) == 1:
-        return _lone_reply(parent, replies[0], cfg, submission_score)
-    return _reply_pairs(parent, replies, cfg, submission_score=submission_score, seed=seed)
-
-
-def _lone_reply(parent: Node, reply: Node, cfg: RedditConfig, submission_score: int | None,
-                ) -> tuple[list[tuple[Node, Node]], dict[str, int], dict[str, str]]:
-    """:func:`reply_pairs` for a parent with one reply (most parents): no pair, and the reply's fate from the
-    rules of :func:`.reddit.shp_pairs`, without building its records."""
-    from .reddit import SHP_COUNT_KEYS
-
-    counts = dict.fromkeys(SHP_COUNT_KEYS, 0)
-    fate = lone_reply_fate(parent, reply, cfg, submission_score)
-    if fate != "unpaired":
-        counts[fate] = 1
-    return [], counts, {reply.id: fate}
-
-
-def lone_reply_fate(parent: Node, reply: Node, cfg: RedditConfig, submission_score: int | None) -> str:
-    """The fate of the one reply to ``parent`` (:func:`reply_pairs`' ``fates``); a fate other than ``unpaired``
-    is also the one count of its ``counts``."""
-    from .reddit import _ANON_AUTHORS
-
-    if submission_score is not None and submission_score < cfg.min_post_score:
-        return "post_score_too_low"
-    if cfg.drop_op_comments and parent.author not in _ANON_AUTHORS and reply.author == parent.author:
-        return "op_comment"
-    if cfg.drop_distinguished and reply.distinguished:
-        return "distinguished"
-    if reply.score < cfg.min_comment_score:
-        return "comment_score_too_low"
-    return "unpaired"  # max_comments_per_post >= 2: it is considered, and alone
-
-
-def _reply_pairs(parent: Node, replies: list[Node], cfg: RedditConfig, *, submission_score: int | None = None,
-                 seed: int = 0) -> tuple[list[tuple[Node, Node]], dict[str, int], dict[str, str]]:
-    """:func:`reply_pairs` through :func:`.reddit.shp_pairs`, for any number of replies."""
     from .reddit import shp_pairs
 
     fates: dict[str, str] = {}
@@ -239,6 +202,22 @@ def _reply_pairs(parent: Node, replies: list[Node], cfg: RedditConfig, *, submis
         else:
             fates[r.id] = dropped.get(r.id, "unpaired")
     return [(by_id[c.post_id], by_id[r.post_id]) for c, r in pairs], counts, fates
+
+
+def lone_reply_fate(parent: Node, reply: Node, cfg: RedditConfig, submission_score: int | None) -> str:
+    """:func:`reply_pairs`' answer for a parent with one reply (most parents), without building its records:
+    no pair, and this fate of the reply; a fate other than ``unpaired`` is also the one count of ``counts``."""
+    from .reddit import _ANON_AUTHORS
+
+    if submission_score is not None and submission_score < cfg.min_post_score:
+        return "post_score_too_low"
+    if cfg.drop_op_comments and parent.author not in _ANON_AUTHORS and reply.author == parent.author:
+        return "op_comment"
+    if cfg.drop_distinguished and reply.distinguished:
+        return "distinguished"
+    if reply.score < cfg.min_comment_score:
+        return "comment_score_too_low"
+    return "unpaired"  # max_comments_per_post >= 2: it is considered, and alone
 
 
 # --------------------------------------------------------------------------- on-disk store
