@@ -382,67 +382,134 @@ def _text_rule_may_fail(text, cls: str, kw: dict[str, Any], rows: np.ndarray | N
     return bool((bad.fill_null(False).to_numpy(zero_copy_only=False) & rows).any())
 
 
+def _arrow_column(col: pd.Series):
+    """The values of ``col`` as Arrow, missing values (``None``, ``NaN``) as nulls: the strings behind a ``str``
+    column (no copy) or a numeric column's values; None for any other column."""
+    text = _arrow_text(col)
+    if text is not None:
+        return text
+    if col.dtype.kind in "iuf":
+        return pa.array(col.to_numpy(), from_pandas=True)
+    return None
+
+
+def _arrow_rule_bad(cls: str, kw: dict[str, Any], arrays: list):
+    """Where a row breaks the row rule ``cls`` (Arrow booleans; null or False where it does not), or None for a
+    rule without an Arrow version here. The rules mirror GX's pandas implementations, missing values left out
+    as GX leaves them out."""
+    if cls == "ExpectColumnValuesToNotBeNull":
+        return pc.is_null(arrays[0])
+    if cls == "ExpectColumnValuesToBeInSet":
+        (a,) = arrays
+        return pc.and_(pc.is_valid(a), pc.invert(pc.is_in(a, value_set=pa.array(kw["value_set"], a.type))))
+    if cls == "ExpectColumnValuesToBeBetween":
+        (a,) = arrays
+        if not pa.types.is_integer(a.type) and not pa.types.is_floating(a.type):
+            return None
+        bounds = [pc.less(a, kw["min_value"])] if kw.get("min_value") is not None else []
+        bounds += [pc.greater(a, kw["max_value"])] if kw.get("max_value") is not None else []
+        if not bounds:
+            return pa.array([False] * len(a))
+        return bounds[0] if len(bounds) == 1 else pc.or_(*bounds)
+    if cls == "ExpectColumnPairValuesToNotBeEqual":
+        return pc.equal(*arrays)  # null where either is missing
+    if cls == "ExpectColumnPairValuesAToBeGreaterThanB":
+        return pc.invert((pc.greater_equal if kw.get("or_equal") else pc.greater)(*arrays))
+    return None
+
+
 def _may_fail_a_row(work: pd.DataFrame, specs: list[ExpectationSpec]) -> bool:
     """Whether some row of ``work`` looks like it breaks a row-level expectation (a vectorised guess).
 
     Only chooses how GX is asked (a batch that looks clean is validated in GX's pass/fail mode first),
     never what is kept or quarantined: GX decides that either way. The rules mirror GX's pandas
     implementations; anything unexpected (an unknown expectation, a value the comparison cannot
-    handle) answers True, which sends the batch straight to the full GX run.
+    handle) answers True, which sends the batch straight to the full GX run. Columns held as Arrow
+    (texts) or numbers are checked with Arrow's kernels (a posts batch of 15,000 rows: ~13 ms through
+    pandas); any other column goes through pandas (:func:`_pandas_rule_may_fail`).
     """
     try:
+        conditions: dict[tuple[str, str], Any] = {}
         for spec in specs:
             if spec.level != "row":
                 continue
-            kw = spec.kwargs
-            rows = pd.Series(True, index=work.index)
+            kw, cls = spec.kwargs, spec.gx_class
+            names = [kw[k] for k in ("column", "column_A", "column_B") if k in kw]
+            arrays = [_arrow_column(work[name]) for name in names]
+            rows = None
             if spec.condition is not None:
-                rows = work[spec.condition[0]] == spec.condition[1]
-                rows = rows.fillna(False).astype(bool)
-            cls = spec.gx_class
-            if cls == "ExpectColumnValuesToNotBeNull":
-                bad = work[kw["column"]].isna()
-            elif cls in ("ExpectColumnPairValuesToNotBeEqual", "ExpectColumnPairValuesAToBeGreaterThanB"):
-                a, b = work[kw["column_A"]], work[kw["column_B"]]
-                rows &= a.notna() & b.notna()
-                if cls == "ExpectColumnPairValuesToNotBeEqual":
-                    bad = a == b
-                else:
-                    bad = ~((a >= b) if kw.get("or_equal") else (a > b))
-            elif cls in _TEXT_RULES and (text := _arrow_text(work[kw["column"]])) is not None:
-                mask = rows.to_numpy(dtype=bool) if spec.condition is not None else None
-                if _text_rule_may_fail(text, cls, kw, mask):
+                if spec.condition not in conditions:
+                    column = _arrow_column(work[spec.condition[0]])
+                    conditions[spec.condition] = None if column is None else \
+                        pc.equal(column, pa.scalar(spec.condition[1], column.type)).fill_null(False)
+                rows = conditions[spec.condition]
+            if any(a is None for a in arrays) or (spec.condition is not None and rows is None):
+                if _pandas_rule_may_fail(work, spec):
                     return True
                 continue
-            else:
-                col = work[kw["column"]]
-                rows &= col.notna()
-                if cls == "ExpectColumnValuesToMatchRegex":
-                    bad = ~col.astype(str).str.contains(kw["regex"]).fillna(False).astype(bool)
-                elif cls == "ExpectColumnValueLengthsToBeBetween":
-                    n = col.astype(str).str.len()
-                    bad = pd.Series(False, index=work.index)
-                    if kw.get("max_value") is not None:
-                        bad |= n > kw["max_value"]
-                    if kw.get("min_value") is not None:
-                        bad |= n < kw["min_value"]
-                elif cls == "ExpectColumnValuesToBeInSet":
-                    bad = ~col.isin(kw["value_set"])
-                elif cls == "ExpectColumnValuesToBeBetween":
-                    if not pd.api.types.is_numeric_dtype(col.dtype) or pd.api.types.is_bool_dtype(col.dtype):
-                        return True
-                    bad = pd.Series(False, index=work.index)
-                    if kw.get("min_value") is not None:
-                        bad |= col < kw["min_value"]
-                    if kw.get("max_value") is not None:
-                        bad |= col > kw["max_value"]
-                else:
+            if cls in _TEXT_RULES:
+                mask = None if rows is None else rows.to_numpy(zero_copy_only=False)
+                if _text_rule_may_fail(arrays[0], cls, kw, mask):
                     return True
-            if bool((rows & bad.fillna(True).astype(bool)).any()):
+                continue
+            if cls == "ExpectColumnValuesToNotBeNull" and rows is None:
+                if arrays[0].null_count:
+                    return True
+                continue
+            bad = _arrow_rule_bad(cls, kw, arrays)
+            if bad is None:
+                return True
+            if rows is not None:
+                bad = pc.and_(bad, rows)
+            if pc.any(bad).as_py():  # nulls (a missing value) are not failures
                 return True
     except Exception:
         return True
     return False
+
+
+def _pandas_rule_may_fail(work: pd.DataFrame, spec: ExpectationSpec) -> bool:
+    """:func:`_may_fail_a_row` for one rule, through pandas (columns that are neither Arrow texts nor numbers)."""
+    kw = spec.kwargs
+    rows = pd.Series(True, index=work.index)
+    if spec.condition is not None:
+        rows = work[spec.condition[0]] == spec.condition[1]
+        rows = rows.fillna(False).astype(bool)
+    cls = spec.gx_class
+    if cls == "ExpectColumnValuesToNotBeNull":
+        bad = work[kw["column"]].isna()
+    elif cls in ("ExpectColumnPairValuesToNotBeEqual", "ExpectColumnPairValuesAToBeGreaterThanB"):
+        a, b = work[kw["column_A"]], work[kw["column_B"]]
+        rows &= a.notna() & b.notna()
+        if cls == "ExpectColumnPairValuesToNotBeEqual":
+            bad = a == b
+        else:
+            bad = ~((a >= b) if kw.get("or_equal") else (a > b))
+    else:
+        col = work[kw["column"]]
+        rows &= col.notna()
+        if cls == "ExpectColumnValuesToMatchRegex":
+            bad = ~col.astype(str).str.contains(kw["regex"]).fillna(False).astype(bool)
+        elif cls == "ExpectColumnValueLengthsToBeBetween":
+            n = col.astype(str).str.len()
+            bad = pd.Series(False, index=work.index)
+            if kw.get("max_value") is not None:
+                bad |= n > kw["max_value"]
+            if kw.get("min_value") is not None:
+                bad |= n < kw["min_value"]
+        elif cls == "ExpectColumnValuesToBeInSet":
+            bad = ~col.isin(kw["value_set"])
+        elif cls == "ExpectColumnValuesToBeBetween":
+            if not pd.api.types.is_numeric_dtype(col.dtype) or pd.api.types.is_bool_dtype(col.dtype):
+                return True
+            bad = pd.Series(False, index=work.index)
+            if kw.get("min_value") is not None:
+                bad |= col < kw["min_value"]
+            if kw.get("max_value") is not None:
+                bad |= col > kw["max_value"]
+        else:
+            return True
+    return bool((rows & bad.fillna(True).astype(bool)).any())
 
 
 def _jsonable(v: Any) -> Any:

@@ -362,6 +362,24 @@ def test_quick_guess_sees_every_bad_row_and_no_clean_frame(kind):
         assert _may_fail_a_row(_prepare(df, kind), specs), name
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_quick_guess_through_pandas_sees_the_same(kind):
+    # Columns that are neither Arrow texts nor numbers (here: every column as Python objects) take the pandas
+    # version of each rule: it must flag the same bad rows and pass the same clean frame as the Arrow one.
+    from alignflow.data_contracts.contracts import _may_fail_a_row
+
+    def as_objects(df):  # the texts as Python objects; numbers stay numbers
+        return df.astype({c: object for c in df.columns if df[c].dtype.kind not in "iufb"})
+
+    specs = expectations_for(kind)
+    clean = FRAMES[kind]() if kind != "posts" else posts_frame()
+    assert not _may_fail_a_row(as_objects(clean), specs)
+    for row, (mutate, name) in _cases(kind).items():
+        df = posts_frame() if kind == "posts" else FRAMES[kind](2 * len(_cases(kind)) + 1)
+        mutate(df, row)
+        assert _may_fail_a_row(as_objects(df), specs), name
+
+
 @pytest.mark.parametrize("guess", [True, False])
 def test_quick_guess_never_changes_the_verdict(monkeypatch, guess):
     import alignflow.data_contracts.contracts as contracts

@@ -270,11 +270,13 @@ def write_valid(writer: pq.ParquetWriter, table: pa.Table, valid_positions: np.n
     checked alone); returns the rows written. The same bytes wherever it runs."""
     valid = np.zeros(table.num_rows, dtype=bool)
     valid[valid_positions] = True
-    keep = pa.array(valid)
+    keep = None if valid.all() else pa.array(valid)  # most batches: every row, written without a filtered copy
     start = written = 0
     wrote = False
     for size in sizes or [0]:
-        part = table.slice(start, size).filter(keep.slice(start, size))
+        part = table.slice(start, size)
+        if keep is not None:
+            part = part.filter(keep.slice(start, size))
         start += size
         if part.num_rows or (not wrote and only_batch and start >= table.num_rows):
             writer.write_table(part)
