@@ -10,8 +10,8 @@ import pytest
 
 from alignflow.tasks.ingest.records import PostRecord
 from alignflow.tasks.ingest.scoring import numeric_key
-from alignflow.tasks.ingest.store import (_DUPLICATES_SELECT, _VOTE_SUMMARY_SELECT, POST_TYPES, StagingStore,
-                                         post_row, shard_image, sqlite_image)
+from alignflow.tasks.ingest.store import (_DISTINCT_IDS, _DUPLICATES_SELECT, _VOTE_SUMMARY_SELECT, POST_TYPES,
+                                         StagingStore, post_row, shard_image, sqlite_image)
 
 
 def _post(site: str, pid: str, qid: str, *, body: str = "b", line: int | None = None, score: int = 0) -> PostRecord:
@@ -217,7 +217,7 @@ def test_duplicates_and_vote_checks_match_a_row_by_row_count_and_read_the_id_ind
     def plan(sql: str, *args) -> list[str]:
         return [row[-1] for row in store.db.execute("EXPLAIN QUERY PLAN " + sql, args)]
 
-    for steps in (plan(_VOTE_SUMMARY_SELECT, "a"), plan(_DUPLICATES_SELECT)):
+    for steps in (plan(_VOTE_SUMMARY_SELECT, "a"), plan(_DUPLICATES_SELECT), plan(_DISTINCT_IDS)):
         # every step on posts goes through the index; only the duplicates' own rows are then looked up
         on_posts = [step for step in steps if re.match(r"(SCAN|SEARCH) (posts|p)\b", step)]
         assert on_posts and all("INDEX posts_by_id" in step for step in on_posts), steps

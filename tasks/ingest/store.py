@@ -99,6 +99,7 @@ _SIZES_SELECT = f"SELECT {_TEXT_BYTES} FROM posts p INDEXED BY posts_by_question
 # After loading, duplicate ids and the vote checks read the index ``posts_by_id`` (site, post_id, score) alone,
 # never the posts table, which holds every text (at 1 GiB of input each pass over it read ~0.9 GB of pages):
 # the ids seen more than once, then every row of such an id after its first...
+_DISTINCT_IDS = "SELECT COUNT(*) FROM (SELECT DISTINCT site, post_id FROM posts INDEXED BY posts_by_id)"
 _DUPLICATES_SELECT = (
     "SELECT p.rid, p.source_file, p.line, p.post_id, p.site FROM "
     "(SELECT site, post_id, MIN(rid) AS first FROM posts INDEXED BY posts_by_id "
@@ -342,7 +343,7 @@ class StagingStore:
         """Flush, drop duplicate post ids (quarantined) and index for the grouped walk."""
         self.flush()
         self.db.execute("CREATE INDEX posts_by_id ON posts (site, post_id, score)")
-        dupes = self.db.execute(_DUPLICATES_SELECT).fetchall()
+        dupes = self.db.execute(_DUPLICATES_SELECT).fetchall() if self._has_duplicate_ids() else []
         for rid, source_file, line, post_id, site in dupes:
             self.quarantine(
                 source_file=source_file, reason="duplicate_id", line=line, row_id=post_id, site=site,
@@ -353,6 +354,14 @@ class StagingStore:
         self.db.execute(f"CREATE INDEX posts_by_question ON posts (site, qkey, kind_order, pkey, {_TEXT_BYTES})")
         self.db.commit()
         self._vote_summaries.clear()  # the posts and votes are final from here on
+
+    def _has_duplicate_ids(self) -> bool:
+        """Whether two posts of a site share an id: fewer distinct (site, id) than rows. Counting the distinct
+        ids reads the index once without grouping: at 1 GiB, 0.6 s against 1.4 s for the query that lists them,
+        which then runs only when this says there is something to list."""
+        (rows,) = self.db.execute("SELECT COUNT(*) FROM posts").fetchone()
+        (ids,) = self.db.execute(_DISTINCT_IDS).fetchone()
+        return ids < rows
 
     def sites_with_votes(self) -> set[str]:
         return {row[0] for row in self.db.execute("SELECT site FROM vote_sites")}
