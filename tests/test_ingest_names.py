@@ -109,6 +109,15 @@ def test_prehashed_digests_are_the_digests_and_a_changed_file_is_hashed_again(tm
     os.utime(f, ns=(time.time_ns(), time.time_ns() + 10**9))
     assert run.sha256_file(f) == run._sha256(f) != expected
     run._PREHASHED.clear()
+    site = tmp_path / "site"  # several files: hashed side by side, each digest its own file's
+    site.mkdir()
+    for name, n in (("Posts.xml", 3000), ("Votes.xml", 2000), ("Comments.xml", 10)):
+        (site / name).write_bytes(b"<root>\n" + f"<row Id='{name}' />\n".encode() * n + b"</root>\n")
+    run.prehash([site], "stackexchange")
+    assert len(run._PREHASHED) >= 2
+    for file in sorted(site.iterdir()):
+        assert run.sha256_file(file) == run._sha256(file), file.name
+    assert not run._PREHASHED
     (tmp_path / "empty").mkdir()
     run.prehash([tmp_path / "missing", tmp_path / "empty"], "auto")  # what does not resolve is plan_ingest's
     assert not run._PREHASHED

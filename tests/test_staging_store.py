@@ -244,3 +244,30 @@ def test_the_walks_size_probe_reads_its_index_not_the_table_of_texts(tmp_path):
     sizes = [n for (n,) in store.db.execute(sql, ("", "", 10))]
     assert sizes == [len("t1".encode()) + len("héllo".encode()), len("t1".encode()) + len(("ü" * 10).encode())]
     store.close()
+
+
+def test_vote_summaries_made_beside_the_walks_index_raise_their_error_in_the_caller(tmp_path, monkeypatch):
+    """The vote summaries are read on a thread while the walk's index is built; they are the ones a query
+    on the finished store gives, and an error on that thread reaches the caller of finish_loading."""
+    import sqlite3
+
+    from alignflow.tasks.ingest import store as store_module
+
+    store = StagingStore(tmp_path / "s.sqlite")
+    for i in range(50):
+        store.add_post(_post("a", str(i), str(i - i % 5), line=i, score=i % 3))
+    store.register_vote_file("a", "a/Votes.xml")
+    store.add_vote_counts({("a", str(i)): [i % 3, 0, 1] for i in range(0, 60, 2)})
+    store.finish_loading()
+    threaded = store.vote_summary("a")
+    assert threaded == tuple(store.db.execute(_VOTE_SUMMARY_SELECT, ("a",)).fetchone())
+    assert threaded[0] == 50 and 0 < threaded[1] < 50
+    store.close()
+
+    broken = StagingStore(tmp_path / "t.sqlite")
+    broken.add_post(_post("a", "1", "1"))
+    broken.register_vote_file("a", "a/Votes.xml")
+    monkeypatch.setattr(store_module, "_VOTE_SUMMARY_SELECT", "SELECT no_such_column FROM posts WHERE site = ?")
+    with pytest.raises(sqlite3.OperationalError, match="no_such_column"):
+        broken.finish_loading()
+    broken.close()

