@@ -395,9 +395,12 @@ class StagingStore:
         try:
             self.db.execute(f"CREATE INDEX posts_by_question ON posts (site, qkey, kind_order, pkey, {_TEXT_BYTES})")
             self.db.commit()
+        except BaseException:
+            summaries.thread.join()  # its own error, if any, would hide this one
+            raise
         finally:
-            self._vote_summaries.update(summaries.result())
             self.db.execute(f"PRAGMA busy_timeout={_DEFAULT_BUSY_MS}")
+        self._vote_summaries.update(summaries.result())
 
     def _has_duplicate_ids(self) -> bool:
         """Whether two posts of a site share an id: fewer distinct (site, id) than rows. Counting the distinct
