@@ -268,6 +268,7 @@ class ContractResult:
     result_json: dict[str, Any] = field(default_factory=dict)
     docs_index: Path | None = None
     batch_name: str = "batch"
+    deferred_docs: "_DeferredDocs | None" = None  # validate(defer_docs=True): the Data Docs still to write
 
     def failure_message(self) -> str:
         head = (
@@ -1059,9 +1060,7 @@ def _run_gx(
     result_format: str = "COMPLETE",
 ):
     """Validate ``work`` with GX; returns (ExpectationSuiteValidationResult, docs index)."""
-    import great_expectations as gx
     from great_expectations.core.run_identifier import RunIdentifier
-    from great_expectations.data_context.types.base import ProgressBarsConfig
 
     from . import _gx_custom  # noqa: F401  registers the custom metric + expectation
 
@@ -1070,7 +1069,6 @@ def _run_gx(
     _no_batch_fingerprint()
 
     result_format = {"result_format": result_format, "return_unexpected_index_query": False}
-    suite_name = f"alignflow_{kind}"
     run_id = RunIdentifier(run_name=batch_name, run_time=_dt.datetime.now(_dt.timezone.utc))
 
     # Every batch is validated in the process's ephemeral suite (built once, its metric graphs kept);
@@ -1085,14 +1083,37 @@ def _run_gx(
             entry.forget_batch()
     if docs_dir is None:
         return vr, None
+    return vr, _write_docs(vr, kind, specs, docs_dir, run_id)
 
-    # Data Docs: the result, with its suite, goes into the docs folder's file context, and the site is
-    # rebuilt for these two. A checkpoint of that context would validate the batch a second time, there
-    # without the memos, and save its data source, definition and checkpoint first: twice the cost (a posts
-    # batch of 15,000 rows: 0.91 CPU-s against 0.45), for the same pages.
+
+class _DeferredDocs:
+    """The Data Docs of one validation, written when :meth:`write` is called (``validate(defer_docs=True)``)."""
+
+    def __init__(self, vr: Any, kind: str, specs: list[ExpectationSpec], docs_dir: Path) -> None:
+        self.vr, self.kind, self.specs, self.docs_dir = vr, kind, specs, Path(docs_dir)
+
+    def write(self) -> Path:
+        with _docs_lock(self.docs_dir):
+            return _write_docs(self.vr, self.kind, self.specs, self.docs_dir, self.vr.meta["run_id"])
+
+
+def _docs_index(docs_dir: Path) -> Path:
+    """Where the Data Docs site under ``docs_dir`` has its index page."""
+    return Path(docs_dir) / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
+
+
+def _write_docs(vr: Any, kind: str, specs: list[ExpectationSpec], docs_dir: Path, run_id: Any) -> Path:
+    """Data Docs of a validation result: the result, with its suite, goes into the docs folder's file
+    context, and the site is rebuilt for these two. (A checkpoint of that context would validate the batch
+    a second time, there without the memos, and save its data source, definition and checkpoint first:
+    twice the cost, a posts batch of 15,000 rows 0.91 CPU-s against 0.45, for the same pages.) Returns the
+    site's index page."""
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
     from great_expectations.data_context.types.resource_identifiers import (ExpectationSuiteIdentifier,
                                                                             ValidationResultIdentifier)
 
+    suite_name = f"alignflow_{kind}"
     with _config_variables_read_once():  # GX reads config_variables.yml once here, not ~70 times
         ctx = gx.get_context(mode="file", project_root_dir=str(docs_dir))
         ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
@@ -1106,8 +1127,7 @@ def _run_gx(
             expectation_suite_identifier=suite_id)
         with _memoized_run():  # the templates' compiled code, shared between pages
             ctx.build_data_docs(resource_identifiers=[result_id, suite_id], build_index=True)
-        index = Path(ctx.root_directory) / "uncommitted" / "data_docs" / "local_site" / "index.html"
-        return vr, index
+    return _docs_index(docs_dir)
 
 
 def validate(
@@ -1118,6 +1138,7 @@ def validate(
     batch_name: str = "batch",
     max_chars: int = DEFAULT_MAX_CHARS,
     with_json: bool = True,
+    defer_docs: bool = False,
 ) -> ContractResult:
     """Validate ``df`` against the contract of dataset ``kind``.
 
@@ -1128,6 +1149,9 @@ def validate(
     (``raise_for_table_failures()`` turns them into a ``ContractViolation``).
     With ``docs_dir``, HTML Data Docs are written under it
     (``docs_index`` = ``<docs_dir>/gx/uncommitted/data_docs/local_site/index.html``).
+    ``defer_docs=True`` (with ``docs_dir``) validates as without Data Docs and leaves writing them to the
+    caller: ``result.deferred_docs.write()`` (``docs_index`` is where they will be); a worker that checks
+    batches for another process writes them when it has nothing else to do.
     ``with_json=False`` leaves ``result_json`` empty: callers that only need the verdicts (the
     ingest's batches) skip serialising GX's result, about a tenth of a small batch's cost.
 
@@ -1153,7 +1177,13 @@ def validate(
     work = _prepare(df, kind, max_chars)
     index_is_original = work.index is df.index
 
-    if docs_dir is not None:
+    deferred_docs = None
+    if docs_dir is not None and defer_docs:
+        docs_dir = Path(docs_dir)
+        vr, _ = _run_gx(work, kind, specs, None, batch_name)  # the full result, as the docs show it
+        docs_index = _docs_index(docs_dir)
+        deferred_docs = _DeferredDocs(vr, kind, specs, docs_dir)
+    elif docs_dir is not None:
         docs_dir = Path(docs_dir)
         with _docs_lock(docs_dir):
             vr, docs_index = _run_gx(work, kind, specs, docs_dir, batch_name)
@@ -1222,6 +1252,7 @@ def validate(
         table_failures=failures,
         statistics=stats,
         result_json=result_json,
-        docs_index=docs_index if docs_index is not None and docs_index.exists() else None,
+        docs_index=docs_index if docs_index is not None and (deferred_docs or docs_index.exists()) else None,
         batch_name=batch_name,
+        deferred_docs=deferred_docs,
     )

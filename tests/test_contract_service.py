@@ -94,3 +94,35 @@ def test_batches_go_through_a_widened_pipe(service):
         assert size == PIPE_BYTES
     else:  # the system allows less: the default buffer stays
         assert size >= 1 << 16
+
+
+def test_data_docs_are_written_after_the_verdict_and_before_close_returns(tmp_path):
+    """A first batch's Data Docs are written by the worker when it has nothing else to do: the verdict comes
+    back first, with where the docs will be; once close() returns they are there, the same pages as the
+    docs validate() writes itself; a failure to write them is raised by close()."""
+    svc = ContractService()
+    try:
+        result = svc.result(svc.submit(pairs_table(), "pairs", docs_dir=tmp_path / "docs" / "pairs",
+                                       batch_name="pairs-00000", with_json=False))
+        later = svc.result(svc.submit(pairs_table(3), "pairs", with_json=False))
+    finally:
+        svc.close()
+    here = validate(pairs_table().to_pandas(), "pairs", docs_dir=tmp_path / "here", batch_name="pairs-00000")
+    assert result.passed and later.passed and result.docs_index is not None
+    assert result.docs_index == tmp_path / "docs" / "pairs" / "gx" / "uncommitted" / "data_docs" / "local_site" \
+        / "index.html"
+    assert result.docs_index.is_file()
+    pages = sorted(p.relative_to(result.docs_index.parent).parts[:2]
+                   for p in result.docs_index.parent.rglob("*.html"))
+    assert pages == sorted(p.relative_to(here.docs_index.parent).parts[:2]
+                           for p in here.docs_index.parent.rglob("*.html"))
+
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the docs folder should be")
+    svc = ContractService()
+    try:
+        assert svc.result(svc.submit(pairs_table(), "pairs", docs_dir=blocked / "pairs", with_json=False)).passed
+        with pytest.raises(OSError):
+            svc.close()
+    finally:
+        svc.close(kill=True)
