@@ -426,8 +426,8 @@ def _may_fail_a_row(work: pd.DataFrame, specs: list[ExpectationSpec]) -> bool:
     never what is kept or quarantined: GX decides that either way. The rules mirror GX's pandas
     implementations; anything unexpected (an unknown expectation, a value the comparison cannot
     handle) answers True, which sends the batch straight to the full GX run. Columns held as Arrow
-    (texts) or numbers are checked with Arrow's kernels (a posts batch of 15,000 rows: ~13 ms through
-    pandas); any other column goes through pandas (:func:`_pandas_rule_may_fail`).
+    (texts) or numbers are checked with Arrow's kernels (a posts batch of 15,000 rows: 6.7 ms, 13.4 ms
+    through pandas); any other column goes through pandas (:func:`_pandas_rule_may_fail`).
     """
     try:
         conditions: dict[tuple[str, str], Any] = {}

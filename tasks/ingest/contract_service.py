@@ -314,7 +314,8 @@ def serve() -> None:
     kinds: set[str] = set()
     files = _Files()
     # Data Docs of a dataset's first batch are written when no batch waits (and before any file is closed, and
-    # before exiting): the builder gets that batch's verdict without waiting for them. At 1 GiB it waited ~2 s
+    # when the builder asks: ContractService.finish_docs): the builder gets that batch's verdict without
+    # waiting for them. At 1 GiB it waited ~2 s
     # at the start of the build while the four datasets' docs were written one after the other.
     docs: list = []
     docs_error: BaseException | None = None
