@@ -198,6 +198,12 @@ def shard_image(posts: list[tuple], votes: dict[tuple[str, str], list[int]]) -> 
                          "votes": (VOTE_TYPES, [(s, p, u, d, a) for (s, p), (u, d, a) in votes.items()])})
 
 
+def read_only_uri(path: Path) -> str:
+    """An SQLite URI that opens ``path`` read-only; any folder name (spaces, ?, #, %) stays a path, never URI
+    syntax."""
+    return "file:" + urllib.parse.quote(str(Path(path).resolve())) + "?mode=ro"
+
+
 _DEFAULT_BUSY_MS = 5000  # Python's sqlite3.connect default
 _WAIT_FOR_READER_MS = 24 * 3600 * 1000  # a writer waiting for a reader of the same store: as long as it takes
 
@@ -215,9 +221,9 @@ class _VoteSummaries:
 
     def _run(self, path: Path, sites: list[str]) -> None:
         try:
-            uri = "file:" + urllib.parse.quote(str(Path(path).resolve())) + "?mode=ro"
-            with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=_WAIT_FOR_READER_MS / 1000,
-                                                    check_same_thread=False)) as db:
+            db = sqlite3.connect(read_only_uri(path), uri=True, timeout=_WAIT_FOR_READER_MS / 1000,
+                                 check_same_thread=False)
+            with contextlib.closing(db):
                 db.execute("PRAGMA cache_size=-8192")
                 for site in sites:
                     posts, agree, on_posts = db.execute(_VOTE_SUMMARY_SELECT, (site,)).fetchone()
@@ -464,10 +470,8 @@ class StagingStore:
             flags = pc.cast(pc.is_in(chunk.column("site"), value_set=vote_sites), pa.int64())
             return chunk.append_column(schema.field("has_votes"), flags)
 
-        # read-only, by URI: any folder name (spaces, ?, #, %) is a path, never URI syntax; autocommit: no
-        # transaction, so no lock, is held between two queries
-        uri = "file:" + urllib.parse.quote(str(self.path.resolve())) + "?mode=ro"
-        with contextlib.closing(adbc.connect(uri, autocommit=True)) as conn:
+        # read-only; autocommit: no transaction, so no lock, is held between two queries
+        with contextlib.closing(adbc.connect(read_only_uri(self.path), autocommit=True)) as conn:
 
             def query(select: str, after: tuple[str, str] | None, limit: int):
                 with conn.cursor() as cursor:
