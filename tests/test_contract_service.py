@@ -8,7 +8,9 @@ itself (one worker).
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -126,3 +128,93 @@ def test_data_docs_are_written_after_the_verdict_and_before_close_returns(tmp_pa
             svc.close()
     finally:
         svc.close(kill=True)
+
+
+def test_batches_go_through_shared_memory_and_leave_nothing_there(tmp_path):
+    """A batch is handed over as an Arrow IPC file in the service's shared-memory folder, which the worker
+    unlinks once mapped; the verdict is the one a pickled batch gets, and close() removes the folder."""
+    from alignflow.tasks.ingest import contract_service
+
+    root = tmp_path / "shm"
+    root.mkdir()
+    svc = ContractService()
+    svc.shared.close()
+    svc.shared = contract_service.SharedBatches(str(root))  # before the first batch: the worker is told below
+    svc._out.put(("shared", svc.shared.dir))
+    seen = []
+    put = svc.shared.put
+    svc.shared.put = lambda table: seen.append(put(table)) or seen[-1]
+    try:
+        table = pairs_table(50)
+        table = table.set_column(table.column_names.index("rejected"), "rejected",
+                                 pa.array([f"bad answer {i}" if i != 7 else "good answer 7" for i in range(50)]))
+        result = svc.result(svc.submit(table, "pairs", with_json=False))
+        assert len(seen) == 1 and seen[0][0] == "shared" and seen[0][1].startswith(str(root))
+        assert not (root / seen[0][1]).exists()  # unlinked by the worker once mapped
+        here = validate(table.to_pandas(), "pairs", with_json=False)
+        assert result.passed == here.passed and result.valid.index.tolist() == here.valid.index.tolist()
+        assert result.rejected.index.tolist() == here.rejected.index.tolist() == [7]
+        assert {k: v for k, v in result.statistics.items() if not k.startswith("seconds")} == \
+            {k: v for k, v in here.statistics.items() if not k.startswith("seconds")}
+    finally:
+        svc.close()
+    assert list(root.iterdir()) == []
+
+
+def test_without_shared_memory_batches_go_on_the_pipe(tmp_path):
+    from alignflow.tasks.ingest.contract_service import SharedBatches
+
+    missing = SharedBatches(str(tmp_path / "no such folder"))
+    assert missing.dir is None
+    table = pairs_table(3)
+    assert missing.put(table) is table  # pickled on the pipe, as it is
+
+    full = SharedBatches(str(tmp_path))
+    (tmp_path / "gone").mkdir()
+    full.dir = str(tmp_path / "gone" / "sub")  # a write that fails (as a full tmpfs would) falls back too
+    assert full.put(table) is table
+    assert not any((tmp_path / "gone").iterdir())
+
+
+def test_folders_of_dead_services_are_removed_and_a_dying_builder_leaves_none(tmp_path):
+    import subprocess
+
+    from alignflow.tasks.ingest.contract_service import SharedBatches
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    abandoned = tmp_path / f"alignflow-batches-{dead.pid}-x1"
+    abandoned.mkdir()
+    (abandoned / "0.arrow").write_bytes(b"left by a killed builder")
+    other = tmp_path / "alignflow-batches-notapid"
+    other.mkdir()
+    mine = SharedBatches(str(tmp_path))
+    assert not abandoned.exists() and other.exists() and mine.dir is not None
+    assert mine.dir.startswith(str(tmp_path / f"alignflow-batches-{os.getpid()}-"))
+    mine.close()
+
+    # the builder dies with a batch file the worker never took: the worker removes the folder at end of input
+    builder = subprocess.run([sys.executable, "-c", DIES_WITH_A_BATCH, str(tmp_path)], capture_output=True,
+                             text=True, timeout=120)
+    assert builder.returncode == 0, builder.stderr
+    folder = builder.stdout.split()[0]
+    for _ in range(600):
+        if not os.path.exists(folder):
+            break
+        time.sleep(0.1)
+    assert not os.path.exists(folder)
+
+
+DIES_WITH_A_BATCH = r"""
+import os, sys
+from alignflow.tasks.ingest import contract_service
+from tests.test_contract_service import pairs_table
+svc = contract_service.ContractService()
+svc.shared.close()
+svc.shared = contract_service.SharedBatches(sys.argv[1])
+svc._out.put(("shared", svc.shared.dir))
+svc.result(svc.submit(pairs_table(3), "pairs", with_json=False))
+svc.shared.put(pairs_table(3))  # written, never sent
+print(svc.shared.dir, svc.proc.pid, flush=True)
+os._exit(0)  # no close(): the worker sees the end of its input
+"""
