@@ -184,12 +184,18 @@ def test_folders_of_dead_services_are_removed_and_a_dying_builder_leaves_none(tm
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     abandoned = tmp_path / f"alignflow-batches-{dead.pid}-x1"
-    abandoned.mkdir()
-    (abandoned / "0.arrow").write_bytes(b"left by a killed builder")
+    recent = tmp_path / f"alignflow-batches-{dead.pid}-x2"  # maybe a process this one cannot see: kept a while
+    live = tmp_path / f"alignflow-batches-{os.getppid()}-x3"
+    for folder in (abandoned, recent, live):
+        folder.mkdir()
+        (folder / "0.arrow").write_bytes(b"a batch")
+    for folder in (abandoned, live):
+        os.utime(folder, (time.time() - 2 * 3600,) * 2)
     other = tmp_path / "alignflow-batches-notapid"
     other.mkdir()
     mine = SharedBatches(str(tmp_path))
-    assert not abandoned.exists() and other.exists() and mine.dir is not None
+    assert not abandoned.exists() and recent.exists() and live.exists() and other.exists()
+    assert mine.dir is not None
     assert mine.dir.startswith(str(tmp_path / f"alignflow-batches-{os.getpid()}-"))
     mine.close()
 

@@ -150,7 +150,8 @@ class SharedBatches:
     of the mapping (which lives as long as the table). A batch that cannot be written there (no such file
     system, or it is full) goes pickled on the pipe instead, as every batch does where there is no shared
     memory. The folder is removed by :meth:`close`, and by the worker at the end of its input (its builder
-    died); folders left by a killed pair of processes are removed by the next service whose pid differs."""
+    died); folders left by a killed pair of processes are removed by a later service once an hour old
+    (:data:`ABANDONED_AFTER_SECONDS`)."""
 
     def __init__(self, root: str = SHARED_MEMORY) -> None:
         self.dir: str | None = None
@@ -208,6 +209,11 @@ def _unlink(path: str) -> None:
         pass
 
 
+# A folder is abandoned when its process is gone and nothing was written or taken in it for this long. The age
+# keeps a folder safe whose process this one cannot see (another PID namespace sharing the file system).
+ABANDONED_AFTER_SECONDS = 3600
+
+
 def _remove_abandoned(root: str) -> None:
     """Remove batch folders whose service process no longer exists (both processes were killed)."""
     try:
@@ -218,8 +224,13 @@ def _remove_abandoned(root: str) -> None:
         if not name.startswith(_SHARED_PREFIX):
             continue
         pid = name[len(_SHARED_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        path = os.path.join(root, name)
+        try:
+            idle = time.time() - os.stat(path).st_mtime
+        except OSError:
+            continue
+        if pid.isdigit() and int(pid) != os.getpid() and idle > ABANDONED_AFTER_SECONDS and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:
