@@ -216,6 +216,8 @@ ABANDONED_AFTER_SECONDS = 3600
 
 def _remove_abandoned(root: str) -> None:
     """Remove batch folders whose service process no longer exists (both processes were killed)."""
+    from alignflow.tasks.processes import process_alive
+
     try:
         names = os.listdir(root)
     except OSError:
@@ -229,18 +231,8 @@ def _remove_abandoned(root: str) -> None:
             idle = time.time() - os.stat(path).st_mtime
         except OSError:
             continue
-        if pid.isdigit() and int(pid) != os.getpid() and idle > ABANDONED_AFTER_SECONDS and not _alive(int(pid)):
+        if pid.isdigit() and idle > ABANDONED_AFTER_SECONDS and not process_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 class ContractService:
