@@ -133,14 +133,9 @@ def test_data_docs_are_written_after_the_verdict_and_before_close_returns(tmp_pa
 def test_batches_go_through_shared_memory_and_leave_nothing_there(tmp_path):
     """A batch is handed over as an Arrow IPC file in the service's shared-memory folder, which the worker
     unlinks once mapped; the verdict is the one a pickled batch gets, and close() removes the folder."""
-    from alignflow.tasks.ingest import contract_service
-
     root = tmp_path / "shm"
     root.mkdir()
-    svc = ContractService()
-    svc.shared.close()
-    svc.shared = contract_service.SharedBatches(str(root))  # before the first batch: the worker is told below
-    svc._out.put(("shared", svc.shared.dir))
+    svc = ContractService(shared_root=str(root))
     seen = []
     put = svc.shared.put
     svc.shared.put = lambda table: seen.append(put(table)) or seen[-1]
@@ -215,10 +210,7 @@ DIES_WITH_A_BATCH = r"""
 import os, sys
 from alignflow.tasks.ingest import contract_service
 from tests.test_contract_service import pairs_table
-svc = contract_service.ContractService()
-svc.shared.close()
-svc.shared = contract_service.SharedBatches(sys.argv[1])
-svc._out.put(("shared", svc.shared.dir))
+svc = contract_service.ContractService(shared_root=sys.argv[1])
 svc.result(svc.submit(pairs_table(3), "pairs", with_json=False))
 svc.shared.put(pairs_table(3))  # written, never sent
 print(svc.shared.dir, svc.proc.pid, flush=True)

@@ -236,9 +236,9 @@ def _remove_abandoned(root: str) -> None:
 
 
 class ContractService:
-    def __init__(self) -> None:
+    def __init__(self, shared_root: str = SHARED_MEMORY) -> None:
         self.proc = _take_worker()
-        self.shared = SharedBatches()
+        self.shared = SharedBatches(shared_root)
         self._out: queue.Queue = queue.Queue()
         if self.shared.dir is not None:  # the worker removes the folder if this process dies first
             self._out.put(("shared", self.shared.dir))
