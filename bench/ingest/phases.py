@@ -90,6 +90,8 @@ def _role(p: psutil.Process) -> str:
         return "?"
     if "contract_service" in cmd:
         return "contracts"
+    if "reply_walker" in cmd:
+        return "reply walker"
     if "serve()" in cmd:
         return "reading workers"
     return "parent" if "execute_ingest" in cmd else "other"

@@ -454,14 +454,41 @@ def write_reply_pairs(replies: ReplyStore, builder, cfg: IngestConfig) -> None:
 
     Every reply's fate goes to the store's per-file counts (``kept:reply`` /
     ``skipped:reply_*``); pair-level counts go to the report's pairs section
-    under ``reply:``.
+    under ``reply:``. With several workers the same walk runs on a process of
+    its own (:mod:`.reply_walker`) and its output is handed over the same way.
     """
+    replies.finish_loading()
+    fates_by_file, walk = walk_reply_pairs(replies, cfg, builder.split_of,
+                                           lambda prompt, pairs: add_reply_group(builder, prompt, pairs))
+    add_reply_counts(builder, fates_by_file, walk)
+
+
+def add_reply_group(builder, prompt: dict, pairs: list[dict]) -> None:
+    """One parent's prompt row and its pairs' rows into the builder's writers, as the walk made them."""
+    builder.writers["prompts"].add(prompt)
+    for row in pairs:
+        builder.writers["pairs"].add(row)
+    for w in builder.writers.values():
+        w.maybe_flush()
+
+
+def add_reply_counts(builder, fates_by_file: Counter, walk: Counter) -> None:
+    """The walk's counts: each reply's fate to its file's accounting, the pair-level counts to the report."""
+    for (source_file, key), n in fates_by_file.items():
+        builder.store.count(source_file, key, n)
+    builder.summary.pair_stats.update(walk)
+
+
+def walk_reply_pairs(replies: ReplyStore, cfg: IngestConfig, split_of: Callable[[str, str], str],
+                     emit: Callable[[dict, list[dict]], None]) -> tuple[Counter, Counter]:
+    """The reply walk over an indexed store (:meth:`ReplyStore.finish_loading` done): ``emit(prompt, pairs)``
+    for each parent whose replies gave pairs, in walk order (rows of the prompts and pairs datasets); returns
+    ``(fates_by_file, walk)``: replies per (source file, accounting key), and the report's ``reply:`` counts.
+    Reads the store and nothing else: it runs here or on a process of its own alike."""
     from .reddit import SHP_COUNT_KEYS
 
-    store, stats = builder.store, builder.summary.pair_stats
     rcfg = cfg.reddit
     prompt_budget = cfg.max_text_chars
-    replies.finish_loading()
     # Counts are summed here and added to the store's and the report's once, at the end: the walk visits
     # every parent comment (most have one reply and give no pair), and per-reply calls cost more than the rules.
     fates_by_file: Counter = Counter()  # (source_file, accounting key) -> replies
@@ -518,23 +545,16 @@ def write_reply_pairs(replies: ReplyStore, builder, cfg: IngestConfig) -> None:
         walk["reply:kept"] += len(pairs)
         site = parent.site
         thread = parent.link or parent.id
-        split = builder.split_of(site, thread)
+        split = split_of(site, thread)
         prompt = render_reply_prompt(cfg.prompt_template, site=site, chain=[n.body for n in chain],
                                      submission_title=None if sub is None else sub.title,
                                      submission_body="" if sub is None else sub.body, max_chars=prompt_budget)
-        builder.writers["prompts"].add(
-            dict(prompt_id=short_id(site, thread, parent_name), prompt=prompt, question_id=thread, site=site,
-                 source="reddit", split=split, _source_file=parent.source_file, _line=parent.line))
-        for c, r in pairs:
-            builder.writers["pairs"].add(
-                dict(pair_id=short_id(site, parent_name, c.id, r.id), prompt=prompt, chosen=c.body, rejected=r.body,
-                     chosen_score=float(c.score), rejected_score=float(r.score), margin=float(c.score - r.score),
-                     question_id=thread, site=site, source="reddit", split=split, chosen_id=c.id,
-                     rejected_id=r.id, chosen_author=c.author, rejected_author=r.author,
-                     license=c.license if c.license == r.license else " + ".join(sorted({c.license, r.license})),
-                     _source_file=c.source_file, _line=c.line))
-        for w in builder.writers.values():
-            w.maybe_flush()
-    for (source_file, key), n in fates_by_file.items():
-        store.count(source_file, key, n)
-    stats.update(walk)
+        emit(dict(prompt_id=short_id(site, thread, parent_name), prompt=prompt, question_id=thread, site=site,
+                  source="reddit", split=split, _source_file=parent.source_file, _line=parent.line),
+             [dict(pair_id=short_id(site, parent_name, c.id, r.id), prompt=prompt, chosen=c.body, rejected=r.body,
+                   chosen_score=float(c.score), rejected_score=float(r.score), margin=float(c.score - r.score),
+                   question_id=thread, site=site, source="reddit", split=split, chosen_id=c.id,
+                   rejected_id=r.id, chosen_author=c.author, rejected_author=r.author,
+                   license=c.license if c.license == r.license else " + ".join(sorted({c.license, r.license})),
+                   _source_file=c.source_file, _line=c.line) for c, r in pairs])
+    return fates_by_file, walk

@@ -502,6 +502,7 @@ def _build_datasets(plan: IngestPlan, cfg: IngestConfig, out_dir: Path, started:
     phases = Phases()
     contracts = None
     replies = None
+    walker = None  # the reply walk on its own process (.reply_walker), with several workers
     workers = cfg.workers or default_workers()
     try:
         if workers > 1:
@@ -516,7 +517,12 @@ def _build_datasets(plan: IngestPlan, cfg: IngestConfig, out_dir: Path, started:
         if workers > 1 and contracts is None:
             contracts = ContractService()
         replies_path = tmp / "reddit_replies.sqlite"
-        if cfg.reddit_reply_pairs and replies_path.exists():
+        if cfg.reddit_reply_pairs and replies_path.exists() and workers > 1:
+            from .reply_walker import ReplyWalker
+
+            # the reply store's indexes and walk on a second process, beside the index phase and the walk below
+            walker = ReplyWalker(replies_path, cfg, tmp / "reply_pairs.spool")
+        elif cfg.reddit_reply_pairs and replies_path.exists():
             from .reddit_replies import ReplyStore, write_reply_pairs
 
             replies = ReplyStore(replies_path, create=False)
@@ -530,12 +536,17 @@ def _build_datasets(plan: IngestPlan, cfg: IngestConfig, out_dir: Path, started:
             builder.sites_with_votes = {s for s in builder.sites_with_votes if score_sources.get(s) == "votes"}
             if replies is not None:
                 builder.extra_steps.append(lambda b: write_reply_pairs(replies, b, cfg))
+            if walker is not None:
+                builder.extra_steps.append(walker.replay)
             summary = builder.run()
             if contracts is not None:
                 contracts.close()
                 phases.add("build: waiting for contracts (second process)", contracts.wait_seconds)
                 phases.add("build: contracts CPU (second process)", contracts.cpu_seconds)
                 contracts = None
+            if walker is not None:
+                phases.add("build: Reddit reply walk CPU (its own process, indexes included)", walker.cpu_seconds)
+                phases.add("build: waiting for the Reddit reply walk", walker.wait_seconds)
         with phases("quarantine"):
             summary.rows["quarantine"] = write_quarantine(store, tmp / "quarantine.parquet", cfg.batch_rows)
         report = build_report(store, summary, score_sources)
@@ -544,7 +555,9 @@ def _build_datasets(plan: IngestPlan, cfg: IngestConfig, out_dir: Path, started:
         (tmp / "staging.sqlite").unlink()
         if replies is not None:
             replies.db.close()
-            replies_path.unlink()
+        if walker is not None:
+            walker.close()
+        replies_path.unlink(missing_ok=True)
         if not report["adds_up"]:
             bad = {f: v for f, v in report["files"].items() if not v["adds_up"]}
             raise RuntimeError(f"ingest accounting does not add up (a bug, please report it): {bad}")
@@ -570,6 +583,8 @@ def _build_datasets(plan: IngestPlan, cfg: IngestConfig, out_dir: Path, started:
     except BaseException:
         if contracts is not None:
             contracts.close(kill=True)
+        if walker is not None:
+            walker.close()
         try:
             store.close()
             if replies is not None:

@@ -1,0 +1,152 @@
+"""The Reddit reply walk on a process of its own, beside the builder's walk over the submissions.
+
+With ``ingest.reddit_reply_pairs`` on, the build walks two stores one after the other: the staging store's
+submissions and their top-level comments, then the reply store's replies by parent comment
+(:func:`.reddit_replies.walk_reply_pairs`). Both are Python loops on the builder's process, while the contract
+process leaves most of the second core idle: at 1 GiB of comments the reply walk was ~13 of the builder's ~28
+CPU-seconds. With several workers, :class:`ReplyWalker` runs the reply walk (and the reply store's indexes
+before it) on a second process from the start of the index phase. The walk's output, the rows of each parent's
+prompt and pairs and the counts at the end, is spooled to a file in the build's temporary folder; once the
+builder's own walk is done it replays that file into its writers with the same calls, in the same order, as
+the walk on its own process would make (:func:`.reddit_replies.add_reply_group`), so the datasets are the same
+bytes whatever the number of workers.
+
+Failure modes: an error in the walk is written to the spool and raised again in the builder; a walker that
+dies without finishing (killed, out of memory) is an error naming its exit status; a builder that fails or is
+killed stops the walker (:meth:`ReplyWalker.close`; the walker also checks, every few thousand parents,
+that the process that started it is still there, and stops when it is not).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from alignflow.config import IngestConfig
+
+# groups written to the spool per record: one pickle per group cost ~3 us of overhead each on both sides
+GROUPS_PER_RECORD = 256
+# SQLite's page cache in the walker (its indexes' sorts and the walk): the process lives beside the builder and the
+# contract process, and the tree's peak must stay under 1 GiB
+CACHE_MB = 8
+# how often (in parents with pairs) the walker checks that the builder that started it is still there
+PARENT_CHECK_EVERY = 64
+
+
+class ReplyWalker:
+    """Start the walk over ``replies_path`` (a closed, unindexed :class:`.reddit_replies.ReplyStore`) now on a
+    process of its own; :meth:`replay` hands its output to a builder; :meth:`close` stops it."""
+
+    def __init__(self, replies_path: Path, cfg: IngestConfig, spool_path: Path, *,
+                 groups_per_record: int = GROUPS_PER_RECORD, builder_pid: int | None = None) -> None:
+        self.spool_path = Path(spool_path)
+        self.spool_path.unlink(missing_ok=True)
+        cmd = [sys.executable, "-c", "from alignflow.tasks.ingest.reply_walker import serve; serve()"]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE)
+        self.cpu_seconds = 0.0  # the walker's CPU (its indexes and walk), once replayed
+        self.wait_seconds = 0.0  # how long the builder waited for the walker to finish
+        try:
+            message = (str(replies_path), cfg, str(self.spool_path), builder_pid or os.getpid(), groups_per_record)
+            pickle.dump(message, self.proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            self.proc.stdin.close()
+        except BaseException:
+            self.close()
+            raise
+
+    def replay(self, builder) -> None:
+        """Wait for the walk, then add its groups and counts to ``builder`` (a :class:`.build.Builder`)."""
+        from .reddit_replies import add_reply_counts, add_reply_group
+
+        waited = time.perf_counter()
+        code = self.proc.wait()
+        self.wait_seconds = time.perf_counter() - waited
+        finished = False
+        try:
+            with open(self.spool_path, "rb") as spool:
+                while True:
+                    try:
+                        record = pickle.load(spool)
+                    except EOFError:
+                        break
+                    if record[0] == "groups":
+                        for prompt, pairs in record[1]:
+                            add_reply_group(builder, prompt, pairs)
+                    elif record[0] == "done":
+                        add_reply_counts(builder, record[1], record[2])
+                        self.cpu_seconds = record[3]
+                        finished = True
+                    else:  # ("error", exception): the walk's own error
+                        raise record[1]
+        except FileNotFoundError:
+            pass  # the walker died before it wrote anything
+        finally:
+            self.spool_path.unlink(missing_ok=True)
+        if not finished or code != 0:
+            raise RuntimeError(f"the Reddit reply walk's process ended without finishing (exit status {code})")
+
+    def close(self) -> None:
+        """Stop the walker if it still runs (the build failed or is done) and remove its spool."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.spool_path.unlink(missing_ok=True)
+
+
+def serve() -> None:
+    """The walker process: read (store path, config, spool path, builder's pid, groups per record) from stdin,
+    build the store's indexes, walk it, and spool the groups and the counts (or the error)."""
+    replies_path, cfg, spool_path, builder_pid, groups_per_record = pickle.load(sys.stdin.buffer)
+    tmp = Path(spool_path).with_name(Path(spool_path).name + ".partial")
+    with open(tmp, "wb") as spool:
+        try:
+            _walk(Path(replies_path), cfg, spool, builder_pid, groups_per_record)
+        except BaseException as exc:  # noqa: BLE001 - handed to the builder, which raises it
+            if not isinstance(exc, Exception):  # never a SystemExit or KeyboardInterrupt in the builder
+                exc = RuntimeError(f"the Reddit reply walk stopped: {type(exc).__name__}: {exc}")
+            try:
+                pickle.dumps(exc)
+            except Exception:
+                exc = RuntimeError(f"{type(exc).__name__}: {exc}")
+            pickle.dump(("error", exc), spool, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, spool_path)  # whole or absent: the builder never reads a spool still being written
+
+
+class BuilderGone(RuntimeError):
+    """The process that started the walk is no longer its parent: it died, so the walk stops."""
+
+
+def _walk(replies_path: Path, cfg: IngestConfig, spool, builder_pid: int, groups_per_record: int) -> None:
+    from .reddit_replies import ReplyStore, walk_reply_pairs
+    from .scoring import assign_split
+
+    s = cfg.split
+
+    def split_of(site: str, question_id: str) -> str:  # as Builder.split_of
+        return assign_split(site, question_id, train=s.train, validation=s.validation, salt=s.salt)
+
+    groups: list = []
+    walked = 0
+
+    def emit(prompt: dict, pairs: list[dict]) -> None:
+        nonlocal walked
+        groups.append((prompt, pairs))
+        walked += 1
+        if len(groups) >= groups_per_record:
+            pickle.dump(("groups", groups), spool, protocol=pickle.HIGHEST_PROTOCOL)
+            groups.clear()
+        if walked % PARENT_CHECK_EVERY == 0 and os.getppid() != builder_pid:
+            raise BuilderGone(f"the build that started the Reddit reply walk (pid {builder_pid}) is gone")
+
+    replies = ReplyStore(replies_path, create=False, cache_mb=CACHE_MB)
+    try:
+        replies.finish_loading()
+        fates_by_file, walk = walk_reply_pairs(replies, cfg, split_of, emit)
+    finally:
+        replies.db.close()
+    if groups:
+        pickle.dump(("groups", groups), spool, protocol=pickle.HIGHEST_PROTOCOL)
+    pickle.dump(("done", fates_by_file, walk, time.process_time()), spool, protocol=pickle.HIGHEST_PROTOCOL)
