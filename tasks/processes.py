@@ -22,6 +22,18 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def lower_priority(pid: int, niceness: int) -> bool:
+    """Give a process (one of ours) at least ``niceness`` (Unix nice value), so the others get the cores first
+    when all want them; it still gets any core they leave. Raising a nice value needs no privilege, and the
+    process keeps it until it exits. False where that cannot be done (not Unix, the process is gone)."""
+    try:
+        if os.getpriority(os.PRIO_PROCESS, pid) < niceness:
+            os.setpriority(os.PRIO_PROCESS, pid, niceness)
+        return True
+    except (AttributeError, OSError):  # no setpriority (Windows), or no such process
+        return False
+
+
 def process_tags() -> dict[str, str]:
     """Tags naming this process, so a later process can tell a run whose process was killed."""
     return {"alignflow.host": socket.gethostname(), "alignflow.pid": str(os.getpid())}

@@ -145,3 +145,21 @@ def test_close_stops_a_running_walker_and_removes_its_spool(tmp_path):
     walker.close()
     assert walker.proc.returncode is not None and not (tmp_path / "spool").exists()
     walker.close()  # twice is fine
+
+
+def test_lower_priority_raises_a_childs_nice_value_and_never_lowers_it():
+    import subprocess
+    import sys
+
+    from alignflow.tasks.processes import lower_priority
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        start = os.getpriority(os.PRIO_PROCESS, child.pid)
+        assert lower_priority(child.pid, start + 5) and os.getpriority(os.PRIO_PROCESS, child.pid) == start + 5
+        assert lower_priority(child.pid, start + 1)  # asking for less leaves it where it is
+        assert os.getpriority(os.PRIO_PROCESS, child.pid) == start + 5
+    finally:
+        child.kill()
+        child.wait()
+    assert lower_priority(child.pid, start + 5) is False  # gone: nothing to do, no error

@@ -27,7 +27,7 @@ from typing import Any
 from alignflow.config import IngestConfig
 
 from . import schema
-from alignflow.tasks.processes import process_alive
+from alignflow.tasks.processes import lower_priority, process_alive
 
 from .errors import IngestError
 from .scoring import check_template
@@ -538,6 +538,12 @@ def _build_datasets(plan: IngestPlan, cfg: IngestConfig, out_dir: Path, started:
                 builder.extra_steps.append(lambda b: write_reply_pairs(replies, b, cfg))
             if walker is not None:
                 builder.extra_steps.append(walker.replay)
+                if contracts is not None:
+                    # The reply walk is the build's longest path (~23 CPU-s at 1 GiB against ~20 for the builder and
+                    # the contract process together): the contract process yields it the cores. It still checks
+                    # each batch once the builder waits for the verdict (one batch behind), so builder and contracts
+                    # share one core and the walk has the other (bench/REPORT.md, "The Reddit reply walk ...").
+                    lower_priority(contracts.proc.pid, CONTRACTS_NICE_BESIDE_WALK)
             summary = builder.run()
             if contracts is not None:
                 contracts.close()
@@ -595,6 +601,9 @@ def _build_datasets(plan: IngestPlan, cfg: IngestConfig, out_dir: Path, started:
         raise
     return datasets, report, docs
 
+
+# the contract process's nice value while the Reddit reply walk runs beside the build (weight 110 against 1024)
+CONTRACTS_NICE_BESIDE_WALK = 10
 
 _TEMPORARY = re.compile(r"\..+\.tmp-(\d+)")
 
