@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -163,3 +164,52 @@ def test_lower_priority_raises_a_childs_nice_value_and_never_lowers_it():
         child.kill()
         child.wait()
     assert lower_priority(child.pid, start + 5) is False  # gone: nothing to do, no error
+
+
+# --------------------------------------------------------------------------- through ingest
+
+
+def _ingest(month, work: Path, workers: int):
+    from alignflow.tasks.ingest.run import execute_ingest, plan_ingest
+
+    cfg = load_config(None, ["ingest.reddit_reply_pairs=true", f"ingest.workers={workers}"]).ingest
+    return execute_ingest(plan_ingest([str(month.rs), str(month.rc)], work, cfg), cfg)
+
+
+def test_a_killed_walker_fails_the_ingest_and_leaves_nothing_a_rerun_trusts(tmp_path):
+    import signal
+    import threading
+
+    import psutil
+
+    from alignflow.tasks.ingest.synthetic_reddit import generate_month
+
+    month = generate_month(tmp_path / "month", rc_bytes=400_000, seed=11)
+    reference = {k: v["digest"] for k, v in _ingest(month, tmp_path / "one", workers=1).datasets.items()}
+    me, killed = psutil.Process(), []
+
+    def kill_the_walker() -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            for child in me.children(recursive=True):
+                try:
+                    if "reply_walker import serve" in " ".join(child.cmdline()):
+                        os.kill(child.pid, signal.SIGKILL)
+                        killed.append(child.pid)
+                        return
+                except psutil.Error:
+                    pass
+            time.sleep(0.01)
+
+    work = tmp_path / "two"
+    killer = threading.Thread(target=kill_the_walker)
+    killer.start()
+    with pytest.raises(RuntimeError, match="reply walk's process ended without finishing"):
+        _ingest(month, work, workers=2)
+    killer.join()
+    assert killed
+    base = work / "data" / "ingest"
+    assert [p.name for p in base.iterdir()] == []  # no dataset folder, no temporary folder left
+    rerun = _ingest(month, work, workers=2)
+    assert {k: v["digest"] for k, v in rerun.datasets.items()} == reference
+    assert rerun.report["pairs"]["reply:kept"] > 0

@@ -49,6 +49,7 @@ class ReplyWalker:
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE)
         self.cpu_seconds = 0.0  # the walker's CPU (its indexes and walk), once replayed
         self.wait_seconds = 0.0  # how long the builder waited for the walker to finish
+        self.index_seconds = 0.0  # how long the walker took to build the reply store's indexes, before its walk
         try:
             message = (str(replies_path), cfg, str(self.spool_path), builder_pid or os.getpid(), groups_per_record)
             pickle.dump(message, self.proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
@@ -77,7 +78,7 @@ class ReplyWalker:
                             add_reply_group(builder, prompt, pairs)
                     elif record[0] == "done":
                         add_reply_counts(builder, record[1], record[2])
-                        self.cpu_seconds = record[3]
+                        self.cpu_seconds, self.index_seconds = record[3], record[4]
                         finished = True
                     else:  # ("error", exception): the walk's own error
                         raise record[1]
@@ -143,10 +144,13 @@ def _walk(replies_path: Path, cfg: IngestConfig, spool, builder_pid: int, groups
 
     replies = ReplyStore(replies_path, create=False, cache_mb=CACHE_MB)
     try:
+        started = time.perf_counter()
         replies.finish_loading()
+        index_seconds = time.perf_counter() - started
         fates_by_file, walk = walk_reply_pairs(replies, cfg, split_of, emit)
     finally:
         replies.db.close()
     if groups:
         pickle.dump(("groups", groups), spool, protocol=pickle.HIGHEST_PROTOCOL)
-    pickle.dump(("done", fates_by_file, walk, time.process_time()), spool, protocol=pickle.HIGHEST_PROTOCOL)
+    pickle.dump(("done", fates_by_file, walk, time.process_time(), index_seconds), spool,
+                protocol=pickle.HIGHEST_PROTOCOL)

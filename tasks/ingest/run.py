@@ -553,6 +553,7 @@ def _build_datasets(plan: IngestPlan, cfg: IngestConfig, out_dir: Path, started:
             if walker is not None:
                 phases.add("build: Reddit reply walk CPU (its own process, indexes included)", walker.cpu_seconds)
                 phases.add("build: waiting for the Reddit reply walk", walker.wait_seconds)
+                phases.add("build: the Reddit reply walk's indexes (wall, before its walk)", walker.index_seconds)
         with phases("quarantine"):
             summary.rows["quarantine"] = write_quarantine(store, tmp / "quarantine.parquet", cfg.batch_rows)
         report = build_report(store, summary, score_sources)
