@@ -73,3 +73,26 @@ def tracking_restored():
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def kill_child_when_seen(marker: str, killed: list[int], timeout: float = 60.0, poll: float = 0.02) -> None:
+    """SIGKILL the first process under this one whose command line holds ``marker`` (e.g. a worker's ``-c``
+    code), as soon as it appears; its pid goes to ``killed``. Meant to run on a thread beside the code that
+    starts the process; returns after ``timeout`` seconds if none appears."""
+    import signal
+    import time
+
+    import psutil
+
+    me = psutil.Process()
+    deadline = time.time() + timeout
+    while time.time() < deadline and not killed:
+        for child in me.children(recursive=True):
+            try:
+                if marker in " ".join(child.cmdline()):
+                    os.kill(child.pid, signal.SIGKILL)
+                    killed.append(child.pid)
+                    return
+            except psutil.Error:
+                pass
+        time.sleep(poll)

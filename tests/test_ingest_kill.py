@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -18,6 +17,7 @@ import pytest
 from alignflow.config import load_config
 from alignflow.tasks.ingest.run import execute_ingest, plan_ingest
 from alignflow.tasks.ingest.synthetic import generate_dump
+from flowkit import kill_child_when_seen
 
 SETS = ["ingest.workers=2", "ingest.range_mb=0.1"]
 
@@ -73,24 +73,9 @@ def test_parent_killed_at_a_random_point(site, reference, tmp_path, seed):
 
 @pytest.mark.slow
 def test_worker_killed_midway(site, reference, tmp_path):
-    me = psutil.Process()
     killed: list[int] = []
-
-    def kill_a_worker() -> None:
-        deadline = time.time() + 60
-        while time.time() < deadline and not killed:
-            for child in me.children(recursive=True):
-                try:
-                    if "ranges import serve" in " ".join(child.cmdline()):
-                        os.kill(child.pid, signal.SIGKILL)
-                        killed.append(child.pid)
-                        return
-                except psutil.Error:
-                    pass
-            time.sleep(0.05)
-
     work = tmp_path / "work"
-    killer = threading.Thread(target=kill_a_worker)
+    killer = threading.Thread(target=kill_child_when_seen, args=("ranges import serve", killed), kwargs={"poll": 0.05})
     killer.start()
     with pytest.raises(RuntimeError, match="worker process .* exited"):
         _run(site, work)

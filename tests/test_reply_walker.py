@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from alignflow.config import load_config
 from alignflow.tasks.ingest.reddit_replies import Node, ReplyStore, Submission, write_reply_pairs
 from alignflow.tasks.ingest.reply_walker import ReplyWalker
 from alignflow.tasks.ingest.scoring import assign_split
+from flowkit import kill_child_when_seen
 
 CFG = load_config(None, ["ingest.reddit_reply_pairs=true"]).ingest
 
@@ -177,32 +177,16 @@ def _ingest(month, work: Path, workers: int):
 
 
 def test_a_killed_walker_fails_the_ingest_and_leaves_nothing_a_rerun_trusts(tmp_path):
-    import signal
     import threading
-
-    import psutil
 
     from alignflow.tasks.ingest.synthetic_reddit import generate_month
 
     month = generate_month(tmp_path / "month", rc_bytes=400_000, seed=11)
     reference = {k: v["digest"] for k, v in _ingest(month, tmp_path / "one", workers=1).datasets.items()}
-    me, killed = psutil.Process(), []
-
-    def kill_the_walker() -> None:
-        deadline = time.time() + 120
-        while time.time() < deadline and not killed:
-            for child in me.children(recursive=True):
-                try:
-                    if "reply_walker import serve" in " ".join(child.cmdline()):
-                        os.kill(child.pid, signal.SIGKILL)
-                        killed.append(child.pid)
-                        return
-                except psutil.Error:
-                    pass
-            time.sleep(0.01)
-
+    killed: list[int] = []
     work = tmp_path / "two"
-    killer = threading.Thread(target=kill_the_walker)
+    killer = threading.Thread(target=kill_child_when_seen, args=("reply_walker import serve", killed),
+                              kwargs={"timeout": 120, "poll": 0.01})
     killer.start()
     with pytest.raises(RuntimeError, match="reply walk's process ended without finishing"):
         _ingest(month, work, workers=2)
