@@ -13,7 +13,7 @@ import pytest
 from alignflow.config import load_config
 from alignflow.tasks.ingest.reddit_replies import Node, ReplyStore, Submission, write_reply_pairs
 from alignflow.tasks.ingest.reply_walker import ReplyWalker
-from alignflow.tasks.ingest.scoring import assign_split
+from alignflow.tasks.ingest.scoring import configured_split
 from flowkit import kill_child_when_seen
 
 CFG = load_config(None, ["ingest.reddit_reply_pairs=true"]).ingest
@@ -80,8 +80,7 @@ class FakeBuilder:
         self.summary = FakeSummary()
 
     def split_of(self, site: str, question_id: str) -> str:
-        s = CFG.split
-        return assign_split(site, question_id, train=s.train, validation=s.validation, salt=s.salt)
+        return configured_split(CFG.split, site, question_id)
 
 
 def walked_here(path: Path) -> FakeBuilder:

@@ -32,7 +32,7 @@ from . import schema
 from .columnar import COLUMNAR_SOURCES, add_questions, chunk_source
 from .heap import trim_heap
 from .ids import splits
-from .scoring import (Candidate, assign_split, best_answer, combined_license, pm_score, rank_pairs, render_prompt,
+from .scoring import (Candidate, configured_split, best_answer, combined_license, pm_score, rank_pairs, render_prompt,
                       short_id)
 from .store import StagingStore, StoredPost, stored_groups
 
@@ -411,8 +411,7 @@ class Builder:
         return "votes" if site in self.sites_with_votes else "score"
 
     def split_of(self, site: str, question_id: str) -> str:
-        s = self.cfg.split
-        return assign_split(site, question_id, train=s.train, validation=s.validation, salt=s.salt)
+        return configured_split(self.cfg.split, site, question_id)
 
     def splits_of(self, site: pa.Array, question_id: pa.Array) -> pa.Array:
         """:meth:`split_of` of every row of two string columns at once."""

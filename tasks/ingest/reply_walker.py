@@ -13,12 +13,14 @@ bytes whatever the number of workers.
 
 Failure modes: an error in the walk is written to the spool and raised again in the builder; a walker that
 dies without finishing (killed, out of memory) is an error naming its exit status; a builder that fails or is
-killed stops the walker (:meth:`ReplyWalker.close`; the walker also checks, every few thousand parents,
-that the process that started it is still there, and stops when it is not).
+killed stops the walker (:meth:`ReplyWalker.close`; the walker also checks, every
+:data:`PARENT_CHECK_EVERY` parents with pairs, that the process that started it is still its parent, and stops
+when it is not).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import subprocess
@@ -67,24 +69,27 @@ class ReplyWalker:
         self.wait_seconds = time.perf_counter() - waited
         finished = False
         try:
-            with open(self.spool_path, "rb") as spool:
-                while True:
-                    try:
-                        record = pickle.load(spool)
-                    except EOFError:
-                        break
-                    if record[0] == "groups":
-                        for prompt, pairs in record[1]:
-                            add_reply_group(builder, prompt, pairs)
-                    elif record[0] == "done":
-                        add_reply_counts(builder, record[1], record[2])
-                        self.cpu_seconds, self.index_seconds = record[3], record[4]
-                        finished = True
-                    else:  # ("error", exception): the walk's own error
-                        raise record[1]
-        except FileNotFoundError:
-            pass  # the walker died before it wrote anything
+            spool = open(self.spool_path, "rb")
+        except FileNotFoundError:  # the walker died before its spool was whole
+            spool = None
+        try:
+            while spool is not None:
+                try:
+                    record = pickle.load(spool)
+                except EOFError:
+                    break
+                if record[0] == "groups":
+                    for prompt, pairs in record[1]:
+                        add_reply_group(builder, prompt, pairs)
+                elif record[0] == "done":
+                    add_reply_counts(builder, record[1], record[2])
+                    self.cpu_seconds, self.index_seconds = record[3], record[4]
+                    finished = True
+                else:  # ("error", exception): the walk's own error
+                    raise record[1]
         finally:
+            if spool is not None:
+                spool.close()
             self.spool_path.unlink(missing_ok=True)
         if not finished or code != 0:
             raise RuntimeError(f"the Reddit reply walk's process ended without finishing (exit status {code})")
@@ -122,12 +127,7 @@ class BuilderGone(RuntimeError):
 
 def _walk(replies_path: Path, cfg: IngestConfig, spool, builder_pid: int, groups_per_record: int) -> None:
     from .reddit_replies import ReplyStore, walk_reply_pairs
-    from .scoring import assign_split
-
-    s = cfg.split
-
-    def split_of(site: str, question_id: str) -> str:  # as Builder.split_of
-        return assign_split(site, question_id, train=s.train, validation=s.validation, salt=s.salt)
+    from .scoring import configured_split
 
     groups: list = []
     walked = 0
@@ -147,7 +147,7 @@ def _walk(replies_path: Path, cfg: IngestConfig, spool, builder_pid: int, groups
         started = time.perf_counter()
         replies.finish_loading()
         index_seconds = time.perf_counter() - started
-        fates_by_file, walk = walk_reply_pairs(replies, cfg, split_of, emit)
+        fates_by_file, walk = walk_reply_pairs(replies, cfg, functools.partial(configured_split, cfg.split), emit)
     finally:
         replies.db.close()
     if groups:

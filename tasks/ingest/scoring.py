@@ -41,6 +41,11 @@ def assign_split(site: str, question_id: str, *, train: float, validation: float
     return "test"
 
 
+def configured_split(split, site: str, question_id: str) -> str:
+    """:func:`assign_split` with the fractions and salt of ``split`` (an ``ingest.split`` config section)."""
+    return assign_split(site, question_id, train=split.train, validation=split.validation, salt=split.salt)
+
+
 def short_id(*parts: object, length: int = 20) -> str:
     return hashlib.sha256("\x1f".join(map(str, parts)).encode("utf-8")).hexdigest()[:length]
 
