@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -105,13 +106,76 @@ class ZstdFramesReader(io.RawIOBase):
             super().close()
 
 
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # 0xFD2FB528, little-endian
+
+
+def zstd_frames_whole(fh: io.BufferedIOBase) -> bool:
+    """Whether ``fh`` (at its start) holds whole zstd frames and nothing else, up to its last byte.
+
+    Only the frames' and blocks' headers are read (RFC 8878, sections 3.1.1 and 3.1.1.2); the blocks are
+    seeked past, so a 190 MiB month takes ~10,000 small reads. False for anything else: a frame cut
+    short, a skippable frame, a reserved bit or block type, bytes that are not a frame. Such a file is
+    then read by :class:`ZstdFramesReader`, which says what is wrong and where. Leaves ``fh`` anywhere.
+    """
+    size = os.fstat(fh.fileno()).st_size
+    while True:
+        magic = fh.read(4)
+        if not magic:
+            return True
+        if magic != _ZSTD_MAGIC:
+            return False
+        descriptor = fh.read(1)
+        if not descriptor:
+            return False
+        d = descriptor[0]
+        if d & 0x08:  # reserved bit
+            return False
+        single_segment = bool(d & 0x20)
+        fcs = (1 if single_segment else 0, 2, 4, 8)[d >> 6]
+        header = (0 if single_segment else 1) + (0, 1, 2, 4)[d & 0x03] + fcs
+        if len(fh.read(header)) != header:
+            return False
+        while True:
+            block = fh.read(3)
+            if len(block) != 3:
+                return False
+            value = int.from_bytes(block, "little")
+            last, kind, block_size = value & 1, (value >> 1) & 3, value >> 3
+            if kind == 3:  # reserved block type
+                return False
+            end = fh.tell() + (1 if kind == 1 else block_size)  # an RLE block holds one byte
+            if end > size:
+                return False
+            fh.seek(end)
+            if last:
+                break
+        if d & 0x04 and len(fh.read(4)) != 4:  # content checksum
+            return False
+
+
 def open_binary(path: Path) -> io.BufferedIOBase:
-    """Open ``path`` for binary reading, decompressing ``.zst`` / ``.gz`` by suffix."""
+    """Open ``path`` for binary reading, decompressing ``.zst`` / ``.gz`` by suffix.
+
+    A ``.zst`` of whole frames (:func:`zstd_frames_whole`, checked first) is decompressed by zstandard's
+    ``stream_reader``, with ~2.6x less CPU than :class:`ZstdFramesReader` (1,025 MiB: 1.3 against 3.4 CPU-s);
+    a file cut short fails that check, so the reader that takes a cut frame for the end never sees one.
+    Any other ``.zst`` goes to :class:`ZstdFramesReader`. Either way a read returns at most what was asked
+    for, whatever the compression ratio."""
     suffix = path.suffix.lower()
     if suffix == ".gz":
         return gzip.open(path, "rb")  # type: ignore[return-value]
     fh = open(path, "rb")
     if suffix == ".zst":
+        try:
+            whole = zstd_frames_whole(fh)
+            fh.seek(0)
+        except BaseException:
+            fh.close()
+            raise
+        if whole:
+            reader = zstandard.ZstdDecompressor(max_window_size=_MAX_WINDOW).stream_reader(
+                fh, read_size=_ZSTD_READ, read_across_frames=True, closefd=True)
+            return io.BufferedReader(reader, buffer_size=1 << 20)  # type: ignore[arg-type]
         return io.BufferedReader(ZstdFramesReader(fh), buffer_size=1 << 20)
     return fh
 
