@@ -44,12 +44,21 @@ FIELDS = {
 }
 
 
-def generated_lines(n: int, seed: int) -> list[bytes]:
+SUBMISSION_FIELDS = {
+    **{k: FIELDS[k] for k in ("id", "subreddit", "score", "ups", "created_utc", "author")},
+    "title": ["Why is {i}?", "  padded {i} ", "&amp; why &gt; {i}", "[deleted]", "[deleted by user]", " [removed] ",
+              "", "   ", "caf\u00e9 {i}", "cr\r\ntitle", "&nbsp;x", None, 5, "\u3000[deleted]", "&#32;"],
+    "selftext": ["Body {i} text", None, "", "  ", "[deleted]", " [removed]\n", "x &amp; y", "caf\u00e9",
+                 "\u3000[deleted]", "a\r\nb", "three\n\n\nnl", 7, ["x"]],
+}
+
+
+def generated_lines(n: int, seed: int, fields: dict = FIELDS) -> list[bytes]:
     rnd = random.Random(seed)
     lines = []
     for i in range(n):
         obj = {}
-        for key, values in FIELDS.items():
+        for key, values in fields.items():
             # three lines in four take each field's ordinary value; the others any value, or none
             value = values[0] if rnd.random() < 0.75 else rnd.choice(values + ["<absent>"])
             if value == "<absent>":
@@ -79,28 +88,32 @@ def rows_of(image: bytes | None) -> dict[str, list[tuple]]:
     return {name: db.execute(f"SELECT * FROM {name} ORDER BY rowid").fetchall() for name in tables}
 
 
-def parse(lines: list[bytes], monkeypatch, *, with_fast: bool, pack: bool, with_replies: bool):
-    monkeypatch.setattr(reddit_parallel, "_comment_fields", fast.comment_fields if with_fast else None)
-    task = ("RC_2015-01.zst", "comment", 10, [b"\n".join(lines)], "cc-by", "quarantine", 1 << 20, with_replies, pack)
+def parse(lines: list[bytes], *, pack: bool, with_replies: bool, kind: str = "comment"):
+    task = ("RC_2015-01.zst", kind, 10, [b"\n".join(lines)], "cc-by", "quarantine", 1 << 20, with_replies, pack)
     (calls, counts, (posts, replies)), kind, non_blank = reddit_parallel.parse_chunk(task)
     return calls, counts, rows_of(posts), rows_of(replies), kind, non_blank
 
 
+@pytest.mark.parametrize("kind", ["comment", "submission"])
 @pytest.mark.parametrize("pack", [True, False])
 @pytest.mark.parametrize("with_replies", [True, False])
-def test_fast_path_gives_what_the_reader_gives(monkeypatch, pack, with_replies):
-    lines = generated_lines(3000, seed=11 + pack + 2 * with_replies)
+def test_fast_path_gives_what_the_reader_gives(monkeypatch, kind, pack, with_replies):
+    lines = generated_lines(3000, seed=11 + pack + 2 * with_replies,
+                            fields=FIELDS if kind == "comment" else SUBMISSION_FIELDS)
     taken = []
-    real = fast.comment_fields
+    name = f"_{kind}_fields"
+    real = getattr(reddit_parallel, name)
 
     def counting(obj):
         out = real(obj)
         taken.append(out is not None)
         return out
 
-    slow = parse(lines, monkeypatch, with_fast=False, pack=pack, with_replies=with_replies)
-    monkeypatch.setattr(fast, "comment_fields", counting)
-    quick = parse(lines, monkeypatch, with_fast=True, pack=pack, with_replies=with_replies)
+    with monkeypatch.context() as m:
+        m.setattr(reddit_parallel, "_comment_fields", None)  # built without the C module: the reader alone
+        slow = parse(lines, pack=pack, with_replies=with_replies, kind=kind)
+    monkeypatch.setattr(reddit_parallel, name, counting)
+    quick = parse(lines, pack=pack, with_replies=with_replies, kind=kind)
     assert quick == slow
     # both paths were exercised: most lines the fast one, a fair share the reader's
     assert 0.2 < sum(taken) / len(lines) < 0.9, sum(taken) / len(lines)
@@ -139,6 +152,18 @@ def test_other_bodies_are_left_to_clean_plain_text(body):
 @pytest.mark.parametrize("body", ["", "   ", "[deleted]", " [removed]\n", None, 5])
 def test_a_body_the_reader_quarantines_or_refuses_is_not_taken(body):
     assert fields_of(body) is None
+
+
+def test_fields_of_an_ordinary_submission():
+    obj = {"id": "p1", "subreddit": "AskX", "score": 12, "created_utc": 1420070400.5, "author": "op",
+           "title": " Why &amp; how? ", "selftext": "I looked.\nIt was &gt; blue."}
+    assert fast.submission_fields(obj) == ("p1", "reddit/AskX", 12, 1420070400.5, "name:op", "Why & how?",
+                                           "I looked.\nIt was > blue.", 1)
+    assert fast.submission_fields(dict(obj, selftext=None))[6:] == ("", 1)  # a link post
+    assert fast.submission_fields(dict(obj, selftext=" [removed] "))[6:] == ("", 1)
+    assert fast.submission_fields(dict(obj, selftext="caf\u00e9"))[6:] == ("caf\u00e9", 0)  # cleaned in Python
+    for title in ("[deleted by user]", "  ", "caf\u00e9", "a\r\nb", 5):
+        assert fast.submission_fields(dict(obj, title=title)) is None
 
 
 def test_fields_of_an_ordinary_comment():

@@ -40,7 +40,7 @@
 
 static PyObject *reddit_prefix, *name_prefix, *empty;
 static PyObject *k_id, *k_parent_id, *k_link_id, *k_subreddit, *k_score, *k_ups, *k_created_utc, *k_author,
-    *k_distinguished, *k_body;
+    *k_distinguished, *k_body, *k_title, *k_selftext;
 
 /* str.strip()'s whitespace among ASCII characters */
 static int ascii_space(unsigned char c) { return c == ' ' || (c >= 0x09 && c <= 0x0d) || (c >= 0x1c && c <= 0x1f); }
@@ -135,21 +135,23 @@ static int reference(const unsigned char *s, Py_ssize_t i, Py_ssize_t b, Py_ssiz
 /* What clean_plain_text does to the ASCII text s[a:b] (s[a], s[b-1] not whitespace) besides the strip:
  * 1 nothing, 2 decoding references that reference() decodes, 0 more (the caller cleans it in Python):
  * a control character but \t and \n, another reference, " \n", "\t\n" or "\n\n\n". */
+static unsigned char special[256]; /* bytes body_form looks at: controls, '&', DEL (set in the module's init) */
+
 static int body_form(const unsigned char *s, Py_ssize_t a, Py_ssize_t b) {
     int form = 1;
     for (Py_ssize_t i = a; i < b; i++) {
+        while (i < b && !special[s[i]])
+            i++;
+        if (i == b)
+            break;
         unsigned char c = s[i];
-        if (c < 0x20) {
-            if (c == '\t')
-                continue;
-            if (c != '\n')
-                return 0;
+        if (c == '\t')
+            continue;
+        if (c == '\n') {
             if (s[i - 1] == ' ' || s[i - 1] == '\t') /* i > a: s[a] is not whitespace */
                 return 0;
             if (i + 2 < b && s[i + 1] == '\n' && s[i + 2] == '\n')
                 return 0;
-        } else if (c == 0x7f) {
-            return 0;
         } else if (c == '&') {
             Py_ssize_t end;
             int r = reference(s, i, b, &end);
@@ -157,6 +159,8 @@ static int body_form(const unsigned char *s, Py_ssize_t a, Py_ssize_t b) {
                 return 0;
             if (r > 0)
                 form = 2;
+        } else {
+            return 0; /* another control character, or DEL */
         }
     }
     return form;
@@ -183,131 +187,221 @@ static PyObject *decode_references(const unsigned char *s, Py_ssize_t a, Py_ssiz
     return text;
 }
 
+/* What every Pushshift row needs: id, subreddit, score (or ups), created_utc, author, no wide float. */
+typedef struct {
+    PyObject *id, *sub;
+    Py_ssize_t ia, ib, sa, sb;
+    long long score;
+    double created;
+} Common;
+
+/* 1: obj is a dict whose common fields take their ordinary form (filled in c); 0: otherwise */
+static int common_fields(PyObject *obj, Common *c) {
+    if (!PyDict_CheckExact(obj))
+        return 0;
+    c->id = get(obj, k_id);
+    c->sub = get(obj, k_subreddit);
+    if (!ascii_bounds(c->id, &c->ia, &c->ib) || c->ia == c->ib || !ascii_bounds(c->sub, &c->sa, &c->sb) ||
+        c->sa == c->sb)
+        return 0;
+    PyObject *score = get(obj, k_score);
+    if (score == NULL)
+        score = get(obj, k_ups);
+    if (score == NULL || !PyLong_CheckExact(score))
+        return 0;
+    int overflow = 0;
+    c->score = PyLong_AsLongLongAndOverflow(score, &overflow);
+    if (overflow || (c->score == -1 && PyErr_Occurred())) {
+        PyErr_Clear();
+        return 0;
+    }
+    PyObject *created = get(obj, k_created_utc);
+    if (created == NULL)
+        return 0;
+    if (PyFloat_CheckExact(created)) {
+        c->created = PyFloat_AS_DOUBLE(created);
+        if (!isfinite(c->created))
+            return 0;
+    } else if (PyLong_CheckExact(created)) {
+        long long value = PyLong_AsLongLongAndOverflow(created, &overflow);
+        if (overflow || (value == -1 && PyErr_Occurred())) {
+            PyErr_Clear();
+            return 0;
+        }
+        c->created = PyLong_AsDouble(created); /* float(int), rounded as Python rounds it */
+    } else {
+        return 0;
+    }
+    return has_wide_float(obj, 0) == 0;
+}
+
+/* A text field (a str): its stripped bounds and body_form's answer (0 when not ASCII) */
+typedef struct {
+    PyObject *value;
+    Py_ssize_t a, b;
+    int form;
+} Text;
+
+static void text_of(PyObject *value, Text *t) {
+    t->value = value;
+    t->a = t->b = 0;
+    t->form = 0;
+    if (ascii_bounds(value, &t->a, &t->b))
+        t->form = t->a == t->b ? 1 : body_form(PyUnicode_1BYTE_DATA(value), t->a, t->b);
+}
+
+/* whether the stripped text is one of the words (NULL-terminated) */
+static int stripped_is(const Text *t, const char *const *words) {
+    for (; *words; words++)
+        if ((size_t)(t->b - t->a) == strlen(*words) && memcmp(PyUnicode_1BYTE_DATA(t->value) + t->a, *words,
+                                                              (size_t)(t->b - t->a)) == 0)
+            return 1;
+    return 0;
+}
+
+/* the text the reader stores (form 1 or 2), or the raw string (form 0): a new reference */
+static PyObject *text_value(const Text *t) {
+    if (t->form == 1)
+        return PyUnicode_Substring(t->value, t->a, t->b);
+    if (t->form == 2)
+        return decode_references(PyUnicode_1BYTE_DATA(t->value), t->a, t->b);
+    Py_INCREF(t->value);
+    return t->value;
+}
+
+static PyObject *author_of(PyObject *obj) {
+    PyObject *author = get(obj, k_author);
+    if (author != NULL && PyUnicode_Check(author) && PyUnicode_GET_LENGTH(author) > 0)
+        return PyUnicode_Concat(name_prefix, author);
+    Py_INCREF(empty);
+    return empty;
+}
+
+/* a tuple of n new references (stolen; NULL if any is NULL, the others released) */
+static PyObject *pack(int n, PyObject **items) {
+    PyObject *tuple = NULL;
+    for (int i = 0; i < n; i++)
+        if (items[i] == NULL)
+            goto fail;
+    if ((tuple = PyTuple_New(n)) == NULL)
+        goto fail;
+    for (int i = 0; i < n; i++)
+        PyTuple_SET_ITEM(tuple, i, items[i]);
+    return tuple;
+fail:
+    for (int i = 0; i < n; i++)
+        Py_XDECREF(items[i]);
+    return NULL;
+}
+
+static const char *const deleted_markers[] = {"[deleted]", "[removed]", NULL};
+static const char *const deleted_titles[] = {"[deleted]", "[removed]", "[deleted by user]", NULL};
+
 static PyObject *comment_fields(PyObject *self, PyObject *obj) {
     (void)self;
-    if (!PyDict_CheckExact(obj))
+    Common c;
+    Py_ssize_t pa, pb, la, lb;
+    if (!common_fields(obj, &c))
         Py_RETURN_NONE;
-    Py_ssize_t a, b, pa, pb, sa, sb, la, lb;
-    PyObject *id = get(obj, k_id), *parent = get(obj, k_parent_id), *sub = get(obj, k_subreddit);
-    if (!ascii_bounds(id, &a, &b) || a == b || !ascii_bounds(parent, &pa, &pb) || pb - pa <= 3 ||
-        !ascii_bounds(sub, &sa, &sb) || sa == sb)
+    PyObject *parent = get(obj, k_parent_id);
+    if (!ascii_bounds(parent, &pa, &pb) || pb - pa <= 3)
         Py_RETURN_NONE;
     const char *p = (const char *)PyUnicode_1BYTE_DATA(parent) + pa;
     int is_reply = memcmp(p, "t1_", 3) == 0;
     if (!is_reply && memcmp(p, "t3_", 3) != 0)
         Py_RETURN_NONE;
-
-    PyObject *score = get(obj, k_score);
-    if (score == NULL)
-        score = get(obj, k_ups);
-    if (score == NULL || !PyLong_CheckExact(score))
-        Py_RETURN_NONE;
-    int overflow = 0;
-    long long score_value = PyLong_AsLongLongAndOverflow(score, &overflow);
-    if (overflow || (score_value == -1 && PyErr_Occurred())) {
-        PyErr_Clear();
-        Py_RETURN_NONE;
-    }
-
-    PyObject *created = get(obj, k_created_utc);
-    double created_value;
-    if (created == NULL)
-        Py_RETURN_NONE;
-    if (PyFloat_CheckExact(created)) {
-        created_value = PyFloat_AS_DOUBLE(created);
-        if (!isfinite(created_value))
-            Py_RETURN_NONE;
-    } else if (PyLong_CheckExact(created)) {
-        long long c = PyLong_AsLongLongAndOverflow(created, &overflow);
-        if (overflow || (c == -1 && PyErr_Occurred())) {
-            PyErr_Clear();
-            Py_RETURN_NONE;
-        }
-        created_value = PyLong_AsDouble(created); /* float(int), rounded as Python rounds it */
-    } else {
-        Py_RETURN_NONE;
-    }
-
     PyObject *body = get(obj, k_body);
     if (body == NULL || !PyUnicode_CheckExact(body))
         Py_RETURN_NONE;
-    int final = 0;
-    Py_ssize_t ba = 0, bb = 0;
-    if (ascii_bounds(body, &ba, &bb)) {
-        const unsigned char *s = PyUnicode_1BYTE_DATA(body);
-        if (ba == bb || (bb - ba == 9 && (memcmp(s + ba, "[deleted]", 9) == 0 || memcmp(s + ba, "[removed]", 9) == 0)))
-            Py_RETURN_NONE; /* quarantined by the reader */
-        final = body_form(s, ba, bb);
-    }
-
-    int wide = has_wide_float(obj, 0);
-    if (wide)
-        Py_RETURN_NONE;
-
+    Text t;
+    text_of(body, &t);
+    if (PyUnicode_IS_ASCII(body) && (t.a == t.b || stripped_is(&t, deleted_markers)))
+        Py_RETURN_NONE; /* quarantined by the reader */
     PyObject *link = get(obj, k_link_id);
+    int has_link = 0;
+    if (link != NULL && PyUnicode_CheckExact(link)) {
+        if (!ascii_bounds(link, &la, &lb)) /* a non-ASCII link_id: the reader decides */
+            Py_RETURN_NONE;
+        has_link = lb - la > 3 && memcmp(PyUnicode_1BYTE_DATA(link) + la, "t3_", 3) == 0;
+    }
     int distinguished = 0;
     PyObject *dist = get(obj, k_distinguished);
     if (dist != NULL && (distinguished = PyObject_IsTrue(dist)) < 0)
         return NULL;
 
-    PyObject *post_id = NULL, *parent_s = NULL, *question_id = NULL, *site = NULL, *subreddit = NULL,
-             *author_s = NULL, *body_s = NULL, *result = NULL;
-    post_id = PyUnicode_Substring(id, a, b);
-    parent_s = PyUnicode_Substring(parent, pa, pb);
-    if (post_id == NULL || parent_s == NULL)
-        goto done;
-    if (link != NULL && PyUnicode_CheckExact(link)) {
-        if (!ascii_bounds(link, &la, &lb)) /* a non-ASCII link_id: the reader decides */
-            goto none;
-        if (lb - la > 3 && memcmp(PyUnicode_1BYTE_DATA(link) + la, "t3_", 3) == 0)
-            question_id = PyUnicode_Substring(link, la + 3, lb);
-    }
-    if (question_id == NULL && !PyErr_Occurred())
-        question_id = is_reply ? (Py_INCREF(empty), empty) : PyUnicode_Substring(parent, pa + 3, pb);
-    if (question_id == NULL)
-        goto done;
-    subreddit = PyUnicode_Substring(sub, sa, sb);
-    if (subreddit == NULL || (site = PyUnicode_Concat(reddit_prefix, subreddit)) == NULL)
-        goto done;
-    PyObject *author = get(obj, k_author);
-    if (author != NULL && PyUnicode_Check(author) && PyUnicode_GET_LENGTH(author) > 0)
-        author_s = PyUnicode_Concat(name_prefix, author);
-    else {
-        author_s = empty;
-        Py_INCREF(author_s);
-    }
-    if (author_s == NULL)
-        goto done;
-    if (final == 1)
-        body_s = PyUnicode_Substring(body, ba, bb);
-    else if (final == 2)
-        body_s = decode_references(PyUnicode_1BYTE_DATA(body), ba, bb);
-    else {
-        body_s = body;
-        Py_INCREF(body_s);
-    }
-    if (body_s == NULL)
-        goto done;
-    result = Py_BuildValue("(OOOOLdOiOii)", post_id, parent_s, question_id, site, score_value, created_value,
-                           author_s, distinguished, body_s, final != 0, is_reply);
-    goto done;
-none:
-    result = Py_None;
-    Py_INCREF(result);
-done:
-    Py_XDECREF(post_id);
-    Py_XDECREF(parent_s);
-    Py_XDECREF(question_id);
-    Py_XDECREF(site);
+    PyObject *question_id;
+    if (has_link)
+        question_id = PyUnicode_Substring(link, la + 3, lb);
+    else if (is_reply) {
+        question_id = empty;
+        Py_INCREF(question_id);
+    } else
+        question_id = PyUnicode_Substring(parent, pa + 3, pb);
+    PyObject *subreddit = PyUnicode_Substring(c.sub, c.sa, c.sb);
+    PyObject *items[11] = {
+        PyUnicode_Substring(c.id, c.ia, c.ib),
+        PyUnicode_Substring(parent, pa, pb),
+        question_id,
+        subreddit == NULL ? NULL : PyUnicode_Concat(reddit_prefix, subreddit),
+        PyLong_FromLongLong(c.score),
+        PyFloat_FromDouble(c.created),
+        author_of(obj),
+        PyLong_FromLong(distinguished),
+        text_value(&t),
+        PyLong_FromLong(t.form != 0),
+        PyLong_FromLong(is_reply),
+    };
     Py_XDECREF(subreddit);
-    Py_XDECREF(author_s);
-    Py_XDECREF(body_s);
-    return result;
+    return pack(11, items);
+}
+
+static PyObject *submission_fields(PyObject *self, PyObject *obj) {
+    (void)self;
+    Common c;
+    if (!common_fields(obj, &c))
+        Py_RETURN_NONE;
+    PyObject *title = get(obj, k_title), *selftext = get(obj, k_selftext);
+    if (title == NULL || !PyUnicode_CheckExact(title) || (selftext != NULL && !PyUnicode_CheckExact(selftext)))
+        Py_RETURN_NONE;
+    Text tt, bt;
+    text_of(title, &tt);
+    if (tt.form == 0 || tt.a == tt.b || stripped_is(&tt, deleted_titles))
+        Py_RETURN_NONE; /* quarantined by the reader, or a title for clean_plain_text */
+    PyObject *body;
+    int body_final = 1;
+    if (selftext == NULL) {
+        body = empty; /* a link post */
+        Py_INCREF(body);
+    } else {
+        text_of(selftext, &bt);
+        if (bt.form != 0 && stripped_is(&bt, deleted_markers)) {
+            body = empty;
+            Py_INCREF(body);
+        } else {
+            body = text_value(&bt);
+            body_final = bt.form != 0;
+        }
+    }
+    PyObject *subreddit = PyUnicode_Substring(c.sub, c.sa, c.sb);
+    PyObject *items[8] = {
+        PyUnicode_Substring(c.id, c.ia, c.ib),
+        subreddit == NULL ? NULL : PyUnicode_Concat(reddit_prefix, subreddit),
+        PyLong_FromLongLong(c.score),
+        PyFloat_FromDouble(c.created),
+        author_of(obj),
+        text_value(&tt),
+        body,
+        PyLong_FromLong(body_final),
+    };
+    Py_XDECREF(subreddit);
+    return pack(8, items);
 }
 
 static PyMethodDef methods[] = {
     {"comment_fields", comment_fields, METH_O,
      "The reader's values for an ordinary Pushshift comment (orjson's dict), or None: see the module's source."},
+    {"submission_fields", submission_fields, METH_O,
+     "The reader's values for an ordinary Pushshift submission (orjson's dict), or None: see the module's source."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -320,7 +414,10 @@ PyMODINIT_FUNC PyInit__fastreddit(void) {
     } keys[] = {{&k_id, "id"},          {&k_parent_id, "parent_id"},         {&k_link_id, "link_id"},
                 {&k_subreddit, "subreddit"}, {&k_score, "score"},            {&k_ups, "ups"},
                 {&k_created_utc, "created_utc"}, {&k_author, "author"},      {&k_distinguished, "distinguished"},
-                {&k_body, "body"}};
+                {&k_body, "body"},   {&k_title, "title"},                 {&k_selftext, "selftext"}};
+    for (int c = 0; c < 0x20; c++)
+        special[c] = 1;
+    special['&'] = special[0x7f] = 1;
     if ((reddit_prefix = PyUnicode_InternFromString("reddit/")) == NULL ||
         (name_prefix = PyUnicode_InternFromString("name:")) == NULL || (empty = PyUnicode_New(0, 0)) == NULL)
         return NULL;

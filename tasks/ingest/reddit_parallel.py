@@ -48,10 +48,11 @@ from .reddit_replies import Node, Submission, comment_row, replies_image
 from .scoring import numeric_key
 from .store import SHARDS, post_row, shard_image
 
-try:  # ordinary comments checked in C (tasks/ingest/_fastreddit.c); None: built without a C compiler
+try:  # ordinary rows checked in C (tasks/ingest/_fastreddit.c); None: built without a C compiler
     from ._fastreddit import comment_fields as _comment_fields
+    from ._fastreddit import submission_fields as _submission_fields
 except ImportError:  # pragma: no cover - depends on the build
-    _comment_fields = None
+    _comment_fields = _submission_fields = None
 
 __all__ = ["CHUNK_BYTES", "parse_chunk", "read_in_workers", "serve"]
 
@@ -170,6 +171,37 @@ def _fast_comment(raw: bytes, lineno: int, rec: _Recorder, file: str, license: s
     return True
 
 
+def _fast_submission(raw: bytes, lineno: int, rec: _Recorder, file: str, license: str,
+                     with_replies: bool) -> bool:
+    """:func:`_fast_comment` for a submission line (:func:`.reddit._submission`'s rows)."""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return False
+    fields = _submission_fields(obj)
+    if fields is None:
+        return False
+    post_id, site, score, created, author, title, body, body_final = fields
+    if not body_final:  # not plain ASCII: the reader's own rule and cleaning
+        body = "" if body.strip() in DELETED_MARKERS else clean_plain_text(body)
+    counts = rec.counts
+    counts["rows"] = counts.get("rows", 0) + 1
+    if with_replies:
+        if rec.pack:
+            rec.submissions.append((post_id, site, title, body, score, author))
+        else:
+            rec.add_submission(Submission(post_id, site, title, body, score, author))
+    if rec.pack:  # post_row(PostRecord(kind="question", ...)), without the PostRecord
+        key = numeric_key(post_id)
+        rec.posts.append((site, "reddit", post_id, key, "question", 0, post_id, key, title, body, "", score, "",
+                          author, license, "", created, 0, file, lineno))
+    else:
+        rec.add_post(PostRecord(site=site, source="reddit", post_id=post_id, kind="question", question_id=post_id,
+                                title=title, body=body, score=score, author=author, license=license,
+                                created_ts=created, source_file=file, line=lineno))
+    return True
+
+
 def parse_chunk(task: tuple) -> tuple[list[tuple], str | None, int]:
     """Parse one chunk of whole lines as the one-process reader would.
 
@@ -183,8 +215,8 @@ def parse_chunk(task: tuple) -> tuple[list[tuple], str | None, int]:
     rec = _Recorder(pack)
     replies = rec if with_replies else None
     non_blank = 0
-    # most comment lines take _fast_comment (not line 1, which may start with a BOM)
-    fast = kind == "comment" and _comment_fields is not None
+    # most lines take _fast_comment or _fast_submission (not line 1, which may start with a BOM)
+    fast = None if _comment_fields is None else {"comment": _fast_comment, "submission": _fast_submission}.get(kind)
     try:
         for piece in pieces:
             if isinstance(piece, OversizedLine):
@@ -194,8 +226,8 @@ def parse_chunk(task: tuple) -> tuple[list[tuple], str | None, int]:
                 continue
             for raw in piece.split(b"\n"):
                 lineno += 1
-                if (fast and lineno > 1 and len(raw) <= max_line_bytes
-                        and _fast_comment(raw, lineno, rec, file, default_license, with_replies)):
+                if (fast is not None and lineno > 1 and len(raw) <= max_line_bytes
+                        and fast(raw, lineno, rec, file, default_license, with_replies)):
                     non_blank += 1
                     continue
                 if len(raw) > max_line_bytes:
