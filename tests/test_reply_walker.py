@@ -4,7 +4,10 @@ as from the walk on its own process, the walk's errors and death reach the build
 from __future__ import annotations
 
 import os
+import pickle
 import sqlite3
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -12,7 +15,7 @@ import pytest
 
 from alignflow.config import load_config
 from alignflow.tasks.ingest.reddit_replies import Node, ReplyStore, Submission, write_reply_pairs
-from alignflow.tasks.ingest.reply_walker import ReplyWalker
+from alignflow.tasks.ingest.reply_walker import ReplyWalker, read_record, write_record
 from alignflow.tasks.ingest.scoring import configured_split
 from flowkit import kill_child_when_seen
 
@@ -109,6 +112,34 @@ def test_the_walker_hands_the_builder_the_same_calls_in_the_same_order(tmp_path)
     assert builder.summary.pair_stats == here.summary.pair_stats
     assert list(builder.summary.pair_stats) == list(here.summary.pair_stats)  # the report's key order too
     assert not (tmp_path / "spool").exists() and not (tmp_path / "spool.partial").exists()
+
+
+def test_records_are_read_as_they_come_and_a_half_written_one_never(tmp_path):
+    path = tmp_path / "spool"
+    with open(path, "ab") as out:
+        write_record(out, ("groups", [1, 2]))
+    alive = threading.Event()
+    alive.set()
+    with open(path, "rb", buffering=0) as spool:
+        assert read_record(spool, alive.is_set) == ("groups", [1, 2])
+        data = pickle.dumps(("done", "x"), protocol=pickle.HIGHEST_PROTOCOL)
+        with open(path, "ab") as out:
+            out.write(len(data).to_bytes(8, "little") + data[:5])  # the writer is in the middle of a record
+            out.flush()
+
+            def finish():
+                time.sleep(0.2)
+                out.write(data[5:])
+                out.flush()
+
+            writer = threading.Thread(target=finish)
+            writer.start()
+            assert read_record(spool, alive.is_set) == ("done", "x")  # waited for the record's last byte
+            writer.join()
+        with open(path, "ab") as out:
+            out.write(len(data).to_bytes(8, "little") + data[:5])  # and then the writer died
+        alive.clear()
+        assert read_record(spool, alive.is_set) is None
 
 
 def test_an_error_in_the_walk_is_raised_in_the_builder(tmp_path):
