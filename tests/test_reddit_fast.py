@@ -28,10 +28,10 @@ FIELDS = {
     "link_id": ["t3_p{q}", None, "t3_", "x", 7, " t3_p{q}\t", "t3_\u00e9", "\u3000t3_p{q}"],
     "subreddit": ["AskX", " AskX ", "", "  ", None, 3, "S\u00fcd"],
     "score": [3, -2, 0, 9223372036854775807, 9223372036854775808, -9223372036854775809, 12.0, 2.5, "7", "x",
-              True, None, 10**30],
+              True, None, 10**30, "-07", "+7", " 7 ", "123456789012345678", "1234567890123456789", "1e3"],
     "ups": [None, 4, "4", 1.0],
     "created_utc": [1420070400, 1420070400.25, "1420070400", " 14 ", "", None, True, 1e300, 10**20,
-                    -9223372036854775809],
+                    -9223372036854775809, "1420070400.125", "-5", "1e9", "1_000", "nan", "0x10", "5."],
     "author": ["u{i}", "", None, 12, "\u00fcser", "[deleted]"],
     "distinguished": [None, "moderator", "", 0, 1, False, [], {"a": 1}],
     "body": ["answer {i} text", "  padded {i}\t\n", "line one\nline two", "two\n\nparas", "three\n\n\nnewlines",
@@ -176,6 +176,13 @@ def test_fields_of_an_ordinary_comment():
                                         "x > y", 1, 0)
     reply_without_link = dict(obj, link_id=7)
     assert fast.comment_fields(reply_without_link)[2] == ""
+    # numbers written as strings in their plain form are converted as the reader converts them
+    strings = fast.comment_fields(dict(obj, score="-12", created_utc=" 1420070400.25"))
+    assert strings[4:6] == (-12, 1420070400.25)
+    for score in ("+12", "1_2", "12.0", "", "1234567890123456789", " ", "\u0663"):
+        assert fast.comment_fields(dict(obj, score=score)) is None, score
+    for created in ("1e9", "1_000", ".5", "5.", "nan", "-", "1.2.3"):
+        assert fast.comment_fields(dict(obj, created_utc=created)) is None, created
     assert fast.comment_fields([obj]) is None
     assert fast.comment_fields(dict(obj, extra=[{"a": [2.0 ** 63]}])) is None  # a 64-bit overflow, as orjson reads it
     deep = 1.0

@@ -11,8 +11,9 @@
  *   id, parent_id, subreddit (and link_id when a string): ASCII strings, not blank once stripped;
  *     parent_id "t1_x" or "t3_x"; question_id: link_id's id when it is "t3_x", else "" for a reply and
  *     the parent's id for a top-level comment
- *   score (or ups when score is absent or null): an int within 64 bits (not a bool)
- *   created_utc: an int within 64 bits or a finite float (not a bool) -> float
+ *   score (or ups when score is absent or null): an int within 64 bits (not a bool), or a string of at most
+ *     18 digits after an optional '-' (int(s))
+ *   created_utc: an int within 64 bits or a finite float (not a bool), or a string -?D+[.D+] -> float
  *   author: "name:" + author when a non-empty string, else ""
  *   distinguished: its truth value
  *   no float of at least 2**63 in magnitude anywhere in the object (orjson reads a wider integer as one;
@@ -187,6 +188,24 @@ static PyObject *decode_references(const unsigned char *s, Py_ssize_t a, Py_ssiz
     return text;
 }
 
+/* A numeric string in the plain form (ASCII, stripped: -?D+ or, with fraction, -?D+.D+; at most 40 characters):
+ * 1 with its bounds; 0 otherwise (another form is left to the reader's int() / float()). */
+static int plain_number(PyObject *value, int fraction, Py_ssize_t *a, Py_ssize_t *b) {
+    if (!ascii_bounds(value, a, b) || *b - *a > 40 || *a == *b)
+        return 0;
+    const unsigned char *s = PyUnicode_1BYTE_DATA(value);
+    Py_ssize_t i = *a + (s[*a] == '-'), digits = 0, dots = 0;
+    for (; i < *b; i++) {
+        if (DIGIT(s[i]))
+            digits++;
+        else if (s[i] == '.' && fraction && !dots && digits && i + 1 < *b)
+            dots++;
+        else
+            return 0;
+    }
+    return digits > 0;
+}
+
 /* What every Pushshift row needs: id, subreddit, score (or ups), created_utc, author, no wide float. */
 typedef struct {
     PyObject *id, *sub;
@@ -207,12 +226,27 @@ static int common_fields(PyObject *obj, Common *c) {
     PyObject *score = get(obj, k_score);
     if (score == NULL)
         score = get(obj, k_ups);
-    if (score == NULL || !PyLong_CheckExact(score))
+    if (score == NULL)
         return 0;
     int overflow = 0;
-    c->score = PyLong_AsLongLongAndOverflow(score, &overflow);
-    if (overflow || (c->score == -1 && PyErr_Occurred())) {
-        PyErr_Clear();
+    Py_ssize_t a, b;
+    if (PyLong_CheckExact(score)) {
+        c->score = PyLong_AsLongLongAndOverflow(score, &overflow);
+        if (overflow || (c->score == -1 && PyErr_Occurred())) {
+            PyErr_Clear();
+            return 0;
+        }
+    } else if (plain_number(score, 0, &a, &b) && b - a <= 19) { /* "12": int(s), within 64 bits at 18 digits */
+        const unsigned char *s = PyUnicode_1BYTE_DATA(score);
+        int negative = s[a] == '-';
+        long long value = 0;
+        for (Py_ssize_t i = a + negative; i < b; i++) {
+            if (i - a - negative >= 18)
+                return 0;
+            value = value * 10 + (s[i] - '0');
+        }
+        c->score = negative ? -value : value;
+    } else {
         return 0;
     }
     PyObject *created = get(obj, k_created_utc);
@@ -229,6 +263,17 @@ static int common_fields(PyObject *obj, Common *c) {
             return 0;
         }
         c->created = PyLong_AsDouble(created); /* float(int), rounded as Python rounds it */
+    } else if (plain_number(created, 1, &a, &b)) { /* "1420070400": float(s), by Python's own conversion */
+        char digits[48];
+        memcpy(digits, PyUnicode_1BYTE_DATA(created) + a, (size_t)(b - a));
+        digits[b - a] = 0;
+        c->created = PyOS_string_to_double(digits, NULL, NULL);
+        if (c->created == -1.0 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return 0;
+        }
+        if (!isfinite(c->created))
+            return 0;
     } else {
         return 0;
     }
