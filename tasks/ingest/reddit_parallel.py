@@ -124,6 +124,14 @@ class _Recorder:
         self.calls.append(("s", sub.id, sub.site, sub.title, sub.body, sub.score, sub.author))
 
 
+def _ordinary(raw: bytes, fields_of) -> tuple | None:
+    """``fields_of`` (a ``_fastreddit`` function) of the line orjson parses, or None (not JSON, or not ordinary)."""
+    try:
+        return fields_of(orjson.loads(raw))
+    except orjson.JSONDecodeError:
+        return None
+
+
 def _fast_comment(raw: bytes, lineno: int, rec: _Recorder, file: str, license: str, with_replies: bool) -> bool:
     """An ordinary comment line stored as :func:`.reddit.read_line` stores it, in a quarter of its time; False
     (nothing stored) for any other line, which the caller then hands to ``read_line``.
@@ -131,11 +139,7 @@ def _fast_comment(raw: bytes, lineno: int, rec: _Recorder, file: str, license: s
     orjson parses the line's bytes (it refuses what ``json.loads`` refuses, and bytes that are not UTF-8);
     ``_fastreddit.comment_fields`` gives the values the reader's checks would give, or None when the line
     takes one of their other branches (an error, a quarantine, a value in an unusual form)."""
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return False
-    fields = _comment_fields(obj)
+    fields = _ordinary(raw, _comment_fields)
     if fields is None:
         return False
     post_id, parent, question_id, site, score, created, author, distinguished, body, final, is_reply = fields
@@ -174,11 +178,7 @@ def _fast_comment(raw: bytes, lineno: int, rec: _Recorder, file: str, license: s
 def _fast_submission(raw: bytes, lineno: int, rec: _Recorder, file: str, license: str,
                      with_replies: bool) -> bool:
     """:func:`_fast_comment` for a submission line (:func:`.reddit._submission`'s rows)."""
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return False
-    fields = _submission_fields(obj)
+    fields = _ordinary(raw, _submission_fields)
     if fields is None:
         return False
     post_id, site, score, created, author, title, body, body_final = fields
