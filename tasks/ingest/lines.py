@@ -158,7 +158,8 @@ def open_binary(path: Path) -> io.BufferedIOBase:
     """Open ``path`` for binary reading, decompressing ``.zst`` / ``.gz`` by suffix.
 
     A ``.zst`` of whole frames (:func:`zstd_frames_whole`, checked first) is decompressed by zstandard's
-    ``stream_reader``, with ~2.3x less CPU than :class:`ZstdFramesReader` (1,025 MiB: 1.5 against 3.4 CPU-s);
+    ``stream_reader``, with a quarter less CPU than :class:`ZstdFramesReader` (1,026 MiB: 1.13 against 1.51
+    CPU-s, ``bench/ingest/pushshift_read.py``);
     a file cut short fails that check, so the reader that takes a cut frame for the end never sees one.
     Any other ``.zst`` goes to :class:`ZstdFramesReader`. Either way a read returns at most what was asked
     for, whatever the compression ratio."""
