@@ -12,6 +12,12 @@ of calls (``quarantine``, ``count``). The parent replays them chunk by chunk
 in file order, so the stores receive exactly what :func:`.reddit.read_reddit`
 with one process gives, and the datasets are byte-identical.
 
+In a worker, orjson parses each line's bytes and an ordinary comment or
+submission is checked and cleaned in C (``_fastreddit``: :func:`_fast_comment`,
+:func:`_fast_submission`, half the CPU a line); a line of any other shape goes
+to :func:`.reddit.read_line`, which decides what it is, so the rows are the
+same either way (``tests/test_reddit_fast.py``).
+
 Errors are those of the one-process reader, at the same line: a worker
 decodes each line strictly as UTF-8 and raises on the first bad byte or (with
 ``on_bad_row="error"``) the first bad row; the parent replays every earlier
