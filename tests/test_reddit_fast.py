@@ -97,24 +97,30 @@ def parse(lines: list[bytes], *, pack: bool, with_replies: bool, kind: str = "co
 
 
 @pytest.mark.parametrize("kind", ["comment", "submission"])
-@pytest.mark.parametrize("pack", [True, False])
+@pytest.mark.parametrize("pack, images", [(True, True), (True, False), (False, False)])
 @pytest.mark.parametrize("with_replies", [True, False])
-def test_fast_path_gives_what_the_reader_gives(monkeypatch, kind, pack, with_replies):
+def test_fast_path_gives_what_the_reader_gives(monkeypatch, kind, pack, images, with_replies):
+    """The reader alone (rows in Python lists, images by sqlite3) against the C checks, with the rows written
+    into the images in C (``images``) or kept in the lists."""
     lines = generated_lines(3000, seed=11 + pack + 2 * with_replies,
                             fields=FIELDS if kind == "comment" else SUBMISSION_FIELDS)
     taken = []
-    name = f"_{kind}_fields"
-    real = getattr(reddit_parallel, name)
 
-    def counting(obj):
-        out = real(obj)
-        taken.append(out is not None)
-        return out
+    def counting(real):
+        def wrapper(obj, *args):
+            out = real(obj, *args)
+            taken.append(out is not None)
+            return out
+        return wrapper
 
     with monkeypatch.context() as m:
         m.setattr(reddit_parallel, "_comment_fields", None)  # built without the C module: the reader alone
+        m.setattr(reddit_parallel, "_Image", None)
         slow = parse(lines, pack=pack, with_replies=with_replies, kind=kind)
-    monkeypatch.setattr(reddit_parallel, name, counting)
+    for name in (f"_{kind}_fields", f"_store_{kind}"):
+        monkeypatch.setattr(reddit_parallel, name, counting(getattr(reddit_parallel, name)))
+    if not images:
+        monkeypatch.setattr(reddit_parallel, "_Image", None)
     quick = parse(lines, pack=pack, with_replies=with_replies, kind=kind)
     assert quick == slow
     # both paths were exercised: most lines the fast one, a fair share the reader's
@@ -122,6 +128,21 @@ def test_fast_path_gives_what_the_reader_gives(monkeypatch, kind, pack, with_rep
     calls, counts, *_ = slow
     assert counts["rows"] == len(lines) - 1  # the blank line is not a row
     assert {c[0] for c in calls} >= {"q"}
+
+
+def test_an_image_holds_its_rows_in_order_with_their_types():
+    image = fast.Image([("t", "a TEXT, b INT, c REAL, d TEXT"), ("u", "x INT")])
+    image.add(0, ("one", 1, 1.5, None))
+    image.add(0, ("two\x00nul", -(2 ** 63), 2.0, "caf\u00e9"))
+    assert (image.rows(0), image.rows(1)) == (2, 0)
+    with pytest.raises(ValueError, match="a row of 3 values for 4 columns"):
+        image.add(0, ("x", 1, 2.0))
+    with pytest.raises(TypeError, match="a row holds a list"):
+        image.add(0, ("x", 1, 2.0, []))
+    with pytest.raises(ValueError, match="no such table"):
+        image.add(2, (1,))
+    assert rows_of(image.serialize()) == {"t": [("one", 1, 1.5, None), ("two\x00nul", -(2 ** 63), 2.0, "caf\u00e9")],
+                                          "u": []}
 
 
 # bodies decided in C (the stripped text, the common references decoded) and bodies left to clean_plain_text

@@ -1,8 +1,9 @@
 """The parts of a Pushshift month's read, each against the code path it replaces, in one run.
 
   lines   ``reddit_parallel.parse_chunk`` (a reading worker's whole job on a chunk: parse, check, clean, the
-          SQLite images) on chunks from the month's middle, with the C path (``_fastreddit``) and without it
-          (every line through ``reddit.read_line``, as a build without a C compiler reads it), alternating;
+          SQLite images) on chunks from the month's middle, with the C path (``_fastreddit``: the checks, and
+          the rows written into the images) and without it (every line through ``reddit.read_line``, the
+          images made by Python's sqlite3, as a build without a C compiler reads it), alternating;
   stream  the parent's decompression of the comments file: ``lines.open_binary`` (zstandard's stream reader
           for whole frames) against ``lines.ZstdFramesReader`` (the frame-by-frame reader it keeps for
           anything else), alternating.
@@ -44,9 +45,12 @@ def middle_chunks(path: Path, count: int, size: int, skip: int) -> list[bytes]:
     return chunks
 
 
-def parse_seconds(chunks: list[bytes], fast) -> float:
-    saved = reddit_parallel._comment_fields
-    reddit_parallel._comment_fields = fast
+def parse_seconds(chunks: list[bytes], fast: bool) -> float:
+    """``parse_chunk`` over the chunks: with the C module, or as a build without it (no C checks, the images
+    made by Python's sqlite3)."""
+    saved = reddit_parallel._comment_fields, reddit_parallel._Image
+    if not fast:
+        reddit_parallel._comment_fields = reddit_parallel._Image = None
     try:
         started = time.process_time()
         for i, chunk in enumerate(chunks):
@@ -54,7 +58,7 @@ def parse_seconds(chunks: list[bytes], fast) -> float:
                                          True, True))
         return time.process_time() - started
     finally:
-        reddit_parallel._comment_fields = saved
+        reddit_parallel._comment_fields, reddit_parallel._Image = saved
 
 
 def read_seconds(stream) -> tuple[float, int]:
@@ -93,8 +97,8 @@ def main() -> int:
     frames, stream = [], []
     size = 0
     for _ in range(args.rounds):
-        python.append(parse_seconds(chunks, None))
-        c_path.append(parse_seconds(chunks, reddit_parallel._comment_fields))
+        python.append(parse_seconds(chunks, False))
+        c_path.append(parse_seconds(chunks, True))
         seconds, size = read_seconds(io.BufferedReader(ZstdFramesReader(open(path, "rb")), buffer_size=MIB))
         frames.append(seconds)
         stream.append(read_seconds(open_binary(path))[0])

@@ -1,5 +1,5 @@
 /*
- * alignflow.tasks.ingest._fastreddit: the fields of an ordinary Pushshift comment, checked in C.
+ * alignflow.tasks.ingest._fastreddit: ordinary Pushshift rows checked in C, and written into a worker's SQLite images.
  *
  * comment_fields(obj) -> (post_id, parent, question_id, site, score, created_ts, author, distinguished,
  *                         body, body_final, is_reply) | None
@@ -27,11 +27,25 @@
  * caller then runs the reader itself, which decides what the line is or which error it raises. So the
  * result never differs from the reader's; tests/test_reddit_fast.py compares both on generated and
  * mutated lines.
+ *
+ * submission_fields(obj) -> (post_id, site, score, created_ts, author, title, body, body_final) | None
+ *   the same for a submission (reddit._submission): the title takes the body's rules above and must not be
+ *   "[deleted]" / "[removed]" / "[deleted by user]"; a missing selftext or one of the markers gives "".
+ *
+ * Image([(table, column definitions), ...]): an in-memory SQLite database, rows added in order
+ *   (.add(table, row), .rows(table), .serialize()): a reading worker's image (store.sqlite_image's form).
+ * store_comment(obj, posts, replies, line, license, file, with_replies), store_submission(...): the rows the
+ *   reader would hand the stores for an ordinary line, written straight into the images (posts: the staging
+ *   store's posts and votes; replies: the reply store's comments and submissions), without a Python tuple
+ *   per row: 1 when stored, 2 for a reply left out (no reply pairs), else what comment_fields /
+ *   submission_fields gave (None, or fields whose text needs clean_plain_text: nothing stored).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
 #include <string.h>
+
+#include <sqlite3.h>
 
 #define MAX_DEPTH 256
 /* ASCII classes (ctype's depend on the locale) */
@@ -442,11 +456,362 @@ static PyObject *submission_fields(PyObject *self, PyObject *obj) {
     return pack(8, items);
 }
 
+/* -- rows straight into a worker's SQLite images -------------------------------------------------------- */
+
+#define MAX_TABLES 4
+
+/* An in-memory SQLite database whose tables are filled in order: a reading worker's image (store.sqlite_image's
+ * format: page size 64 KiB, the tables and column definitions given, rows in insertion order). */
+typedef struct {
+    PyObject_HEAD sqlite3 *db;
+    int tables;
+    sqlite3_stmt *insert[MAX_TABLES];
+    int columns[MAX_TABLES];
+    Py_ssize_t rows[MAX_TABLES];
+} Image;
+
+static PyObject *image_error(Image *im, const char *what) {
+    PyErr_Format(PyExc_RuntimeError, "SQLite image: %s: %s", what, im->db ? sqlite3_errmsg(im->db) : "out of memory");
+    return NULL;
+}
+
+static void image_dealloc(Image *im) {
+    for (int t = 0; t < im->tables; t++)
+        sqlite3_finalize(im->insert[t]);
+    sqlite3_close(im->db);
+    Py_TYPE(im)->tp_free((PyObject *)im);
+}
+
+/* Image([(name, column definitions), ...]) */
+static int image_init(Image *im, PyObject *args, PyObject *kwargs) {
+    PyObject *tables;
+    if (kwargs != NULL || !PyArg_ParseTuple(args, "O!:Image", &PyList_Type, &tables))
+        return -1;
+    if (im->db != NULL || PyList_GET_SIZE(tables) < 1 || PyList_GET_SIZE(tables) > MAX_TABLES) {
+        PyErr_SetString(PyExc_ValueError, "Image: one to four tables, once");
+        return -1;
+    }
+    if (sqlite3_open(":memory:", &im->db) != SQLITE_OK ||
+        sqlite3_exec(im->db, "PRAGMA page_size=65536", NULL, NULL, NULL) != SQLITE_OK) {
+        image_error(im, "open");
+        return -1;
+    }
+    for (Py_ssize_t t = 0; t < PyList_GET_SIZE(tables); t++) {
+        const char *name, *columns;
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(tables, t), "ss:Image", &name, &columns))
+            return -1;
+        int n = 1;
+        for (const char *c = columns; *c; c++)
+            n += *c == ',';
+        PyObject *create = PyUnicode_FromFormat("CREATE TABLE %s (%s)", name, columns);
+        PyObject *insert = PyUnicode_FromFormat("INSERT INTO %s VALUES (?", name);
+        for (int i = 1; insert != NULL && i < n; i++)
+            PyUnicode_AppendAndDel(&insert, PyUnicode_FromString(",?"));
+        if (insert != NULL)
+            PyUnicode_AppendAndDel(&insert, PyUnicode_FromString(")"));
+        int rc = create == NULL || insert == NULL ? -1
+                 : sqlite3_exec(im->db, PyUnicode_AsUTF8(create), NULL, NULL, NULL) != SQLITE_OK ||
+                           sqlite3_prepare_v2(im->db, PyUnicode_AsUTF8(insert), -1, &im->insert[t], NULL) != SQLITE_OK
+                       ? -2
+                       : 0;
+        Py_XDECREF(create);
+        Py_XDECREF(insert);
+        if (rc == -2)
+            image_error(im, "create");
+        if (rc < 0)
+            return -1;
+        im->columns[t] = n;
+        im->tables = (int)t + 1;
+    }
+    if (sqlite3_exec(im->db, "BEGIN", NULL, NULL, NULL) != SQLITE_OK) {
+        image_error(im, "begin");
+        return -1;
+    }
+    return 0;
+}
+
+/* value i (from 1) of the table's insert, bound as Python's sqlite3 binds it (None, int, float, str) */
+static int bind(Image *im, int t, int i, PyObject *v) {
+    sqlite3_stmt *st = im->insert[t];
+    int rc;
+    if (v == Py_None)
+        rc = sqlite3_bind_null(st, i);
+    else if (PyLong_Check(v)) {
+        long long x = PyLong_AsLongLong(v);
+        if (x == -1 && PyErr_Occurred())
+            return -1;
+        rc = sqlite3_bind_int64(st, i, x);
+    } else if (PyFloat_Check(v))
+        rc = sqlite3_bind_double(st, i, PyFloat_AS_DOUBLE(v));
+    else if (PyUnicode_Check(v)) {
+        Py_ssize_t n;
+        const char *text = PyUnicode_AsUTF8AndSize(v, &n);
+        if (text == NULL)
+            return -1;
+        rc = sqlite3_bind_text(st, i, text, (int)n, SQLITE_TRANSIENT);
+    } else {
+        PyErr_Format(PyExc_TypeError, "SQLite image: a row holds a %s", Py_TYPE(v)->tp_name);
+        return -1;
+    }
+    if (rc != SQLITE_OK) {
+        image_error(im, "bind");
+        return -1;
+    }
+    return 0;
+}
+
+static int bind_text(Image *im, int t, int i, const char *text) {
+    if (sqlite3_bind_text(im->insert[t], i, text, -1, SQLITE_STATIC) != SQLITE_OK) {
+        image_error(im, "bind");
+        return -1;
+    }
+    return 0;
+}
+
+static int bind_int(Image *im, int t, int i, long long x) {
+    if (sqlite3_bind_int64(im->insert[t], i, x) != SQLITE_OK) {
+        image_error(im, "bind");
+        return -1;
+    }
+    return 0;
+}
+
+static int step(Image *im, int t) {
+    int rc = sqlite3_step(im->insert[t]);
+    sqlite3_reset(im->insert[t]);
+    if (rc != SQLITE_DONE) {
+        image_error(im, "insert");
+        return -1;
+    }
+    im->rows[t]++;
+    return 0;
+}
+
+static int check_table(Image *im, int t) {
+    if (im->db == NULL || t < 0 || t >= im->tables) {
+        PyErr_SetString(PyExc_ValueError, "SQLite image: no such table");
+        return -1;
+    }
+    return 0;
+}
+
+/* image.add(table, row): one row (a tuple of the table's width) */
+static PyObject *image_add(Image *im, PyObject *args) {
+    int t;
+    PyObject *row;
+    if (!PyArg_ParseTuple(args, "iO!:add", &t, &PyTuple_Type, &row) || check_table(im, t) < 0)
+        return NULL;
+    if (PyTuple_GET_SIZE(row) != im->columns[t]) {
+        PyErr_Format(PyExc_ValueError, "SQLite image: a row of %zd values for %d columns", PyTuple_GET_SIZE(row),
+                     im->columns[t]);
+        return NULL;
+    }
+    for (int i = 0; i < im->columns[t]; i++)
+        if (bind(im, t, i + 1, PyTuple_GET_ITEM(row, i)) < 0)
+            return NULL;
+    if (step(im, t) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* image.rows(table): rows added to it */
+static PyObject *image_rows(Image *im, PyObject *arg) {
+    int t = (int)PyLong_AsLong(arg);
+    if ((t == -1 && PyErr_Occurred()) || check_table(im, t) < 0)
+        return NULL;
+    return PyLong_FromSsize_t(im->rows[t]);
+}
+
+/* image.serialize(): the database's bytes (the rows added so far are committed first) */
+static PyObject *image_serialize(Image *im, PyObject *unused) {
+    (void)unused;
+    if (im->db == NULL)
+        return image_error(im, "serialize");
+    if (sqlite3_get_autocommit(im->db) == 0 && sqlite3_exec(im->db, "COMMIT", NULL, NULL, NULL) != SQLITE_OK)
+        return image_error(im, "commit");
+    sqlite3_int64 size = 0;
+    unsigned char *data = sqlite3_serialize(im->db, "main", &size, 0);
+    if (data == NULL)
+        return image_error(im, "serialize");
+    PyObject *bytes = PyBytes_FromStringAndSize((const char *)data, (Py_ssize_t)size);
+    sqlite3_free(data);
+    return bytes;
+}
+
+static PyMethodDef image_methods[] = {
+    {"add", (PyCFunction)image_add, METH_VARARGS, "add(table, row): one row, in order"},
+    {"rows", (PyCFunction)image_rows, METH_O, "rows(table): how many rows were added to it"},
+    {"serialize", (PyCFunction)image_serialize, METH_NOARGS, "the database's bytes"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject ImageType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "alignflow.tasks.ingest._fastreddit.Image",
+    .tp_basicsize = sizeof(Image),
+    .tp_dealloc = (destructor)image_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Image([(table, column definitions), ...]): an in-memory SQLite database filled row by row",
+    .tp_methods = image_methods,
+    .tp_init = (initproc)image_init,
+    .tp_new = PyType_GenericNew,
+};
+
+/* scoring.numeric_key of an ASCII id: 20 digits zero-filled, or "~" and the id */
+static int bind_numeric_key(Image *im, int t, int i, PyObject *id) {
+    Py_ssize_t n = PyUnicode_GET_LENGTH(id);
+    const char *s = (const char *)PyUnicode_1BYTE_DATA(id);
+    char key[40];
+    int digits = n > 0 && n <= 20;
+    for (Py_ssize_t k = 0; digits && k < n; k++)
+        digits = DIGIT(s[k]);
+    char *text = key;
+    if (digits) {
+        memset(key, '0', (size_t)(20 - n));
+        memcpy(key + 20 - n, s, (size_t)n);
+        n = 20;
+    } else {
+        if (n + 1 > (Py_ssize_t)sizeof key && (text = PyMem_Malloc((size_t)n + 1)) == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        text[0] = '~';
+        memcpy(text + 1, s, (size_t)n);
+        n += 1;
+    }
+    int rc = sqlite3_bind_text(im->insert[t], i, text, (int)n, SQLITE_TRANSIENT);
+    if (text != key)
+        PyMem_Free(text);
+    if (rc != SQLITE_OK) {
+        image_error(im, "bind");
+        return -1;
+    }
+    return 0;
+}
+
+static int is_image(PyObject *o) { return PyObject_TypeCheck(o, &ImageType) && ((Image *)o)->db != NULL; }
+
+/* store_comment(obj, posts, replies, line, license, file, with_replies): an ordinary comment's rows added to
+ * the images as the reader's calls would add them (posts: the staging store's posts, votes; replies: the reply
+ * store's comments, submissions): 1 when stored, 2 for a reply left out (no reply pairs: the caller counts
+ * it skipped), None when the line is not ordinary (comment_fields), or comment_fields' tuple when its text
+ * needs clean_plain_text (nothing stored: the caller cleans it and adds the rows). */
+typedef struct {
+    PyObject *obj, *posts, *replies, *license, *file;
+    long long line;
+    int with_replies;
+} StoreArgs;
+
+/* the arguments of store_comment and store_submission; 0 on success */
+static int store_args(PyObject *args, const char *format, StoreArgs *a) {
+    if (!PyArg_ParseTuple(args, format, &a->obj, &a->posts, &a->replies, &a->line, &a->license, &a->file,
+                          &a->with_replies))
+        return -1;
+    if (!is_image(a->posts) || (a->with_replies && (!is_image(a->replies) || ((Image *)a->replies)->tables < 2))) {
+        PyErr_SetString(PyExc_TypeError, "posts and replies must be open Images (replies: comments, submissions)");
+        return -1;
+    }
+    return 0;
+}
+
+/* The arguments parsed and fields_of(obj); *answer set when that is the caller's answer as it is: an error,
+ * None, or fields whose text (the flag at final_at) needs clean_plain_text */
+static PyObject *store_fields(PyObject *self, PyObject *args, const char *format, StoreArgs *a,
+                              PyObject *(*fields_of)(PyObject *, PyObject *), int final_at, int *answer) {
+    *answer = 1;
+    if (store_args(args, format, a) < 0)
+        return NULL;
+    PyObject *f = fields_of(self, a->obj);
+    *answer = f == NULL || f == Py_None || !PyObject_IsTrue(PyTuple_GET_ITEM(f, final_at));
+    return f;
+}
+
+/* store.post_row of the reader's record: a question (question_id NULL: its own id; not distinguished) or an
+ * answer (title ""), into the posts table (0) of the image; 0 on success */
+static int add_post_row(Image *im, PyObject *site, PyObject *post_id, PyObject *question_id, PyObject *title,
+                        PyObject *body, PyObject *score, PyObject *author, PyObject *created, PyObject *distinguished,
+                        const StoreArgs *a) {
+    int question = question_id == NULL;
+    PyObject *qid = question ? post_id : question_id;
+    if (bind(im, 0, 1, site) || bind_text(im, 0, 2, "reddit") || bind(im, 0, 3, post_id) ||
+        bind_numeric_key(im, 0, 4, post_id) || bind_text(im, 0, 5, question ? "question" : "answer") ||
+        bind_int(im, 0, 6, !question) || bind(im, 0, 7, qid) || bind_numeric_key(im, 0, 8, qid) ||
+        bind(im, 0, 9, title) || bind(im, 0, 10, body) || bind_text(im, 0, 11, "") || bind(im, 0, 12, score) ||
+        bind_text(im, 0, 13, "") || bind(im, 0, 14, author) || bind(im, 0, 15, a->license) ||
+        bind_text(im, 0, 16, "") || bind(im, 0, 17, created) ||
+        (distinguished == NULL ? bind_int(im, 0, 18, 0) : bind(im, 0, 18, distinguished)) ||
+        bind(im, 0, 19, a->file) || bind_int(im, 0, 20, a->line))
+        return -1;
+    return step(im, 0);
+}
+
+static PyObject *store_comment(PyObject *self, PyObject *args) {
+    StoreArgs a;
+    int answer;
+    PyObject *f = store_fields(self, args, "OOOLUUp:store_comment", &a, comment_fields, 9, &answer);
+    if (answer)
+        return f;
+    int with_replies = a.with_replies;
+    PyObject *result = NULL;
+    int is_reply = PyObject_IsTrue(PyTuple_GET_ITEM(f, 10));
+    PyObject *post_id = PyTuple_GET_ITEM(f, 0), *parent = PyTuple_GET_ITEM(f, 1), *qid = PyTuple_GET_ITEM(f, 2),
+             *site = PyTuple_GET_ITEM(f, 3), *score = PyTuple_GET_ITEM(f, 4), *created = PyTuple_GET_ITEM(f, 5),
+             *author = PyTuple_GET_ITEM(f, 6), *dist = PyTuple_GET_ITEM(f, 7), *body = PyTuple_GET_ITEM(f, 8);
+    if (with_replies) { /* reddit_replies.comment_row */
+        Image *im = (Image *)a.replies;
+        PyObject *row[13] = {post_id, parent, qid, site, body, score, created, author, dist, a.license, a.file, NULL,
+                             PyTuple_GET_ITEM(f, 10)};
+        for (int i = 0; i < 13; i++)
+            if (i == 11 ? bind_int(im, 0, 12, a.line) : bind(im, 0, i + 1, row[i]))
+                goto done;
+        if (step(im, 0) < 0)
+            goto done;
+    }
+    if (is_reply) {
+        result = PyLong_FromLong(with_replies ? 1 : 2);
+        goto done;
+    }
+    if (add_post_row((Image *)a.posts, site, post_id, qid, empty, body, score, author, created, dist, &a))
+        goto done;
+    result = PyLong_FromLong(1);
+done:
+    Py_DECREF(f);
+    return result;
+}
+
+/* store_submission(obj, posts, replies, line, license, file, with_replies): store_comment for a submission
+ * (submission_fields; its rows: a question post, and with reply pairs a row of the reply store's submissions) */
+static PyObject *store_submission(PyObject *self, PyObject *args) {
+    StoreArgs a;
+    int answer;
+    PyObject *f = store_fields(self, args, "OOOLUUp:store_submission", &a, submission_fields, 7, &answer);
+    if (answer)
+        return f;
+    PyObject *result = NULL;
+    PyObject *post_id = PyTuple_GET_ITEM(f, 0), *site = PyTuple_GET_ITEM(f, 1), *score = PyTuple_GET_ITEM(f, 2),
+             *created = PyTuple_GET_ITEM(f, 3), *author = PyTuple_GET_ITEM(f, 4), *title = PyTuple_GET_ITEM(f, 5),
+             *body = PyTuple_GET_ITEM(f, 6);
+    if (a.with_replies) {
+        Image *im = (Image *)a.replies;
+        if (bind(im, 1, 1, post_id) || bind(im, 1, 2, site) || bind(im, 1, 3, title) || bind(im, 1, 4, body) ||
+            bind(im, 1, 5, score) || bind(im, 1, 6, author) || step(im, 1))
+            goto done;
+    }
+    if (add_post_row((Image *)a.posts, site, post_id, NULL, title, body, score, author, created, NULL, &a))
+        goto done;
+    result = PyLong_FromLong(1);
+done:
+    Py_DECREF(f);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"comment_fields", comment_fields, METH_O,
      "The reader's values for an ordinary Pushshift comment (orjson's dict), or None: see the module's source."},
     {"submission_fields", submission_fields, METH_O,
      "The reader's values for an ordinary Pushshift submission (orjson's dict), or None: see the module's source."},
+    {"store_comment", store_comment, METH_VARARGS, "An ordinary comment's rows into a worker's images: see the source."},
+    {"store_submission", store_submission, METH_VARARGS,
+     "An ordinary submission's rows into a worker's images: see the source."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -469,5 +834,16 @@ PyMODINIT_FUNC PyInit__fastreddit(void) {
     for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++)
         if ((*keys[i].slot = PyUnicode_InternFromString(keys[i].name)) == NULL)
             return NULL;
-    return PyModule_Create(&module);
+    if (PyType_Ready(&ImageType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&ImageType);
+    if (PyModule_AddObject(m, "Image", (PyObject *)&ImageType) < 0) {
+        Py_DECREF(&ImageType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

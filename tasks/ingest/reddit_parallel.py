@@ -50,15 +50,18 @@ from .lines import OVERSIZED_HEAD_BYTES, OversizedLine, _TruncatedStream, open_b
 from .ranges import WorkerProcesses
 from .records import PostRecord
 from .reddit import DELETED_MARKERS, read_line
-from .reddit_replies import Node, Submission, comment_row, replies_image
+from .reddit_replies import REPLY_TABLES, Node, Submission, comment_row, replies_image
 from .scoring import numeric_key
-from .store import SHARDS, post_row, shard_image
+from .store import SHARD_TABLES, SHARDS, post_row, shard_image
 
 try:  # ordinary rows checked in C (tasks/ingest/_fastreddit.c); None: built without a C compiler
+    from ._fastreddit import Image as _Image
     from ._fastreddit import comment_fields as _comment_fields
+    from ._fastreddit import store_comment as _store_comment
+    from ._fastreddit import store_submission as _store_submission
     from ._fastreddit import submission_fields as _submission_fields
 except ImportError:  # pragma: no cover - depends on the build
-    _comment_fields = _submission_fields = None
+    _Image = _comment_fields = _store_comment = _store_submission = _submission_fields = None
 
 __all__ = ["CHUNK_BYTES", "parse_chunk", "read_in_workers", "serve"]
 
@@ -80,23 +83,49 @@ class _Recorder:
         self.calls: list[tuple] = []
         self.counts: dict[str, int] = {}
         self._nodes: list[tuple] | None = None
-        # pack: posts, comments and submissions kept as rows of their tables, for SQLite images (see images())
+        # pack: posts, comments and submissions kept as rows of their tables, for SQLite images (see images()):
+        # written into the images as they come where the C module is built, else kept in lists until the end
         self.pack = pack
         self.posts: list[tuple] = []
         self.comments: list[tuple] = []
         self.submissions: list[tuple] = []
+        self.post_image = self.reply_image = None
+        if pack and _Image is not None:
+            self.post_image, self.reply_image = _Image(SHARD_TABLES), _Image(REPLY_TABLES)
 
     def images(self) -> tuple[bytes | None, bytes | None]:
         """(posts for the staging store, comments and submissions for the reply store) as SQLite images, which
         the parent copies in one statement per table instead of unpickling and inserting row by row."""
+        if self.post_image is not None:
+            posts = self.post_image.serialize() if self.post_image.rows(0) else None
+            replies = self.reply_image.serialize() if self.reply_image.rows(0) or self.reply_image.rows(1) else None
+            return posts, replies
         posts = shard_image(self.posts, {}) if self.posts else None
         replies = replies_image(self.comments, self.submissions) if self.comments or self.submissions else None
         return posts, replies
 
+    def add_post_row(self, row: tuple) -> None:
+        if self.post_image is not None:
+            self.post_image.add(0, row)
+        else:
+            self.posts.append(row)
+
+    def add_comment_row(self, row: tuple) -> None:
+        if self.reply_image is not None:
+            self.reply_image.add(0, row)
+        else:
+            self.comments.append(row)
+
+    def add_submission_row(self, row: tuple) -> None:
+        if self.reply_image is not None:
+            self.reply_image.add(1, row)
+        else:
+            self.submissions.append(row)
+
     # RecordSink
     def add_post(self, post) -> None:
         if self.pack:
-            self.posts.append(post_row(post))
+            self.add_post_row(post_row(post))
             return
         self._nodes = None
         self.calls.append(("p", tuple([getattr(post, f) for f in _POST_FIELDS])))
@@ -115,7 +144,7 @@ class _Recorder:
     # ReplyStore
     def add_comment(self, node, *, reply: bool) -> None:
         if self.pack:
-            self.comments.append(comment_row(node, reply))
+            self.add_comment_row(comment_row(node, reply))
             return
         if self._nodes is None:
             self._nodes = []
@@ -124,18 +153,30 @@ class _Recorder:
 
     def add_submission(self, sub) -> None:
         if self.pack:
-            self.submissions.append((sub.id, sub.site, sub.title, sub.body, sub.score, sub.author))
+            self.add_submission_row((sub.id, sub.site, sub.title, sub.body, sub.score, sub.author))
             return
         self._nodes = None
         self.calls.append(("s", sub.id, sub.site, sub.title, sub.body, sub.score, sub.author))
 
 
-def _ordinary(raw: bytes, fields_of) -> tuple | None:
-    """``fields_of`` (a ``_fastreddit`` function) of the line orjson parses, or None (not JSON, or not ordinary)."""
+def _checked(raw: bytes, rec: _Recorder, store, fields_of, lineno: int, license: str, file: str,
+             with_replies: bool):
+    """What the C module makes of the line orjson parses: with images (``rec.post_image``), ``store``'s answer
+    (an int: the rows are in the images; a tuple of fields: a text for Python to clean; None); without,
+    ``fields_of``'s (a tuple of fields, or None). None too when the line is not JSON."""
     try:
-        return fields_of(orjson.loads(raw))
+        obj = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return None
+    if rec.post_image is not None:
+        return store(obj, rec.post_image, rec.reply_image, lineno, license, file, with_replies)
+    return fields_of(obj)
+
+
+def _count(rec: _Recorder, *keys: str) -> None:
+    counts = rec.counts
+    for key in keys:
+        counts[key] = counts.get(key, 0) + 1
 
 
 def _fast_comment(raw: bytes, lineno: int, rec: _Recorder, file: str, license: str, with_replies: bool) -> bool:
@@ -144,10 +185,14 @@ def _fast_comment(raw: bytes, lineno: int, rec: _Recorder, file: str, license: s
 
     orjson parses the line's bytes (it refuses what ``json.loads`` refuses, and bytes that are not UTF-8);
     ``_fastreddit.comment_fields`` gives the values the reader's checks would give, or None when the line
-    takes one of their other branches (an error, a quarantine, a value in an unusual form)."""
-    fields = _ordinary(raw, _comment_fields)
+    takes one of their other branches (an error, a quarantine, a value in an unusual form). With images in
+    C, ``_fastreddit.store_comment`` also writes the rows, unless the text needs ``clean_plain_text``."""
+    fields = _checked(raw, rec, _store_comment, _comment_fields, lineno, license, file, with_replies)
     if fields is None:
         return False
+    if fields.__class__ is int:  # in the images: stored (1), or a reply left out (2)
+        _count(rec, "rows", "skipped:reply") if fields == 2 else _count(rec, "rows")
+        return True
     post_id, parent, question_id, site, score, created, author, distinguished, body, final, is_reply = fields
     if not final:  # not plain ASCII: the reader's own checks and cleaning
         stripped = body.strip()
@@ -156,11 +201,10 @@ def _fast_comment(raw: bytes, lineno: int, rec: _Recorder, file: str, license: s
         body = clean_plain_text(body)
         if not body.strip():
             return False
-    counts = rec.counts
-    counts["rows"] = counts.get("rows", 0) + 1
+    _count(rec, "rows")
     if with_replies:
         if rec.pack:  # comment_row(Node(...), is_reply), without the Node
-            rec.comments.append((post_id, parent, question_id, site, body, score, created, author, distinguished,
+            rec.add_comment_row((post_id, parent, question_id, site, body, score, created, author, distinguished,
                                  license, file, lineno, is_reply))
         else:
             rec.add_comment(Node(post_id, parent, question_id, site, body, score, created, author,
@@ -168,10 +212,10 @@ def _fast_comment(raw: bytes, lineno: int, rec: _Recorder, file: str, license: s
         if is_reply:
             return True
     elif is_reply:
-        counts["skipped:reply"] = counts.get("skipped:reply", 0) + 1
+        _count(rec, "skipped:reply")
         return True
     if rec.pack:  # post_row(PostRecord(kind="answer", ...)), without the PostRecord
-        rec.posts.append((site, "reddit", post_id, numeric_key(post_id), "answer", 1, question_id,
+        rec.add_post_row((site, "reddit", post_id, numeric_key(post_id), "answer", 1, question_id,
                           numeric_key(question_id), "", body, "", score, "", author, license, "", created,
                           distinguished, file, lineno))
     else:
@@ -184,22 +228,24 @@ def _fast_comment(raw: bytes, lineno: int, rec: _Recorder, file: str, license: s
 def _fast_submission(raw: bytes, lineno: int, rec: _Recorder, file: str, license: str,
                      with_replies: bool) -> bool:
     """:func:`_fast_comment` for a submission line (:func:`.reddit._submission`'s rows)."""
-    fields = _ordinary(raw, _submission_fields)
+    fields = _checked(raw, rec, _store_submission, _submission_fields, lineno, license, file, with_replies)
     if fields is None:
         return False
+    if fields.__class__ is int:  # in the images
+        _count(rec, "rows")
+        return True
     post_id, site, score, created, author, title, body, body_final = fields
     if not body_final:  # not plain ASCII: the reader's own rule and cleaning
         body = "" if body.strip() in DELETED_MARKERS else clean_plain_text(body)
-    counts = rec.counts
-    counts["rows"] = counts.get("rows", 0) + 1
+    _count(rec, "rows")
     if with_replies:
         if rec.pack:
-            rec.submissions.append((post_id, site, title, body, score, author))
+            rec.add_submission_row((post_id, site, title, body, score, author))
         else:
             rec.add_submission(Submission(post_id, site, title, body, score, author))
     if rec.pack:  # post_row(PostRecord(kind="question", ...)), without the PostRecord
         key = numeric_key(post_id)
-        rec.posts.append((site, "reddit", post_id, key, "question", 0, post_id, key, title, body, "", score, "",
+        rec.add_post_row((site, "reddit", post_id, key, "question", 0, post_id, key, title, body, "", score, "",
                           author, license, "", created, 0, file, lineno))
     else:
         rec.add_post(PostRecord(site=site, source="reddit", post_id=post_id, kind="question", question_id=post_id,

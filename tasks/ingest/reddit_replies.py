@@ -240,9 +240,14 @@ _REPLY_FIELDS = "site, score, created_ts, author, distinguished, source_file, li
 _SUBMISSION_COLUMNS = ", ".join(column_names(_SUBMISSION_TYPES))
 
 
+REPLY_TABLES = [("comments", _COMMENT_TYPES), ("submissions", _SUBMISSION_TYPES)]  # a reading worker's image
+
+
 def replies_image(comments: list[tuple], submissions: list[tuple]) -> bytes:
     """Rows of :func:`comment_row` and submission rows as an SQLite image (:meth:`ReplyStore.add_shard`)."""
-    return sqlite_image({"comments": (_COMMENT_TYPES, comments), "submissions": (_SUBMISSION_TYPES, submissions)})
+    (comments_table, comments_types), (submissions_table, submissions_types) = REPLY_TABLES
+    return sqlite_image({comments_table: (comments_types, comments),
+                         submissions_table: (submissions_types, submissions)})
 
 
 class ReplyStore:

@@ -39,6 +39,7 @@ def column_names(types: str) -> list[str]:
 
 _POST_COLUMNS = ", ".join(column_names(POST_TYPES))
 VOTE_TYPES = "site TEXT, post_id TEXT, up INT, down INT, acc INT"
+SHARD_TABLES = [("posts", POST_TYPES), ("votes", VOTE_TYPES)]  # a reading worker's image (shard_image)
 _PAIR_COLUMNS = (
     "site, source, question_id, qkey, prompt, chosen, rejected, chosen_score, rejected_score, license, "
     "source_file, line"
@@ -194,8 +195,9 @@ def shard_image(posts: list[tuple], votes: dict[tuple[str, str], list[int]]) -> 
     """Posts (rows of :func:`post_row`) and per-post vote counts ``(site, post_id) -> [up, down, accept]`` as
     the bytes of an SQLite database with the store's ``posts`` and ``votes`` columns: how a reading worker
     hands the parent what it read (:meth:`StagingStore.add_shard`)."""
-    return sqlite_image({"posts": (POST_TYPES, posts),
-                         "votes": (VOTE_TYPES, [(s, p, u, d, a) for (s, p), (u, d, a) in votes.items()])})
+    (posts_table, posts_types), (votes_table, votes_types) = SHARD_TABLES
+    return sqlite_image({posts_table: (posts_types, posts),
+                         votes_table: (votes_types, [(s, p, u, d, a) for (s, p), (u, d, a) in votes.items()])})
 
 
 def read_only_uri(path: Path) -> str:
