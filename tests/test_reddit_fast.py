@@ -141,6 +141,9 @@ def test_an_image_holds_its_rows_in_order_with_their_types():
         image.add(0, ("x", 1, 2.0, []))
     with pytest.raises(ValueError, match="no such table"):
         image.add(2, (1,))
+    # the stores' rows go only into images of the stores' tables
+    with pytest.raises(TypeError, match="Images of the stores' tables"):
+        fast.store_comment({}, image, None, 1, "lic", "f", False)
     assert rows_of(image.serialize()) == {"t": [("one", 1, 1.5, None), ("two\x00nul", -(2 ** 63), 2.0, "caf\u00e9")],
                                           "u": []}
 

@@ -595,6 +595,14 @@ static int check_table(Image *im, int t) {
     return 0;
 }
 
+/* one row of the table's width into table t: the values bound in order, then inserted; 0 on success */
+static int add_values(Image *im, int t, PyObject *const *values) {
+    for (int i = 0; i < im->columns[t]; i++)
+        if (bind(im, t, i + 1, values[i]) < 0)
+            return -1;
+    return step(im, t);
+}
+
 /* image.add(table, row): one row (a tuple of the table's width) */
 static PyObject *image_add(Image *im, PyObject *args) {
     int t;
@@ -606,10 +614,7 @@ static PyObject *image_add(Image *im, PyObject *args) {
                      im->columns[t]);
         return NULL;
     }
-    for (int i = 0; i < im->columns[t]; i++)
-        if (bind(im, t, i + 1, PyTuple_GET_ITEM(row, i)) < 0)
-            return NULL;
-    if (step(im, t) < 0)
+    if (add_values(im, t, PySequence_Fast_ITEMS(row)) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -696,18 +701,21 @@ static int is_image(PyObject *o) { return PyObject_TypeCheck(o, &ImageType) && (
  * it skipped), None when the line is not ordinary (comment_fields), or comment_fields' tuple when its text
  * needs clean_plain_text (nothing stored: the caller cleans it and adds the rows). */
 typedef struct {
-    PyObject *obj, *posts, *replies, *license, *file;
-    long long line;
+    PyObject *obj, *posts, *replies, *line, *license, *file; /* line: an int */
     int with_replies;
 } StoreArgs;
 
 /* the arguments of store_comment and store_submission; 0 on success */
 static int store_args(PyObject *args, const char *format, StoreArgs *a) {
-    if (!PyArg_ParseTuple(args, format, &a->obj, &a->posts, &a->replies, &a->line, &a->license, &a->file,
-                          &a->with_replies))
+    if (!PyArg_ParseTuple(args, format, &a->obj, &a->posts, &a->replies, &PyLong_Type, &a->line, &a->license,
+                          &a->file, &a->with_replies))
         return -1;
-    if (!is_image(a->posts) || (a->with_replies && (!is_image(a->replies) || ((Image *)a->replies)->tables < 2))) {
-        PyErr_SetString(PyExc_TypeError, "posts and replies must be open Images (replies: comments, submissions)");
+    Image *posts = (Image *)a->posts, *replies = (Image *)a->replies;
+    if (!is_image(a->posts) || posts->columns[0] != 20 ||
+        (a->with_replies && (!is_image(a->replies) || replies->tables < 2 || replies->columns[0] != 13 ||
+                             replies->columns[1] != 6))) {
+        PyErr_SetString(PyExc_TypeError, "posts and replies must be open Images of the stores' tables "
+                                         "(store.SHARD_TABLES, reddit_replies.REPLY_TABLES)");
         return -1;
     }
     return 0;
@@ -739,7 +747,7 @@ static int add_post_row(Image *im, PyObject *site, PyObject *post_id, PyObject *
         bind_text(im, 0, 13, "") || bind(im, 0, 14, author) || bind(im, 0, 15, a->license) ||
         bind_text(im, 0, 16, "") || bind(im, 0, 17, created) ||
         (distinguished == NULL ? bind_int(im, 0, 18, 0) : bind(im, 0, 18, distinguished)) ||
-        bind(im, 0, 19, a->file) || bind_int(im, 0, 20, a->line))
+        bind(im, 0, 19, a->file) || bind(im, 0, 20, a->line))
         return -1;
     return step(im, 0);
 }
@@ -747,7 +755,7 @@ static int add_post_row(Image *im, PyObject *site, PyObject *post_id, PyObject *
 static PyObject *store_comment(PyObject *self, PyObject *args) {
     StoreArgs a;
     int answer;
-    PyObject *f = store_fields(self, args, "OOOLUUp:store_comment", &a, comment_fields, 9, &answer);
+    PyObject *f = store_fields(self, args, "OOOO!UUp:store_comment", &a, comment_fields, 9, &answer);
     if (answer)
         return f;
     int with_replies = a.with_replies;
@@ -757,13 +765,9 @@ static PyObject *store_comment(PyObject *self, PyObject *args) {
              *site = PyTuple_GET_ITEM(f, 3), *score = PyTuple_GET_ITEM(f, 4), *created = PyTuple_GET_ITEM(f, 5),
              *author = PyTuple_GET_ITEM(f, 6), *dist = PyTuple_GET_ITEM(f, 7), *body = PyTuple_GET_ITEM(f, 8);
     if (with_replies) { /* reddit_replies.comment_row */
-        Image *im = (Image *)a.replies;
-        PyObject *row[13] = {post_id, parent, qid, site, body, score, created, author, dist, a.license, a.file, NULL,
-                             PyTuple_GET_ITEM(f, 10)};
-        for (int i = 0; i < 13; i++)
-            if (i == 11 ? bind_int(im, 0, 12, a.line) : bind(im, 0, i + 1, row[i]))
-                goto done;
-        if (step(im, 0) < 0)
+        PyObject *row[13] = {post_id, parent, qid,     site,   body,   score, created,
+                             author,  dist,   a.license, a.file, a.line, PyTuple_GET_ITEM(f, 10)};
+        if (add_values((Image *)a.replies, 0, row) < 0)
             goto done;
     }
     if (is_reply) {
@@ -783,7 +787,7 @@ done:
 static PyObject *store_submission(PyObject *self, PyObject *args) {
     StoreArgs a;
     int answer;
-    PyObject *f = store_fields(self, args, "OOOLUUp:store_submission", &a, submission_fields, 7, &answer);
+    PyObject *f = store_fields(self, args, "OOOO!UUp:store_submission", &a, submission_fields, 7, &answer);
     if (answer)
         return f;
     PyObject *result = NULL;
@@ -791,9 +795,8 @@ static PyObject *store_submission(PyObject *self, PyObject *args) {
              *created = PyTuple_GET_ITEM(f, 3), *author = PyTuple_GET_ITEM(f, 4), *title = PyTuple_GET_ITEM(f, 5),
              *body = PyTuple_GET_ITEM(f, 6);
     if (a.with_replies) {
-        Image *im = (Image *)a.replies;
-        if (bind(im, 1, 1, post_id) || bind(im, 1, 2, site) || bind(im, 1, 3, title) || bind(im, 1, 4, body) ||
-            bind(im, 1, 5, score) || bind(im, 1, 6, author) || step(im, 1))
+        PyObject *row[6] = {post_id, site, title, body, score, author};
+        if (add_values((Image *)a.replies, 1, row) < 0)
             goto done;
     }
     if (add_post_row((Image *)a.posts, site, post_id, NULL, title, body, score, author, created, NULL, &a))
