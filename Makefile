@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser demo test test-durations test-fast fuzz bench bench-quick clean
+.PHONY: install browser demo test test-durations test-fast fuzz sanitize bench bench-quick clean
 
 install: $(STAMP)
 
@@ -48,6 +48,11 @@ test-fast: install
 
 fuzz: install
 	HYPOTHESIS_PROFILE=nightly $(BIN)/python -m pytest tests/test_fuzz_inputs.py
+
+# the C extensions rebuilt with AddressSanitizer and UndefinedBehaviorSanitizer into a temporary copy of the
+# package, and the tests that drive them run against it (tests/sanitize.py; the installed build is untouched)
+sanitize: install
+	$(BIN)/python tests/sanitize.py
 
 bench: install
 	$(BIN)/python bench/run_all.py
