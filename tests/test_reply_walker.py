@@ -163,6 +163,25 @@ def test_a_walker_that_dies_is_an_error_naming_its_exit_status(tmp_path):
     walker.close()
 
 
+def test_a_walker_that_dies_before_it_reads_its_work_is_the_same_error(tmp_path, monkeypatch):
+    # a walker killed as soon as it starts (the whole-ingest kill test's race) breaks the pipe its work goes through
+    import subprocess
+
+    from alignflow.tasks.ingest import reply_walker
+
+    popen = subprocess.Popen
+
+    def dead_on_arrival(cmd, **kwargs):
+        proc = popen([cmd[0], "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"], **kwargs)
+        proc.wait()  # gone before the work is written
+        return proc
+
+    monkeypatch.setattr(reply_walker.subprocess, "Popen", dead_on_arrival)
+    with pytest.raises(RuntimeError, match=r"reply walk's process ended without finishing \(exit status -9\)"):
+        ReplyWalker(make_store(tmp_path / "r.sqlite"), CFG, tmp_path / "spool")
+    assert not (tmp_path / "spool").exists()
+
+
 def test_the_walk_stops_when_the_build_that_started_it_is_gone(tmp_path):
     # a walker told another pid than its parent's sees "its" builder gone at its first check (64 parents in)
     walker = ReplyWalker(make_store(tmp_path / "r.sqlite"), CFG, tmp_path / "spool", builder_pid=os.getpid() + 10**6)

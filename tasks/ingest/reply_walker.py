@@ -14,11 +14,10 @@ are the same bytes whatever the number of workers, and the pairs' Parquet files 
 beside the end of the walk rather than after it.
 
 Failure modes: an error in the walk is written to the spool and raised again in the builder; a walker that
-dies without finishing (killed, out of memory) is an error naming its exit status (a record it left half
-written is never read); a builder that fails or is
-killed stops the walker (:meth:`ReplyWalker.close`; the walker also checks, every
-:data:`PARENT_CHECK_EVERY` parents with pairs, that the process that started it is still its parent, and stops
-when it is not).
+dies without finishing (killed, out of memory, also before it has read its work) is an error naming its exit
+status (a record it left half written is never read); a builder that fails or is killed stops the walker
+(:meth:`ReplyWalker.close`; the walker also checks, every :data:`PARENT_CHECK_EVERY` parents with pairs, that
+the process that started it is still its parent, and stops when it is not).
 """
 
 from __future__ import annotations
@@ -59,8 +58,13 @@ class ReplyWalker:
         self.index_seconds = 0.0  # how long the walker took to build the reply store's indexes, before its walk
         try:
             message = (str(replies_path), cfg, str(self.spool_path), builder_pid or os.getpid(), groups_per_record)
-            pickle.dump(message, self.proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
-            self.proc.stdin.close()
+            try:
+                pickle.dump(message, self.proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+                self.proc.stdin.close()
+            except BrokenPipeError:  # the walker died before it read its work: the same error as dying later
+                code = self.proc.wait()
+                raise RuntimeError(f"the Reddit reply walk's process ended without finishing (exit status {code})"
+                                   ) from None
         except BaseException:
             self.close()
             raise
