@@ -417,6 +417,7 @@ def serve() -> None:
     from alignflow.startup import imports_without_gc
 
     from .build import collect_batch_garbage
+    from .pipes import worker_streams
 
     defer_unused_imports()
     with imports_without_gc():
@@ -432,8 +433,7 @@ def serve() -> None:
     docs: list = []
     docs_error: BaseException | None = None
     shared_dir: str | None = None
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
-    sys.stdout = sys.stderr  # anything printed must not corrupt the result stream
+    stdin, stdout = worker_streams()  # buffered even under PYTHONUNBUFFERED; print() goes to stderr
     while True:
         if docs and docs_error is None and not _input_waiting(stdin):
             try:

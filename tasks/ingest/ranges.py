@@ -694,10 +694,10 @@ class WorkerProcesses:
 def serve() -> None:
     """Worker process loop: read tasks from stdin until it closes, write each result to stdout."""
     import pickle
-    import sys
 
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
-    sys.stdout = sys.stderr  # anything printed must not corrupt the result stream
+    from .pipes import worker_streams
+
+    stdin, stdout = worker_streams()  # buffered even under PYTHONUNBUFFERED; print() goes to stderr
     while True:
         try:
             task = pickle.load(stdin)

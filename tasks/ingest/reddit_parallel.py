@@ -48,6 +48,7 @@ from .errors import IngestError
 from .heap import trim_heap
 from .lines import OVERSIZED_HEAD_BYTES, OversizedLine, _TruncatedStream, open_binary
 from .ranges import WorkerProcesses
+from .pipes import worker_streams
 from .records import PostRecord
 from .reddit import DELETED_MARKERS, read_line
 from .reddit_replies import REPLY_TABLES, Node, Submission, comment_row, replies_image
@@ -459,8 +460,7 @@ def serve() -> None:
     import queue
     import threading
 
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
-    sys.stdout = sys.stderr  # anything printed must not corrupt the result stream
+    stdin, stdout = worker_streams()  # buffered even under PYTHONUNBUFFERED; print() goes to stderr
     tasks: queue.Queue = queue.Queue(maxsize=2)
 
     def read() -> None:
