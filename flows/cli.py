@@ -478,6 +478,10 @@ def run_module(stage: str) -> None:
         raise
 
 
+# typer's exit status for Ctrl-C (KeyboardInterrupt): 128 + SIGINT, as shells report it
+INTERRUPTED = 130
+
+
 def main() -> None:  # pragma: no cover
     """The ``alignflow`` command. A command that ends (sys.exit, as typer does) leaves without the
     interpreter's finalization (:func:`~alignflow.tasks.launch.exit_without_finalization`: 1.7-2 s)."""
@@ -486,6 +490,8 @@ def main() -> None:  # pragma: no cover
     try:
         app()
     except SystemExit as exc:
+        if exc.code == INTERRUPTED:
+            typer.echo("interrupted", err=True)
         launch.exit_without_finalization(exc.code)
 
 

@@ -135,6 +135,7 @@ def start_prefect_server() -> None:
     import subprocess
     import sys
 
+    from alignflow.tasks.processes import OWN_PROCESS_GROUP
     from alignflow.tasks.store_templates import prefect_database_file
 
     from .prefect_server import APP as SERVER_APP
@@ -155,7 +156,8 @@ def start_prefect_server() -> None:
             [sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), "--factory",
              SERVER_APP, "--fd", str(sock.fileno()), "--log-level", "error",
              "--lifespan", "on"],
-            env=env, stdin=subprocess.DEVNULL, pass_fds=(sock.fileno(),), preexec_fn=_die_with_parent)
+            env=env, stdin=subprocess.DEVNULL, pass_fds=(sock.fileno(),), preexec_fn=_die_with_parent,
+            **OWN_PROCESS_GROUP)
     finally:
         sock.close()
     _SERVER.append((proc, url))

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from alignflow.tasks.processes import process_alive
+from alignflow.tasks.processes import OWN_PROCESS_GROUP, process_alive
 
 from .prefect_server import APP as SERVER_APP
 
@@ -74,7 +74,8 @@ def watch() -> subprocess.Popen | None:
     if not Path("/proc/self/stat").exists():
         return None
     return subprocess.Popen([sys.executable, "-m", "alignflow.flows.reaper", str(os.getpid())],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            **OWN_PROCESS_GROUP)
 
 
 if __name__ == "__main__":  # pragma: no cover - run as a process

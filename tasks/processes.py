@@ -9,6 +9,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+# Popen keywords for a helper process the command starts and stops itself (Prefect's temporary server, its
+# reaper, an ingest's reading workers, contract process and reply walker): a process group of its own. Ctrl-C
+# in a terminal sends SIGINT to the whole foreground group: the helpers died at once, the server with them,
+# while the command still needed it to report the interrupted run, and the command then hung in Prefect's
+# exit (its log worker waiting on the dead server). In their own group they get no signal from the terminal;
+# the command handles the interrupt and stops them in order (each also ends when the command dies: see
+# each one's docstring).
+OWN_PROCESS_GROUP = {"process_group": 0}
+
+
 def process_alive(pid: int) -> bool:
     """True while a process with this id exists on this host (a reused id counts as alive: nothing is lost)."""
     if pid == os.getpid():

@@ -271,3 +271,15 @@ def test_vote_summaries_made_beside_the_walks_index_raise_their_error_in_the_cal
     with pytest.raises(sqlite3.OperationalError, match="no_such_column"):
         broken.finish_loading()
     broken.close()
+
+
+def test_an_interrupted_adbc_call_is_a_keyboard_interrupt():
+    # ADBC raises its driver's NotSupportedError (cancel is not implemented) caused by the interrupt
+    from alignflow.tasks.ingest.store import _interrupts_as_keyboard_interrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        with _interrupts_as_keyboard_interrupt():
+            raise RuntimeError("NOT_IMPLEMENTED") from KeyboardInterrupt()
+    with pytest.raises(RuntimeError, match="disk I/O error"):  # any other error is itself
+        with _interrupts_as_keyboard_interrupt():
+            raise RuntimeError("disk I/O error") from OSError()

@@ -30,6 +30,8 @@ import tempfile
 import time
 from typing import Any
 
+from alignflow.tasks.processes import OWN_PROCESS_GROUP
+
 
 _PRESTARTED: list[subprocess.Popen] = []  # a worker started ahead of need by :func:`prestart`
 
@@ -89,7 +91,7 @@ PIPE_BYTES = 1 << 20
 
 def _spawn() -> subprocess.Popen:
     cmd = [sys.executable, "-c", "from alignflow.tasks.ingest.contract_service import serve; serve()"]
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, **OWN_PROCESS_GROUP)
     _widen_pipe(proc.stdin)
     return proc
 

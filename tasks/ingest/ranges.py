@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from alignflow.tasks.processes import OWN_PROCESS_GROUP
+
 from .errors import IngestError
 from .records import PairRecord, PostRecord
 from .store import SHARDS, post_row
@@ -610,7 +612,8 @@ class WorkerProcesses:
         import sys
 
         cmd = [sys.executable, "-c", f"from {module} import serve; serve()"]
-        self.procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE) for _ in range(n)]
+        self.procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, **OWN_PROCESS_GROUP)
+                      for _ in range(n)]
         if nice:
             self.renice(nice)
         self.results: list[queue.SimpleQueue] | None = None  # eager: each worker's results, in order

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from alignflow.config import IngestConfig
+from alignflow.tasks.processes import OWN_PROCESS_GROUP
 
 # groups written to the spool per record: one pickle per group cost ~3 us of overhead each on both sides
 GROUPS_PER_RECORD = 256
@@ -52,7 +53,7 @@ class ReplyWalker:
         self.spool_path = Path(spool_path)
         self.spool_path.write_bytes(b"")  # the walker appends to it; the builder reads it as it grows
         cmd = [sys.executable, "-c", "from alignflow.tasks.ingest.reply_walker import serve; serve()"]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE)
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, **OWN_PROCESS_GROUP)
         self.cpu_seconds = 0.0  # the walker's CPU (its indexes and walk), once replayed
         self.wait_seconds = 0.0  # how long the builder waited for the walker to finish
         self.index_seconds = 0.0  # how long the walker took to build the reply store's indexes, before its walk

@@ -117,6 +117,20 @@ _VOTE_SUMMARY_SELECT = (
 )
 
 
+@contextlib.contextmanager
+def _interrupts_as_keyboard_interrupt() -> Iterator[None]:
+    """Ctrl-C during an ADBC call is a ``KeyboardInterrupt``, as anywhere else. On the main thread ADBC answers
+    SIGINT by cancelling the statement, which its SQLite driver does not implement: the query ran to its end
+    and then raised ``NotSupportedError: NOT_IMPLEMENTED`` (caused by the interrupt), a traceback and exit 1
+    where an interrupted command exits 130."""
+    try:
+        yield
+    except Exception as exc:
+        if isinstance(exc.__cause__, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        raise
+
+
 def stored_groups(chunk) -> Iterator[tuple[tuple[str, str], list[StoredPost]]]:
     """A chunk of :meth:`StagingStore.walk_chunks` as ((site, question_id), rows) per question."""
     current: tuple[str, str] | None = None
@@ -476,7 +490,7 @@ class StagingStore:
         with contextlib.closing(adbc.connect(read_only_uri(self.path), autocommit=True)) as conn:
 
             def query(select: str, after: tuple[str, str] | None, limit: int):
-                with conn.cursor() as cursor:
+                with conn.cursor() as cursor, _interrupts_as_keyboard_interrupt():
                     # one Arrow batch per query: the driver infers a column's type from the batch's values
                     cursor.adbc_statement.set_options(**{"adbc.sqlite.query.batch_rows": str(limit + 1)})
                     where = "" if after is None else "WHERE (p.site, p.qkey) > (?, ?)"

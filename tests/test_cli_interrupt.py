@@ -1,0 +1,92 @@
+"""Ctrl-C on ``alignflow ingest``: the terminal's SIGINT to the whole foreground group ends the command at once,
+with one line and exit 130, and leaves no process, no temporary folder and no dataset folder behind. Its
+helpers (Prefect's temporary server, the reaper, the reading workers, the contract process) run in process
+groups of their own, so the command stops them in order; before, the server died with the interrupt and the
+command hung in Prefect's exit, waiting on it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from alignflow.tasks.ingest.synthetic import generate_dump
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    return generate_dump(tmp_path_factory.mktemp("dump"), questions=12_000, seed=3)
+
+
+def _in_read(work: Path, me: psutil.Process) -> bool:
+    return any("ranges import serve" in _cmdline(p) for p in _tree(me))
+
+
+def _cmdline(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:  # gone, or a zombie
+        return ""
+
+
+def _in_build(work: Path, me: psutil.Process) -> bool:
+    return any((work / "data" / "ingest").glob(".*.tmp-*/posts.parquet"))
+
+
+def _later_in_build(work: Path, me: psutil.Process) -> bool:
+    if not _in_build(work, me):
+        return False
+    time.sleep(0.6)  # past the walk's first batches: the builder waits on verdicts, writes Parquet
+    return True
+
+
+def _tree(proc: psutil.Process) -> list[psutil.Process]:
+    try:
+        return proc.children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", [_in_read, _in_build, _later_in_build], ids=["read", "build", "later-in-build"])
+def test_ctrl_c_ends_the_ingest_at_once_and_leaves_nothing(site, tmp_path, when):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "ALIGNFLOW_"))}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    work = tmp_path / "w"
+    exe = Path(sys.executable).parent / "alignflow"
+    proc = subprocess.Popen([str(exe), "ingest", str(site), "--workdir", str(work), "--set", "ingest.workers=2",
+                             "--set", "ingest.range_mb=1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)  # its own group, as a terminal's foreground job
+    me = psutil.Process(proc.pid)
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline and not when(work, me):
+        time.sleep(0.02)
+    helpers = _tree(me)
+    assert proc.poll() is None and helpers, "the ingest ended before the moment to interrupt it"
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground process group
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        for helper in helpers:
+            helper.kill()
+        pytest.fail("the interrupted ingest did not end within 60 s")
+    err = err.decode()
+    assert proc.returncode == 130, err[-3000:]
+    assert err.splitlines()[-1] == "interrupted" and "Traceback" not in err, err[-3000:]
+    gone, alive = psutil.wait_procs(helpers, timeout=20)
+    for helper in alive:
+        helper.kill()
+    assert not alive, [_cmdline(p)[:120] for p in alive]
+    ingest = work / "data" / "ingest"  # absent when the interrupt came while the command started (read ahead)
+    assert not ingest.exists() or list(ingest.iterdir()) == []  # no temporary folder, no dataset folder
+    if (work / "mlflow.db").exists():  # the run, if it had begun, is ended as failed, not left running
+        with sqlite3.connect(work / "mlflow.db") as db:
+            assert {s for (s,) in db.execute("SELECT status FROM runs")} <= {"FAILED"}
