@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -100,7 +101,7 @@ def _seed_prefect_database() -> None:
 
 _REAPER = []
 TEMPORARY_API_ENV = "ALIGNFLOW_TEMPORARY_PREFECT_API"  # the API URL of a temporary server this command started
-_SERVER: list = []  # (process, API URL) of the temporary server started by :func:`start_prefect_server`
+_SERVER: list = []  # the temporary server (:class:`_TemporaryServer`) started by :func:`start_prefect_server`
 
 
 # Settings of the temporary server (a user's own environment wins). On start, Prefect's server registers
@@ -124,49 +125,110 @@ def start_prefect_server() -> None:
     run the way Prefect runs it (its app built by :mod:`.prefect_server`), on a loopback socket bound here
     (no port race) and handed to it; child processes get its URL and use it instead of starting servers of
     their own. It stops when this process exits (``atexit``; the reaper or, on Linux, the parent-death
-    signal if killed).
+    signal if killed). A server that dies after it has answered is started again on the same socket
+    (:class:`_TemporaryServer`).
     Does nothing when a server or a database other than the work directory's SQLite file is configured.
     """
     if _SERVER or os.environ.get("PREFECT_API_URL"):
         return
     import atexit
-    import importlib.util
-    import socket
-    import subprocess
-    import sys
 
-    from alignflow.tasks.processes import OWN_PROCESS_GROUP
     from alignflow.tasks.store_templates import prefect_database_file
-
-    from .prefect_server import APP as SERVER_APP
 
     if prefect_database_file() is None:  # a server or a database the user configured (profile, toml)
         return
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(128)  # requests made before the server is up wait in the backlog
-        url = f"http://127.0.0.1:{sock.getsockname()[1]}/api"
-        app_dir = Path(importlib.util.find_spec("prefect").origin).parent.parent
-        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-               "PREFECT__SERVER_FINAL": "1"}  # as Prefect's own temporary server
-        for name, value in SERVER_SETTINGS.items():
-            env.setdefault(name, value)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), "--factory",
-             SERVER_APP, "--fd", str(sock.fileno()), "--log-level", "error",
-             "--lifespan", "on"],
-            env=env, stdin=subprocess.DEVNULL, pass_fds=(sock.fileno(),), preexec_fn=_die_with_parent,
-            **OWN_PROCESS_GROUP)
-    finally:
-        sock.close()
-    _SERVER.append((proc, url))
+    server = _TemporaryServer()
+    _SERVER.append(server)
     atexit.register(_stop_prefect_server)
-    os.environ["PREFECT_API_URL"] = url
-    os.environ[TEMPORARY_API_ENV] = url
+    os.environ["PREFECT_API_URL"] = server.url
+    os.environ[TEMPORARY_API_ENV] = server.url
     from prefect.context import refresh_global_settings_context
 
     refresh_global_settings_context()  # Prefect read its settings at import: it now sees the URL
+
+
+class _TemporaryServer:
+    """Prefect's temporary server on a loopback socket that this process binds and keeps.
+
+    The socket stays open here for as long as the command runs, so a request made while no server process
+    is up waits in its backlog instead of being refused. Once the server has answered
+    (:func:`wait_for_prefect_server`), a thread watches it: if it dies before the command stops it (killed,
+    out of memory), a new one is started on the same socket, with the same database, up to
+    :data:`SERVER_RESTARTS` times, and the command goes on (Prefect's client sends again what the dead one
+    left unanswered). Before, the command's next API call failed after minutes of retries with a traceback
+    of ``httpx.ConnectError``. A server that dies before it answered is not restarted: that is an error of its
+    start (``wait_for_prefect_server`` reports it).
+    """
+
+    def __init__(self) -> None:
+        import importlib.util
+        import socket
+        import threading
+
+        from .prefect_server import APP as SERVER_APP
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)  # requests made while no server is up wait in the backlog
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/api"
+        app_dir = Path(importlib.util.find_spec("prefect").origin).parent.parent
+        self.env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                    "PREFECT__SERVER_FINAL": "1"}  # as Prefect's own temporary server
+        for name, value in SERVER_SETTINGS.items():
+            self.env.setdefault(name, value)
+        self.cmd = [sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), "--factory", SERVER_APP,
+                    "--fd", str(self.sock.fileno()), "--log-level", "error", "--lifespan", "on"]
+        self.stopping = threading.Event()
+        self.restarts = 0
+        self.proc = self._spawn()
+        self._watcher: threading.Thread | None = None
+
+    def _spawn(self):
+        import subprocess
+
+        from alignflow.tasks.processes import OWN_PROCESS_GROUP
+
+        return subprocess.Popen(self.cmd, env=self.env, stdin=subprocess.DEVNULL, pass_fds=(self.sock.fileno(),),
+                                preexec_fn=_die_with_parent, **OWN_PROCESS_GROUP)
+
+    def answered(self) -> None:
+        """The server is up: from now on one that dies is started again."""
+        import threading
+
+        if self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch, name="alignflow-prefect-server-watch",
+                                             daemon=True)
+            self._watcher.start()
+
+    def _watch(self) -> None:
+        while not self.stopping.wait(SERVER_WATCH_SECONDS):
+            code = self.proc.poll()
+            if code is None or self.stopping.is_set():
+                continue
+            if self.restarts >= SERVER_RESTARTS:
+                logging.getLogger("alignflow").error(
+                    "Prefect's temporary server exited (code %s) and was restarted %d times already: not again",
+                    code, self.restarts)
+                return
+            self.restarts += 1
+            logging.getLogger("alignflow").warning(
+                "Prefect's temporary server exited (code %s); starting it again at %s", code, self.url)
+            self.proc = self._spawn()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=5)
+        except Exception:
+            self.proc.kill()
+            self.proc.wait()
+        self.sock.close()
+
+
+# how often the temporary server's watcher looks at it, and how many times it starts a dead one again
+SERVER_WATCH_SECONDS = 0.25
+SERVER_RESTARTS = 3
 
 
 def wait_for_prefect_server() -> None:
@@ -176,7 +238,8 @@ def wait_for_prefect_server() -> None:
     import time
     import urllib.request
 
-    proc, url = _SERVER[0]
+    server = _SERVER[0]
+    url = server.url
     # the server takes seconds to boot: meanwhile load the MLflow store every flow logs to next (its SQL store
     # imports SQLAlchemy and its models, ~1 s, which would otherwise come after the wait, inside the flow)
     from alignflow.tasks.tracking import user_tracking_uri
@@ -187,6 +250,7 @@ def wait_for_prefect_server() -> None:
     timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"))
     deadline = time.monotonic() + timeout
     while True:
+        proc = server.proc
         if proc.poll() is not None:
             raise RuntimeError(f"Prefect's temporary server exited with code {proc.returncode} before it answered "
                                f"(its messages are above; run with --debug for more)")
@@ -197,6 +261,7 @@ def wait_for_prefect_server() -> None:
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=min(left, 10)) as resp:
                 if resp.status == 200:
+                    server.answered()
                     return
         except OSError:
             time.sleep(0.1)
@@ -231,13 +296,7 @@ def flow_run_settings() -> Iterator[None]:
 
 def _stop_prefect_server() -> None:
     while _SERVER:
-        proc, _url = _SERVER.pop()
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except Exception:
-            proc.kill()
-            proc.wait()
+        _SERVER.pop().stop()
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec

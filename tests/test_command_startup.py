@@ -225,6 +225,58 @@ def test_a_command_starts_prefects_server_early_and_stops_it_on_exit(tmp_path):
     assert not any(Path(f"/proc/{pid}").exists() for pid in servers), "the server outlived the command"
 
 
+KILLED_SERVER = r"""
+import json, os, signal, sys, time
+from alignflow.flows import environment
+from alignflow.flows.environment import prepare, start_prefect_server, wait_for_prefect_server, flow_run_settings
+prepare(sys.argv[1])
+start_prefect_server()
+from prefect import flow, task
+
+@task
+def double(x):
+    return 2 * x
+
+@flow
+def work(x):
+    return double(x)
+
+wait_for_prefect_server()
+server = environment._SERVER[0]
+first = server.proc.pid
+with flow_run_settings():
+    before = work(1)
+    server.proc.kill()  # between two flow runs: the next one's first requests wait in the backlog for the new server
+    after = work(2)
+pids = [first, server.proc.pid]
+from prefect.client.orchestration import get_client
+with get_client(sync_client=True) as client:
+    states = sorted(r.state_type.value for r in client.read_flow_runs())
+print(json.dumps({"before": before, "after": after, "restarts": server.restarts, "pids": pids, "states": states}))
+"""
+
+
+def test_a_temporary_server_that_dies_is_started_again_and_the_command_goes_on(tmp_path):
+    """A temporary server killed while the command runs: a new one starts on the same socket and database, the
+    flow runs complete (their states are on the new server), the user sees one warning, and exit stops it."""
+    import json
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "ALIGNFLOW_"))}
+    env.update(PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    proc = subprocess.run([sys.executable, "-c", KILLED_SERVER, str(tmp_path / "w")], env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (got["before"], got["after"]) == (2, 4)
+    assert got["restarts"] == 1 and got["pids"][0] != got["pids"][1]
+    assert got["states"] == ["COMPLETED", "COMPLETED"]  # the run before the kill is in the same database
+    warnings = [line for line in proc.stderr.splitlines() if "temporary server exited" in line]
+    assert len(warnings) == 1 and "starting it again" in warnings[0], proc.stderr[-3000:]
+    assert not any(Path(f"/proc/{pid}").exists() for pid in got["pids"]), "a server outlived the command"
+
+
 def test_flow_runs_send_heartbeats_only_to_a_server_the_user_runs(monkeypatch):
     """A temporary server (Prefect's own, or the command's) stops with the command: its runs send no
     heartbeats. A server the user runs gets them as configured."""
