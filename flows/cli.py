@@ -478,21 +478,41 @@ def run_module(stage: str) -> None:
         raise
 
 
-# typer's exit status for Ctrl-C (KeyboardInterrupt): 128 + SIGINT, as shells report it
+# typer's exit status for Ctrl-C (KeyboardInterrupt): 128 + SIGINT, as shells report it; and ours for SIGTERM
 INTERRUPTED = 130
+TERMINATED = 128 + 15
+_TERMINATED: list[int] = []  # the SIGTERM that stopped the command, once one came
+
+
+def _stop_as_interrupted(signum, frame) -> None:
+    """SIGTERM (``kill``, ``timeout``, a service manager) stops the command the way Ctrl-C does: its runs are
+    marked failed, its helpers stopped, its temporary files removed. Without a handler Python died at once and
+    left that to the next command. A second SIGTERM during that cleanup ends the process at once."""
+    import signal
+
+    _TERMINATED.append(signum)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise KeyboardInterrupt
 
 
 def main() -> None:  # pragma: no cover
     """The ``alignflow`` command. A command that ends (sys.exit, as typer does) leaves without the
     interpreter's finalization (:func:`~alignflow.tasks.launch.exit_without_finalization`: 1.7-2 s)."""
+    import signal
+
     from alignflow.tasks import launch
 
+    signal.signal(signal.SIGTERM, _stop_as_interrupted)
     try:
         app()
     except SystemExit as exc:
-        if exc.code == INTERRUPTED:
+        code = exc.code
+        if code == INTERRUPTED and _TERMINATED:
+            typer.echo("terminated", err=True)
+            code = TERMINATED
+        elif code == INTERRUPTED:
             typer.echo("interrupted", err=True)
-        launch.exit_without_finalization(exc.code)
+        launch.exit_without_finalization(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -31,6 +31,10 @@ class WorkdirError(Exception):
     """The work directory cannot be used (a file, not writable, not creatable)."""
 
 
+class TemporaryServerError(WorkdirError):
+    """Prefect's temporary server, on the work directory's database, did not start: one line, exit 2."""
+
+
 def debug() -> bool:
     return os.environ.get(DEBUG_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
 
@@ -135,9 +139,10 @@ def start_prefect_server() -> None:
 
     from alignflow.tasks.store_templates import prefect_database_file
 
-    if prefect_database_file() is None:  # a server or a database the user configured (profile, toml)
+    database = prefect_database_file()
+    if database is None:  # a server or a database the user configured (profile, toml)
         return
-    server = _TemporaryServer()
+    server = _TemporaryServer(database)
     _SERVER.append(server)
     atexit.register(_stop_prefect_server)
     os.environ["PREFECT_API_URL"] = server.url
@@ -160,13 +165,14 @@ class _TemporaryServer:
     start (``wait_for_prefect_server`` reports it).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, database: Path) -> None:
         import importlib.util
         import socket
         import threading
 
         from .prefect_server import APP as SERVER_APP
 
+        self.database = database
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(128)  # requests made while no server is up wait in the backlog
@@ -252,12 +258,14 @@ def wait_for_prefect_server() -> None:
     while True:
         proc = server.proc
         if proc.poll() is not None:
-            raise RuntimeError(f"Prefect's temporary server exited with code {proc.returncode} before it answered "
-                               f"(its messages are above; run with --debug for more)")
+            raise TemporaryServerError(
+                f"Prefect's temporary server exited with code {proc.returncode} before it answered, on the "
+                f"database {server.database} (its messages are above)")
         left = deadline - time.monotonic()
         if left <= 0:
-            raise RuntimeError(f"Prefect's temporary server did not answer at {url} within {timeout:.0f} s "
-                               "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)")
+            raise TemporaryServerError(
+                f"Prefect's temporary server did not answer at {url} within {timeout:.0f} s "
+                "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)")
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=min(left, 10)) as resp:
                 if resp.status == 200:

@@ -1,5 +1,6 @@
 """Ctrl-C on ``alignflow ingest``: the terminal's SIGINT to the whole foreground group ends the command at once,
-with one line and exit 130, and leaves no process, no temporary folder and no dataset folder behind. Its
+with one line and exit 130, and leaves no process, no temporary folder and no dataset folder behind; SIGTERM
+(``kill``, ``timeout``) the same way, with exit 143. Its
 helpers (Prefect's temporary server, the reaper, the reading workers, the contract process) run in process
 groups of their own, so the command stops them in order; before, the server died with the interrupt and the
 command hung in Prefect's exit, waiting on it."""
@@ -54,9 +55,17 @@ def _tree(proc: psutil.Process) -> list[psutil.Process]:
         return []
 
 
+# Ctrl-C in a terminal: SIGINT to the foreground process group; ``kill``, ``timeout``: SIGTERM to the command
+STOPS = {"ctrl-c": (signal.SIGINT, True, 130, "interrupted"), "sigterm": (signal.SIGTERM, False, 143, "terminated")}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("when", [_in_read, _in_build, _later_in_build], ids=["read", "build", "later-in-build"])
-def test_ctrl_c_ends_the_ingest_at_once_and_leaves_nothing(site, tmp_path, when):
+@pytest.mark.parametrize(("when", "stop"), [(_in_read, "ctrl-c"), (_in_build, "ctrl-c"), (_later_in_build, "ctrl-c"),
+                                            (_in_read, "sigterm"), (_later_in_build, "sigterm")],
+                         ids=["read-ctrl-c", "build-ctrl-c", "later-in-build-ctrl-c", "read-sigterm",
+                              "later-in-build-sigterm"])
+def test_an_interrupted_ingest_ends_at_once_and_leaves_nothing(site, tmp_path, when, stop):
+    signum, to_group, code, line = STOPS[stop]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "ALIGNFLOW_"))}
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     work = tmp_path / "w"
@@ -70,7 +79,10 @@ def test_ctrl_c_ends_the_ingest_at_once_and_leaves_nothing(site, tmp_path, when)
         time.sleep(0.02)
     helpers = _tree(me)
     assert proc.poll() is None and helpers, "the ingest ended before the moment to interrupt it"
-    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground process group
+    if to_group:
+        os.killpg(proc.pid, signum)
+    else:
+        os.kill(proc.pid, signum)
     try:
         _, err = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
@@ -79,8 +91,8 @@ def test_ctrl_c_ends_the_ingest_at_once_and_leaves_nothing(site, tmp_path, when)
             helper.kill()
         pytest.fail("the interrupted ingest did not end within 60 s")
     err = err.decode()
-    assert proc.returncode == 130, err[-3000:]
-    assert err.splitlines()[-1] == "interrupted" and "Traceback" not in err, err[-3000:]
+    assert proc.returncode == code, err[-3000:]
+    assert err.splitlines()[-1] == line and "Traceback" not in err, err[-3000:]
     gone, alive = psutil.wait_procs(helpers, timeout=20)
     for helper in alive:
         helper.kill()

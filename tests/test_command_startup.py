@@ -298,3 +298,23 @@ def test_flow_runs_send_heartbeats_only_to_a_server_the_user_runs(monkeypatch):
             with flow_run_settings():
                 assert get_current_settings().flows.heartbeat_frequency == (None if temporary else 120), env
             assert get_current_settings().flows.heartbeat_frequency == 120
+
+
+def test_a_temporary_server_that_cannot_start_is_one_error_line_and_exit_2(tmp_path, fixtures_dir):
+    """A work directory whose Prefect database is not one (a corrupt file): the server's own messages, then the
+    command's one line naming the database, exit 2."""
+    import os
+    import sys
+
+    work = tmp_path / "w"
+    (work / "prefect").mkdir(parents=True)
+    (work / "prefect" / "prefect.db").write_bytes(b"not a database\n" * 1000)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "ALIGNFLOW_"))}
+    env.update(PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    exe = Path(sys.executable).parent / "alignflow"
+    proc = subprocess.run([str(exe), "ingest", str(fixtures_dir / "conlang.meta-2020"), "--workdir", str(work)],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: Prefect's temporary server exited with code"), proc.stderr[-3000:]
+    assert str(work / "prefect" / "prefect.db") in last

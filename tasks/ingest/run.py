@@ -57,6 +57,8 @@ class IngestPlan:
     key: str
     out_dir: str
     config: dict[str, Any]
+    # each input file's (device, inode, size, modification time) when it was hashed: see check_unchanged
+    stamps: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -264,9 +266,11 @@ def check_sources(sources: list[str | Path], fmt: str) -> list[tuple[Path, str, 
 def plan_ingest(sources: list[str | Path], workdir: Path, cfg: IngestConfig, fmt: str | None = None) -> IngestPlan:
     check_ingest_config(cfg)
     planned: list[Source] = []
+    stamps: dict[str, tuple[int, int, int, int]] = {}
     for path, f, files in check_sources(sources, fmt or cfg.format):
         digest = hashlib.sha256()
         for file in files:
+            stamps[str(file)] = file_stamp(file)  # before its digest: a change from now on is seen after the read
             digest.update(file.name.encode() + b"\0" + sha256_file(file).encode())
         planned.append(Source(str(path), f, [str(p) for p in files], sum(p.stat().st_size for p in files),
                               digest.hexdigest()))
@@ -281,7 +285,28 @@ def plan_ingest(sources: list[str | Path], workdir: Path, cfg: IngestConfig, fmt
     )
     key = hashlib.sha256(key_material.encode()).hexdigest()[:16]
     out_dir = Path(workdir).resolve() / "data" / "ingest" / key
-    return IngestPlan(planned, key, str(out_dir), cfg.model_dump(mode="json"))
+    return IngestPlan(planned, key, str(out_dir), cfg.model_dump(mode="json"), stamps)
+
+
+def file_stamp(path: Path) -> tuple[int, int, int, int]:
+    """What changes when a file is written to or replaced: its device, inode, size and modification time."""
+    st = Path(path).stat()
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def check_unchanged(plan: IngestPlan) -> None:
+    """Refuse datasets read from inputs that changed after they were hashed (a dump still being downloaded or
+    appended to, a file replaced): they would be stored under a cache key, and tracked with digests, of other
+    contents. Raises :class:`IngestError` naming the first such file."""
+    for name, stamp in plan.stamps.items():
+        try:
+            now = file_stamp(Path(name))
+        except OSError:
+            now = None
+        if now != tuple(stamp):
+            what = "was removed" if now is None else "changed"
+            raise IngestError(f"{what} while it was read (its size, modification time or inode is not what it was "
+                              f"when hashed): ingest it again once it is complete", path=name)
 
 
 # -- building ------------------------------------------------------------------------
@@ -514,6 +539,7 @@ def _build_datasets(plan: IngestPlan, cfg: IngestConfig, out_dir: Path, started:
                 contracts = ContractService()
         with phases("read (wall)"):
             score_sources = read_sources(plan, store, cfg, phases)
+        check_unchanged(plan)  # what was read is what the cache key and the tracked digests say
         if workers > 1 and contracts is None:
             contracts = ContractService()
         replies_path = tmp / "reddit_replies.sqlite"
