@@ -506,6 +506,7 @@ def main() -> None:  # pragma: no cover
     try:
         app()
     except SystemExit as exc:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # one that comes while the command exits ends it at once
         code = exc.code
         if code == INTERRUPTED and _TERMINATED:
             typer.echo("terminated", err=True)

@@ -185,6 +185,7 @@ class _TemporaryServer:
         self.cmd = [sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), "--factory", SERVER_APP,
                     "--fd", str(self.sock.fileno()), "--log-level", "error", "--lifespan", "on"]
         self.stopping = threading.Event()
+        self.lock = threading.Lock()  # a restart and stop() never interleave
         self.restarts = 0
         self.proc = self._spawn()
         self._watcher: threading.Thread | None = None
@@ -208,21 +209,23 @@ class _TemporaryServer:
 
     def _watch(self) -> None:
         while not self.stopping.wait(SERVER_WATCH_SECONDS):
-            code = self.proc.poll()
-            if code is None or self.stopping.is_set():
-                continue
-            if self.restarts >= SERVER_RESTARTS:
-                logging.getLogger("alignflow").error(
-                    "Prefect's temporary server exited (code %s) and was restarted %d times already: not again",
-                    code, self.restarts)
-                return
-            self.restarts += 1
-            logging.getLogger("alignflow").warning(
-                "Prefect's temporary server exited (code %s); starting it again at %s", code, self.url)
-            self.proc = self._spawn()
+            with self.lock:
+                code = self.proc.poll()
+                if code is None or self.stopping.is_set():
+                    continue
+                if self.restarts >= SERVER_RESTARTS:
+                    logging.getLogger("alignflow").error(
+                        "Prefect's temporary server exited (code %s) and was restarted %d times already: not again",
+                        code, self.restarts)
+                    return
+                self.restarts += 1
+                logging.getLogger("alignflow").warning(
+                    "Prefect's temporary server exited (code %s); starting it again at %s", code, self.url)
+                self.proc = self._spawn()
 
     def stop(self) -> None:
-        self.stopping.set()
+        with self.lock:
+            self.stopping.set()
         self.proc.terminate()
         try:
             self.proc.wait(timeout=5)

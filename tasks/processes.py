@@ -1,4 +1,5 @@
-"""Whether the process that left something behind (a temporary folder, a RUNNING run) is still there."""
+"""Processes: whether the one that left something behind (a temporary folder, a RUNNING run) is still there, the
+priority and process group of the helpers a command starts, and file locks."""
 
 from __future__ import annotations
 
