@@ -23,7 +23,7 @@ from alignflow.tasks.ingest.synthetic import generate_dump
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    return generate_dump(tmp_path_factory.mktemp("dump"), questions=12_000, seed=3)
+    return generate_dump(tmp_path_factory.mktemp("dump"), questions=20_000, seed=3)
 
 
 def _in_read(work: Path, me: psutil.Process) -> bool:
@@ -46,6 +46,14 @@ def _later_in_build(work: Path, me: psutil.Process) -> bool:
         return False
     time.sleep(0.6)  # past the walk's first batches: the builder waits on verdicts, writes Parquet
     return True
+
+
+def _as_a_terminal_job() -> None:
+    """SIGINT and SIGTERM at their defaults in the command, as in a job a terminal starts. The suite itself may
+    run with SIGINT ignored (a background job of a non-interactive shell, as some CI runners start it), which
+    every child would inherit: Ctrl-C would then do nothing, as it should for such a job."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _tree(proc: psutil.Process) -> list[psutil.Process]:
@@ -72,7 +80,8 @@ def test_an_interrupted_ingest_ends_at_once_and_leaves_nothing(site, tmp_path, w
     exe = Path(sys.executable).parent / "alignflow"
     proc = subprocess.Popen([str(exe), "ingest", str(site), "--workdir", str(work), "--set", "ingest.workers=2",
                              "--set", "ingest.range_mb=1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)  # its own group, as a terminal's foreground job
+                            start_new_session=True,  # its own group, as a terminal's foreground job
+                            preexec_fn=_as_a_terminal_job)
     me = psutil.Process(proc.pid)
     deadline = time.monotonic() + 240
     while proc.poll() is None and time.monotonic() < deadline and not when(work, me):
@@ -98,7 +107,11 @@ def test_an_interrupted_ingest_ends_at_once_and_leaves_nothing(site, tmp_path, w
         helper.kill()
     assert not alive, [_cmdline(p)[:120] for p in alive]
     ingest = work / "data" / "ingest"  # absent when the interrupt came while the command started (read ahead)
-    assert not ingest.exists() or list(ingest.iterdir()) == []  # no temporary folder, no dataset folder
+    left = list(ingest.iterdir()) if ingest.exists() else []
+    assert not [p.name for p in left if ".tmp-" in p.name]  # no temporary folder
+    # a dataset folder only if the build had finished and renamed it into place (the interrupt then came in the
+    # tracking after it): complete, as a rerun would trust it
+    assert all((p / "manifest.json").is_file() for p in left), [p.name for p in left]
     if (work / "mlflow.db").exists():  # the run, if it had begun, is ended as failed, not left running
         with sqlite3.connect(work / "mlflow.db") as db:
             assert {s for (s,) in db.execute("SELECT status FROM runs")} <= {"FAILED"}
