@@ -20,11 +20,8 @@ def worker_streams() -> tuple[BinaryIO, BinaryIO]:
     """(stdin, stdout) of a worker as buffered binary streams, whatever ``PYTHONUNBUFFERED`` says; from now on
     anything printed goes to stderr, so it cannot corrupt the result stream. The caller flushes stdout after
     each result."""
-    stdin = sys.stdin.buffer
-    if not isinstance(stdin, io.BufferedReader):  # never seen: stdin is buffered even under -u
-        stdin = io.BufferedReader(io.FileIO(sys.stdin.fileno(), "rb", closefd=False))
     stdout = sys.stdout.buffer
     if not isinstance(stdout, io.BufferedWriter):
         stdout = io.BufferedWriter(io.FileIO(sys.stdout.fileno(), "wb", closefd=False))
     sys.stdout = sys.stderr
-    return stdin, stdout
+    return sys.stdin.buffer, stdout  # stdin is buffered even under -u

@@ -544,15 +544,20 @@ _AHEAD: list[tuple[list[RangeTask], int, WorkerProcesses, list[tuple[int, int]]]
 _AT_EXIT: list[bool] = []  # drop_read_ahead is registered to run at exit
 
 
-def _stamps(tasks: list[RangeTask]) -> list[tuple[int, int]]:
-    """Size and modification time of each task's file: a file changed after its tasks were sent voids them."""
+def file_stamp(path: str | Path) -> tuple[int, int, int, int]:
+    """What changes when a file is written to or replaced: its device, inode, size and modification time."""
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _stamps(tasks: list[RangeTask]) -> list[tuple[int, int, int, int] | None]:
+    """Each task's file's :func:`file_stamp` (None if gone): a file changed after its tasks were sent voids them."""
     out = []
     for task in tasks:
         try:
-            st = os.stat(task.path)
-            out.append((st.st_size, st.st_mtime_ns))
+            out.append(file_stamp(task.path))
         except OSError:
-            out.append((-1, -1))
+            out.append(None)
     return out
 
 

@@ -63,9 +63,7 @@ class ReplyWalker:
                 pickle.dump(message, self.proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
                 self.proc.stdin.close()
             except BrokenPipeError:  # the walker died before it read its work: the same error as dying later
-                code = self.proc.wait()
-                raise RuntimeError(f"the Reddit reply walk's process ended without finishing (exit status {code})"
-                                   ) from None
+                raise _ended_early(self.proc.wait()) from None
         except BaseException:
             self.close()
             raise
@@ -94,7 +92,7 @@ class ReplyWalker:
         finally:
             self.spool_path.unlink(missing_ok=True)
         if not finished or code != 0:
-            raise RuntimeError(f"the Reddit reply walk's process ended without finishing (exit status {code})")
+            raise _ended_early(code)
 
     def _next_record(self, spool) -> tuple | None:
         waited = time.perf_counter()
@@ -109,6 +107,10 @@ class ReplyWalker:
             self.proc.kill()
         self.proc.wait()
         self.spool_path.unlink(missing_ok=True)
+
+
+def _ended_early(code: int | None) -> RuntimeError:
+    return RuntimeError(f"the Reddit reply walk's process ended without finishing (exit status {code})")
 
 
 def serve() -> None:

@@ -32,7 +32,7 @@ from alignflow.tasks.processes import lower_priority, process_alive
 from .errors import IngestError
 from .scoring import check_template
 from .phases import Phases
-from .ranges import default_workers
+from .ranges import default_workers, file_stamp
 from .sources import detect_format, read_all, reader
 from .stackexchange import Site, resolve_sites
 from .store import DERIVED
@@ -57,7 +57,7 @@ class IngestPlan:
     key: str
     out_dir: str
     config: dict[str, Any]
-    # each input file's (device, inode, size, modification time) when it was hashed: see check_unchanged
+    # each input file's file_stamp (device, inode, size, modification time) when it was hashed: check_unchanged
     stamps: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
 
 
@@ -81,12 +81,13 @@ def _sha256(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-_PREHASHED: dict[tuple[str, int, int], Future] = {}  # (path, size, mtime) -> digest being computed
+_PREHASHED: dict[tuple, Future] = {}  # (path, file_stamp) -> digest being computed
 
 
-def _stat_key(path: Path) -> tuple[str, int, int]:
-    st = Path(path).stat()
-    return (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+def _stat_key(path: Path) -> tuple:
+    """A digest started for this key is the file's while the key is the same: a file replaced by another of
+    the same size and time (``cp -p``) has another inode."""
+    return (str(Path(path).resolve()), *file_stamp(path))
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -286,12 +287,6 @@ def plan_ingest(sources: list[str | Path], workdir: Path, cfg: IngestConfig, fmt
     key = hashlib.sha256(key_material.encode()).hexdigest()[:16]
     out_dir = Path(workdir).resolve() / "data" / "ingest" / key
     return IngestPlan(planned, key, str(out_dir), cfg.model_dump(mode="json"), stamps)
-
-
-def file_stamp(path: Path) -> tuple[int, int, int, int]:
-    """What changes when a file is written to or replaced: its device, inode, size and modification time."""
-    st = Path(path).stat()
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def check_unchanged(plan: IngestPlan) -> None:
