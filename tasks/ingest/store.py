@@ -117,20 +117,6 @@ _VOTE_SUMMARY_SELECT = (
 )
 
 
-@contextlib.contextmanager
-def _interrupts_as_keyboard_interrupt() -> Iterator[None]:
-    """Ctrl-C during an ADBC call is a ``KeyboardInterrupt``, as anywhere else. On the main thread ADBC answers
-    SIGINT by cancelling the statement, which its SQLite driver does not implement: the query ran to its end
-    and then raised ``NotSupportedError: NOT_IMPLEMENTED`` (caused by the interrupt), a traceback and exit 1
-    where an interrupted command exits 130."""
-    try:
-        yield
-    except Exception as exc:
-        if isinstance(exc.__cause__, KeyboardInterrupt):
-            raise KeyboardInterrupt from None
-        raise
-
-
 def stored_groups(chunk) -> Iterator[tuple[tuple[str, str], list[StoredPost]]]:
     """A chunk of :meth:`StagingStore.walk_chunks` as ((site, question_id), rows) per question."""
     current: tuple[str, str] | None = None
@@ -471,7 +457,15 @@ class StagingStore:
         objects. Each chunk is a query for its sizes, then one for its rows, that start after the last
         question of the chunk before, through the walk's index; the reading connection holds no lock between
         chunks (the builder writes quarantined rows through this store's own connection meanwhile).
+
+        Every ADBC call runs on a thread of the walk's own, the caller waiting for it. On the main thread ADBC
+        answers SIGINT with its own handler, which cancels the statement; its SQLite driver cannot cancel, so
+        Ctrl-C during a query raised ``NotSupportedError`` after it, or, near the query's end, was lost (the
+        command went on to exit 0). Off the main thread ADBC leaves signals to Python, and the waiting
+        caller gets its ``KeyboardInterrupt`` at once.
         """
+        from concurrent.futures import ThreadPoolExecutor
+
         import adbc_driver_sqlite.dbapi as adbc
         import numpy as np
         import pyarrow as pa
@@ -486,16 +480,26 @@ class StagingStore:
             flags = pc.cast(pc.is_in(chunk.column("site"), value_set=vote_sites), pa.int64())
             return chunk.append_column(schema.field("has_votes"), flags)
 
+        sql = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alignflow-walk-sql")
         # read-only; autocommit: no transaction, so no lock, is held between two queries
-        with contextlib.closing(adbc.connect(read_only_uri(self.path), autocommit=True)) as conn:
+        conn = sql.submit(adbc.connect, read_only_uri(self.path), autocommit=True).result()
+        try:
 
-            def query(select: str, after: tuple[str, str] | None, limit: int):
-                with conn.cursor() as cursor, _interrupts_as_keyboard_interrupt():
+            def run_query(select: str, after: tuple[str, str] | None, limit: int):
+                with conn.cursor() as cursor:
                     # one Arrow batch per query: the driver infers a column's type from the batch's values
                     cursor.adbc_statement.set_options(**{"adbc.sqlite.query.batch_rows": str(limit + 1)})
                     where = "" if after is None else "WHERE (p.site, p.qkey) > (?, ?)"
                     cursor.execute(select + where + _WALK_ORDER, (*(after or ()), limit))
                     return cursor.fetch_arrow_table()
+
+            def query(select: str, after: tuple[str, str] | None, limit: int):
+                return sql.submit(run_query, select, after, limit).result()
+
+            def question_rows(key: tuple[str, str]) -> int:
+                with conn.cursor() as cursor:
+                    cursor.execute(_QUESTION_ROWS, key)
+                    return cursor.fetchone()[0]
 
             after: tuple[str, str] | None = None
             probe = rows  # how many sizes to read: about twice the last chunk's rows, so long texts are not
@@ -521,14 +525,14 @@ class StagingStore:
                 in_last = pc.and_(pc.equal(site, site[-1]), pc.equal(qkey, qkey[-1]))
                 cut = chunk.num_rows - pc.sum(in_last).as_py()
                 if cut == 0:  # the first question alone is over the budget: it is the chunk, whole
-                    key = (site[0].as_py(), qkey[0].as_py())
-                    with conn.cursor() as cursor:
-                        cursor.execute(_QUESTION_ROWS, key)
-                        cut = cursor.fetchone()[0]
+                    cut = sql.submit(question_rows, (site[0].as_py(), qkey[0].as_py())).result()
                     chunk = query(_WALK_SELECT, after, cut).cast(read_schema)
                     site, qkey = chunk.column("site"), chunk.column("qkey")
                 yield with_votes(chunk.slice(0, cut))
                 after = (site[cut - 1].as_py(), qkey[cut - 1].as_py())
+        finally:
+            sql.submit(conn.close).result()  # after a query still running on the thread, if any
+            sql.shutdown()
 
     def grouped_posts(self) -> Iterator[tuple[tuple[str, str], list[StoredPost]]]:
         """Yield ((site, question_id), rows) per question, question row first, answers by id."""
