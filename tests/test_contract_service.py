@@ -18,7 +18,7 @@ import pytest
 
 from alignflow.data_contracts import validate
 from alignflow.tasks.ingest import schema
-from alignflow.tasks.ingest.build import CheckedWrite, rejected_fields, write_valid
+from alignflow.tasks.ingest.build import CheckedWrite, dataset_writer, rejected_fields, write_valid
 from alignflow.tasks.ingest.contract_service import ContractService
 
 
@@ -50,7 +50,7 @@ def test_the_worker_writes_the_checked_rows_as_the_builder_would(service, tmp_pa
 
     local = tmp_path / "local.parquet"
     here = validate(table.to_pandas(), "pairs", with_json=False)
-    writer = pq.ParquetWriter(local, table.schema, compression="zstd")
+    writer = dataset_writer(local, table.schema)
     written = write_valid(writer, table, here.valid.index.to_numpy(), sizes, False)
     writer.close()
 
