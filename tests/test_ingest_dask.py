@@ -156,3 +156,29 @@ def test_unreachable_address_is_one_line_from_the_cli(sites, tmp_path, prefect_h
     assert lines[0].startswith(f"error: cannot reach the Dask scheduler at {address} (ingest.address): ")
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not list((tmp_path / "w" / "data" / "ingest").glob("[!.]*"))  # nothing built, no LATEST
+
+
+def test_the_local_cluster_lives_in_its_own_process_group_and_ends_with_its_block():
+    import psutil
+
+    from alignflow.tasks.ingest.dask_cluster import local_cluster
+
+    me = psutil.Process()
+    with local_cluster(1) as address:
+        host, port = scheduler_endpoint(address)
+        socket.create_connection((host, port), timeout=10).close()  # the scheduler answers
+        cluster = [p for p in me.children(recursive=True) if "dask" in " ".join(p.cmdline())]
+        assert cluster  # the host and its scheduler and worker
+        # none in this process's group: the terminal's Ctrl-C reaches the command only
+        assert all(os.getpgid(p.pid) != os.getpgid(0) for p in cluster)
+    gone, alive = psutil.wait_procs(cluster, timeout=10)
+    assert not alive
+
+
+def test_a_local_cluster_that_cannot_start_is_one_error(monkeypatch):
+    from alignflow.tasks.ingest import dask_cluster
+
+    monkeypatch.setattr(dask_cluster, "host_command", lambda workers: [sys.executable, "-c", "import sys; sys.exit(3)"])
+    with pytest.raises(IngestError, match=r"local Dask cluster .* did not start .*exit status 3"):
+        with dask_cluster.local_cluster(2):
+            pass

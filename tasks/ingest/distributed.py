@@ -117,31 +117,24 @@ def _api_url() -> str:
         return str(client.api_url)
 
 
-def task_runner(address: str, workers: int):
-    """Prefect's DaskTaskRunner for ``ingest.address`` or, when empty, a local cluster of ``workers`` processes."""
+def _runner_class():
     try:
         from prefect_dask import DaskTaskRunner
     except ImportError:
         raise IngestError("ingest.runner=dask needs prefect-dask: pip install 'alignflow[dask]'") from None
-    if address:
-        return DaskTaskRunner(address=address, client_kwargs={"timeout": f"{CONNECT_SECONDS:.0f}s"})
-    import logging
+    return DaskTaskRunner
 
-    # Scheduler and workers in subprocesses started as `python -m dask spec ...`, not forked or spawned from this
-    # process: multiprocessing's spawn would re-run an unguarded main script (a console script without an
-    # `if __name__ == "__main__"` guard) in every worker. One thread per worker, loopback only, no dashboard.
-    return DaskTaskRunner(cluster_class="distributed.deploy.subprocess.SubprocessCluster", cluster_kwargs={
-        "n_workers": max(1, workers), "threads_per_worker": 1, "host": "127.0.0.1", "dashboard_address": None,
-        "worker_class": "distributed.Worker", "silence_logs": logging.ERROR,
-        # the scheduler's HTTP routes (health, metrics) on any free loopback port, not on 8787
-        "scheduler_kwargs": {"dashboard_address": "127.0.0.1:0"},
-    })
+
+def task_runner(address: str):
+    """Prefect's DaskTaskRunner on the scheduler at ``address``."""
+    return _runner_class()(address=address, client_kwargs={"timeout": f"{CONNECT_SECONDS:.0f}s"})
 
 
 def run_tasks_on_dask(tasks: list[RangeTask], address: str, workers: int) -> Iterator[tuple[RangeTask, RangeResult]]:
     """Results of ``tasks`` in order, each read as a Prefect task run on a Dask worker."""
     if not tasks:
         return
+    _runner_class()  # missing before any cluster is started
     if address:
         check_reachable(address)
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -151,7 +144,11 @@ def run_tasks_on_dask(tasks: list[RangeTask], address: str, workers: int) -> Ite
     with ExitStack() as stack:
         # task runs on the workers report to this process's API, not to temporary servers of their own
         stack.enter_context(temporary_settings({PREFECT_API_URL: api_url}))
-        runner = stack.enter_context(task_runner(address, workers))
+        if not address:  # a cluster for this run, on this machine (.dask_cluster)
+            from .dask_cluster import local_cluster
+
+            address = stack.enter_context(local_cluster(workers))
+        runner = stack.enter_context(task_runner(address))
         try:
             client = runner.client
         except OSError as exc:  # the scheduler went away between the check and the connection
