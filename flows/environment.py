@@ -190,13 +190,38 @@ class _TemporaryServer:
         self.proc = self._spawn()
         self._watcher: threading.Thread | None = None
 
+    @property
+    def log(self) -> Path:
+        """Where the server's own messages go (appended; ``--debug``: the console): beside its database."""
+        return self.database.parent / "server.log"
+
     def _spawn(self):
         import subprocess
+        import time
 
         from alignflow.tasks.processes import OWN_PROCESS_GROUP
 
-        return subprocess.Popen(self.cmd, env=self.env, stdin=subprocess.DEVNULL, pass_fds=(self.sock.fileno(),),
-                                preexec_fn=_die_with_parent, **OWN_PROCESS_GROUP)
+        if debug():
+            out = None
+        else:  # a server's traceback (a corrupt database, a crash) is for its log, not above the command's line
+            try:
+                out = open(self.log, "ab")
+                out.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} Prefect's temporary server of process "
+                          f"{os.getpid()} at {self.url}\n".encode())
+                out.flush()
+            except OSError:
+                out = None
+        try:
+            return subprocess.Popen(self.cmd, env=self.env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                    pass_fds=(self.sock.fileno(),), preexec_fn=_die_with_parent,
+                                    **OWN_PROCESS_GROUP)
+        finally:
+            if out is not None:
+                out.close()
+
+    def messages(self) -> str:
+        """Where to read what the server said: its log, or the console above under ``--debug``."""
+        return "its messages are above" if debug() or not self.log.is_file() else f"its messages: {self.log}"
 
     def answered(self) -> None:
         """The server is up: from now on one that dies is started again."""
@@ -215,12 +240,13 @@ class _TemporaryServer:
                     continue
                 if self.restarts >= SERVER_RESTARTS:
                     logging.getLogger("alignflow").error(
-                        "Prefect's temporary server exited (code %s) and was restarted %d times already: not again",
-                        code, self.restarts)
+                        "Prefect's temporary server exited (code %s; %s) and was restarted %d times already: "
+                        "not again", code, self.messages(), self.restarts)
                     return
                 self.restarts += 1
                 logging.getLogger("alignflow").warning(
-                    "Prefect's temporary server exited (code %s); starting it again at %s", code, self.url)
+                    "Prefect's temporary server exited (code %s; %s); starting it again at %s", code,
+                    self.messages(), self.url)
                 self.proc = self._spawn()
 
     def stop(self) -> None:
@@ -263,7 +289,7 @@ def wait_for_prefect_server() -> None:
         if proc.poll() is not None:
             raise TemporaryServerError(
                 f"Prefect's temporary server exited with code {proc.returncode} before it answered, on the "
-                f"database {server.database} (its messages are above)")
+                f"database {server.database} ({server.messages()})")
         left = deadline - time.monotonic()
         if left <= 0:
             raise TemporaryServerError(

@@ -301,8 +301,8 @@ def test_flow_runs_send_heartbeats_only_to_a_server_the_user_runs(monkeypatch):
 
 
 def test_a_temporary_server_that_cannot_start_is_one_error_line_and_exit_2(tmp_path, fixtures_dir):
-    """A work directory whose Prefect database is not one (a corrupt file): the server's own messages, then the
-    command's one line naming the database, exit 2."""
+    """A work directory whose Prefect database is not one (a corrupt file): one line naming the database and
+    the server's log, exit 2; the server's own traceback is in that log, not on the console."""
     import os
     import sys
 
@@ -318,3 +318,7 @@ def test_a_temporary_server_that_cannot_start_is_one_error_line_and_exit_2(tmp_p
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: Prefect's temporary server exited with code"), proc.stderr[-3000:]
     assert str(work / "prefect" / "prefect.db") in last
+    log = work / "prefect" / "server.log"
+    assert f"its messages: {log}" in last
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-3000:]
+    assert "Traceback" in log.read_text()  # the server's reason, kept
