@@ -28,7 +28,7 @@ from alignflow import stages
 from alignflow.startup import imports_without_gc
 
 from .environment import (
-    WorkdirError, debug, flow_run_settings, is_environment_error, prepare, wait_for_prefect_server,
+    STOP_SIGNALS, WorkdirError, debug, flow_run_settings, is_environment_error, prepare, wait_for_prefect_server,
 )
 
 WorkdirOpt = Annotated[Path, typer.Option("--workdir", help="Folder for everything a run writes.")]
@@ -481,17 +481,18 @@ def run_module(stage: str) -> None:
 # typer's exit status for Ctrl-C (KeyboardInterrupt): 128 + SIGINT, as shells report it; and ours for SIGTERM
 INTERRUPTED = 130
 TERMINATED = 128 + 15
-_TERMINATED: list[int] = []  # the SIGTERM that stopped the command, once one came
 
 
 def _stop_as_interrupted(signum, frame) -> None:
-    """SIGTERM (``kill``, ``timeout``, a service manager) stops the command the way Ctrl-C does: its runs are
-    marked failed, its helpers stopped, its temporary files removed. Without a handler Python died at once and
-    left that to the next command. A second SIGTERM during that cleanup ends the process at once."""
+    """Ctrl-C (SIGINT) raises ``KeyboardInterrupt`` as Python's own handler does, and notes that it came
+    (``STOP_SIGNALS``). SIGTERM (``kill``, ``timeout``, a service manager) stops the command the same way: its
+    runs are marked failed, its helpers stopped, its temporary files removed (without a handler Python died at
+    once and left that to the next command); a second SIGTERM during that cleanup ends the process at once."""
     import signal
 
-    _TERMINATED.append(signum)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    STOP_SIGNALS.append(signum)
+    if signum == signal.SIGTERM:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     raise KeyboardInterrupt
 
 
@@ -503,17 +504,34 @@ def main() -> None:  # pragma: no cover
     from alignflow.tasks import launch
 
     signal.signal(signal.SIGTERM, _stop_as_interrupted)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored (a background job)
+        signal.signal(signal.SIGINT, _stop_as_interrupted)
     try:
         app()
     except SystemExit as exc:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # one that comes while the command exits ends it at once
         code = exc.code
-        if code == INTERRUPTED and _TERMINATED:
+        if code == INTERRUPTED and signal.SIGTERM in STOP_SIGNALS:
             typer.echo("terminated", err=True)
             code = TERMINATED
         elif code == INTERRUPTED:
             typer.echo("interrupted", err=True)
         launch.exit_without_finalization(code)
+    except BaseException:
+        # Stopped, the command may end with another error than the interrupt: a library that calls back into
+        # Python can wrap the KeyboardInterrupt raised there in an error of its own (pydantic's serializer, as
+        # Prefect's Dask runner serializes a task's context: PydanticSerializationError). Its runs, helpers and
+        # temporary files were handled on the way out as for any error; what the user asked for is the stop.
+        if not STOP_SIGNALS:
+            raise
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if debug():
+            import traceback
+
+            traceback.print_exc()
+        terminated = signal.SIGTERM in STOP_SIGNALS
+        typer.echo("terminated" if terminated else "interrupted", err=True)
+        launch.exit_without_finalization(TERMINATED if terminated else INTERRUPTED)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -23,6 +23,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 DEBUG_ENV = "ALIGNFLOW_DEBUG"
+# The signals (SIGINT, SIGTERM) that have stopped this command, in order (flows/cli.py notes them): errors that
+# come after one are the stop's, not the command's, and are not shown (``--debug`` shows them).
+STOP_SIGNALS: list[int] = []
 # Errors of the machine rather than of alignflow: a full disk, a read-only file system.
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
@@ -356,7 +359,8 @@ def _watch_temporary_server() -> None:
 
 
 class _ExpectedErrorFilter(logging.Filter):
-    """Drops console records of an expected user error (the CLI prints it as one line).
+    """Drops console records of an expected user error (the CLI prints it as one line), and of any error once
+    the command has been stopped by a signal (it prints ``interrupted`` or ``terminated``).
 
     A record carrying such an error is dropped, and so are later records that
     quote its message (Prefect's "Finished in state Failed(...)" lines).
@@ -373,7 +377,9 @@ class _ExpectedErrorFilter(logging.Filter):
         if exc is not None:
             from .cli import is_user_error
 
-            if not is_user_error(exc):
+            # after a Ctrl-C or SIGTERM, an error (the interrupt, or a library's wrapping of it) is the stop's: the
+            # command says "interrupted" or "terminated"
+            if not is_user_error(exc) and not STOP_SIGNALS:
                 return True
             self.seen = [*self.seen[-7:], str(exc)[:200]]
             return False

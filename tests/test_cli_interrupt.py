@@ -130,3 +130,41 @@ def test_an_interrupted_ingest_ends_at_once_and_leaves_nothing(site, tmp_path, w
     if (work / "mlflow.db").exists():  # the run, if it had begun, is ended as failed, not left running
         with sqlite3.connect(work / "mlflow.db") as db:
             assert {s for (s,) in db.execute("SELECT status FROM runs")} <= {"FAILED"}
+
+
+# A command whose interrupt a library turns into an error of its own (as pydantic's serializer does with a
+# KeyboardInterrupt raised in a callback, seen on ingest.runner=dask); "none": the same error without a signal.
+_WRAPPING_COMMAND = """
+import os, signal, sys, time
+from alignflow.flows import cli
+
+@cli.app.command("stop-me")
+def stop_me(signame: str) -> None:
+    try:
+        if signame != "none":
+            os.kill(os.getpid(), getattr(signal, signame))
+            time.sleep(10)
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        raise RuntimeError("a library's own error around the interrupt") from None
+
+sys.argv = ["alignflow", "stop-me", sys.argv[1]]
+cli.main()
+"""
+
+
+@pytest.mark.parametrize(("signame", "code", "line"), [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated"),
+                                                       ("none", 1, None)])
+def test_an_interrupt_a_library_wrapped_in_its_own_error_is_still_the_stop(signame, code, line):
+    env = {k: v for k, v in os.environ.items() if k != "ALIGNFLOW_DEBUG"}
+    proc = subprocess.run([sys.executable, "-c", _WRAPPING_COMMAND, signame], env=env, capture_output=True,
+                          text=True, timeout=120, preexec_fn=_as_a_terminal_job)
+    assert proc.returncode == code, proc.stderr[-3000:]
+    if line is None:  # no signal came: the error is the command's own, shown in full
+        assert "RuntimeError: a library's own error" in proc.stderr
+    else:
+        assert proc.stderr.strip().splitlines() == [line], proc.stderr[-3000:]
+        debug = subprocess.run([sys.executable, "-c", _WRAPPING_COMMAND, signame], env={**env, "ALIGNFLOW_DEBUG": "1"},
+                               capture_output=True, text=True, timeout=120, preexec_fn=_as_a_terminal_job)
+        assert debug.returncode == code and "RuntimeError: a library's own error" in debug.stderr  # --debug shows it
+        assert debug.stderr.strip().splitlines()[-1] == line
