@@ -216,3 +216,28 @@ svc.shared.put(pairs_table(3))  # written, never sent
 print(svc.shared.dir, svc.proc.pid, flush=True)
 os._exit(0)  # no close(): the worker sees the end of its input
 """
+
+
+def test_a_message_already_in_the_readers_buffer_counts_as_waiting():
+    """The contract worker writes Data Docs only while no batch waits: a batch whose bytes the reader took in
+    with the message before (the pipe empty, the buffer not) waits too. ``select`` alone saw only the pipe."""
+    import io
+    import pickle
+
+    from alignflow.tasks.ingest.contract_service import _input_waiting
+
+    r, w = os.pipe()
+    stream = io.open(r, "rb", buffering=1 << 16)
+    try:
+        assert not _input_waiting(stream)  # nothing sent: and the check does not block
+        os.write(w, pickle.dumps(("check", 1)) + pickle.dumps(("check", 2)))
+        assert _input_waiting(stream)
+        assert pickle.load(stream) == ("check", 1)  # the buffered reader took both messages off the pipe
+        assert _input_waiting(stream)  # the second waits in the buffer
+        assert pickle.load(stream) == ("check", 2)
+        assert not _input_waiting(stream)
+        assert os.get_blocking(r)  # left as the worker's reads need it
+        os.close(w)
+        assert _input_waiting(stream)  # the end of input is for the reader to see
+    finally:
+        stream.close()

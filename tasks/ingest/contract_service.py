@@ -398,11 +398,23 @@ def _check(files: _Files, table, kind: str, kwargs: dict, write, docs: list):
 
 
 def _input_waiting(stream) -> bool:
-    """Whether the next message has started to arrive (its bytes wait on the pipe)."""
+    """Whether the next message has started to arrive: its bytes wait on the pipe (or the pipe is closed), or
+    the reader already holds them in its buffer, read with the message before, where ``select`` cannot see
+    them. The buffer is looked at without blocking: an empty pipe then reads as nothing."""
     import select
 
     try:
-        return bool(select.select([stream], [], [], 0)[0])
+        if select.select([stream], [], [], 0)[0]:
+            return True
+        peek = getattr(stream, "peek", None)
+        if peek is None:
+            return False
+        fd = stream.fileno()
+        os.set_blocking(fd, False)
+        try:
+            return bool(peek(1))
+        finally:
+            os.set_blocking(fd, True)
     except (OSError, ValueError):
         return True
 
