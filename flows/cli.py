@@ -506,17 +506,11 @@ def main() -> None:  # pragma: no cover
     signal.signal(signal.SIGTERM, _stop_as_interrupted)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored (a background job)
         signal.signal(signal.SIGINT, _stop_as_interrupted)
+    code = 0
     try:
         app()
     except SystemExit as exc:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # one that comes while the command exits ends it at once
         code = exc.code
-        if code == INTERRUPTED and signal.SIGTERM in STOP_SIGNALS:
-            typer.echo("terminated", err=True)
-            code = TERMINATED
-        elif code == INTERRUPTED:
-            typer.echo("interrupted", err=True)
-        launch.exit_without_finalization(code)
     except BaseException:
         # Stopped, the command may end with another error than the interrupt: a library that calls back into
         # Python can wrap the KeyboardInterrupt raised there in an error of its own (pydantic's serializer, as
@@ -524,14 +518,17 @@ def main() -> None:  # pragma: no cover
         # temporary files were handled on the way out as for any error; what the user asked for is the stop.
         if not STOP_SIGNALS:
             raise
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if debug():
             import traceback
 
             traceback.print_exc()
+        code = INTERRUPTED
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # one that comes while the command exits ends it at once
+    if code == INTERRUPTED:
         terminated = signal.SIGTERM in STOP_SIGNALS
         typer.echo("terminated" if terminated else "interrupted", err=True)
-        launch.exit_without_finalization(TERMINATED if terminated else INTERRUPTED)
+        code = TERMINATED if terminated else INTERRUPTED
+    launch.exit_without_finalization(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -118,6 +118,7 @@ def _api_url() -> str:
 
 
 def _runner_class():
+    """Prefect's DaskTaskRunner, or the one-line error of a missing extra (before any cluster is started)."""
     try:
         from prefect_dask import DaskTaskRunner
     except ImportError:
@@ -125,16 +126,12 @@ def _runner_class():
     return DaskTaskRunner
 
 
-def task_runner(address: str):
-    """Prefect's DaskTaskRunner on the scheduler at ``address``."""
-    return _runner_class()(address=address, client_kwargs={"timeout": f"{CONNECT_SECONDS:.0f}s"})
-
-
 def run_tasks_on_dask(tasks: list[RangeTask], address: str, workers: int) -> Iterator[tuple[RangeTask, RangeResult]]:
     """Results of ``tasks`` in order, each read as a Prefect task run on a Dask worker."""
     if not tasks:
         return
-    _runner_class()  # missing before any cluster is started
+    runner_class = _runner_class()
+    given = address  # the user's scheduler, or none: a cluster is started for the run
     if address:
         check_reachable(address)
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -148,11 +145,13 @@ def run_tasks_on_dask(tasks: list[RangeTask], address: str, workers: int) -> Ite
             from .dask_cluster import local_cluster
 
             address = stack.enter_context(local_cluster(workers))
-        runner = stack.enter_context(task_runner(address))
+        runner = stack.enter_context(runner_class(address=address,
+                                                  client_kwargs={"timeout": f"{CONNECT_SECONDS:.0f}s"}))
         try:
             client = runner.client
         except OSError as exc:  # the scheduler went away between the check and the connection
-            raise IngestError(f"cannot connect to the Dask scheduler at {address} (ingest.address): {exc}") from None
+            where = "ingest.address" if given else "the local cluster started for this run"
+            raise IngestError(f"cannot connect to the Dask scheduler at {address} ({where}): {exc}") from None
         threads = check_workers(client, sorted({t.path for t in tasks}), api_url)
         window = 2 * threads
         pending: deque = deque()
