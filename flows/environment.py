@@ -359,10 +359,12 @@ def _watch_temporary_server() -> None:
 
 
 class _ExpectedErrorFilter(logging.Filter):
-    """Drops console records of an expected user error (the CLI prints it as one line), and of any error once
-    the command has been stopped by a signal (it prints ``interrupted`` or ``terminated``).
+    """Drops console records of an expected user error (the CLI prints it as one line), and every error record
+    once the command has been stopped by a signal (it prints ``interrupted`` or ``terminated``): Prefect's
+    "Crash detected! Execution was aborted by an interrupt signal." and "Finished in state Crashed(...)" lines
+    say the same thing three times over. Prefect's server still records the crash, and ``--debug`` shows them.
 
-    A record carrying such an error is dropped, and so are later records that
+    A record carrying a user error is dropped, and so are later records that
     quote its message (Prefect's "Finished in state Failed(...)" lines).
     """
 
@@ -373,13 +375,13 @@ class _ExpectedErrorFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if debug() or record.levelno < logging.WARNING:
             return True
+        if STOP_SIGNALS and record.levelno >= logging.ERROR:
+            return False
         exc = record.exc_info[1] if record.exc_info else None
         if exc is not None:
             from .cli import is_user_error
 
-            # after a Ctrl-C or SIGTERM, an error (the interrupt, or a library's wrapping of it) is the stop's: the
-            # command says "interrupted" or "terminated"
-            if not is_user_error(exc) and not STOP_SIGNALS:
+            if not is_user_error(exc):
                 return True
             self.seen = [*self.seen[-7:], str(exc)[:200]]
             return False
@@ -388,11 +390,32 @@ class _ExpectedErrorFilter(logging.Filter):
 
 
 def quiet_expected_errors() -> None:
-    """Attach the filter to the console handlers Prefect configures."""
+    """Attach the filter to the console handlers Prefect configures, and let it know of a SIGTERM that Prefect's
+    flow engine catches (:func:`_note_prefect_sigterm`)."""
     from prefect.logging.configuration import ensure_logging_setup
 
     ensure_logging_setup()
+    _note_prefect_sigterm()
     for logger in (logging.getLogger(), logging.getLogger("prefect")):
         for handler in logger.handlers:
             if not any(isinstance(f, _ExpectedErrorFilter) for f in handler.filters):
                 handler.addFilter(_ExpectedErrorFilter())
+
+
+def _note_prefect_sigterm() -> None:
+    """Note a SIGTERM in ``STOP_SIGNALS`` when it comes, also during a flow run: Prefect's engine swaps in its own
+    handler then, which raises ``TerminationSignal``, marks the runs crashed (three ERROR records on the
+    console) and only then sends the signal again to the handler before it (the command's). Prefect installs
+    and recognises its handler through its module's global, which is wrapped here once."""
+    from prefect.utilities import engine
+
+    handler = getattr(engine, "_prefect_sigterm_handler", None)
+    if handler is None or getattr(handler, "alignflow_noted", False):
+        return  # a Prefect without the handler: its records stay on the console, the command still says terminated
+
+    def _prefect_sigterm_handler(signum: int, *args: object):
+        STOP_SIGNALS.append(signum)
+        return handler(signum, *args)
+
+    _prefect_sigterm_handler.alignflow_noted = True
+    engine._prefect_sigterm_handler = _prefect_sigterm_handler

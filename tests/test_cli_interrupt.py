@@ -117,6 +117,8 @@ def test_an_interrupted_ingest_ends_at_once_and_leaves_nothing(site, tmp_path, w
     err = err.decode()
     assert proc.returncode == code, err[-3000:]
     assert err.splitlines()[-1] == line and "Traceback" not in err, err[-3000:]
+    # Prefect's "Crash detected! ..." and "Finished in state Crashed(...)" records said the stop three more times
+    assert "| ERROR" not in err, err[-3000:]
     gone, alive = psutil.wait_procs(helpers, timeout=20)
     for helper in alive:
         helper.kill()
