@@ -335,6 +335,9 @@ def _prepare(df: pd.DataFrame, kind: str, max_chars: int = DEFAULT_MAX_CHARS) ->
         work = work.astype(casts)
     for col in TEXT_COLUMNS[kind]:
         if col in work.columns:
+            text = _arrow_text(work[col])
+            if text is not None and (pc.max(pc.binary_length(text)).as_py() or 0) <= max_chars + 1:
+                continue  # no value has more characters than bytes: none is too long, without counting them
             too_long = work[col].str.len() > max_chars + 1
             if too_long.any():
                 if work is df:

@@ -455,6 +455,25 @@ def test_max_chars_is_passed_through():
         validate(df, "pairs", max_chars=0)
 
 
+@pytest.mark.parametrize("storage", ["pyarrow", "python"])
+def test_only_texts_longer_than_the_limit_in_characters_are_cut(storage):
+    """Texts over ``max_chars + 1`` characters are cut for GX; one with more bytes than that but not more
+    characters (the column's bytes are looked at first) is left whole."""
+    from alignflow.data_contracts.contracts import _prepare
+
+    df = pairs_frame()
+    df["chosen"] = df["chosen"].astype(pd.StringDtype(storage))
+    df.loc[0, "chosen"] = "é" * 11  # 22 bytes, 11 characters: at the limit of 10 + 1
+    df.loc[1, "chosen"] = "é" * 12
+    df.loc[2, "chosen"] = "x" * 12
+    work = _prepare(df, "pairs", max_chars=10)
+    assert work.loc[0, "chosen"] == "é" * 11
+    assert work.loc[1, "chosen"] == "é" * 11 + "…" and work.loc[2, "chosen"] == "x" * 11 + "…"
+    assert df.loc[1, "chosen"] == "é" * 12  # the caller's frame is never modified
+    at_limit = df.assign(chosen=pd.Series(["y" * 11] * len(df), dtype=pd.StringDtype(storage)))  # 11 bytes each
+    assert _prepare(at_limit, "pairs", max_chars=10)["chosen"].tolist() == at_limit["chosen"].tolist()
+
+
 def test_unknown_kind_raises():
     with pytest.raises(ValueError, match="unknown dataset kind"):
         validate(pairs_frame(), "quarantine")
