@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -40,10 +39,11 @@ from pathlib import Path
 
 import psutil
 
+from measure import MIB, mean_floor, run_measured, tail
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 RESULTS = HERE / "results"
-MIB = 1 << 20
 TARGET_RATIO = 0.3
 TARGET_RSS_MIB = 1024
 MONTH = "2015-01"
@@ -65,47 +65,6 @@ for path in sys.argv[1:]:
 print(json.dumps({"rows": rows, "bytes": raw, "seconds": time.perf_counter() - t,
                   "ru_maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
-
-
-def tree_rss(proc: psutil.Process) -> tuple[int, list]:
-    """Summed RSS of ``proc`` and its descendants, and the per-process parts."""
-    try:
-        procs = [proc, *proc.children(recursive=True)]
-    except psutil.Error:
-        return 0, []
-    total, parts = 0, []
-    for p in procs:
-        try:
-            rss = p.memory_info().rss
-            name = " ".join(p.cmdline()[:4])[:120]
-        except psutil.Error:
-            continue
-        total += rss
-        parts.append((name, rss))
-    return total, parts
-
-
-def run_measured(cmd: list[str], log_dir: Path, name: str) -> dict:
-    out_path, err_path = log_dir / f"{name}.stdout", log_dir / f"{name}.stderr"
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    with open(out_path, "wb") as out, open(err_path, "wb") as err:
-        t0 = time.perf_counter()
-        popen = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=ROOT, env=env)
-        proc = psutil.Process(popen.pid)
-        peak, peak_parts = 0, []
-        while popen.poll() is None:
-            rss, parts = tree_rss(proc)
-            if rss > peak:
-                peak, peak_parts = rss, parts
-            time.sleep(0.2)
-        wall = time.perf_counter() - t0
-    return {"returncode": popen.returncode, "wall_seconds": wall, "peak_rss_mib": peak / MIB,
-            "peak_rss_processes": [{"cmd": c, "rss_mib": round(r / MIB, 1)} for c, r in peak_parts],
-            "stdout": out_path, "stderr": err_path}
-
-
-def tail(path: Path, lines: int = 30) -> str:
-    return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
 
 
 def prepare(scratch: Path, mb: float, seed: int) -> dict:
@@ -153,8 +112,10 @@ def main(argv: list[str] | None = None) -> int:
 
     load_start = os.getloadavg()
 
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
     def floor_pass(name: str) -> dict | None:
-        run = run_measured([sys.executable, "-c", FLOOR_CODE, str(rs), str(rc)], logs, name)
+        run = run_measured([sys.executable, "-c", FLOOR_CODE, str(rs), str(rc)], logs, name, env)
         if run["returncode"] != 0:
             print(f"floor failed:\n{tail(run['stderr'])}", file=sys.stderr)
             return None
@@ -163,18 +124,12 @@ def main(argv: list[str] | None = None) -> int:
                 "loop_mib_per_s": input_mib / fo["seconds"], "peak_rss_mib": run["peak_rss_mib"],
                 "rows": fo["rows"], "load_avg_1m_after": os.getloadavg()[0]}
 
-    def combined(passes: list[dict]) -> dict:
-        """The floor the ratio is taken against: the mean wall of its passes (before and after the ingest)."""
-        wall = sum(p["wall_seconds"] for p in passes) / len(passes)
-        return {**passes[0], "wall_seconds": wall, "mib_per_s": input_mib / wall, "passes": passes,
-                "peak_rss_mib": max(p["peak_rss_mib"] for p in passes)}
-
     # the floor runs before the ingest and again after it: the ratio is against the mean of the two, as the
     # speed of a shared host drifts meanwhile
     passes = [floor_pass("floor")]
     if passes[0] is None:
         return 1
-    floor = combined(passes)
+    floor = mean_floor(passes, input_mib)
 
     ingest: dict = {"skipped": True}
     error = None
@@ -185,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         sets = [] if args.no_reply_pairs else ["--set", "ingest.reddit_reply_pairs=true"]
         cmd = [str(exe), "ingest", str(rs), str(rc), "--workdir", str(work), *sets, *args.ingest_arg]
         print("ingest ...", flush=True)
-        run = run_measured(cmd, logs, "ingest")
+        run = run_measured(cmd, logs, "ingest", env)
         ingest = {"command": " ".join(cmd), "returncode": run["returncode"], "wall_seconds": run["wall_seconds"],
                   "mib_per_s": input_mib / run["wall_seconds"], "peak_rss_mib": run["peak_rss_mib"],
                   "peak_rss_processes": run["peak_rss_processes"], "load_avg_1m_after": os.getloadavg()[0]}
@@ -203,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         after = floor_pass("floor-after")
         if after is None:
             return 1
-        floor = combined([*passes, after])
+        floor = mean_floor([*passes, after], input_mib)
     ok = error is None and not ingest.get("skipped")
     ratio = ingest["mib_per_s"] / floor["mib_per_s"] if ok else None
     result = {

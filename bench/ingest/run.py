@@ -38,20 +38,20 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import psutil
-import resource
+
+from measure import MIB, mean_floor, run_measured, tail
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 RESULTS = HERE / "results"
-MIB = 1 << 20
 TARGET_RATIO = 0.3
 TARGET_WORKER_RATIO = 1.7
 TARGET_RSS_MIB = 1024
@@ -73,57 +73,10 @@ print(json.dumps({"rows": n, "parse_seconds": dt,
 """
 
 
-def _tree_rss(proc: psutil.Process) -> tuple[int, list]:
-    """Summed RSS of ``proc`` and its descendants, and the per-process parts."""
-    total, parts = 0, []
-    try:
-        procs = [proc, *proc.children(recursive=True)]
-    except psutil.Error:
-        return 0, []
-    for p in procs:
-        try:
-            rss = p.memory_info().rss
-            name = " ".join(p.cmdline()[:8])[:240]
-        except psutil.Error:
-            continue
-        total += rss
-        parts.append((name, rss))
-    return total, parts
-
-
-def run_measured(cmd: list[str], log_dir: Path, name: str, env: dict | None = None) -> dict:
-    """Run ``cmd``; wall seconds, peak RSS of its process tree, return code, stdout/stderr paths."""
-    out_path, err_path = log_dir / f"{name}.stdout", log_dir / f"{name}.stderr"
-    with open(out_path, "wb") as out, open(err_path, "wb") as err:
-        t0 = time.perf_counter()
-        popen = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=ROOT)
-        proc = psutil.Process(popen.pid)
-        peak, peak_parts = 0, []
-        while popen.poll() is None:
-            rss, parts = _tree_rss(proc)
-            if rss > peak:
-                peak, peak_parts = rss, parts
-            time.sleep(0.2)
-        wall = time.perf_counter() - t0
-    return {
-        "returncode": popen.returncode,
-        "wall_seconds": wall,
-        "peak_rss_bytes": peak,
-        "peak_rss_processes": [{"cmd": c, "rss_mib": round(r / MIB, 1)} for c, r in peak_parts],
-        "stdout": out_path,
-        "stderr": err_path,
-    }
-
-
 def _is_prefect_server(cmd: str) -> bool:
     """The temporary Prefect API server a flow run starts (not part of the ingest's own work): Prefect's app,
     or the same built by alignflow.flows.prefect_server."""
     return "prefect.server" in cmd or "prefect_server:" in cmd or ("prefect" in cmd and " server" in cmd)
-
-
-def tail(path: Path, lines: int = 40) -> str:
-    text = path.read_text(encoding="utf-8", errors="replace")
-    return "\n".join(text.splitlines()[-lines:])
 
 
 def warm_cache(path: Path) -> None:
@@ -145,20 +98,10 @@ def measure_floor(posts: Path, logs: Path, name: str) -> dict:
 
 
 def combined_floor(runs: list[dict], size_mib: float) -> dict:
-    """The floor the ratios are taken against: the mean wall of its passes (one before the ingest runs, one
-    after), each pass kept under ``passes``."""
-    wall = sum(r["wall_seconds"] for r in runs) / len(runs)
-    parse = sum(r["parse_seconds"] for r in runs) / len(runs)
-    return {
-        "wall_seconds": wall,
-        "parse_seconds": parse,
-        "mib_per_s": size_mib / wall,
-        "parse_mib_per_s": size_mib / parse,
-        "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
-        "ru_maxrss_mib": max(r["ru_maxrss_mib"] for r in runs),
-        "rows": runs[0]["rows"],
-        "passes": [{**r, "mib_per_s": size_mib / r["wall_seconds"]} for r in runs],
-    }
+    """The floor the ratios are taken against: the mean wall and parse seconds of its passes."""
+    floor = mean_floor(runs, size_mib, means=("wall_seconds", "parse_seconds"), maxima=("peak_rss_mib", "ru_maxrss_mib"))
+    floor["parse_mib_per_s"] = size_mib / floor["parse_seconds"]
+    return floor
 
 
 def prepare_dump(scratch: Path, mb: int, seed: int) -> dict:

@@ -1,0 +1,81 @@
+"""How the ingest benches (``run.py``: Stack Exchange, ``reddit.py``: Pushshift) measure a subprocess and its floor.
+
+* :func:`run_measured`: a command's wall seconds and the peak RSS of its process tree (psutil every 0.2 s: the
+  RSS of the process and all its children summed, and the parts at the peak);
+* :func:`mean_floor`: the floor the ratios are taken against, the mean of its passes (one before the ingest
+  runs and one after them: the speed of a shared host drifts over the minutes in between).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+
+MIB = 1 << 20
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tree_rss(proc: psutil.Process) -> tuple[int, list[tuple[str, int]]]:
+    """Summed RSS of ``proc`` and its descendants, and the per-process parts (command line, RSS)."""
+    try:
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return 0, []
+    total, parts = 0, []
+    for p in procs:
+        try:
+            rss = p.memory_info().rss
+            name = " ".join(p.cmdline()[:8])[:240]
+        except psutil.Error:
+            continue
+        total += rss
+        parts.append((name, rss))
+    return total, parts
+
+
+def run_measured(cmd: list[str], log_dir: Path, name: str, env: dict | None = None) -> dict:
+    """Run ``cmd`` (in the repository root; stdout and stderr to ``log_dir/name.stdout|.stderr``): its wall
+    seconds, the peak RSS of its tree in bytes and MiB with the processes at the peak, and its exit code."""
+    out_path, err_path = log_dir / f"{name}.stdout", log_dir / f"{name}.stderr"
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        t0 = time.perf_counter()
+        popen = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=ROOT)
+        proc = psutil.Process(popen.pid)
+        peak, peak_parts = 0, []
+        while popen.poll() is None:
+            rss, parts = tree_rss(proc)
+            if rss > peak:
+                peak, peak_parts = rss, parts
+            time.sleep(0.2)
+        wall = time.perf_counter() - t0
+    return {
+        "returncode": popen.returncode,
+        "wall_seconds": wall,
+        "peak_rss_bytes": peak,
+        "peak_rss_mib": peak / MIB,
+        "peak_rss_processes": [{"cmd": c, "rss_mib": round(r / MIB, 1)} for c, r in peak_parts],
+        "stdout": out_path,
+        "stderr": err_path,
+    }
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    """The last ``lines`` lines of a log."""
+    return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+
+
+def mean_floor(passes: list[dict], size_mib: float, means: tuple[str, ...] = ("wall_seconds",),
+               maxima: tuple[str, ...] = ("peak_rss_mib",)) -> dict:
+    """The floor the ratios are taken against: the first pass's fields, with ``means`` averaged and ``maxima``
+    the largest over the passes, ``mib_per_s`` from the mean wall, and every pass under ``passes``."""
+    floor = {**passes[0]}
+    for key in means:
+        floor[key] = sum(p[key] for p in passes) / len(passes)
+    for key in maxima:
+        floor[key] = max(p[key] for p in passes)
+    floor["mib_per_s"] = size_mib / floor["wall_seconds"]
+    floor["passes"] = [{**p, "mib_per_s": size_mib / p["wall_seconds"]} for p in passes]
+    return floor
