@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -173,6 +174,30 @@ def test_the_local_cluster_lives_in_its_own_process_group_and_ends_with_its_bloc
         assert all(os.getpgid(p.pid) != os.getpgid(0) for p in cluster)
     gone, alive = psutil.wait_procs(cluster, timeout=10)
     assert not alive
+
+
+def test_the_local_clusters_scheduler_and_workers_close_once_their_host_is_killed():
+    """A ``kill -9`` of the host (with the command, or the OOM killer) leaves nobody to close the cluster: its
+    scheduler and workers watch their host and close themselves. Before, they ran on."""
+    import psutil
+
+    from alignflow.tasks.ingest.dask_cluster import local_cluster
+
+    me = psutil.Process()
+    with local_cluster(2) as address:
+        socket.create_connection(scheduler_endpoint(address), timeout=10).close()
+        (host,) = [p for p in me.children() if "dask_cluster import serve" in " ".join(p.cmdline())]
+        deadline = time.monotonic() + 60
+        while len(host.children()) < 3 and time.monotonic() < deadline:  # the scheduler and both workers
+            time.sleep(0.1)
+        cluster = host.children()
+        assert len(cluster) == 3, [p.cmdline() for p in cluster]
+        time.sleep(1.0)  # their watch has begun (it starts as each finishes its start)
+        host.kill()
+        gone, alive = psutil.wait_procs(cluster, timeout=30)
+        for p in alive:  # do not leave them running even when the test fails
+            p.kill()
+        assert not alive, f"{len(alive)} of the scheduler and workers outlived their host"
 
 
 def test_a_local_cluster_that_cannot_start_is_one_error(monkeypatch):

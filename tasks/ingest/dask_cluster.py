@@ -8,6 +8,9 @@ own (``OWN_PROCESS_GROUP``), and the host's children are in that group too: a Ct
 command only, which stops the cluster in order. Before, the scheduler and workers got the terminal's SIGINT
 with the command and closed themselves under it: an interrupted ingest ended with exit 1 and Dask's tracebacks
 after 11-41 s instead of ``interrupted``.
+
+The scheduler and workers preload this module (:func:`dask_setup`): each closes itself once its host is gone. A
+host killed with the command (a ``kill -9`` of both, the OOM killer) can close nothing, and they ran on.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -25,6 +30,9 @@ from alignflow.tasks.processes import OWN_PROCESS_GROUP
 from .errors import IngestError
 
 CLOSE_SECONDS = 30.0  # the host's orderly close of its cluster, before its process group is killed
+HOST_PID_ENV = "ALIGNFLOW_DASK_HOST_PID"  # the host's pid, for its scheduler's and workers' watch (dask_setup)
+HOST_POLL_SECONDS = 0.5
+ORPHAN_CLOSE_SECONDS = 10.0  # a scheduler or worker whose host is gone: its own close, then it exits regardless
 
 
 def cluster_kwargs(workers: int) -> dict:
@@ -35,8 +43,28 @@ def cluster_kwargs(workers: int) -> dict:
         "n_workers": max(1, workers), "threads_per_worker": 1, "host": "127.0.0.1", "dashboard_address": None,
         "worker_class": "distributed.Worker", "silence_logs": logging.ERROR,
         # the scheduler's HTTP routes (health, metrics) on any free loopback port, not on 8787
-        "scheduler_kwargs": {"dashboard_address": "127.0.0.1:0"},
+        "scheduler_kwargs": {"dashboard_address": "127.0.0.1:0", "preload": [__name__]},
+        "worker_kwargs": {"preload": [__name__]},
     }
+
+
+def dask_setup(server) -> None:
+    """Dask's preload hook, run in the cluster's scheduler and in each worker: a daemon thread that, once the
+    process's parent is no longer the host that started it (the host died; the process was handed to init),
+    sends the process SIGTERM, on which Dask closes it, and exits it after ``ORPHAN_CLOSE_SECONDS`` if that
+    close hangs. Nothing is watched in a process that no host of alignflow's started."""
+    host = int(os.environ.get(HOST_PID_ENV) or 0)
+    if not host:
+        return
+
+    def watch() -> None:
+        while os.getppid() == host:
+            time.sleep(HOST_POLL_SECONDS)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(ORPHAN_CLOSE_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="alignflow-dask-host-watch", daemon=True).start()
 
 
 def serve(workers: int) -> None:
@@ -45,6 +73,7 @@ def serve(workers: int) -> None:
 
     # SIGTERM (the command's last resort, or a user's kill of this process) closes the cluster like stdin's end
     signal.signal(signal.SIGTERM, lambda *_: sys.stdin.close())
+    os.environ[HOST_PID_ENV] = str(os.getpid())  # inherited by the scheduler and workers: dask_setup
     cluster = SubprocessCluster(**cluster_kwargs(workers))
     try:
         sys.stdout.write(json.dumps({"address": cluster.scheduler_address}) + "\n")
