@@ -579,8 +579,7 @@ def _build_datasets(plan: IngestPlan, cfg: IngestConfig, out_dir: Path, started:
             summary.rows["quarantine"] = write_quarantine(store, tmp / "quarantine.parquet", cfg.batch_rows)
         report = build_report(store, summary, score_sources)
         report["warnings"] = score_warnings + ingest_warnings(plan, report)
-        store.close()
-        (tmp / "staging.sqlite").unlink()
+        store.remove()
         if replies is not None:
             replies.db.close()
         if walker is not None:
