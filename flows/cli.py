@@ -10,13 +10,20 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
 from collections.abc import Callable
 from typing import Annotated, Optional
 
-import typer
+# Arrow on the C library's allocator rather than its bundled jemalloc, in the command and the processes it starts
+# (set before pyarrow is first loaded): jemalloc keeps freed pages for reuse, and at 1 GiB of Pushshift input the
+# process tree peaked at 990-1,018 MiB with it against 966-970 MiB without, at the same speed (bench/REPORT.md).
+# A Stack Exchange build, where jemalloc saves 3-4 CPU-s at 1 GiB, switches to it (build.use_arrow_allocator).
+os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
+
+import typer  # noqa: E402
 
 from alignflow import stages
 from alignflow.startup import imports_without_gc

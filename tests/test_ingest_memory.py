@@ -101,3 +101,48 @@ def test_the_heap_statistics_are_read_from_glibc():
         assert heap.free_heap_bytes() - before >= 8 << 20
     finally:
         libc.free(guard)
+
+
+def test_the_builds_arrow_allocator_holds_for_the_block_only():
+    import pyarrow as pa
+    import pytest
+
+    from alignflow.tasks.ingest.build import arrow_allocator, use_arrow_allocator
+
+    before = pa.default_memory_pool().backend_name
+    other = "system" if before != "system" else "mimalloc"
+    with pytest.raises(RuntimeError):
+        with arrow_allocator(other):
+            assert pa.default_memory_pool().backend_name == other
+            assert pa.array(["x" * 100]).buffers()[2] is not None  # allocated from it
+            raise RuntimeError("a failed build")
+    assert pa.default_memory_pool().backend_name == before
+    with arrow_allocator(None):
+        assert pa.default_memory_pool().backend_name == before
+    with arrow_allocator("no-such-allocator"):  # a pyarrow without it keeps its pool
+        assert pa.default_memory_pool().backend_name == before
+    assert use_arrow_allocator(before) == before
+
+
+def test_an_ingest_leaves_the_process_on_its_arrow_allocator(fixtures_dir, tmp_path, monkeypatch):
+    """The Stack Exchange build runs on the faster allocator; a later stage in the same process (the pipeline's
+    flows) gets the pool it had, the one that keeps the tree's peak lower."""
+    import pyarrow as pa
+
+    from alignflow.config import load_config
+    from alignflow.tasks.ingest import build
+    from alignflow.tasks.ingest.run import execute_ingest, plan_ingest
+
+    seen = []
+    real = build.Builder.run
+
+    def run(self):
+        seen.append(pa.default_memory_pool().backend_name)
+        return real(self)
+
+    cfg = load_config(None, ["ingest.workers=1"]).ingest
+    before = pa.default_memory_pool().backend_name
+    monkeypatch.setattr(build.Builder, "run", run)
+    execute_ingest(plan_ingest([fixtures_dir / "conlang.meta-2020"], tmp_path, cfg), cfg)
+    assert seen == [build.FAST_ARROW_ALLOCATOR]
+    assert pa.default_memory_pool().backend_name == before

@@ -323,13 +323,42 @@ def release_memory() -> None:
     Each batch churns tens of MB of short-lived strings, frames and Arrow
     buffers; without this glibc and Arrow's allocator keep the high-water mark.
 
-    Arrow's allocator is its default pool (jemalloc in the Linux wheels). At 1 GiB of Stack Exchange input with 2
-    workers the C library's allocator (``ARROW_DEFAULT_MEMORY_POOL=system``, which the command once set) cost 3-4
-    CPU-s more (build 12.3-12.8 s against 10.2-11.0; mimalloc 11.8), the tree's peak RSS 20-30 MiB less
-    (bench/REPORT.md).
+    Which allocator Arrow uses: see :func:`use_arrow_allocator`.
     """
     pa.default_memory_pool().release_unused()
     trim_heap(min_free=TRIM_MIN_FREE)
+
+
+# The allocator of a Stack Exchange build's Arrow buffers (this process and the contract process). The command runs
+# Arrow on the C library's allocator (flows/cli.py: a Pushshift month of 1 GiB peaks 40-60 MiB higher with
+# jemalloc, 957-999 MiB against 936-940); a Stack Exchange build of 1 GiB with 2 workers took 12.3-12.8 s on it
+# against 10.2-11.0 s on jemalloc (mimalloc 11.8 s), 3-4 CPU-s more, most of it in Parquet writes and takes, for
+# 20-35 MiB less at the tree's peak (bench/REPORT.md).
+FAST_ARROW_ALLOCATOR = "jemalloc"
+
+
+def use_arrow_allocator(name: str = FAST_ARROW_ALLOCATOR) -> str:
+    """Make ``name`` (jemalloc, mimalloc, system) the pool of the Arrow buffers this process allocates from now on;
+    buffers allocated before stay with their pool. A pyarrow built without it keeps its pool. Returns the
+    backend in use."""
+    try:
+        pa.set_memory_pool(getattr(pa, f"{name}_memory_pool")())
+    except (AttributeError, NotImplementedError, pa.ArrowException):
+        pass
+    return pa.default_memory_pool().backend_name
+
+
+@contextmanager
+def arrow_allocator(name: str | None) -> Iterator[None]:
+    """Within the block, Arrow buffers come from the pool ``name`` (None: unchanged); after it, from the pool
+    before."""
+    before = pa.default_memory_pool()
+    if name is not None:
+        use_arrow_allocator(name)
+    try:
+        yield
+    finally:
+        pa.set_memory_pool(before)
 
 
 @contextmanager

@@ -238,12 +238,16 @@ def _remove_abandoned(root: str) -> None:
 
 
 class ContractService:
-    def __init__(self, shared_root: str = SHARED_MEMORY) -> None:
+    def __init__(self, shared_root: str = SHARED_MEMORY, *, arrow_allocator: str | None = None) -> None:
+        """``arrow_allocator``: the worker's Arrow pool from its first batch on (:func:`.build.use_arrow_allocator`;
+        None: the one it starts with)."""
         self.proc = _take_worker()
         self.shared = SharedBatches(shared_root)
         self._out: queue.Queue = queue.Queue()
         if self.shared.dir is not None:  # the worker removes the folder if this process dies first
             self._out.put(("shared", self.shared.dir))
+        if arrow_allocator is not None:
+            self._out.put(("allocator", arrow_allocator))
         self._results: dict[int, Any] = {}
         self._ready = threading.Condition()
         self._submitted = 0
@@ -430,7 +434,7 @@ def serve() -> None:
     from alignflow.data_contracts.contracts import defer_unused_imports
     from alignflow.startup import imports_without_gc
 
-    from .build import collect_batch_garbage
+    from .build import collect_batch_garbage, use_arrow_allocator
     from .pipes import worker_streams
 
     defer_unused_imports()
@@ -463,6 +467,9 @@ def serve() -> None:
             return
         if message[0] == "shared":  # where the builder's batch files are (no reply)
             shared_dir = message[1]
+            continue
+        if message[0] == "allocator":  # the Arrow pool of the batches from here on (no reply)
+            use_arrow_allocator(message[1])
             continue
         kind = None
         try:
