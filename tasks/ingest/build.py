@@ -331,9 +331,9 @@ def release_memory() -> None:
 
 # The allocator of a Stack Exchange build's Arrow buffers (this process and the contract process). The command runs
 # Arrow on the C library's allocator (flows/cli.py: a Pushshift month of 1 GiB peaks higher on the others, 957 MiB
-# on jemalloc and 999 on mimalloc, Arrow's own default, against 936-941); a Stack Exchange build of 1 GiB with 2 workers took 12.3-12.8 s on it
-# against 10.2-11.0 s on jemalloc (mimalloc 11.8 s), 3-4 CPU-s more, most of it in Parquet writes and takes, for
-# 20-35 MiB less at the tree's peak (bench/REPORT.md).
+# on jemalloc and 999 on mimalloc, Arrow's own default, against 936-941). A Stack Exchange build of 1 GiB with 2
+# workers took 12.3-12.8 s on it against 10.2-11.0 s on jemalloc (mimalloc 11.8 s), 3-4 CPU-s more, most of it in
+# Parquet writes and takes, for 20-35 MiB less at the tree's peak (bench/REPORT.md).
 FAST_ARROW_ALLOCATOR = "jemalloc"
 
 
