@@ -102,7 +102,7 @@ class IngestConfig(_Section):
         "(its first bytes kept): memory stays bounded whatever the input holds.")
     batch_rows: int = Field(5_000, ge=100, description="Most rows per Parquet row group and per contract validation batch.")
     batch_mb: int = Field(
-        4, ge=1, description="Most text (MiB) per batch: bounds memory whatever the length of the texts."
+        4, ge=1, description="Most text (MiB of UTF-8) per batch: bounds memory whatever the length of the texts."
     )
     workers: int = Field(
         0, ge=0, description="Processes that read dump tables in parallel (byte ranges cut at row lines); "
@@ -123,7 +123,7 @@ class IngestConfig(_Section):
         200_000, ge=100, description="Most rows per data-contract validation (several row groups checked at once)."
     )
     contract_mb: int = Field(
-        8, ge=1, description="Most text (MiB) per data-contract validation. Larger batches save contract CPU "
+        8, ge=1, description="Most text (MiB of UTF-8) per data-contract validation. Larger batches save contract CPU "
         "(each validation has a fixed cost: ~12-27 ms on this 2-core machine once a suite's metric graphs are "
         "built, ~25-45 ms before) and cost memory: at 1 GiB of input with 2 workers (measured before the graphs "
         "were kept), 4 MiB took ~30 contract CPU-s (writing Parquet included) and the command ~67-70 s with its "

@@ -97,9 +97,11 @@ SPLIT_RULE = "expect_question_ids_in_one_split"
 #: At least one non-whitespace character (== non-empty after ``str.strip()``). Python's ``\S``, spelled as
 #: the class of every character outside ``str.isspace()``: with ``\S`` itself pandas hands the match to
 #: Python's ``re`` row by row (RE2's ``\s`` misses some whitespace), with this class to pyarrow's RE2
-#: over the whole column, about 10x faster on long texts. tests/test_contracts.py checks that both
-#: agree on every code point.
-NON_EMPTY_REGEX = "[^\\t-\\r\\x1c- \\x85\\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+#: over the whole column, about 10x faster on long texts. Anchored (``^`` then whitespace, then one
+#: character outside it), RE2 decides at the text's first characters instead of searching: 15 against
+#: 20-36 ms on 200,000 bodies. tests/test_contracts.py checks that it agrees with ``\S`` on every code point.
+_SPACE_CLASS = "\\t-\\r\\x1c- \\x85\\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+NON_EMPTY_REGEX = f"^[{_SPACE_CLASS}]*[^{_SPACE_CLASS}]"
 
 
 # --------------------------------------------------------------------------- specs

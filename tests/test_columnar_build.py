@@ -116,7 +116,8 @@ def test_a_table_of_questions_is_cut_where_rows_one_by_one_are(tmp_path, seed):
     rows, n = [], 0
     for q, k in enumerate(questions):
         for _ in range(k):
-            rows.append(dict(prompt_id=f"p{n}", prompt="x" * int(rng.integers(1, 400)), question_id=str(q),
+            char = ("x", "é", "€", "😀")[int(rng.integers(0, 4))]  # 1 to 4 bytes in UTF-8
+            rows.append(dict(prompt_id=f"p{n}", prompt=char * int(rng.integers(1, 400)), question_id=str(q),
                              site="s.com", source="stackexchange", split="train", _source_file="f", _line=n))
             n += 1
     ends = np.cumsum(questions)
@@ -140,6 +141,31 @@ def test_a_table_of_questions_is_cut_where_rows_one_by_one_are(tmp_path, seed):
     assert one.batches == many.batches > 5
     assert pq.ParquetFile(one.path).metadata.num_row_groups > 20
     assert (tmp_path / "one" / "prompts.parquet").read_bytes() == (tmp_path / "many" / "prompts.parquet").read_bytes()
+
+
+def test_a_row_groups_text_is_bounded_in_utf8_bytes_not_characters(tmp_path):
+    """A row group closes once its text reaches ``batch_bytes`` bytes of UTF-8: 100 characters of "€" are 300
+    bytes, so a bound of 1,000 bytes closes a group of such rows after 4 of them (by characters: after 10)."""
+    def row(n: int) -> dict:
+        return dict(prompt_id=f"p{n}", prompt="€" * 100, question_id=str(n), site="s", source="stackexchange",
+                    split="train", _source_file="f", _line=n)
+
+    extra = sum(len(v) for k, v in row(0).items() if isinstance(v, str) and k != "prompt")  # ASCII fields
+    assert 3 * (300 + extra) < 1_000 <= 4 * (300 + extra)
+    sizes = dict(batch_rows=1_000, batch_bytes=1_000, contract_rows=1_000, contract_bytes=1_000)
+    store = StagingStore(tmp_path / "store.sqlite")
+    rows = [row(n) for n in range(20)]
+    for how in ("rows", "table"):
+        writer = _writer("prompts", tmp_path / how / "prompts.parquet", store, BuildSummary(), **sizes)
+        if how == "rows":
+            for r in rows:
+                writer.add(r)
+                writer.maybe_flush()
+        else:
+            writer.add_table(rows_to_table(rows, writer.batch_schema), np.arange(1, 21))
+        writer.close()
+        meta = pq.ParquetFile(writer.path).metadata
+        assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [4, 4, 4, 4, 4], how
 
 
 def test_pm_scores_are_the_scalar_rule():

@@ -40,6 +40,11 @@ DATASETS = ("posts", "pairs", "demos", "prompts")
 _IS_STR = str.__instancecheck__  # isinstance(v, str), called from C by filter()
 
 
+def utf8_bytes(text: str) -> int:
+    """The bytes of ``text`` in UTF-8: its length when it is ASCII (a flag CPython keeps), else its encoding's."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
 @dataclass
 class BuildSummary:
     rows: dict[str, int] = field(default_factory=dict)  # rows written per dataset
@@ -110,7 +115,7 @@ class DatasetWriter:
         """One row (keys: ``batch_schema``'s names); :meth:`maybe_flush` after the rows of one question."""
         self.rows.append(row)
         self.group_rows += 1
-        self.group_bytes += sum(map(len, filter(_IS_STR, row.values())))  # the text of the row, in characters
+        self.group_bytes += sum(map(utf8_bytes, filter(_IS_STR, row.values())))  # the text of the row, in bytes
 
     def maybe_flush(self) -> None:
         # A row group is bounded by rows and by text size: a batch of long answers must not grow memory.
@@ -127,11 +132,13 @@ class DatasetWriter:
         n = table.num_rows
         if n == 0:
             return
-        chars = np.zeros(n, dtype=np.int64)
+        # The text of each row in UTF-8 bytes, as add() counts it: from the strings' offsets, without reading a
+        # character (counting characters read all 1.9 GB of the datasets' text at 1 GiB of input: 1.5 CPU-s).
+        text_bytes = np.zeros(n, dtype=np.int64)
         for column, f in zip(table.columns, self.batch_schema):
             if pa.types.is_string(f.type):
-                chars += pc.utf8_length(column).fill_null(0).to_numpy()
-        total = np.concatenate(([0], np.cumsum(chars)))  # total[i]: the text of rows [0, i)
+                text_bytes += pc.binary_length(column).fill_null(0).to_numpy()
+        total = np.concatenate(([0], np.cumsum(text_bytes)))  # total[i]: the text of rows [0, i)
         start = 0
         while start < n:
             self._rows_to_piece()
