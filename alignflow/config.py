@@ -123,12 +123,10 @@ class IngestConfig(_Section):
         200_000, ge=100, description="Most rows per data-contract validation (several row groups checked at once)."
     )
     contract_mb: int = Field(
-        8, ge=1, description="Most text (MiB of UTF-8) per data-contract validation. Larger batches save contract CPU "
-        "(each validation has a fixed cost: ~12-27 ms on this 2-core machine once a suite's metric graphs are "
-        "built, ~25-45 ms before) and cost memory: at 1 GiB of input with 2 workers (measured before the graphs "
-        "were kept), 4 MiB took ~30 contract CPU-s (writing Parquet included) and the command ~67-70 s with its "
-        "process tree at ~880 MiB; 8 MiB ~25 CPU-s, ~64 s, ~935 MiB; 16 MiB ~21 CPU-s, ~63 s, ~1,050 MiB "
-        "(over 1 GiB).")
+        12, ge=1, description="Most text (MiB of UTF-8) per data-contract validation. Larger batches save contract "
+        "CPU (each validation has a fixed cost: ~15 ms on this 2-core machine once a suite's metric graphs are "
+        "built) and cost memory: at 1 GiB of input with 2 workers, 8 MiB took ~12.4 contract CPU-s and 12 MiB "
+        "~10.5-10.8, the process tree's peak RSS +45 MiB (bench/REPORT.md).")
     split: SplitConfig = Field(default_factory=SplitConfig, description="How questions are assigned to splits.")
     reddit_reply_pairs: bool = Field(
         False,

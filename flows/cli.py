@@ -98,6 +98,7 @@ def ingest(
     """Turn upvote dumps into contracted preference datasets (one MLflow run)."""
     from alignflow.tasks.ingest.sources import format_names
 
+    _limit_malloc_arenas()
     if format != "auto" and format not in format_names():
         _fail(ValueError(f"--format must be auto or one of {', '.join(format_names())}, not {format!r}"))
     with imports_without_gc():  # everything up to the flow: checks, servers and workers started, imports
@@ -136,6 +137,24 @@ def ingest(
     if not out["datasets"]["pairs"]["rows"] and not allow_empty:
         _fail(ValueError("the ingest produced no preference pairs (see the warnings above); "
                          "pass --allow-empty to accept an empty result"))
+
+
+# Malloc arenas of the ingest's processes (this one and those it starts: readers, the contract process, Prefect's
+# server), unless MALLOC_ARENA_MAX says otherwise. glibc makes up to 8 per core, one per thread as they come; each
+# keeps the buffers its threads freed (the walk's reads ahead, the contract service's pipes, Prefect's threads).
+# At 1 GiB with 2 workers, 2 arenas took the process tree's peak RSS from 932-944 MiB to 901 at the same speed
+# (bench/REPORT.md), room for the larger contract batches of ``ingest.contract_mb``.
+INGEST_MALLOC_ARENAS = 2
+
+
+def _limit_malloc_arenas() -> None:
+    from alignflow.tasks.ingest.heap import limit_arenas
+
+    value = os.environ.setdefault("MALLOC_ARENA_MAX", str(INGEST_MALLOC_ARENAS))
+    try:
+        limit_arenas(int(value))
+    except ValueError:  # not a number: glibc ignores it in the processes started; so does this one
+        pass
 
 
 def _check_ingest_input(cfg, sources: list, fmt: str) -> None:

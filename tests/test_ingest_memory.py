@@ -1,7 +1,12 @@
-"""The build's handling of the garbage collector: batch garbage freed at once, the libraries' objects frozen."""
+"""The build's handling of memory: batch garbage freed at once, the libraries' objects frozen, malloc arenas shared."""
 
 import gc
+import os
+import subprocess
+import sys
 import weakref
+
+import pytest
 
 from alignflow.tasks.ingest.build import collect_batch_garbage, frozen_heap
 
@@ -146,3 +151,54 @@ def test_an_ingest_leaves_the_process_on_its_arrow_allocator(fixtures_dir, tmp_p
     execute_ingest(plan_ingest([fixtures_dir / "conlang.meta-2020"], tmp_path, cfg), cfg)
     assert seen == [build.FAST_ARROW_ALLOCATOR]
     assert pa.default_memory_pool().backend_name == before
+
+
+_ARENAS = """
+import sys, threading
+from alignflow.tasks.ingest.heap import _LIBC, limit_arenas
+if sys.argv[1] == "limit":
+    assert limit_arenas(1)
+barrier = threading.Barrier(5)
+def work():
+    keep = [bytearray(1000) for _ in range(2000)]  # from glibc's malloc: each thread's arena
+    barrier.wait()
+    barrier.wait()
+threads = [threading.Thread(target=work) for _ in range(4)]
+for t in threads:
+    t.start()
+barrier.wait()
+_LIBC.malloc_stats()  # one "Arena N:" paragraph per arena, on stderr
+barrier.wait()
+for t in threads:
+    t.join()
+"""
+
+
+def test_limit_arenas_makes_threads_share_the_arenas():
+    from alignflow.tasks.ingest.heap import _LIBC
+
+    if _LIBC is None:
+        pytest.skip("malloc arenas are glibc's: this C library has none to limit")
+    counts = {}
+    for how in ("limit", "default"):
+        out = subprocess.run([sys.executable, "-c", _ARENAS, how], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr[-2000:]
+        counts[how] = out.stderr.count("Arena ")
+    assert counts["limit"] == 1
+    assert counts["default"] > 1
+
+
+def test_the_ingest_command_limits_its_processes_arenas_unless_told_otherwise(monkeypatch):
+    from alignflow.flows import cli
+
+    taken = []
+    monkeypatch.setattr("alignflow.tasks.ingest.heap.limit_arenas", taken.append)
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    cli._limit_malloc_arenas()
+    assert os.environ["MALLOC_ARENA_MAX"] == str(cli.INGEST_MALLOC_ARENAS) and taken == [cli.INGEST_MALLOC_ARENAS]
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "6")  # the user's: kept, and this process follows it
+    cli._limit_malloc_arenas()
+    assert os.environ["MALLOC_ARENA_MAX"] == "6" and taken[-1] == 6
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "many")  # not a number: left to glibc, which ignores it
+    cli._limit_malloc_arenas()
+    assert taken[-1] == 6

@@ -31,6 +31,19 @@ def _load_libc():
 _LIBC, _MALLINFO2 = _load_libc()
 
 
+M_ARENA_MAX = -8  # mallopt's parameter for the most arenas (glibc's malloc.h)
+
+
+def limit_arenas(arenas: int) -> bool:
+    """Let the threads this process starts from now on share at most ``arenas`` malloc arenas (glibc's
+    ``mallopt(M_ARENA_MAX)``; the default is 8 per core). Each arena keeps what its threads freed as RSS until
+    it is trimmed; fewer arenas, less of it. The ``MALLOC_ARENA_MAX`` environment variable does the same for a
+    process started with it. Returns whether the C library took it (False without glibc)."""
+    if _LIBC is None or arenas < 1:
+        return False
+    return bool(_LIBC.mallopt(M_ARENA_MAX, int(arenas)))
+
+
 def free_heap_bytes() -> int | None:
     """Bytes the malloc arenas hold free (``fordblks``), or None where glibc cannot say."""
     return None if _MALLINFO2 is None else int(_MALLINFO2().fordblks)
