@@ -123,10 +123,11 @@ class IngestConfig(_Section):
         200_000, ge=100, description="Most rows per data-contract validation (several row groups checked at once)."
     )
     contract_mb: int = Field(
-        12, ge=1, description="Most text (MiB of UTF-8) per data-contract validation. Larger batches save contract "
-        "CPU (each validation has a fixed cost: ~15 ms on this 2-core machine once a suite's metric graphs are "
-        "built) and cost memory: at 1 GiB of input with 2 workers, 8 MiB took ~12.4 contract CPU-s and 12 MiB "
-        "~10.5-10.8, the process tree's peak RSS +45 MiB (bench/REPORT.md).")
+        0, ge=0, description="Most text (MiB of UTF-8) per data-contract validation; 0 = 12 for a build without "
+        "Pushshift input, 8 with it. Larger batches save contract CPU (each validation has a fixed cost: ~15 ms on "
+        "this 2-core machine once a suite's metric graphs are built) and cost memory: at 1 GiB of Stack Exchange "
+        "input with 2 workers, 8 MiB took ~12.4 contract CPU-s and 12 MiB ~10.5-10.8, the process tree's peak RSS "
+        "+25-45 MiB; a Pushshift month of 1 GiB gains nothing from 12 and peaks 20-40 MiB higher (bench/REPORT.md).")
     split: SplitConfig = Field(default_factory=SplitConfig, description="How questions are assigned to splits.")
     reddit_reply_pairs: bool = Field(
         False,

@@ -22,7 +22,9 @@ import pytest
 
 from alignflow.config import load_config
 from alignflow.data_contracts import validate
-from alignflow.tasks.ingest.build import Builder, BuildSummary, DatasetWriter, rows_to_table
+from alignflow.tasks.ingest.build import (
+    CONTRACT_MB, CONTRACT_MB_PUSHSHIFT, Builder, BuildSummary, DatasetWriter, rows_to_table,
+)
 from alignflow.tasks.ingest.columnar import pm_scores, render_prompts
 from alignflow.tasks.ingest.run import execute_ingest, plan_ingest
 from alignflow.tasks.ingest.scoring import pm_score
@@ -220,3 +222,14 @@ def test_reddit_columns_and_rows_build_the_same_files(tmp_path, monkeypatch, wor
     quarantine = pd.read_parquet(columns.datasets["quarantine"]["path"])
     assert (quarantine.reason == "orphan_answer").sum() == 4
     assert columns.report["contracts"]["posts"]["batches"] > 3
+
+
+@pytest.mark.parametrize(("setting", "pushshift", "mib"), [
+    (0, False, CONTRACT_MB), (0, True, CONTRACT_MB_PUSHSHIFT), (5, False, 5), (5, True, 5),
+])
+def test_contract_batches_hold_the_configured_text_or_the_inputs_default(tmp_path, setting, pushshift, mib):
+    cfg = load_config(None, [f"ingest.contract_mb={setting}"]).ingest
+    store = StagingStore(tmp_path / "store.sqlite")
+    builder = Builder(store, tmp_path, cfg, validate=validate, pushshift=pushshift)
+    assert {w.contract_bytes for w in builder.writers.values()} == {max(mib << 20, cfg.batch_mb << 20)}
+    store.close()

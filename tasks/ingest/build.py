@@ -433,6 +433,18 @@ def score_answer(answer: StoredPost, accepted: bool, score_source: str) -> tuple
     return pm_score(max(answer.score, 0), answer.score, accepted), answer.upvotes
 
 
+# Text per contract batch (MiB) when ``ingest.contract_mb`` is 0: larger batches pay GX's fixed cost per validation
+# less often, and hold more memory. A Pushshift month gains no speed from 12 MiB and peaks 20-40 MiB higher
+# (bench/REPORT.md, "Contract batches of 12 MiB ...").
+CONTRACT_MB = 12
+CONTRACT_MB_PUSHSHIFT = 8
+
+
+def contract_mb(cfg: IngestConfig, pushshift: bool) -> int:
+    """The text per contract batch (MiB) of a build: ``ingest.contract_mb``, or by its input when that is 0."""
+    return cfg.contract_mb or (CONTRACT_MB_PUSHSHIFT if pushshift else CONTRACT_MB)
+
+
 class Builder:
     # Stack Exchange questions and Reddit submissions are built a chunk at a time as columns (.columnar), the
     # others (and chunks of mixed sources) one question at a time as rows (add_question). Off: every question
@@ -440,7 +452,7 @@ class Builder:
     columnar = True
 
     def __init__(self, store: StagingStore, out_dir: Path, cfg: IngestConfig, *, validate: Callable[..., Any],
-                 shp_pairs: Callable[..., Any] | None = None, contracts: Any = None) -> None:
+                 shp_pairs: Callable[..., Any] | None = None, contracts: Any = None, pushshift: bool = False) -> None:
         self.store = store
         self.cfg = cfg
         self.summary = BuildSummary()
@@ -450,7 +462,7 @@ class Builder:
             kind: DatasetWriter(
                 kind, out_dir / f"{kind}.parquet", store, self.summary, batch_rows=cfg.batch_rows,
                 batch_bytes=cfg.batch_mb << 20, max_chars=prompt_budget, docs_dir=out_dir / "contracts", validate=validate,
-                contract_rows=cfg.contract_rows, contract_bytes=cfg.contract_mb << 20, contracts=contracts,
+                contract_rows=cfg.contract_rows, contract_bytes=contract_mb(cfg, pushshift) << 20, contracts=contracts,
             )
             for kind in DATASETS
         }

@@ -558,7 +558,8 @@ def _build_datasets(plan: IngestPlan, cfg: IngestConfig, out_dir: Path, started:
         score_warnings = check_votes_against_scores(store, score_sources, cfg)
         with phases("build (wall)"):
             builder = Builder(store, tmp, cfg, validate=phases.timed("build: contracts", validate),
-                              shp_pairs=shp_pairs, contracts=contracts)
+                              shp_pairs=shp_pairs, contracts=contracts,
+                              pushshift=any(source.format == "reddit" for source in plan.sources))
             builder.sites_with_votes = {s for s in builder.sites_with_votes if score_sources.get(s) == "votes"}
             if replies is not None:
                 builder.extra_steps.append(lambda b: write_reply_pairs(replies, b, cfg))
