@@ -142,8 +142,9 @@ def ingest(
 # Malloc arenas of the ingest's processes (this one and those it starts: readers, the contract process, Prefect's
 # server), unless MALLOC_ARENA_MAX says otherwise. glibc makes up to 8 per core, one per thread as they come; each
 # keeps the buffers its threads freed (the walk's reads ahead, the contract service's pipes, Prefect's threads).
-# At 1 GiB with 2 workers, 2 arenas took the process tree's peak RSS from 932-944 MiB to 901 at the same speed
-# (bench/REPORT.md), room for the larger contract batches of ``ingest.contract_mb``.
+# At 1 GiB with 2 workers, 2 arenas took the process tree's peak RSS from 970-985 MiB to 946-951 (12 MiB contract
+# batches; 932 to 901 with 8) at the same speed: the room the larger batches of ``ingest.contract_mb`` take
+# (bench/REPORT.md, "Text bounded in bytes; two malloc arenas").
 INGEST_MALLOC_ARENAS = 2
 
 

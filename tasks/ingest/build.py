@@ -435,7 +435,7 @@ def score_answer(answer: StoredPost, accepted: bool, score_source: str) -> tuple
 
 # Text per contract batch (MiB) when ``ingest.contract_mb`` is 0: larger batches pay GX's fixed cost per validation
 # less often, and hold more memory. A Pushshift month gains no speed from 12 MiB and peaks 20-40 MiB higher
-# (bench/REPORT.md, "Contract batches of 12 MiB ...").
+# (bench/REPORT.md, "Text bounded in bytes; two malloc arenas; contract batches of 12 MiB").
 CONTRACT_MB = 12
 CONTRACT_MB_PUSHSHIFT = 8
 
