@@ -514,7 +514,47 @@ def _stop_as_interrupted(signum, frame) -> None:
     STOP_SIGNALS.append(signum)
     if signum == signal.SIGTERM:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _INTERRUPTS["raised"] += 1
     raise KeyboardInterrupt
+
+
+def _redeliver_swallowed_stop(unraisable) -> None:
+    """``sys.unraisablehook`` of the command: a stop whose ``KeyboardInterrupt`` Python could not raise is
+    delivered again.
+
+    A signal's handler runs between two bytecodes of the main thread, wherever it is, and can be inside a callback
+    that Python cannot raise from (a weakref's, as importlib's module locks have, or a ``__del__``). There Python
+    prints "Exception ignored in: ..." and goes on: a Ctrl-C that came at that moment was lost, and the command ran
+    to its end with exit 0. This hook delivers the stop again through the SIGINT handler, from a thread, once the
+    callback has returned (a handler made to run at once would run inside this hook, where it is lost the same way),
+    instead of printing it; any other unraisable error goes to the hook before."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt) and STOP_SIGNALS:
+        import threading
+
+        _INTERRUPTS["lost"] += 1
+        if debug():
+            _UNRAISABLE_HOOK[0](unraisable)
+        timer = threading.Timer(_REDELIVER_AFTER_S, _redeliver)
+        timer.daemon = True
+        timer.start()
+        return
+    _UNRAISABLE_HOOK[0](unraisable)
+
+
+def _redeliver() -> None:
+    import _thread
+    import signal
+
+    if _INTERRUPTS["raised"] > _INTERRUPTS["lost"]:  # a later stop got through meanwhile: it is the one
+        return
+    if signal.getsignal(signal.SIGINT) is not _stop_as_interrupted:  # a background job ignores SIGINT
+        signal.signal(signal.SIGINT, _stop_as_interrupted)
+    _thread.interrupt_main(signal.SIGINT)
+
+
+_UNRAISABLE_HOOK = [sys.unraisablehook]  # the hook before the command's
+_INTERRUPTS = {"raised": 0, "lost": 0}  # KeyboardInterrupts the stop handler raised, and those Python ignored
+_REDELIVER_AFTER_S = 0.01
 
 
 def main() -> None:  # pragma: no cover
@@ -527,6 +567,8 @@ def main() -> None:  # pragma: no cover
     signal.signal(signal.SIGTERM, _stop_as_interrupted)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored (a background job)
         signal.signal(signal.SIGINT, _stop_as_interrupted)
+    _UNRAISABLE_HOOK[0] = sys.unraisablehook
+    sys.unraisablehook = _redeliver_swallowed_stop
     code = 0
     try:
         app()

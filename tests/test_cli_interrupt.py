@@ -170,3 +170,41 @@ def test_an_interrupt_a_library_wrapped_in_its_own_error_is_still_the_stop(signa
                                capture_output=True, text=True, timeout=120, preexec_fn=_as_a_terminal_job)
         assert debug.returncode == code and "RuntimeError: a library's own error" in debug.stderr  # --debug shows it
         assert debug.stderr.strip().splitlines()[-1] == line
+
+
+# A command whose stop arrives inside a callback Python cannot raise from (a weakref's, as importlib's module locks
+# have): the signal's KeyboardInterrupt is "ignored" there, and the command would run on to exit 0.
+_SWALLOWING_COMMAND = """
+import os, signal, sys, time, weakref
+from alignflow.flows import cli
+
+class Thing:
+    pass
+
+@cli.app.command("stop-me")
+def stop_me(signame: str) -> None:
+    thing = Thing()
+
+    def callback(ref):  # the signal's handler runs in here
+        os.kill(os.getpid(), getattr(signal, signame))
+        for _ in range(100_000):
+            pass
+
+    ref = weakref.ref(thing, callback)
+    del thing
+    time.sleep(3)
+
+sys.argv = ["alignflow", "stop-me", sys.argv[1]]
+cli.main()
+"""
+
+
+@pytest.mark.parametrize(("signame", "code", "line"), [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
+def test_a_stop_that_comes_inside_a_callback_still_stops_the_command(signame, code, line):
+    env = {k: v for k, v in os.environ.items() if k != "ALIGNFLOW_DEBUG"}
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", _SWALLOWING_COMMAND, signame], env=env, capture_output=True,
+                          text=True, timeout=120, preexec_fn=_as_a_terminal_job)
+    assert proc.returncode == code, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [line], proc.stderr[-3000:]  # no "Exception ignored" above it
+    assert time.monotonic() - started < 60
