@@ -529,11 +529,15 @@ def _redeliver_swallowed_stop(unraisable) -> None:
     callback has returned (a handler made to run at once would run inside this hook, where it is lost the same way),
     instead of printing it; any other unraisable error goes to the hook before."""
     if isinstance(unraisable.exc_value, KeyboardInterrupt) and STOP_SIGNALS:
+        import signal
         import threading
 
         _INTERRUPTS["lost"] += 1
         if debug():
             _UNRAISABLE_HOOK[0](unraisable)
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is not _stop_as_interrupted:  # a background job ignores SIGINT
+            signal.signal(signal.SIGINT, _stop_as_interrupted)  # (handlers are set on the main thread only)
         timer = threading.Timer(_REDELIVER_AFTER_S, _redeliver)
         timer.daemon = True
         timer.start()
@@ -547,8 +551,6 @@ def _redeliver() -> None:
 
     if _INTERRUPTS["raised"] > _INTERRUPTS["lost"]:  # a later stop got through meanwhile: it is the one
         return
-    if signal.getsignal(signal.SIGINT) is not _stop_as_interrupted:  # a background job ignores SIGINT
-        signal.signal(signal.SIGINT, _stop_as_interrupted)
     _thread.interrupt_main(signal.SIGINT)
 
 

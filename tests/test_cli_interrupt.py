@@ -199,12 +199,21 @@ cli.main()
 """
 
 
-@pytest.mark.parametrize(("signame", "code", "line"), [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
-def test_a_stop_that_comes_inside_a_callback_still_stops_the_command(signame, code, line):
+def _as_a_background_job() -> None:
+    """SIGINT ignored, SIGTERM at its default: a background job of a non-interactive shell."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize(("signame", "code", "line", "job"), [
+    ("SIGINT", 130, "interrupted", _as_a_terminal_job), ("SIGTERM", 143, "terminated", _as_a_terminal_job),
+    ("SIGTERM", 143, "terminated", _as_a_background_job),
+], ids=["sigint", "sigterm", "sigterm-background-job"])
+def test_a_stop_that_comes_inside_a_callback_still_stops_the_command(signame, code, line, job):
     env = {k: v for k, v in os.environ.items() if k != "ALIGNFLOW_DEBUG"}
     started = time.monotonic()
     proc = subprocess.run([sys.executable, "-c", _SWALLOWING_COMMAND, signame], env=env, capture_output=True,
-                          text=True, timeout=120, preexec_fn=_as_a_terminal_job)
+                          text=True, timeout=120, preexec_fn=job)
     assert proc.returncode == code, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines() == [line], proc.stderr[-3000:]  # no "Exception ignored" above it
     assert time.monotonic() - started < 60
