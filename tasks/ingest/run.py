@@ -60,6 +60,12 @@ class IngestPlan:
     # each input file's file_stamp (device, inode, size, modification time) when it was hashed: check_unchanged
     stamps: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
 
+    @property
+    def pushshift(self) -> bool:
+        """Whether some source is a Pushshift file: its build keeps the C library's allocator and 8 MiB contract
+        batches (a Pushshift month peaks higher on the others)."""
+        return any(source.format == "reddit" for source in self.sources)
+
 
 @dataclass
 class IngestResult:
@@ -499,7 +505,7 @@ def execute_ingest(plan: IngestPlan, cfg: IngestConfig, *, mark: bool = True) ->
 
     # Without Pushshift input, whose months peak higher on it, the build's Arrow buffers come from the faster
     # allocator, in this process and in the contract process (.build.FAST_ARROW_ALLOCATOR)
-    allocator = None if any(source.format == "reddit" for source in plan.sources) else FAST_ARROW_ALLOCATOR
+    allocator = None if plan.pushshift else FAST_ARROW_ALLOCATOR
     # the libraries' objects stay out of the collector's passes over the build's garbage
     with frozen_heap(), arrow_allocator(allocator):
         datasets, report, docs = _build_datasets(plan, cfg, out_dir, started, input_bytes, allocator)
@@ -558,8 +564,7 @@ def _build_datasets(plan: IngestPlan, cfg: IngestConfig, out_dir: Path, started:
         score_warnings = check_votes_against_scores(store, score_sources, cfg)
         with phases("build (wall)"):
             builder = Builder(store, tmp, cfg, validate=phases.timed("build: contracts", validate),
-                              shp_pairs=shp_pairs, contracts=contracts,
-                              pushshift=any(source.format == "reddit" for source in plan.sources))
+                              shp_pairs=shp_pairs, contracts=contracts, pushshift=plan.pushshift)
             builder.sites_with_votes = {s for s in builder.sites_with_votes if score_sources.get(s) == "votes"}
             if replies is not None:
                 builder.extra_steps.append(lambda b: write_reply_pairs(replies, b, cfg))
