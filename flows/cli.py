@@ -17,11 +17,19 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Annotated, Optional
 
+JEMALLOC_CONF_VAR = "JE_ARROW_MALLOC_CONF"  # options of the jemalloc bundled with Arrow (its symbol prefix: je_arrow_)
+JEMALLOC_CONF = "muzzy_decay_ms:0"
+
 # Arrow on the C library's allocator rather than its bundled jemalloc, in the command and the processes it starts
 # (set before pyarrow is first loaded): jemalloc keeps freed pages for reuse, and at 1 GiB of Pushshift input the
 # process tree peaked at 990-1,018 MiB with it against 966-970 MiB without, at the same speed (bench/REPORT.md).
 # A Stack Exchange build, where jemalloc saves 3-4 CPU-s at 1 GiB, switches to it (build.use_arrow_allocator).
 os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
+# On that jemalloc, pages the build freed are given back to the OS once they decay (1 s, Arrow's setting), not
+# marked free-when-needed for another second (MADV_FREE, "muzzy"): muzzy pages still count as the process's RSS
+# until the kernel is short of memory. At 1 GiB with 2 workers the tree's peak fell by ~15-20 MiB at the same
+# speed (bench/REPORT.md, "Muzzy pages"). Read by jemalloc when it first starts; a value the user set is kept.
+os.environ.setdefault(JEMALLOC_CONF_VAR, JEMALLOC_CONF)
 
 import typer  # noqa: E402
 

@@ -202,3 +202,20 @@ def test_the_ingest_command_limits_its_processes_arenas_unless_told_otherwise(mo
     monkeypatch.setenv("MALLOC_ARENA_MAX", "many")  # not a number: left to glibc, which ignores it
     cli._limit_malloc_arenas()
     assert taken[-1] == 6
+
+
+@pytest.mark.parametrize("users", [None, "dirty_decay_ms:500"])
+def test_the_command_gives_arrows_jemalloc_its_options_before_pyarrow_loads(users):
+    """The command's module sets the options of Arrow's jemalloc (no muzzy pages) before pyarrow is loaded, so
+    jemalloc reads them when it starts, in the command and the processes it starts; a value the user set stays."""
+    from alignflow.flows.cli import JEMALLOC_CONF, JEMALLOC_CONF_VAR
+
+    env = {k: v for k, v in os.environ.items() if k != JEMALLOC_CONF_VAR}
+    if users is not None:
+        env[JEMALLOC_CONF_VAR] = users
+    # what runs before the module's first line (its packages) has not loaded pyarrow; the module sets the options
+    probe = ("import os, sys; import alignflow.flows; before = 'pyarrow' in sys.modules; "
+             f"import alignflow.flows.cli; print(before, os.environ.get({JEMALLOC_CONF_VAR!r}))")
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", users or JEMALLOC_CONF]
