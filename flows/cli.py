@@ -28,7 +28,7 @@ os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 # On that jemalloc, pages the build freed are given back to the OS once they decay (1 s, Arrow's setting), not
 # marked free-when-needed for another second (MADV_FREE, "muzzy"): muzzy pages still count as the process's RSS
 # until the kernel is short of memory. At 1 GiB with 2 workers the tree's peak fell by ~15-20 MiB at the same
-# speed (bench/REPORT.md, "Muzzy pages"). Read by jemalloc when it first starts; a value the user set is kept.
+# speed (bench/REPORT.md, "no muzzy pages"). Read by jemalloc when it first starts; a value the user set is kept.
 os.environ.setdefault(JEMALLOC_CONF_VAR, JEMALLOC_CONF)
 
 import typer  # noqa: E402
