@@ -18,6 +18,19 @@ MIB = 1 << 20
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def cpu_model() -> str:
+    """The CPU's model name, as the generated report names the machine (``bench/common.py``): the floor's speed and
+    the command's move differently from one CPU to another, so figures compare only on the same model."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import common
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    return common.machine_info()["cpu_model"]
+
+
 def tree_rss(proc: psutil.Process) -> tuple[int, list[tuple[str, int]]]:
     """Summed RSS of ``proc`` and its descendants, and the per-process parts (command line, RSS)."""
     try:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import psutil
 
-from measure import MIB, mean_floor, run_measured, tail
+from measure import MIB, cpu_model, mean_floor, run_measured, tail
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets": {"ratio_min": TARGET_RATIO, "peak_rss_max_mib": TARGET_RSS_MIB},
         "meets_targets": None if ratio is None else {"ratio": ratio >= TARGET_RATIO,
                                                      "peak_rss": ingest["peak_rss_mib"] < TARGET_RSS_MIB},
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+        "machine": {"cpu_count": os.cpu_count(), "cpu_model": cpu_model(), "platform": platform.platform(),
                     "memory_total_mib": psutil.virtual_memory().total / MIB},
         "versions": {"python": platform.python_version(), "zstandard": __import__("zstandard").__version__},
     }
@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"\ninput: {input_mib:,.1f} MiB uncompressed ({info['comments']:,} comments, {info['submissions']:,} "
           f"submissions; .zst {(info['rs_zst_bytes'] + info['rc_zst_bytes']) / MIB:,.1f} MiB); load average at "
-          f"the start {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}")
+          f"the start {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}; "
+          f"{result['machine']['cpu_count']} × {result['machine']['cpu_model'] or 'CPU'}")
     print(f"{'pass':<8} {'MiB/s':>8} {'wall s':>8} {'peak RSS MiB':>13}")
     print(f"{'floor':<8} {floor['mib_per_s']:>8.1f} {floor['wall_seconds']:>8.1f} {floor['peak_rss_mib']:>13.0f}"
           + ("   the mean of: " + ", ".join(f"{p['mib_per_s']:.1f} MiB/s ({p['wall_seconds']:.1f} s)"

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import psutil
 
-from measure import MIB, mean_floor, run_measured, tail
+from measure import MIB, cpu_model, mean_floor, run_measured, tail
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -288,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
               "workers_ratio": None if worker_ratio is None else worker_ratio >= TARGET_WORKER_RATIO},
         "machine": {
             "cpu_count": os.cpu_count(),
+            "cpu_model": cpu_model(),
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
             "memory_total_mib": psutil.virtual_memory().total / MIB,
@@ -371,7 +372,8 @@ def _print_table(r: dict, error: str | None) -> None:
                     print(f"  {k:<62} {v:>8.2f} {cpu[k] if k in cpu else '':>8}")
     print(f"load average before {r['load_avg_before'][0]:.1f}, after {r['load_avg_after'][0]:.1f}")
     m, v = r["machine"], r["versions"]
-    print(f"machine: {m['cpu_count']} CPUs, {m['platform']}; python {v['python']}, lxml {v['lxml']}")
+    print(f"machine: {m['cpu_count']} × {m.get('cpu_model') or 'CPU'}, {m['platform']}; python {v['python']}, "
+          f"lxml {v['lxml']}")
 
 
 if __name__ == "__main__":
