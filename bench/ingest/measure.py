@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,18 +17,13 @@ import psutil
 
 MIB = 1 << 20
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+import common  # noqa: E402  (bench/common.py)
 
 
 def cpu_model() -> str:
     """The CPU's model name, as the generated report names the machine (``bench/common.py``): the floor's speed and
     the command's move differently from one CPU to another, so figures compare only on the same model."""
-    import sys
-
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import common
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
     return common.machine_info()["cpu_model"]
 
 
