@@ -91,7 +91,6 @@ def _calls(result: ranges.RangeResult) -> tuple[list, list, dict]:
         db = sqlite3.connect(":memory:")
         db.deserialize(result.shard)
         posts = db.execute("SELECT * FROM posts ORDER BY rowid").fetchall()
-        assert db.execute("SELECT count(*) FROM votes").fetchone()[0] == 0
         db.close()
     others = [c for c in result.calls if c[0] not in ("post", "count")]
     counts: dict = {}
@@ -99,6 +98,23 @@ def _calls(result: ranges.RangeResult) -> tuple[list, list, dict]:
         if c[0] == "count":
             counts[c[1:3]] = counts.get(c[1:3], 0) + c[3]
     return posts, others, counts
+
+
+def _votes(result: ranges.RangeResult) -> dict:
+    """A range's vote counts ``(site, post_id) -> [up, down, accepted]``, as a dict or from its SQLite image (whose
+    rows must then be in the byte order of their post ids, the parent's key order)."""
+    votes = {key: list(counts) for key, counts in result.votes.items()}
+    if result.shard is not None:
+        db = sqlite3.connect(":memory:")
+        db.deserialize(result.shard)
+        rows = db.execute("SELECT site, post_id, up, down, acc FROM votes ORDER BY rowid").fetchall()
+        db.close()
+        keys = [(site, post_id.encode()) for site, post_id, *_ in rows]
+        assert keys == sorted(keys) and len(set(keys)) == len(keys)
+        for site, post_id, *counts in rows:
+            assert (site, post_id) not in votes
+            votes[(site, post_id)] = counts
+    return votes
 
 
 def _both(path: Path, monkeypatch, *, range_bytes: int, chunk: int, on_bad_row: str = "quarantine",

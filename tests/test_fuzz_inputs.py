@@ -87,6 +87,7 @@ def test_the_c_readers_read_a_table_as_libxml2_does_or_leave_it(tmp_path_factory
 
     from alignflow.tasks.ingest import ranges
     from test_fast_posts import _calls  # the posts a range hands the parent, its other calls and its counts
+    from test_fast_posts import _votes  # its vote counts, from a dict or its SQLite image
 
     if ranges._fastposts is None or ranges._count_votes is None:
         pytest.skip("installed without a C compiler: the C readers are not built")
@@ -102,7 +103,7 @@ def test_the_c_readers_read_a_table_as_libxml2_does_or_leave_it(tmp_path_factory
                 mock.patch.object(ranges, "scan_votes", return_value=None):
             slow = ranges.read_range(task)
         assert slow.error is None and fast.error is None
-        assert _calls(fast) == _calls(slow) and fast.votes == slow.votes and fast.newlines == slow.newlines
+        assert _calls(fast) == _calls(slow) and _votes(fast) == _votes(slow) and fast.newlines == slow.newlines
     with mock.patch.object(ranges, "_count_votes", None):
         by_regex = ranges.tally_votes(data, "s", {})
     assert ranges.tally_votes(data, "s", {}) == by_regex

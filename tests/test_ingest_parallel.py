@@ -159,6 +159,7 @@ def test_contract_rejections_are_the_same_on_the_second_process(tmp_path):
 
 # -- Votes.xml counted from its bytes ---------------------------------------------------------
 from alignflow.tasks.ingest.ranges import RangeTask, count_vote_lines, read_range, scan_votes  # noqa: E402
+from test_fast_posts import _votes  # noqa: E402  a range's vote counts, from a dict or its SQLite image
 
 _HEAD = b'\xef\xbb\xbf<?xml version="1.0" encoding="utf-8"?>\r\n<votes>\r\n'
 _ROWS = (b'  <row Id="1" PostId="7" VoteTypeId="2" CreationDate="2018-02-06T00:00:00.000" />\r\n'
@@ -246,12 +247,61 @@ def test_tally_votes_in_c_counts_what_the_regular_expression_counts(monkeypatch)
     assert refused > 500 and counted > 500  # both branches are exercised
 
 
+def test_a_ranges_tally_in_c_gives_the_image_of_what_count_votes_counts():
+    """open_tally / tally_lines / tally_image (tasks/ingest/_fastvotes.c) against count_votes and shard_image:
+    lines counted piece by piece give, in the image, the rows of the dict count_votes sums over the same pieces, in
+    the byte order of the post ids ("07" and "7" are two posts; "10" comes before "9"; "1" * 16 before "1" * 16 +
+    "0"), with an empty posts table;
+    a piece count_votes refuses, tally_lines refuses too."""
+    import sqlite3
+
+    from alignflow.tasks.ingest import ranges
+    from alignflow.tasks.ingest.store import POST_TYPES, VOTE_TYPES, shard_image
+
+    if ranges._fastvotes is None or not ranges.SHARDS:
+        pytest.skip("installed without a C compiler or libsqlite3: tasks/ingest/_fastvotes.c is not built")
+
+    def rows(image: bytes) -> tuple[list, int]:
+        db = sqlite3.connect(":memory:")
+        db.deserialize(image)
+        got = db.execute("SELECT * FROM votes ORDER BY rowid").fetchall(), db.execute("SELECT count(*) FROM posts")
+        return got[0], got[1].fetchone()[0]
+
+    rng = random.Random(7)
+    # past 16 digits, ids are ordered by more than the sort's key: ids that share their first 16 digits
+    ids = ["7", "07", "70", "8", "9", "10", "0", "1" * 15 + "2", "1" * 16, "1" * 17, "1" * 18, "1" * 16 + "0",
+           "1" * 16 + "2", "1" * 16 + "02", "9" * 18]
+    refused = imaged = 0
+    for case in range(400):
+        tally, counted = ranges._fastvotes.open_tally(), {}
+        many = case == 0  # past the table's first size (1,024 posts)
+        for _ in range(rng.randint(1, 4)):
+            lines = [f'  <row Id="{rng.randint(1, 99)}" PostId="{n if many else rng.choice(ids)}" '
+                     f'VoteTypeId="{rng.choice("12358")}" CreationDate="2020-01-01T00:00:00.000" />\r\n'.encode()
+                     for n in range(5000 if many else rng.randint(0, 12))]
+            if rng.random() < 0.1:
+                lines.insert(rng.randint(0, len(lines)), _mutated(rng, _vote_line(rng)))
+            piece = b"".join(lines)
+            fast = ranges._fastvotes.tally_lines(tally, piece)
+            assert fast == ranges._count_votes(piece, "s", counted), piece
+            if fast is None:
+                refused += 1
+                break
+        else:
+            imaged += 1
+            got, posts = rows(ranges._fastvotes.tally_image(tally, "s", POST_TYPES, VOTE_TYPES))
+            expected = sorted(rows(shard_image([], counted))[0], key=lambda r: r[1].encode())
+            assert got == expected and posts == 0
+            assert len(got) == (5000 if many else len({k for k in counted}))
+    assert refused > 10 and imaged > 100  # both branches are exercised
+
+
 def test_scan_votes_equals_the_parser(tmp_path):
     path = tmp_path / "Votes.xml"
     path.write_bytes(_HEAD + _ROWS + b"</votes>\r\n")
     fast = scan_votes(_votes_task(path), chunk=100)
     assert fast is not None
-    assert fast.votes == {("s", "7"): [2, 1, 0], ("s", "9"): [0, 0, 1]}
+    assert _votes(fast) == {("s", "7"): [2, 1, 0], ("s", "9"): [0, 0, 1]}
     assert fast.newlines == path.read_bytes().count(b"\n")
     counts = {(c[2]): c[3] for c in fast.calls}
     assert counts == {"rows": 5, "skipped:other_vote_type": 1}
@@ -260,7 +310,7 @@ def test_scan_votes_equals_the_parser(tmp_path):
     slow_path.write_bytes(b"<votes>\n" + _ROWS + b"</votes>\n")
     assert scan_votes(_votes_task(slow_path)) is None
     slow = read_range(_votes_task(slow_path))
-    assert slow.votes == fast.votes
+    assert slow.votes == _votes(fast)
     slow_counts: dict = {}
     for c in slow.calls:
         slow_counts[c[2]] = slow_counts.get(c[2], 0) + c[3]
@@ -278,7 +328,8 @@ def test_scan_votes_leaves_odd_ranges_to_the_parser(tmp_path):
     head = scan_votes(_votes_task(path, 0, middle, first=True, last=False))
     tail = scan_votes(_votes_task(path, middle, None, first=False, last=True))
     assert head is not None and tail is not None
-    assert head.votes == {("s", "7"): [1, 1, 0]} and tail.votes == {("s", "7"): [1, 0, 0], ("s", "9"): [0, 0, 1]}
+    assert _votes(head) == {("s", "7"): [1, 1, 0]}
+    assert _votes(tail) == {("s", "7"): [1, 0, 0], ("s", "9"): [0, 0, 1]}
 
 
 def test_scan_votes_matches_lxml_on_the_real_dumps(fixtures_dir, monkeypatch):
@@ -298,7 +349,7 @@ def test_scan_votes_matches_lxml_on_the_real_dumps(fixtures_dir, monkeypatch):
             m.setattr(ranges, "scan_votes", lambda task, chunk=0: None)
             slow = [ranges.read_range(t) for t in tasks]
         for f, s in zip(fast, slow):
-            assert f.votes == s.votes and f.newlines == s.newlines and f.error is None and s.error is None
+            assert _votes(f) == s.votes and f.newlines == s.newlines and f.error is None and s.error is None
             totals = {}
             for c in s.calls:
                 totals[c[2]] = totals.get(c[2], 0) + c[3]
