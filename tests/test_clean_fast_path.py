@@ -227,6 +227,28 @@ def test_fast_path_renders_what_libxml2_renders(seed):
             assert clean.html_to_text(candidate) == slow
 
 
+def test_long_runs_of_prose_collapse_as_libxml2_renders_them():
+    """Whitespace collapsed sixteen bytes at a time where they hold only single spaces between other bytes (the
+    fast path's copy): paragraphs long enough for many such blocks, with the whitespace the copy must leave to
+    the byte-by-byte path at every offset of a block (runs of spaces, tabs, newlines, U+00A0, and U+00A9, whose
+    first byte is U+00A0's), at the start and end of a paragraph and around inline tags."""
+    rng = random.Random(16)
+    gaps = [" "] * 12 + ["  ", "\t", "\n", " \n", "\xa0", " \xa0 ", "&nbsp;"]
+    words = ["a", "to", "the", "prose", "collapsed", "©", "x©y", "naïve", "日本語", "sixteen-byte", "&amp;"]
+    taken = 0
+    for _ in range(600):
+        parts = [rng.choice(["", " ", "  ", "\n", "\xa0"])]
+        for _ in range(rng.randint(1, 60)):
+            parts.append(rng.choice(words) if rng.random() < 0.95 else f"<em>{rng.choice(words)}</em>")
+            parts.append(rng.choice(gaps))
+        body = "<p>" + "".join(parts) + "</p>" + ("<p>" + "".join(reversed(parts)) + "</p>" if rng.random() < 0.5 else "")
+        fast, slow = _both(body)
+        if fast is not None:
+            taken += 1
+            assert fast == slow, body
+    assert taken > 500  # the fast path took them: the comparison tests the copy
+
+
 @pytest.mark.parametrize(
     "body",
     [

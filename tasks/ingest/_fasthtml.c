@@ -37,6 +37,10 @@
 #include <Python.h>
 #include <string.h>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 typedef struct {
     char *data;
     Py_ssize_t len, cap;
@@ -252,7 +256,30 @@ static int collapse_ws(Buf *dst, const char *raw, Py_ssize_t len) {
     char *const body = dst->data + dst->len;
     char *o = body;
     int pending_space = 0;
+    Py_ssize_t scalar_until = 0; /* bytes before it go one at a time (a block the fast path did not take) */
     for (Py_ssize_t i = 0; i < len;) {
+#if defined(__SSE2__)
+        /* Sixteen bytes whose only whitespace is single spaces between other bytes (most of prose) come out as
+         * they are: copied at once, after the space pending from before. */
+        if (i >= scalar_until && len - i >= 16) {
+            __m128i v = _mm_loadu_si128((const __m128i *)(raw + i));
+            unsigned sp = (unsigned)_mm_movemask_epi8(_mm_cmpeq_epi8(v, _mm_set1_epi8(' ')));
+            unsigned other = (unsigned)_mm_movemask_epi8(
+                _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(v, _mm_set1_epi8('\t')), _mm_cmpeq_epi8(v, _mm_set1_epi8('\n'))),
+                             _mm_cmpeq_epi8(v, _mm_set1_epi8((char)0xC2))));
+            int plain = !other && !(sp & (sp >> 1)) && !(sp & 0x8000) && !((sp & 1) && (pending_space || o == body));
+            if (plain) {
+                if (pending_space && o > body)
+                    *o++ = ' ';
+                pending_space = 0;
+                memcpy(o, raw + i, 16);
+                o += 16;
+                i += 16;
+                continue;
+            }
+            scalar_until = i + 16;
+        }
+#endif
         Py_ssize_t w = ws_len(raw, i, len);
         if (w) {
             pending_space = 1;
