@@ -159,6 +159,54 @@ def test_generated_rows_read_as_libxml2_and_the_reader_read_them(tmp_path, monke
     assert 10 < taken < 120
 
 
+def test_bodies_rendered_from_c_as_html_to_text_renders_them(tmp_path, monkeypatch):
+    """The C reader renders a body by calling html_to_text's C renderer on its bytes (clean.c_renderer), and
+    html_to_text itself for the rest: the same store rows as with html_to_text for every body and as libxml2's
+    path. Bodies at and past the character limit in characters of 1, 2 and 4 UTF-8 bytes, blank ones by
+    str.isspace (Unicode spaces included), and bodies outside the C renderer's subset."""
+    from alignflow.tasks.ingest import clean
+
+    if clean.c_renderer() is None:
+        pytest.skip("installed without a C compiler: tasks/ingest/_fasthtml.c is not built")
+    bodies = ["", "   ", "\u3000", " \u2003\n\u3000 ", "\u0085", "\u00a0", "x" * 300, "x" * 301,
+              "<p>" + "\u00e9" * 300 + "</p>", "<p>" + "\u00e9" * 301 + "</p>", "<p>" + "\U0001d11e" * 300 + "</p>",
+              "<p>" + "\U0001d11e" * 301 + "</p>", "<p>a<p>b", "<p>\u2009</p>", "<p> </p>", "<br>", "<p>ok</p>"]
+    rng = random.Random(3)
+    lines = []
+    for n, body in enumerate(bodies * 2):
+        question = n % 2 == 0
+        attrs = [("Id", str(n + 1)), ("PostTypeId", "1" if question else "2"), ("Score", "3"), ("Body", _escape(body))]
+        attrs += [("Title", "t"), ("Tags", _escape("<a>"))] if question else [("ParentId", str(n))]
+        lines.append(_row(attrs, rng).replace(b"\t", b" "))
+    path = tmp_path / "Posts.xml"
+    path.write_bytes(HEAD + b"".join(lines) + TAIL)
+    task = ranges.range_tasks("s", "Posts", path, "Posts.xml", range_bytes=1 << 20, on_bad_row="quarantine",
+                              max_chars=300, max_row_bytes=1 << 20)[0]
+    called: list[str] = []  # the bodies html_to_text was called for
+
+    def html_to_text(html: str) -> str:
+        called.append(html)
+        return clean_html_to_text(html)
+
+    clean_html_to_text = clean.html_to_text
+    monkeypatch.setattr(clean, "html_to_text", html_to_text)
+    direct = ranges.scan_posts(task)
+    in_python = list(called)
+    with monkeypatch.context() as m:
+        m.setattr(clean, "c_renderer", lambda: None)
+        by_str = ranges.scan_posts(task)
+        m.setattr(ranges, "scan_posts", lambda task, chunk=0: None)
+        slow = ranges.read_range(task)
+    assert direct is not None and by_str is not None
+    _same(direct, by_str)
+    _same(direct, slow)
+    posts = _calls(direct)[0]
+    assert 10 < len(posts) < len(lines)  # some bodies kept, the empty answers and those past the limit not
+    # html_to_text renders in Python only what the C renderer leaves: blank bodies and those outside its subset
+    assert "" in in_python and "<p>a<p>b" in in_python and "<p>ok</p>" not in in_python
+    assert 0 < len(in_python) < len(called) - len(in_python)
+
+
 def test_mutated_rows_either_match_or_go_to_libxml2(tmp_path, monkeypatch):
     """One mutated row per file: whatever the C reader takes, it reads as libxml2 does; the rest it leaves."""
     rng = random.Random(9)

@@ -2,6 +2,8 @@
  * alignflow.tasks.ingest._fasthtml: html_to_text for the common shapes of a post body, without libxml2.
  *
  * render(html: str) -> str | None
+ * render_utf8: a capsule (RENDER_UTF8_CAPSULE below) holding the same renderer for C callers, on UTF-8 bytes
+ *              (tasks/ingest/_fastposts.c renders a row's body with it, without a Python str either way)
  *
  * Most Stack Exchange bodies are paragraphs, code blocks, lists, quotes and headings with a few inline
  * tags, well formed. For those, clean.html_to_text spends most of its time building libxml2's tree and walking
@@ -1002,6 +1004,25 @@ static PyObject *render(PyObject *module, PyObject *arg) {
     return result;
 }
 
+/* render() for C callers (the capsule ``render_utf8``): the body's UTF-8 bytes (valid UTF-8, no surrogate) in, its
+ * text out in a PyMem_Malloc buffer (*text: NULL when empty) that the caller frees. OK, OUTSIDE (not in the subset:
+ * html_to_text decides) or ERROR (out of memory; no Python exception is set). Needs the GIL (PyMem). */
+#define RENDER_UTF8_CAPSULE "alignflow.tasks.ingest._fasthtml.render_utf8"
+typedef int (*RenderUtf8)(const char *html, Py_ssize_t n, char **text, Py_ssize_t *text_len);
+
+static int render_utf8(const char *html, Py_ssize_t n, char **text, Py_ssize_t *text_len) {
+    Src src = {html, n};
+    Buf out = {0};
+    int rc = render_body(&src, &out);
+    if (rc != OK) {
+        PyMem_Free(out.data);
+        return rc;
+    }
+    *text = out.data;
+    *text_len = out.len;
+    return OK;
+}
+
 static PyMethodDef methods[] = {
     {"render", render, METH_O,
      "render(html) -> str | None: html_to_text(html) for bodies in the fast subset, None for the rest."},
@@ -1016,4 +1037,16 @@ static struct PyModuleDef module = {
     .m_methods = methods,
 };
 
-PyMODINIT_FUNC PyInit__fasthtml(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__fasthtml(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    RenderUtf8 fn = render_utf8;
+    PyObject *capsule = PyCapsule_New((void *)fn, RENDER_UTF8_CAPSULE, NULL);
+    if (capsule == NULL || PyModule_AddObject(m, "render_utf8", capsule) < 0) {
+        Py_XDECREF(capsule);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

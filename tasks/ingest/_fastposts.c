@@ -3,7 +3,7 @@
  * image a reading worker hands the parent (store.shard_image's tables, filled without a Python object per row).
  *
  * shard = open_shard(posts_columns, votes_columns)     an in-memory database with the store's two tables
- * scan_posts(shard, data, line, site, label, max_chars, max_row_bytes, render, odd) -> (skipped, rows, secs) | None
+ * scan_posts(shard, data, line, site, label, max_chars, max_row_bytes, render, odd[, direct]) -> (skipped, rows, secs) | None
  * image = finish_shard(shard)                           its bytes (sqlite3_serialize)
  *
  * ``data`` holds whole lines of a Posts.xml range (after its prolog, before its closing tag); ``line`` is
@@ -28,7 +28,9 @@
  * A row with another PostTypeId of ASCII digits is counted in ``skipped`` (by its PostTypeId) and
  * ``rows``. Any other row is "odd": ``odd(attributes, line)`` (a dict, in document order) runs the reader
  * itself and returns the store row to insert in its place, or None. Bodies are rendered by calling
- * ``render`` (clean.html_to_text); ``secs`` is the time spent in it.
+ * ``render`` (clean.html_to_text); ``secs`` is the time spent in it. ``direct``: None, or _fasthtml's capsule
+ * ``render_utf8`` (what html_to_text calls first), called on the body's bytes with no Python str made either
+ * way; a body it leaves (outside its subset) goes to ``render``, and so does a blank one (str.isspace).
  * tests/test_fast_posts.py reads generated, mutated and real rows both ways and requires the same result.
  */
 #define PY_SSIZE_T_CLEAN
@@ -44,6 +46,11 @@
 #endif
 
 #define MAX_ATTRS 64
+
+/* _fasthtml's renderer for C callers (its capsule ``render_utf8``): OK, OUTSIDE or ERROR, as there */
+#define RENDER_UTF8_CAPSULE "alignflow.tasks.ingest._fasthtml.render_utf8"
+typedef int (*RenderUtf8)(const char *html, Py_ssize_t n, char **text, Py_ssize_t *text_len);
+enum { OK = 0, OUTSIDE = 1, ERROR = -1 };
 
 typedef struct {
     char *data;
@@ -507,9 +514,34 @@ typedef struct {
     const char *site, *label;
     Py_ssize_t site_len, label_len, max_chars;
     PyObject *render;
+    RenderUtf8 direct; /* NULL: every body through render */
     Buf title, tags, author;
     double render_seconds;
 } Ctx;
+
+/* Whether html_to_text takes the body for blank without rendering it: empty, or every character whitespace as
+ * str.isspace() says (valid UTF-8: parse_line checked it). */
+static int blank(const char *s, Py_ssize_t n) {
+    const unsigned char *p = (const unsigned char *)s, *end = p + n;
+    while (p < end) {
+        unsigned long cp;
+        int k = *p < 0x80 ? 1 : utf8_at(p, end, &cp);
+        if (k == 1)
+            cp = *p;
+        if (k == 0 || !Py_UNICODE_ISSPACE((Py_UCS4)cp))
+            return 0;
+        p += k;
+    }
+    return 1;
+}
+
+/* The characters of valid UTF-8: its bytes that do not continue a character. */
+static Py_ssize_t utf8_chars(const char *s, Py_ssize_t n) {
+    Py_ssize_t chars = 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        chars += ((unsigned char)s[i] & 0xC0) != 0x80;
+    return chars;
+}
 
 /* Insert the row's store row; *counted = 0 (nothing inserted) for an odd row. -1 on error. */
 static int post_of(Ctx *cx, const Row *row, long long line, PyObject *skipped, int *counted) {
@@ -556,29 +588,46 @@ static int post_of(Ctx *cx, const Row *row, long long line, PyObject *skipped, i
         if (!parent || !plain_digits(value(row, parent), parent->len))
             return 0;
     }
-    /* the body, rendered */
+    /* the body, rendered: in C where the direct renderer takes it, else by render() on a str */
     const Attr *body_attr = get(row, "Body");
-    PyObject *raw_body = str_of(row, body_attr);
-    if (raw_body == NULL)
-        return -1;
+    PyObject *body = NULL; /* render()'s str, or NULL: the text is in ``owned`` */
+    char *owned = NULL;
+    const char *body_text = NULL;
+    Py_ssize_t body_len = 0, chars = 0;
     double t0 = now();
-    PyObject *body = PyObject_CallOneArg(cx->render, raw_body);
-    cx->render_seconds += now() - t0;
-    Py_DECREF(raw_body);
-    if (body == NULL)
-        return -1;
-    if (!PyUnicode_Check(body)) {
-        Py_DECREF(body);
-        PyErr_SetString(PyExc_TypeError, "scan_posts: render() must return a str");
-        return -1;
+    int rc = OUTSIDE;
+    if (cx->direct != NULL && body_attr && !blank(value(row, body_attr), body_attr->len)) {
+        rc = cx->direct(value(row, body_attr), body_attr->len, &owned, &body_len);
+        if (rc == ERROR) {
+            PyErr_NoMemory();
+            return -1;
+        }
     }
-    Py_ssize_t chars = PyUnicode_GET_LENGTH(body), body_len;
+    if (rc == OK) {
+        body_text = owned ? owned : "";
+        chars = utf8_chars(body_text, body_len);
+    } else {
+        PyObject *raw_body = str_of(row, body_attr);
+        if (raw_body == NULL)
+            return -1;
+        body = PyObject_CallOneArg(cx->render, raw_body);
+        Py_DECREF(raw_body);
+        if (body == NULL)
+            return -1;
+        if (!PyUnicode_Check(body)) {
+            Py_DECREF(body);
+            PyErr_SetString(PyExc_TypeError, "scan_posts: render() must return a str");
+            return -1;
+        }
+        chars = PyUnicode_GET_LENGTH(body);
+    }
+    cx->render_seconds += now() - t0;
     if ((is_answer && chars == 0) || chars > cx->max_chars) {
-        Py_DECREF(body);
+        Py_XDECREF(body);
+        PyMem_Free(owned);
         return 0;
     }
-    const char *body_text = PyUnicode_AsUTF8AndSize(body, &body_len);
-    if (body_text == NULL)
+    if (body != NULL && (body_text = PyUnicode_AsUTF8AndSize(body, &body_len)) == NULL)
         goto fail;
     /* author: user:<OwnerUserId>, else name:<OwnerDisplayName>, else empty */
     const Attr *owner = get(row, "OwnerUserId"), *display = get(row, "OwnerDisplayName");
@@ -618,7 +667,8 @@ static int post_of(Ctx *cx, const Row *row, long long line, PyObject *skipped, i
               bind_text(s, 16, created ? value(row, created) : "", created ? created->len : 0) ||
               sqlite3_bind_null(st, 17) != SQLITE_OK || sqlite3_bind_int64(st, 18, 0) != SQLITE_OK ||
               bind_text(s, 19, cx->label, cx->label_len) || sqlite3_bind_int64(st, 20, line) != SQLITE_OK;
-    Py_DECREF(body);
+    Py_XDECREF(body);
+    PyMem_Free(owned);
     if (bad) {
         sqlite_error(s->db, "scan_posts: bind");
         return -1;
@@ -628,7 +678,8 @@ static int post_of(Ctx *cx, const Row *row, long long line, PyObject *skipped, i
     *counted = 1;
     return 0;
 fail:
-    Py_DECREF(body);
+    Py_XDECREF(body);
+    PyMem_Free(owned);
     return -1;
 }
 
@@ -652,14 +703,18 @@ static PyObject *attrib_of(const Row *row) {
 
 static PyObject *scan_posts(PyObject *module, PyObject *args) {
     (void)module;
-    PyObject *capsule, *site, *label, *odd;
+    PyObject *capsule, *site, *label, *odd, *direct = Py_None;
     Py_buffer data;
     long long line;
     Ctx cx = {0};
     Py_ssize_t max_row_bytes;
-    if (!PyArg_ParseTuple(args, "Oy*LUUnnOO:scan_posts", &capsule, &data, &line, &site, &label, &cx.max_chars,
-                          &max_row_bytes, &cx.render, &odd))
+    if (!PyArg_ParseTuple(args, "Oy*LUUnnOO|O:scan_posts", &capsule, &data, &line, &site, &label, &cx.max_chars,
+                          &max_row_bytes, &cx.render, &odd, &direct))
         return NULL;
+    if (direct != Py_None && (cx.direct = (RenderUtf8)PyCapsule_GetPointer(direct, RENDER_UTF8_CAPSULE)) == NULL) {
+        PyBuffer_Release(&data);
+        return NULL;
+    }
     PyObject *skipped = PyDict_New(), *result = NULL;
     Row *row = PyMem_Calloc(1, sizeof(Row));
     Py_ssize_t rows = 0;

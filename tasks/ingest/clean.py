@@ -63,8 +63,15 @@ _MANY_NEWLINES = re.compile("\n{3,}")
 
 try:  # the common shapes of a body rendered in C, without libxml2 (tasks/ingest/_fasthtml.c); None: built without
     from ._fasthtml import render as _fast_render
+    from ._fasthtml import render_utf8 as _render_utf8
 except ImportError:  # pragma: no cover - an install without a C compiler
-    _fast_render = None
+    _fast_render = _render_utf8 = None
+
+
+def c_renderer() -> object | None:
+    """The renderer :func:`html_to_text` tries first, as the capsule C readers call on a body's UTF-8 bytes
+    (tasks/ingest/_fastposts.c), or None where html_to_text does not use it."""
+    return _render_utf8 if _fast_render is not None else None
 
 _PARSER_OPTIONS = dict(recover=True, no_network=True, remove_comments=True, remove_pis=True)
 # One parser per thread: its error_log is read after each parse.

@@ -321,7 +321,7 @@ def scan_posts(task: RangeTask, chunk: int = 8 << 20) -> RangeResult | None:
     ``on_bad_row="error"``), or the extension is not built."""
     if _fastposts is None or not SHARDS:
         return None
-    from .clean import html_to_text
+    from .clean import c_renderer, html_to_text
     from .stackexchange import POST_TYPE_NAMES, PostRowReader
 
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -335,13 +335,14 @@ def scan_posts(task: RangeTask, chunk: int = 8 << 20) -> RangeResult | None:
         return sink.calls.pop()[1] if len(sink.calls) > before and sink.calls[-1][0] == "post" else None
 
     shard = _fastposts.open_shard(POST_TYPES, VOTE_TYPES)
+    direct = c_renderer()  # html_to_text's C renderer, called from C on each body's bytes
     rows, render_seconds = 0, 0.0
     skipped: dict[str, int] = {}
     plain = _PlainRows(task, chunk)
     try:
         for data, line in plain:
             got = _fastposts.scan_posts(shard, data, line, task.site, task.label, task.max_chars,
-                                        task.max_row_bytes, html_to_text, odd)
+                                        task.max_row_bytes, html_to_text, odd, direct)
             if got is None:
                 return None
             found_skipped, n, seconds = got
@@ -369,7 +370,7 @@ def read_range(task: RangeTask) -> RangeResult:
     fast = scan_votes(task) if task.table == "Votes" else scan_posts(task)
     if fast is not None:
         return fast
-    from .clean import html_to_text
+    from .clean import c_renderer, html_to_text
     from .stackexchange import PostRowReader, VoteRowReader
     from .xmlstream import RowParser
 
