@@ -180,6 +180,7 @@ with get_client(sync_client=True) as client:
     api = str(client.api_url)
     runs = client.read_flow_runs()
     types_at_start = len(client.read_block_types())
+    triggers = client.request("GET", "/admin/settings").json()["server"]["services"]["triggers"]["enabled"]
 with flow_run_settings():
     result, heartbeat = hello()
 Secret(value="s3cr3t").save("alignflow-test")  # a block saved and loaded back through the temporary server
@@ -190,7 +191,8 @@ print(json.dumps({"result": result, "heartbeat": heartbeat,
                   "heartbeat_after": get_current_settings().flows.heartbeat_frequency, "api": api, "env": os.environ["PREFECT_API_URL"],
                   "mark": os.environ[TEMPORARY_API_ENV], "runs_before": len(runs),
                   "server_modules_here": "prefect.server.api.server" in sys.modules,
-                  "types_at_start": types_at_start, "types_after": types_after, "loaded": loaded}))
+                  "types_at_start": types_at_start, "types_after": types_after, "loaded": loaded,
+                  "triggers": triggers}))
 """
 
 
@@ -218,6 +220,7 @@ def test_a_command_starts_prefects_server_early_and_stops_it_on_exit(tmp_path):
     assert got["heartbeat"] is None and got["heartbeat_after"] == 180
     # the server registered no block type on start (SERVER_SETTINGS); saving a block registered its own
     assert got["types_at_start"] == 0 and got["types_after"] == ["secret"] and got["loaded"] == "s3cr3t"
+    assert got["triggers"] is False  # no automations' services on a server that lives as long as the command
     assert got["api"].rstrip("/") == got["env"] == got["mark"] and got["env"].startswith("http://127.0.0.1:")
     assert not got["server_modules_here"], "the command imported Prefect's server instead of only starting it"
     assert (tmp_path / "w" / "prefect" / "prefect.db").is_file()
