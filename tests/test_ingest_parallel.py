@@ -317,6 +317,31 @@ def test_scan_votes_equals_the_parser(tmp_path):
     assert slow_counts == counts
 
 
+def test_a_ranges_pieces_are_its_bytes_cut_at_line_ends(tmp_path):
+    """ranges._line_chunks: the pieces of a range, views of one reused buffer, are its bytes in order, each ending
+    at a line end (the last at the range's end); a line longer than a piece is carried whole; a range up to a
+    quarter over the piece size is one piece."""
+    from alignflow.tasks.ingest import ranges
+
+    rng = random.Random(4)
+    lines = [b"x" * rng.choice([0, 3, 40, 99, 250, 1000]) + b"\n" for _ in range(400)]
+    path = tmp_path / "Votes.xml"
+    path.write_bytes(b"".join(lines) + b"tail without a newline")
+    data = path.read_bytes()
+    for start, end, chunk in [(0, len(data), 100), (0, len(data), 7), (5, len(data) - 3, 64), (0, 120, 100),
+                              (0, 126, 100), (0, len(data), 1 << 20)]:
+        task = _votes_task(path, start, end)
+        pieces = [bytes(buffer[a:b]) for buffer, a, b in ranges._line_chunks(task, chunk)]
+        assert b"".join(pieces) == data[start:end]
+        assert all(piece.endswith(b"\n") for piece in pieces[:-1]) and all(pieces)
+        if end - start <= chunk + chunk // 4:
+            assert len(pieces) == 1
+        else:
+            assert len(pieces) > 1
+        if chunk < 1000 < end - start - 2000:
+            assert max(map(len, pieces)) > chunk  # lines longer than a piece came whole
+
+
 def test_scan_votes_leaves_odd_ranges_to_the_parser(tmp_path):
     path = tmp_path / "Votes.xml"
     path.write_bytes(_HEAD + _ROWS + b"</votes>\r\n<!-- after -->\n")
