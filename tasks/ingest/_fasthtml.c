@@ -266,9 +266,9 @@ static int collapse_ws(Buf *dst, const char *raw, Py_ssize_t len) {
         if (i >= scalar_until && len - i >= 16) {
             __m128i v = _mm_loadu_si128((const __m128i *)(raw + i));
             unsigned sp = (unsigned)_mm_movemask_epi8(_mm_cmpeq_epi8(v, _mm_set1_epi8(' ')));
-            unsigned other = (unsigned)_mm_movemask_epi8(
-                _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(v, _mm_set1_epi8('\t')), _mm_cmpeq_epi8(v, _mm_set1_epi8('\n'))),
-                             _mm_cmpeq_epi8(v, _mm_set1_epi8((char)0xC2))));
+            __m128i tab = _mm_cmpeq_epi8(v, _mm_set1_epi8('\t')), nl = _mm_cmpeq_epi8(v, _mm_set1_epi8('\n'));
+            __m128i c2 = _mm_cmpeq_epi8(v, _mm_set1_epi8((char)0xC2)); /* U+00A0's first byte */
+            unsigned other = (unsigned)_mm_movemask_epi8(_mm_or_si128(_mm_or_si128(tab, nl), c2));
             int plain = !other && !(sp & (sp >> 1)) && !(sp & 0x8000) && !((sp & 1) && (pending_space || o == body));
             if (plain) {
                 if (pending_space && o > body)

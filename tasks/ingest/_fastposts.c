@@ -3,7 +3,8 @@
  * image a reading worker hands the parent (store.shard_image's tables, filled without a Python object per row).
  *
  * shard = open_shard(posts_columns, votes_columns)     an in-memory database with the store's two tables
- * scan_posts(shard, data, line, site, label, max_chars, max_row_bytes, render, odd[, direct]) -> (skipped, rows, secs) | None
+ * scan_posts(shard, data, line, site, label, max_chars, max_row_bytes, render, odd[, direct])
+ *                                                       -> (skipped, rows, secs) | None
  * image = finish_shard(shard)                           its bytes (sqlite3_serialize)
  *
  * ``data`` holds whole lines of a Posts.xml range (after its prolog, before its closing tag); ``line`` is

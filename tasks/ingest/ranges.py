@@ -370,7 +370,7 @@ def read_range(task: RangeTask) -> RangeResult:
     fast = scan_votes(task) if task.table == "Votes" else scan_posts(task)
     if fast is not None:
         return fast
-    from .clean import c_renderer, html_to_text
+    from .clean import html_to_text
     from .stackexchange import PostRowReader, VoteRowReader
     from .xmlstream import RowParser
 
