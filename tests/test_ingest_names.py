@@ -123,19 +123,21 @@ def test_prehashed_digests_are_the_digests_and_a_changed_file_is_hashed_again(tm
     assert not run._PREHASHED
 
 
-def test_a_change_to_the_c_renderer_changes_the_cache_key(fixtures_dir, tmp_path, monkeypatch):
-    """html_to_text's fast path (tasks/ingest/_fasthtml.c) shapes the datasets as much as the Python does."""
+@pytest.mark.parametrize("name", ["_fasthtml.c", "render_utf8.h"])
+def test_a_change_to_the_c_renderer_changes_the_cache_key(fixtures_dir, tmp_path, monkeypatch, name):
+    """html_to_text's fast path (tasks/ingest/_fasthtml.c, and the header its callers in C share with it) shapes
+    the datasets as much as the Python does."""
     from alignflow.tasks.ingest import run
 
     code = tmp_path / "code"
     code.mkdir()
     for f in run.code_files():
         shutil.copy(f, code / f.name)
-    assert (code / "_fasthtml.c").exists()
+    assert (code / name).exists()
     monkeypatch.setattr(run, "CODE_DIRS", [code])
     cfg = IngestConfig()
     before = plan_ingest([fixtures_dir / "conlang.meta-2020"], tmp_path / "work", cfg).key
-    with open(code / "_fasthtml.c", "a") as fh:
+    with open(code / name, "a") as fh:
         fh.write("\n/* a change */\n")
     after = plan_ingest([fixtures_dir / "conlang.meta-2020"], tmp_path / "work", cfg).key
     assert before != after

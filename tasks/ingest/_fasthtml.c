@@ -39,6 +39,8 @@
 #include <Python.h>
 #include <string.h>
 
+#include "render_utf8.h"
+
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
@@ -80,8 +82,8 @@ static inline int buf_char(Buf *b, char c) {
     return buf_put(b, &c, 1);
 }
 
-/* Result of a parsing step: OK, OUTSIDE (not in the subset: return None), ERROR (MemoryError). */
-enum { OK = 0, OUTSIDE = 1, ERROR = -1 };
+/* The result of a parsing step, as of the capsule's renderer (render_utf8.h): OK, OUTSIDE (not in the subset:
+ * return None), ERROR (MemoryError). */
 
 typedef struct {
     const char *s;
@@ -1004,11 +1006,7 @@ static PyObject *render(PyObject *module, PyObject *arg) {
     return result;
 }
 
-/* render() for C callers (the capsule ``render_utf8``): the body's UTF-8 bytes (valid UTF-8, no surrogate) in, its
- * text out in a PyMem_Malloc buffer (*text: NULL when empty) that the caller frees. OK, OUTSIDE (not in the subset:
- * html_to_text decides) or ERROR (out of memory; no Python exception is set). Needs the GIL (PyMem). */
-#define RENDER_UTF8_CAPSULE "alignflow.tasks.ingest._fasthtml.render_utf8"
-typedef int (*RenderUtf8)(const char *html, Py_ssize_t n, char **text, Py_ssize_t *text_len);
+/* render() for C callers (the capsule ``render_utf8``; what it takes and returns: render_utf8.h). */
 
 static int render_utf8(const char *html, Py_ssize_t n, char **text, Py_ssize_t *text_len) {
     Src src = {html, n};

@@ -42,16 +42,14 @@
 
 #include <sqlite3.h>
 
+#include "render_utf8.h" /* _fasthtml's renderer for C callers; OK, OUTSIDE and ERROR */
+
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
 
 #define MAX_ATTRS 64
 
-/* _fasthtml's renderer for C callers (its capsule ``render_utf8``): OK, OUTSIDE or ERROR, as there */
-#define RENDER_UTF8_CAPSULE "alignflow.tasks.ingest._fasthtml.render_utf8"
-typedef int (*RenderUtf8)(const char *html, Py_ssize_t n, char **text, Py_ssize_t *text_len);
-enum { OK = 0, OUTSIDE = 1, ERROR = -1 };
 
 typedef struct {
     char *data;

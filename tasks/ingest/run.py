@@ -222,8 +222,9 @@ def _maybe_cached(workdir: Path, checked: list[tuple[Path, str, list[Path]]]) ->
 
 def code_files() -> list[Path]:
     """The source files whose contents are part of every ingest's cache key: the ingest's and the data
-    contracts' Python, and the C of its fast paths (HTML to text, Votes.xml and Posts.xml rows)."""
-    return [f for folder in CODE_DIRS for f in sorted([*folder.glob("*.py"), *folder.glob("*.c")])]
+    contracts' Python, and the C of its fast paths (HTML to text, Votes.xml and Posts.xml rows) with the headers
+    they share."""
+    return [f for folder in CODE_DIRS for f in sorted(p for ext in ("py", "c", "h") for p in folder.glob(f"*.{ext}"))]
 
 
 def code_digest() -> str:
