@@ -1,13 +1,14 @@
 """How the ingest benches (``run.py``: Stack Exchange, ``reddit.py``: Pushshift) measure a subprocess and its floor.
 
-* :func:`run_measured`: a command's wall seconds and the peak RSS of its process tree (psutil every 0.2 s: the
-  RSS of the process and all its children summed, and the parts at the peak);
+* :func:`run_measured`: a command's wall seconds, the CPU seconds of its process tree, and its tree's peak RSS
+  (psutil every 0.2 s: the RSS of the process and all its children summed, and the parts at the peak);
 * :func:`mean_floor`: the floor the ratios are taken against, the mean of its passes (one before the ingest
   runs and one after them: the speed of a shared host drifts over the minutes in between).
 """
 
 from __future__ import annotations
 
+import resource
 import subprocess
 import sys
 import time
@@ -47,8 +48,12 @@ def tree_rss(proc: psutil.Process) -> tuple[int, list[tuple[str, int]]]:
 
 def run_measured(cmd: list[str], log_dir: Path, name: str, env: dict | None = None) -> dict:
     """Run ``cmd`` (in the repository root; stdout and stderr to ``log_dir/name.stdout|.stderr``): its wall
-    seconds, the peak RSS of its tree in bytes and MiB with the processes at the peak, and its exit code."""
+    seconds, the peak RSS of its tree in bytes and MiB with the processes at the peak, its exit code, and the CPU
+    seconds (user and system) of the command and of every process under it that was waited for, which in the
+    ingest is all of them (readers, the contract process, Prefect's server): what the kernel adds to this
+    process's children's usage once the command is reaped. One command at a time."""
     out_path, err_path = log_dir / f"{name}.stdout", log_dir / f"{name}.stderr"
+    before = _children_cpu()
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         t0 = time.perf_counter()
         popen = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=ROOT)
@@ -63,12 +68,27 @@ def run_measured(cmd: list[str], log_dir: Path, name: str, env: dict | None = No
     return {
         "returncode": popen.returncode,
         "wall_seconds": wall,
+        "cpu_seconds": _children_cpu() - before,
         "peak_rss_bytes": peak,
         "peak_rss_mib": peak / MIB,
         "peak_rss_processes": [{"cmd": c, "rss_mib": round(r / MIB, 1)} for c, r in peak_parts],
         "stdout": out_path,
         "stderr": err_path,
     }
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def workers_ratio_ceiling(one_worker_wall: float, most_workers_cpu: float, cores: int) -> float:
+    """The most that "most workers against one" could be on ``cores`` cores, given the CPU seconds the run with
+    most workers used: that run at best spreads them evenly over every core (its wall ``most_workers_cpu /
+    cores``), against the wall the one-worker run took. The one-worker run is no single thread (its walk reads
+    ahead on a thread, Prefect's server is a process of its own), so it already keeps more than one core busy
+    part of the time, which is what this ceiling shows."""
+    return cores * one_worker_wall / most_workers_cpu
 
 
 def tail(path: Path, lines: int = 40) -> str:

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import psutil
 
-from measure import MIB, cpu_model, mean_floor, run_measured, tail
+from measure import MIB, cpu_model, mean_floor, run_measured, tail, workers_ratio_ceiling
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -212,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                 "peak_rss_mib": run["peak_rss_bytes"] / MIB,
                 "peak_rss_processes": run["peak_rss_processes"],
                 "load_avg_1m_after": os.getloadavg()[0],
+                "cpu_seconds": run["cpu_seconds"],
+                "cores_busy": run["cpu_seconds"] / run["wall_seconds"],  # on average over the command
             }
             profiles = sorted((workdir / "data" / "ingest").glob("*/profile.json"))
             if profiles:
@@ -257,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     w_lo, w_hi = (by_workers.get(str(w)) for w in (min(args.workers), max(args.workers)))
     worker_ratio = (w_hi["mib_per_s"] / w_lo["mib_per_s"]) if ok_ingest and w_lo and w_hi and w_lo is not w_hi \
         else None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    worker_ceiling = workers_ratio_ceiling(w_lo["wall_seconds"], w_hi["cpu_seconds"], cores) \
+        if worker_ratio is not None else None
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "input": {
@@ -278,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_most_over_one_worker": worker_ratio,
         "work_ratio_most_over_one_worker": (w_hi["work_mib_per_s"] / w_lo["work_mib_per_s"])
         if worker_ratio is not None and "work_mib_per_s" in w_hi and "work_mib_per_s" in w_lo else None,
+        # the most "most against one" could be on this machine's cores with the CPU the run with most workers used
+        "ratio_most_over_one_worker_ceiling": worker_ceiling,
+        "cores": cores,
         "load_avg_after": os.getloadavg(),
         "load_avg_before": load_before,
         "targets": {"ratio_min": TARGET_RATIO, "peak_rss_max_mib": TARGET_RSS_MIB,
@@ -362,6 +370,13 @@ def _print_table(r: dict, error: str | None) -> None:
                   f"{'ok' if wr >= TARGET_WORKER_RATIO else 'MISSED'}")
             if r.get("work_ratio_most_over_one_worker") is not None:
                 print(f"ratio most/one worker, the ingest itself: {r['work_ratio_most_over_one_worker']:.2f}")
+            ceiling = r.get("ratio_most_over_one_worker_ceiling")
+            if ceiling is not None:
+                lo, hi = (r["ingest_by_workers"][w] for w in (min(r["ingest_by_workers"], key=int),
+                                                              max(r["ingest_by_workers"], key=int)))
+                print(f"ratio most/one worker at most {ceiling:.2f} on {r['cores']} cores: the run with most workers "
+                      f"used {hi['cpu_seconds']:.1f} CPU-s ({hi['cores_busy']:.2f} cores busy on average), the "
+                      f"one-worker run {lo['cpu_seconds']:.1f} CPU-s ({lo['cores_busy']:.2f} cores busy)")
         for w, one in r["ingest_by_workers"].items():
             prof = (one.get("profile") or {}).get("seconds") or {}
             cpu = (one.get("profile") or {}).get("parent_cpu_seconds") or {}
