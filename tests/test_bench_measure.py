@@ -16,7 +16,7 @@ import measure  # noqa: E402  (bench/ingest/measure.py)
 
 # a command whose CPU is spent in a grandchild, the way the ingest's readers and Prefect's server are
 BURN = textwrap.dedent("""
-    import subprocess, sys, time
+    import subprocess, sys
     code = "import time\\nend = time.process_time() + 0.6\\nwhile time.process_time() < end: pass"
     subprocess.run([sys.executable, "-c", code], check=True)
 """)

@@ -82,7 +82,7 @@ static inline int buf_char(Buf *b, char c) {
     return buf_put(b, &c, 1);
 }
 
-/* The result of a parsing step, as of the capsule's renderer (render_utf8.h): OK, OUTSIDE (not in the subset:
+/* A parsing step returns what the capsule's renderer returns (render_utf8.h): OK, OUTSIDE (not in the subset:
  * return None), ERROR (MemoryError). */
 
 typedef struct {

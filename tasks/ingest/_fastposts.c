@@ -50,7 +50,6 @@
 
 #define MAX_ATTRS 64
 
-
 typedef struct {
     char *data;
     Py_ssize_t len, cap;
