@@ -72,7 +72,10 @@ def extract(stage: str, data: dict) -> dict:
                            "peak_rss_target_mib": _get(data, "targets", "peak_rss_max_mib"),
                            "meets_targets": data.get("meets_targets"),
                            "ratio_most_over_one_worker": data.get("ratio_most_over_one_worker"),
-                           "by_workers": {w: {"mib_per_s": v.get("mib_per_s"), "peak_rss_mib": v.get("peak_rss_mib")}
+                           "ratio_most_over_one_worker_ceiling": data.get("ratio_most_over_one_worker_ceiling"),
+                           "cores": data.get("cores"),
+                           "by_workers": {w: {"mib_per_s": v.get("mib_per_s"), "peak_rss_mib": v.get("peak_rss_mib"),
+                                              "cpu_seconds": v.get("cpu_seconds")}
                                           for w, v in (data.get("ingest_by_workers") or {}).items()},
                            "profile": _get(data, "ingest", "profile", "seconds")},
                 "versions": data.get("versions")}
@@ -259,8 +262,15 @@ def markdown(report: dict) -> str:
             d = r["detail"]
             per = ", ".join(f"{w} worker(s) {_num(v.get('mib_per_s'), '.1f')} MiB/s / {_num(v.get('peak_rss_mib'), ',.0f')} MiB"
                             for w, v in (d.get("by_workers") or {}).items())
+            ceiling = d.get("ratio_most_over_one_worker_ceiling")
+            # the most that ratio could be on this machine's cores with the CPU the most-workers run used
+            bound = "" if ceiling is None else (
+                f"; at most {ceiling:.2f}× on {d.get('cores')} cores with the CPU the runs used: "
+                + ", ".join(f"{w} worker(s) {_num(v.get('cpu_seconds'), '.1f')} CPU-s"
+                            for w, v in (d.get("by_workers") or {}).items()))
             lines.append(f"- ingest: most / one worker {_num(d.get('ratio_most_over_one_worker'), '.2f')}× "
-                         f"(target 1.7×); {per}; peak RSS target < {_num(d.get('peak_rss_target_mib'), ',.0f')} MiB; "
+                         f"(target 1.7×{bound}); {per}; peak RSS target < "
+                         f"{_num(d.get('peak_rss_target_mib'), ',.0f')} MiB; "
                          f"seconds by phase in `bench/ingest/results/` (`profile`).")
         if r["status"] == "ok" and r["stage"] in ("base", "sft", "reward"):
             d = r["detail"]

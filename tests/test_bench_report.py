@@ -67,3 +67,26 @@ def test_no_previous_report_or_an_unreadable_one_carries_nothing(tmp_path):
     broken.write_text(json.dumps(PREVIOUS))
     assert run_all.load_previous(broken)["when"] == PREVIOUS["when"]
     assert run_all.merge_rows([_row("ingest", 0.3)], None, "2026-12-04T12:00:00Z", quick=True)[0]["quick"] is True
+
+
+def test_the_ingest_line_gives_the_ceiling_of_most_workers_against_one_when_the_bench_measured_it():
+    run_all = _run_all()
+    detail = {"ratio_most_over_one_worker": 1.42, "ratio_most_over_one_worker_ceiling": 1.57, "cores": 2,
+              "peak_rss_target_mib": 1024,
+              "by_workers": {"1": {"mib_per_s": 27.8, "peak_rss_mib": 682, "cpu_seconds": 43.7},
+                             "2": {"mib_per_s": 39.6, "peak_rss_mib": 938, "cpu_seconds": 47.0}}}
+    machine = {"cpu_count": 2, "cpu_model": "cpu", "memory_gib": 24, "python": "3.11", "load_avg": []}
+
+    def ingest_line(detail: dict) -> str:
+        rows = run_all.merge_rows([_row("ingest", 0.31, detail=detail)], None, "2026-12-05T14:00:00Z", quick=False)
+        text = run_all.markdown({"when": "2026-12-05T14:00:00Z", "quick": False, "threads": None, "versions": {},
+                                 "machine": machine, "stages": rows})
+        (line,) = [line for line in text.splitlines() if line.startswith("- ingest:")]
+        return line
+
+    line = ingest_line(detail)
+    assert "most / one worker 1.42× (target 1.7×; at most 1.57× on 2 cores" in line
+    assert "1 worker(s) 43.7 CPU-s, 2 worker(s) 47.0 CPU-s" in line
+    # a result from before the bench measured CPU: no bound is made up
+    line = ingest_line({k: v for k, v in detail.items() if k != "ratio_most_over_one_worker_ceiling"})
+    assert "at most" not in line and "(target 1.7×)" in line
