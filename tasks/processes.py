@@ -45,6 +45,33 @@ def lower_priority(pid: int, niceness: int) -> bool:
         return False
 
 
+# CAP_SYS_NICE (linux/capability.h): lets a process make any process more favoured (a lower nice value)
+_CAP_SYS_NICE = 23
+
+
+def may_raise_priority() -> bool:
+    """Whether this process may give one of its processes back a lower nice value (as low as its own) after
+    raising it: with an RLIMIT_NICE that reaches its own nice value, or CAP_SYS_NICE (root outside a
+    container, usually; a container's root often lacks it). Raising a nice value needs neither. False where
+    neither can be told (not Linux)."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NICE)
+        if soft == resource.RLIM_INFINITY or 20 - soft <= os.getpriority(os.PRIO_PROCESS, 0):
+            return True
+    except (ImportError, AttributeError, OSError, ValueError):  # no RLIMIT_NICE (not Linux)
+        pass
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> _CAP_SYS_NICE & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
 def process_tags() -> dict[str, str]:
     """Tags naming this process, so a later process can tell a run whose process was killed."""
     return {"alignflow.host": socket.gethostname(), "alignflow.pid": str(os.getpid())}

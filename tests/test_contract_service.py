@@ -241,3 +241,61 @@ def test_a_message_already_in_the_readers_buffer_counts_as_waiting():
         assert _input_waiting(stream)  # the end of input is for the reader to see
     finally:
         stream.close()
+
+
+def test_a_prestarted_worker_yields_the_cores_until_a_service_adopts_it(monkeypatch):
+    """While the command starts up, the worker loading its libraries runs at PRESTART_NICE (where its priority
+    can be given back); the service that adopts it gives it this process's priority before any batch."""
+    from alignflow.tasks.ingest import contract_service
+    from alignflow.tasks.processes import may_raise_priority
+
+    monkeypatch.setattr(contract_service, "_PRESTARTED", [])
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    contract_service.prestart()
+    (proc,) = contract_service._PRESTARTED
+    yielding = os.getpriority(os.PRIO_PROCESS, proc.pid)
+    assert yielding == (max(own, contract_service.PRESTART_NICE) if may_raise_priority() else own)
+    service = ContractService()
+    try:
+        assert service.proc is proc  # adopted, not started again
+        assert os.getpriority(os.PRIO_PROCESS, proc.pid) == own
+        assert not contract_service._YIELDING
+    finally:
+        service.close()
+
+
+def test_without_the_right_to_raise_it_back_a_prestarted_worker_keeps_this_priority(monkeypatch):
+    from alignflow.tasks.ingest import contract_service
+
+    monkeypatch.setattr(contract_service, "_PRESTARTED", [])
+    monkeypatch.setattr(contract_service, "may_raise_priority", lambda: False)
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    contract_service.prestart()
+    (proc,) = contract_service._PRESTARTED
+    try:
+        assert os.getpriority(os.PRIO_PROCESS, proc.pid) == own
+        assert proc.pid not in contract_service._YIELDING
+    finally:
+        contract_service._stop_prestarted()
+
+
+def test_whether_a_priority_can_be_raised_back_follows_rlimit_nice_then_cap_sys_nice(monkeypatch, tmp_path):
+    import resource
+
+    from alignflow.tasks import processes
+
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (20 - own, 20 - own))
+    assert processes.may_raise_priority()  # the limit reaches this process's own nice value
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (0, 0))  # the default limit: no lowering at all
+    status = tmp_path / "status"
+    real_open = open
+
+    def fake_open(path, *args, **kwargs):
+        return real_open(status if path == "/proc/self/status" else path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", fake_open)
+    status.write_text("Name:\tpython\nCapEff:\t0000000000800000\n")  # CAP_SYS_NICE (bit 23) alone
+    assert processes.may_raise_priority()
+    status.write_text("Name:\tpython\nCapEff:\t00000000a80425fb\n")  # a container's root: no CAP_SYS_NICE
+    assert not processes.may_raise_priority()
