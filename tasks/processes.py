@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,6 +44,21 @@ def lower_priority(pid: int, niceness: int) -> bool:
             os.setpriority(os.PRIO_PROCESS, pid, niceness)
         return True
     except (AttributeError, OSError):  # no setpriority (Windows), or no such process
+        return False
+
+
+def lower_thread_priority(niceness: int) -> bool:
+    """Give the calling thread at least ``niceness`` (on Linux a nice value is a thread's own: the process's
+    other threads keep theirs). Raising it needs no privilege; the thread keeps it until it ends. False where
+    that cannot be done for one thread alone (not Linux) or is refused."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        tid = threading.get_native_id()
+        if os.getpriority(os.PRIO_PROCESS, tid) < niceness:
+            os.setpriority(os.PRIO_PROCESS, tid, niceness)
+        return True
+    except (AttributeError, OSError):
         return False
 
 

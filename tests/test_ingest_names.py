@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import mlflow
@@ -141,3 +142,29 @@ def test_a_change_to_the_c_renderer_changes_the_cache_key(fixtures_dir, tmp_path
         fh.write("\n/* a change */\n")
     after = plan_ingest([fixtures_dir / "conlang.meta-2020"], tmp_path / "work", cfg).key
     assert before != after
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a nice value of one thread alone is Linux's")
+def test_the_digests_are_hashed_on_threads_that_yield_the_cores(tmp_path, monkeypatch):
+    """The hashing threads run at run.DIGEST_NICE (the command's start-up and Prefect's server, which the flow
+    waits for first, get the cores); the thread that started them keeps its own priority."""
+    import os
+    import threading
+
+    from alignflow.tasks.ingest import run
+
+    own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen = []
+    hash_file = run._sha256
+
+    def recording(path, *args):
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return hash_file(path, *args)
+
+    monkeypatch.setattr(run, "_sha256", recording)
+    f = tmp_path / "Posts.xml"
+    f.write_bytes(b"<posts>\n" + b"<row Id='1' />\n" * 100 + b"</posts>\n")
+    run.prehash([f], "stackexchange")
+    assert run.sha256_file(f) == hash_file(f)
+    assert seen == [max(own, run.DIGEST_NICE)]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == own
