@@ -122,8 +122,8 @@ def prehash(sources: list[str | Path], fmt: str | None = None) -> None:
     """Start hashing the input files on a thread, so the digests of the cache key (:func:`plan_ingest`) are
     ready or nearly so when the flow needs them: the command is meanwhile importing its modules and waiting
     for Prefect's server (hashing and file reads run without the GIL), at :data:`DIGEST_NICE`. At 1 GiB of
-    Posts.xml and its Votes.xml, hashing is 4 s from the page cache and up to 22 s from disk. Sources that do not resolve are
-    left alone: :func:`plan_ingest` reports them."""
+    Posts.xml and its Votes.xml, hashing is 4 s from the page cache and up to 22 s from disk. Sources that do
+    not resolve are left alone: :func:`plan_ingest` reports them."""
     files = []
     for raw in sources:
         try:
