@@ -51,15 +51,7 @@ def lower_thread_priority(niceness: int) -> bool:
     """Give the calling thread at least ``niceness`` (on Linux a nice value is a thread's own: the process's
     other threads keep theirs). Raising it needs no privilege; the thread keeps it until it ends. False where
     that cannot be done for one thread alone (not Linux) or is refused."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        tid = threading.get_native_id()
-        if os.getpriority(os.PRIO_PROCESS, tid) < niceness:
-            os.setpriority(os.PRIO_PROCESS, tid, niceness)
-        return True
-    except (AttributeError, OSError):
-        return False
+    return sys.platform.startswith("linux") and lower_priority(threading.get_native_id(), niceness)
 
 
 # CAP_SYS_NICE (linux/capability.h): lets a process make any process more favoured (a lower nice value)
