@@ -299,3 +299,38 @@ def test_whether_a_priority_can_be_raised_back_follows_rlimit_nice_then_cap_sys_
     assert processes.may_raise_priority()
     status.write_text("Name:\tpython\nCapEff:\t00000000a80425fb\n")  # a container's root: no CAP_SYS_NICE
     assert not processes.may_raise_priority()
+
+
+def test_a_batch_the_builder_keeps_becomes_the_shared_memory_file_the_worker_reads(tmp_path):
+    """A KeptBatch (a dataset the builder writes itself) is the builder's table until the sender has written
+    it to shared memory; then it is a mapping of that file, equal to the table and holding none of its
+    buffers, and it stays readable after the worker has unlinked the file. Without shared memory it stays the
+    builder's table."""
+    from alignflow.tasks.ingest.contract_service import KeptBatch, kept_table
+
+    root = tmp_path / "shm"
+    root.mkdir()
+    table = pairs_table(40)
+    svc = ContractService(shared_root=str(root))
+    try:
+        kept = KeptBatch(table)
+        result = svc.result(svc.submit(kept, "pairs", with_json=False))
+        assert result.passed and len(result.valid) == 40
+        mapped = kept_table(kept)
+        assert mapped is not table and mapped.equals(table)
+        original = {b.address for c in table.columns for chunk in c.chunks for b in chunk.buffers() if b}
+        shared = {b.address for c in mapped.columns for chunk in c.chunks for b in chunk.buffers() if b}
+        assert not original & shared, "the kept batch still holds the builder's buffers"
+        assert [list(folder.iterdir()) for folder in root.iterdir()] == [[]]  # the worker unlinked the file
+    finally:
+        svc.close()
+    assert kept_table(kept).to_pylist() == table.to_pylist()
+
+    svc = ContractService(shared_root=str(tmp_path / "no such folder"))
+    try:
+        kept = KeptBatch(table)
+        assert svc.result(svc.submit(kept, "pairs", with_json=False)).passed
+        assert kept_table(kept) is table
+    finally:
+        svc.close()
+    assert kept_table(table) is table

@@ -30,6 +30,7 @@ from alignflow.config import IngestConfig
 
 from . import schema
 from .columnar import COLUMNAR_SOURCES, add_questions, chunk_source
+from .contract_service import KeptBatch, kept_table
 from .heap import trim_heap
 from .ids import splits
 from .scoring import (Candidate, configured_split, best_answer, combined_license, pm_score, rank_pairs, render_prompt,
@@ -184,6 +185,8 @@ class DatasetWriter:
             only_batch = self.submitted == 0 and final
             if self.contracts is not None:  # the contract process makes the pandas frame GX needs (and writes)
                 write = None if self.write_here else CheckedWrite(str(self.path), sizes, only_batch)
+                # kept for writing here: as the shared-memory file the worker reads, once it is there
+                table = KeptBatch(table) if self.write_here else table
                 ticket = self.contracts.submit(table, self.kind, write=write, **kwargs)
                 outcome = lambda: self.contracts.result(ticket)  # noqa: E731
                 if not self.write_here:
@@ -205,6 +208,7 @@ class DatasetWriter:
         table, (sources, lines), sizes, outcome, only_batch = self.pending
         self.pending = None
         result = outcome()
+        table = kept_table(table)
         result.raise_for_table_failures()
         if result.docs_index is not None:
             self.summary.docs[self.kind] = str(result.docs_index)
