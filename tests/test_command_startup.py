@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -161,9 +162,9 @@ def test_the_database_file_found_without_prefect_is_prefects_own(tmp_path, setup
 
 
 EARLY_SERVER = r"""
-import json, os, sys
+import json, os, socket, sys
 from alignflow.flows.environment import (
-    prepare, start_prefect_server, wait_for_prefect_server, TEMPORARY_API_ENV, flow_run_settings)
+    _SERVER, prepare, start_prefect_server, wait_for_prefect_server, TEMPORARY_API_ENV, flow_run_settings)
 prepare(sys.argv[1])
 start_prefect_server()
 from prefect import flow
@@ -192,7 +193,7 @@ print(json.dumps({"result": result, "heartbeat": heartbeat,
                   "mark": os.environ[TEMPORARY_API_ENV], "runs_before": len(runs),
                   "server_modules_here": "prefect.server.api.server" in sys.modules,
                   "types_at_start": types_at_start, "types_after": types_after, "loaded": loaded,
-                  "triggers": triggers}))
+                  "triggers": triggers, "nodelay": _SERVER[0].sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)}))
 """
 
 
@@ -221,11 +222,30 @@ def test_a_command_starts_prefects_server_early_and_stops_it_on_exit(tmp_path):
     # the server registered no block type on start (SERVER_SETTINGS); saving a block registered its own
     assert got["types_at_start"] == 0 and got["types_after"] == ["secret"] and got["loaded"] == "s3cr3t"
     assert got["triggers"] is False  # no automations' services on a server that lives as long as the command
+    # replies are not held back by Nagle's algorithm (the connections inherit it: test below)
+    assert got["nodelay"] != 0
     assert got["api"].rstrip("/") == got["env"] == got["mark"] and got["env"].startswith("http://127.0.0.1:")
     assert not got["server_modules_here"], "the command imported Prefect's server instead of only starting it"
     assert (tmp_path / "w" / "prefect" / "prefect.db").is_file()
     assert len(servers) == 1, "one temporary server, started by the command"
     assert not any(Path(f"/proc/{pid}").exists() for pid in servers), "the server outlived the command"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the inheritance checked is Linux's")
+def test_connections_accepted_on_a_nodelay_socket_send_without_nagle():
+    """What the temporary server's socket relies on: uvicorn takes the listening socket as it is (``--fd``) and
+    asyncio sets nothing on the connections it accepts there, so they must inherit TCP_NODELAY from it."""
+    import socket
+
+    for nodelay in (1, 0):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+            listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, nodelay)
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(1)
+            with socket.create_connection(listener.getsockname()) as client:
+                accepted, _ = listener.accept()
+                with accepted:
+                    assert bool(accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)) == bool(nodelay)
 
 
 KILLED_SERVER = r"""
