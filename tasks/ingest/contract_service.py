@@ -235,9 +235,10 @@ class KeptBatch:
     ``build.WRITTEN_BY_THE_BUILDER``): ``table`` is the builder's table until the service's sender has written
     it to shared memory, and from then on a mapping of that file. The builder then holds no copy of its own
     beside the one the worker reads: the file's pages are counted once, where they are read. With 2 workers
-    the process tree's peak RSS (sampled every 20 ms) fell from 1,008-1,023 to 990-994 MiB at 1 GiB and from
-    993-1,000 to 965-967 MiB on 302 MiB of real rows (bench/REPORT.md, "The builder's batches kept as the
-    worker's shared-memory files")."""
+    the process tree's peak RSS (sampled every 20 ms) fell from 1,008-1,023 to 977-994 MiB at 1 GiB and from
+    991-1,000 to 963-969 MiB on 302 MiB of real rows, for ~0.15 CPU-s more in the builder there (the mapping's
+    pages are faulted in when it writes the batch; bench/REPORT.md, "the builder's batches kept as the worker's
+    shared-memory files")."""
 
     def __init__(self, table) -> None:
         self.table = table
