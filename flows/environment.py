@@ -186,8 +186,9 @@ class _TemporaryServer:
         # Replies go out at once (no Nagle). uvicorn makes the socket of ``--fd`` as an AF_UNIX one, so asyncio
         # does not set TCP_NODELAY on the connections it accepts, as it does on a TCP server it binds itself; a
         # reply written in two parts (headers, then body) then waited for the client's delayed ACK: every request
-        # to the temporary server took 40 ms or more, 1-10 ms with it (idle server, 2-core machine, 2026-12-05;
-        # bench/server_requests.py). Linux hands the option on to the accepted connections.
+        # to the temporary server took 40 ms or more, 1-4 ms with it (idle server, 2-core machine, 2026-12-05;
+        # bench/serve/server_requests.py); a tiny four-stage pipeline 15.3-16.1 -> 13.3-13.6 s. Linux hands the
+        # option on to the accepted connections.
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(128)  # requests made while no server is up wait in the backlog
