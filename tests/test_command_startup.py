@@ -242,7 +242,7 @@ def test_connections_accepted_on_a_nodelay_socket_send_without_nagle():
             listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, nodelay)
             listener.bind(("127.0.0.1", 0))
             listener.listen(1)
-            with socket.create_connection(listener.getsockname()) as client:
+            with socket.create_connection(listener.getsockname()):
                 accepted, _ = listener.accept()
                 with accepted:
                     assert bool(accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)) == bool(nodelay)

@@ -344,12 +344,14 @@ class ContractService:
         """What goes on the pipe for a batch: its shared-memory reference, or the table itself. A
         :class:`KeptBatch` written there is mapped here before the worker can unlink the file, and its table
         becomes that mapping: the builder's own copy is freed once this thread lets go of it."""
+        import pyarrow as pa
+
         table = kept_table(batch)
         ref = self.shared.put(table)
         if ref is not table and isinstance(batch, KeptBatch):
             try:
                 batch.table = _mapped(ref[1])
-            except Exception:  # noqa: BLE001 - the builder keeps its own copy, as without shared memory
+            except (OSError, pa.ArrowException):  # the builder keeps its own copy, as without shared memory
                 pass
         return ref
 
