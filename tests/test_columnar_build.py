@@ -170,6 +170,33 @@ def test_a_row_groups_text_is_bounded_in_utf8_bytes_not_characters(tmp_path):
         assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [4, 4, 4, 4, 4], how
 
 
+def test_where_the_input_lies_does_not_move_the_row_groups(tmp_path):
+    """A row's ``_source_file`` (the path it was read from, for the quarantine) is not written and not counted in a
+    row group's text: the same rows read from a longer path give the same file, byte for byte (before, the path's
+    length moved the cuts, and with them the dataset's digest)."""
+    def rows(source: str) -> list[dict]:
+        return [dict(prompt_id=f"p{n}", prompt="w" * 200, question_id=str(n), site="s", source="stackexchange",
+                     split="train", _source_file=source, _line=n) for n in range(40)]
+
+    sizes = dict(batch_rows=1_000, batch_bytes=1_000, contract_rows=1_000, contract_bytes=1_000)
+    store = StagingStore(tmp_path / "store.sqlite")
+    files = {}
+    for source in ("/d/Posts.xml", "/" + "deeper/" * 30 + "Posts.xml"):
+        for how in ("rows", "table"):
+            name = f"{how}-{len(source)}"
+            writer = _writer("prompts", tmp_path / name / "prompts.parquet", store, BuildSummary(), **sizes)
+            if how == "rows":
+                for r in rows(source):
+                    writer.add(r)
+                    writer.maybe_flush()
+            else:
+                writer.add_table(rows_to_table(rows(source), writer.batch_schema), np.arange(1, 41))
+            writer.close()
+            files[name] = writer.path.read_bytes()
+    assert len(set(files.values())) == 1
+    assert pq.ParquetFile(writer.path).metadata.num_row_groups == 8  # rows of ~220 bytes of text: 5 reach 1,000
+
+
 def test_pm_scores_are_the_scalar_rule():
     rng = np.random.default_rng(0)
     up = rng.integers(-3, 5000, 2000)
