@@ -54,3 +54,15 @@ def test_the_default_is_a_posts_file_of_about_300_mb():
     one_copy = sum(len(line) for s in rr.SITES for line in rr.rows(rr.FIXTURES / s / "Posts.xml"))
     default = int(re.search(r'"--reps", type=int, default=(\d+)', (REPO / "bench/ingest/real_rows.py").read_text())[1])
     assert 300e6 <= one_copy * default <= 320e6  # ids grow by a few digits per row: the file is a little larger
+
+
+def test_one_line_is_the_same_rows_with_no_line_end_between_them(tmp_path):
+    """``--one-line``: the table as an XML library writes it, every row on the line after the declaration; an XML
+    parser reads the same rows as from the dump's layout."""
+    rr = _module()
+    dump = rr.write_site(tmp_path / "dump", reps=2)
+    one = rr.write_site(tmp_path / "one", reps=2, one_line=True)
+    for name in ("Posts.xml", "Votes.xml"):
+        data = (one / name).read_bytes()
+        assert data.startswith(b"<?xml version='1.0' encoding='UTF-8'?>\n<") and data.count(b"\n") == 1
+        assert _rows(one / name) == _rows(dump / name)

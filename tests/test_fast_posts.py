@@ -236,6 +236,69 @@ def test_the_real_dumps_are_read_in_c_as_libxml2_reads_them(fixtures_dir, monkey
             _same(fast, slow)
 
 
+def test_rows_several_to_a_line_read_as_libxml2_reads_them(tmp_path, monkeypatch):
+    """A table an XML library writes has no line ends between rows, or some: cut into ranges at a ``<row`` inside a
+    line and into pieces that end before a ``<``, it is read in C as libxml2 reads it: the same store rows with the
+    same line numbers, the same quarantined rows, the same counts."""
+    rng = random.Random(11)
+    next_id = [0]
+    rows = [_row(_attrs(rng, next_id), rng).strip(b" \t\r\n") for _ in range(1500)]
+    gaps = [b"", b"", b"", b" ", b"\n", b"\r\n", b"  \r\n\t", b"\n\n "]
+    path = tmp_path / "Posts.xml"
+    path.write_bytes(b"<?xml version='1.0' encoding='UTF-8'?><posts>" + b"".join(r + rng.choice(gaps) for r in rows)
+                     + b"</posts>")
+    data = path.read_bytes()
+    taken = total = 0
+    mid_line = 0
+    for task, fast, slow in _both(path, monkeypatch, range_bytes=6_000, chunk=2_000):
+        total += 1
+        mid_line += task.start > 0 and data[task.start - 1:task.start] != b"\n"
+        assert task.start == 0 or data[task.start:].lstrip(b" \t").startswith(b"<row")
+        if fast is not None:
+            _same(fast, slow)
+            taken += 1
+    assert mid_line > 10  # ranges that start inside a line
+    assert total > 40 and taken > total // 3, (taken, total)
+
+
+def test_a_lone_carriage_return_between_rows_goes_to_libxml2(tmp_path):
+    """XML reads a lone "\r" as a line end, which the ranges' line counts (of "\n") would miss: not plain."""
+    row = b'<row Id="1" PostTypeId="1" Score="2" Title="t" Body="b" />'
+    path = tmp_path / "Posts.xml"
+    for gap, plain in ((b"\r\n", True), (b"\r", False), (b" \r ", False)):
+        path.write_bytes(HEAD + row + gap + row.replace(b'"1"', b'"3"', 1) + b"\r\n" + TAIL)
+        task = ranges.range_tasks("s", "Posts", path, "Posts.xml", range_bytes=1 << 20, on_bad_row="quarantine",
+                                  max_chars=100, max_row_bytes=1 << 20)[0]
+        assert (ranges.scan_posts(task) is not None) == plain, gap
+
+
+@pytest.mark.parametrize("slack", [0, -1])
+def test_a_row_is_measured_to_the_next_tag_as_the_parser_measures_it(tmp_path, monkeypatch, slack):
+    """The parser's path skips a ``<row>`` longer than ``max_row_bytes`` from its ``<`` to the next ``<`` (white space
+    after it included). The C reader takes a row that fits that measure, and leaves the range to libxml2 when one
+    does not: either way the result is libxml2's."""
+    first = b'<row Id="1" PostTypeId="1" Score="2" Title="t" Body="' + b"w" * 200 + b'" />'
+    gap = b"   \r\n  "
+    second = b'<row Id="2" PostTypeId="2" ParentId="1" Score="1" Body="b" />'
+    path = tmp_path / "Posts.xml"
+    path.write_bytes(HEAD + first + gap + second + b"\r\n" + TAIL)
+    cap = len(first + gap) + slack
+    task = ranges.range_tasks("s", "Posts", path, "Posts.xml", range_bytes=1 << 20, on_bad_row="quarantine",
+                              max_chars=1_000, max_row_bytes=cap)[0]
+    fast = ranges.scan_posts(task)
+    with monkeypatch.context() as m:
+        m.setattr(ranges, "scan_posts", lambda task, chunk=0: None)
+        slow = ranges.read_range(task)
+    slow_posts, slow_others, _ = _calls(slow)
+    if slack == 0:  # fits: the C reader takes it, and libxml2 keeps it too
+        assert fast is not None
+        _same(fast, slow)
+        assert [p[2] for p in slow_posts] == ["1", "2"]
+    else:  # one byte over: libxml2 skips it (quarantined), the C reader leaves the range to it
+        assert fast is None
+        assert [p[2] for p in slow_posts] == ["2"] and len(slow_others) == 1
+
+
 def test_a_refused_row_sends_the_range_to_libxml2(tmp_path, monkeypatch):
     """With on_bad_row="error", a row the reader refuses is reported by the parser's path, as before."""
     path = tmp_path / "Posts.xml"

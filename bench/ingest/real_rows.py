@@ -10,6 +10,9 @@ of questions, answers and votes; everything else is byte for byte the fixture's.
     .venv/bin/python bench/ingest/real_rows.py --out SCRATCH            # SCRATCH/real.stackexchange.com
     .venv/bin/python bench/ingest/run.py --site SCRATCH/real.stackexchange.com --workers 2
 
+``--one-line`` writes each table as an XML library does (lxml's declaration, no line end between rows: the
+whole table on one line), the same rows byte for byte otherwise.
+
 The files are written under temporary names and renamed into place once complete.
 """
 
@@ -44,8 +47,10 @@ def shifted(lines: list[bytes], offset: int) -> list[bytes]:
     return [_ID.sub(add, line) for line in lines]
 
 
-def write_site(out: Path, reps: int, fixtures: Path = FIXTURES) -> Path:
-    """Write ``out/real.stackexchange.com/{Posts,Votes}.xml`` from ``reps`` copies of the fixtures' rows."""
+def write_site(out: Path, reps: int, fixtures: Path = FIXTURES, *, one_line: bool = False) -> Path:
+    """Write ``out/real.stackexchange.com/{Posts,Votes}.xml`` from ``reps`` copies of the fixtures' rows.
+    ``one_line``: each table as an XML library writes it (``<?xml version='1.0' encoding='UTF-8'?>`` and every row
+    on one line, no line end between elements), the rows' bytes unchanged."""
     site = out / SITE
     site.mkdir(parents=True, exist_ok=True)
     tables = {"Posts.xml": b"posts", "Votes.xml": b"votes"}
@@ -54,11 +59,15 @@ def write_site(out: Path, reps: int, fixtures: Path = FIXTURES) -> Path:
         final = site / name
         tmp = site / f".{name}.tmp-{os.getpid()}"
         with open(tmp, "wb") as fh:
-            fh.write(b'\xef\xbb\xbf<?xml version="1.0" encoding="utf-8"?>\r\n<' + tag + b">\r\n")
+            if one_line:
+                fh.write(b"<?xml version='1.0' encoding='UTF-8'?>\n<" + tag + b">")
+            else:
+                fh.write(b'\xef\xbb\xbf<?xml version="1.0" encoding="utf-8"?>\r\n<' + tag + b">\r\n")
             for rep in range(reps):
                 for k, source in enumerate(sources):
-                    fh.writelines(shifted(source[name], (rep * len(SITES) + k) * SHIFT))
-            fh.write(b"</" + tag + b">\r\n")
+                    lines = shifted(source[name], (rep * len(SITES) + k) * SHIFT)
+                    fh.writelines([line.strip() for line in lines] if one_line else lines)
+            fh.write(b"</" + tag + b">" + (b"" if one_line else b"\r\n"))
         os.replace(tmp, final)
     return site
 
@@ -67,10 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True, help=f"the folder to write {SITE}/ into")
     ap.add_argument("--reps", type=int, default=249, help="copies of the fixtures' rows (249: 302 MiB of Posts.xml)")
+    ap.add_argument("--one-line", action="store_true",
+                    help="every row of a table on one line, as an XML library writes it (no line ends between rows)")
     args = ap.parse_args(argv)
     if args.reps < 1:
         ap.error("--reps must be at least 1")
-    site = write_site(args.out, args.reps)
+    site = write_site(args.out, args.reps, one_line=args.one_line)
     for f in sorted(site.glob("*.xml")):
         print(f"{f}: {f.stat().st_size / (1 << 20):.1f} MiB")
     return 0

@@ -7,19 +7,24 @@
  *                                                       -> (skipped, rows, secs) | None
  * image = finish_shard(shard)                           its bytes (sqlite3_serialize)
  *
- * ``data`` holds whole lines of a Posts.xml range (after its prolog, before its closing tag); ``line`` is
- * the number of its first line. Every line must be a row in the plain form the dumps write:
+ * ``data`` holds the rows of a Posts.xml range (after its prolog, before its closing tag), ending before a
+ * '<' or at the range's end; ``line`` is the number of its first line. It must be plain rows, in the form the
+ * dumps write, separated by white space: one row per line as in the dumps, or several on a line, as an XML
+ * library writes a table (no newline between elements):
  *
- *   line   := [ \t]* "<row" (" "+ name "=\"" value "\"")+ " "* "/>" "\r"?
+ *   data   := gap (row gap)*                 gap := (" " | "\t" | "\n" | "\r\n")*
+ *   row    := "<row" (" "+ name "=\"" value "\"")+ " "* "/>"
  *   name   := [A-Za-z][A-Za-z0-9]*, not starting with "xml" (any case), each name once per row
  *   value  := UTF-8 text without '<', '"' or a control character (U+0000..U+001F), whose characters are
  *             XML characters (no U+FFFE, U+FFFF), with the references &lt; &gt; &amp; &quot; &apos; &#N; &#xH;
  *             to XML characters
  *
- * Such a line is well formed and means the same to any XML parser: its attributes are exactly the
- * values above with their references replaced. If one line is not plain (or is longer than
- * max_row_bytes), None comes back and the whole range goes to libxml2 (ranges.read_range), which
- * decides what the line means or which error it is; the shard is then dropped.
+ * Such a row is well formed and means the same to any XML parser: its attributes are exactly the
+ * values above with their references replaced. A row's line is the line it starts on (a lone "\r", which
+ * XML counts as a line end, is not plain). If one row is not plain, or is longer than max_row_bytes as
+ * the parser's path measures it (from its '<' to the next '<' or the end of ``data``), None comes back and
+ * the whole range goes to libxml2 (ranges.read_range), which decides what the row means or which error it
+ * is; the shard is then dropped.
  *
  * A plain row is inserted as stackexchange.PostRowReader and store.post_row make it, when it takes none
  * of the reader's checks' other branches:
@@ -177,7 +182,7 @@ static int name_char(char c, int first) {
     return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (!first && c >= '0' && c <= '9');
 }
 
-/* Parse line [p, end) (without its '\n') into row; 1 if plain, 0 if not, -1 on memory error. */
+
 /* The first byte of [p, end) that ends a run of plain value characters (printable ASCII other than '"', '&'
  * and '<'): a control character, a non-ASCII byte, '"', '&' or '<'; end if none. Sixteen bytes at a time where
  * the CPU has SSE2 (every x86-64): a signed compare with 0x20 finds both the control characters and the bytes
@@ -201,13 +206,11 @@ static const char *plain_run_end(const char *p, const char *end) {
     return p;
 }
 
-static int parse_line(const char *p, const char *end, Row *row) {
+/* Parse the row that starts at p (its "<row"), ending before ``end``, into row; 1 if plain (*after: the byte
+ * after its "/>"), 0 if not, -1 on memory error. */
+static int parse_row(const char *p, const char *end, Row *row, const char **after) {
     row->n = 0;
     row->values.len = 0;
-    if (end > p && end[-1] == '\r')
-        end--;
-    while (p < end && (*p == ' ' || *p == '\t'))
-        p++;
     if (end - p < 4 || memcmp(p, "<row", 4) != 0)
         return 0;
     p += 4;
@@ -215,8 +218,10 @@ static int parse_line(const char *p, const char *end, Row *row) {
         const char *gap = p;
         while (p < end && *p == ' ')
             p++;
-        if (end - p == 2 && p[0] == '/' && p[1] == '>')
+        if (end - p >= 2 && p[0] == '/' && p[1] == '>') {
+            *after = p + 2;
             return row->n > 0;
+        }
         if (p == gap || p >= end || !name_char(*p, 1))
             return 0;
         const char *name = p;
@@ -518,7 +523,7 @@ typedef struct {
 } Ctx;
 
 /* Whether html_to_text takes the body for blank without rendering it: empty, or every character whitespace as
- * str.isspace() says (valid UTF-8: parse_line checked it). */
+ * str.isspace() says (valid UTF-8: parse_row checked it). */
 static int blank(const char *s, Py_ssize_t n) {
     const unsigned char *p = (const unsigned char *)s, *end = p + n;
     while (p < end) {
@@ -699,6 +704,25 @@ static PyObject *attrib_of(const Row *row) {
     return d;
 }
 
+/* Past the white space between rows (" ", "\t", "\n", "\r\n"), counting its line ends into *line; stops at
+ * anything else, a lone "\r" included (XML reads it as a line end, which the ranges' line counts do not). */
+static const char *skip_gap(const char *p, const char *end, long long *line) {
+    while (p < end) {
+        if (*p == ' ' || *p == '\t') {
+            p++;
+        } else if (*p == '\n') {
+            (*line)++;
+            p++;
+        } else if (*p == '\r' && end - p >= 2 && p[1] == '\n') {
+            (*line)++;
+            p += 2;
+        } else {
+            break;
+        }
+    }
+    return p;
+}
+
 static PyObject *scan_posts(PyObject *module, PyObject *args) {
     (void)module;
     PyObject *capsule, *site, *label, *odd, *direct = Py_None;
@@ -726,26 +750,36 @@ static PyObject *scan_posts(PyObject *module, PyObject *args) {
         goto done;
     }
     const char *p = data.buf, *end = p + data.len;
-    while (p < end) {
-        const char *nl = memchr(p, '\n', (size_t)(end - p));
-        const char *stop = nl ? nl : end;
-        int rc = stop - p > max_row_bytes ? 0 : parse_line(p, stop, row);
+    for (;;) {
+        p = skip_gap(p, end, &line);
+        if (p >= end || *p != '<') { /* the end, or a lone "\r" or other text between rows */
+            plain = p >= end;
+            break;
+        }
+        const char *after, *next;
+        int rc = parse_row(p, end, row, &after);
         if (rc < 0) {
             PyErr_NoMemory();
             goto done;
+        }
+        long long row_line = line;
+        if (rc == 1) {
+            next = skip_gap(after, end, &line);
+            /* the parser's path measures an element from its '<' to the next '<' (xmlstream.RowParser) */
+            rc = next - p <= max_row_bytes;
         }
         if (rc == 0) {
             plain = 0;
             break;
         }
         int counted;
-        if (post_of(&cx, row, line, skipped, &counted) < 0)
+        if (post_of(&cx, row, row_line, skipped, &counted) < 0)
             goto done;
         if (counted) {
             rows++;
         } else { /* the reader decides: its store row, if any, takes the row's place */
             PyObject *attrib = attrib_of(row);
-            PyObject *stored = attrib ? PyObject_CallFunction(odd, "OL", attrib, line) : NULL;
+            PyObject *stored = attrib ? PyObject_CallFunction(odd, "OL", attrib, row_line) : NULL;
             Py_XDECREF(attrib);
             if (stored == NULL)
                 goto done;
@@ -754,8 +788,7 @@ static PyObject *scan_posts(PyObject *module, PyObject *args) {
             if (rc < 0)
                 goto done;
         }
-        line++;
-        p = nl ? nl + 1 : end;
+        p = next;
     }
     result = plain ? Py_BuildValue("(Ond)", skipped, rows, cx.render_seconds) : Py_NewRef(Py_None);
 done:

@@ -1,24 +1,26 @@
-"""Parallel reading of dump tables: byte ranges cut at line ends, parsed by worker processes.
+"""Parallel reading of dump tables: byte ranges cut at row starts, parsed by worker processes.
 
 A Stack Exchange dump table holds one ``<row .../>`` per line (newlines inside
-values are written as ``&#xA;``), so a table can be cut at the starts of row
-lines into ranges that parse on their own: each worker wraps its range in the
-table's root element and runs the same :class:`~.xmlstream.RowParser` and row
-readers as the one-process path, with every check they make. A worker keeps
-what it read as a list of sink calls, its posts and per-post vote sums packed
-into an SQLite image (:func:`pack`); the parent replays the results into the
-staging store in file order, adding each range's line offset, so the store
-holds exactly the rows of a one-process read and the datasets are
-byte-identical whatever the number of workers. Votes are summed per post in the
-worker (their order does not matter).
+values are written as ``&#xA;``); a table an XML library wrote may hold several
+rows on a line, or all of them. No ``<`` is written inside a value, so a table can
+be cut at the starts of rows (of their lines, where they begin one) into ranges
+that parse on their own: each worker wraps its range in the table's root element
+and runs the same :class:`~.xmlstream.RowParser` and row readers as the
+one-process path, with every check they make. A worker keeps what it read as a
+list of sink calls, its posts and per-post vote sums packed into an SQLite image
+(:func:`pack`); the parent replays the results into the staging store in file
+order, adding each range's line offset, so the store holds exactly the rows of a
+one-process read and the datasets are byte-identical whatever the number of
+workers. Votes are summed per post in the worker (their order does not matter).
 
-A range whose every line is a row in the dumps' plain form (one ``<row .../>``
-per line, double-quoted attributes, only the predefined and numeric character
-references: what every dump writes) is read from its bytes in C instead of by
-libxml2: Votes.xml rows are counted (tasks/ingest/_fastvotes.c, :func:`scan_votes`)
-and Posts.xml rows become store rows (tasks/ingest/_fastposts.c, :func:`scan_posts`),
-with the rows the reader would quarantine handed to it. Any other line, anywhere
-in the range, sends the whole range to the parser, which decides what it means.
+A range whose every row is in the dumps' plain form (double-quoted attributes,
+only the predefined and numeric character references: what every dump writes)
+is read from its bytes in C instead of by libxml2: Votes.xml rows, one per line,
+are counted (tasks/ingest/_fastvotes.c, :func:`scan_votes`) and Posts.xml rows,
+one or several per line, become store rows (tasks/ingest/_fastposts.c,
+:func:`scan_posts`), with the rows the reader would quarantine handed to it. Any
+other row, anywhere in the range, sends the whole range to the parser, which
+decides what it means.
 
 Files too small to cut, tables inside .7z archives and tables whose head is
 not a plain ``<?xml?>`` prolog plus root element are read in one range, in order.
@@ -42,7 +44,8 @@ from .errors import IngestError
 from .records import PairRecord, PostRecord
 from .store import POST_TYPES, SHARDS, VOTE_TYPES, post_row
 
-_ROW_LINE = re.compile(rb"\n[ \t]*<row[ \t\r\n/>]")
+# A row's start: "<row" after the ">" that ends the element before it (a row, or the table's root) and white space
+_ROW_START = re.compile(rb">([ \t\r\n]*)<row[ \t\r\n/>]")
 _CUT_WINDOW = 1 << 20
 READ_CHUNK = 1 << 20
 
@@ -56,7 +59,9 @@ def default_workers() -> int:
 
 
 def cut_points(path: Path, range_bytes: int) -> list[tuple[int, int]]:
-    """Byte ranges of ``path`` that start at row lines (the first starts at 0 and holds the prolog)."""
+    """Byte ranges of ``path`` that start at rows (the first starts at 0 and holds the prolog): at the start of the
+    row's line when it begins one, as in the dumps, else at its ``<row``, for tables written with several rows on
+    a line (an XML library writes no line ends between elements: a whole table can be one line)."""
     size = path.stat().st_size
     if size <= range_bytes:
         return [(0, size)]
@@ -69,9 +74,10 @@ def cut_points(path: Path, range_bytes: int) -> list[tuple[int, int]]:
             while pos < size and found is None:
                 fh.seek(pos)
                 window = fh.read(_CUT_WINDOW + 64)
-                m = _ROW_LINE.search(window)
+                m = _ROW_START.search(window)
                 if m is not None and m.start() < _CUT_WINDOW:
-                    found = pos + m.start() + 1
+                    gap = m.group(1)
+                    found = pos + m.start(1) + (gap.rfind(b"\n") + 1 or len(gap))
                 pos += _CUT_WINDOW
             if found is None:
                 break
@@ -152,9 +158,13 @@ _VOTE_LINE = re.compile(
     rb'(?: UserId="-?[0-9]{1,18}")?(?: CreationDate="[0-9T:.-]{1,40}")?(?: BountyAmount="[0-9]{1,18}")? ?/>\r?$',
     re.M,
 )
-# A table's head and end as the dumps write them: a range that starts or ends otherwise goes to the parser.
-_PLAIN_HEAD = {table: re.compile(rb'(?:\xef\xbb\xbf)?<\?xml version="1\.0" encoding="utf-8"\?>\r?\n<'
-                                 + table.lower().encode() + rb'>\r?\n') for table in ("Posts", "Votes")}
+# A table's head and end as the dumps write them, or an XML library (single quotes, "UTF-8", no line ends): a range
+# that starts or ends otherwise goes to the parser. White space is " ", "\t" and line ends ("\n", "\r\n"): a lone
+# "\r" is a line end to XML that the ranges' line counts would miss.
+_GAP = rb'(?:[ \t\n]|\r\n)*'
+_PLAIN_HEAD = {table: re.compile(rb'(?:\xef\xbb\xbf)?(?:<\?xml version=(["\'])1\.0\1 encoding=(["\'])(?i:utf-8)\2'
+                                 rb'(?: standalone=(["\'])(?:yes|no)\3)? ?\?>)?' + _GAP + b'<' + table.lower().encode()
+                                 + b'>' + _GAP) for table in ("Posts", "Votes")}
 _PLAIN_END = {table: re.compile(rb'</' + table.lower().encode() + rb'>[ \t\r\n]*\Z') for table in ("Posts", "Votes")}
 _VOTE_TYPE_SLOT = {b"2": 0, b"3": 1, b"1": 2}
 
@@ -210,11 +220,12 @@ def _newlines(data: bytearray, start: int, end: int) -> int:
     return _fastvotes.newlines(data, start, end) if _fastvotes is not None else data.count(b"\n", start, end)
 
 
-def _line_chunks(task: RangeTask, chunk: int) -> Iterator[tuple[bytearray, int, int]]:
+def _line_chunks(task: RangeTask, chunk: int, before: bytes = b"\n") -> Iterator[tuple[bytearray, int, int]]:
     """The range's bytes in pieces of about ``chunk`` bytes that end at line ends (the last: at the range's end),
     each as ``(buffer, start, end)``: the piece is ``buffer[start:end]``. One buffer is read into and reused, so
     a piece is valid only until the next one is asked for; no piece is copied (a range a little over ``chunk``
-    bytes, the usual case, is read whole)."""
+    bytes, the usual case, is read whole). ``before=b"<"``: pieces end right before a ``<`` instead (after the
+    white space that follows a row), where rows need not be one per line."""
     size = task.end - task.start
     chunk = size if size <= chunk + chunk // 4 else chunk
     buffer = bytearray(chunk)
@@ -231,7 +242,12 @@ def _line_chunks(task: RangeTask, chunk: int) -> Iterator[tuple[bytearray, int, 
                 raise EOFError(task.path)
             left -= got
             end = have + got
-            cut = buffer.rfind(b"\n", 0, end) + 1 if left > 0 else end
+            if left <= 0:
+                cut = end
+            elif before == b"\n":
+                cut = buffer.rfind(b"\n", 0, end) + 1
+            else:
+                cut = max(buffer.rfind(before, 0, end), 0)
             if cut:
                 yield buffer, 0, cut
             buffer[:end - cut] = buffer[cut:end]  # the unfinished line moves to the start
@@ -243,20 +259,20 @@ class _NotPlain(Exception):
 
 
 class _PlainRows:
-    """Iterating gives a range's row lines, in pieces of whole lines, each with the number of its first line
-    (the range's first line is 1), without the table's head (first range) or end (last range). Raises
-    :class:`_NotPlain` when its head or end is not the dumps' plain form. ``newlines``: those of the whole range,
-    once iterated."""
+    """Iterating gives a range's row lines, in pieces of whole lines (``before=b"<"``: pieces that end before a
+    ``<``, for rows that need not be one per line), each with the number of its first line (the range's first
+    line is 1), without the table's head (first range) or end (last range). Raises :class:`_NotPlain` when its
+    head or end is not in a plain form. ``newlines``: those of the whole range, once iterated."""
 
-    def __init__(self, task: RangeTask, chunk: int) -> None:
-        self.task, self.chunk, self.newlines = task, chunk, 0
+    def __init__(self, task: RangeTask, chunk: int, before: bytes = b"\n") -> None:
+        self.task, self.chunk, self.before, self.newlines = task, chunk, before, 0
 
     def __iter__(self) -> Iterator[tuple[memoryview, int]]:
         """Each piece is a view of :func:`_line_chunks`'s buffer, released when the next piece is asked for."""
         task = self.task
         head_done, ended = not task.first, False
         try:
-            for buffer, start, end in _line_chunks(task, self.chunk):
+            for buffer, start, end in _line_chunks(task, self.chunk, self.before):
                 if ended:  # bytes after the closing tag
                     raise _NotPlain
                 line = 1 + self.newlines
@@ -269,9 +285,7 @@ class _PlainRows:
                     start, head_done = m.end(), True
                 if task.last:
                     m = _PLAIN_END[task.table].search(buffer, start, end)
-                    if m is not None:
-                        if m.start() > start and buffer[m.start() - 1] != 0x0A:
-                            raise _NotPlain
+                    if m is not None:  # what comes before it is the scanner's to check
                         end, ended = m.start(), True
                 with memoryview(buffer) as view, view[start:end] as data:
                     yield data, line
@@ -338,7 +352,7 @@ def scan_posts(task: RangeTask, chunk: int = 8 << 20) -> RangeResult | None:
     direct = c_renderer()  # html_to_text's C renderer, called from C on each body's bytes
     rows, render_seconds = 0, 0.0
     skipped: dict[str, int] = {}
-    plain = _PlainRows(task, chunk)
+    plain = _PlainRows(task, chunk, b"<")
     try:
         for data, line in plain:
             got = _fastposts.scan_posts(shard, data, line, task.site, task.label, task.max_chars,
