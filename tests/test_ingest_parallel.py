@@ -101,6 +101,40 @@ def test_a_site_with_every_row_on_one_line_gives_the_same_datasets(fixtures_dir,
         assert not any(k.startswith("read: Posts.xml parse") for k in profile)
 
 
+def test_comments_before_the_root_still_let_a_table_be_cut(tmp_path):
+    path = tmp_path / "Posts.xml"
+    for head, cut in ((b'<?xml version="1.0"?>\n<!-- made by a tool -->\n<?pi x?>\n<posts>', True),
+                      (b'<!--x--><posts>', True), (b'<?xml version="1.0"?><!DOCTYPE posts>\n<posts>', False),
+                      (b'<?xml version="1.0"?><!-- ' + b"x" * 5_000 + b' -->\n<posts>', False),
+                      (b'<?xml version="1.0"?><!-- unclosed <posts>', False)):
+        path.write_bytes(head + b'\n<row Id="1" />\n</posts>\n')
+        assert plain_head(path, "posts") == cut, head[:60]
+
+
+def test_a_large_table_that_cannot_be_cut_is_streamed_with_the_same_datasets(fixtures_dir, tmp_path):
+    """A table larger than a range whose head it cannot be cut after (here a comment longer than the 4 KiB read) is
+    streamed into the store in the command's process, as an archive's table is, rather than read as one range that
+    holds all its rows before they are loaded (a 302 MiB Posts.xml: 1.7 GiB): the same datasets as in ranges."""
+    src = fixtures_dir / "conlang.meta-2020"
+    site = tmp_path / "long-head" / src.name
+    site.mkdir(parents=True)
+    shutil.copy(src / "Votes.xml", site / "Votes.xml")
+    data = (src / "Posts.xml").read_bytes()
+    end = data.index(b"?>") + 2
+    # on the declaration's line, so that every row keeps its line number (the quarantine's lines)
+    (site / "Posts.xml").write_bytes(data[:end] + b"<!-- " + b"x" * 5_000 + b" -->" + data[end:])
+    assert not plain_head(site / "Posts.xml", "posts")
+    ranged = run([src], tmp_path / "ranged", "ingest.workers=2", "ingest.range_mb=0.02")
+    streamed = run([site], tmp_path / "streamed", "ingest.workers=2", "ingest.range_mb=0.02")
+    assert digests(streamed) == digests(ranged)
+    assert sorted(streamed.report["files"].values(), key=str) == sorted(ranged.report["files"].values(), key=str)
+    assert streamed.report["adds_up"] and streamed.datasets["pairs"]["rows"] > 0
+    profile = json.loads((Path(streamed.out_dir) / "profile.json").read_text())["seconds"]
+    assert not any(k.startswith("read: Posts.xml") for k in profile)  # no range of it read by a worker
+    ranged_profile = json.loads((Path(ranged.out_dir) / "profile.json").read_text())["seconds"]
+    assert any(k.startswith("read: Posts.xml") for k in ranged_profile)
+
+
 def test_real_sites_identical_with_three_workers(fixtures_dir, tmp_path):
     sources = [fixtures_dir / "conlang.meta-2020", fixtures_dir / "datascience.meta-2024"]
     one, many = both(sources, tmp_path)

@@ -471,15 +471,18 @@ def read_packed(task: RangeTask) -> RangeResult:
 
 
 def plain_head(path: Path, root: str) -> bool:
-    """True when the table starts with an optional XML declaration and its root element, nothing else."""
+    """True when the table starts with an optional XML declaration, then comments and processing instructions if
+    any, then its root element (within its first 4 KiB): nothing that changes how the rows after it parse, so it
+    can be cut into ranges. A document type declaration may define entities: such a table is read whole."""
     with open(path, "rb") as fh:
         head = fh.read(1 << 12)
     head = head.removeprefix(b"\xef\xbb\xbf").lstrip()
-    if head.startswith(b"<?xml"):
-        end = head.find(b"?>")
+    while head.startswith((b"<?", b"<!--")):
+        close = b"?>" if head.startswith(b"<?") else b"-->"
+        end = head.find(close, 2)
         if end < 0:
             return False
-        head = head[end + 2:].lstrip()
+        head = head[end + len(close):].lstrip()
     return re.match(rb"<" + root.encode() + rb"[ \t\r\n>]", head) is not None
 
 

@@ -194,7 +194,7 @@ def read_ahead(sources: list[str | Path], workdir: Path, cfg: IngestConfig, fmt:
         for site in sites:
             if not _site_reads_votes(site, cfg):
                 site.votes = []
-        if not all(map(_plain_files, sites)):
+        if not all(_read_in_ranges(site, cfg) for site in sites):
             return False
         tasks = site_range_tasks(sites, cfg)
     except Exception:  # noqa: BLE001 - any problem is plan_ingest's to report
@@ -341,7 +341,7 @@ def read_stackexchange(paths: list[Path], store, cfg: IngestConfig, phases: Phas
         else:
             store.register_vote_file(site.name, site.votes[0].label)
         score_sources[site.name] = "votes" if use_votes else "score"
-        if _plain_files(site):
+        if _read_in_ranges(site, cfg):
             parallel.append(site)  # plain files: read below, cut into ranges (in this process with one local worker)
         else:
             read_site(site, store, on_bad_row=cfg.on_bad_row, max_chars=cfg.max_text_chars,
@@ -361,9 +361,17 @@ def _site_reads_votes(site: Site, cfg: IngestConfig) -> bool:
     return bool(site.votes) and cfg.score_source != "score"
 
 
-def _plain_files(site: Site) -> bool:
-    """The site's tables are plain files (not members of archives): they are read in byte ranges."""
-    return all(m.member is None for m in (*site.votes, *site.posts))
+def _read_in_ranges(site: Site, cfg: IngestConfig) -> bool:
+    """The site's tables are read in byte ranges, on every core: they are plain files (not members of archives),
+    each no larger than a range or with a head it can be cut after (:func:`.ranges.plain_head`). Any other site is
+    streamed into the store in this process, as an archive is: a large table read as one range would be held whole
+    in memory before it is loaded (a 302 MiB Posts.xml with a document type declaration: 1.7 GiB)."""
+    from .ranges import plain_head
+
+    range_bytes = max(int(cfg.range_mb * (1 << 20)), 1)
+    tables = (*site.votes, *site.posts)
+    return all(m.member is None for m in tables) and all(
+        m.path.stat().st_size <= range_bytes or plain_head(m.path, m.table.lower()) for m in tables)
 
 
 def site_range_tasks(sites: list[Site], cfg: IngestConfig) -> list:
