@@ -4,24 +4,26 @@
  * count_votes(data: bytes, site: str, votes: dict) -> (rows, other) | None
  *
  * The C form of ranges.count_vote_lines plus the tally scan_votes makes of its result. ``data`` holds
- * whole lines; every line must be a vote row exactly as the dumps write it, which is what the regular
- * expression ranges._VOTE_LINE accepts:
+ * whole lines of vote rows exactly as the dumps write them, one per line or several (as an XML library
+ * writes a table, with no line end between rows), separated by white space: what the regular expression
+ * ranges._VOTE_ROWS accepts:
  *
- *   [ \t]* <row Id="D" PostId="D" VoteTypeId="D"  [ UserId="-?D"]  [ CreationDate="[0-9T:.-]{1,40}"]
- *          [ BountyAmount="D"]  [ ] />  [\r]                                       D := [0-9]{1,18}
+ *   data := gap (row gap)*                                     gap := (" " | "\t" | "\n" | "\r\n")*
+ *   row  := <row Id="D" PostId="D" VoteTypeId="D"  [ UserId="-?D"]  [ CreationDate="[0-9T:.-]{1,40}"]
+ *           [ BountyAmount="D"]  [ ] />                                           D := [0-9]{1,18}
  *
- * If one line is not, nothing is counted and None comes back (the range then goes to the XML parser).
+ * If the data is not, nothing is counted and None comes back (the range then goes to the XML parser).
  * Otherwise each vote of type 2, 3 or 1 (up, down, accepted) adds one to slot 0, 1 or 2 of
  * ``votes[(site, post_id)]`` (a list [up, down, accepted], made when missing), post_id being the
  * PostId's digits as written; votes of any other type are only counted, in ``other``. ``rows`` is the
- * number of lines. tests/test_ingest_parallel.py compares it with the regular expression on generated
+ * number of rows. tests/test_ingest_parallel.py compares it with the regular expression on generated
  * and mutated lines.
  *
  * A range's votes, counted over its pieces and handed over as an SQLite image (no Python object per post):
  *
  *   tally = open_tally()
- *   tally_lines(tally, data) -> (rows, other) | None     the same lines and counts as count_votes; None: a
- *                                                         line is not plain, and the tally is to be dropped
+ *   tally_lines(tally, data) -> (rows, other) | None     the same rows and counts as count_votes; None: the
+ *                                                         data is not plain rows, and the tally is to be dropped
  *   image = tally_image(tally, site, posts_columns, votes_columns)
  *
  * newlines(data, start, end) -> int: the '\n' bytes of data[start:end] (as bytes.count, ~10x faster).
@@ -128,15 +130,12 @@ static int digits(const char **p, const char *end, uint64_t *value, uint32_t *le
     return 1;
 }
 
-/* One line [p, end) (without its '\n'); the PostId's value and length and the VoteTypeId's digits. */
-static int vote_line(const char *p, const char *end, uint64_t *post, uint32_t *post_len, const char **type,
-                     uint32_t *type_len) {
+/* The row that starts at p, ending before ``end``: the PostId's value and length and the VoteTypeId's digits;
+ * *after: the byte after its "/>". */
+static int vote_row(const char *p, const char *end, uint64_t *post, uint32_t *post_len, const char **type,
+                    uint32_t *type_len, const char **after) {
     uint64_t v;
     uint32_t n;
-    if (end > p && end[-1] == '\r')
-        end--;
-    while (p < end && (*p == ' ' || *p == '\t'))
-        p++;
     if (!LIT(&p, end, "<row Id=\"") || !digits(&p, end, &v, &n))
         return 0;
     if (!LIT(&p, end, " PostId=\"") || !digits(&p, end, post, post_len))
@@ -163,7 +162,23 @@ static int vote_line(const char *p, const char *end, uint64_t *post, uint32_t *p
         return 0;
     if (p < end && *p == ' ')
         p++;
-    return LIT(&p, end, "/>") && p == end;
+    if (!LIT(&p, end, "/>"))
+        return 0;
+    *after = p;
+    return 1;
+}
+
+/* Past the white space between rows (" ", "\t", "\n", "\r\n"); a lone "\r" is not (XML reads a line end). */
+static const char *skip_gap(const char *p, const char *end) {
+    while (p < end) {
+        if (*p == ' ' || *p == '\t' || *p == '\n')
+            p++;
+        else if (*p == '\r' && end - p >= 2 && p[1] == '\n')
+            p += 2;
+        else
+            break;
+    }
+    return p;
 }
 
 static int add_to(PyObject *votes, PyObject *site, const Entry *e) {
@@ -211,15 +226,16 @@ done:
     return rc;
 }
 
-/* Count the lines of [p, end) into ``table``: 1, 0 when a line is not plain, -1 out of memory. */
+/* Count the rows of [p, end) into ``table``: 1, 0 when it is not plain rows, -1 out of memory. */
 static int count_lines(Table *table, const char *p, const char *end, Py_ssize_t *rows, Py_ssize_t *other) {
-    while (p < end) {
-        const char *nl = memchr(p, '\n', (size_t)(end - p));
-        const char *stop = nl ? nl : end;
+    for (;;) {
+        p = skip_gap(p, end);
+        if (p >= end)
+            return 1;
         uint64_t post;
         uint32_t post_len, type_len;
-        const char *type;
-        if (!vote_line(p, stop, &post, &post_len, &type, &type_len))
+        const char *type, *after;
+        if (!vote_row(p, end, &post, &post_len, &type, &type_len, &after))
             return 0;
         (*rows)++;
         int slot = type_len != 1 ? -1 : *type == '2' ? 0 : *type == '3' ? 1 : *type == '1' ? 2 : -1;
@@ -231,9 +247,8 @@ static int count_lines(Table *table, const char *p, const char *end, Py_ssize_t 
                 return -1;
             e->n[slot]++;
         }
-        p = nl ? nl + 1 : end;
+        p = after;
     }
-    return 1;
 }
 
 static PyObject *count_votes(PyObject *module, PyObject *args) {

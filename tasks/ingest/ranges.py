@@ -15,10 +15,10 @@ workers. Votes are summed per post in the worker (their order does not matter).
 
 A range whose every row is in the dumps' plain form (double-quoted attributes,
 only the predefined and numeric character references: what every dump writes)
-is read from its bytes in C instead of by libxml2: Votes.xml rows, one per line,
-are counted (tasks/ingest/_fastvotes.c, :func:`scan_votes`) and Posts.xml rows,
-one or several per line, become store rows (tasks/ingest/_fastposts.c,
-:func:`scan_posts`), with the rows the reader would quarantine handed to it. Any
+is read from its bytes in C instead of by libxml2, one row or several per line:
+Votes.xml rows are counted (tasks/ingest/_fastvotes.c, :func:`scan_votes`) and
+Posts.xml rows become store rows (tasks/ingest/_fastposts.c, :func:`scan_posts`),
+with the rows the reader would quarantine handed to it. Any
 other row, anywhere in the range, sends the whole range to the parser, which
 decides what it means.
 
@@ -153,11 +153,12 @@ class RangeTask:
 # A range whose every line is such a row (its first range: after the exact prolog; its last:
 # before the closing tag) holds nothing an XML parser could refuse or read differently, so its
 # votes are counted from the bytes; any other range is parsed with lxml like every table.
-_VOTE_LINE = re.compile(
-    rb'^[ \t]*<row Id="[0-9]{1,18}" PostId="([0-9]{1,18}" VoteTypeId="[0-9]{1,18})"'
-    rb'(?: UserId="-?[0-9]{1,18}")?(?: CreationDate="[0-9T:.-]{1,40}")?(?: BountyAmount="[0-9]{1,18}")? ?/>\r?$',
-    re.M,
-)
+# A plain vote row; the group (``%s``: capturing, or not) is its PostId and VoteTypeId
+_VOTE_ROW = (rb'<row Id="[0-9]{1,18}" PostId="(%s[0-9]{1,18}" VoteTypeId="[0-9]{1,18})"'
+             rb'(?: UserId="-?[0-9]{1,18}")?(?: CreationDate="[0-9T:.-]{1,40}")?(?: BountyAmount="[0-9]{1,18}")? ?/>')
+_VOTE_KEYS = re.compile(_VOTE_ROW % b"")
+# plain vote rows, one or several to a line, separated by white space (a lone "\r" is a line end to XML: not plain)
+_VOTE_ROWS = re.compile(rb'(?:[ \t\n]|\r\n)*(?:' + _VOTE_ROW % b"?:" + rb'(?:[ \t\n]|\r\n)*)*')
 # A table's head and end as the dumps write them, or an XML library (single quotes, "UTF-8", no line ends): a range
 # that starts or ends otherwise goes to the parser. White space is " ", "\t" and line ends ("\n", "\r\n"): a lone
 # "\r" is a line end to XML that the ranges' line counts would miss.
@@ -180,21 +181,20 @@ except ImportError:  # pragma: no cover - an install without a C compiler
 
 
 def count_vote_lines(data: bytes) -> tuple[dict[bytes, int], int] | None:
-    """Votes per ``b'<PostId>" VoteTypeId="<type>'`` in ``data`` (whole lines), and the number of lines;
-    None unless every line is a plain vote row (:data:`_VOTE_LINE`)."""
+    """Votes per ``b'<PostId>" VoteTypeId="<type>'`` in ``data`` (whole lines), and the number of rows;
+    None unless it is plain vote rows, one or several to a line (:data:`_VOTE_ROWS`)."""
     from collections import Counter
 
-    keys = _VOTE_LINE.findall(data)
-    lines = data.count(b"\n") + (0 if not data or data.endswith(b"\n") else 1)
-    if len(keys) != lines:
+    if _VOTE_ROWS.fullmatch(data) is None:
         return None
-    return Counter(keys), lines
+    keys = _VOTE_KEYS.findall(data)
+    return Counter(keys), len(keys)
 
 
 def tally_votes(data: bytes, site: str, votes: dict[tuple[str, str], list[int]]) -> tuple[int, int] | None:
     """Add the votes of ``data`` (whole lines) to ``votes``: ``(site, post_id) -> [up, down, accepted]``.
-    Returns the lines and the votes of other types, or None (``votes`` untouched) unless every line is a
-    plain vote row. Counted in C (tasks/ingest/_fastvotes.c) where built, else by :func:`count_vote_lines`."""
+    Returns the rows and the votes of other types, or None (``votes`` untouched) unless it is plain vote
+    rows. Counted in C (tasks/ingest/_fastvotes.c) where built, else by :func:`count_vote_lines`."""
     if _count_votes is not None:
         return _count_votes(data, site, votes)
     counted = count_vote_lines(bytes(data))
