@@ -25,10 +25,19 @@ def _escape(text: str) -> str:
             .replace("\n", "&#xA;").replace("\r", "&#xD;").replace("\t", "&#x9;"))
 
 
-def _row(attrs: list[tuple[str, str]], rng: random.Random) -> bytes:
+def _row(attrs: list[tuple[str, str]], rng: random.Random, single_quotes: bool = False) -> bytes:
     lead = rng.choice(["  ", "  ", "", "\t"])
     end = rng.choice([" />", " />", "/>", "   />"])
-    return (lead + "<row" + "".join(f' {k}="{v}"' for k, v in attrs) + end).encode() + rng.choice([b"\r\n", b"\n"])
+    return (lead + "<row" + "".join(_attr(k, v, rng, single_quotes) for k, v in attrs) + end).encode() + \
+        rng.choice([b"\r\n", b"\n"])
+
+
+def _attr(name: str, value: str, rng: random.Random, single_quotes: bool) -> str:
+    """`` name="value"``; with ``single_quotes``, now and then `` name='value'`` as some XML libraries write it, a
+    double quote in the value then written as itself."""
+    if single_quotes and rng.random() < 0.3:
+        return f" {name}='" + value.replace("'", "&apos;").replace("&quot;", '"') + "'"
+    return f' {name}="{value}"'
 
 
 _TEXTS = ["plain words", "  spaced\u00a0out  ", "tabs\there", "ünïcödé ✓ 𝄞", "thin\u2009space", "ideo\u3000space",
@@ -237,12 +246,12 @@ def test_the_real_dumps_are_read_in_c_as_libxml2_reads_them(fixtures_dir, monkey
 
 
 def test_rows_several_to_a_line_read_as_libxml2_reads_them(tmp_path, monkeypatch):
-    """A table an XML library writes has no line ends between rows, or some: cut into ranges at a ``<row`` inside a
-    line and into pieces that end before a ``<``, it is read in C as libxml2 reads it: the same store rows with the
-    same line numbers, the same quarantined rows, the same counts."""
+    """A table an XML library writes has no line ends between rows, or some, and may quote values with ``'``: cut
+    into ranges at a ``<row`` inside a line and into pieces that end before a ``<``, it is read in C as libxml2 reads
+    it: the same store rows with the same line numbers, the same quarantined rows, the same counts."""
     rng = random.Random(11)
     next_id = [0]
-    rows = [_row(_attrs(rng, next_id), rng).strip(b" \t\r\n") for _ in range(1500)]
+    rows = [_row(_attrs(rng, next_id), rng, single_quotes=True).strip(b" \t\r\n") for _ in range(1500)]
     gaps = [b"", b"", b"", b" ", b"\n", b"\r\n", b"  \r\n\t", b"\n\n "]
     path = tmp_path / "Posts.xml"
     path.write_bytes(b"<?xml version='1.0' encoding='UTF-8'?><posts>" + b"".join(r + rng.choice(gaps) for r in rows)
@@ -315,14 +324,21 @@ def test_a_refused_row_sends_the_range_to_libxml2(tmp_path, monkeypatch):
     assert fast is not None and _calls(fast)[0][0][2] == "1" and _calls(fast)[0][0][-1] == 3
 
 
-def test_lines_the_plain_form_leaves_out_go_to_libxml2(tmp_path):
+def test_lines_the_plain_form_leaves_out_go_to_libxml2(tmp_path, monkeypatch):
     row = '  <row Id="1" PostTypeId="1" Score="2" Title="t" Body="b"{} />\r\n'
-    for odd in ('\tTags="x"', ' Tags=\'x\'', ' xmlns="urn:x"', ' Title="again"', ' Tags="a\tb"', ' Tags="&nbsp;"',
+    for odd in ('\tTags="x"', ' Tags=\'x"\'"\'', ' Tags="x\'', ' xmlns="urn:x"', ' Title="again"', ' Tags="a\tb"', ' Tags="&nbsp;"',
                 ' Tags="&#1;"', ' Tags="\ufffe"', ' Tags = "x"'):
         path = tmp_path / "Posts.xml"
         path.write_bytes(HEAD + row.format(odd).encode() + TAIL)
         task = ranges.range_tasks("s", "Posts", path, "Posts.xml", range_bytes=1 << 20, on_bad_row="quarantine",
                                   max_chars=100, max_row_bytes=1 << 20)[0]
         assert ranges.scan_posts(task) is None, odd
-    path.write_bytes(HEAD + row.format(' Tags="&#xA;&#38;&apos;\u00e9"').encode() + TAIL)
-    assert ranges.scan_posts(task.__class__(**{**task.__dict__, "end": path.stat().st_size})) is not None
+    for plain, tags in ((' Tags="&#xA;&#38;&apos;\u00e9"', "\n&'\u00e9"), (' Tags=\'say "hi" &apos;x&apos;\'', 'say "hi" \'x\'')):
+        path.write_bytes(HEAD + row.format(plain).encode() + TAIL)
+        whole = task.__class__(**{**task.__dict__, "end": path.stat().st_size})
+        fast = ranges.scan_posts(whole)
+        assert fast is not None, plain
+        with monkeypatch.context() as m:
+            m.setattr(ranges, "scan_posts", lambda task, chunk=0: None)
+            _same(fast, ranges.read_range(whole))  # the values as libxml2 reads them
+        assert _calls(fast)[0][0][10] == tags  # the store row's tags (store.post_row)

@@ -13,9 +13,10 @@
  * library writes a table (no newline between elements):
  *
  *   data   := gap (row gap)*                 gap := (" " | "\t" | "\n" | "\r\n")*
- *   row    := "<row" (" "+ name "=\"" value "\"")+ " "* "/>"
+ *   row    := "<row" (" "+ name "=" ("\"" value "\"" | "'" value' "'"))+ " "* "/>"
  *   name   := [A-Za-z][A-Za-z0-9]*, not starting with "xml" (any case), each name once per row
- *   value  := UTF-8 text without '<', '"' or a control character (U+0000..U+001F), whose characters are
+ *   value  := UTF-8 text without '<', '"' or a control character (U+0000..U+001F) (value': without '\''
+ *             instead of '"', as some XML libraries quote values), whose characters are
  *             XML characters (no U+FFFE, U+FFFF), with the references &lt; &gt; &amp; &quot; &apos; &#N; &#xH;
  *             to XML characters
  *
@@ -183,13 +184,13 @@ static int name_char(char c, int first) {
 }
 
 
-/* The first byte of [p, end) that ends a run of plain value characters (printable ASCII other than '"', '&'
- * and '<'): a control character, a non-ASCII byte, '"', '&' or '<'; end if none. Sixteen bytes at a time where
- * the CPU has SSE2 (every x86-64): a signed compare with 0x20 finds both the control characters and the bytes
- * from 0x80 (negative as signed). */
-static const char *plain_run_end(const char *p, const char *end) {
+/* The first byte of [p, end) that ends a run of plain value characters of a value quoted by ``q`` ('"' or '\'';
+ * printable ASCII other than ``q``, '&' and '<'): a control character, a non-ASCII byte, ``q``, '&' or '<'; end if
+ * none. Sixteen bytes at a time where the CPU has SSE2 (every x86-64): a signed compare with 0x20 finds both the
+ * control characters and the bytes from 0x80 (negative as signed). */
+static const char *plain_run_end(const char *p, const char *end, char q) {
 #if defined(__SSE2__)
-    const __m128i space = _mm_set1_epi8(0x20), quote = _mm_set1_epi8('"'), amp = _mm_set1_epi8('&'),
+    const __m128i space = _mm_set1_epi8(0x20), quote = _mm_set1_epi8(q), amp = _mm_set1_epi8('&'),
                   lt = _mm_set1_epi8('<');
     while (end - p >= 16) {
         __m128i v = _mm_loadu_si128((const __m128i *)p);
@@ -201,7 +202,7 @@ static const char *plain_run_end(const char *p, const char *end) {
         p += 16;
     }
 #endif
-    while (p < end && (unsigned char)*p >= 0x20 && (unsigned char)*p < 0x80 && *p != '"' && *p != '&' && *p != '<')
+    while (p < end && (unsigned char)*p >= 0x20 && (unsigned char)*p < 0x80 && *p != q && *p != '&' && *p != '<')
         p++;
     return p;
 }
@@ -233,8 +234,9 @@ static int parse_row(const char *p, const char *end, Row *row, const char **afte
         for (int i = 0; i < row->n; i++)
             if (row->attrs[i].name_len == name_len && memcmp(row->attrs[i].name, name, (size_t)name_len) == 0)
                 return 0;
-        if (row->n == MAX_ATTRS || end - p < 2 || p[0] != '=' || p[1] != '"')
+        if (row->n == MAX_ATTRS || end - p < 2 || p[0] != '=' || (p[1] != '"' && p[1] != '\''))
             return 0;
+        const char q = p[1]; /* either quote, as XML allows: the other one may then stand in the value */
         p += 2;
         Attr *a = &row->attrs[row->n++];
         a->name = name;
@@ -242,12 +244,12 @@ static int parse_row(const char *p, const char *end, Row *row, const char **afte
         a->off = row->values.len;
         for (;;) {
             const char *run = p;
-            p = plain_run_end(p, end);
+            p = plain_run_end(p, end, q);
             if (p > run && buf_put(&row->values, run, p - run) < 0)
                 return -1;
             if (p >= end)
                 return 0;
-            if (*p == '"') {
+            if (*p == q) {
                 p++;
                 break;
             }
