@@ -326,14 +326,15 @@ def test_a_refused_row_sends_the_range_to_libxml2(tmp_path, monkeypatch):
 
 def test_lines_the_plain_form_leaves_out_go_to_libxml2(tmp_path, monkeypatch):
     row = '  <row Id="1" PostTypeId="1" Score="2" Title="t" Body="b"{} />\r\n'
-    for odd in ('\tTags="x"', ' Tags=\'x"\'"\'', ' Tags="x\'', ' xmlns="urn:x"', ' Title="again"', ' Tags="a\tb"', ' Tags="&nbsp;"',
-                ' Tags="&#1;"', ' Tags="\ufffe"', ' Tags = "x"'):
+    for odd in ('\tTags="x"', ' Tags=\'x"\'"\'', ' Tags="x\'', ' xmlns="urn:x"', ' Title="again"', ' Tags="a\tb"',
+                ' Tags="&nbsp;"', ' Tags="&#1;"', ' Tags="\ufffe"', ' Tags = "x"'):
         path = tmp_path / "Posts.xml"
         path.write_bytes(HEAD + row.format(odd).encode() + TAIL)
         task = ranges.range_tasks("s", "Posts", path, "Posts.xml", range_bytes=1 << 20, on_bad_row="quarantine",
                                   max_chars=100, max_row_bytes=1 << 20)[0]
         assert ranges.scan_posts(task) is None, odd
-    for plain, tags in ((' Tags="&#xA;&#38;&apos;\u00e9"', "\n&'\u00e9"), (' Tags=\'say "hi" &apos;x&apos;\'', 'say "hi" \'x\'')):
+    for plain, tags in ((' Tags="&#xA;&#38;&apos;\u00e9"', "\n&'\u00e9"),
+                        (' Tags=\'say "hi" &apos;x&apos;\'', 'say "hi" \'x\'')):  # either quote, the other in it
         path.write_bytes(HEAD + row.format(plain).encode() + TAIL)
         whole = task.__class__(**{**task.__dict__, "end": path.stat().st_size})
         fast = ranges.scan_posts(whole)
