@@ -88,9 +88,9 @@ class DatasetWriter:
         self.docs_dir = docs_dir
         self.validate = validate
         self.schema = schema.SCHEMAS[kind]
-        # the rows as they wait for their check: the dataset's columns, then where each row came from
-        # Where each row was read, for the quarantine; not written, and not counted in a row group's text: the
-        # files would then depend on the path of the input (its length moved the row groups' cuts).
+        # the rows as they wait for their check: the dataset's columns, then where each row came from (for the
+        # quarantine: not written, and not counted in a row group's text, or the files would depend on the input's
+        # path, whose length moved the row groups' cuts)
         self.batch_schema = self.schema.append(pa.field("_source_file", pa.string())).append(
             pa.field("_line", pa.int64()))
         # The row group being filled: whole tables of rows (add_table), then rows one at a time (add). Full

@@ -18,12 +18,13 @@ only the predefined and numeric character references: what every dump writes)
 is read from its bytes in C instead of by libxml2, one row or several per line:
 Votes.xml rows are counted (tasks/ingest/_fastvotes.c, :func:`scan_votes`) and
 Posts.xml rows become store rows (tasks/ingest/_fastposts.c, :func:`scan_posts`),
-with the rows the reader would quarantine handed to it. Any
-other row, anywhere in the range, sends the whole range to the parser, which
-decides what it means.
+with the rows the reader would quarantine handed to it. Any other row, anywhere
+in the range, sends the whole range to the parser, which decides what it means.
 
-Files too small to cut, tables inside .7z archives and tables whose head is
-not a plain ``<?xml?>`` prolog plus root element are read in one range, in order.
+Files too small to cut are read in one range. Tables inside .7z archives, and
+larger tables with anything but a declaration, comments and processing
+instructions before their root (:func:`plain_head`), are not read in ranges:
+``run.read_stackexchange`` streams them into the store, in order.
 """
 
 from __future__ import annotations
@@ -149,20 +150,19 @@ class RangeTask:
 
 
 # -- Votes.xml without a parser ------------------------------------------------------------
-# A vote row as the dumps write it: fixed attributes in a fixed order, ASCII digits and a date.
-# A range whose every line is such a row (its first range: after the exact prolog; its last:
-# before the closing tag) holds nothing an XML parser could refuse or read differently, so its
-# votes are counted from the bytes; any other range is parsed with lxml like every table.
-# A plain vote row; the group (``%s``: capturing, or not) is its PostId and VoteTypeId
+# White space between rows: " ", "\t" and line ends ("\n", "\r\n"). A lone "\r" is a line end to XML that the
+# ranges' line counts (of "\n") would miss: a range with one goes to the parser.
+_GAP = rb'(?:[ \t\n]|\r\n)*'
+# A vote row as the dumps write it: fixed attributes in a fixed order, ASCII digits and a date; the group (``%s``:
+# capturing, or not) is its PostId and VoteTypeId. A range of such rows only, one or several to a line (its first
+# range: after a plain head; its last: before the closing tag), holds nothing an XML parser could refuse or read
+# differently, so its votes are counted from the bytes; any other range is parsed with lxml like every table.
 _VOTE_ROW = (rb'<row Id="[0-9]{1,18}" PostId="(%s[0-9]{1,18}" VoteTypeId="[0-9]{1,18})"'
              rb'(?: UserId="-?[0-9]{1,18}")?(?: CreationDate="[0-9T:.-]{1,40}")?(?: BountyAmount="[0-9]{1,18}")? ?/>')
 _VOTE_KEYS = re.compile(_VOTE_ROW % b"")
-# plain vote rows, one or several to a line, separated by white space (a lone "\r" is a line end to XML: not plain)
-_VOTE_ROWS = re.compile(rb'(?:[ \t\n]|\r\n)*(?:' + _VOTE_ROW % b"?:" + rb'(?:[ \t\n]|\r\n)*)*')
+_VOTE_ROWS = re.compile(_GAP + rb'(?:' + _VOTE_ROW % b"?:" + _GAP + rb')*')
 # A table's head and end as the dumps write them, or an XML library (single quotes, "UTF-8", no line ends): a range
-# that starts or ends otherwise goes to the parser. White space is " ", "\t" and line ends ("\n", "\r\n"): a lone
-# "\r" is a line end to XML that the ranges' line counts would miss.
-_GAP = rb'(?:[ \t\n]|\r\n)*'
+# that starts or ends otherwise goes to the parser.
 _PLAIN_HEAD = {table: re.compile(rb'(?:\xef\xbb\xbf)?(?:<\?xml version=(["\'])1\.0\1 encoding=(["\'])(?i:utf-8)\2'
                                  rb'(?: standalone=(["\'])(?:yes|no)\3)? ?\?>)?' + _GAP + b'<' + table.lower().encode()
                                  + b'>' + _GAP) for table in ("Posts", "Votes")}

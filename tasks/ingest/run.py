@@ -365,13 +365,17 @@ def _read_in_ranges(site: Site, cfg: IngestConfig) -> bool:
     """The site's tables are read in byte ranges, on every core: they are plain files (not members of archives),
     each no larger than a range or with a head it can be cut after (:func:`.ranges.plain_head`). Any other site is
     streamed into the store in this process, as an archive is: a large table read as one range would be held whole
-    in memory before it is loaded (a 302 MiB Posts.xml with a document type declaration: 1.7 GiB)."""
+    in memory before it is loaded (a 302 MiB Posts.xml: 1.7 GiB)."""
     from .ranges import plain_head
 
-    range_bytes = max(int(cfg.range_mb * (1 << 20)), 1)
     tables = (*site.votes, *site.posts)
     return all(m.member is None for m in tables) and all(
-        m.path.stat().st_size <= range_bytes or plain_head(m.path, m.table.lower()) for m in tables)
+        m.path.stat().st_size <= _range_bytes(cfg) or plain_head(m.path, m.table.lower()) for m in tables)
+
+
+def _range_bytes(cfg: IngestConfig) -> int:
+    """The size of the byte ranges a table is cut into (``ingest.range_mb``)."""
+    return max(int(cfg.range_mb * (1 << 20)), 1)
 
 
 def site_range_tasks(sites: list[Site], cfg: IngestConfig) -> list:
@@ -382,7 +386,7 @@ def site_range_tasks(sites: list[Site], cfg: IngestConfig) -> list:
     for site in sites:
         for member in (*site.votes, *site.posts):
             tasks += range_tasks(site.name, member.table, member.path, member.label,
-                                 range_bytes=max(int(cfg.range_mb * (1 << 20)), 1), on_bad_row=cfg.on_bad_row,
+                                 range_bytes=_range_bytes(cfg), on_bad_row=cfg.on_bad_row,
                                  max_chars=cfg.max_text_chars, max_row_bytes=cfg.max_row_bytes,
                                  start_index=len(tasks))
     return tasks
