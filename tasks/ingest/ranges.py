@@ -35,7 +35,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +95,8 @@ class RangeResult:
     newlines: int
     calls: list[tuple] = field(default_factory=list)  # ("post", row) | ("pair", record) | ("q", kwargs) | ("count", ...)
     votes: dict[tuple[str, str], list[int]] = field(default_factory=dict)
-    error: dict[str, Any] | None = None  # an IngestError, with its line relative to the range
+    # an IngestError, with its line relative to the range; "at_cut": raised at the range's end, not the table's
+    error: dict[str, Any] | None = None
     shard: bytes | None = None  # the posts and votes as an SQLite image (pack), instead of "post" calls and votes
     seconds: dict[str, float] = field(default_factory=dict)  # "parse" (lxml), "HTML to text", "rows" (the rest)
 
@@ -415,6 +416,7 @@ def read_range(task: RangeTask) -> RangeResult:
     parser = RowParser(task.label, timed_reader if task.table == "Posts" else reader, root=root,
                        max_row_bytes=task.max_row_bytes, on_oversize=getattr(reader, "oversized", None))
     newlines = 0
+    fed = False  # every byte of the range parsed without an error
     started, cpu_started = time.perf_counter(), time.process_time()
     try:
         if not task.first:
@@ -429,13 +431,14 @@ def read_range(task: RangeTask) -> RangeResult:
                 left -= len(chunk)
                 newlines += chunk.count(b"\n")
                 parser.feed(chunk)
+        fed = True
         if not task.last:
             parser.feed(f"</{root}>".encode())
         parser.close()
     except IngestError as exc:
         return RangeResult(task.index, newlines, sink.finish(), sink.votes,
                            error=dict(message=exc.reason, path=exc.path, line=exc.line, row_id=exc.row_id,
-                                      field=exc.field))
+                                      field=exc.field, at_cut=fed and not task.last))
     total, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     if task.table == "Posts":
         seconds = {"Posts.xml parse": total - row_seconds[0], "Posts.xml HTML to text": html_seconds[0],
@@ -567,6 +570,26 @@ def run_tasks(tasks: list[RangeTask], workers: int) -> Iterator[tuple[RangeTask,
             yield task, result
     finally:
         pool.close(kill=received < sent)  # stopped early (an error): the tasks still queued are not wanted
+
+
+def rejoin_cuts(results: Iterator[tuple[RangeTask, RangeResult]]) -> Iterator[tuple[RangeTask, RangeResult]]:
+    """``results`` (in task order) as if no range had been cut inside a comment, a CDATA section or a processing
+    instruction.
+
+    A range starts at a ``<row`` after a ``>`` (:func:`cut_points`), and such markup may hold one: rows commented
+    out by hand, one to a line. The range before that cut then parses without an error up to its own end, where
+    the markup is still open: its error is ``at_cut``. That range is read again here, in this process, with the
+    next range joined to it (and the one after, while the markup stays open), and the next range's own result,
+    read from inside the markup, is dropped. Any other error found at a cut is found again by the joined read,
+    at its own place. A table cut outside markup (every dump) never comes here.
+    """
+    results = iter(results)
+    for task, result in results:
+        while result.error is not None and result.error.get("at_cut"):
+            following, _ = next(results)  # same table: a range with an error at its cut is not the table's last
+            task = replace(task, end=following.end, last=following.last)
+            result = read_packed(task)
+        yield task, result
 
 
 # -- reading ahead while the command starts -------------------------------------------------------------------

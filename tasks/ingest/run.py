@@ -406,14 +406,15 @@ def read_sites_in_ranges(sites: list[Site], store, cfg: IngestConfig, workers: i
 
 
 def range_results(tasks: list, cfg: IngestConfig, workers: int):
-    """The one place that chooses how range tasks run: results in task order either way."""
+    """The one place that chooses how range tasks run: results in task order either way, ranges cut inside a
+    comment read again joined (:func:`.ranges.rejoin_cuts`)."""
+    from .ranges import rejoin_cuts, run_tasks
+
     if cfg.runner == "dask":
         from .distributed import run_tasks_on_dask
 
-        return run_tasks_on_dask(tasks, cfg.address, workers)
-    from .ranges import run_tasks
-
-    return run_tasks(tasks, workers)
+        return rejoin_cuts(run_tasks_on_dask(tasks, cfg.address, workers))
+    return rejoin_cuts(run_tasks(tasks, workers))
 
 
 def build_report(store, summary, score_sources: dict[str, str]) -> dict[str, Any]:
