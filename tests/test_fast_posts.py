@@ -308,6 +308,33 @@ def test_a_row_is_measured_to_the_next_tag_as_the_parser_measures_it(tmp_path, m
         assert [p[2] for p in slow_posts] == ["2"] and len(slow_others) == 1
 
 
+@pytest.mark.parametrize("table", ["Posts", "Votes"])
+def test_a_row_far_over_the_cap_is_never_held_by_the_c_readers(tmp_path, table):
+    """A range with no row start to cut at (one attribute of 6 MiB) goes to the parser's path once the C readers'
+    buffer passes ``max_row_bytes``: the parser skips the row without holding it. Before, the buffer grew to the
+    whole row (a 512 MiB attribute: 1.5 GiB for the command's tree)."""
+    import tracemalloc
+
+    root = table.lower().encode()
+    huge = b'<row Id="1" PostId="1" VoteTypeId="2" Body="' + b"x" * (6 << 20) + b'" />'
+    path = tmp_path / f"{table}.xml"
+    path.write_bytes(HEAD.replace(b"posts", root) + huge + b"\r\n" + TAIL.replace(b"posts", root))
+    task = ranges.range_tasks("s", table, path, f"{table}.xml", range_bytes=1 << 20, on_bad_row="quarantine",
+                              max_chars=100, max_row_bytes=1 << 20)[0]
+    assert task.end == path.stat().st_size  # no cut: one range
+    scan = ranges.scan_posts if table == "Posts" else ranges.scan_votes
+    tracemalloc.start()
+    try:
+        assert scan(task, chunk=256 << 10) is None
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, peak  # about the cap and a read or two, not the 6 MiB row
+    result = ranges.read_range(task)
+    assert result.error is None and ("q", "too_large") in [(c[0], c[1].get("reason")) for c in result.calls
+                                                           if c[0] == "q"]
+
+
 def test_a_refused_row_sends_the_range_to_libxml2(tmp_path, monkeypatch):
     """With on_bad_row="error", a row the reader refuses is reported by the parser's path, as before."""
     path = tmp_path / "Posts.xml"

@@ -225,7 +225,8 @@ def _line_chunks(task: RangeTask, chunk: int, before: bytes = b"\n") -> Iterator
     """The range's bytes in pieces of about ``chunk`` bytes that end at line ends (the last: at the range's end),
     each as ``(buffer, start, end)``: the piece is ``buffer[start:end]``. One buffer is read into and reused, so
     a piece is valid only until the next one is asked for; no piece is copied (a range a little over ``chunk``
-    bytes, the usual case, is read whole). ``before=b"<"``: pieces end right before a ``<`` instead (after the
+    bytes, the usual case, is read whole). Raises :class:`_NotPlain` rather than hold a line longer than the
+    task's ``max_row_bytes`` (a range with no row start to cut at: one huge attribute). ``before=b"<"``: pieces end right before a ``<`` instead (after the
     white space that follows a row), where rows need not be one per line."""
     size = task.end - task.start
     chunk = size if size <= chunk + chunk // 4 else chunk
@@ -236,6 +237,8 @@ def _line_chunks(task: RangeTask, chunk: int, before: bytes = b"\n") -> Iterator
         while left > 0:
             want = min(chunk, left)
             if have + want > len(buffer):  # a line longer than the buffer
+                if have > task.max_row_bytes:  # a row over the cap: the parser skips it without holding it
+                    raise _NotPlain
                 buffer.extend(bytes(have + want - len(buffer)))
             with memoryview(buffer) as view:
                 got = fh.readinto(view[have:have + want])
