@@ -147,15 +147,60 @@ def test_prompt_template_is_applied_everywhere(fixtures_dir, tmp_path):
         assert f[kind].prompt.str.startswith("Q [conlang.meta-2020]: ").all(), kind
 
 
-def test_7z_archive_is_read_as_a_stream(fixtures_dir, tmp_path):
-    archive = tmp_path / "conlang.meta.stackexchange.com.7z"
+def _conlang_archive(fixtures_dir: Path, archive: Path, posts: bytes | None = None) -> Path:
     with py7zr.SevenZipFile(archive, "w") as z:
         for name in ("Posts.xml", "Votes.xml", "Comments.xml"):
-            z.write(fixtures_dir / "conlang.meta-2020" / name, arcname=name)
-    result = ingest(tmp_path, archive)
-    assert result.report["pairs"]["kept"] == 74
-    assert result.report["score_source"] == {"conlang.meta.stackexchange.com": "votes"}
-    assert result.report["files"][f"{archive}!Posts.xml"]["rows"] == 177
+            if name == "Posts.xml" and posts is not None:
+                z.writestr(posts, name)
+            else:
+                z.write(fixtures_dir / "conlang.meta-2020" / name, arcname=name)
+    return archive
+
+
+def _decompressed(result) -> bool:
+    """Whether the ingest decompressed archive tables to read them in ranges (else: streamed them)."""
+    return "read: decompress archive tables" in json.loads((Path(result.out_dir) / "profile.json").read_text())["seconds"]
+
+
+def test_7z_archive_tables_are_read_in_ranges_with_the_streamed_datasets(fixtures_dir, tmp_path, monkeypatch):
+    """A dump as published: its archive's tables are decompressed beside the staging store and read in byte
+    ranges on the workers; the datasets and report are those of the tables streamed out of the archive (too
+    little free disk), with 1 worker or 3, and no decompressed copy is left behind."""
+    from alignflow.tasks.ingest import run as run_module
+
+    archive = _conlang_archive(fixtures_dir, tmp_path / "conlang.meta.stackexchange.com.7z")
+    one = ingest(tmp_path / "one", archive, overrides=["ingest.workers=1"])
+    many = ingest(tmp_path / "many", archive, overrides=["ingest.workers=3", "ingest.range_mb=0.02"])
+    monkeypatch.setattr(run_module, "SPOOL_FREE_MARGIN", 1 << 62)  # no disk has that much free: streamed
+    streamed = ingest(tmp_path / "streamed", archive, overrides=["ingest.workers=3", "ingest.range_mb=0.02"])
+    assert _decompressed(one) and _decompressed(many) and not _decompressed(streamed)
+    digests = [{k: v["digest"] for k, v in r.datasets.items()} for r in (one, many, streamed)]
+    assert digests[0] == digests[1] == digests[2]
+    keys = ("files", "pairs", "datasets", "score_source", "adds_up")  # the contracts' part holds timings
+    assert [{k: r.report[k] for k in keys} for r in (one, many)] == [{k: streamed.report[k] for k in keys}] * 2
+    assert many.report["pairs"]["kept"] == 74
+    assert many.report["score_source"] == {"conlang.meta.stackexchange.com": "votes"}
+    assert many.report["files"][f"{archive}!Posts.xml"]["rows"] == 177
+    workers = json.loads((Path(many.out_dir) / "profile.json").read_text())["seconds"]
+    assert workers["read: Posts.xml CPU (worker seconds)"] > 0
+    for work in ("one", "many"):
+        assert not list((tmp_path / work).rglob("*.spool.xml*"))
+
+
+def test_an_error_in_a_7z_table_is_the_same_read_in_ranges_or_streamed(fixtures_dir, tmp_path, monkeypatch):
+    from alignflow.tasks.ingest import run as run_module
+
+    lines = (fixtures_dir / "conlang.meta-2020" / "Posts.xml").read_bytes().splitlines(keepends=True)
+    lines[150] = lines[150].replace(b'Score="', b"Score=", 1)
+    archive = _conlang_archive(fixtures_dir, tmp_path / "conlang.meta.stackexchange.com.7z", b"".join(lines))
+    with pytest.raises(IngestError) as ranged:
+        ingest(tmp_path / "ranged", archive, overrides=["ingest.workers=3", "ingest.range_mb=0.02"])
+    monkeypatch.setattr(run_module, "SPOOL_FREE_MARGIN", 1 << 62)
+    with pytest.raises(IngestError) as streamed:
+        ingest(tmp_path / "streamed", archive, overrides=["ingest.workers=3", "ingest.range_mb=0.02"])
+    assert str(ranged.value) == str(streamed.value)
+    assert str(ranged.value).startswith(f"{archive}!Posts.xml, line 151: ") and "AttValue" in str(ranged.value)
+    assert not list((tmp_path / "ranged").rglob("*.spool.xml*"))
 
 
 def test_stack_overflow_style_per_table_archives(fixtures_dir, tmp_path):

@@ -476,12 +476,19 @@ def read_packed(task: RangeTask) -> RangeResult:
     return pack(read_range(task))
 
 
+HEAD_BYTES = 1 << 12  # how much of a table :func:`plain_head` looks at
+
+
 def plain_head(path: Path, root: str) -> bool:
     """True when the table starts with an optional XML declaration, then comments and processing instructions if
     any, then its root element (within its first 4 KiB): nothing that changes how the rows after it parse, so it
     can be cut into ranges. A document type declaration may define entities: such a table is read whole."""
     with open(path, "rb") as fh:
-        head = fh.read(1 << 12)
+        return cuttable_head(fh.read(HEAD_BYTES), root)
+
+
+def cuttable_head(head: bytes, root: str) -> bool:
+    """:func:`plain_head` of a table's first :data:`HEAD_BYTES` bytes."""
     head = head.removeprefix(b"\xef\xbb\xbf").lstrip()
     while head.startswith((b"<?", b"<!--")):
         close = b"?>" if head.startswith(b"<?") else b"-->"
@@ -548,20 +555,22 @@ class Replayer:
         self.line_offset[task.label] = off + result.newlines
 
 
-def run_tasks(tasks: list[RangeTask], workers: int) -> Iterator[tuple[RangeTask, RangeResult]]:
+def run_tasks(tasks: list[RangeTask], workers: int, *, ahead: bool = True) -> Iterator[tuple[RangeTask, RangeResult]]:
     """Results of ``tasks`` in order: in this process (one worker) or on worker processes (several).
 
     Task ``i`` goes to worker ``i % n``; each worker has at most two tasks in
     flight, so results waiting for the parent never hold more than a few
     ranges in memory (beyond the first tasks, if :func:`read_ahead` sent them).
+    ``ahead=False``: tasks no read-ahead was made for (an archive's table), which leave one alone.
     """
     if workers <= 1 or len(tasks) <= 1:
-        drop_read_ahead()
+        if ahead:
+            drop_read_ahead()
         for task in tasks:
             yield task, read_packed(task)
         return
     n = min(workers, len(tasks))
-    pool, sent = adopt_read_ahead(tasks, n) or (WorkerProcesses(n), 0)
+    pool, sent = (ahead and adopt_read_ahead(tasks, n)) or (WorkerProcesses(n), 0)
     received = 0
     try:
         for i, task in enumerate(tasks):

@@ -13,6 +13,7 @@ happens later, per question, in the on-disk store.
 
 from __future__ import annotations
 
+import os
 import posixpath
 import re
 from collections.abc import Callable
@@ -174,21 +175,15 @@ def _bound_7z_chunks() -> None:
         core.get_memory_limit = _alignflow_7z_chunk
 
 
-def stream_member(member: Member, on_row: Callable[[Any, int | None], None], root: str,
-                  max_row_bytes: int = MAX_ROW_BYTES) -> int:
-    """Parse one dump table, from disk or straight out of its archive.
+def _extract(member: Member, write: Callable[[bytes], None]) -> None:
+    """Decompress one archive member, handing its bytes to ``write`` piece by piece (at most :data:`_7Z_CHUNK`).
 
-    ``on_row.oversized(line, head)``, when ``on_row`` has it, takes rows over ``max_row_bytes``.
+    An exception from ``write`` stops the decompression there and is raised; an archive that cannot be
+    decompressed is an :class:`IngestError` that names it.
     """
-    on_oversize = getattr(on_row, "oversized", None)
-    if member.member is None:
-        return parse_file(member.path, on_row, root=root, label=member.label, max_row_bytes=max_row_bytes,
-                          on_oversize=on_oversize)
-
     import py7zr
     from py7zr.io import Py7zIO, WriterFactory
 
-    parser = RowParser(member.label, on_row, root=root, max_row_bytes=max_row_bytes, on_oversize=on_oversize)
     failure: list[BaseException] = []
 
     class _Feed(Py7zIO):
@@ -198,7 +193,7 @@ def stream_member(member: Member, on_row: Callable[[Any, int | None], None], roo
         def write(self, s):  # called with each decompressed chunk
             if not failure:
                 try:
-                    parser.feed(bytes(s))
+                    write(bytes(s))
                 except BaseException as exc:  # re-raised below; py7zr may run us in a worker thread
                     failure.append(exc)
             if failure:
@@ -237,8 +232,74 @@ def stream_member(member: Member, on_row: Callable[[Any, int | None], None], roo
         ) from None
     if failure:
         raise failure[0]
+
+
+def stream_member(member: Member, on_row: Callable[[Any, int | None], None], root: str,
+                  max_row_bytes: int = MAX_ROW_BYTES, path: Path | None = None) -> int:
+    """Parse one dump table, from disk or straight out of its archive; ``path``: a file that holds the table's
+    bytes (an archive member already decompressed), read instead of the archive and named as the member.
+
+    ``on_row.oversized(line, head)``, when ``on_row`` has it, takes rows over ``max_row_bytes``.
+    """
+    on_oversize = getattr(on_row, "oversized", None)
+    if member.member is None or path is not None:
+        return parse_file(path or member.path, on_row, root=root, label=member.label, max_row_bytes=max_row_bytes,
+                          on_oversize=on_oversize)
+    parser = RowParser(member.label, on_row, root=root, max_row_bytes=max_row_bytes, on_oversize=on_oversize)
+    _extract(member, parser.feed)
     parser.close()
     return parser.rows
+
+
+def member_size(member: Member) -> int | None:
+    """The size of an archive member's bytes, as its archive lists it (None if it does not say)."""
+    import py7zr
+
+    with py7zr.SevenZipFile(member.path, mode="r") as archive:
+        for info in archive.list():
+            if info.filename == member.member:
+                return info.uncompressed
+    return None
+
+
+class _Uncuttable(Exception):
+    """The member's head is not one a table can be cut into byte ranges after."""
+
+
+def spool_member(member: Member, dest: Path, cuttable: Callable[[bytes], bool], head_bytes: int = 1 << 12) -> bool:
+    """Decompress an archive member into the file ``dest`` (written under a temporary name, renamed once
+    complete), if ``cuttable(head)`` holds for its first ``head_bytes``; False, and no file, when it does not (such
+    a table is parsed straight out of its archive, where the parser stops at its first error)."""
+    part = dest.with_name(dest.name + ".part")
+    head = bytearray()
+    try:
+        with open(part, "wb") as out:
+            def write(data: bytes) -> None:
+                if len(head) < head_bytes:
+                    head.extend(data[: head_bytes - len(head)])
+                    if len(head) >= head_bytes and not cuttable(bytes(head)):
+                        raise _Uncuttable
+                out.write(data)
+
+            _extract(member, write)
+        if len(head) < head_bytes and not cuttable(bytes(head)):
+            raise _Uncuttable
+        os.replace(part, dest)
+        return True
+    except _Uncuttable:
+        return False
+    finally:
+        part.unlink(missing_ok=True)
+
+
+def read_table(site: str, member: Member, sink: RecordSink, *, on_bad_row: str = "error", max_chars: int = 20_000,
+               max_row_bytes: int = MAX_ROW_BYTES, path: Path | None = None) -> None:
+    """Stream one table of ``site`` into the sink through its row reader (``path``: as :func:`stream_member`)."""
+    if member.table == "Votes":
+        reader: Any = VoteRowReader(site, member.label, sink, on_bad_row=on_bad_row)
+    else:
+        reader = PostRowReader(site, member.label, sink, on_bad_row=on_bad_row, max_chars=max_chars)
+    stream_member(member, reader, root=member.table.lower(), max_row_bytes=max_row_bytes, path=path)
 
 
 class PostRowReader:
@@ -398,10 +459,6 @@ def read_site(site: Site, sink: RecordSink, *, on_bad_row: str = "error", max_ch
               max_row_bytes: int = MAX_ROW_BYTES) -> dict:
     """Stream one site's tables into the sink; returns what was read (for run params)."""
     info = {"site": site.name, "posts": [m.label for m in site.posts], "votes": [m.label for m in site.votes]}
-    for member in site.votes:
-        stream_member(member, VoteRowReader(site.name, member.label, sink, on_bad_row=on_bad_row), root="votes",
-                      max_row_bytes=max_row_bytes)
-    for member in site.posts:
-        reader = PostRowReader(site.name, member.label, sink, on_bad_row=on_bad_row, max_chars=max_chars)
-        stream_member(member, reader, root="posts", max_row_bytes=max_row_bytes)
+    for member in (*site.votes, *site.posts):
+        read_table(site.name, member, sink, on_bad_row=on_bad_row, max_chars=max_chars, max_row_bytes=max_row_bytes)
     return info
