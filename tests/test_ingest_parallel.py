@@ -184,6 +184,58 @@ def test_a_comment_left_open_is_the_same_error_however_the_table_is_cut(fixtures
     assert "Comment not terminated <!-- answers taken out by hand" in str(many.value)  # libxml2 quotes its start
 
 
+class _Growing:
+    """A table written a few bytes at a time, as :class:`~alignflow.tasks.ingest.stackexchange.MemberSpool` writes
+    an archive's member: each wait lets some more bytes in (none when told to fail part way)."""
+
+    def __init__(self, data: bytes, path: Path, step: int, fail_at: int | None = None) -> None:
+        self.data, self.path, self.step, self.fail_at = data, path, step, fail_at
+        self.written, self.done, self.error = 0, False, None
+        path.write_bytes(b"")
+
+    def wait_for(self, size: int) -> int:
+        while self.written < size and not self.done:
+            end = min(len(self.data), self.written + self.step)
+            if self.fail_at is not None and end >= self.fail_at:
+                self.error, self.done = IngestError("archive could not be decompressed", path="x.7z!Posts.xml"), True
+                break
+            with open(self.path, "ab") as fh:
+                fh.write(self.data[self.written:end])
+            self.written = end
+            self.done = end == len(self.data)
+        return self.written
+
+
+def test_a_table_being_written_is_cut_where_the_written_table_is_cut(fixtures_dir, tmp_path):
+    from alignflow.tasks.ingest.ranges import growing_range_tasks
+
+    data = (fixtures_dir / "conlang.meta-2020" / "Posts.xml").read_bytes()
+    (tmp_path / "whole.xml").write_bytes(data)
+    for range_bytes, step in ((20_000, 777), (20_000, 1 << 20), (3_000, 50), (1 << 20, 4096)):
+        spool = _Growing(data, tmp_path / "growing.xml", step)
+        tasks = list(growing_range_tasks(spool, "s", "Posts", "x.7z!Posts.xml", range_bytes=range_bytes,
+                                         on_bad_row="error", max_chars=100, max_row_bytes=1 << 20))
+        assert [(t.start, t.end) for t in tasks] == cut_points(tmp_path / "whole.xml", range_bytes)
+        assert [t.first for t in tasks] == [True] + [False] * (len(tasks) - 1)
+        assert [t.last for t in tasks] == [False] * (len(tasks) - 1) + [True]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_error_while_making_tasks_comes_after_the_results_before_it(fixtures_dir, tmp_path, workers):
+    from alignflow.tasks.ingest.ranges import growing_range_tasks, run_tasks
+
+    data = (fixtures_dir / "conlang.meta-2020" / "Posts.xml").read_bytes()
+    spool = _Growing(data, tmp_path / "growing.xml", 500, fail_at=len(data) // 2)
+    tasks = growing_range_tasks(spool, "s", "Posts", "x.7z!Posts.xml", range_bytes=10_000, on_bad_row="error",
+                                max_chars=100, max_row_bytes=1 << 20)
+    seen = []
+    with pytest.raises(IngestError, match="could not be decompressed"):
+        for task, result in run_tasks(tasks, workers, ahead=False):
+            assert result.error is None
+            seen.append(task.index)
+    assert seen == list(range(len(seen))) and len(seen) >= 3  # every range written before the failure, in order
+
+
 def test_real_sites_identical_with_three_workers(fixtures_dir, tmp_path):
     sources = [fixtures_dir / "conlang.meta-2020", fixtures_dir / "datascience.meta-2024"]
     one, many = both(sources, tmp_path)

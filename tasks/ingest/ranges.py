@@ -34,7 +34,8 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -70,22 +71,57 @@ def cut_points(path: Path, range_bytes: int) -> list[tuple[int, int]]:
     with open(path, "rb") as fh:
         target = range_bytes
         while target < size:
-            pos = target
-            found = None
-            while pos < size and found is None:
-                fh.seek(pos)
-                window = fh.read(_CUT_WINDOW + 64)
-                m = _ROW_START.search(window)
-                if m is not None and m.start() < _CUT_WINDOW:
-                    gap = m.group(1)
-                    found = pos + m.start(1) + (gap.rfind(b"\n") + 1 or len(gap))
-                pos += _CUT_WINDOW
+            found = _next_cut(fh, target, size)
             if found is None:
                 break
             cuts.append(found)
             target = found + range_bytes
     cuts.append(size)
     return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
+def _next_cut(fh, target: int, size: int) -> int | None:
+    """Where :func:`cut_points` cuts at or after byte ``target``, looking at the file's first ``size`` bytes only
+    (None: no row starts there). A cut found in fewer bytes is the one found in more."""
+    pos = target
+    while pos < size:
+        fh.seek(pos)
+        m = _ROW_START.search(fh.read(min(_CUT_WINDOW + 64, size - pos)))
+        if m is not None and m.start() < _CUT_WINDOW:
+            gap = m.group(1)
+            return pos + m.start(1) + (gap.rfind(b"\n") + 1 or len(gap))
+        pos += _CUT_WINDOW
+    return None
+
+
+def growing_range_tasks(spool, site: str, table: str, label: str, *, range_bytes: int, on_bad_row: str,
+                        max_chars: int, max_row_bytes: int) -> Iterator[RangeTask]:
+    """The range tasks of a table that is still being written (``spool``: a
+    :class:`~.stackexchange.MemberSpool`), each made as soon as its bytes, and those that place its end, are
+    written; cut as :func:`cut_points` cuts the finished file. The spool's error, if any, is raised after the
+    tasks of the bytes before it."""
+    path = str(spool.path)
+    start, index = 0, 0
+    with open(spool.path, "rb") as fh:
+        while True:
+            target = start + range_bytes
+            cut, have = None, spool.wait_for(target + _CUT_WINDOW)
+            while cut is None:
+                if have > target:
+                    cut = _next_cut(fh, target, have)
+                if cut is None:
+                    if spool.done and spool.wait_for(have + 1) == have:  # nothing more to come
+                        break
+                    have = spool.wait_for(have + _CUT_WINDOW)
+            if cut is None:
+                if spool.error is not None:
+                    raise spool.error
+                yield RangeTask(index, table, site, path, label, start, have, index == 0, True, on_bad_row,
+                                max_chars, max_row_bytes)
+                return
+            yield RangeTask(index, table, site, path, label, start, cut, index == 0, False, on_bad_row, max_chars,
+                            max_row_bytes)
+            start, index = cut, index + 1
 
 
 # -- what a worker reads ---------------------------------------------------------------
@@ -555,33 +591,53 @@ class Replayer:
         self.line_offset[task.label] = off + result.newlines
 
 
-def run_tasks(tasks: list[RangeTask], workers: int, *, ahead: bool = True) -> Iterator[tuple[RangeTask, RangeResult]]:
+def run_tasks(tasks: Iterable[RangeTask], workers: int, *, ahead: bool = True) -> Iterator[tuple[RangeTask, RangeResult]]:
     """Results of ``tasks`` in order: in this process (one worker) or on worker processes (several).
 
     Task ``i`` goes to worker ``i % n``; each worker has at most two tasks in
     flight, so results waiting for the parent never hold more than a few
     ranges in memory (beyond the first tasks, if :func:`read_ahead` sent them).
-    ``ahead=False``: tasks no read-ahead was made for (an archive's table), which leave one alone.
+    ``tasks`` may be made as they are sent (:func:`growing_range_tasks`): an :class:`IngestError` raised while
+    making one is raised after the results of the tasks before it. ``ahead=False``: tasks no read-ahead was made
+    for (an archive's table), which leave one alone.
     """
-    if workers <= 1 or len(tasks) <= 1:
+    made = tasks if isinstance(tasks, list) else None
+    if workers <= 1 or (made is not None and len(made) <= 1):
         if ahead:
             drop_read_ahead()
         for task in tasks:
             yield task, read_packed(task)
         return
-    n = min(workers, len(tasks))
-    pool, sent = (ahead and adopt_read_ahead(tasks, n)) or (WorkerProcesses(n), 0)
-    received = 0
+    n = min(workers, len(made)) if made is not None else workers
+    pool, sent = (ahead and made is not None and adopt_read_ahead(made, n)) or (
+        WorkerProcesses(n, eager=made is None), 0)
+    pending: deque[RangeTask] = deque(made[:sent]) if made is not None else deque()
+    rest = iter(made[sent:]) if made is not None else iter(tasks)
+    received, failure, ended = 0, None, False
     try:
-        for i, task in enumerate(tasks):
-            while sent < len(tasks) and sent < i + 2 * n:
-                pool.send(sent % n, tasks[sent])
+        while True:
+            while not ended and len(pending) < 2 * n:
+                try:
+                    task = next(rest)
+                except StopIteration:
+                    ended = True
+                    break
+                except IngestError as exc:  # raised once the results before it are in
+                    failure, ended = exc, True
+                    break
+                pool.send(sent % n, task)
+                pending.append(task)
                 sent += 1
-            result = pool.receive(i % n)
+            if not pending:
+                break
+            task = pending.popleft()
+            result = pool.receive(received % n)
             received += 1
             yield task, result
     finally:
         pool.close(kill=received < sent)  # stopped early (an error): the tasks still queued are not wanted
+    if failure is not None:
+        raise failure
 
 
 def rejoin_cuts(results: Iterator[tuple[RangeTask, RangeResult]]) -> Iterator[tuple[RangeTask, RangeResult]]:

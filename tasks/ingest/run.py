@@ -358,46 +358,45 @@ SPOOL_FREE_MARGIN = 1 << 30
 
 
 def read_archive_site(site: Site, store, cfg: IngestConfig, workers: int, phases: Phases) -> None:
-    """A site with tables in ``.7z`` archives (a dump as it is published): each such table is decompressed into a
-    temporary file beside the staging store, read in byte ranges on the local workers as a plain table is, and
-    removed; its rows, errors and lines are named after the archive's member, as when it is streamed.
+    """A site with tables in ``.7z`` archives (a dump as it is published): each such table is decompressed on a
+    thread into a temporary file beside the staging store (:class:`.stackexchange.MemberSpool`), and the workers
+    read it in byte ranges, as a plain table, as soon as each range is written; the file is removed after. Rows,
+    errors and lines are named after the archive's member, as when it is streamed.
 
-    Decompressing is one process's work (LZMA, ~90-100 MiB/s of output here), parsing is the workers': a 302
-    MiB Posts.xml took 24 s streamed through libxml2 in this process, and half that this way (bench/REPORT.md).
-    A table whose head cannot be cut (:func:`.ranges.cuttable_head`), or whose copy would leave less than
+    Decompressing is one thread's work (LZMA, ~90-100 MiB/s of output here), parsing is the workers', at the same
+    time: a 302 MiB Posts.xml took 24 s streamed through libxml2 in this process (bench/REPORT.md). A table whose
+    head cannot be cut (:func:`.ranges.cuttable_head`), or whose copy would leave less than
     :data:`SPOOL_FREE_MARGIN` of the disk free, is streamed straight out of its archive, as before; plain tables
     of the site are read in ranges where they lie. The ranges run on the local workers, whatever
     ``ingest.runner``: the copy is on this machine's disk."""
-    from .ranges import HEAD_BYTES, cuttable_head, plain_head, range_tasks, rejoin_cuts, run_tasks
-    from .stackexchange import member_size, read_table, spool_member
+    from .ranges import HEAD_BYTES, cuttable_head, growing_range_tasks, plain_head, range_tasks, rejoin_cuts, run_tasks
+    from .stackexchange import MemberSpool, member_size, read_table
 
     spool_dir = Path(store.path).parent
     stream = dict(on_bad_row=cfg.on_bad_row, max_chars=cfg.max_text_chars, max_row_bytes=cfg.max_row_bytes)
     for member in (*site.votes, *site.posts):
         root = member.table.lower()
-        path, spooled = member.path, None
-        if member.member is not None:
-            size = member_size(member)
-            if size is None or shutil.disk_usage(spool_dir).free - size < SPOOL_FREE_MARGIN:
-                read_table(site.name, member, store, **stream)
-                continue
-            spooled = spool_dir / f"{member.table}.spool.xml"
-            with phases("read: decompress archive tables"):
-                cuttable = spool_member(member, spooled, lambda head: cuttable_head(head, root), HEAD_BYTES)
-            if not cuttable:
-                read_table(site.name, member, store, **stream)
-                continue
-            path = spooled
-        try:
-            if path.stat().st_size <= _range_bytes(cfg) or plain_head(path, root):
-                tasks = range_tasks(site.name, member.table, path, member.label, range_bytes=_range_bytes(cfg),
-                                    **stream)
+        if member.member is None:  # a plain table beside archived ones
+            if member.path.stat().st_size <= _range_bytes(cfg) or plain_head(member.path, root):
+                tasks = range_tasks(site.name, member.table, member.path, member.label,
+                                    range_bytes=_range_bytes(cfg), **stream)
                 replay_ranges(rejoin_cuts(run_tasks(tasks, workers, ahead=False)), store, phases)
             else:
-                read_table(site.name, member, store, path=path, **stream)
-        finally:
-            if spooled is not None:
-                spooled.unlink(missing_ok=True)
+                read_table(site.name, member, store, **stream)
+            continue
+        size = member_size(member)
+        if size is None or shutil.disk_usage(spool_dir).free - size < SPOOL_FREE_MARGIN:
+            read_table(site.name, member, store, **stream)
+            continue
+        with MemberSpool(member, spool_dir / f"{member.table}.spool.xml", lambda head: cuttable_head(head, root),
+                         HEAD_BYTES) as spool:
+            if not spool.head_is_cuttable():
+                read_table(site.name, member, store, **stream)
+                continue
+            tasks = growing_range_tasks(spool, site.name, member.table, member.label, range_bytes=_range_bytes(cfg),
+                                        **stream)
+            replay_ranges(rejoin_cuts(run_tasks(tasks, workers, ahead=False)), store, phases)
+            phases.add("read: decompress archive tables (its thread's CPU)", spool.seconds)
 
 
 def _site_reads_votes(site: Site, cfg: IngestConfig) -> bool:

@@ -263,33 +263,105 @@ def member_size(member: Member) -> int | None:
 
 
 class _Uncuttable(Exception):
-    """The member's head is not one a table can be cut into byte ranges after."""
+    """The member's head is not one a table can be cut into byte ranges after, or the decompression was stopped."""
 
 
-def spool_member(member: Member, dest: Path, cuttable: Callable[[bytes], bool], head_bytes: int = 1 << 12) -> bool:
-    """Decompress an archive member into the file ``dest`` (written under a temporary name, renamed once
-    complete), if ``cuttable(head)`` holds for its first ``head_bytes``; False, and no file, when it does not (such
-    a table is parsed straight out of its archive, where the parser stops at its first error)."""
-    part = dest.with_name(dest.name + ".part")
-    head = bytearray()
-    try:
-        with open(part, "wb") as out:
-            def write(data: bytes) -> None:
-                if len(head) < head_bytes:
-                    head.extend(data[: head_bytes - len(head)])
-                    if len(head) >= head_bytes and not cuttable(bytes(head)):
+class MemberSpool:
+    """An archive member decompressed into the file ``dest`` on a thread of its own, so that its first bytes can
+    be read (by :func:`.ranges.growing_range_tasks`) while the rest is still being decompressed.
+
+    ``cuttable(head)``, on the member's first ``head_bytes``, says whether the table can be cut into ranges; when
+    it cannot, the decompression stops there (:meth:`head_is_cuttable` is False: such a table is parsed straight
+    out of its archive, where the parser stops at its first error). A decompression error is :attr:`error`. The
+    file is removed by :meth:`close`, which also stops a decompression still running.
+
+    A thread rather than a process: both were measured on a 302 MiB Posts.xml (2 cores, three alternating rounds,
+    16.8-18.6 s against 17.6-18.4 s for the command): py7zr's LZMA calls release the interpreter lock, and the
+    decompression takes ~7 CPU-s beside the workers either way (3.7 alone).
+    """
+
+    def __init__(self, member: Member, dest: Path, cuttable: Callable[[bytes], bool], head_bytes: int = 1 << 12) -> None:
+        import threading
+
+        self.member, self.path, self._cuttable, self._head_bytes = member, dest, cuttable, head_bytes
+        self.written = 0
+        self.seconds = 0.0  # the thread's CPU, once done
+        self.done = False
+        self.error: BaseException | None = None
+        self.cuttable: bool | None = None  # None until the head is read
+        self._stop = False
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="alignflow-7z-spool", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import time
+
+        head = bytearray()
+        started = time.thread_time()
+        try:
+            with open(self.path, "wb", buffering=0) as out:  # unbuffered: what is counted written is in the file
+                def write(data: bytes) -> None:
+                    if self._stop:
                         raise _Uncuttable
-                out.write(data)
+                    if self.cuttable is None:
+                        head.extend(data[: self._head_bytes - len(head)])
+                        if len(head) >= self._head_bytes:
+                            self._decide(bytes(head))
+                    view = memoryview(data)
+                    while view:
+                        view = view[out.write(view):]
+                    with self._changed:
+                        self.written += len(data)
+                        self._changed.notify_all()
 
-            _extract(member, write)
-        if len(head) < head_bytes and not cuttable(bytes(head)):
+                _extract(self.member, write)
+            if self.cuttable is None:
+                self._decide(bytes(head))
+        except _Uncuttable:
+            pass
+        except OSError as exc:  # the file: a full disk, a folder gone
+            self.error = IngestError(f"could not be decompressed into {self.path} "
+                                     f"({exc.strerror or type(exc).__name__})", path=self.member.label)
+        except BaseException as exc:  # noqa: BLE001 - raised where the bytes are awaited
+            self.error = exc
+        finally:
+            with self._changed:
+                self.seconds = time.thread_time() - started
+                self.done = True
+                self._changed.notify_all()
+
+    def _decide(self, head: bytes) -> None:
+        with self._changed:
+            self.cuttable = self._cuttable(head)
+            self._changed.notify_all()
+        if not self.cuttable:
             raise _Uncuttable
-        os.replace(part, dest)
-        return True
-    except _Uncuttable:
-        return False
-    finally:
-        part.unlink(missing_ok=True)
+
+    def head_is_cuttable(self) -> bool:
+        """Wait for the member's head: whether the table can be cut (an archive error before it: raised)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.cuttable is not None or self.done)
+        if self.cuttable is None and self.error is not None:
+            raise self.error
+        return bool(self.cuttable)
+
+    def wait_for(self, size: int) -> int:
+        """Wait until ``size`` bytes are written or the member ends; the bytes written."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.written >= size or self.done)
+            return self.written
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join()
+        self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> MemberSpool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def read_table(site: str, member: Member, sink: RecordSink, *, on_bad_row: str = "error", max_chars: int = 20_000,
