@@ -66,3 +66,18 @@ def test_one_line_is_the_same_rows_with_no_line_end_between_them(tmp_path):
         data = (one / name).read_bytes()
         assert data.startswith(b"<?xml version='1.0' encoding='UTF-8'?>\n<") and data.count(b"\n") == 1
         assert _rows(one / name) == _rows(dump / name)
+
+
+def test_the_archive_holds_the_tables_as_written(tmp_path):
+    import py7zr
+
+    rr = _module()
+    site = rr.write_site(tmp_path, reps=1)
+    archive = rr.write_archive(site)
+    assert archive == tmp_path / "real.stackexchange.com.7z"
+    with py7zr.SevenZipFile(archive) as z:
+        assert sorted(z.getnames()) == ["Posts.xml", "Votes.xml"]
+        z.extractall(path=tmp_path / "out")
+    for name in ("Posts.xml", "Votes.xml"):
+        assert (tmp_path / "out" / name).read_bytes() == (site / name).read_bytes()
+    assert not list(tmp_path.glob(".*tmp*"))
