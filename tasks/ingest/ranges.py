@@ -261,9 +261,9 @@ def _line_chunks(task: RangeTask, chunk: int, before: bytes = b"\n") -> Iterator
     """The range's bytes in pieces of about ``chunk`` bytes that end at line ends (the last: at the range's end),
     each as ``(buffer, start, end)``: the piece is ``buffer[start:end]``. One buffer is read into and reused, so
     a piece is valid only until the next one is asked for; no piece is copied (a range a little over ``chunk``
-    bytes, the usual case, is read whole). Raises :class:`_NotPlain` rather than hold a line longer than the
-    task's ``max_row_bytes`` (a range with no row start to cut at: one huge attribute). ``before=b"<"``: pieces end right before a ``<`` instead (after the
-    white space that follows a row), where rows need not be one per line."""
+    bytes, the usual case, is read whole). ``before=b"<"``: pieces end right before a ``<`` instead (after the
+    white space that follows a row), where rows need not be one per line. Raises :class:`_NotPlain` rather than
+    hold a line longer than the task's ``max_row_bytes`` (a range with no row start to cut at: a huge attribute)."""
     size = task.end - task.start
     chunk = size if size <= chunk + chunk // 4 else chunk
     buffer = bytearray(chunk)
@@ -591,7 +591,8 @@ class Replayer:
         self.line_offset[task.label] = off + result.newlines
 
 
-def run_tasks(tasks: Iterable[RangeTask], workers: int, *, ahead: bool = True) -> Iterator[tuple[RangeTask, RangeResult]]:
+def run_tasks(tasks: Iterable[RangeTask], workers: int, *,
+              ahead: bool = True) -> Iterator[tuple[RangeTask, RangeResult]]:
     """Results of ``tasks`` in order: in this process (one worker) or on worker processes (several).
 
     Task ``i`` goes to worker ``i % n``; each worker has at most two tasks in

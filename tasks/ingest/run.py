@@ -369,34 +369,39 @@ def read_archive_site(site: Site, store, cfg: IngestConfig, workers: int, phases
     :data:`SPOOL_FREE_MARGIN` of the disk free, is streamed straight out of its archive, as before; plain tables
     of the site are read in ranges where they lie. The ranges run on the local workers, whatever
     ``ingest.runner``: the copy is on this machine's disk."""
-    from .ranges import HEAD_BYTES, cuttable_head, growing_range_tasks, plain_head, range_tasks, rejoin_cuts, run_tasks
+    from .ranges import HEAD_BYTES, cuttable_head, growing_range_tasks, plain_head, range_tasks, rejoin_cuts
+    from .ranges import run_tasks
     from .stackexchange import MemberSpool, member_size, read_table
 
     spool_dir = Path(store.path).parent
     stream = dict(on_bad_row=cfg.on_bad_row, max_chars=cfg.max_text_chars, max_row_bytes=cfg.max_row_bytes)
     for member in (*site.votes, *site.posts):
         root = member.table.lower()
-        if member.member is None:  # a plain table beside archived ones
-            if member.path.stat().st_size <= _range_bytes(cfg) or plain_head(member.path, root):
+        spool = None
+        try:
+            if member.member is None:  # a plain table beside archived ones
+                if member.path.stat().st_size > _range_bytes(cfg) and not plain_head(member.path, root):
+                    read_table(site.name, member, store, **stream)
+                    continue
                 tasks = range_tasks(site.name, member.table, member.path, member.label,
                                     range_bytes=_range_bytes(cfg), **stream)
-                replay_ranges(rejoin_cuts(run_tasks(tasks, workers, ahead=False)), store, phases)
             else:
-                read_table(site.name, member, store, **stream)
-            continue
-        size = member_size(member)
-        if size is None or shutil.disk_usage(spool_dir).free - size < SPOOL_FREE_MARGIN:
-            read_table(site.name, member, store, **stream)
-            continue
-        with MemberSpool(member, spool_dir / f"{member.table}.spool.xml", lambda head: cuttable_head(head, root),
-                         HEAD_BYTES) as spool:
-            if not spool.head_is_cuttable():
-                read_table(site.name, member, store, **stream)
-                continue
-            tasks = growing_range_tasks(spool, site.name, member.table, member.label, range_bytes=_range_bytes(cfg),
-                                        **stream)
+                size = member_size(member)
+                if size is None or shutil.disk_usage(spool_dir).free - size < SPOOL_FREE_MARGIN:
+                    read_table(site.name, member, store, **stream)
+                    continue
+                spool = MemberSpool(member, spool_dir / f"{member.table}.spool.xml",
+                                    lambda head: cuttable_head(head, root), HEAD_BYTES)
+                if not spool.head_is_cuttable():
+                    read_table(site.name, member, store, **stream)
+                    continue
+                tasks = growing_range_tasks(spool, site.name, member.table, member.label,
+                                            range_bytes=_range_bytes(cfg), **stream)
             replay_ranges(rejoin_cuts(run_tasks(tasks, workers, ahead=False)), store, phases)
-            phases.add("read: decompress archive tables (its thread's CPU)", spool.seconds)
+        finally:
+            if spool is not None:
+                spool.close()
+                phases.add("read: decompress archive tables (its thread's CPU)", spool.seconds)
 
 
 def _site_reads_votes(site: Site, cfg: IngestConfig) -> bool:
@@ -458,8 +463,9 @@ def replay_ranges(results, store, phases: Phases) -> None:
 
 
 def range_results(tasks: list, cfg: IngestConfig, workers: int):
-    """The one place that chooses how range tasks run: results in task order either way, ranges cut inside a
-    comment read again joined (:func:`.ranges.rejoin_cuts`)."""
+    """The one place that chooses how plain sites' range tasks run (an archive's run on the local workers:
+    :func:`read_archive_site`): results in task order either way, ranges cut inside a comment read again joined
+    (:func:`.ranges.rejoin_cuts`)."""
     from .ranges import rejoin_cuts, run_tasks
 
     if cfg.runner == "dask":
