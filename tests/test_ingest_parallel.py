@@ -185,7 +185,7 @@ def test_a_comment_left_open_is_the_same_error_however_the_table_is_cut(fixtures
 
 
 class _Growing:
-    """A table written a few bytes at a time, as :class:`~alignflow.tasks.ingest.stackexchange.MemberSpool` writes
+    """A table written a few bytes at a time, as :class:`~alignflow.tasks.ingest.stackexchange.ArchiveSpool` writes
     an archive's member: each wait lets some more bytes in (none when told to fail part way)."""
 
     def __init__(self, data: bytes, path: Path, step: int, fail_at: int | None = None) -> None:

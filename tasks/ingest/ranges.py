@@ -97,7 +97,7 @@ def _next_cut(fh, target: int, size: int) -> int | None:
 def growing_range_tasks(spool, site: str, table: str, label: str, *, range_bytes: int, on_bad_row: str,
                         max_chars: int, max_row_bytes: int) -> Iterator[RangeTask]:
     """The range tasks of a table that is still being written (``spool``: a
-    :class:`~.stackexchange.MemberSpool`), each made as soon as its bytes, and those that place its end, are
+    :class:`~.stackexchange.SpooledTable`), each made as soon as its bytes, and those that place its end, are
     written; cut as :func:`cut_points` cuts the finished file. The spool's error, if any, is raised after the
     tasks of the bytes before it."""
     path = str(spool.path)

@@ -358,27 +358,27 @@ SPOOL_FREE_MARGIN = 1 << 30
 
 
 def read_archive_site(site: Site, store, cfg: IngestConfig, workers: int, phases: Phases) -> None:
-    """A site with tables in ``.7z`` archives (a dump as it is published): each such table is decompressed on a
-    thread into a temporary file beside the staging store (:class:`.stackexchange.MemberSpool`), and the workers
-    read it in byte ranges, as a plain table, as soon as each range is written; the file is removed after. Rows,
-    errors and lines are named after the archive's member, as when it is streamed.
+    """A site with tables in ``.7z`` archives (a dump as it is published): an archive's tables are decompressed in
+    one pass on a thread, each into a temporary file beside the staging store (:class:`.stackexchange.ArchiveSpool`),
+    and the workers read each in byte ranges, as a plain table, as soon as each range is written; the files are
+    removed after. Rows, errors and lines are named after the archive's members, as when they are streamed.
 
-    Decompressing is one thread's work (LZMA, ~90-100 MiB/s of output here), parsing is the workers', at the same
-    time: a 302 MiB Posts.xml took 24 s streamed through libxml2 in this process (bench/REPORT.md). A table whose
-    head cannot be cut (:func:`.ranges.cuttable_head`), or whose copy would leave less than
-    :data:`SPOOL_FREE_MARGIN` of the disk free, is streamed straight out of its archive, as before; plain tables
-    of the site are read in ranges where they lie. The ranges run on the local workers, whatever
-    ``ingest.runner``: the copy is on this machine's disk."""
-    from .ranges import HEAD_BYTES, cuttable_head, growing_range_tasks, plain_head, range_tasks, rejoin_cuts
-    from .ranges import run_tasks
-    from .stackexchange import MemberSpool, member_size, read_table
+    Decompressing is one thread's work (LZMA, ~80-100 MiB/s of output here), parsing is the workers', at the same
+    time: a 302 MiB Posts.xml took 22.7 s streamed through libxml2 in this process, 16.0-16.3 s so (bench/REPORT.md).
+    A table whose head cannot be cut (:func:`.ranges.cuttable_head`), or an archive whose copies would leave less
+    than :data:`SPOOL_FREE_MARGIN` of the disk free, is streamed straight out of its archive, as before; plain
+    tables of the site are read in ranges where they lie. The ranges run on the local workers, whatever
+    ``ingest.runner``: the copies are on this machine's disk."""
+    from .ranges import growing_range_tasks, plain_head, range_tasks, rejoin_cuts, run_tasks
+    from .stackexchange import read_table
 
     spool_dir = Path(store.path).parent
     stream = dict(on_bad_row=cfg.on_bad_row, max_chars=cfg.max_text_chars, max_row_bytes=cfg.max_row_bytes)
-    for member in (*site.votes, *site.posts):
-        root = member.table.lower()
-        spool = None
-        try:
+    members = (*site.votes, *site.posts)
+    spools: dict[Path, ArchiveSpool | None] = {}  # by archive; None: streamed (too little free disk)
+    try:
+        for member in members:
+            root = member.table.lower()
             if member.member is None:  # a plain table beside archived ones
                 if member.path.stat().st_size > _range_bytes(cfg) and not plain_head(member.path, root):
                     read_table(site.name, member, store, **stream)
@@ -386,22 +386,35 @@ def read_archive_site(site: Site, store, cfg: IngestConfig, workers: int, phases
                 tasks = range_tasks(site.name, member.table, member.path, member.label,
                                     range_bytes=_range_bytes(cfg), **stream)
             else:
-                size = member_size(member)
-                if size is None or shutil.disk_usage(spool_dir).free - size < SPOOL_FREE_MARGIN:
+                if member.path not in spools:
+                    spools[member.path] = _archive_spool(member.path, [m for m in members if m.path == member.path],
+                                                         spool_dir)
+                spool = spools[member.path]
+                table = spool.table(member) if spool is not None else None
+                if table is None or not table.head_is_cuttable():
                     read_table(site.name, member, store, **stream)
                     continue
-                spool = MemberSpool(member, spool_dir / f"{member.table}.spool.xml",
-                                    lambda head: cuttable_head(head, root), HEAD_BYTES)
-                if not spool.head_is_cuttable():
-                    read_table(site.name, member, store, **stream)
-                    continue
-                tasks = growing_range_tasks(spool, site.name, member.table, member.label,
+                tasks = growing_range_tasks(table, site.name, member.table, member.label,
                                             range_bytes=_range_bytes(cfg), **stream)
             replay_ranges(rejoin_cuts(run_tasks(tasks, workers, ahead=False)), store, phases)
-        finally:
+    finally:
+        for spool in spools.values():
             if spool is not None:
                 spool.close()
                 phases.add("read: decompress archive tables (its thread's CPU)", spool.seconds)
+
+
+def _archive_spool(archive: Path, members: list, folder: Path):
+    """An :class:`.stackexchange.ArchiveSpool` of ``members`` of ``archive`` (started), or None when their copies
+    would leave less than :data:`SPOOL_FREE_MARGIN` of the disk free or the archive does not list their sizes."""
+    from .ranges import HEAD_BYTES, cuttable_head
+    from .stackexchange import ArchiveSpool, member_sizes
+
+    sizes = member_sizes(archive)
+    if any(m.member not in sizes for m in members) or \
+            shutil.disk_usage(folder).free - sum(sizes[m.member] for m in members) < SPOOL_FREE_MARGIN:
+        return None
+    return ArchiveSpool(members, folder, lambda member, head: cuttable_head(head, member.table.lower()), HEAD_BYTES)
 
 
 def _site_reads_votes(site: Site, cfg: IngestConfig) -> bool:

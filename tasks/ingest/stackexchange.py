@@ -181,19 +181,28 @@ def _extract(member: Member, write: Callable[[bytes], None]) -> None:
     An exception from ``write`` stops the decompression there and is raised; an archive that cannot be
     decompressed is an :class:`IngestError` that names it.
     """
+    _extract_members(member.path, [member.member], lambda name: write, member.label)
+
+
+def _extract_members(path: Path, names: list[str], writer: Callable[[str], Callable[[bytes], None]], label: str,
+                     ended: Callable[[str], None] | None = None) -> None:
+    """Decompress the members ``names`` of the archive ``path`` in one pass, in the archive's order: each member's
+    bytes go to ``writer(name)``, and ``ended(name)`` is called once a member is complete. py7zr may decompress
+    members of different blocks at once, on threads of its own. An exception from a writer stops the
+    decompression and is raised; an archive that cannot be decompressed is an :class:`IngestError` on ``label``."""
     import py7zr
     from py7zr.io import Py7zIO, WriterFactory
 
     failure: list[BaseException] = []
 
     class _Feed(Py7zIO):
-        def __init__(self) -> None:
-            self._size = 0
+        def __init__(self, name: str) -> None:
+            self._name, self._write, self._size = name, writer(name), 0
 
         def write(self, s):  # called with each decompressed chunk
             if not failure:
                 try:
-                    write(bytes(s))
+                    self._write(bytes(s))
                 except BaseException as exc:  # re-raised below; py7zr may run us in a worker thread
                     failure.append(exc)
             if failure:
@@ -213,14 +222,18 @@ def _extract(member: Member, write: Callable[[bytes], None]) -> None:
         def size(self):
             return self._size
 
+        def close(self):  # py7zr closes a member's writer once the member is complete, and only then
+            if ended is not None and not failure:
+                ended(self._name)
+
     class _Factory(WriterFactory):
         def create(self, filename: str) -> Py7zIO:
-            return _Feed()
+            return _Feed(filename)
 
     _bound_7z_chunks()
     try:
-        with py7zr.SevenZipFile(member.path, mode="r") as archive:
-            archive.extract(targets=[member.member], factory=_Factory())
+        with py7zr.SevenZipFile(path, mode="r") as archive:
+            archive.extract(targets=list(names), factory=_Factory())
     except IngestError:
         raise
     except Exception as exc:
@@ -228,22 +241,21 @@ def _extract(member: Member, write: Callable[[bytes], None]) -> None:
             raise failure[0] from None
         raise IngestError(
             f"archive could not be decompressed ({type(exc).__name__}: {exc}); it may be truncated or corrupt",
-            path=member.label,
+            path=label,
         ) from None
     if failure:
         raise failure[0]
 
 
 def stream_member(member: Member, on_row: Callable[[Any, int | None], None], root: str,
-                  max_row_bytes: int = MAX_ROW_BYTES, path: Path | None = None) -> int:
-    """Parse one dump table, from disk or straight out of its archive; ``path``: a file that holds the table's
-    bytes (an archive member already decompressed), read instead of the archive and named as the member.
+                  max_row_bytes: int = MAX_ROW_BYTES) -> int:
+    """Parse one dump table, from disk or straight out of its archive.
 
     ``on_row.oversized(line, head)``, when ``on_row`` has it, takes rows over ``max_row_bytes``.
     """
     on_oversize = getattr(on_row, "oversized", None)
-    if member.member is None or path is not None:
-        return parse_file(path or member.path, on_row, root=root, label=member.label, max_row_bytes=max_row_bytes,
+    if member.member is None:
+        return parse_file(member.path, on_row, root=root, label=member.label, max_row_bytes=max_row_bytes,
                           on_oversize=on_oversize)
     parser = RowParser(member.label, on_row, root=root, max_row_bytes=max_row_bytes, on_oversize=on_oversize)
     _extract(member, parser.feed)
@@ -251,122 +263,169 @@ def stream_member(member: Member, on_row: Callable[[Any, int | None], None], roo
     return parser.rows
 
 
-def member_size(member: Member) -> int | None:
-    """The size of an archive member's bytes, as its archive lists it (None if it does not say)."""
+def member_sizes(path: Path) -> dict[str, int]:
+    """The size of each member's bytes, as the archive lists them."""
     import py7zr
 
-    with py7zr.SevenZipFile(member.path, mode="r") as archive:
-        for info in archive.list():
-            if info.filename == member.member:
-                return info.uncompressed
-    return None
+    with py7zr.SevenZipFile(path, mode="r") as archive:
+        return {info.filename: info.uncompressed for info in archive.list() if info.uncompressed is not None}
 
 
-class _Uncuttable(Exception):
-    """The member's head is not one a table can be cut into byte ranges after, or the decompression was stopped."""
+class _Stopped(Exception):
+    """Raised in a writer of :class:`ArchiveSpool` to stop its decompression."""
 
 
-class MemberSpool:
-    """An archive member decompressed into the file ``dest`` on a thread of its own, so that its first bytes can
-    be read (by :func:`.ranges.growing_range_tasks`) while the rest is still being decompressed.
+class SpooledTable:
+    """One table of an :class:`ArchiveSpool`: the file it is written to, and how far."""
 
-    ``cuttable(head)``, on the member's first ``head_bytes``, says whether the table can be cut into ranges; when
-    it cannot, the decompression stops there (:meth:`head_is_cuttable` is False: such a table is parsed straight
-    out of its archive, where the parser stops at its first error). A decompression error is :attr:`error`. The
-    file is removed by :meth:`close`, which also stops a decompression still running: call it in any case.
-
-    A thread rather than a process: both were measured on a 302 MiB Posts.xml (2 cores, three alternating rounds,
-    16.8-18.6 s against 17.6-18.4 s for the command): py7zr's LZMA calls release the interpreter lock, and the
-    decompression takes ~7 CPU-s beside the workers either way (3.7 alone).
-    """
-
-    def __init__(self, member: Member, dest: Path, cuttable: Callable[[bytes], bool],
-                 head_bytes: int = 1 << 12) -> None:
-        import threading
-
-        self.member, self.path, self._cuttable, self._head_bytes = member, dest, cuttable, head_bytes
+    def __init__(self, spool: ArchiveSpool, member: Member, path: Path) -> None:
+        self.spool, self.member, self.path = spool, member, path
         self.written = 0
-        self.seconds = 0.0  # the thread's CPU, once done
         self.done = False
         self.error: BaseException | None = None
-        self.cuttable: bool | None = None  # None until the head is read
-        self._stop = False
-        self._changed = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="alignflow-7z-spool", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        import time
-
-        head = bytearray()
-        started = time.thread_time()
-        try:
-            with open(self.path, "wb", buffering=0) as out:  # unbuffered: what is counted written is in the file
-                def write(data: bytes) -> None:
-                    if self._stop:
-                        raise _Uncuttable
-                    if self.cuttable is None:
-                        head.extend(data[: self._head_bytes - len(head)])
-                        if len(head) >= self._head_bytes:
-                            self._decide(bytes(head))
-                    view = memoryview(data)
-                    while view:
-                        view = view[out.write(view):]
-                    with self._changed:
-                        self.written += len(data)
-                        self._changed.notify_all()
-
-                _extract(self.member, write)
-            if self.cuttable is None:
-                self._decide(bytes(head))
-        except _Uncuttable:
-            pass
-        except OSError as exc:  # the file: a full disk, a folder gone
-            self.error = IngestError(f"could not be decompressed into {self.path} "
-                                     f"({exc.strerror or type(exc).__name__})", path=self.member.label)
-        except BaseException as exc:  # noqa: BLE001 - raised where the bytes are awaited
-            self.error = exc
-        finally:
-            with self._changed:
-                self.seconds = time.thread_time() - started
-                self.done = True
-                self._changed.notify_all()
-
-    def _decide(self, head: bytes) -> None:
-        with self._changed:
-            self.cuttable = self._cuttable(head)
-            self._changed.notify_all()
-        if not self.cuttable:
-            raise _Uncuttable
+        self.cuttable: bool | None = None  # None until its head is read
+        self.head = bytearray()
+        self.file = None
 
     def head_is_cuttable(self) -> bool:
-        """Wait for the member's head: whether the table can be cut (an archive error before it: raised)."""
-        with self._changed:
-            self._changed.wait_for(lambda: self.cuttable is not None or self.done)
+        """Wait for the table's head: whether it can be cut into ranges (an error before it: raised)."""
+        with self.spool.changed:  # once decided, and the file made (by its first write) if it is written
+            self.spool.changed.wait_for(lambda: self.done or (self.cuttable is not None and self.written > 0))
         if self.cuttable is None and self.error is not None:
             raise self.error
         return bool(self.cuttable)
 
     def wait_for(self, size: int) -> int:
-        """Wait until ``size`` bytes are written or the member ends; the bytes written."""
-        with self._changed:
-            self._changed.wait_for(lambda: self.written >= size or self.done)
+        """Wait until ``size`` bytes are written or the table ends; the bytes written."""
+        with self.spool.changed:
+            self.spool.changed.wait_for(lambda: self.written >= size or self.done)
             return self.written
+
+
+class ArchiveSpool:
+    """The tables ``members`` of one archive, decompressed in one pass (as they lie in the archive) on a thread of
+    its own, each into its own file in ``folder``: their first bytes can be read (by
+    :func:`.ranges.growing_range_tasks`, through :meth:`table`) while the rest is still being decompressed.
+
+    One pass: a site's dump is one solid stream (its ``Votes.xml`` after ``Posts.xml``, and often after tables
+    not read, such as ``PostHistory.xml``), and decompressing it once per table decompressed ``Posts.xml`` twice.
+    ``cuttable(member, head)``, on a table's first ``head_bytes``, says whether the table can be cut into ranges;
+    when it cannot, that table is no longer written (:meth:`SpooledTable.head_is_cuttable` is False: it is parsed
+    straight out of its archive, where the parser stops at its first error), and the pass stops once no table is
+    wanted. A decompression error is the :attr:`SpooledTable.error` of every table not complete. :meth:`close`
+    stops a decompression still running and removes the files: call it in any case.
+
+    A thread rather than a process: the two gave the same command time on a 302 MiB Posts.xml (2 cores, three
+    alternating rounds, 16.8-18.6 s against 17.6-18.4 s); py7zr's LZMA calls release the interpreter lock.
+    """
+
+    def __init__(self, members: list[Member], folder: Path, cuttable: Callable[[Member, bytes], bool],
+                 head_bytes: int = 1 << 12) -> None:
+        import threading
+
+        self.archive = members[0].path
+        self.tables = {m.member: SpooledTable(self, m, folder / f"{m.table}.spool.xml") for m in members}
+        self._cuttable, self._head_bytes = cuttable, head_bytes
+        self.seconds = 0.0  # the thread's CPU, once done
+        self._stop = False
+        self.changed = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="alignflow-7z-spool", daemon=True)
+        self._thread.start()
+
+    def table(self, member: Member) -> SpooledTable:
+        return self.tables[member.member]
+
+    def _writer(self, name: str) -> Callable[[bytes], None]:
+        table = self.tables[name]
+
+        def write(data: bytes) -> None:
+            if self._stop:
+                raise _Stopped
+            if table.cuttable is None:
+                table.head.extend(data[: self._head_bytes - len(table.head)])
+                if len(table.head) >= self._head_bytes and self._decide(table):
+                    raise _Stopped  # no table is wanted any more
+            if table.cuttable is False:
+                return
+            if table.file is None:
+                table.file = open(table.path, "wb", buffering=0)  # unbuffered: what is counted is in the file
+            view = memoryview(data)
+            while view:
+                view = view[table.file.write(view):]
+            with self.changed:
+                table.written += len(data)
+                self.changed.notify_all()
+
+        return write
+
+    def _decide(self, table: SpooledTable) -> bool:
+        """Whether ``table`` can be cut, from its head; True when no table is wanted any more."""
+        cut = self._cuttable(table.member, bytes(table.head))
+        with self.changed:
+            table.cuttable = cut
+            if not cut:
+                table.done = True  # not written: streamed from the archive instead
+            self.changed.notify_all()
+            return all(t.done for t in self.tables.values())
+
+    def _ended(self, name: str) -> None:
+        table = self.tables[name]
+        if table.cuttable is None:  # a table shorter than its head
+            self._decide(table)
+        if table.file is not None:
+            table.file.close()
+        with self.changed:
+            table.done = True
+            self.changed.notify_all()
+
+    def _run(self) -> None:
+        import time
+
+        started = time.thread_time()
+        error: BaseException | None = None
+        try:
+            first = next(iter(self.tables.values())).member
+            _extract_members(self.archive, list(self.tables), self._writer, first.label, self._ended)
+        except _Stopped:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - raised where a table's bytes are awaited
+            error = exc
+        finally:
+            with self.changed:
+                for table in self.tables.values():
+                    if table.file is not None:
+                        table.file.close()
+                    if not table.done and error is not None:
+                        table.error = _named(error, table)
+                    table.done = True
+                self.seconds = time.thread_time() - started
+                self.changed.notify_all()
 
     def close(self) -> None:
         self._stop = True
         self._thread.join()
-        self.path.unlink(missing_ok=True)
+        for table in self.tables.values():
+            table.path.unlink(missing_ok=True)
+
+
+def _named(error: BaseException, table: SpooledTable) -> BaseException:
+    """A decompression error as the error of one table: an :class:`IngestError` on that table."""
+    if isinstance(error, IngestError):
+        return IngestError(error.reason, path=table.member.label)
+    if isinstance(error, OSError):  # the file: a full disk, a folder gone
+        return IngestError(f"could not be decompressed into {table.path} ({error.strerror or type(error).__name__})",
+                           path=table.member.label)
+    return error
 
 
 def read_table(site: str, member: Member, sink: RecordSink, *, on_bad_row: str = "error", max_chars: int = 20_000,
-               max_row_bytes: int = MAX_ROW_BYTES, path: Path | None = None) -> None:
-    """Stream one table of ``site`` into the sink through its row reader (``path``: as :func:`stream_member`)."""
+               max_row_bytes: int = MAX_ROW_BYTES) -> None:
+    """Stream one table of ``site`` into the sink through its row reader."""
     if member.table == "Votes":
         reader: Any = VoteRowReader(site, member.label, sink, on_bad_row=on_bad_row)
     else:
         reader = PostRowReader(site, member.label, sink, on_bad_row=on_bad_row, max_chars=max_chars)
-    stream_member(member, reader, root=member.table.lower(), max_row_bytes=max_row_bytes, path=path)
+    stream_member(member, reader, root=member.table.lower(), max_row_bytes=max_row_bytes)
 
 
 class PostRowReader:
