@@ -188,6 +188,23 @@ def test_7z_archive_tables_are_read_in_ranges_with_the_streamed_datasets(fixture
         assert not list((tmp_path / work).rglob("*.spool.xml*"))
 
 
+def test_an_archives_tables_are_decompressed_in_one_pass(fixtures_dir, tmp_path, monkeypatch):
+    """A site's archive is one solid stream, Votes.xml after Posts.xml: reading the tables one at a time
+    decompressed Posts.xml twice (once to reach Votes.xml). One pass decompresses each byte once."""
+    import py7zr.py7zr as core
+
+    archive = _conlang_archive(fixtures_dir, tmp_path / "conlang.meta.stackexchange.com.7z")
+    with py7zr.SevenZipFile(archive) as z:
+        sizes = {i.filename: i.uncompressed for i in z.list()}
+    decompressed = []
+    real = core.calculate_crc32
+    monkeypatch.setattr(core, "calculate_crc32", lambda data, value=0: (decompressed.append(len(data)),
+                                                                         real(data, value))[1])
+    result = ingest(tmp_path, archive, overrides=["ingest.workers=2"])
+    assert _decompressed(result) and result.report["pairs"]["kept"] == 74
+    assert sum(decompressed) <= sum(sizes.values()) < sizes["Posts.xml"] * 2 + sizes["Votes.xml"]
+
+
 def test_an_error_in_a_7z_table_is_the_same_read_in_ranges_or_streamed(fixtures_dir, tmp_path, monkeypatch):
     from alignflow.tasks.ingest import run as run_module
 
