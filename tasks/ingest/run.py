@@ -364,7 +364,8 @@ def read_archive_site(site: Site, store, cfg: IngestConfig, workers: int, phases
     removed after. Rows, errors and lines are named after the archive's members, as when they are streamed.
 
     Decompressing is one thread's work (LZMA, ~80-100 MiB/s of output here), parsing is the workers', at the same
-    time: a 302 MiB Posts.xml took 22.7 s streamed through libxml2 in this process, 16.0-16.3 s so (bench/REPORT.md).
+    time: a 302 MiB Posts.xml took 22.6-24.4 s streamed through libxml2 in this process, 15.8-16.3 s so
+    (bench/REPORT.md).
     A table whose head cannot be cut (:func:`.ranges.cuttable_head`), or an archive whose copies would leave less
     than :data:`SPOOL_FREE_MARGIN` of the disk free, is streamed straight out of its archive, as before; plain
     tables of the site are read in ranges where they lie. The ranges run on the local workers, whatever
@@ -375,7 +376,7 @@ def read_archive_site(site: Site, store, cfg: IngestConfig, workers: int, phases
     spool_dir = Path(store.path).parent
     stream = dict(on_bad_row=cfg.on_bad_row, max_chars=cfg.max_text_chars, max_row_bytes=cfg.max_row_bytes)
     members = (*site.votes, *site.posts)
-    spools: dict[Path, ArchiveSpool | None] = {}  # by archive; None: streamed (too little free disk)
+    spools: dict[Path, Any] = {}  # ArchiveSpool by archive; None: its tables streamed (too little free disk)
     try:
         for member in members:
             root = member.table.lower()

@@ -13,7 +13,6 @@ happens later, per question, in the on-disk store.
 
 from __future__ import annotations
 
-import os
 import posixpath
 import re
 from collections.abc import Callable
