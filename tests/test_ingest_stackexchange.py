@@ -8,14 +8,13 @@ on posts absent from Posts.xml), and agree with the fixtures' README.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pandas as pd
 import py7zr
 import pytest
 
-from alignflow.config import IngestConfig, load_config
+from alignflow.config import load_config
 from alignflow.tasks.ingest.errors import IngestError
 from alignflow.tasks.ingest.run import execute_ingest, latest_datasets, plan_ingest
 
