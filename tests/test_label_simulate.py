@@ -49,20 +49,23 @@ def test_simulated_answers_ties_and_ab_scale():
 @pytest.mark.slow
 def test_simulated_labelers_through_http_recover_the_policy_order(tmp_path):
     store = LabelStore(f"sqlite:///{tmp_path / 'label.db'}")
-    store.create_batch("b1", "sim", _batch(60), overlap=2)
+    store.create_batch("b1", "sim", _batch(180), overlap=2)
     tokens = [store.invite(f"sim{i}") for i in range(4)]
     with background_server(store) as url:
         stats = run_labelers(url, tokens, "b1", model=LabelerModel(strength=_strength, noise=1.0), seed=3)
     assert not stats.refused and stats.errors == 0
     rows = store.export("b1")
-    assert sorted(stats.accepted) == sorted(r["submission_id"] for r in rows) and len(rows) == 120
+    assert sorted(stats.accepted) == sorted(r["submission_id"] for r in rows) and len(rows) == 360
     report = batch_report(rows, rounds=200)
     board = report["leaderboard"]["rows"]
     assert [r["item"] for r in board] == ["strong", "middle", "weak"]
     scores = {r["item"]: r["score"] for r in board}
-    # Plackett-Luce with Gumbel(1) noise has pairwise marginals σ(Δ): the truth is Δ·400/ln 10 = 174 Elo.
+    # Plackett-Luce with Gumbel(1) noise has pairwise marginals σ(Δ): the truth is Δ·400/ln 10 = 174 Elo. The
+    # labelers run on threads, so which labeler draws which item, and the estimate, vary from run to run: over 8
+    # seeds the gap's error had a standard deviation of 18.5 Elo with 360 rankings (40 with 120, where a bound of
+    # 150 failed once in CI). 120 is 6.5 of them, and a scale off by 2x (an error of 174) still fails.
     for a, b in (("strong", "middle"), ("middle", "weak")):
-        assert abs(scores[a] - scores[b] - (TRUTH[a] - TRUTH[b]) * ELO_SCALE) < 150
+        assert abs(scores[a] - scores[b] - (TRUTH[a] - TRUTH[b]) * ELO_SCALE) < 120
     assert all(r["distinguishable_from_next"] for r in board[:-1])
     assert 0.4 < report["agreement"]["pairwise"] < 0.95
     pairs = human_pairs(rows, site="human/b1")
