@@ -263,7 +263,7 @@ def stream_member(member: Member, on_row: Callable[[Any, int | None], None], roo
 
 
 def member_sizes(path: Path) -> dict[str, int]:
-    """The size of each member's bytes, as the archive lists them."""
+    """The size of each member's bytes, as the archive lists them, in the archive's order."""
     import py7zr
 
     with py7zr.SevenZipFile(path, mode="r") as archive:
