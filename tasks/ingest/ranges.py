@@ -21,10 +21,12 @@ Posts.xml rows become store rows (tasks/ingest/_fastposts.c, :func:`scan_posts`)
 with the rows the reader would quarantine handed to it. Any other row, anywhere
 in the range, sends the whole range to the parser, which decides what it means.
 
-Files too small to cut are read in one range. Tables inside .7z archives, and
-larger tables with anything but a declaration, comments and processing
-instructions before their root (:func:`plain_head`), are not read in ranges:
-``run.read_stackexchange`` streams them into the store, in order.
+Files too small to cut are read in one range. A table inside a .7z archive is
+decompressed into a temporary file and read in ranges as it is written
+(:func:`growing_range_tasks`, ``run.read_archive_site``). Larger tables with
+anything but a declaration, comments and processing instructions before their
+root (:func:`plain_head`) are not read in ranges: ``run.read_stackexchange``
+streams them into the store, in order.
 """
 
 from __future__ import annotations
@@ -106,13 +108,11 @@ def growing_range_tasks(spool, site: str, table: str, label: str, *, range_bytes
         while True:
             target = start + range_bytes
             cut, have = None, spool.wait_for(target + _CUT_WINDOW)
-            while cut is None:
-                if have > target:
-                    cut = _next_cut(fh, target, have)
-                if cut is None:
-                    if spool.done and spool.wait_for(have + 1) == have:  # nothing more to come
-                        break
-                    have = spool.wait_for(have + _CUT_WINDOW)
+            while (cut := _next_cut(fh, target, have)) is None:
+                more = spool.wait_for(have + _CUT_WINDOW)
+                if more == have:  # the table ended
+                    break
+                have = more
             if cut is None:
                 if spool.error is not None:
                     raise spool.error

@@ -327,7 +327,8 @@ def read_sources(plan: IngestPlan, store, cfg: IngestConfig, phases: Phases | No
 
 
 def read_stackexchange(paths: list[Path], store, cfg: IngestConfig, phases: Phases) -> dict[str, str]:
-    """Stack Exchange sources, grouped into sites: plain files on every core, archives streamed in order."""
+    """Stack Exchange sources, grouped into sites, read on every core: plain files where they lie, archives'
+    tables as they are decompressed; a table that cannot be cut streamed in order."""
     score_sources: dict[str, str] = {}
     sites: list[Site] = resolve_sites(paths)
     workers = cfg.workers or default_workers()
@@ -370,8 +371,8 @@ def read_archive_site(site: Site, store, cfg: IngestConfig, workers: int, phases
     than :data:`SPOOL_FREE_MARGIN` of the disk free, is streamed straight out of its archive, as before; plain
     tables of the site are read in ranges where they lie. The ranges run on the local workers, whatever
     ``ingest.runner``: the copies are on this machine's disk."""
-    from .ranges import growing_range_tasks, plain_head, range_tasks, rejoin_cuts, run_tasks
-    from .stackexchange import member_sizes, read_table
+    from .ranges import growing_range_tasks, range_tasks, rejoin_cuts, run_tasks
+    from .stackexchange import ArchiveSpool, member_sizes, read_table
 
     spool_dir = Path(store.path).parent
     stream = dict(on_bad_row=cfg.on_bad_row, max_chars=cfg.max_text_chars, max_row_bytes=cfg.max_row_bytes)
@@ -387,17 +388,20 @@ def read_archive_site(site: Site, store, cfg: IngestConfig, workers: int, phases
     spools: dict[Path, Any] = {}  # ArchiveSpool by archive; None: its tables streamed (too little free disk)
     try:
         for member in members:
-            root = member.table.lower()
             if member.member is None:  # a plain table beside archived ones
-                if member.path.stat().st_size > _range_bytes(cfg) and not plain_head(member.path, root):
+                if not _cuttable(member.path, member.table, cfg):
                     read_table(site.name, member, store, **stream)
                     continue
                 tasks = range_tasks(site.name, member.table, member.path, member.label,
                                     range_bytes=_range_bytes(cfg), **stream)
             else:
                 if member.path not in spools:
-                    spools[member.path] = _archive_spool(member.path, [m for m in members if m.path == member.path],
-                                                         listings[member.path], spool_dir)
+                    tables = [m for m in members if m.path == member.path]
+                    sizes = listings[member.path]
+                    listed = all(m.member in sizes for m in tables)  # else streamed: its copies' size is unknown
+                    room = shutil.disk_usage(spool_dir).free - sum(sizes.get(m.member, 0) for m in tables)
+                    spools[member.path] = ArchiveSpool(tables, spool_dir) if listed and room >= SPOOL_FREE_MARGIN \
+                        else None
                 spool = spools[member.path]
                 table = spool.table(member) if spool is not None else None
                 if table is None or not table.head_is_cuttable():
@@ -413,19 +417,6 @@ def read_archive_site(site: Site, store, cfg: IngestConfig, workers: int, phases
                 phases.add("read: decompress archive tables (its thread's CPU)", spool.seconds)
 
 
-def _archive_spool(archive: Path, members: list, sizes: dict[str, int], folder: Path):
-    """An :class:`.stackexchange.ArchiveSpool` of ``members`` of ``archive`` (started), or None when their copies
-    would leave less than :data:`SPOOL_FREE_MARGIN` of the disk free or the archive does not list their sizes
-    (``sizes``: :func:`.stackexchange.member_sizes`)."""
-    from .ranges import HEAD_BYTES, cuttable_head
-    from .stackexchange import ArchiveSpool
-
-    if any(m.member not in sizes for m in members) or \
-            shutil.disk_usage(folder).free - sum(sizes[m.member] for m in members) < SPOOL_FREE_MARGIN:
-        return None
-    return ArchiveSpool(members, folder, lambda member, head: cuttable_head(head, member.table.lower()), HEAD_BYTES)
-
-
 def _site_reads_votes(site: Site, cfg: IngestConfig) -> bool:
     """Whether the site's Votes table is read (``ingest.score_source``); refuses a site it cannot score."""
     if len(site.votes) > 1:
@@ -438,14 +429,19 @@ def _site_reads_votes(site: Site, cfg: IngestConfig) -> bool:
 
 def _read_in_ranges(site: Site, cfg: IngestConfig) -> bool:
     """The site's tables are read in byte ranges, on every core: they are plain files (not members of archives),
-    each no larger than a range or with a head it can be cut after (:func:`.ranges.plain_head`). Any other site is
-    streamed into the store in this process, as an archive is: a large table read as one range would be held whole
-    in memory before it is loaded (a 302 MiB Posts.xml: 1.7 GiB)."""
+    each :func:`_cuttable`. A site with archives is :func:`read_archive_site`'s; any other is streamed into the
+    store in this process: a large table read as one range would be held whole in memory before it is loaded (a
+    302 MiB Posts.xml: 1.7 GiB)."""
+    tables = (*site.votes, *site.posts)
+    return all(m.member is None and _cuttable(m.path, m.table, cfg) for m in tables)
+
+
+def _cuttable(path: Path, table: str, cfg: IngestConfig) -> bool:
+    """A plain table can be read in ranges: no larger than a range, or with a head it can be cut after
+    (:func:`.ranges.plain_head`)."""
     from .ranges import plain_head
 
-    tables = (*site.votes, *site.posts)
-    return all(m.member is None for m in tables) and all(
-        m.path.stat().st_size <= _range_bytes(cfg) or plain_head(m.path, m.table.lower()) for m in tables)
+    return path.stat().st_size <= _range_bytes(cfg) or plain_head(path, table.lower())
 
 
 def _range_bytes(cfg: IngestConfig) -> int:

@@ -3,8 +3,9 @@
 A SOURCE is one of:
   - a ``Posts.xml`` file (its folder's ``Votes.xml`` is read too when present),
   - a site folder holding ``Posts.xml`` and optionally ``Votes.xml``,
-  - a ``<site>.7z`` archive holding them, decompressed as a stream (nothing
-    is extracted to disk, the archive is never read whole into memory),
+  - a ``<site>.7z`` archive holding them, never read whole into memory: its tables are
+    decompressed into temporary files and read in ranges (:class:`ArchiveSpool`), or
+    streamed out of it when they cannot be cut or the disk is short,
   - Stack Overflow's per-table archives ``<site>-Posts.7z`` / ``<site>-Votes.7z``.
 
 Each row becomes a :class:`PostRecord` or a vote handed to the sink; pairing
@@ -308,23 +309,23 @@ class ArchiveSpool:
 
     One pass: a site's dump is one solid stream (its ``Votes.xml`` after ``Posts.xml``, and often after tables
     not read, such as ``PostHistory.xml``), and decompressing it once per table decompressed ``Posts.xml`` twice.
-    ``cuttable(member, head)``, on a table's first ``head_bytes``, says whether the table can be cut into ranges;
-    when it cannot, that table is no longer written (:meth:`SpooledTable.head_is_cuttable` is False: it is parsed
-    straight out of its archive, where the parser stops at its first error), and the pass stops once no table is
-    wanted. A decompression error is the :attr:`SpooledTable.error` of every table not complete. :meth:`close`
+    A table whose first bytes are not a head it can be cut after (:func:`.ranges.cuttable_head`) is no longer
+    written (:meth:`SpooledTable.head_is_cuttable` is False: it is parsed straight out of its archive, where the
+    parser stops at its first error), and the pass stops once no table is wanted. A decompression error is the :attr:`SpooledTable.error` of every table not complete. :meth:`close`
     stops a decompression still running and removes the files: call it in any case.
 
     A thread rather than a process: the two gave the same command time on a 302 MiB Posts.xml (2 cores, three
     alternating rounds, 16.8-18.6 s against 17.6-18.4 s); py7zr's LZMA calls release the interpreter lock.
     """
 
-    def __init__(self, members: list[Member], folder: Path, cuttable: Callable[[Member, bytes], bool],
-                 head_bytes: int = 1 << 12) -> None:
+    def __init__(self, members: list[Member], folder: Path) -> None:
         import threading
+
+        from .ranges import HEAD_BYTES
 
         self.archive = members[0].path
         self.tables = {m.member: SpooledTable(self, m, folder / f"{m.table}.spool.xml") for m in members}
-        self._cuttable, self._head_bytes = cuttable, head_bytes
+        self._head_bytes = HEAD_BYTES
         self.seconds = 0.0  # the thread's CPU, once done
         self._stop = False
         self.changed = threading.Condition()
@@ -359,7 +360,9 @@ class ArchiveSpool:
 
     def _decide(self, table: SpooledTable) -> bool:
         """Whether ``table`` can be cut, from its head; True when no table is wanted any more."""
-        cut = self._cuttable(table.member, bytes(table.head))
+        from .ranges import cuttable_head
+
+        cut = cuttable_head(bytes(table.head), table.member.table.lower())
         with self.changed:
             table.cuttable = cut
             if not cut:
