@@ -311,8 +311,9 @@ class ArchiveSpool:
     not read, such as ``PostHistory.xml``), and decompressing it once per table decompressed ``Posts.xml`` twice.
     A table whose first bytes are not a head it can be cut after (:func:`.ranges.cuttable_head`) is no longer
     written (:meth:`SpooledTable.head_is_cuttable` is False: it is parsed straight out of its archive, where the
-    parser stops at its first error), and the pass stops once no table is wanted. A decompression error is the :attr:`SpooledTable.error` of every table not complete. :meth:`close`
-    stops a decompression still running and removes the files: call it in any case.
+    parser stops at its first error), and the pass stops once no table is wanted. A decompression error is the
+    :attr:`SpooledTable.error` of every table not complete. :meth:`close` stops a decompression still running and
+    removes the files: call it in any case.
 
     A thread rather than a process: the two gave the same command time on a 302 MiB Posts.xml (2 cores, three
     alternating rounds, 16.8-18.6 s against 17.6-18.4 s); py7zr's LZMA calls release the interpreter lock.
