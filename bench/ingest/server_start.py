@@ -18,13 +18,13 @@ import sys
 import tempfile
 
 CHILD = r"""
-import json, sys, time, urllib.request
+import json, os, sys, time, urllib.request
 from alignflow.flows import environment
 if sys.argv[2] == "without":
     environment.SERVER_SETTINGS = {}
 environment.prepare(sys.argv[1], server=True)
 started = time.perf_counter()
-_, url = environment._SERVER[0]
+url = os.environ[environment.TEMPORARY_API_ENV]  # the server this process started
 while True:
     try:
         urllib.request.urlopen(url + "/health", timeout=1).read()
