@@ -877,3 +877,41 @@ def test_scipy_stats_is_loaded_only_when_something_uses_it():
     assert lines[1] == "_DeferredModule 0"  # nothing of scipy.stats was loaded
     assert lines[2] == "_DeferredModule 0"  # nor altair (a dependency of GX: always installed with it)
     assert lines[3] == "0.5 0.0 module"  # used: the real module, loaded on demand
+
+
+def test_a_process_without_the_sql_layer_validates_and_writes_docs_as_one_with_it(tmp_path):
+    """The contract worker hides SQLAlchemy from GX (hide_sql_layer): the same verdicts, statistics and Data Docs
+    as a process that has it, and none of its modules loaded."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import json, sys
+        from pathlib import Path
+        import pandas as pd
+        from alignflow.data_contracts import contracts
+        if sys.argv[2] == "hidden":
+            contracts.hide_sql_layer()
+        frame = pd.DataFrame({"prompt_id": ["a", "b", "c"], "prompt": ["Why?", " ", "How?"],
+                              "question_id": ["1", "2", "3"], "site": ["s"] * 3, "source": ["stackexchange"] * 3,
+                              "split": ["train", "train", "nonsense"]})
+        res = contracts.validate(frame, "prompts", docs_dir=Path(sys.argv[1]), with_json=False)
+        docs = sorted(p.name for p in Path(sys.argv[1]).rglob("*.html"))
+        print(json.dumps({"rejected": res.rejected.index.tolist(), "statistics": res.statistics,
+                          "docs": bool(res.docs_index) and len(docs) > 0,
+                          "sql": [m for m in sys.modules if m.split(".")[0] == "sqlalchemy" and sys.modules[m]]}))
+    """)
+    seen = {}
+    for mode in ("hidden", "installed"):
+        out = subprocess.run([sys.executable, "-c", code, str(tmp_path / mode), mode], capture_output=True,
+                             text=True, timeout=180)
+        assert out.returncode == 0, out.stderr[-2000:]
+        seen[mode] = json.loads(out.stdout.splitlines()[-1])
+    hidden, installed = seen["hidden"], seen["installed"]
+    assert hidden["sql"] == [] and installed["sql"]  # the layer is absent only where it was hidden
+    assert hidden["rejected"] == installed["rejected"] == [1, 2]  # the blank prompt, the unknown split
+    counts = [{k: v for k, v in run["statistics"].items() if not k.startswith("seconds")} for run in (hidden, installed)]
+    assert counts[0] == counts[1] and counts[0]["unsuccessful_expectations"] > 0  # timings aside, GX's own figures
+    assert hidden["docs"] and installed["docs"]
