@@ -879,9 +879,9 @@ def test_scipy_stats_is_loaded_only_when_something_uses_it():
     assert lines[3] == "0.5 0.0 module"  # used: the real module, loaded on demand
 
 
-def test_a_process_without_the_sql_layer_validates_and_writes_docs_as_one_with_it(tmp_path):
-    """The contract worker hides SQLAlchemy from GX (hide_sql_layer): the same verdicts, statistics and Data Docs
-    as a process that has it, and none of its modules loaded."""
+def test_a_process_without_gx_integrations_validates_and_writes_docs_as_one_with_them(tmp_path):
+    """The contract worker hides GX's SQL and Google Cloud integrations (hide_unused_integrations): the same
+    verdicts, statistics and Data Docs as a process that has them, and none of their modules loaded."""
     import json
     import subprocess
     import sys
@@ -893,7 +893,7 @@ def test_a_process_without_the_sql_layer_validates_and_writes_docs_as_one_with_i
         import pandas as pd
         from alignflow.data_contracts import contracts
         if sys.argv[2] == "hidden":
-            contracts.hide_sql_layer()
+            contracts.hide_unused_integrations()
         frame = pd.DataFrame({"prompt_id": ["a", "b", "c"], "prompt": ["Why?", " ", "How?"],
                               "question_id": ["1", "2", "3"], "site": ["s"] * 3, "source": ["stackexchange"] * 3,
                               "split": ["train", "train", "nonsense"]})
@@ -901,7 +901,9 @@ def test_a_process_without_the_sql_layer_validates_and_writes_docs_as_one_with_i
         docs = sorted(p.name for p in Path(sys.argv[1]).rglob("*.html"))
         print(json.dumps({"rejected": res.rejected.index.tolist(), "statistics": res.statistics,
                           "docs": bool(res.docs_index) and len(docs) > 0,
-                          "sql": [m for m in sys.modules if m.split(".")[0] == "sqlalchemy" and sys.modules[m]]}))
+                          "hidden": sorted({".".join(m.split(".")[:2 if m.startswith("google.") else 1])
+                                            for m in sys.modules if sys.modules[m] is not None
+                                            and m.startswith(("sqlalchemy", "google.auth", "google.cloud"))})}))
     """)
     seen = {}
     for mode in ("hidden", "installed"):
@@ -910,8 +912,10 @@ def test_a_process_without_the_sql_layer_validates_and_writes_docs_as_one_with_i
         assert out.returncode == 0, out.stderr[-2000:]
         seen[mode] = json.loads(out.stdout.splitlines()[-1])
     hidden, installed = seen["hidden"], seen["installed"]
-    assert hidden["sql"] == [] and installed["sql"]  # the layer is absent only where it was hidden
+    assert hidden["hidden"] == []  # absent only where hidden
+    assert {"google.auth", "sqlalchemy"} <= set(installed["hidden"])
     assert hidden["rejected"] == installed["rejected"] == [1, 2]  # the blank prompt, the unknown split
-    counts = [{k: v for k, v in run["statistics"].items() if not k.startswith("seconds")} for run in (hidden, installed)]
+    counts = [{k: v for k, v in run["statistics"].items() if not k.startswith("seconds")}
+              for run in (hidden, installed)]
     assert counts[0] == counts[1] and counts[0]["unsuccessful_expectations"] > 0  # timings aside, GX's own figures
     assert hidden["docs"] and installed["docs"]

@@ -492,13 +492,13 @@ def _write_docs(docs: list) -> None:
 def serve() -> None:
     """Worker loop: run each message read from stdin (check a batch and maybe write it; close a file); write
     each one's result to stdout."""
-    from alignflow.data_contracts.contracts import defer_unused_imports, hide_sql_layer
+    from alignflow.data_contracts.contracts import defer_unused_imports, hide_unused_integrations
     from alignflow.startup import imports_without_gc
 
     from .build import collect_batch_garbage, use_arrow_allocator
     from .pipes import worker_streams
 
-    hide_sql_layer()  # this process validates frames and writes Parquet: no SQL
+    hide_unused_integrations()  # this process validates frames and writes Parquet: no SQL, no cloud
     defer_unused_imports()
     with imports_without_gc():
         import great_expectations  # noqa: F401  loaded now, while the caller is still reading its input
