@@ -757,7 +757,7 @@ def defer_unused_imports() -> None:
 
     GX's ``import great_expectations`` runs ``from scipy import stats`` in three modules whose
     expectations no alignflow contract has; loading it costs every validating process 61 MiB (the
-    contract worker is ~270 MiB with GX). Call before GX is first imported: ``scipy.stats`` is then
+    contract worker peaks at ~235 MiB with GX). Call before GX is first imported: ``scipy.stats`` is then
     a stub in ``sys.modules`` that imports the real module on the first access to one of its
     attributes and hands that on, so code that does use it behaves the same. A module already
     imported, or absent, is left alone.
@@ -781,7 +781,6 @@ def defer_unused_imports() -> None:
         sys.modules[name] = stub
 
 
-
 # Integrations of Great Expectations that no contract uses: its SQL data sources (SQLAlchemy) and Google Cloud
 # (Storage, BigQuery, Secret Manager). GX treats both as optional (its ``compatibility`` modules fall back to
 # placeholders when an import fails) and loads them whenever they are installed, as they are beside MLflow and
@@ -800,6 +799,7 @@ def hide_unused_integrations() -> None:
     """
     for name in _UNUSED_INTEGRATIONS:
         sys.modules.setdefault(name, None)  # None in sys.modules: the import raises ImportError
+
 
 _RUN = threading.local()  # memos of one of alignflow's validation runs, on its thread (see _memoized_run)
 
